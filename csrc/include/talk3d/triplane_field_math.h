@@ -1,0 +1,242 @@
+// Per-point math of the fused triplane field, written once for the C++ CPU kernels and the CUDA
+// kernels (host and device). Numerics follow EG3D (see shared/reference/numerics.md):
+//   q = xyz * 2 / box_warp;  three planes read (u, v) pairs of q (convention `fixed` or `eg3d`);
+//   bilinear taps exactly as grid_sample(align_corners=False, padding_mode='zeros');
+//   f = mean of the three C-vectors;  pre = W1 f + b1;  h = softplus(pre) (torch's threshold 20);
+//   o = W2 h + b2;  sigma = o[0];  feat = sigmoid(o[1:]) * (1 + 2 eps) - eps.
+//
+// Arrays are passed as templates (`Arr&`) so callers can hand in registers, local arrays or strided
+// shared-memory views; sizes come from a Dims object that is either compile-time (loops unroll) or
+// run-time with a compile-time bound (for the generic kernel instance).
+#pragma once
+
+#include "talk3d/common.h"
+
+namespace talk3d {
+namespace field {
+
+enum PlaneAxes : int { kAxesFixed = 0, kAxesEG3D = 1 };
+
+constexpr double kFeatureEps = 0.001;
+constexpr double kSoftplusThreshold = 20.0;  // torch.nn.functional.softplus default
+
+// Sizes known at compile time: the EG3D decoder (C = 32, hidden = 64, out = 33) is instantiated so.
+template <int C, int HID, int OUT>
+struct StaticDims {
+  static constexpr int kMaxC = C, kMaxHid = HID, kMaxOut = OUT;
+  T3D_HD constexpr int c() const { return C; }
+  T3D_HD constexpr int hid() const { return HID; }
+  T3D_HD constexpr int out() const { return OUT; }
+};
+
+// Sizes known at run time, bounded so per-point arrays can live on the stack.
+template <int MAXC, int MAXHID, int MAXOUT>
+struct BoundedDims {
+  static constexpr int kMaxC = MAXC, kMaxHid = MAXHID, kMaxOut = MAXOUT;
+  int c_, hid_, out_;
+  T3D_HD int c() const { return c_; }
+  T3D_HD int hid() const { return hid_; }
+  T3D_HD int out() const { return out_; }
+};
+
+// Geometry of the channels-last planes of one batch element: element (plane, y, x, c) sits at
+// plane * s_plane + y * s_y + x * s_x + c (the channel stride is 1).
+struct PlaneGeom {
+  int H, W;
+  int64_t s_plane, s_y, s_x;
+};
+
+// Which components of the scaled point q each plane reads as (u -> width, v -> height).
+T3D_HD void plane_axes(int axes, int plane, int& iu, int& iv) {
+  if (plane == 0) {
+    iu = 0; iv = 1;
+  } else if (plane == 1) {
+    iu = 0; iv = 2;
+  } else {
+    iu = 2; iv = (axes == kAxesEG3D) ? 0 : 1;  // eg3d's third plane re-reads x (eg3d issue #67)
+  }
+}
+
+// The four bilinear taps of one plane: element offsets (or -1 when outside the plane) and weights.
+template <typename acc_t>
+struct Taps {
+  int64_t off[4];   // (x0,y0), (x0+1,y0), (x0,y0+1), (x0+1,y0+1) in the sampled planes' layout
+  acc_t w[4];
+  acc_t tx, ty;     // fractional parts, for the coordinate gradient
+  int x0, y0;
+
+  // Offset of tap k in another layout (e.g. a contiguous gradient buffer); only for in-plane taps.
+  T3D_HD int64_t offset_in(const PlaneGeom& g, int plane, int k) const {
+    return int64_t(plane) * g.s_plane + int64_t(y0 + (k >> 1)) * g.s_y +
+           int64_t(x0 + (k & 1)) * g.s_x;
+  }
+};
+
+template <typename acc_t>
+T3D_HD Taps<acc_t> make_taps(acc_t u, acc_t v, const PlaneGeom& g, int plane) {
+  // grid_sample's un-normalisation for align_corners=False. The clamp keeps NaN or huge points
+  // from overflowing the int conversion; beyond [-2, size+1] every tap is outside anyway, so the
+  // value and the gradient (both 0) are unchanged.
+  acc_t ix = ((u + acc_t(1)) * acc_t(g.W) - acc_t(1)) * acc_t(0.5);
+  acc_t iy = ((v + acc_t(1)) * acc_t(g.H) - acc_t(1)) * acc_t(0.5);
+  ix = t3d_clamp(ix, acc_t(-2), acc_t(g.W + 1));
+  iy = t3d_clamp(iy, acc_t(-2), acc_t(g.H + 1));
+  const acc_t fx = t3d_floor(ix), fy = t3d_floor(iy);
+  const int x0 = int(fx), y0 = int(fy);
+  Taps<acc_t> t;
+  t.x0 = x0;
+  t.y0 = y0;
+  t.tx = ix - fx;
+  t.ty = iy - fy;
+  t.w[0] = (acc_t(1) - t.tx) * (acc_t(1) - t.ty);
+  t.w[1] = t.tx * (acc_t(1) - t.ty);
+  t.w[2] = (acc_t(1) - t.tx) * t.ty;
+  t.w[3] = t.tx * t.ty;
+  const bool xin0 = x0 >= 0 && x0 < g.W, xin1 = x0 + 1 >= 0 && x0 + 1 < g.W;
+  const bool yin0 = y0 >= 0 && y0 < g.H, yin1 = y0 + 1 >= 0 && y0 + 1 < g.H;
+  const int64_t base = int64_t(plane) * g.s_plane;
+  t.off[0] = (xin0 && yin0) ? base + y0 * g.s_y + x0 * g.s_x : -1;
+  t.off[1] = (xin1 && yin0) ? base + y0 * g.s_y + (x0 + 1) * g.s_x : -1;
+  t.off[2] = (xin0 && yin1) ? base + (y0 + 1) * g.s_y + x0 * g.s_x : -1;
+  t.off[3] = (xin1 && yin1) ? base + (y0 + 1) * g.s_y + (x0 + 1) * g.s_x : -1;
+  return t;
+}
+
+// Scale a point into [-1, 1]^3 (EG3D multiplies by 2 / box_warp).
+template <typename acc_t, typename pos_t>
+T3D_HD void scale_point(const pos_t* xyz, acc_t inv_half_box, acc_t q[3]) {
+  q[0] = acc_t(xyz[0]) * inv_half_box;
+  q[1] = acc_t(xyz[1]) * inv_half_box;
+  q[2] = acc_t(xyz[2]) * inv_half_box;
+}
+
+// f[c] = mean over the three planes of the bilinear sample. `planes` points at one batch element.
+template <typename Dims, typename acc_t, typename scalar_t, typename FArr>
+T3D_HD void sample_mean(const Dims& d, const scalar_t* __restrict__ planes, const PlaneGeom& g,
+                        int axes, const acc_t q[3], FArr& f) {
+  for (int c = 0; c < d.c(); ++c) f[c] = acc_t(0);
+  for (int plane = 0; plane < 3; ++plane) {
+    int iu, iv;
+    plane_axes(axes, plane, iu, iv);
+    const Taps<acc_t> t = make_taps<acc_t>(q[iu], q[iv], g, plane);
+    for (int k = 0; k < 4; ++k) {
+      if (t.off[k] < 0) continue;
+      const scalar_t* src = planes + t.off[k];
+      for (int c = 0; c < d.c(); ++c) f[c] += t.w[k] * acc_t(src[c]);
+    }
+  }
+  const acc_t third = acc_t(1) / acc_t(3);
+  for (int c = 0; c < d.c(); ++c) f[c] *= third;
+}
+
+template <typename acc_t>
+T3D_HD acc_t softplus(acc_t x) {
+  return x > acc_t(kSoftplusThreshold) ? x : t3d_log1p(t3d_exp(x));
+}
+
+// d softplus / dx, matching torch's thresholded softplus backward.
+template <typename acc_t>
+T3D_HD acc_t softplus_grad(acc_t x) {
+  return x > acc_t(kSoftplusThreshold) ? acc_t(1) : t3d_sigmoid(x);
+}
+
+// Decoder forward. w1t: [C, HID] (W1 transposed), w2t: [HID, OUT] (W2 transposed); the inner loops
+// run over the contiguous output index, so they vectorise on the CPU and broadcast on the GPU.
+template <typename Dims, typename acc_t, typename WArr, typename FArr, typename PreArr,
+          typename HArr, typename OArr>
+T3D_HD void mlp_forward(const Dims& d, const WArr& w1t, const WArr& b1, const WArr& w2t,
+                        const WArr& b2, const FArr& f, PreArr& pre, HArr& h, OArr& o) {
+  for (int j = 0; j < d.hid(); ++j) pre[j] = acc_t(b1[j]);
+  for (int c = 0; c < d.c(); ++c) {
+    const acc_t fc = f[c];
+    for (int j = 0; j < d.hid(); ++j) pre[j] += acc_t(w1t[c * d.hid() + j]) * fc;
+  }
+  for (int j = 0; j < d.hid(); ++j) h[j] = softplus(pre[j]);
+  for (int k = 0; k < d.out(); ++k) o[k] = acc_t(b2[k]);
+  for (int j = 0; j < d.hid(); ++j) {
+    const acc_t hj = h[j];
+    for (int k = 0; k < d.out(); ++k) o[k] += acc_t(w2t[j * d.out() + k]) * hj;
+  }
+}
+
+// Output transform: sigma = o[0] raw, feat = sigmoid(o[1:]) * (1 + 2 eps) - eps.
+template <typename acc_t>
+T3D_HD acc_t feature_activation(acc_t o) {
+  return t3d_sigmoid(o) * acc_t(1 + 2 * kFeatureEps) - acc_t(kFeatureEps);
+}
+
+// Gradient of the raw outputs from the gradients of (sigma, feat).
+template <typename acc_t>
+T3D_HD acc_t feature_activation_grad(acc_t o, acc_t g) {
+  const acc_t s = t3d_sigmoid(o);
+  return g * acc_t(1 + 2 * kFeatureEps) * s * (acc_t(1) - s);
+}
+
+// Decoder backward from the output gradient `dout` (already through the output transform).
+// Overwrites `pre` with d loss / d pre and writes df = W1^T dpre. w1: [HID, C], w2: [OUT, HID].
+template <typename Dims, typename acc_t, typename WArr, typename OArr, typename PreArr,
+          typename FArr>
+T3D_HD void mlp_backward(const Dims& d, const WArr& w1, const WArr& w2, const OArr& dout,
+                         PreArr& pre, FArr& df) {
+  acc_t dh[Dims::kMaxHid];
+  for (int j = 0; j < d.hid(); ++j) dh[j] = acc_t(0);
+  for (int k = 0; k < d.out(); ++k) {
+    const acc_t g = dout[k];
+    for (int j = 0; j < d.hid(); ++j) dh[j] += acc_t(w2[k * d.hid() + j]) * g;
+  }
+  for (int j = 0; j < d.hid(); ++j) pre[j] = dh[j] * softplus_grad(pre[j]);
+  for (int c = 0; c < d.c(); ++c) df[c] = acc_t(0);
+  for (int j = 0; j < d.hid(); ++j) {
+    const acc_t g = pre[j];
+    for (int c = 0; c < d.c(); ++c) df[c] += acc_t(w1[j * d.c() + c]) * g;
+  }
+}
+
+// Backward of sample_mean: scatters df / 3 onto the taps through `add(offset, value)` (a plain add
+// into a private buffer on the CPU, an atomic on the GPU), offsets in the gradient buffer's layout
+// `dg` (channel stride 1), when `add_planes`; returns the gradient with respect to the *unscaled*
+// point in dxyz when `want_xyz`.
+template <typename Dims, typename acc_t, typename scalar_t, typename FArr, typename AddFn>
+T3D_HD void sample_mean_backward(const Dims& d, const scalar_t* __restrict__ planes,
+                                 const PlaneGeom& g, int axes, const acc_t q[3],
+                                 acc_t inv_half_box, const FArr& df, bool add_planes,
+                                 const PlaneGeom& dg, AddFn&& add, bool want_xyz,
+                                 acc_t dxyz[3]) {
+  const acc_t third = acc_t(1) / acc_t(3);
+  acc_t dq[3] = {acc_t(0), acc_t(0), acc_t(0)};
+  for (int plane = 0; plane < 3; ++plane) {
+    int iu, iv;
+    plane_axes(axes, plane, iu, iv);
+    const Taps<acc_t> t = make_taps<acc_t>(q[iu], q[iv], g, plane);
+    if (add_planes) {
+      for (int k = 0; k < 4; ++k) {
+        if (t.off[k] < 0) continue;
+        const acc_t wk = t.w[k] * third;
+        const int64_t base = t.offset_in(dg, plane, k);
+        for (int c = 0; c < d.c(); ++c) add(base + c, wk * df[c]);
+      }
+    }
+    if (want_xyz) {
+      // d value / d ix = (v10 - v00)(1 - ty) + (v11 - v01) ty, and likewise for iy.
+      acc_t gx = acc_t(0), gy = acc_t(0);
+      for (int c = 0; c < d.c(); ++c) {
+        const acc_t v00 = t.off[0] >= 0 ? acc_t(planes[t.off[0] + c]) : acc_t(0);
+        const acc_t v10 = t.off[1] >= 0 ? acc_t(planes[t.off[1] + c]) : acc_t(0);
+        const acc_t v01 = t.off[2] >= 0 ? acc_t(planes[t.off[2] + c]) : acc_t(0);
+        const acc_t v11 = t.off[3] >= 0 ? acc_t(planes[t.off[3] + c]) : acc_t(0);
+        gx += df[c] * ((v10 - v00) * (acc_t(1) - t.ty) + (v11 - v01) * t.ty);
+        gy += df[c] * ((v01 - v00) * (acc_t(1) - t.tx) + (v11 - v10) * t.tx);
+      }
+      // ix = ((u + 1) W - 1) / 2  =>  d ix / d u = W / 2. A clamped coordinate has all taps
+      // outside, so gx = gy = 0 there and the clamp needs no special case.
+      dq[iu] += gx * third * acc_t(0.5) * acc_t(g.W);
+      dq[iv] += gy * third * acc_t(0.5) * acc_t(g.H);
+    }
+  }
+  if (want_xyz) {
+    for (int i = 0; i < 3; ++i) dxyz[i] = dq[i] * inv_half_box;
+  }
+}
+
+}  // namespace field
+}  // namespace talk3d

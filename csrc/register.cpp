@@ -1,0 +1,33 @@
+// Operator schemas of the talk3d library, their CPU implementations, and the Python module.
+// CUDA implementations register themselves in csrc/*/..._cuda.cpp (compiled only with CUDA torch).
+#include <torch/library.h>
+#include <torch/extension.h>
+
+#include "triplane_field/triplane_field.h"
+
+TORCH_LIBRARY(talk3d, m) {
+  // planes [B, 3, C, H, W], xyz [B, N, 3], w1 [HID, C], b1 [HID], w2 [1+F, HID], b2 [1+F]
+  //   -> sigma [B, N, 1], feat [B, N, F]. axes: 0 = fixed, 1 = eg3d.
+  m.def(
+      "triplane_field_fwd(Tensor planes, Tensor xyz, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
+      "float box_warp, int axes) -> (Tensor, Tensor)");
+  // Gradients for (planes, xyz, w1, b1, w2, b2); an entry whose `needs` is false is an empty tensor.
+  m.def(
+      "triplane_field_bwd(Tensor grad_sigma, Tensor grad_feat, Tensor planes, Tensor xyz, "
+      "Tensor w1, Tensor b1, Tensor w2, Tensor b2, float box_warp, int axes, bool[6] needs) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(talk3d, CPU, m) {
+  m.impl("triplane_field_fwd", &talk3d::triplane_field_fwd_cpu);
+  m.impl("triplane_field_bwd", &talk3d::triplane_field_bwd_cpu);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "talk3d compiled kernels; the ops live in torch.ops.talk3d";
+#ifdef TALK3D_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

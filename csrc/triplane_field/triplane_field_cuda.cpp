@@ -1,0 +1,118 @@
+// CUDA implementation of the triplane field ops: validates, allocates, and calls the torch-free
+// launchers in kernels/triplane_field. Compiled only when the installed torch has CUDA.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "triplane_field.h"
+#include "triplane_field/triplane_field_cuda.h"
+
+namespace talk3d {
+
+namespace {
+
+cuda::FieldDType storage_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cuda::FieldDType::kF32;
+    case at::kHalf: return cuda::FieldDType::kF16;
+    case at::kBFloat16: return cuda::FieldDType::kBF16;
+    case at::kDouble: return cuda::FieldDType::kF64;
+    default: TORCH_CHECK_TYPE(false, "triplane_field (cuda): unsupported dtype ", t);
+  }
+}
+
+cuda::FieldProblem make_problem(const FieldInputs& in) {
+  TORCH_CHECK_VALUE(in.planes_cl.is_cuda(), "triplane_field (cuda): planes must be on a CUDA device");
+  TORCH_CHECK_VALUE(in.C <= cuda::kMaxC && in.HID <= cuda::kMaxHid && in.OUT <= cuda::kMaxOut ||
+                        (in.C == 32 && in.HID == 64 && in.OUT == 33),
+                    "triplane_field (cuda): sizes C=", in.C, ", hidden=", in.HID, ", 1+F=", in.OUT,
+                    " exceed the CUDA kernel's bounds");
+  cuda::FieldProblem p;
+  p.dtype = storage_dtype(in.planes_cl.scalar_type());
+  p.planes = in.planes_cl.data_ptr();
+  p.s_batch = in.planes_cl.stride(0);
+  p.s_plane = in.planes_cl.stride(1);
+  p.s_y = in.planes_cl.stride(2);
+  p.s_x = in.planes_cl.stride(3);
+  p.B = static_cast<int>(in.B);
+  p.H = static_cast<int>(in.H);
+  p.W = static_cast<int>(in.W);
+  p.C = static_cast<int>(in.C);
+  p.xyz = in.xyz.data_ptr();
+  p.N = in.N;
+  p.w1 = in.w1.data_ptr();
+  p.b1 = in.b1.data_ptr();
+  p.w2 = in.w2.data_ptr();
+  p.b2 = in.b2.data_ptr();
+  p.HID = static_cast<int>(in.HID);
+  p.OUT = static_cast<int>(in.OUT);
+  p.box_warp = in.box_warp;
+  p.axes = in.axes;
+  return p;
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "triplane_field (cuda): ", what, " failed: ",
+              cudaGetErrorString(err));
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& planes, const at::Tensor& xyz,
+                                            const at::Tensor& w1, const at::Tensor& b1,
+                                            const at::Tensor& w2, const at::Tensor& b2,
+                                            double box_warp, int64_t axes) {
+  const FieldInputs in = prepare_field_inputs(planes, xyz, w1, b1, w2, b2, box_warp, axes);
+  const c10::cuda::CUDAGuard guard(planes.device());
+  at::Tensor sigma = at::empty({in.B, in.N, 1}, planes.options());
+  at::Tensor feat = at::empty({in.B, in.N, in.OUT - 1}, planes.options());
+  if (in.B * in.N == 0) return {sigma, feat};
+  check_launch(cuda::field_forward(make_problem(in), sigma.data_ptr(), feat.data_ptr(),
+                                   at::cuda::getCurrentCUDAStream()),
+               "forward");
+  return {sigma, feat};
+}
+
+FieldGrads bwd_cuda(const at::Tensor& grad_sigma, const at::Tensor& grad_feat,
+                    const at::Tensor& planes, const at::Tensor& xyz, const at::Tensor& w1,
+                    const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                    double box_warp, int64_t axes, std::array<bool, 6> needs) {
+  const FieldInputs in = prepare_field_inputs(planes, xyz, w1, b1, w2, b2, box_warp, axes);
+  const c10::cuda::CUDAGuard guard(planes.device());
+  TORCH_CHECK_VALUE(grad_sigma.sizes() == at::IntArrayRef({in.B, in.N, 1}),
+                    "triplane_field backward: grad_sigma must be [B, N, 1], got ", grad_sigma.sizes());
+  TORCH_CHECK_VALUE(grad_feat.sizes() == at::IntArrayRef({in.B, in.N, in.OUT - 1}),
+                    "triplane_field backward: grad_feat must be [B, N, F], got ", grad_feat.sizes());
+  const at::Tensor gs = grad_sigma.to(planes.scalar_type()).contiguous();
+  const at::Tensor gf = grad_feat.to(planes.scalar_type()).contiguous();
+  // Gradients accumulate in fp32 (fp64 for fp64) and are cast to the inputs' dtypes at the end.
+  const auto acc = planes.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto o = planes.options().dtype(acc);
+  at::Tensor d[6] = {
+      needs[0] ? at::zeros({in.B, 3, in.H, in.W, in.C}, o) : at::Tensor(),
+      needs[1] ? at::zeros({in.B, in.N, 3}, o) : at::Tensor(),
+      needs[2] ? at::zeros({in.HID, in.C}, o) : at::Tensor(),
+      needs[3] ? at::zeros({in.HID}, o) : at::Tensor(),
+      needs[4] ? at::zeros({in.OUT, in.HID}, o) : at::Tensor(),
+      needs[5] ? at::zeros({in.OUT}, o) : at::Tensor(),
+  };
+  auto ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; };
+  if (in.B * in.N > 0) {
+    check_launch(cuda::field_backward(make_problem(in), gs.data_ptr(), gf.data_ptr(), ptr(d[0]),
+                                      ptr(d[1]), ptr(d[2]), ptr(d[3]), ptr(d[4]), ptr(d[5]),
+                                      at::cuda::getCurrentCUDAStream()),
+                 "backward");
+  }
+  const at::Tensor* like[6] = {&planes, &xyz, &w1, &b1, &w2, &b2};
+  for (int i = 0; i < 6; ++i)
+    d[i] = d[i].defined() ? d[i].to(like[i]->scalar_type()) : grad_placeholder(*like[i]);
+  if (needs[0]) d[0] = d[0].permute({0, 1, 4, 2, 3});
+  return {d[0], d[1], d[2], d[3], d[4], d[5]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(talk3d, CUDA, m) {
+  m.impl("triplane_field_fwd", &fwd_cuda);
+  m.impl("triplane_field_bwd", &bwd_cuda);
+}
+
+}  // namespace talk3d

@@ -1,0 +1,4 @@
+"""Pure-PyTorch references of every op, with the same signatures as :mod:`talk3d.ops`."""
+from .triplane_field import triplane_field
+
+__all__ = ["triplane_field"]
