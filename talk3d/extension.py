@@ -1,7 +1,10 @@
-"""Loading of the compiled extension ``talk3d._C`` (never compiled at import time)."""
+"""Loading of the compiled extension ``talk3d._C`` (never compiled at import time).
+
+The import is attempted once, when this module is imported, so the availability checks below are
+plain attribute reads (cheap, and traceable by torch.compile).
+"""
 from __future__ import annotations
 
-import functools
 import importlib
 
 import torch  # noqa: F401  (the extension links against libc10/libtorch: load them first)
@@ -11,29 +14,25 @@ BUILD_HINT = (
     "(torch must already be installed; see README.md, 'Building')"
 )
 
-
-@functools.lru_cache(maxsize=None)
-def _load():
-    try:
-        return importlib.import_module("talk3d._C"), None
-    except ImportError as exc:  # missing or built against another torch
-        return None, exc
+try:
+    _MODULE = importlib.import_module("talk3d._C")
+    _ERROR: ImportError | None = None
+except ImportError as exc:  # not built, or built against another torch
+    _MODULE, _ERROR = None, exc
 
 
 def available() -> bool:
     """Whether the compiled extension (and so ``torch.ops.talk3d``) is loaded."""
-    return _load()[0] is not None
+    return _MODULE is not None
 
 
 def load():
     """Return the extension module, or raise an ``ImportError`` that says how to build it."""
-    module, exc = _load()
-    if module is None:
-        raise ImportError(f"talk3d's compiled kernels (talk3d._C) are not available ({exc}); {BUILD_HINT}")
-    return module
+    if _MODULE is None:
+        raise ImportError(f"talk3d's compiled kernels (talk3d._C) are not available ({_ERROR}); {BUILD_HINT}")
+    return _MODULE
 
 
 def with_cuda() -> bool:
     """Whether the extension was compiled with its CUDA kernels."""
-    module, _ = _load()
-    return bool(module is not None and module.with_cuda)
+    return bool(_MODULE is not None and _MODULE.with_cuda)

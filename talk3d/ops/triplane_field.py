@@ -42,10 +42,13 @@ def _triton_module():
     return triplane_field_triton
 
 
+# Read once: Triton's interpreter mode is fixed when its kernels are first defined anyway.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _triton_usable(device: torch.device) -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return _HAS_TRITON and (device.type == "cuda" or _TRITON_INTERPRET)
 
 
 def available_impls(device: torch.device | str = "cpu") -> list[str]:

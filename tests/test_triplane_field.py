@@ -1,0 +1,335 @@
+"""The fused triplane field: every back end against the pure-PyTorch reference."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from field_cases import FieldCase, make_field_inputs
+from talk3d import extension
+from talk3d.ops import available_impls, reference, triplane_field
+from talk3d.ops.reference.triplane_field import decode
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+ARG_NAMES = ("planes", "xyz", "w1", "b1", "w2", "b2")
+
+# fp32 kernels against a float64 reference: the sample mean and each MLP layer sum at most 64
+# products of O(1) values, so a few fp32 ulps (~1e-7) times sqrt(terms) and the output gradients'
+# scale leave ~1e-5; plane and weight gradients sum over hundreds of points, hence the rtol.
+FP32_ATOL, FP32_RTOL = 3e-5, 3e-5
+# float64 kernels: the same sums in double.
+FP64_ATOL, FP64_RTOL = 1e-10, 1e-10
+# Half precision is judged flash-attention style: at most HALF_ERR_FACTOR times the error of
+# PyTorch's own reference run in that dtype (both against float64), plus HALF_ATOL for outputs
+# where the reference happens to be nearly exact.
+HALF_ERR_FACTOR, HALF_ATOL = 2.0, {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+CASES = [
+    FieldCase(),  # generic sizes, non-square planes, some points outside the box
+    FieldCase(B=1, N=257, C=32, hidden=64, out=33, H=16, W=16),  # EG3D decoder sizes
+    FieldCase(B=3, N=64, box_warp=2.0, spread=2.0),  # box_warp, many points outside
+]
+
+
+def backend_device(impl: str) -> str:
+    if impl == "cuda":
+        return "cuda"
+    if impl == "triton":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+BACKENDS = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")),
+    pytest.param("cuda", marks=pytest.mark.cuda),
+    pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")]),
+]
+
+
+def run_with_grads(fn, inputs, grad_outputs, needs=(True,) * 6):
+    inputs = [t.detach().requires_grad_(n) for t, n in zip(inputs, needs)]
+    sigma, feat = fn(*inputs)
+    wanted = [t for t in inputs if t.requires_grad]
+    grads = torch.autograd.grad((sigma, feat), wanted, grad_outputs) if wanted else []
+    it = iter(grads)
+    return sigma.detach(), feat.detach(), [next(it) if n else None for n in needs]
+
+
+def reference64(inputs, grad_outputs, box_warp, axes, needs=(True,) * 6):
+    ins = [t.detach().to("cpu", torch.float64) for t in inputs]
+    gos = [g.detach().to("cpu", torch.float64) for g in grad_outputs]
+    fn = lambda *a: reference.triplane_field(*a, box_warp=box_warp, axes=axes)  # noqa: E731
+    return run_with_grads(fn, ins, gos, needs)
+
+
+def assert_close(name, actual, expected, atol, rtol):
+    actual = actual.detach().to("cpu", torch.float64)
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = expected.abs().max().item()
+    err = (actual - expected).abs().max().item()
+    assert err <= atol + rtol * scale, f"{name}: max error {err:.3g} > {atol} + {rtol} * {scale:.3g}"
+
+
+def check_against_reference(impl, case, axes, dtype=torch.float32, planes_layout="api", needs=(True,) * 6):
+    device = backend_device(impl)
+    inputs = make_field_inputs(case, dtype=dtype, device=device, planes_layout=planes_layout)
+    F = case.out - 1
+    grad_outputs = [torch.randn(case.B, case.N, 1, dtype=dtype, device=device),
+                    torch.randn(case.B, case.N, F, dtype=dtype, device=device)]
+    fn = lambda *a: triplane_field(*a, box_warp=case.box_warp, axes=axes, impl=impl)  # noqa: E731
+    sigma, feat, grads = run_with_grads(fn, inputs, grad_outputs, needs)
+    rs, rf, rgrads = reference64(inputs, grad_outputs, case.box_warp, axes, needs)
+    atol, rtol = (FP64_ATOL, FP64_RTOL) if dtype == torch.float64 else (FP32_ATOL, FP32_RTOL)
+    assert sigma.dtype == dtype and feat.dtype == dtype
+    assert_close("sigma", sigma, rs, atol, rtol)
+    assert_close("feat", feat, rf, atol, rtol)
+    for name, g, rg in zip(ARG_NAMES, grads, rgrads):
+        if rg is None:
+            assert g is None, f"d{name} was not asked for"
+            continue
+        assert g.dtype == inputs[ARG_NAMES.index(name)].dtype, f"d{name} dtype {g.dtype}"
+        assert_close(f"d{name}", g, rg, atol, rtol)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("axes", ["fixed", "eg3d"])
+@pytest.mark.parametrize("case", CASES, ids=FieldCase.id)
+def test_matches_reference(impl, case, axes):
+    check_against_reference(impl, case, axes)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_noncontiguous_planes(impl, layout):
+    check_against_reference(impl, FieldCase(N=100), "fixed", planes_layout=layout)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_noncontiguous_points_and_weights(impl):
+    case = FieldCase(N=90)
+    device = backend_device(impl)
+    planes, xyz, w1, b1, w2, b2 = make_field_inputs(case, device=device)
+    xyz_nc = xyz.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strides (3N, 1, N)
+    w1_nc = w1.t().contiguous().t()
+    assert not xyz_nc.is_contiguous() and not w1_nc.is_contiguous()
+    got = triplane_field(planes, xyz_nc, w1_nc, b1, w2, b2, impl=impl)
+    want = reference.triplane_field(planes, xyz, w1, b1, w2, b2)
+    for g, w in zip(got, want):
+        assert_close("output", g, w.double().cpu(), FP32_ATOL, FP32_RTOL)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize(
+    "needs",
+    [(True, False, False, False, False, False), (False, True, False, False, False, False),
+     (False, False, True, True, False, False), (False, False, False, False, True, True),
+     (False,) * 6],
+    ids=["planes", "xyz", "layer1", "layer2", "none"],
+)
+def test_partial_gradients(impl, needs):
+    check_against_reference(impl, FieldCase(N=120), "eg3d", needs=needs)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_only_one_output_used(impl):
+    """A graph that uses sigma alone (feat's gradient is None) still differentiates."""
+    device = backend_device(impl)
+    inputs = [t.requires_grad_() for t in make_field_inputs(FieldCase(N=64), device=device)]
+    sigma, _ = triplane_field(*inputs, impl=impl)
+    got = torch.autograd.grad(sigma.sum(), inputs)
+    rs, _ = reference.triplane_field(*inputs)
+    want = torch.autograd.grad(rs.sum(), inputs)
+    for name, g, w in zip(ARG_NAMES, got, want):
+        assert_close(f"d{name}", g, w.double().cpu(), FP32_ATOL, FP32_RTOL)
+
+
+def test_cpu_float64():
+    check_against_reference("cpu", FieldCase(C=32, hidden=64, out=33), "fixed", dtype=torch.float64)
+
+
+@pytest.mark.cuda
+def test_cuda_float64():
+    check_against_reference("cuda", FieldCase(C=32, hidden=64, out=33), "fixed", dtype=torch.float64)
+
+
+def test_points_outside_box_read_zero_features():
+    """Far outside the box every tap is padding: features are those of a zero input."""
+    case = FieldCase(N=16)
+    planes, xyz, w1, b1, w2, b2 = make_field_inputs(case)
+    xyz = torch.full_like(xyz, 5.0)
+    xyz[0, 0] = float("nan")  # must not crash or read out of bounds
+    xyz[0, 1] = 1e30
+    for impl in available_impls("cpu"):
+        sigma, feat = triplane_field(planes, xyz, w1, b1, w2, b2, impl=impl)
+        zero_s, zero_f = decode(torch.zeros(1, 1, case.C), w1, b1, w2, b2)
+        if impl == "torch":  # grid_sample propagates NaN coordinates; the kernels read zeros
+            sigma, feat = sigma[:, 2:], feat[:, 2:]
+        torch.testing.assert_close(sigma, zero_s.expand_as(sigma), atol=FP32_ATOL, rtol=0)
+        torch.testing.assert_close(feat, zero_f.expand_as(feat), atol=FP32_ATOL, rtol=0)
+
+
+# --- half precision (inference path) ------------------------------------------------------------
+
+HALF_BACKENDS = [
+    pytest.param("cuda", marks=pytest.mark.cuda),
+    pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")]),
+]
+
+
+@pytest.mark.parametrize("impl", HALF_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_forward(impl, dtype):
+    case = FieldCase(B=1, N=200, C=32, hidden=64, out=33, H=16, W=16)
+    device = backend_device(impl)
+    inputs = make_field_inputs(case, dtype=torch.float32, device=device)
+    low = [t if i == 1 else t.to(dtype) for i, t in enumerate(inputs)]  # xyz stays fp32
+    exact = reference.triplane_field(*[t.double().cpu() for t in low])
+    torch_low = reference.triplane_field(*low)  # PyTorch's own error at this precision
+    got = triplane_field(*low, impl=impl)
+    for name, g, t, e in zip(("sigma", "feat"), got, torch_low, exact):
+        assert g.dtype == dtype
+        kernel_err = (g.double().cpu() - e).abs().max().item()
+        torch_err = (t.double().cpu() - e).abs().max().item()
+        assert kernel_err <= HALF_ERR_FACTOR * torch_err + HALF_ATOL[dtype], (
+            f"{name}: {impl} {dtype} error {kernel_err:.3g} vs PyTorch's {torch_err:.3g}")
+
+
+# --- float64 gradcheck ----------------------------------------------------------------------------
+
+
+def _gradcheck(impl, device, axes):
+    case = FieldCase(B=2, N=9, C=3, hidden=4, out=3, H=5, W=4, spread=1.3)
+    inputs = [t.requires_grad_() for t in make_field_inputs(case, dtype=torch.float64, device=device)]
+    # Keep points away from texel centres' kinks: gradcheck's finite differences (eps 1e-6) must
+    # not straddle a floor() boundary; a random draw is at least ~1e-3 away with overwhelming odds.
+    fn = lambda *a: triplane_field(*a, box_warp=1.0, axes=axes, impl=impl)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("axes", ["fixed", "eg3d"])
+def test_gradcheck_cpu(axes):
+    _gradcheck("cpu", "cpu", axes)
+
+
+@pytest.mark.cuda
+def test_gradcheck_cuda():
+    _gradcheck("cuda", "cuda", "fixed")
+
+
+def test_gradcheck_reference():
+    _gradcheck("torch", "cpu", "eg3d")
+
+
+# --- torch.library integration -------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")
+def test_opcheck_forward_and_backward():
+    case = FieldCase(B=2, N=40, C=8, hidden=16, out=5, H=6, W=7)
+    inputs = [t.requires_grad_() for t in make_field_inputs(case, planes_layout="channels_last")]
+    torch.library.opcheck(torch.ops.talk3d.triplane_field_fwd.default, (*inputs, 1.0, 0))
+    gs, gf = torch.randn(2, 40, 1), torch.randn(2, 40, 4)
+    plain = [t.detach() for t in inputs]
+    for needs in ([True] * 6, [False, True, False, True, False, False]):
+        torch.library.opcheck(torch.ops.talk3d.triplane_field_bwd.default, (gs, gf, *plain, 2.0, 1, needs))
+
+
+@pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")
+def test_torch_compile_smoke():
+    case = FieldCase(B=1, N=64)
+    inputs = [t.requires_grad_() for t in make_field_inputs(case)]
+
+    def loss(*a):
+        sigma, feat = triplane_field(*a, axes="eg3d", impl="cpu")
+        return sigma.square().mean() + feat.mean()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = compiled(*inputs)
+    want = loss(*inputs)
+    torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=FP32_RTOL)
+    g_got = torch.autograd.grad(got, inputs)
+    g_want = torch.autograd.grad(want, inputs)
+    for g, w in zip(g_got, g_want):
+        torch.testing.assert_close(g, w, atol=FP32_ATOL, rtol=FP32_RTOL)
+
+
+# --- argument checking ---------------------------------------------------------------------------
+
+
+def _bad(**changes):
+    planes, xyz, w1, b1, w2, b2 = make_field_inputs(FieldCase(N=10))
+    args = dict(planes=planes, xyz=xyz, w1=w1, b1=b1, w2=w2, b2=b2)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+@pytest.mark.parametrize(
+    "changes, error, names",
+    [
+        (dict(planes=torch.randn(3, 8, 12, 20)), ValueError, "planes"),
+        (dict(planes=torch.randn(2, 2, 8, 12, 20)), ValueError, "planes"),
+        (dict(xyz=torch.randn(2, 10)), ValueError, "xyz"),
+        (dict(xyz=torch.randn(2, 10, 2)), ValueError, "xyz"),
+        (dict(xyz=torch.randn(3, 10, 3)), ValueError, "xyz"),
+        (dict(xyz=torch.randn(2, 0, 3)), ValueError, "N == 0"),
+        (dict(w1=torch.randn(16, 7)), ValueError, "w1"),
+        (dict(b1=torch.randn(15)), ValueError, "b1"),
+        (dict(w2=torch.randn(5, 15)), ValueError, "w2"),
+        (dict(b2=torch.randn(4)), ValueError, "b2"),
+        (dict(w1=torch.randn(16, 8, dtype=torch.float64)), TypeError, "w1"),
+        (dict(xyz=torch.randn(2, 10, 3, dtype=torch.float16)), TypeError, "xyz"),
+        (dict(planes=torch.randint(0, 3, (2, 3, 8, 12, 20))), TypeError, "planes"),
+        (dict(xyz=torch.randn(2, 10, 3, device="meta")), ValueError, "xyz"),
+        (dict(b2=torch.randn(5, device="meta")), ValueError, "b2"),
+        (dict(w1=[[0.0]]), TypeError, "w1"),
+    ],
+)
+def test_bad_inputs_name_the_argument(impl, changes, error, names):
+    with pytest.raises(error, match=names):
+        triplane_field(**_bad(**changes), impl=impl)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, names",
+    [
+        (dict(axes="yz"), ValueError, "axes"),
+        (dict(box_warp=0.0), ValueError, "box_warp"),
+        (dict(box_warp=float("nan")), ValueError, "box_warp"),
+        (dict(impl="vulkan"), ValueError, "impl"),
+    ],
+)
+def test_bad_options(kwargs, error, names):
+    with pytest.raises(error, match=names):
+        triplane_field(**_bad(), **kwargs)
+
+
+def test_impl_unavailable_for_device_or_dtype():
+    args = _bad()
+    with pytest.raises(ValueError, match="impl='cuda'"):
+        triplane_field(**args, impl="cuda")
+    if extension.available():
+        half = {k: (v if k == "xyz" else v.half()) for k, v in args.items()}
+        with pytest.raises(TypeError, match="impl='cpu'"):
+            triplane_field(**half, impl="cpu")
+
+
+@pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")
+def test_compiled_op_checks_its_own_inputs():
+    """torch.ops.talk3d.* can be called directly: the C++ side validates too."""
+    planes, xyz, w1, b1, w2, b2 = make_field_inputs(FieldCase(N=10))
+    with pytest.raises(ValueError, match="w1"):
+        torch.ops.talk3d.triplane_field_fwd(planes, xyz, w1[:, :3], b1, w2, b2, 1.0, 0)
+    with pytest.raises(ValueError, match="axes"):
+        torch.ops.talk3d.triplane_field_fwd(planes, xyz, w1, b1, w2, b2, 1.0, 7)
+    with pytest.raises(TypeError, match="xyz"):
+        torch.ops.talk3d.triplane_field_fwd(planes, xyz.double(), w1, b1, w2, b2, 1.0, 0)
+
+
+def test_auto_picks_a_compiled_backend_on_cpu():
+    from talk3d.ops.triplane_field import _resolve_impl
+
+    planes = torch.randn(1, 3, 4, 4, 4)
+    assert _resolve_impl("auto", planes) == ("cpu" if extension.available() else "torch")
+    assert _resolve_impl("auto", planes.half()) in ("triton", "torch")
