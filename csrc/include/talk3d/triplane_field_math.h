@@ -131,10 +131,10 @@ T3D_HD void sample_mean(const Dims& d, const scalar_t* __restrict__ planes, cons
 
 template <typename acc_t>
 T3D_HD acc_t softplus(acc_t x) {
-  return x > acc_t(kSoftplusThreshold) ? x : t3d_log1p(t3d_exp(x));
+  return t3d_softplus(x);
 }
 
-// d softplus / dx, matching torch's thresholded softplus backward.
+// d softplus / dx = sigmoid(x) (torch's 1 above its threshold 20 equals sigmoid(20) in float).
 template <typename acc_t>
 T3D_HD acc_t softplus_grad(acc_t x) {
   return x > acc_t(kSoftplusThreshold) ? acc_t(1) : t3d_sigmoid(x);

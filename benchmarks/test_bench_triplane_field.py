@@ -1,0 +1,127 @@
+"""Fused triplane field vs the PyTorch reference (and tiny-cuda-nn's MLP where installed).
+
+Groups ``field-forward`` and ``field-forward-backward``; one benchmark per back end on the same
+inputs, at the CPU size (1 x 32^2 rays x 48 samples, planes 3 x 32 x 256 x 256) and the GPU size
+(4 x 128^2 rays x 96 samples). ``extra_info`` records points, peak memory and the device.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from field_cases import FieldCase, make_field_inputs
+from memory import peak_memory_bytes
+from talk3d import extension
+from talk3d.ops import triplane_field
+
+HAS_CUDA = torch.cuda.is_available()
+SIZES = {
+    "cpu_size": FieldCase(B=1, N=32 * 32 * 48, C=32, hidden=64, out=33, H=256, W=256, spread=1.0),
+    "gpu_size": FieldCase(B=4, N=128 * 128 * 96, C=32, hidden=64, out=33, H=256, W=256, spread=1.0),
+}
+
+
+def _device(impl: str) -> str:
+    return "cuda" if impl == "cuda" or (impl in ("torch", "triton") and HAS_CUDA) else "cpu"
+
+
+def _skip_reason(impl: str, size: str) -> str | None:
+    if impl == "cpu" and not extension.available():
+        return "talk3d._C not built"
+    if impl == "cuda" and not (HAS_CUDA and extension.with_cuda()):
+        return "needs CUDA and the CUDA extension"
+    if impl == "triton" and importlib.util.find_spec("triton") is None:
+        return "triton not installed"
+    if size == "gpu_size" and _device(impl) != "cuda":
+        return "the GPU size only runs on a GPU"
+    return None
+
+
+IMPLS = ["torch", "cpu", "cuda", "triton"]
+
+
+def _setup(impl, size, requires_grad):
+    if reason := _skip_reason(impl, size):
+        pytest.skip(reason)
+    case = SIZES[size]
+    device = torch.device(_device(impl))
+    inputs = make_field_inputs(case, device=device, planes_layout="api")
+    inputs = [t.requires_grad_(requires_grad) for t in inputs]
+    return case, device, inputs
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _record(benchmark, impl, case, device, fn):
+    benchmark.extra_info.update(
+        impl=impl,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        threads=torch.get_num_threads(),
+        points=case.B * case.N,
+        peak_memory_mb=round(peak_memory_bytes(fn, device) / 2**20, 2),
+        triton_interpreted=impl == "triton" and device.type == "cpu",
+    )
+
+
+@pytest.mark.benchmark(group="field-forward")
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_field_forward(benchmark, impl, size):
+    case, device, inputs = _setup(impl, size, requires_grad=False)
+
+    def run():
+        with torch.no_grad():
+            out = triplane_field(*inputs, impl=impl)
+        _sync(device)
+        return out
+
+    _record(benchmark, impl, case, device, run)
+    benchmark(run)
+
+
+@pytest.mark.benchmark(group="field-forward-backward")
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_field_forward_backward(benchmark, impl, size):
+    case, device, inputs = _setup(impl, size, requires_grad=True)
+    g_sigma = torch.randn(case.B, case.N, 1, device=device)
+    g_feat = torch.randn(case.B, case.N, case.out - 1, device=device)
+
+    def run():
+        sigma, feat = triplane_field(*inputs, impl=impl)
+        grads = torch.autograd.grad((sigma, feat), inputs, (g_sigma, g_feat))
+        _sync(device)
+        return grads
+
+    _record(benchmark, impl, case, device, run)
+    benchmark(run)
+
+
+@pytest.mark.benchmark(group="field-forward")
+@pytest.mark.parametrize("size", list(SIZES))
+def test_tinycudann_mlp_peer(benchmark, size):
+    """tiny-cuda-nn's FullyFusedMLP on the same number of 32-d features (the MLP alone)."""
+    if importlib.util.find_spec("tinycudann") is None or not HAS_CUDA:
+        pytest.skip("tinycudann is optional and not installed (or no CUDA)")
+    import tinycudann as tcnn
+
+    case = SIZES[size]
+    device = torch.device("cuda")
+    mlp = tcnn.Network(case.C, case.out, {"otype": "FullyFusedMLP", "activation": "ReLU",
+                                          "output_activation": "None", "n_neurons": case.hidden,
+                                          "n_hidden_layers": 1})
+    feats = torch.randn(case.B * case.N, case.C, device=device)
+
+    def run():
+        with torch.no_grad():
+            out = mlp(feats)
+        _sync(device)
+        return out
+
+    _record(benchmark, "tinycudann", case, device, run)
+    benchmark(run)

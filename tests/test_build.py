@@ -1,0 +1,75 @@
+"""The build: kernels compile on CPU-only machines, the source manifest is the one truth, and a
+missing extension says how to build it."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFEST = json.loads((ROOT / "csrc" / "sources.json").read_text())
+CU_FILES = sorted((ROOT / "kernels").rglob("*.cu"))
+NVCC = shutil.which("nvcc")
+# The architectures the kernels must compile for: Ampere (sm_80) and Hopper (sm_90, the H100/H200).
+NVCC_ARCHES = ("sm_80", "sm_90")
+
+
+def test_manifest_lists_every_source():
+    listed = {str(ROOT / p) for p in MANIFEST["cpu_sources"] + MANIFEST["cuda_sources"]}
+    on_disk = {str(p) for p in (ROOT / "csrc").rglob("*.cpp")} | {str(p) for p in CU_FILES}
+    assert on_disk == listed, f"csrc/sources.json and the tree disagree: {on_disk ^ listed}"
+
+
+def test_cmake_reads_the_same_manifest():
+    text = (ROOT / "CMakeLists.txt").read_text()
+    assert "csrc/sources.json" in text
+    for src in MANIFEST["cpu_sources"] + MANIFEST["cuda_sources"]:
+        assert src not in text, f"CMakeLists.txt repeats {src}: it must read csrc/sources.json"
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("arch", NVCC_ARCHES)
+def test_cuda_kernels_compile(cu, arch, tmp_path):
+    """Compile-only: the kernels are torch-free, so nvcc checks them on machines without a GPU."""
+    includes = [f"-I{ROOT / d}" for d in MANIFEST["include_dirs"]]
+    cmd = [NVCC, "-c", f"-arch={arch}", *MANIFEST["nvcc_flags"], *includes, str(cu), "-o", str(tmp_path / "k.o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr}"
+
+
+def test_cuda_kernels_do_not_include_torch():
+    for path in list(CU_FILES) + sorted((ROOT / "kernels").rglob("*.h")):
+        text = path.read_text()
+        for banned in ("<torch/", "<ATen/", "<c10/"):
+            assert banned not in text, f"{path.name} includes {banned}: kernels/ must stay torch-free"
+
+
+def test_import_never_compiles_and_missing_extension_says_how_to_build(tmp_path):
+    """Import talk3d with the extension hidden: it imports, and asking for the kernels explains."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Hide(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'talk3d._C': raise ImportError('hidden by the test')\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "import torch.utils.cpp_extension as ce\n"
+        "ce.load = ce.load_inline = lambda *a, **k: (_ for _ in ()).throw(AssertionError('compiled at import'))\n"
+        "import talk3d\n"
+        "from talk3d import extension\n"
+        "assert not extension.available()\n"
+        "assert talk3d.ops.available_impls('cpu')[0] == 'torch'\n"
+        "try:\n"
+        "    extension.load()\n"
+        "except ImportError as e:\n"
+        "    assert 'pip install -e . --no-build-isolation' in str(e), e\n"
+        "    print('OK')\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr
