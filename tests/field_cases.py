@@ -46,3 +46,28 @@ def make_field_inputs(case: FieldCase, dtype=torch.float32, device="cpu", planes
     w2 = torch.randn(case.out, case.hidden, **g) / case.hidden**0.5
     b2 = torch.randn(case.out, **g) * 0.1
     return planes, xyz, w1, b1, w2, b2
+
+
+def make_ray_points(B: int, rays_side: int, samples: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """Points along camera rays, as the renderer queries the field: ``[B, rays_side^2 * samples, 3]``.
+
+    EG3D's FFHQ geometry: a camera at radius 2.7 around the pivot (0, 0, 0.2), normalised focal
+    4.2647, yaw within +-30 and pitch within +-20 degrees, stratified depths in [2.25, 3.3]; points
+    are ray-major, so consecutive points are neighbours along a ray (the real access pattern).
+    """
+    pivot = torch.tensor([0.0, 0.0, 0.2], dtype=torch.float64)
+    yaw = (torch.rand(B, dtype=torch.float64) * 2 - 1) * torch.pi / 6
+    pitch = (torch.rand(B, dtype=torch.float64) * 2 - 1) * torch.pi / 9
+    offset = torch.stack([torch.sin(yaw) * torch.cos(pitch), torch.sin(pitch), torch.cos(yaw) * torch.cos(pitch)], -1)
+    cam = pivot + 2.7 * offset  # [B, 3]
+    forward = torch.nn.functional.normalize(pivot - cam, dim=-1)
+    right = torch.nn.functional.normalize(torch.cross(forward, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64).expand_as(forward), dim=-1), dim=-1)
+    up = torch.cross(right, forward, dim=-1)
+    pix = (torch.arange(rays_side, dtype=torch.float64) + 0.5) / rays_side - 0.5
+    v, u = torch.meshgrid(pix / 4.2647, pix / 4.2647, indexing="ij")
+    dirs = forward[:, None] + u.reshape(1, -1, 1) * right[:, None] + v.reshape(1, -1, 1) * up[:, None]
+    dirs = torch.nn.functional.normalize(dirs, dim=-1)  # [B, R, 3]
+    t = torch.linspace(2.25, 3.3, samples, dtype=torch.float64)
+    t = t + torch.rand(B, dirs.shape[1], samples, dtype=torch.float64) * (1.05 / (samples - 1))
+    pts = cam[:, None, None] + t[..., None] * dirs[:, :, None]  # [B, R, S, 3]
+    return pts.reshape(B, -1, 3).to(device=device, dtype=dtype)

@@ -114,7 +114,10 @@ T3D_HD void scale_point(const pos_t* xyz, acc_t inv_half_box, acc_t q[3]) {
 template <typename Dims, typename acc_t, typename scalar_t, typename FArr>
 T3D_HD void sample_mean(const Dims& d, const scalar_t* __restrict__ planes, const PlaneGeom& g,
                         int axes, const acc_t q[3], FArr& f) {
-  for (int c = 0; c < d.c(); ++c) f[c] = acc_t(0);
+  // Sums go to a local array: the compiler keeps it in registers, which it cannot do for the
+  // caller's `f` (it might alias the planes).
+  acc_t sum[Dims::kMaxC];
+  for (int c = 0; c < d.c(); ++c) sum[c] = acc_t(0);
   for (int plane = 0; plane < 3; ++plane) {
     int iu, iv;
     plane_axes(axes, plane, iu, iv);
@@ -122,11 +125,11 @@ T3D_HD void sample_mean(const Dims& d, const scalar_t* __restrict__ planes, cons
     for (int k = 0; k < 4; ++k) {
       if (t.off[k] < 0) continue;
       const scalar_t* src = planes + t.off[k];
-      for (int c = 0; c < d.c(); ++c) f[c] += t.w[k] * acc_t(src[c]);
+      for (int c = 0; c < d.c(); ++c) sum[c] += t.w[k] * acc_t(src[c]);
     }
   }
   const acc_t third = acc_t(1) / acc_t(3);
-  for (int c = 0; c < d.c(); ++c) f[c] *= third;
+  for (int c = 0; c < d.c(); ++c) f[c] = sum[c] * third;
 }
 
 template <typename acc_t>
@@ -146,17 +149,27 @@ template <typename Dims, typename acc_t, typename WArr, typename FArr, typename 
           typename HArr, typename OArr>
 T3D_HD void mlp_forward(const Dims& d, const WArr& w1t, const WArr& b1, const WArr& w2t,
                         const WArr& b2, const FArr& f, PreArr& pre, HArr& h, OArr& o) {
-  for (int j = 0; j < d.hid(); ++j) pre[j] = acc_t(b1[j]);
+  // Accumulate in local arrays (registers), not in the caller's arrays, which the compiler must
+  // assume alias the weights: that turned every FMA into a load-FMA-store chain.
+  acc_t a1[Dims::kMaxHid];
+  for (int j = 0; j < d.hid(); ++j) a1[j] = acc_t(b1[j]);
   for (int c = 0; c < d.c(); ++c) {
     const acc_t fc = f[c];
-    for (int j = 0; j < d.hid(); ++j) pre[j] += acc_t(w1t[c * d.hid() + j]) * fc;
+    for (int j = 0; j < d.hid(); ++j) a1[j] += acc_t(w1t[c * d.hid() + j]) * fc;
   }
-  for (int j = 0; j < d.hid(); ++j) h[j] = softplus(pre[j]);
-  for (int k = 0; k < d.out(); ++k) o[k] = acc_t(b2[k]);
+  acc_t hl[Dims::kMaxHid];  // its own loop, so the softplus vectorises across units
+  for (int j = 0; j < d.hid(); ++j) hl[j] = softplus(a1[j]);
   for (int j = 0; j < d.hid(); ++j) {
-    const acc_t hj = h[j];
-    for (int k = 0; k < d.out(); ++k) o[k] += acc_t(w2t[j * d.out() + k]) * hj;
+    pre[j] = a1[j];
+    h[j] = hl[j];
   }
+  acc_t a2[Dims::kMaxOut];
+  for (int k = 0; k < d.out(); ++k) a2[k] = acc_t(b2[k]);
+  for (int j = 0; j < d.hid(); ++j) {
+    const acc_t hj = hl[j];
+    for (int k = 0; k < d.out(); ++k) a2[k] += acc_t(w2t[j * d.out() + k]) * hj;
+  }
+  for (int k = 0; k < d.out(); ++k) o[k] = a2[k];
 }
 
 // Output transform: sigma = o[0] raw, feat = sigmoid(o[1:]) * (1 + 2 eps) - eps.
@@ -184,12 +197,15 @@ T3D_HD void mlp_backward(const Dims& d, const WArr& w1, const WArr& w2, const OA
     const acc_t g = dout[k];
     for (int j = 0; j < d.hid(); ++j) dh[j] += acc_t(w2[k * d.hid() + j]) * g;
   }
-  for (int j = 0; j < d.hid(); ++j) pre[j] = dh[j] * softplus_grad(pre[j]);
-  for (int c = 0; c < d.c(); ++c) df[c] = acc_t(0);
+  for (int j = 0; j < d.hid(); ++j) dh[j] *= softplus_grad(pre[j]);  // vectorises across units
+  acc_t a[Dims::kMaxC];
+  for (int c = 0; c < d.c(); ++c) a[c] = acc_t(0);
   for (int j = 0; j < d.hid(); ++j) {
-    const acc_t g = pre[j];
-    for (int c = 0; c < d.c(); ++c) df[c] += acc_t(w1[j * d.c() + c]) * g;
+    const acc_t g = dh[j];
+    pre[j] = g;
+    for (int c = 0; c < d.c(); ++c) a[c] += acc_t(w1[j * d.c() + c]) * g;
   }
+  for (int c = 0; c < d.c(); ++c) df[c] = a[c];
 }
 
 // Backward of sample_mean: scatters df / 3 onto the taps through `add(offset, value)` (a plain add
