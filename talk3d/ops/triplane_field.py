@@ -182,7 +182,21 @@ def triplane_field(
         return _reference(planes, xyz, w1, b1, w2, b2, box_warp=box_warp, axes=axes)
     if impl == "triton":
         return _TritonField.apply(planes, xyz, w1, b1, w2, b2, float(box_warp), AXES[axes])
-    return torch.ops.talk3d.triplane_field_fwd(planes, xyz, w1, b1, w2, b2, float(box_warp), AXES[axes])
+    return torch.ops.talk3d.triplane_field_fwd(
+        channels_last_planes(planes), xyz, w1, b1, w2, b2, float(box_warp), AXES[axes]
+    )
+
+
+def channels_last_planes(planes: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, C, H, W]`` planes viewed over channels-last memory (channel stride 1).
+
+    The kernels gather all C channels of a texel at once, so they want channels innermost. Doing
+    the copy here, once and under autograd, spares the forward and the backward op a copy each;
+    planes already stored channels-last are returned as they are.
+    """
+    if planes.stride(2) == 1 or planes.shape[2] == 1:
+        return planes
+    return planes.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
 
 
 # --- autograd and fake implementations of the compiled ops --------------------------------------

@@ -1,0 +1,766 @@
+// CUDA kernels of the fused triplane field (sample three planes, average, decode with the EG3D MLP).
+//
+// The per-point math lives in talk3d/triplane_field_math.h and is shared with the CPU kernels; the
+// kernels here are loops around it plus the GPU-specific parts: decoder weights staged in shared
+// memory, atomics for the plane gradients, and a per-block reduction of the weight gradients.
+//
+// Forward: one thread per point (grid-stride), only sigma and feat are written.
+// Backward: the forward is recomputed per point. Plane gradients go through atomicAdd into the
+// contiguous d_planes; d_xyz is written per point. Weight gradients are reduced per block: points are
+// processed in tiles of blockDim.x points; every thread writes its point's f, h, dpre and dout into
+// shared memory; after a barrier the block adds the tile's outer products into per-block accumulators
+// (each accumulator entry is updated by exactly one thread); after the last tile the accumulators
+// are atomically added to d_w1, d_b1, d_w2, d_b2 once per block.
+//
+// Shared memory is sized at launch (backward_dims lists the order in which configurations are tried).
+// The EG3D instance (StaticDims<32, 64, 33>) always stages the weights in shared memory; the generic
+// instance may instead read them from global memory (large sizes in fp32/fp64 need this), and the
+// backward may use smaller tiles or per-tile atomics instead of block accumulators. Nothing here
+// depends on the block size being a multiple of the warp size.
+//
+// Tested only by emulation on the CPU (one std::thread per CUDA thread, std::barrier for
+// __syncthreads, ThreadSanitizer) against the PyTorch reference; never run on a GPU before shipping.
+#include "triplane_field_cuda.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "talk3d/triplane_field_math.h"
+
+namespace talk3d {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 128;  // block size of both kernels (the backward may use fewer, see below)
+
+// ------------------------------------------------------------------------------------------------
+// Storage types. The header converts plane values with `acc_t(src[c])`. __half / __nv_bfloat16 have
+// no usable conversion operator when torch's -D__CUDA_NO_HALF_CONVERSIONS__ (and the bf16 one) are
+// set, so the kernels read the planes through 2-byte wrappers whose explicit `operator float` calls the
+// conversion intrinsic. They have the layout of the storage type and are only ever read.
+// ------------------------------------------------------------------------------------------------
+struct HalfLoad {
+  unsigned short bits;
+  __host__ __device__ __forceinline__ explicit operator float() const {
+    return __half2float(__ushort_as_half(bits));
+  }
+};
+struct BF16Load {
+  unsigned short bits;
+  __host__ __device__ __forceinline__ explicit operator float() const {
+    return __bfloat162float(__ushort_as_bfloat16(bits));
+  }
+};
+static_assert(sizeof(HalfLoad) == sizeof(__half) && alignof(HalfLoad) <= alignof(__half), "layout");
+static_assert(sizeof(BF16Load) == sizeof(__nv_bfloat16) && alignof(BF16Load) <= alignof(__nv_bfloat16),
+              "layout");
+
+// acc: accumulation type; pos: type of xyz; load: type the planes are read as (see above).
+template <typename S>
+struct Storage;
+
+template <>
+struct Storage<float> {
+  using acc = float;
+  using pos = float;
+  using load = float;
+  static __device__ __forceinline__ float to_acc(float x) { return x; }
+  static __device__ __forceinline__ float from_acc(float x) { return x; }
+};
+template <>
+struct Storage<double> {
+  using acc = double;
+  using pos = double;
+  using load = double;
+  static __device__ __forceinline__ double to_acc(double x) { return x; }
+  static __device__ __forceinline__ double from_acc(double x) { return x; }
+};
+template <>
+struct Storage<__half> {
+  using acc = float;
+  using pos = float;
+  using load = HalfLoad;
+  static __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_acc(float x) { return __float2half_rn(x); }
+};
+template <>
+struct Storage<__nv_bfloat16> {
+  using acc = float;
+  using pos = float;
+  using load = BF16Load;
+  static __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_acc(float x) { return __float2bfloat16_rn(x); }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Weight views. The header's decoder functions index w1t [C, HID], w2t [HID, OUT], b1, b2, w1 [HID, C]
+// and w2 [OUT, HID] with a flat int index. The fast path hands them `const acc_t*` into shared memory
+// (filled by load_weights). The fallback reads global memory (storage type) through this view:
+//   element i -> p[hi * s_hi + lo * s_lo] with hi = i / n, lo = i % n.
+// Identity: n = 1, s_hi = 1, s_lo = 0. Transpose of a row-major [R, K] matrix viewed as [K, R]: n = R,
+// s_hi = 1, s_lo = K (i = k * R + r -> p[k + r * K]).
+// ------------------------------------------------------------------------------------------------
+template <typename S>
+struct GlobalWeights {
+  using acc_t = typename Storage<S>::acc;
+  const S* p;
+  int n, s_hi, s_lo;
+  __device__ __forceinline__ acc_t operator[](int i) const {
+    const int hi = i / n;
+    const int lo = i - hi * n;
+    return Storage<S>::to_acc(p[int64_t(hi) * s_hi + int64_t(lo) * s_lo]);
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Dynamic shared memory layout, in elements of the accumulation type. Computed once on the host and
+// passed to the kernel, so the size allocated and the offsets used cannot disagree. -1 = absent.
+// ------------------------------------------------------------------------------------------------
+struct SmemLayout {
+  int w1t, w2t, b1, b2, w1, w2;  // weight copies (acc type)
+  int fa, ha, dp, dq;            // tile buffers: [T][ldf] f|1, [T][ldh] h|1, [T][ldp] dpre, [T][ldo] dout
+  int ldf, ldh, ldp, ldo;
+  int g1, g2;                    // block accumulators: [HID][C + 1] (dW1 | db1), [OUT][HID + 1] (dW2 | db2)
+  int64_t elems;                 // total size
+};
+
+inline int round_up4(int x) { return (x + 3) / 4 * 4; }
+
+// Row strides of the tile buffers. Every row is written by one thread (thread t writes row t), so an
+// odd stride makes those writes bank-conflict free. Rows read as the "A" operand of the outer products
+// (dpre, dout) are read four consecutive entries at a time from a multiple of 4, so they hold at least
+// round_up4(size) entries (the padding is zero-filled).
+inline SmemLayout make_layout(int C, int HID, int OUT, int T, bool weights, bool backward, bool tiles,
+                              bool accum) {
+  SmemLayout L;
+  int64_t n = 0;
+  auto take = [&n](int64_t count) {
+    const int off = int(n);
+    n += count;
+    return off;
+  };
+  L.w1t = L.w2t = L.b1 = L.b2 = L.w1 = L.w2 = -1;
+  L.fa = L.ha = L.dp = L.dq = -1;
+  L.g1 = L.g2 = -1;
+  L.ldf = (C + 1) | 1;
+  L.ldh = (HID + 1) | 1;
+  L.ldp = round_up4(HID) + 1;
+  L.ldo = round_up4(OUT) + 1;
+  if (weights) {
+    L.w1t = take(int64_t(C) * HID);
+    L.w2t = take(int64_t(HID) * OUT);
+    L.b1 = take(HID);
+    L.b2 = take(OUT);
+    if (backward) {
+      L.w1 = take(int64_t(HID) * C);
+      L.w2 = take(int64_t(OUT) * HID);
+    }
+  }
+  if (tiles) {
+    L.fa = take(int64_t(T) * L.ldf);
+    L.ha = take(int64_t(T) * L.ldh);
+    L.dp = take(int64_t(T) * L.ldp);
+    L.dq = take(int64_t(T) * L.ldo);
+    if (accum) {
+      L.g1 = take(int64_t(HID) * (C + 1));
+      L.g2 = take(int64_t(OUT) * (HID + 1));
+    }
+  }
+  L.elems = n;
+  return L;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Kernel arguments.
+// ------------------------------------------------------------------------------------------------
+template <typename S>
+struct FwdArgs {
+  using acc_t = typename Storage<S>::acc;
+  using load_t = typename Storage<S>::load;
+  using pos_t = typename Storage<S>::pos;
+  const load_t* planes;
+  int64_t s_batch;
+  field::PlaneGeom geom;  // geometry of the input planes (their own strides)
+  const pos_t* xyz;
+  int64_t N, total;       // total = B * N
+  const S *w1, *b1, *w2, *b2;
+  acc_t inv_half_box;
+  int axes;
+  SmemLayout L;
+  S* sigma;
+  S* feat;
+};
+
+template <typename S>
+struct BwdArgs {
+  using acc_t = typename Storage<S>::acc;
+  using load_t = typename Storage<S>::load;
+  using pos_t = typename Storage<S>::pos;
+  const load_t* planes;
+  int64_t s_batch;
+  field::PlaneGeom geom;      // geometry of the input planes (their own strides)
+  field::PlaneGeom out_geom;  // geometry of d_planes: contiguous [3, H, W, C]
+  int64_t d_planes_batch;     // 3 * H * W * C
+  const pos_t* xyz;
+  int64_t N, total;
+  const S *w1, *b1, *w2, *b2;
+  acc_t inv_half_box;
+  int axes;
+  SmemLayout L;
+  const S* grad_sigma;
+  const S* grad_feat;
+  acc_t *d_planes, *d_xyz, *d_w1, *d_b1, *d_w2, *d_b2;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t* smem_base() {
+  extern __shared__ __align__(16) unsigned char t3d_field_smem[];
+  return reinterpret_cast<acc_t*>(t3d_field_smem);
+}
+
+// Copies the decoder weights into shared memory as acc type: w1t [C, HID], w2t [HID, OUT], b1, b2 and,
+// for the backward (L.w1 >= 0), w1 [HID, C] and w2 [OUT, HID]. The caller synchronises afterwards.
+template <typename S>
+__device__ void load_weights(const S* w1, const S* b1, const S* w2, const S* b2, int C, int HID,
+                             int OUT, const SmemLayout& L, typename Storage<S>::acc* sm) {
+  using acc_t = typename Storage<S>::acc;
+  acc_t* w1t_s = sm + L.w1t;
+  acc_t* w2t_s = sm + L.w2t;
+  acc_t* b1_s = sm + L.b1;
+  acc_t* b2_s = sm + L.b2;
+  acc_t* w1_s = L.w1 >= 0 ? sm + L.w1 : nullptr;
+  acc_t* w2_s = L.w2 >= 0 ? sm + L.w2 : nullptr;
+  for (int e = threadIdx.x; e < HID * C; e += blockDim.x) {  // w1[e], e = j * C + c
+    const int j = e / C, c = e - j * C;
+    const acc_t v = Storage<S>::to_acc(w1[e]);
+    w1t_s[c * HID + j] = v;
+    if (w1_s) w1_s[e] = v;
+  }
+  for (int e = threadIdx.x; e < OUT * HID; e += blockDim.x) {  // w2[e], e = k * HID + j
+    const int k = e / HID, j = e - k * HID;
+    const acc_t v = Storage<S>::to_acc(w2[e]);
+    w2t_s[j * OUT + k] = v;
+    if (w2_s) w2_s[e] = v;
+  }
+  for (int j = threadIdx.x; j < HID; j += blockDim.x) b1_s[j] = Storage<S>::to_acc(b1[j]);
+  for (int k = threadIdx.x; k < OUT; k += blockDim.x) b2_s[k] = Storage<S>::to_acc(b2[k]);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward.
+// ------------------------------------------------------------------------------------------------
+template <typename S, typename Dims, typename WArr>
+__device__ void forward_points(const FwdArgs<S>& a, const Dims& d, const WArr& w1t, const WArr& b1,
+                               const WArr& w2t, const WArr& b2) {
+  using acc_t = typename Storage<S>::acc;
+  const int F = d.out() - 1;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.total; i += stride) {
+    const int64_t b = i / a.N;
+    acc_t q[3];
+    field::scale_point(a.xyz + 3 * i, a.inv_half_box, q);
+    acc_t f[Dims::kMaxC], pre[Dims::kMaxHid], h[Dims::kMaxHid], o[Dims::kMaxOut];
+    field::sample_mean(d, a.planes + b * a.s_batch, a.geom, a.axes, q, f);
+    field::mlp_forward<Dims, acc_t>(d, w1t, b1, w2t, b2, f, pre, h, o);
+    if (a.sigma) a.sigma[i] = Storage<S>::from_acc(o[0]);
+    if (a.feat) {
+      S* out = a.feat + i * F;
+      for (int k = 1; k < d.out(); ++k) out[k - 1] = Storage<S>::from_acc(field::feature_activation(o[k]));
+    }
+  }
+}
+
+template <typename S, typename Dims, bool kSmemWeights>
+__global__ void __launch_bounds__(kThreads) field_forward_kernel(const FwdArgs<S> a, const Dims d) {
+  using acc_t = typename Storage<S>::acc;
+  if constexpr (kSmemWeights) {
+    acc_t* sm = smem_base<acc_t>();
+    load_weights<S>(a.w1, a.b1, a.w2, a.b2, d.c(), d.hid(), d.out(), a.L, sm);
+    __syncthreads();
+    const acc_t* w1t = sm + a.L.w1t;
+    const acc_t* w2t = sm + a.L.w2t;
+    const acc_t* b1 = sm + a.L.b1;
+    const acc_t* b2 = sm + a.L.b2;
+    forward_points(a, d, w1t, b1, w2t, b2);
+  } else {
+    const GlobalWeights<S> w1t{a.w1, d.hid(), 1, d.c()};
+    const GlobalWeights<S> w2t{a.w2, d.out(), 1, d.hid()};
+    const GlobalWeights<S> b1{a.b1, 1, 1, 0};
+    const GlobalWeights<S> b2{a.b2, 1, 1, 0};
+    forward_points(a, d, w1t, b1, w2t, b2);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward.
+// ------------------------------------------------------------------------------------------------
+
+// Outer-product reduction of one tile:  for m < M, k < K:  sink(m, k, sum_{p < np} A[p][m] * B[p][k]),
+// A rows at A + p * lda (lda >= round_up4(M), entries M .. round_up4(M)-1 readable), B rows at
+// B + p * ldb (ldb >= K). Work item = (block of 4 consecutive m, one k); item it goes to thread
+// it % blockDim.x, so every (m, k) is produced by exactly one thread, the same one for every tile.
+// Consecutive threads take consecutive k (B reads conflict-free, A reads broadcast).
+template <typename acc_t, typename Sink>
+__device__ void tile_outer_products(const acc_t* A, int lda, int M, const acc_t* B, int ldb, int K,
+                                    int np, Sink&& sink) {
+  const int items = (M + 3) / 4 * K;
+  for (int it = threadIdx.x; it < items; it += blockDim.x) {
+    const int m0 = it / K * 4;
+    const int k = it - (m0 / 4) * K;
+    acc_t s0 = acc_t(0), s1 = acc_t(0), s2 = acc_t(0), s3 = acc_t(0);
+    for (int p = 0; p < np; ++p) {
+      const acc_t bv = B[p * ldb + k];
+      const acc_t* ar = A + p * lda + m0;
+      s0 += ar[0] * bv;
+      s1 += ar[1] * bv;
+      s2 += ar[2] * bv;
+      s3 += ar[3] * bv;
+    }
+    sink(m0, k, s0);
+    if (m0 + 1 < M) sink(m0 + 1, k, s1);
+    if (m0 + 2 < M) sink(m0 + 2, k, s2);
+    if (m0 + 3 < M) sink(m0 + 3, k, s3);
+  }
+}
+
+template <typename S, typename Dims, typename WArr>
+__device__ void backward_points(const BwdArgs<S>& a, const Dims& d, const WArr& w1t, const WArr& b1,
+                                const WArr& w2t, const WArr& b2, const WArr& w1, const WArr& w2,
+                                typename Storage<S>::acc* sm) {
+  using acc_t = typename Storage<S>::acc;
+  const int C = d.c(), HID = d.hid(), OUT = d.out(), F = OUT - 1;
+  const SmemLayout& L = a.L;
+
+  // Weight gradients: block-uniform flags (kernel arguments only), so the barriers below are reached
+  // by every thread of the block or by none.
+  const bool want_g1 = a.d_w1 != nullptr || a.d_b1 != nullptr;
+  const bool want_g2 = a.d_w2 != nullptr || a.d_b2 != nullptr;
+  const bool want_w = want_g1 || want_g2;
+  acc_t* Fa = want_w ? sm + L.fa : nullptr;  // [T][ldf]: f[0..C-1], 1 at column C (bias)
+  acc_t* Ha = want_w ? sm + L.ha : nullptr;  // [T][ldh]: h[0..HID-1], 1 at column HID (bias)
+  acc_t* Dp = want_w ? sm + L.dp : nullptr;  // [T][ldp]: dpre[0..HID-1], zeros after
+  acc_t* Dq = want_w ? sm + L.dq : nullptr;  // [T][ldo]: dout[0..OUT-1], zeros after
+  acc_t* G1 = (want_w && L.g1 >= 0) ? sm + L.g1 : nullptr;  // [HID][C + 1], null: per-tile atomics
+  acc_t* G2 = (want_w && L.g2 >= 0) ? sm + L.g2 : nullptr;  // [OUT][HID + 1]
+
+  acc_t* const d_w1 = a.d_w1;
+  acc_t* const d_b1 = a.d_b1;
+  acc_t* const d_w2 = a.d_w2;
+  acc_t* const d_b2 = a.d_b2;
+  // (j, c) of [dW1 | db1]: c < C -> d_w1[j][c], c == C -> d_b1[j].
+  auto put1 = [=](int j, int c, acc_t v) {
+    if (c < C) {
+      if (d_w1) atomicAdd(d_w1 + j * C + c, v);
+    } else if (d_b1) {
+      atomicAdd(d_b1 + j, v);
+    }
+  };
+  // (k, j) of [dW2 | db2]: j < HID -> d_w2[k][j], j == HID -> d_b2[k].
+  auto put2 = [=](int k, int j, acc_t v) {
+    if (j < HID) {
+      if (d_w2) atomicAdd(d_w2 + k * HID + j, v);
+    } else if (d_b2) {
+      atomicAdd(d_b2 + k, v);
+    }
+  };
+  auto sink1 = [&](int j, int c, acc_t v) {
+    if (G1) G1[j * (C + 1) + c] += v;
+    else put1(j, c, v);
+  };
+  auto sink2 = [&](int k, int j, acc_t v) {
+    if (G2) G2[k * (HID + 1) + j] += v;
+    else put2(k, j, v);
+  };
+
+  const int T = blockDim.x;
+  const int t = threadIdx.x;
+  for (int64_t start = int64_t(blockIdx.x) * T; start < a.total; start += int64_t(gridDim.x) * T) {
+    const int64_t i = start + t;
+    if (i < a.total) {
+      const int64_t b = i / a.N;
+      const typename Storage<S>::load* planes = a.planes + b * a.s_batch;
+      acc_t q[3];
+      field::scale_point(a.xyz + 3 * i, a.inv_half_box, q);
+      acc_t f[Dims::kMaxC], pre[Dims::kMaxHid], h[Dims::kMaxHid], o[Dims::kMaxOut];
+      field::sample_mean(d, planes, a.geom, a.axes, q, f);
+      field::mlp_forward<Dims, acc_t>(d, w1t, b1, w2t, b2, f, pre, h, o);
+
+      // Gradient of the raw decoder output o.
+      acc_t dout[Dims::kMaxOut];
+      dout[0] = a.grad_sigma ? Storage<S>::to_acc(a.grad_sigma[i]) : acc_t(0);
+      for (int k = 1; k < OUT; ++k) {
+        const acc_t g = a.grad_feat ? Storage<S>::to_acc(a.grad_feat[i * F + (k - 1)]) : acc_t(0);
+        dout[k] = field::feature_activation_grad(o[k], g);
+      }
+
+      if (want_w) {
+        acc_t* fr = Fa + t * L.ldf;
+        for (int c = 0; c < C; ++c) fr[c] = f[c];
+        fr[C] = acc_t(1);
+        acc_t* hr = Ha + t * L.ldh;
+        for (int j = 0; j < HID; ++j) hr[j] = h[j];
+        hr[HID] = acc_t(1);
+      }
+
+      acc_t df[Dims::kMaxC];
+      field::mlp_backward<Dims, acc_t>(d, w1, w2, dout, pre, df);  // pre now holds dpre
+
+      if (want_w) {
+        acc_t* pr = Dp + t * L.ldp;
+        for (int j = 0; j < HID; ++j) pr[j] = pre[j];
+        for (int j = HID; j < L.ldp; ++j) pr[j] = acc_t(0);
+        acc_t* qr = Dq + t * L.ldo;
+        for (int k = 0; k < OUT; ++k) qr[k] = dout[k];
+        for (int k = OUT; k < L.ldo; ++k) qr[k] = acc_t(0);
+      }
+
+      // Plane and point gradients in one pass over the taps. The taps are found with the input
+      // planes' geometry (a.geom, also used to read them for d_xyz); the plane gradient goes to the
+      // same (plane, y, x, c) in the contiguous d_planes, whose geometry is a.out_geom.
+      if (a.d_planes || a.d_xyz) {
+        acc_t* const dpb = a.d_planes ? a.d_planes + b * a.d_planes_batch : nullptr;
+        auto add = [dpb](int64_t off, acc_t v) { atomicAdd(dpb + off, v); };
+        acc_t dxyz[3];
+        field::sample_mean_backward(d, planes, a.geom, a.axes, q, a.inv_half_box, df,
+                                    /*add_planes=*/dpb != nullptr, a.out_geom, add,
+                                    /*want_xyz=*/a.d_xyz != nullptr, dxyz);
+        if (a.d_xyz) {
+          a.d_xyz[3 * i + 0] = dxyz[0];
+          a.d_xyz[3 * i + 1] = dxyz[1];
+          a.d_xyz[3 * i + 2] = dxyz[2];
+        }
+      }
+    } else if (want_w) {
+      // Past the end (last tile only): a zero row contributes nothing.
+      for (int c = 0; c < L.ldf; ++c) Fa[t * L.ldf + c] = acc_t(0);
+      for (int j = 0; j < L.ldh; ++j) Ha[t * L.ldh + j] = acc_t(0);
+      for (int j = 0; j < L.ldp; ++j) Dp[t * L.ldp + j] = acc_t(0);
+      for (int k = 0; k < L.ldo; ++k) Dq[t * L.ldo + k] = acc_t(0);
+    }
+
+    if (want_w) {
+      __syncthreads();  // all rows of the tile written
+      const int64_t left = a.total - start;
+      const int np = left < T ? int(left) : T;  // rows np .. T-1 are zero rows anyway; skip them
+      if (want_g1) tile_outer_products(Dp, L.ldp, HID, Fa, L.ldf, C + 1, np, sink1);
+      if (want_g2) tile_outer_products(Dq, L.ldo, OUT, Ha, L.ldh, HID + 1, np, sink2);
+      __syncthreads();  // tile buffers free for the next tile
+    }
+  }
+
+  if (want_w) {
+    __syncthreads();  // (already synchronised by the loop; kept for clarity)
+    if (G1 && want_g1) {
+      for (int e = threadIdx.x; e < HID * (C + 1); e += blockDim.x) {
+        const int j = e / (C + 1), c = e - j * (C + 1);
+        put1(j, c, G1[e]);
+      }
+    }
+    if (G2 && want_g2) {
+      for (int e = threadIdx.x; e < OUT * (HID + 1); e += blockDim.x) {
+        const int k = e / (HID + 1), j = e - k * (HID + 1);
+        put2(k, j, G2[e]);
+      }
+    }
+  }
+}
+
+template <typename S, typename Dims, bool kSmemWeights>
+__global__ void __launch_bounds__(kThreads) field_backward_kernel(const BwdArgs<S> a, const Dims d) {
+  using acc_t = typename Storage<S>::acc;
+  acc_t* sm = smem_base<acc_t>();
+  const int C = d.c(), HID = d.hid(), OUT = d.out();
+  if constexpr (kSmemWeights) load_weights<S>(a.w1, a.b1, a.w2, a.b2, C, HID, OUT, a.L, sm);
+  if (a.L.g1 >= 0) {
+    for (int e = threadIdx.x; e < HID * (C + 1); e += blockDim.x) sm[a.L.g1 + e] = acc_t(0);
+  }
+  if (a.L.g2 >= 0) {
+    for (int e = threadIdx.x; e < OUT * (HID + 1); e += blockDim.x) sm[a.L.g2 + e] = acc_t(0);
+  }
+  __syncthreads();
+  if constexpr (kSmemWeights) {
+    const acc_t* w1t = sm + a.L.w1t;
+    const acc_t* w2t = sm + a.L.w2t;
+    const acc_t* b1 = sm + a.L.b1;
+    const acc_t* b2 = sm + a.L.b2;
+    const acc_t* w1 = sm + a.L.w1;
+    const acc_t* w2 = sm + a.L.w2;
+    backward_points(a, d, w1t, b1, w2t, b2, w1, w2, sm);
+  } else {
+    const GlobalWeights<S> w1t{a.w1, HID, 1, C};
+    const GlobalWeights<S> w2t{a.w2, OUT, 1, HID};
+    const GlobalWeights<S> b1{a.b1, 1, 1, 0};
+    const GlobalWeights<S> b2{a.b2, 1, 1, 0};
+    const GlobalWeights<S> w1{a.w1, 1, 1, 0};
+    const GlobalWeights<S> w2{a.w2, 1, 1, 0};
+    backward_points(a, d, w1t, b1, w2t, b2, w1, w2, sm);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side.
+// ------------------------------------------------------------------------------------------------
+using EG3DDims = field::StaticDims<32, 64, 33>;
+using GenericDims = field::BoundedDims<kMaxC, kMaxHid, kMaxOut>;
+
+// The EG3D instance always keeps its weights in shared memory (at most 67 KB in fp64). Should that not
+// fit a device, the generic instance (which can read them from global memory) runs instead; this keeps
+// the fully unrolled EG3D code from being compiled with the slow global-memory weight view.
+template <typename Dims>
+constexpr bool kIsEG3D = false;
+template <>
+constexpr bool kIsEG3D<EG3DDims> = true;
+
+struct DeviceInfo {
+  int sms = 0;
+  int smem_optin = 0;  // bytes of dynamic + static shared memory a block may opt in to
+};
+
+cudaError_t device_info(DeviceInfo& info) {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err != cudaSuccess) return err;
+  return cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+}
+
+// Opts the kernel in to `bytes` of dynamic shared memory and returns how many blocks to launch:
+// enough to fill the device once (grid-stride loops take the rest), at most one per `T` points.
+template <typename Kernel>
+cudaError_t prepare_launch(Kernel kernel, int T, size_t bytes, int64_t total, const DeviceInfo& info,
+                           int& blocks) {
+  cudaError_t err;
+  if (bytes > 48 * 1024) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+    if (err != cudaSuccess) return err;
+  }
+  int per_sm = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, T, bytes);
+  if (err != cudaSuccess) return err;
+  if (per_sm < 1) per_sm = 1;  // the launch itself will report what does not fit
+  const int64_t needed = (total + T - 1) / T;
+  const int64_t full = int64_t(per_sm) * (info.sms > 0 ? info.sms : 1);
+  blocks = int(needed < full ? needed : full);
+  return cudaSuccess;
+}
+
+cudaError_t validate(const FieldProblem& p) {
+  if (p.C < 1 || p.HID < 1 || p.OUT < 1) return cudaErrorInvalidValue;
+  if (p.C > kMaxC || p.HID > kMaxHid || p.OUT > kMaxOut) return cudaErrorInvalidValue;
+  if (p.B < 0 || p.N < 0 || p.H < 0 || p.W < 0) return cudaErrorInvalidValue;
+  if (p.axes != field::kAxesFixed && p.axes != field::kAxesEG3D) return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case FieldDType::kF32:
+    case FieldDType::kF16:
+    case FieldDType::kBF16:
+    case FieldDType::kF64:
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaSuccess;
+}
+
+bool pointers_ok(const FieldProblem& p) {
+  const bool planes_ok = p.planes != nullptr || p.H == 0 || p.W == 0;
+  return planes_ok && p.xyz && p.w1 && p.b1 && p.w2 && p.b2;
+}
+
+template <typename S, typename Args>
+void fill_common(const FieldProblem& p, Args& a) {
+  using acc_t = typename Storage<S>::acc;
+  a.planes = static_cast<const typename Storage<S>::load*>(p.planes);
+  a.s_batch = p.s_batch;
+  a.geom = field::PlaneGeom{p.H, p.W, p.s_plane, p.s_y, p.s_x};
+  a.xyz = static_cast<const typename Storage<S>::pos*>(p.xyz);
+  a.N = p.N;
+  a.total = int64_t(p.B) * p.N;
+  a.w1 = static_cast<const S*>(p.w1);
+  a.b1 = static_cast<const S*>(p.b1);
+  a.w2 = static_cast<const S*>(p.w2);
+  a.b2 = static_cast<const S*>(p.b2);
+  a.inv_half_box = acc_t(2.0 / p.box_warp);
+  a.axes = p.axes;
+}
+
+template <typename S, typename Dims>
+cudaError_t forward_dims(const FieldProblem& p, const Dims& d, void* sigma, void* feat,
+                         cudaStream_t stream) {
+  using acc_t = typename Storage<S>::acc;
+  DeviceInfo info;
+  cudaError_t err = device_info(info);
+  if (err != cudaSuccess) return err;
+
+  FwdArgs<S> a;
+  fill_common<S>(p, a);
+  a.sigma = static_cast<S*>(sigma);
+  a.feat = static_cast<S*>(feat);
+
+  const int T = kThreads;
+  a.L = make_layout(p.C, p.HID, p.OUT, T, /*weights=*/true, /*backward=*/false, false, false);
+  size_t bytes = size_t(a.L.elems) * sizeof(acc_t);
+  int blocks = 0;
+  if (bytes <= size_t(info.smem_optin)) {
+    auto kernel = field_forward_kernel<S, Dims, true>;
+    err = prepare_launch(kernel, T, bytes, a.total, info, blocks);
+    if (err != cudaSuccess) return err;
+    kernel<<<blocks, T, bytes, stream>>>(a, d);
+  } else if constexpr (kIsEG3D<Dims>) {
+    return forward_dims<S>(p, GenericDims{p.C, p.HID, p.OUT}, sigma, feat, stream);
+  } else {
+    a.L = make_layout(p.C, p.HID, p.OUT, T, false, false, false, false);
+    bytes = 0;
+    auto kernel = field_forward_kernel<S, Dims, false>;
+    err = prepare_launch(kernel, T, bytes, a.total, info, blocks);
+    if (err != cudaSuccess) return err;
+    kernel<<<blocks, T, bytes, stream>>>(a, d);
+  }
+  return cudaGetLastError();
+}
+
+template <typename S>
+cudaError_t forward_typed(const FieldProblem& p, void* sigma, void* feat, cudaStream_t stream) {
+  if (p.C == 32 && p.HID == 64 && p.OUT == 33) return forward_dims<S>(p, EG3DDims{}, sigma, feat, stream);
+  return forward_dims<S>(p, GenericDims{p.C, p.HID, p.OUT}, sigma, feat, stream);
+}
+
+template <typename S, typename Dims>
+cudaError_t backward_dims(const FieldProblem& p, const Dims& d, const void* grad_sigma,
+                          const void* grad_feat, void* d_planes, void* d_xyz, void* d_w1, void* d_b1,
+                          void* d_w2, void* d_b2, cudaStream_t stream) {
+  using acc_t = typename Storage<S>::acc;
+  DeviceInfo info;
+  cudaError_t err = device_info(info);
+  if (err != cudaSuccess) return err;
+
+  BwdArgs<S> a;
+  fill_common<S>(p, a);
+  const int64_t plane_elems = int64_t(p.H) * p.W * p.C;
+  a.out_geom = field::PlaneGeom{p.H, p.W, plane_elems, int64_t(p.W) * p.C, int64_t(p.C)};
+  a.d_planes_batch = 3 * plane_elems;
+  a.grad_sigma = static_cast<const S*>(grad_sigma);
+  a.grad_feat = static_cast<const S*>(grad_feat);
+  a.d_planes = static_cast<acc_t*>(d_planes);
+  a.d_xyz = static_cast<acc_t*>(d_xyz);
+  a.d_w1 = static_cast<acc_t*>(d_w1);
+  a.d_b1 = static_cast<acc_t*>(d_b1);
+  a.d_w2 = static_cast<acc_t*>(d_w2);
+  a.d_b2 = static_cast<acc_t*>(d_b2);
+  const bool want_w = d_w1 || d_b1 || d_w2 || d_b2;
+
+  // Pick the first configuration that fits the device's shared memory. Preference: tiles of at least
+  // 32 points; then weights in shared memory (every FMA reads one); then block accumulators (without
+  // them the tile sums go to global atomics once per tile instead of once per block); then the
+  // largest tile. Without weight gradients there are no tiles and no accumulators: T = kThreads.
+  struct Option {
+    bool smem_weights, block_acc;
+  };
+  const Option options[4] = {{true, true}, {true, false}, {false, true}, {false, false}};
+  const int t_first[2] = {kThreads, 16}, t_last[2] = {32, 1};
+  bool smem_weights = true;
+  int T = kThreads;
+  bool found = false;
+  for (int pass = 0; pass < 2 && !found; ++pass) {
+    for (int o = 0; o < 4 && !found; ++o) {
+      if (kIsEG3D<Dims> && !options[o].smem_weights) continue;
+      for (int tt = t_first[pass]; tt >= t_last[pass] && !found; tt /= 2) {
+        if (!want_w && tt != kThreads) break;
+        const SmemLayout L = make_layout(p.C, p.HID, p.OUT, tt, options[o].smem_weights,
+                                         /*backward=*/true, /*tiles=*/want_w, options[o].block_acc);
+        if (size_t(L.elems) * sizeof(acc_t) <= size_t(info.smem_optin)) {
+          a.L = L;
+          smem_weights = options[o].smem_weights;
+          T = tt;
+          found = true;
+        }
+      }
+    }
+  }
+  if (!found) {
+    if constexpr (kIsEG3D<Dims>) {
+      return backward_dims<S>(p, GenericDims{p.C, p.HID, p.OUT}, grad_sigma, grad_feat, d_planes, d_xyz,
+                              d_w1, d_b1, d_w2, d_b2, stream);
+    }
+    return cudaErrorInvalidConfiguration;
+  }
+  const size_t bytes = size_t(a.L.elems) * sizeof(acc_t);
+
+  int blocks = 0;
+  if (smem_weights) {
+    auto kernel = field_backward_kernel<S, Dims, true>;
+    err = prepare_launch(kernel, T, bytes, a.total, info, blocks);
+    if (err != cudaSuccess) return err;
+    kernel<<<blocks, T, bytes, stream>>>(a, d);
+  } else if constexpr (!kIsEG3D<Dims>) {
+    auto kernel = field_backward_kernel<S, Dims, false>;
+    err = prepare_launch(kernel, T, bytes, a.total, info, blocks);
+    if (err != cudaSuccess) return err;
+    kernel<<<blocks, T, bytes, stream>>>(a, d);
+  }
+  return cudaGetLastError();
+}
+
+template <typename S>
+cudaError_t backward_typed(const FieldProblem& p, const void* grad_sigma, const void* grad_feat,
+                           void* d_planes, void* d_xyz, void* d_w1, void* d_b1, void* d_w2, void* d_b2,
+                           cudaStream_t stream) {
+  if (p.C == 32 && p.HID == 64 && p.OUT == 33) {
+    return backward_dims<S>(p, EG3DDims{}, grad_sigma, grad_feat, d_planes, d_xyz, d_w1, d_b1, d_w2,
+                            d_b2, stream);
+  }
+  return backward_dims<S>(p, GenericDims{p.C, p.HID, p.OUT}, grad_sigma, grad_feat, d_planes, d_xyz,
+                          d_w1, d_b1, d_w2, d_b2, stream);
+}
+
+}  // namespace
+
+cudaError_t field_forward(const FieldProblem& p, void* sigma, void* feat, cudaStream_t stream) {
+  cudaError_t err = validate(p);
+  if (err != cudaSuccess) return err;
+  if (p.B == 0 || p.N == 0) return cudaSuccess;
+  if (!pointers_ok(p)) return cudaErrorInvalidValue;
+  if (!sigma && !feat) return cudaSuccess;
+  switch (p.dtype) {
+    case FieldDType::kF32:
+      return forward_typed<float>(p, sigma, feat, stream);
+    case FieldDType::kF16:
+      return forward_typed<__half>(p, sigma, feat, stream);
+    case FieldDType::kBF16:
+      return forward_typed<__nv_bfloat16>(p, sigma, feat, stream);
+    case FieldDType::kF64:
+      return forward_typed<double>(p, sigma, feat, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t field_backward(const FieldProblem& p, const void* grad_sigma, const void* grad_feat,
+                           void* d_planes, void* d_xyz, void* d_w1, void* d_b1, void* d_w2, void* d_b2,
+                           cudaStream_t stream) {
+  cudaError_t err = validate(p);
+  if (err != cudaSuccess) return err;
+  if (p.B == 0 || p.N == 0) return cudaSuccess;
+  if (!pointers_ok(p)) return cudaErrorInvalidValue;
+  // Nothing wanted, or no incoming gradient: every output stays at the caller's zeros.
+  if (!d_planes && !d_xyz && !d_w1 && !d_b1 && !d_w2 && !d_b2) return cudaSuccess;
+  if (!grad_sigma && !grad_feat) return cudaSuccess;
+  switch (p.dtype) {
+    case FieldDType::kF32:
+      return backward_typed<float>(p, grad_sigma, grad_feat, d_planes, d_xyz, d_w1, d_b1, d_w2, d_b2,
+                                   stream);
+    case FieldDType::kF16:
+      return backward_typed<__half>(p, grad_sigma, grad_feat, d_planes, d_xyz, d_w1, d_b1, d_w2, d_b2,
+                                    stream);
+    case FieldDType::kBF16:
+      return backward_typed<__nv_bfloat16>(p, grad_sigma, grad_feat, d_planes, d_xyz, d_w1, d_b1, d_w2,
+                                           d_b2, stream);
+    case FieldDType::kF64:
+      return backward_typed<double>(p, grad_sigma, grad_feat, d_planes, d_xyz, d_w1, d_b1, d_w2, d_b2,
+                                    stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace talk3d
