@@ -18,7 +18,7 @@ from talk3d.ops import triplane_field
 
 HAS_CUDA = torch.cuda.is_available()
 # (case, rays per side, samples per ray): points lie along EG3D-like camera rays (ray-major), the
-# access pattern the renderer produces; planes are in the API layout [B, 3, C, H, W].
+# access pattern the renderer produces.
 SIZES = {
     "cpu_size": (FieldCase(B=1, N=32 * 32 * 48, C=32, hidden=64, out=33, H=256, W=256), 32, 48),
     "gpu_size": (FieldCase(B=4, N=128 * 128 * 96, C=32, hidden=64, out=33, H=256, W=256), 128, 96),
@@ -47,12 +47,17 @@ def _skip_reason(impl: str, size: str) -> str | None:
 IMPLS = ["torch", "cpu", "cuda", "triton"]
 
 
-def _setup(impl, size, requires_grad):
+# "api": planes contiguous as [B, 3, C, H, W] (the fused back ends pay a channels-last copy);
+# "channels_last": planes stored [B, 3, H, W, C] and passed as a view, as the model keeps them.
+LAYOUTS = ["api", "channels_last"]
+
+
+def _setup(impl, size, requires_grad, layout):
     if reason := _skip_reason(impl, size):
         pytest.skip(reason)
     case, rays_side, samples = SIZES[size]
     device = torch.device(_device(impl))
-    inputs = list(make_field_inputs(case, device=device, planes_layout="api"))
+    inputs = list(make_field_inputs(case, device=device, planes_layout=layout))
     inputs[1] = make_ray_points(case.B, rays_side, samples, device=device)
     inputs = [t.requires_grad_(requires_grad) for t in inputs]
     return case, device, inputs
@@ -74,10 +79,11 @@ def _record(benchmark, impl, case, device, fn):
 
 
 @pytest.mark.benchmark(group="field-forward")
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("impl", IMPLS)
-def test_field_forward(benchmark, impl, size):
-    case, device, inputs = _setup(impl, size, requires_grad=False)
+def test_field_forward(benchmark, impl, size, layout):
+    case, device, inputs = _setup(impl, size, requires_grad=False, layout=layout)
 
     def run():
         with torch.no_grad():
@@ -90,10 +96,11 @@ def test_field_forward(benchmark, impl, size):
 
 
 @pytest.mark.benchmark(group="field-forward-backward")
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("impl", IMPLS)
-def test_field_forward_backward(benchmark, impl, size):
-    case, device, inputs = _setup(impl, size, requires_grad=True)
+def test_field_forward_backward(benchmark, impl, size, layout):
+    case, device, inputs = _setup(impl, size, requires_grad=True, layout=layout)
     g_sigma = torch.randn(case.B, case.N, 1, device=device)
     g_feat = torch.randn(case.B, case.N, case.out - 1, device=device)
 

@@ -1,6 +1,6 @@
 // CUDA implementation of the triplane field ops: validates, allocates, and calls the torch-free
 // launchers in kernels/triplane_field. Compiled only when the installed torch has CUDA.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -23,7 +23,7 @@ cuda::FieldDType storage_dtype(at::ScalarType t) {
 
 cuda::FieldProblem make_problem(const FieldInputs& in) {
   TORCH_CHECK_VALUE(in.planes_cl.is_cuda(), "triplane_field (cuda): planes must be on a CUDA device");
-  TORCH_CHECK_VALUE(in.C <= cuda::kMaxC && in.HID <= cuda::kMaxHid && in.OUT <= cuda::kMaxOut ||
+  TORCH_CHECK_VALUE((in.C <= cuda::kMaxC && in.HID <= cuda::kMaxHid && in.OUT <= cuda::kMaxOut) ||
                         (in.C == 32 && in.HID == 64 && in.OUT == 33),
                     "triplane_field (cuda): sizes C=", in.C, ", hidden=", in.HID, ", 1+F=", in.OUT,
                     " exceed the CUDA kernel's bounds");
@@ -66,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& planes, const at::
   at::Tensor feat = at::empty({in.B, in.N, in.OUT - 1}, planes.options());
   if (in.B * in.N == 0) return {sigma, feat};
   check_launch(cuda::field_forward(make_problem(in), sigma.data_ptr(), feat.data_ptr(),
-                                   at::cuda::getCurrentCUDAStream()),
+                                   c10::cuda::getCurrentCUDAStream()),
                "forward");
   return {sigma, feat};
 }
@@ -98,7 +98,7 @@ FieldGrads bwd_cuda(const at::Tensor& grad_sigma, const at::Tensor& grad_feat,
   if (in.B * in.N > 0) {
     check_launch(cuda::field_backward(make_problem(in), gs.data_ptr(), gf.data_ptr(), ptr(d[0]),
                                       ptr(d[1]), ptr(d[2]), ptr(d[3]), ptr(d[4]), ptr(d[5]),
-                                      at::cuda::getCurrentCUDAStream()),
+                                      c10::cuda::getCurrentCUDAStream()),
                  "backward");
   }
   const at::Tensor* like[6] = {&planes, &xyz, &w1, &b1, &w2, &b2};
