@@ -13,12 +13,15 @@ def peak_memory_bytes(fn, device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    # CPU: replay the allocator's events in time order and take the running maximum.
+    # CPU: replay every allocation and free the profiler saw, in time order (kineto's raw
+    # "[memory]" events carry the signed byte count), and take the running maximum.
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     live = peak = 0
     for e in events:
-        live += e.cpu_memory_usage
+        live += e.nbytes()
         peak = max(peak, live)
     return peak

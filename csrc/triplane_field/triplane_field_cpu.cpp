@@ -149,19 +149,23 @@ void backward_impl(const Dims d, const FieldInputs& in, const scalar_t* gsigma,
     const int64_t bytes = std::max<int64_t>(1, plane_elems * int64_t(sizeof(scalar_t)));
     parts = std::min<int64_t>(parts, 1 + kScratchBudgetBytes / bytes);
   }
-  // Partition 0 accumulates straight into d_planes; the others into scratch.
-  std::vector<scalar_t> scratch(need.planes ? (parts - 1) * plane_elems : 0, scalar_t(0));
+  // Partition 0 accumulates straight into d_planes; the others into scratch. Allocated through
+  // ATen so the memory shows in torch's allocator statistics (and the benchmarks' peak memory).
+  const auto opts = in.planes_cl.options();
+  at::Tensor scratch_t = at::zeros({need.planes ? (parts - 1) * plane_elems : 0}, opts);
+  scalar_t* scratch = scratch_t.data_ptr<scalar_t>();
   // Weight gradient sums per partition: [w1 | b1 | w2 | b2].
   const int64_t nwt = nw1 + in.HID + nw2 + in.OUT;
-  std::vector<scalar_t> wsum(parts * nwt, scalar_t(0));
+  at::Tensor wsum_t = at::zeros({parts * nwt}, opts);
+  scalar_t* wsum = wsum_t.data_ptr<scalar_t>();
 
   at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
     PointState<Dims, scalar_t> s;
     scalar_t dout[Dims::kMaxOut];
     scalar_t df[Dims::kMaxC];
     for (int64_t part = pbegin; part < pend; ++part) {
-      scalar_t* dpl = part == 0 ? d_planes : scratch.data() + (part - 1) * plane_elems;
-      scalar_t* acc = wsum.data() + part * nwt;
+      scalar_t* dpl = part == 0 ? d_planes : scratch + (part - 1) * plane_elems;
+      scalar_t* acc = wsum + part * nwt;
       scalar_t* __restrict__ aw1 = acc;
       scalar_t* __restrict__ ab1 = aw1 + nw1;
       scalar_t* __restrict__ aw2 = ab1 + in.HID;
@@ -207,7 +211,7 @@ void backward_impl(const Dims d, const FieldInputs& in, const scalar_t* gsigma,
   if (need.planes && parts > 1) {
     at::parallel_for(0, plane_elems, 1 << 14, [&](int64_t begin, int64_t end) {
       for (int64_t p = 1; p < parts; ++p) {
-        const scalar_t* src = scratch.data() + (p - 1) * plane_elems;
+        const scalar_t* src = scratch + (p - 1) * plane_elems;
         for (int64_t e = begin; e < end; ++e) d_planes[e] += src[e];
       }
     });
