@@ -107,3 +107,12 @@ def test_cuda_host_adapter_compiles(tmp_path):
         cmd = [cxx, "-fsyntax-only", *std, *includes, "-DTORCH_EXTENSION_NAME=_C", str(ROOT / src)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         assert proc.returncode == 0, f"{src}:\n{proc.stderr[-3000:]}"
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run must run exactly the command the README gives for the tests."""
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = [line for line in readme.splitlines() if line.startswith("pip install") and "pytest tests" in line]
+    assert len(commands) == 1, "README.md must give one install-and-test command"
+    assert commands[0] in ci.splitlines(), ".ci/run does not run the README's test command"
