@@ -62,33 +62,6 @@ struct PointState {
   acc_t o[Dims::kMaxOut];
 };
 
-// Points per prefetch batch: the taps of a whole batch are requested before any is read, so the
-// dozens of cache misses per batch (12 texel rows of C channels per point, scattered over a
-// 25 MB triplane) overlap instead of stalling the sampling loop one at a time.
-constexpr int64_t kPrefetchBatch = 16;
-
-template <typename scalar_t>
-void prefetch_taps(const scalar_t* planes, const PlaneGeom& g, int64_t s_batch, int axes, int64_t N,
-                   const scalar_t* xyz, scalar_t inv_half_box, int64_t C, int64_t first,
-                   int64_t last) {
-  const int64_t row_bytes = C * int64_t(sizeof(scalar_t));
-  for (int64_t i = first; i < last; ++i) {
-    scalar_t q[3];
-    field::scale_point(xyz + 3 * i, inv_half_box, q);
-    const scalar_t* pl = planes + (i / N) * s_batch;
-    for (int plane = 0; plane < 3; ++plane) {
-      int iu, iv;
-      field::plane_axes(axes, plane, iu, iv);
-      const auto t = field::make_taps<scalar_t>(q[iu], q[iv], g, plane);
-      for (int k = 0; k < 4; ++k) {
-        if (t.off[k] < 0) continue;
-        const char* row = reinterpret_cast<const char*>(pl + t.off[k]);
-        for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b);
-      }
-    }
-  }
-}
-
 template <typename Dims, typename scalar_t>
 void eval_point(const Dims& d, const DecoderWeights<scalar_t>& w, const scalar_t* planes,
                 const PlaneGeom& g, int axes, const scalar_t* xyz, scalar_t inv_half_box,
@@ -111,9 +84,6 @@ void forward_impl(const Dims d, const FieldInputs& in, scalar_t* sigma, scalar_t
   at::parallel_for(0, in.B * N, kForwardGrain, [&](int64_t begin, int64_t end) {
     PointState<Dims, scalar_t> s;
     for (int64_t i = begin; i < end; ++i) {
-      if ((i - begin) % kPrefetchBatch == 0)
-        prefetch_taps(planes, g, s_batch, in.axes, N, xyz, inv_half_box, in.C, i,
-                      std::min(end, i + kPrefetchBatch));
       eval_point(d, w, planes + (i / N) * s_batch, g, in.axes, xyz + 3 * i, inv_half_box, s);
       sigma[i] = s.o[0];
       for (int64_t k = 0; k < F; ++k) feat[i * F + k] = field::feature_activation(s.o[1 + k]);
@@ -172,9 +142,6 @@ void backward_impl(const Dims d, const FieldInputs& in, const scalar_t* gsigma,
       scalar_t* __restrict__ ab2 = aw2 + nw2;
       const int64_t first = P * part / parts, last = P * (part + 1) / parts;
       for (int64_t i = first; i < last; ++i) {
-        if ((i - first) % kPrefetchBatch == 0)
-          prefetch_taps(planes, g, s_batch, in.axes, N, xyz, inv_half_box, in.C, i,
-                        std::min(last, i + kPrefetchBatch));
         const int64_t b = i / N;
         const scalar_t* pl = planes + b * s_batch;
         eval_point(d, w, pl, g, in.axes, xyz + 3 * i, inv_half_box, s);
