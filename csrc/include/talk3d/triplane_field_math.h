@@ -163,13 +163,19 @@ T3D_HD void mlp_forward(const Dims& d, const WArr& w1t, const WArr& b1, const WA
     pre[j] = a1[j];
     h[j] = hl[j];
   }
+  // sigma (output 0) and the features (1..out-1) accumulate separately: EG3D's 33 outputs would
+  // otherwise leave one odd lane that the CPU compiler keeps in memory across the whole loop.
+  acc_t sigma = acc_t(b2[0]);
   acc_t a2[Dims::kMaxOut];
-  for (int k = 0; k < d.out(); ++k) a2[k] = acc_t(b2[k]);
+  for (int k = 1; k < d.out(); ++k) a2[k] = acc_t(b2[k]);
   for (int j = 0; j < d.hid(); ++j) {
     const acc_t hj = hl[j];
-    for (int k = 0; k < d.out(); ++k) a2[k] += acc_t(w2t[j * d.out() + k]) * hj;
+    const int row = j * d.out();
+    sigma += acc_t(w2t[row]) * hj;
+    for (int k = 1; k < d.out(); ++k) a2[k] += acc_t(w2t[row + k]) * hj;
   }
-  for (int k = 0; k < d.out(); ++k) o[k] = a2[k];
+  o[0] = sigma;
+  for (int k = 1; k < d.out(); ++k) o[k] = a2[k];
 }
 
 // Output transform: sigma = o[0] raw, feat = sigmoid(o[1:]) * (1 + 2 eps) - eps.
