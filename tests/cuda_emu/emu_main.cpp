@@ -1,0 +1,149 @@
+// CPU emulation of the CUDA kernels in kernels/triplane_field/triplane_field.cu, so their logic
+// (indexing, shared-memory tiling, barriers, the fallback configurations) is checked against the
+// reference on machines without a GPU. One std::thread per CUDA thread; blocks run one after
+// another (so one shared-memory buffer suffices, poisoned with NaN before each block);
+// __syncthreads is a std::barrier; atomics take a mutex. The CUDA runtime calls the launchers make
+// are mocked, with the SM count, per-SM occupancy and shared-memory opt-in limit set per case.
+// tests/test_cuda_emulation.py builds this with g++ after rewriting `k<<<grid, block, smem, s>>>(...)`
+// launches into emu_launch(...) calls, and compares the outputs with the PyTorch reference.
+// Usage: emu CASE_DIR   (CASE_DIR holds meta.txt and the input .bin files; outputs are written there)
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <barrier>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __shared__
+#undef __launch_bounds__
+#undef __forceinline__
+#undef __align__
+#define __global__
+#define __device__
+#define __host__
+#define __shared__
+#define __launch_bounds__(...)
+#define __forceinline__ inline
+#define __align__(n) __attribute__((aligned(n)))
+
+thread_local uint3 threadIdx;
+thread_local uint3 blockIdx;
+dim3 blockDim, gridDim;
+std::barrier<>* g_bar = nullptr;
+inline void __syncthreads() { g_bar->arrive_and_wait(); }
+std::mutex g_mu;
+inline float atomicAdd(float* p, float v) { std::lock_guard<std::mutex> l(g_mu); float o = *p; *p = o + v; return o; }
+inline double atomicAdd(double* p, double v) { std::lock_guard<std::mutex> l(g_mu); double o = *p; *p = o + v; return o; }
+
+int g_sms = 2, g_optin = 232448, g_per_sm = 1;
+size_t g_last_bytes = 0; int g_last_T = 0, g_last_blocks = 0;
+extern "C" {
+cudaError_t CUDARTAPI cudaGetLastError(void) { return cudaSuccess; }
+cudaError_t CUDARTAPI cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
+cudaError_t CUDARTAPI cudaDeviceGetAttribute(int* v, enum cudaDeviceAttr a, int) {
+  if (a == cudaDevAttrMultiProcessorCount) *v = g_sms;
+  else if (a == cudaDevAttrMaxSharedMemoryPerBlockOptin) *v = g_optin;
+  else return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
+cudaError_t CUDARTAPI cudaFuncSetAttribute(const void*, enum cudaFuncAttribute, int v) {
+  if (v > g_optin) return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
+cudaError_t CUDARTAPI cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, const void*, int, size_t) {
+  *n = g_per_sm; return cudaSuccess;
+}
+}
+
+template <class T> cudaError_t cudaFuncSetAttribute(T* f, cudaFuncAttribute a, int v) { return cudaFuncSetAttribute((const void*)f, a, v); }
+template <class T> cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, T* f, int b, size_t s) { return cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, (const void*)f, b, s); }
+namespace talk3d { namespace cuda { namespace { alignas(16) unsigned char t3d_field_smem[4 << 20]; } } }
+
+template <class K, class A, class D>
+void emu_launch(K kernel, int blocks, int T, size_t bytes, const A& a, const D& d) {
+  if (bytes > sizeof(talk3d::cuda::t3d_field_smem) || int(bytes) > g_optin) { fprintf(stderr, "smem too big\n"); exit(3); }
+  g_last_bytes = bytes; g_last_T = T; g_last_blocks = blocks;
+  blockDim = dim3(T, 1, 1);
+  gridDim = dim3(blocks, 1, 1);
+  for (int b = 0; b < blocks; ++b) {
+    // poison shared memory: the kernel must not read what it did not write
+    std::vector<unsigned char> poison(bytes, 0xFF);  // 0xFF.. is a NaN for float and double
+    memcpy(talk3d::cuda::t3d_field_smem, poison.data(), bytes);
+    std::barrier<> bar(T);
+    g_bar = &bar;
+    std::vector<std::thread> th;
+    for (int t = 0; t < T; ++t)
+      th.emplace_back([&, t, b] { threadIdx = make_uint3(t, 0, 0); blockIdx = make_uint3(b, 0, 0); kernel(a, d); });
+    for (auto& x : th) x.join();
+  }
+}
+
+#include "triplane_field_emu.cu"
+
+using namespace talk3d::cuda;
+
+template <class T>
+std::vector<T> readf(const std::string& path) {
+  std::ifstream f(path, std::ios::binary | std::ios::ate);
+  if (!f) return {};
+  size_t n = f.tellg(); f.seekg(0);
+  std::vector<T> v(n / sizeof(T));
+  f.read(reinterpret_cast<char*>(v.data()), n);
+  return v;
+}
+template <class T>
+void writef(const std::string& path, const std::vector<T>& v) {
+  std::ofstream f(path, std::ios::binary);
+  f.write(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
+}
+
+int main(int argc, char** argv) {
+  std::string dir = argv[1];
+  std::ifstream m(dir + "/meta.txt");
+  int dtype, B, H, W, C, HID, OUT, axes, mask, gmask;
+  long long N, sb, sp, sy, sx;
+  double box;
+  m >> dtype >> B >> H >> W >> C >> N >> HID >> OUT >> axes >> box >> sb >> sp >> sy >> sx >> g_optin >> g_sms >> g_per_sm >> mask >> gmask;
+  const size_t es = (dtype == 0) ? 4 : (dtype == 3 ? 8 : 2);   // storage size
+  const size_t as = dtype == 3 ? 8 : 4;                        // accumulation size
+  auto planes = readf<unsigned char>(dir + "/planes.bin");
+  auto xyz = readf<unsigned char>(dir + "/xyz.bin");
+  auto w1 = readf<unsigned char>(dir + "/w1.bin");
+  auto b1 = readf<unsigned char>(dir + "/b1.bin");
+  auto w2 = readf<unsigned char>(dir + "/w2.bin");
+  auto b2 = readf<unsigned char>(dir + "/b2.bin");
+  auto gs = readf<unsigned char>(dir + "/gsigma.bin");
+  auto gf = readf<unsigned char>(dir + "/gfeat.bin");
+  FieldProblem p;
+  p.dtype = FieldDType(dtype);
+  p.planes = planes.data(); p.s_batch = sb; p.s_plane = sp; p.s_y = sy; p.s_x = sx;
+  p.B = B; p.H = H; p.W = W; p.C = C; p.xyz = xyz.data(); p.N = N;
+  p.w1 = w1.data(); p.b1 = b1.data(); p.w2 = w2.data(); p.b2 = b2.data();
+  p.HID = HID; p.OUT = OUT; p.box_warp = box; p.axes = axes;
+  const size_t P = size_t(B) * N, F = OUT - 1;
+  std::vector<unsigned char> sigma(P * es), feat(P * F * es);
+  cudaError_t e = field_forward(p, sigma.data(), feat.data(), nullptr);
+  printf("forward: err=%d T=%d blocks=%d smem=%zu\n", int(e), g_last_T, g_last_blocks, g_last_bytes);
+  writef(dir + "/out_sigma.bin", sigma); writef(dir + "/out_feat.bin", feat);
+  std::vector<unsigned char> dpl(size_t(B) * 3 * H * W * C * as, 0), dxyz(P * 3 * as, 0), dw1(size_t(HID) * C * as, 0),
+      db1(HID * as, 0), dw2(size_t(OUT) * HID * as, 0), db2(OUT * as, 0);
+  g_last_T = g_last_blocks = 0; g_last_bytes = 0;
+  e = field_backward(p, (gmask & 1) ? gs.data() : nullptr, (gmask & 2) ? gf.data() : nullptr,
+                     (mask & 1) ? dpl.data() : nullptr, (mask & 2) ? dxyz.data() : nullptr,
+                     (mask & 4) ? dw1.data() : nullptr, (mask & 8) ? db1.data() : nullptr,
+                     (mask & 16) ? dw2.data() : nullptr, (mask & 32) ? db2.data() : nullptr, nullptr);
+  printf("backward: err=%d T=%d blocks=%d smem=%zu\n", int(e), g_last_T, g_last_blocks, g_last_bytes);
+  writef(dir + "/out_dplanes.bin", dpl); writef(dir + "/out_dxyz.bin", dxyz);
+  writef(dir + "/out_dw1.bin", dw1); writef(dir + "/out_db1.bin", db1);
+  writef(dir + "/out_dw2.bin", dw2); writef(dir + "/out_db2.bin", db2);
+  return 0;
+}

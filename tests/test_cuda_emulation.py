@@ -1,0 +1,147 @@
+"""The CUDA kernels, run on the CPU in a thread-per-CUDA-thread emulator, against the reference.
+
+No GPU is needed: tests/cuda_emu/emu_main.cpp mocks the few CUDA runtime calls the launchers make
+and runs every block's threads as std::threads with a real barrier, so the kernels' indexing,
+shared-memory tiling, partial tiles, masks and shared-memory fallbacks are all exercised. What it
+cannot check is GPU-only behaviour (memory model, warp scheduling, speed): that needs a GPU run.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from talk3d.ops.reference import triplane_field as reference
+
+ROOT = Path(__file__).resolve().parents[1]
+CU = ROOT / "kernels" / "triplane_field" / "triplane_field.cu"
+CXX = shutil.which("g++")
+
+
+def _cuda_include() -> Path | None:
+    for c in ["/usr/local/cuda", *sorted(map(str, Path("/usr/local").glob("cuda-*")))]:
+        if (Path(c) / "include" / "cuda_runtime.h").exists():
+            return Path(c) / "include"
+    return None
+
+
+pytestmark = pytest.mark.skipif(CXX is None or _cuda_include() is None, reason="needs g++ and the CUDA headers")
+
+# storage dtype code of FieldDType, storage dtype, xyz dtype
+DTYPES = {"f32": (0, torch.float32, torch.float32), "f16": (1, torch.float16, torch.float32),
+          "bf16": (2, torch.bfloat16, torch.float32), "f64": (3, torch.float64, torch.float64)}
+# Errors relative to the largest reference value. Outputs in half precision are rounded to that
+# precision (fp16: 2^-11, bf16: 2^-8 relative, times a few roundings); gradients accumulate in fp32
+# (fp64 for f64) whatever the storage, so they are held to fp32 (fp64) accuracy.
+OUTPUT_RTOL = {"f32": 2e-5, "f64": 1e-12, "f16": 2e-3, "bf16": 1.6e-2}
+GRAD_RTOL = {"f32": 2e-5, "f64": 1e-10, "f16": 2e-5, "bf16": 2e-5}
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory) -> Path:
+    build = tmp_path_factory.mktemp("cuda_emu")
+    src = CU.read_text()
+    launch = re.compile(r"(\w+)<<<\s*(\w+)\s*,\s*(\w+)\s*,\s*(\w+)\s*,\s*\w+\s*>>>\(([^;]*)\);")
+    rewritten, n = launch.subn(r"emu_launch(\1, \2, \3, \4, \5);", src)
+    assert n > 0 and "<<<" not in rewritten, "could not rewrite the kernel launches for the emulator"
+    (build / "triplane_field_emu.cu").write_text(rewritten)
+    exe = build / "emu"
+    cmd = [CXX, "-std=c++20", "-O1", "-pthread", f"-I{_cuda_include()}", f"-I{ROOT / 'csrc' / 'include'}",
+           f"-I{ROOT / 'kernels'}", f"-I{CU.parent}", f"-I{build}", str(ROOT / "tests" / "cuda_emu" / "emu_main.cpp"),
+           "-o", str(exe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return exe
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    t = t.contiguous()
+    return (t.view(torch.int16) if t.dtype in (torch.float16, torch.bfloat16) else t).numpy().tobytes()
+
+
+def _load(path: Path, dtype, shape) -> torch.Tensor:
+    np_dtype = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.int16, torch.bfloat16: np.int16}[dtype]
+    t = torch.from_numpy(np.fromfile(path, dtype=np_dtype))
+    if dtype in (torch.float16, torch.bfloat16):
+        t = t.view(dtype)
+    return t.to(torch.float64).reshape(shape)
+
+
+CASES = {
+    "eg3d_f32": {},
+    "eg3d_f32_strided_eg3d_axes": dict(pad=(3, 5, 7, 11), axes=1, box=1.3, B=3, N=170),
+    "eg3d_f64": dict(dtype="f64"),
+    "eg3d_f16": dict(dtype="f16", pad=(1, 0, 2, 0)),
+    "eg3d_bf16": dict(dtype="bf16"),
+    "generic_f32": dict(C=5, HID=7, OUT=4, H=9, W=13, pad=(2, 1, 0, 3)),
+    "generic_f64_no_features": dict(dtype="f64", C=3, HID=10, OUT=1, H=5, W=4),
+    "generic_f16_eg3d_axes": dict(dtype="f16", C=6, HID=9, OUT=6, H=7, W=8, axes=1),
+    "generic_max_sizes": dict(C=64, HID=128, OUT=129, N=150, H=6, W=5),
+    "eg3d_small_shared_memory": dict(optin=30000, N=200),
+    "generic_weights_in_global_memory": dict(C=5, HID=7, OUT=4, optin=200, N=40),
+    "generic_many_tiles_per_block": dict(C=5, HID=7, OUT=4, B=3, N=1000, sms=1),
+    "eg3d_only_layer2_grads": dict(mask=16 | 8),
+    "eg3d_only_xyz_grad_from_sigma": dict(mask=2, gmask=1),
+    "eg3d_planes_and_b2_from_feat": dict(mask=1 | 32, gmask=2),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cuda_kernels_in_emulation(emulator, tmp_path, name):
+    c = dict(dtype="f32", B=2, H=16, W=16, C=32, N=300, HID=64, OUT=33, axes=0, box=1.0, pad=(0, 0, 0, 0),
+             optin=232448, sms=2, per_sm=1, mask=63, gmask=3)
+    c.update(CASES[name])
+    code, sdt, pdt = DTYPES[c["dtype"]]
+    B, H, W, C, N, HID, OUT = (c[k] for k in ("B", "H", "W", "C", "N", "HID", "OUT"))
+    master = (torch.randn(B, 3, H, W, C, dtype=torch.float64) * 0.7).to(sdt)
+    # Planes inside a padded buffer (padding 777) so any stride mix-up reads garbage.
+    px, py, pp, pb = c["pad"]
+    sx = C + px; sy = W * sx + py; sp = H * sy + pp; sb = 3 * sp + pb  # noqa: E702
+    buf = torch.full((B * sb,), 777.0, dtype=sdt)
+    idx = (torch.arange(B).view(-1, 1, 1, 1, 1) * sb + torch.arange(3).view(1, -1, 1, 1, 1) * sp
+           + torch.arange(H).view(1, 1, -1, 1, 1) * sy + torch.arange(W).view(1, 1, 1, -1, 1) * sx
+           + torch.arange(C).view(1, 1, 1, 1, -1))
+    buf[idx.reshape(-1)] = master.reshape(-1)
+    xyz = ((torch.rand(B, N, 3, dtype=torch.float64) * 2 - 1) * 0.6 * c["box"]).to(pdt)
+    w1 = (torch.randn(HID, C, dtype=torch.float64) / C**0.5).to(sdt)
+    b1 = (torch.randn(HID, dtype=torch.float64) * 0.3).to(sdt)
+    w2 = (torch.randn(OUT, HID, dtype=torch.float64) / HID**0.5).to(sdt)
+    b2 = (torch.randn(OUT, dtype=torch.float64) * 0.3).to(sdt)
+    gs = torch.randn(B, N, 1, dtype=torch.float64).to(sdt)
+    gf = torch.randn(B, N, OUT - 1, dtype=torch.float64).to(sdt)
+    for fn, t in [("planes", buf), ("xyz", xyz), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("gsigma", gs), ("gfeat", gf)]:
+        (tmp_path / f"{fn}.bin").write_bytes(_raw(t))
+    meta = [code, B, H, W, C, N, HID, OUT, c["axes"], c["box"], sb, sp, sy, sx, c["optin"], c["sms"], c["per_sm"], c["mask"], c["gmask"]]
+    (tmp_path / "meta.txt").write_text(" ".join(map(str, meta)))
+    proc = subprocess.run([str(emulator), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "forward: err=0" in proc.stdout and "backward: err=0" in proc.stdout, proc.stdout
+
+    # Reference in float64 on the same (rounded) values.
+    P = master.to(torch.float64).permute(0, 1, 4, 2, 3).contiguous().requires_grad_()
+    X = xyz.to(torch.float64).requires_grad_()
+    Ws = [t.to(torch.float64).requires_grad_() for t in (w1, b1, w2, b2)]
+    sigma, feat = reference(P, X, *Ws, box_warp=c["box"], axes=["fixed", "eg3d"][c["axes"]])
+    loss = (sigma * gs.double()).sum() * (c["gmask"] & 1) + (feat * gf.double()).sum() * ((c["gmask"] >> 1) & 1)
+    loss.backward()
+    acc = torch.float64 if c["dtype"] == "f64" else torch.float32
+    results = {
+        "sigma": (_load(tmp_path / "out_sigma.bin", sdt, sigma.shape), sigma.detach(), OUTPUT_RTOL),
+        "feat": (_load(tmp_path / "out_feat.bin", sdt, feat.shape), feat.detach(), OUTPUT_RTOL),
+    }
+    refs = [P.grad.permute(0, 1, 3, 4, 2), X.grad] + [w.grad for w in Ws]
+    for bit, (nm, r) in enumerate(zip(["dplanes", "dxyz", "dw1", "db1", "dw2", "db2"], refs)):
+        want = r if (c["mask"] >> bit) & 1 else torch.zeros_like(r)  # unwanted outputs stay untouched
+        results[nm] = (_load(tmp_path / f"out_{nm}.bin", acc, r.shape), want, GRAD_RTOL)
+    for nm, (got, want, rtol) in results.items():
+        if want.numel() == 0:
+            continue
+        assert torch.isfinite(got).all(), f"{nm}: non-finite values"
+        scale = max(want.abs().max().item(), 1e-30)
+        err = (got - want).abs().max().item()
+        assert err <= rtol[c["dtype"]] * scale, f"{nm}: error {err:.3g} > {rtol[c['dtype']]} * {scale:.3g}"
