@@ -76,7 +76,7 @@ setup(
     package_data={"talk3d.kernels": ["**/*.cu", "**/*.h", "**/*.cuh"]},
     ext_modules=extension_modules(),
     cmdclass=cmdclass(),
-    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "expecttest"],

@@ -21,9 +21,10 @@ FP32_ATOL, FP32_RTOL = 3e-5, 3e-5
 # float64 kernels: the same sums in double.
 FP64_ATOL, FP64_RTOL = 1e-10, 1e-10
 # Half precision is judged flash-attention style: at most HALF_ERR_FACTOR times the error of
-# PyTorch's own reference run in that dtype (both against float64), plus HALF_ATOL for outputs
-# where the reference happens to be nearly exact.
-HALF_ERR_FACTOR, HALF_ATOL = 2.0, {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# PyTorch's own reference run in that dtype, both against float64 on the same rounded inputs.
+# (That baseline also rounds the sampling coordinates to half, which the kernels do not; measured
+# kernel errors sit 2-7x under it, so the bound is not the binding one for a correct kernel.)
+HALF_ERR_FACTOR = 2.0
 
 CASES = [
     FieldCase(),  # generic sizes, non-square planes, some points outside the box
@@ -191,7 +192,7 @@ def test_half_precision_forward(impl, dtype):
         assert g.dtype == dtype
         kernel_err = (g.double().cpu() - e).abs().max().item()
         torch_err = (t.double().cpu() - e).abs().max().item()
-        assert kernel_err <= HALF_ERR_FACTOR * torch_err + HALF_ATOL[dtype], (
+        assert kernel_err <= HALF_ERR_FACTOR * torch_err, (
             f"{name}: {impl} {dtype} error {kernel_err:.3g} vs PyTorch's {torch_err:.3g}")
 
 

@@ -29,7 +29,7 @@ FieldInputs prepare_field_inputs(const at::Tensor& planes, const at::Tensor& xyz
 // Geometry of planes_cl (element strides of one batch element) for the per-point math.
 field::PlaneGeom plane_geom(const at::Tensor& planes_cl);
 
-// Gradient outputs of the backward; undefined tensors for what was not asked for.
+// Gradient outputs of the backward; empty placeholders (grad_placeholder) for what was not asked for.
 using FieldGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 std::tuple<at::Tensor, at::Tensor> triplane_field_fwd_cpu(const at::Tensor& planes,

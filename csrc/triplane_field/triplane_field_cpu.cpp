@@ -162,7 +162,8 @@ void backward_impl(const Dims d, const FieldInputs& in, const scalar_t* gsigma,
           for (int j = 0; j < d.hid(); ++j) ab1[j] += s.pre[j];
         if (need.planes || need.xyz) {
           scalar_t* dpl_b = dpl + b * d_batch;
-          // Tap offsets are computed from the input geometry; translate them to d_planes' layout.
+          // Taps are found with the input's geometry g and written at offsets in d_planes' own
+          // contiguous layout dg (the header converts).
           scalar_t dxyz[3];
           field::sample_mean_backward(
               d, pl, g, in.axes, s.q, inv_half_box, df, need.planes, dg,
