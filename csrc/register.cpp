@@ -3,6 +3,7 @@
 #include <torch/library.h>
 #include <torch/extension.h>
 
+#include "composite/composite.h"
 #include "triplane_field/triplane_field.h"
 
 TORCH_LIBRARY(talk3d, m) {
@@ -16,11 +17,24 @@ TORCH_LIBRARY(talk3d, m) {
       "triplane_field_bwd(Tensor grad_sigma, Tensor grad_feat, Tensor planes, Tensor xyz, "
       "Tensor w1, Tensor b1, Tensor w2, Tensor b2, float box_warp, int axes, bool[6] needs) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Dense: sigma [B, R, S, 1], feat [B, R, S, F], t [B, R, S, 1] -> [B, R, F], [B, R, 1], [B, R, 1].
+  // Packed (packed_info [R, 2] = first sample, count): [N, 1], [N, F], [N, 1] -> [R, F], [R, 1], [R, 1].
+  // Outputs: feature image 2 C - 1, depth Dnum / W (NaN where W == 0), weight sum W.
+  m.def(
+      "composite_fwd(Tensor sigma, Tensor feat, Tensor t, Tensor? packed_info) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Gradients for (sigma, feat, t), recomputed from the inputs and the saved outputs.
+  m.def(
+      "composite_bwd(Tensor grad_feat, Tensor grad_depth, Tensor grad_weight_sum, Tensor sigma, "
+      "Tensor feat, Tensor t, Tensor? packed_info, Tensor out_feat, Tensor out_depth, "
+      "Tensor out_weight_sum, bool[3] needs) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(talk3d, CPU, m) {
   m.impl("triplane_field_fwd", &talk3d::triplane_field_fwd_cpu);
   m.impl("triplane_field_bwd", &talk3d::triplane_field_bwd_cpu);
+  m.impl("composite_fwd", &talk3d::composite_fwd_cpu);
+  m.impl("composite_bwd", &talk3d::composite_bwd_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -15,18 +15,17 @@ fake (shape-only) implementations are registered here, so ``torch.compile`` and
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import torch
 
 from .. import extension
+from . import backends
 from .reference import triplane_field as _reference
 
 #: Plane conventions by name -> the integer the kernels take.
 AXES = {"fixed": 0, "eg3d": 1}
-IMPLS = ("auto", "torch", "cpu", "cuda", "triton")
+IMPLS = backends.IMPLS
 _STORAGE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _IMPL_DTYPES = {
     "torch": _STORAGE_DTYPES,
@@ -42,26 +41,9 @@ def _triton_module():
     return triplane_field_triton
 
 
-# Read once: Triton's interpreter mode is fixed when its kernels are first defined anyway.
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
-_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _triton_usable(device: torch.device) -> bool:
-    return _HAS_TRITON and (device.type == "cuda" or _TRITON_INTERPRET)
-
-
 def available_impls(device: torch.device | str = "cpu") -> list[str]:
     """Back ends that can run on ``device`` in this installation (``"auto"`` excluded)."""
-    device = torch.device(device)
-    impls = ["torch"]
-    if device.type == "cpu" and extension.available():
-        impls.append("cpu")
-    if device.type == "cuda" and extension.with_cuda():
-        impls.append("cuda")
-    if _triton_usable(device):
-        impls.append("triton")
-    return impls
+    return backends.available_impls(device)
 
 
 def _check_tensor(name: str, t, rank: int, shape: str) -> None:
@@ -114,28 +96,7 @@ def _validate(planes, xyz, w1, b1, w2, b2, box_warp, axes) -> None:
 
 
 def _resolve_impl(impl: str, planes: torch.Tensor) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"triplane_field: impl must be one of {IMPLS}, got {impl!r}")
-    device = planes.device
-    if impl == "auto":
-        usable = [i for i in available_impls(device) if planes.dtype in _IMPL_DTYPES[i]]
-        for choice in ("cuda", "cpu", "triton", "torch"):
-            if choice in usable:
-                return choice
-        return "torch"
-    if impl not in available_impls(device):
-        if impl in ("cpu", "cuda") and not extension.available():
-            extension.load()  # raises with the build instructions
-        raise ValueError(
-            f"triplane_field: impl={impl!r} cannot run on {device} tensors here "
-            f"(available: {available_impls(device)})"
-        )
-    if planes.dtype not in _IMPL_DTYPES[impl]:
-        raise TypeError(
-            f"triplane_field: impl={impl!r} does not take {planes.dtype} planes "
-            f"(it takes {_IMPL_DTYPES[impl]})"
-        )
-    return impl
+    return backends.resolve_impl("triplane_field", impl, planes, _IMPL_DTYPES)
 
 
 def triplane_field(

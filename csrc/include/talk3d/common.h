@@ -17,6 +17,8 @@ namespace talk3d {
 // and on the device (CUDA math API), so one spelling compiles everywhere.
 T3D_HD float t3d_floor(float x) { return floorf(x); }
 T3D_HD double t3d_floor(double x) { return floor(x); }
+T3D_HD float t3d_exp(float x) { return expf(x); }
+T3D_HD double t3d_exp(double x) { return exp(x); }
 T3D_HD float t3d_clamp(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi); }
 T3D_HD double t3d_clamp(double x, double lo, double hi) { return fmin(fmax(x, lo), hi); }
 

@@ -1,0 +1,47 @@
+// Torch-facing entry points of the fused compositing op (EG3D's MipRayMarcher2), shared by the CPU
+// and CUDA back ends. Two layouts:
+//   dense:  sigma [B, R, S, 1], feat [B, R, S, F], t [B, R, S, 1]      -> [B, R, F], [B, R, 1], [B, R, 1]
+//   packed: sigma [N, 1], feat [N, F], t [N, 1], packed_info [R, 2]    -> [R, F], [R, 1], [R, 1]
+// where packed_info[r] = (first sample, sample count) of ray r (nerfacc's chunk starts and counts).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace talk3d {
+
+struct CompositeInputs {
+  at::Tensor sigma, t;    // [N] contiguous
+  at::Tensor feat;        // [N, F] contiguous
+  at::Tensor packed_info; // [R, 2] int64 contiguous, or undefined for the dense layout
+  int64_t R, S, F;        // S: samples per ray in the dense layout
+  std::vector<int64_t> lead;  // leading output dims: {B, R} dense, {R} packed
+
+};
+
+// Validates shapes, dtypes and devices (ValueError/TypeError naming the argument) and flattens.
+CompositeInputs prepare_composite_inputs(const at::Tensor& sigma, const at::Tensor& feat,
+                                         const at::Tensor& t,
+                                         const std::optional<at::Tensor>& packed_info);
+
+// Output tensors of the forward for these inputs: feat [..., F], depth [..., 1], weight_sum [..., 1].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> composite_outputs(const CompositeInputs& in);
+
+using CompositeOut = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+CompositeOut composite_fwd_cpu(const at::Tensor& sigma, const at::Tensor& feat, const at::Tensor& t,
+                               const std::optional<at::Tensor>& packed_info);
+
+// Gradients for (sigma, feat, t); an entry whose `needs` is false is an empty tensor.
+CompositeOut composite_bwd_cpu(const at::Tensor& grad_feat, const at::Tensor& grad_depth,
+                               const at::Tensor& grad_wsum, const at::Tensor& sigma,
+                               const at::Tensor& feat, const at::Tensor& t,
+                               const std::optional<at::Tensor>& packed_info,
+                               const at::Tensor& out_feat, const at::Tensor& out_depth,
+                               const at::Tensor& out_wsum, std::array<bool, 3> needs);
+
+}  // namespace talk3d

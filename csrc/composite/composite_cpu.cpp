@@ -1,0 +1,122 @@
+// C++ CPU back end of the compositing op: a parallel loop over rays around composite_math.h.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include "composite.h"
+#include "talk3d/composite_math.h"
+#include "triplane_field/triplane_field.h"  // grad_placeholder
+
+namespace talk3d {
+
+namespace {
+
+// Features per sample the CPU kernel keeps on the stack.
+constexpr int kCpuMaxF = 256;
+// Rays per parallel_for grain: a ray is ~S * F multiply-adds, so a few dozen make a task.
+constexpr int64_t kRayGrain = 32;
+
+// (first sample, count) of ray r.
+inline void ray_range(const CompositeInputs& in, const int64_t* pinfo, int64_t r, int64_t& start,
+                      int64_t& count) {
+  if (pinfo) {
+    start = pinfo[2 * r];
+    count = pinfo[2 * r + 1];
+  } else {
+    start = r * in.S;
+    count = in.S;
+  }
+}
+
+template <typename scalar_t>
+composite::RayView<scalar_t> ray_view(const CompositeInputs& in, const int64_t* pinfo, int64_t r) {
+  int64_t start, count;
+  ray_range(in, pinfo, r, start, count);
+  return {in.sigma.data_ptr<scalar_t>() + start, in.t.data_ptr<scalar_t>() + start,
+          in.feat.data_ptr<scalar_t>() + start * in.F, count};
+}
+
+}  // namespace
+
+CompositeOut composite_fwd_cpu(const at::Tensor& sigma, const at::Tensor& feat, const at::Tensor& t,
+                               const std::optional<at::Tensor>& packed_info) {
+  const CompositeInputs in = prepare_composite_inputs(sigma, feat, t, packed_info);
+  TORCH_CHECK_TYPE(sigma.scalar_type() == at::kFloat || sigma.scalar_type() == at::kDouble,
+                   "composite (cpu): takes float32 or float64, got ", sigma.scalar_type());
+  TORCH_CHECK_VALUE(in.F <= kCpuMaxF, "composite (cpu): at most ", kCpuMaxF, " features, got ", in.F);
+  auto [out_feat, out_depth, out_wsum] = composite_outputs(in);
+  const int64_t* pinfo = in.packed_info.defined() ? in.packed_info.data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(sigma.scalar_type(), "composite_fwd_cpu", [&] {
+    scalar_t* of = out_feat.data_ptr<scalar_t>();
+    scalar_t* od = out_depth.data_ptr<scalar_t>();
+    scalar_t* ow = out_wsum.data_ptr<scalar_t>();
+    const int F = static_cast<int>(in.F);
+    at::parallel_for(0, in.R, kRayGrain, [&](int64_t begin, int64_t end) {
+      scalar_t acc[kCpuMaxF];
+      for (int64_t r = begin; r < end; ++r) {
+        for (int c = 0; c < F; ++c) acc[c] = scalar_t(0);
+        scalar_t wsum, dnum;
+        composite::forward_ray<0, kCpuMaxF>(ray_view<scalar_t>(in, pinfo, r), F, acc, wsum, dnum);
+        for (int c = 0; c < F; ++c) of[r * F + c] = acc[c] * scalar_t(2) - scalar_t(1);
+        od[r] = dnum / wsum;  // NaN for a ray with no weight, as the reference gives
+        ow[r] = wsum;
+      }
+    });
+  });
+  return {out_feat, out_depth, out_wsum};
+}
+
+CompositeOut composite_bwd_cpu(const at::Tensor& grad_feat, const at::Tensor& grad_depth,
+                               const at::Tensor& grad_wsum, const at::Tensor& sigma,
+                               const at::Tensor& feat, const at::Tensor& t,
+                               const std::optional<at::Tensor>& packed_info,
+                               const at::Tensor& out_feat, const at::Tensor& out_depth,
+                               const at::Tensor& out_wsum, std::array<bool, 3> needs) {
+  const CompositeInputs in = prepare_composite_inputs(sigma, feat, t, packed_info);
+  TORCH_CHECK_TYPE(sigma.scalar_type() == at::kFloat || sigma.scalar_type() == at::kDouble,
+                   "composite (cpu): takes float32 or float64, got ", sigma.scalar_type());
+  TORCH_CHECK_VALUE(in.F <= kCpuMaxF, "composite (cpu): at most ", kCpuMaxF, " features, got ", in.F);
+  const at::Tensor gf = grad_feat.contiguous(), gd = grad_depth.contiguous(),
+                   gw = grad_wsum.contiguous(), sf = out_feat.contiguous(),
+                   sd = out_depth.contiguous(), sw = out_wsum.contiguous();
+  TORCH_CHECK_VALUE(gf.numel() == in.R * in.F && gd.numel() == in.R && gw.numel() == in.R &&
+                        sf.numel() == in.R * in.F && sd.numel() == in.R && sw.numel() == in.R,
+                    "composite_bwd: gradients and saved outputs must match the outputs' shapes");
+  // Samples outside every ray (packed layout) get zero gradient, so start from zeros there.
+  const auto opts = in.sigma.options();
+  const bool packed = in.packed_info.defined();
+  auto alloc = [&](bool need, at::IntArrayRef shape) {
+    if (!need) return at::Tensor();
+    return packed ? at::zeros(shape, opts) : at::empty(shape, opts);
+  };
+  at::Tensor dsig = alloc(needs[0], sigma.sizes()), dfeat = alloc(needs[1], feat.sizes()),
+             dt = alloc(needs[2], t.sizes());
+  const int64_t* pinfo = packed ? in.packed_info.data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(sigma.scalar_type(), "composite_bwd_cpu", [&] {
+    scalar_t* ds = dsig.defined() ? dsig.data_ptr<scalar_t>() : nullptr;
+    scalar_t* df = dfeat.defined() ? dfeat.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dtp = dt.defined() ? dt.data_ptr<scalar_t>() : nullptr;
+    const scalar_t *pgf = gf.data_ptr<scalar_t>(), *pgd = gd.data_ptr<scalar_t>(),
+                   *pgw = gw.data_ptr<scalar_t>(), *psf = sf.data_ptr<scalar_t>(),
+                   *psd = sd.data_ptr<scalar_t>(), *psw = sw.data_ptr<scalar_t>();
+    const int F = static_cast<int>(in.F);
+    at::parallel_for(0, in.R, kRayGrain, [&](int64_t begin, int64_t end) {
+      scalar_t gC[kCpuMaxF];
+      for (int64_t r = begin; r < end; ++r) {
+        for (int c = 0; c < F; ++c) gC[c] = scalar_t(2) * pgf[r * F + c];
+        const auto g = composite::fold_ray_grad<0, kCpuMaxF>(gC, psf + r * F, psd[r], psw[r],
+                                                              pgd[r], pgw[r], F);
+        int64_t start, count;
+        ray_range(in, pinfo, r, start, count);
+        composite::backward_ray<0, kCpuMaxF>(ray_view<scalar_t>(in, pinfo, r), F, gC, g,
+                                             ds ? ds + start : nullptr, dtp ? dtp + start : nullptr,
+                                             df ? df + start * F : nullptr);
+      }
+    });
+  });
+  auto out = [&](const at::Tensor& g, const at::Tensor& like) {
+    return g.defined() ? g : grad_placeholder(like);
+  };
+  return {out(dsig, sigma), out(dfeat, feat), out(dt, t)};
+}
+
+}  // namespace talk3d

@@ -1,0 +1,84 @@
+// Input validation and layout shared by the CPU and CUDA back ends of the compositing op.
+#include <c10/util/Exception.h>
+
+#include "composite.h"
+
+namespace talk3d {
+
+namespace {
+
+void check_same(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "composite: ", name, " has dtype ",
+                   t.scalar_type(), " but sigma has ", ref.scalar_type(), "; they must match");
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "composite: ", name, " is on ", t.device(),
+                    " but sigma is on ", ref.device());
+}
+
+}  // namespace
+
+CompositeInputs prepare_composite_inputs(const at::Tensor& sigma, const at::Tensor& feat,
+                                         const at::Tensor& t,
+                                         const std::optional<at::Tensor>& packed_info) {
+  const auto st = sigma.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+                   "composite: sigma dtype ", st, " is not supported");
+  check_same(feat, sigma, "feat");
+  check_same(t, sigma, "t");
+  CompositeInputs in;
+  const bool packed = packed_info.has_value() && packed_info->defined();
+  if (packed) {
+    const at::Tensor& pi = *packed_info;
+    TORCH_CHECK_VALUE(sigma.dim() == 2 && sigma.size(1) == 1, "composite: packed sigma must be [N, 1], got ",
+                      sigma.sizes());
+    TORCH_CHECK_VALUE(feat.dim() == 2 && feat.size(0) == sigma.size(0), "composite: packed feat must be [N=",
+                      sigma.size(0), ", F], got ", feat.sizes());
+    TORCH_CHECK_VALUE(t.sizes() == sigma.sizes(), "composite: packed t must be [N, 1] like sigma, got ",
+                      t.sizes());
+    TORCH_CHECK_VALUE(pi.dim() == 2 && pi.size(1) == 2, "composite: packed_info must be [R, 2], got ",
+                      pi.sizes());
+    TORCH_CHECK_TYPE(pi.scalar_type() == at::kLong, "composite: packed_info must be int64, got ",
+                     pi.scalar_type());
+    TORCH_CHECK_VALUE(pi.device() == sigma.device(), "composite: packed_info is on ", pi.device(),
+                      " but sigma is on ", sigma.device());
+    in.packed_info = pi.contiguous();
+    in.R = pi.size(0);
+    in.S = 0;
+    in.lead = {in.R};
+    if (pi.is_cpu() && in.R > 0) {
+      // Rays must address samples inside [0, N): checked here for CPU tensors (a GPU check would
+      // synchronise; the Python wrapper checks CUDA inputs).
+      const int64_t* p = in.packed_info.data_ptr<int64_t>();
+      const int64_t N = sigma.size(0);
+      for (int64_t r = 0; r < in.R; ++r)
+        TORCH_CHECK_VALUE(p[2 * r] >= 0 && p[2 * r + 1] >= 0 && p[2 * r] + p[2 * r + 1] <= N,
+                          "composite: packed_info[", r, "] = (", p[2 * r], ", ", p[2 * r + 1],
+                          ") addresses samples outside [0, ", N, ")");
+    }
+  } else {
+    TORCH_CHECK_VALUE(sigma.dim() == 4 && sigma.size(3) == 1, "composite: sigma must be [B, R, S, 1], got ",
+                      sigma.sizes());
+    TORCH_CHECK_VALUE(feat.dim() == 4 && feat.sizes().slice(0, 3) == sigma.sizes().slice(0, 3),
+                      "composite: feat must be [B, R, S, F] matching sigma ", sigma.sizes(), ", got ",
+                      feat.sizes());
+    TORCH_CHECK_VALUE(t.sizes() == sigma.sizes(), "composite: t must be [B, R, S, 1] like sigma, got ",
+                      t.sizes());
+    in.R = sigma.size(0) * sigma.size(1);
+    in.S = sigma.size(2);
+    in.lead = {sigma.size(0), sigma.size(1)};
+  }
+  in.F = feat.size(-1);
+  in.sigma = sigma.contiguous().view({-1});
+  in.t = t.contiguous().view({-1});
+  in.feat = feat.contiguous().view({-1, in.F});
+  return in;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> composite_outputs(const CompositeInputs& in) {
+  std::vector<int64_t> fshape = in.lead, oshape = in.lead;
+  fshape.push_back(in.F);
+  oshape.push_back(1);
+  const auto opts = in.sigma.options();
+  return {at::empty(fshape, opts), at::empty(oshape, opts), at::empty(oshape, opts)};
+}
+
+}  // namespace talk3d

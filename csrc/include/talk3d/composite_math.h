@@ -1,0 +1,198 @@
+// Per-ray math of EG3D's compositing (MipRayMarcher2), shared by the CPU and CUDA kernels.
+//
+// A ray holds n samples at sorted depths t_0..t_{n-1} with raw densities s_j and features f_j. It
+// is integrated over its n-1 intervals i = [t_i, t_{i+1}]:
+//   delta_i = t_{i+1} - t_i,  x_i = softplus((s_i + s_{i+1}) / 2 - 1) * delta_i,
+//   alpha_i = 1 - exp(-x_i),  q_i = (1 - alpha_i) + 1e-10,  T_i = q_0 ... q_{i-1},  w_i = alpha_i T_i,
+//   C = sum_i w_i (f_i + f_{i+1}) / 2,  Dnum = sum_i w_i (t_i + t_{i+1}) / 2,  W = sum_i w_i,
+// and returns feat = 2 C - 1, depth = Dnum / W, weight_sum = W.
+//
+// Feature sums are taken per sample, C = sum_j f_j (w_{j-1} + w_j) / 2, so every feature row is read
+// once and no previous row is kept; only scalars look one sample ahead.
+//
+// Backward (no per-sample buffers, no division by 1 - alpha). With upstream gradients folded into
+// one scalar per interval, v_i = gC . (f_i + f_{i+1}) / 2 + gDnum (t_i + t_{i+1}) / 2 + gW, the loss
+// is L = sum_i w_i v_i and
+//   dL/dx_i = e_i T_i v_i - (e_i / q_i) (L - P_i),  e_i = exp(-x_i),  P_i = sum_{k<=i} w_k v_k.
+// L comes from the saved forward outputs, so one forward-order pass recomputes T_i and P_i. The ratio
+// e_i / q_i lies in [0, 1] (q_i >= 1 - alpha_i as computed), so nothing blows up when alpha_i -> 1;
+// the form dL/dalpha_i = T_i v_i - (L - P_i) / q_i would divide by ~1e-10 there.
+#pragma once
+
+#include "talk3d/common.h"
+
+namespace talk3d {
+namespace composite {
+
+// EG3D's transmittance guard, added to 1 - alpha.
+constexpr double kTransmittanceEps = 1e-10;
+
+template <typename acc_t>
+struct Interval {
+  acc_t alpha, q;     // opacity and transmittance factor (1 - alpha) + eps
+  acc_t e;            // exp(-x) = d alpha / d x
+  acc_t density;      // softplus(s_mid - 1)
+  acc_t ddensity;     // sigmoid(s_mid - 1) = d density / d s_mid
+  acc_t delta, t_mid;
+};
+
+template <typename acc_t>
+T3D_HD Interval<acc_t> make_interval(acc_t s0, acc_t s1, acc_t t0, acc_t t1) {
+  Interval<acc_t> iv;
+  const acc_t pre = (s0 + s1) * acc_t(0.5) - acc_t(1);
+  iv.density = t3d_softplus(pre);
+  iv.ddensity = t3d_sigmoid(pre);
+  iv.delta = t1 - t0;
+  iv.t_mid = (t0 + t1) * acc_t(0.5);
+  const acc_t x = iv.density * iv.delta;
+  iv.e = t3d_exp(-x);
+  iv.alpha = acc_t(1) - iv.e;  // as EG3D computes it (not -expm1), so T matches bit for bit more often
+  iv.q = (acc_t(1) - iv.alpha) + acc_t(kTransmittanceEps);
+  return iv;
+}
+
+// Samples of one ray: element j of sigma/t at sigma[j], t[j]; its features at feat[j * F + c].
+template <typename T>
+struct RayView {
+  const T* sigma;
+  const T* t;
+  const T* feat;
+  int64_t n;
+};
+
+template <typename acc_t, typename T>
+T3D_HD acc_t load(const T* p, int64_t i) { return static_cast<acc_t>(p[i]); }
+
+// Forward of one ray. kF > 0 fixes the feature count at compile time (registers on the GPU);
+// kF == 0 takes F at run time, up to kMaxF. acc[] must hold F zeros on entry; on return it holds C.
+template <int kF, int kMaxF, typename acc_t, typename T>
+T3D_HD void forward_ray(const RayView<T>& r, int F_rt, acc_t* acc, acc_t& wsum, acc_t& dnum) {
+  const int F = kF > 0 ? kF : F_rt;
+  wsum = acc_t(0);
+  dnum = acc_t(0);
+  if (r.n <= 0) return;
+  acc_t trans = acc_t(1), w_prev = acc_t(0);
+  acc_t s_cur = load<acc_t>(r.sigma, 0), t_cur = load<acc_t>(r.t, 0);
+  for (int64_t j = 0; j < r.n; ++j) {
+    acc_t w = acc_t(0);
+    if (j + 1 < r.n) {
+      const acc_t s_next = load<acc_t>(r.sigma, j + 1), t_next = load<acc_t>(r.t, j + 1);
+      const Interval<acc_t> iv = make_interval(s_cur, s_next, t_cur, t_next);
+      w = iv.alpha * trans;
+      trans *= iv.q;
+      wsum += w;
+      dnum += w * iv.t_mid;
+      s_cur = s_next;
+      t_cur = t_next;
+    }
+    const acc_t omega = (w_prev + w) * acc_t(0.5);
+    const T* f = r.feat + j * F;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int c = 0; c < (kF > 0 ? kF : kMaxF); ++c) {
+      if (kF == 0 && c >= F) break;
+      acc[c] += omega * load<acc_t>(f, c);
+    }
+    w_prev = w;
+  }
+}
+
+// Upstream gradients of one ray, folded with its saved outputs into the scalars the pass needs.
+template <typename acc_t>
+struct RayGrad {
+  acc_t g_dnum, g_w;  // dL/dDnum and dL/dW (depth's share included)
+  acc_t total;        // L = gC . C + g_dnum Dnum + g_w W
+};
+
+// gC[c] = 2 * grad_feat[c] (feat = 2C - 1) must be filled by the caller, and saved_feat is feat.
+template <int kF, int kMaxF, typename acc_t, typename T>
+T3D_HD RayGrad<acc_t> fold_ray_grad(const acc_t* gC, const T* saved_feat, acc_t depth, acc_t wsum,
+                                    acc_t g_depth, acc_t g_wsum, int F_rt) {
+  const int F = kF > 0 ? kF : F_rt;
+  RayGrad<acc_t> g;
+  g.g_dnum = acc_t(0);
+  g.g_w = g_wsum;
+  acc_t dnum = acc_t(0);
+  // depth = Dnum / W; a ray with W == 0 has depth NaN (0/0) and gets no depth gradient.
+  if (wsum > acc_t(0) && depth == depth) {
+    g.g_dnum = g_depth / wsum;
+    g.g_w -= g_depth * depth / wsum;
+    dnum = depth * wsum;
+  }
+  acc_t total = g.g_dnum * dnum + g.g_w * wsum;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int c = 0; c < (kF > 0 ? kF : kMaxF); ++c) {
+    if (kF == 0 && c >= F) break;
+    total += gC[c] * (load<acc_t>(saved_feat, c) + acc_t(1)) * acc_t(0.5);
+  }
+  g.total = total;
+  return g;
+}
+
+// Backward of one ray: writes dsigma[j], dt[j] (n each) and dfeat[j * F + c] (n * F), in the
+// storage type. Any output pointer may be null when that gradient is not wanted.
+template <int kF, int kMaxF, typename acc_t, typename T>
+T3D_HD void backward_ray(const RayView<T>& r, int F_rt, const acc_t* gC, const RayGrad<acc_t>& g,
+                         T* dsigma, T* dt, T* dfeat) {
+  const int F = kF > 0 ? kF : F_rt;
+  if (r.n <= 0) return;
+  acc_t trans = acc_t(1), prefix = acc_t(0), w_prev = acc_t(0), p_prev = acc_t(0);
+  acc_t ds_carry = acc_t(0), dt_carry = acc_t(0);  // sample j's gradient from interval j-1
+  Interval<acc_t> prev{};                           // interval j-1
+  acc_t trans_prev = acc_t(1);                      // T_{j-1}
+  acc_t s_cur = load<acc_t>(r.sigma, 0), t_cur = load<acc_t>(r.t, 0);
+  for (int64_t j = 0; j < r.n; ++j) {
+    // Interval j's scalars (its weight is needed for sample j's feature gradient).
+    Interval<acc_t> iv{};
+    acc_t w = acc_t(0);
+    const acc_t trans_j = trans;
+    if (j + 1 < r.n) {
+      const acc_t s_next = load<acc_t>(r.sigma, j + 1), t_next = load<acc_t>(r.t, j + 1);
+      iv = make_interval(s_cur, s_next, t_cur, t_next);
+      w = iv.alpha * trans;
+      trans *= iv.q;
+      s_cur = s_next;
+      t_cur = t_next;
+    }
+    // Sample j's features: dL/df_j = gC (w_{j-1} + w_j) / 2; p_j = gC . f_j.
+    const acc_t omega = (w_prev + w) * acc_t(0.5);
+    const T* f = r.feat + j * F;
+    acc_t p = acc_t(0);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int c = 0; c < (kF > 0 ? kF : kMaxF); ++c) {
+      if (kF == 0 && c >= F) break;
+      p += gC[c] * load<acc_t>(f, c);
+      if (dfeat) dfeat[j * F + c] = static_cast<T>(gC[c] * omega);
+    }
+    // Interval j-1 is now complete: its value v needs p_{j-1} and p_j.
+    acc_t ds_j = acc_t(0), dt_j = acc_t(0);
+    if (j >= 1) {
+      const acc_t v = (p_prev + p) * acc_t(0.5) + g.g_dnum * prev.t_mid + g.g_w;
+      prefix += w_prev * v;
+      const acc_t gx = prev.e * trans_prev * v - (prev.e / prev.q) * (g.total - prefix);
+      const acc_t gs_mid = gx * prev.delta * prev.ddensity * acc_t(0.5);
+      const acc_t gdelta = gx * prev.density;
+      const acc_t gt_mid = w_prev * g.g_dnum * acc_t(0.5);
+      if (dsigma) dsigma[j - 1] = static_cast<T>(ds_carry + gs_mid);
+      if (dt) dt[j - 1] = static_cast<T>(dt_carry - gdelta + gt_mid);
+      ds_j = gs_mid;
+      dt_j = gdelta + gt_mid;
+    }
+    ds_carry = ds_j;
+    dt_carry = dt_j;
+    prev = iv;
+    trans_prev = trans_j;
+    w_prev = w;
+    p_prev = p;
+  }
+  if (dsigma) dsigma[r.n - 1] = static_cast<T>(ds_carry);
+  if (dt) dt[r.n - 1] = static_cast<T>(dt_carry);
+}
+
+}  // namespace composite
+}  // namespace talk3d

@@ -1,0 +1,172 @@
+"""Fused compositing along rays: EG3D's MipRayMarcher2 in one pass per ray.
+
+Back ends (``impl``): ``"torch"`` (the reference, :func:`talk3d.ops.reference.composite`), ``"cpu"``
+(C++, float32/float64), ``"cuda"`` (float32/float64/float16/bfloat16, fp32 accumulation) and
+``"auto"``. There is no Triton kernel: the op is one sequential scan per ray over memory it reads
+once, which the CUDA kernel already does at bandwidth.
+
+The compiled ops are ``torch.ops.talk3d.composite_fwd`` / ``_bwd``. The backward recomputes the
+transmittance from the inputs and the saved outputs (see ``csrc/include/talk3d/composite_math.h``):
+nothing per sample is stored between forward and backward, and nothing divides by ``1 - alpha``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import extension
+from . import backends
+from .reference.composite import composite as _reference
+from .reference.composite import finish_depth
+
+_STORAGE = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_IMPL_DTYPES = {
+    "torch": _STORAGE,
+    "cpu": (torch.float32, torch.float64),
+    "cuda": _STORAGE,
+}
+
+
+def available_impls(device: torch.device | str = "cpu") -> list[str]:
+    """Back ends of :func:`composite` that can run on ``device`` here (``"auto"`` excluded)."""
+    return backends.available_impls(device, triton=False)
+
+
+def _fail(msg: str, exc=ValueError):
+    raise exc(f"composite: {msg}")
+
+
+def _validate(sigma, feat, t, packed_info) -> None:
+    for name, x in (("sigma", sigma), ("feat", feat), ("t", t)):
+        if not isinstance(x, torch.Tensor):
+            _fail(f"{name} must be a torch.Tensor, got {type(x).__name__}", TypeError)
+        if x.dtype not in _STORAGE:
+            _fail(f"{name} dtype {x.dtype} is not supported; use one of {_STORAGE}", TypeError)
+        if x.dtype != sigma.dtype:
+            _fail(f"{name} has dtype {x.dtype} but sigma has {sigma.dtype}; they must match", TypeError)
+        if x.device != sigma.device:
+            _fail(f"{name} is on {x.device} but sigma is on {sigma.device}")
+    if packed_info is None:
+        if sigma.dim() != 4 or sigma.shape[-1] != 1:
+            _fail(f"sigma must be [B, R, S, 1], got {tuple(sigma.shape)}")
+        if feat.dim() != 4 or feat.shape[:3] != sigma.shape[:3]:
+            _fail(f"feat must be [B, R, S, F] matching sigma {tuple(sigma.shape)}, got {tuple(feat.shape)}")
+        if t.shape != sigma.shape:
+            _fail(f"t must be [B, R, S, 1] like sigma, got {tuple(t.shape)}")
+        if sigma.shape[2] < 2:
+            _fail(f"each ray needs at least 2 samples (one interval), got S={sigma.shape[2]}")
+        sorted_ok = t.shape[2] < 2 or bool((t[:, :, 1:] >= t[:, :, :-1]).all())
+    else:
+        if not isinstance(packed_info, torch.Tensor) or packed_info.dim() != 2 or packed_info.shape[1] != 2:
+            _fail("packed_info must be a [R, 2] tensor of (first sample, count)")
+        if packed_info.dtype != torch.int64:
+            _fail(f"packed_info must be int64, got {packed_info.dtype}", TypeError)
+        if packed_info.device != sigma.device:
+            _fail(f"packed_info is on {packed_info.device} but sigma is on {sigma.device}")
+        if sigma.dim() != 2 or sigma.shape[1] != 1:
+            _fail(f"packed sigma must be [N, 1], got {tuple(sigma.shape)}")
+        if feat.dim() != 2 or feat.shape[0] != sigma.shape[0]:
+            _fail(f"packed feat must be [N={sigma.shape[0]}, F], got {tuple(feat.shape)}")
+        if t.shape != sigma.shape:
+            _fail(f"packed t must be [N, 1] like sigma, got {tuple(t.shape)}")
+        start, count = packed_info[:, 0], packed_info[:, 1]
+        if packed_info.shape[0] and bool(((start < 0) | (count < 0) | (start + count > sigma.shape[0])).any()):
+            _fail(f"packed_info addresses samples outside [0, {sigma.shape[0]})")
+        # Depth order within each ray: compare neighbours that belong to the same ray.
+        same_ray = torch.zeros(sigma.shape[0], dtype=torch.bool, device=sigma.device)
+        if sigma.shape[0]:
+            ray_of = torch.full((sigma.shape[0],), -1, dtype=torch.int64, device=sigma.device)
+            ids = torch.repeat_interleave(torch.arange(packed_info.shape[0], device=sigma.device), count)
+            idx = torch.repeat_interleave(start, count) + (
+                torch.arange(ids.shape[0], device=sigma.device) - torch.repeat_interleave(count.cumsum(0) - count, count)
+            )
+            ray_of[idx] = ids
+            same_ray[:-1] = (ray_of[:-1] == ray_of[1:]) & (ray_of[:-1] >= 0)
+        sorted_ok = bool((~same_ray[:-1] | (t[1:, 0] >= t[:-1, 0])).all()) if sigma.shape[0] > 1 else True
+    if feat.shape[-1] == 0:
+        _fail("feat has no channels (F == 0)")
+    if not sorted_ok:
+        _fail("t must be sorted (non-decreasing) along each ray")
+
+
+def composite(
+    sigma: torch.Tensor,
+    feat: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    packed_info: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Composite samples along rays with EG3D's MipRayMarcher2 semantics, fused.
+
+    Args:
+        sigma: ``[B, R, S, 1]`` raw densities (packed: ``[N, 1]``).
+        feat: ``[B, R, S, F]`` features (packed: ``[N, F]``).
+        t: ``[B, R, S, 1]`` depths, sorted along each ray (packed: ``[N, 1]``).
+        packed_info: ``None`` for the dense layout, or ``[R, 2]`` int64 (first sample, count) per
+            ray for a variable number of samples per ray; a ray's samples are contiguous and rays
+            do not overlap (nerfacc's packed layout).
+        impl: ``"auto"``, ``"torch"``, ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        ``(feat_img, depth, weight_sum)``: ``[B, R, F]`` (``sum w f_mid`` mapped by ``x * 2 - 1``),
+        ``[B, R, 1]`` expected depth (no weight -> ``t.max()``; clamped to ``[t.min(), t.max()]``),
+        ``[B, R, 1]`` accumulated weight. Packed: ``[R, F]``, ``[R, 1]``, ``[R, 1]``.
+
+    Example:
+        >>> s, f = torch.randn(1, 4, 8, 1), torch.rand(1, 4, 8, 3)
+        >>> t = torch.linspace(2.25, 3.3, 8).expand(1, 4, 8)[..., None]
+        >>> img, depth, acc = composite(s, f, t, impl="torch")
+        >>> img.shape, depth.shape, acc.shape
+        (torch.Size([1, 4, 3]), torch.Size([1, 4, 1]), torch.Size([1, 4, 1]))
+    """
+    _validate(sigma, feat, t, packed_info)
+    impl = backends.resolve_impl("composite", impl, sigma, _IMPL_DTYPES)
+    if impl == "torch":
+        return _reference(sigma, feat, t, packed_info=packed_info)
+    feat_img, depth, weight_sum = torch.ops.talk3d.composite_fwd(sigma, feat, t, packed_info)
+    return feat_img, finish_depth(depth, t), weight_sum
+
+
+# --- autograd and fake implementations of the compiled ops --------------------------------------
+
+
+def _setup_context(ctx, inputs, output):
+    sigma, feat, t, packed_info = inputs
+    ctx.save_for_backward(sigma, feat, t, packed_info, *output)
+
+
+def _backward(ctx, g_feat, g_depth, g_wsum):
+    sigma, feat, t, packed_info, o_feat, o_depth, o_wsum = ctx.saved_tensors
+    g_feat = torch.zeros_like(o_feat) if g_feat is None else g_feat
+    g_depth = torch.zeros_like(o_depth) if g_depth is None else g_depth
+    g_wsum = torch.zeros_like(o_wsum) if g_wsum is None else g_wsum
+    needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+    grads = torch.ops.talk3d.composite_bwd(
+        g_feat, g_depth, g_wsum, sigma, feat, t, packed_info, o_feat, o_depth, o_wsum, needs
+    )
+    return tuple(g if n else None for g, n in zip(grads, needs)) + (None,)
+
+
+def _fake_fwd(sigma, feat, t, packed_info):
+    lead = sigma.shape[:2] if packed_info is None else packed_info.shape[:1]
+    F = feat.shape[-1]
+    return sigma.new_empty(*lead, F), sigma.new_empty(*lead, 1), sigma.new_empty(*lead, 1)
+
+
+def _fake_bwd(g_feat, g_depth, g_wsum, sigma, feat, t, packed_info, o_feat, o_depth, o_wsum, needs):
+    return tuple(
+        torch.empty_like(x, memory_format=torch.contiguous_format) if n else x.new_empty(0)
+        for x, n in zip((sigma, feat, t), needs)
+    )
+
+
+def _register_compiled_ops() -> None:
+    if not extension.available():
+        return
+    extension.load()
+    torch.library.register_fake("talk3d::composite_fwd")(_fake_fwd)
+    torch.library.register_fake("talk3d::composite_bwd")(_fake_bwd)
+    torch.library.register_autograd("talk3d::composite_fwd", _backward, setup_context=_setup_context)
+
+
+_register_compiled_ops()

@@ -1,0 +1,60 @@
+"""Random inputs for the compositing op, shared by its tests and the emulator tests."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class CompositeCase:
+    B: int = 2
+    R: int = 37
+    S: int = 24
+    F: int = 5
+    #: raw densities are randn * sigma_scale + sigma_shift; a large scale drives alpha to 1
+    sigma_scale: float = 4.0
+    sigma_shift: float = 0.0
+    t_start: float = 2.25
+    t_end: float = 3.3
+
+
+def make_dense(case: CompositeCase, dtype=torch.float32, device="cpu"):
+    """sigma [B, R, S, 1], feat [B, R, S, F] in EG3D's (-0.001, 1.001) range, t [B, R, S, 1] sorted."""
+    B, R, S = case.B, case.R, case.S
+    sigma = torch.randn(B, R, S, 1, dtype=torch.float64) * case.sigma_scale + case.sigma_shift
+    feat = torch.rand(B, R, S, case.F, dtype=torch.float64) * 1.002 - 0.001
+    # Stratified depths like EG3D's coarse pass, plus a few exact ties (zero-length intervals).
+    base = torch.linspace(case.t_start, case.t_end, S, dtype=torch.float64)
+    t = base + torch.rand(B, R, S, dtype=torch.float64) * (case.t_end - case.t_start) / max(S - 1, 1)
+    t = t.sort(dim=-1).values
+    if S > 3:
+        t[:, : R // 5, 3] = t[:, : R // 5, 2]
+    return [x.to(device, dtype) for x in (sigma, feat, t[..., None])]
+
+
+def make_packed(case: CompositeCase, dtype=torch.float32, device="cpu"):
+    """Packed samples of R rays with 0..S samples each, in shuffled ray order with gaps between rays.
+
+    Returns sigma [N, 1], feat [N, F], t [N, 1], packed_info [R, 2].
+    """
+    R, S = case.R, case.S
+    counts = torch.randint(0, S + 1, (R,))
+    counts[:3] = torch.tensor([0, 1, 2])[: min(3, R)]  # empty, single-sample and one-interval rays
+    gaps = torch.randint(0, 3, (R,))  # unused samples between rays: they must get zero gradient
+    order = torch.randperm(R)  # rays need not be stored in ray order
+    starts = torch.zeros(R, dtype=torch.int64)
+    pos = 0
+    for r in order.tolist():
+        pos += int(gaps[r])
+        starts[r] = pos
+        pos += int(counts[r])
+    N = pos + 2
+    dense = make_dense(CompositeCase(1, 1, N, case.F, case.sigma_scale, case.sigma_shift), torch.float64)
+    sigma, feat = dense[0][0, 0], dense[1][0, 0]
+    t = torch.empty(N, 1, dtype=torch.float64)
+    for r in range(R):
+        s, c = int(starts[r]), int(counts[r])
+        t[s:s + c, 0] = torch.rand(c, dtype=torch.float64).sort().values + case.t_start
+    packed_info = torch.stack([starts, counts], dim=1)
+    return [x.to(device, dtype) for x in (sigma, feat, t)] + [packed_info.to(device)]
