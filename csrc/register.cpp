@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "composite/composite.h"
+#include "occupancy/occupancy.h"
 #include "triplane_field/triplane_field.h"
 
 TORCH_LIBRARY(talk3d, m) {
@@ -28,6 +29,11 @@ TORCH_LIBRARY(talk3d, m) {
       "composite_bwd(Tensor grad_feat, Tensor grad_depth, Tensor grad_weight_sum, Tensor sigma, "
       "Tensor feat, Tensor t, Tensor? packed_info, Tensor out_feat, Tensor out_depth, "
       "Tensor out_weight_sum, bool[3] needs) -> (Tensor, Tensor, Tensor)");
+  // origins [B, R, 3], dirs [B, R, 3], t [B, R, S] sorted, bits uint8 [ceil(res^3 / 8)]
+  //   -> int32 [B, R, 2]: first and last interval [t_i, t_{i+1}] through occupied space, or -1.
+  m.def(
+      "occupied_intervals(Tensor origins, Tensor dirs, Tensor t, Tensor bits, int res, float box, "
+      "bool outside_occupied) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(talk3d, CPU, m) {
@@ -35,6 +41,7 @@ TORCH_LIBRARY_IMPL(talk3d, CPU, m) {
   m.impl("triplane_field_bwd", &talk3d::triplane_field_bwd_cpu);
   m.impl("composite_fwd", &talk3d::composite_fwd_cpu);
   m.impl("composite_bwd", &talk3d::composite_bwd_cpu);
+  m.impl("occupied_intervals", &talk3d::occupied_intervals_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
