@@ -3,6 +3,7 @@
 from . import reference
 from .backends import IMPLS
 from .composite import composite
+from .occupancy import occupied_intervals
 from .triplane_field import AXES, available_impls, triplane_field
 
-__all__ = ["triplane_field", "composite", "available_impls", "AXES", "IMPLS", "reference"]
+__all__ = ["triplane_field", "composite", "occupied_intervals", "available_impls", "AXES", "IMPLS", "reference"]
