@@ -1,0 +1,128 @@
+"""A bit-packed occupancy grid over the triplane cube, kept up to date the way nerfacc's
+``OccGridEstimator`` does (EMA of the max opacity, warm-up on every cell, then a random quarter
+plus the occupied cells, threshold ``min(mean, 0.01)``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..ops import occupied_intervals
+from ..ops.reference.occupancy import pack_bits, unpack_bits
+
+
+class OccupancyGrid(nn.Module):
+    """Which cells of the cube ``[-box/2, box/2]^3`` hold density, as ``res^3`` bits.
+
+    The grid stores per-cell opacity ``density * step_size`` (an EMA of the max seen), and the
+    bits ``opacity > threshold``.
+
+    The cube must hold every point the renderer samples, not just the triplane's own cube: a point
+    outside the triplane cube in one axis still reads the plane spanned by the other two, so the
+    field is not empty there. EG3D's FFHQ cameras (radius 2.7, depths 2.25-3.3, yaw +-30, pitch
+    +-20) sample within about [-0.75, 0.75]^3, hence the default side 1.6 for box_warp 1. Space
+    outside the grid's cube counts as occupied (``outside``, default True), so a grid that is too
+    small costs speed, never pixels.
+
+    Args:
+        resolution: cells per side (default 128, as nerfacc).
+        box: side of the grid's cube, centred at the origin.
+        ema_decay: ``occ = max(decay * occ, new)`` on every update.
+        threshold: upper bound of the occupancy threshold, ``min(mean opacity, threshold)``.
+        warmup_steps: updates before this step refresh every cell; later ones a random quarter
+            plus the occupied cells.
+        update_every: :meth:`update_every_n_steps` refreshes on steps divisible by this.
+    """
+
+    def __init__(self, resolution: int = 128, box: float = 1.6, *, ema_decay: float = 0.95,
+                 threshold: float = 0.01, warmup_steps: int = 256, update_every: int = 16):
+        super().__init__()
+        if not (isinstance(resolution, int) and 1 <= resolution <= 1024):
+            raise ValueError(f"OccupancyGrid: resolution must be an int in [1, 1024], got {resolution!r}")
+        if not (math.isfinite(box) and box > 0):
+            raise ValueError(f"OccupancyGrid: box must be positive, got {box!r}")
+        self.resolution, self.box = resolution, float(box)
+        self.ema_decay, self.threshold = float(ema_decay), float(threshold)
+        self.warmup_steps, self.update_every = int(warmup_steps), int(update_every)
+        n = resolution**3
+        self.register_buffer("opacity", torch.zeros(n))
+        self.register_buffer("bits", torch.zeros((n + 7) // 8, dtype=torch.uint8))
+        self.register_buffer("outside", torch.ones((), dtype=torch.bool))
+
+    # --- state ------------------------------------------------------------------------------
+
+    @property
+    def occupied(self) -> torch.Tensor:
+        """``[res, res, res]`` bool, indexed ``[z, y, x]``."""
+        return unpack_bits(self.bits, self.resolution)
+
+    def occupied_fraction(self) -> float:
+        return float(self.occupied.float().mean())
+
+    def fill(self, occupied: bool = True) -> "OccupancyGrid":
+        """Mark every cell and the outside occupied (or empty): a full grid renders exactly dense."""
+        self.bits.fill_(0xFF if occupied else 0)
+        self.outside.fill_(occupied)
+        return self
+
+    def set_occupied(self, occupied: torch.Tensor, outside: bool = True) -> "OccupancyGrid":
+        """Set the bits from a ``[res, res, res]`` bool tensor indexed ``[z, y, x]``."""
+        r = self.resolution
+        if occupied.shape != (r, r, r):
+            raise ValueError(f"OccupancyGrid.set_occupied: expected [{r}, {r}, {r}], got {tuple(occupied.shape)}")
+        self.bits.copy_(pack_bits(occupied.to(self.bits.device).bool()))
+        self.outside.fill_(bool(outside))
+        return self
+
+    # --- updates ----------------------------------------------------------------------------
+
+    def cell_points(self, index: torch.Tensor, jitter: bool = True) -> torch.Tensor:
+        """World points ``[K, 3]`` in the cells ``index [K]`` (random inside each, or centres)."""
+        r = self.resolution
+        x, y, z = index % r, (index // r) % r, index // (r * r)
+        ijk = torch.stack([x, y, z], dim=-1).to(self.opacity.dtype)
+        offset = torch.rand_like(ijk) if jitter else torch.full_like(ijk, 0.5)
+        return (ijk + offset) / r * self.box - self.box / 2
+
+    @torch.no_grad()
+    def update(self, step: int, density_fn: Callable[[torch.Tensor], torch.Tensor], step_size: float,
+               *, chunk: int = 1 << 18) -> None:
+        """Refresh the grid from the field.
+
+        Args:
+            step: training step (decides warm-up or partial refresh).
+            density_fn: world points ``[K, 3]`` -> activated density ``[K]`` (EG3D:
+                ``softplus(sigma - 1)``).
+            step_size: the render's sample spacing; opacity = density * step_size.
+        """
+        n = self.opacity.numel()
+        device = self.opacity.device
+        if step < self.warmup_steps:
+            index = torch.arange(n, device=device)
+        else:
+            uniform = torch.randint(0, n, (n // 4,), device=device)
+            index = torch.cat([uniform, self.occupied.reshape(-1).nonzero()[:, 0]]).unique()
+        new = torch.cat([density_fn(self.cell_points(index[i:i + chunk])).reshape(-1).to(self.opacity)
+                         for i in range(0, index.numel(), chunk)]) * step_size
+        self.opacity[index] = torch.maximum(self.opacity[index] * self.ema_decay, new)
+        thre = min(float(self.opacity.mean()), self.threshold)
+        r = self.resolution
+        self.bits.copy_(pack_bits((self.opacity > thre).reshape(r, r, r)))
+
+    def update_every_n_steps(self, step: int, density_fn, step_size: float) -> bool:
+        """:meth:`update` on steps divisible by ``update_every``; returns whether it ran."""
+        if step % self.update_every:
+            return False
+        self.update(step, density_fn, step_size)
+        return True
+
+    # --- marching ---------------------------------------------------------------------------
+
+    def occupied_intervals(self, origins: torch.Tensor, dirs: torch.Tensor, t: torch.Tensor,
+                           impl: str = "auto") -> torch.Tensor:
+        """``[B, R, 2]`` first/last interval of each ray through occupied space (see the op)."""
+        return occupied_intervals(origins, dirs, t, self.bits, self.resolution, self.box,
+                                  bool(self.outside), impl=impl)

@@ -1,0 +1,319 @@
+"""The EG3D triplane renderer: rays -> two-pass samples -> fused field -> fused compositing.
+
+Two paths produce the same image:
+
+- dense (training, any ``impl``; ``impl="torch"`` is the pure-PyTorch reference): EG3D exactly, 48
+  stratified + 48 importance samples per ray, all evaluated;
+- occupancy skipping (inference, ``grid=``): only coarse samples whose intervals cross occupied
+  cells are evaluated, in chunks so a ray stops once its transmittance falls under ``early_stop``;
+  importance depths come from the same pdf as the dense path's and only those inside evaluated
+  intervals are kept; the merged samples are composited packed. With a full grid and
+  ``early_stop=0`` it equals the dense render.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ..ops import composite, triplane_field
+from ..ops.reference.composite import TRANSMITTANCE_EPS, interval_weights
+from .cameras import generate_rays, ray_box_limits
+from .occupancy_grid import OccupancyGrid
+from .sampling import importance_depths, stratified_depths
+
+
+class DecoderWeights(NamedTuple):
+    """EG3D's OSGDecoder with its run-time scaling applied: w1 ``[64, 32]``, b1 ``[64]``, w2 ``[33, 64]``, b2 ``[33]``."""
+
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    """What EG3D's ``rendering_kwargs`` hold for the neural renderer (FFHQ defaults)."""
+
+    resolution: int = 128
+    ray_start: float | str = 2.25  # "auto" (with ray_end "auto"): the ray's entry into the cube
+    ray_end: float | str = 3.3
+    coarse_samples: int = 48
+    importance_samples: int = 48
+    box_warp: float = 1.0
+    axes: str = "fixed"  # plane convention, see talk3d.ops.triplane_field
+
+    def __post_init__(self):
+        auto = (self.ray_start == "auto", self.ray_end == "auto")
+        if auto[0] != auto[1]:
+            raise ValueError("RenderConfig: ray_start and ray_end must both be 'auto' or both numbers")
+        if not auto[0] and not (0 <= float(self.ray_start) < float(self.ray_end)):
+            raise ValueError(f"RenderConfig: need 0 <= ray_start < ray_end, got {self.ray_start}, {self.ray_end}")
+        if self.coarse_samples < 4 or self.importance_samples < 0:
+            raise ValueError("RenderConfig: need coarse_samples >= 4 and importance_samples >= 0")
+        if self.resolution < 1:
+            raise ValueError(f"RenderConfig: resolution must be positive, got {self.resolution}")
+
+    @property
+    def coarse_step(self) -> float:
+        """Spacing of the coarse samples (the occupancy grid's opacity step)."""
+        if self.ray_start == "auto":
+            return math.sqrt(3) * self.box_warp / (self.coarse_samples - 1)
+        return (float(self.ray_end) - float(self.ray_start)) / (self.coarse_samples - 1)
+
+
+class RenderRandoms(NamedTuple):
+    """The random numbers of one render: ``[B, R, coarse]`` jitter and ``[B, R, importance]`` uniforms."""
+
+    coarse_jitter: torch.Tensor
+    importance_u: torch.Tensor
+
+
+@dataclass
+class RenderOutput:
+    feature_image: torch.Tensor  # [B, F, H, W]; channels 0-2 are the low-resolution RGB
+    depth: torch.Tensor          # [B, 1, H, W]
+    weight_sum: torch.Tensor     # [B, 1, H, W]
+    samples_per_ray: float       # field evaluations per ray, both passes
+
+
+def _impls(impl: str) -> tuple[str, str]:
+    """(field impl, composite impl) for the renderer's ``impl``."""
+    if impl == "triton":
+        return "triton", "auto"
+    return impl, impl
+
+
+def _check_inputs(planes, decoder, cameras):
+    if not isinstance(planes, torch.Tensor) or planes.dim() != 5 or planes.shape[1] != 3:
+        raise ValueError(f"render: planes must be [B, 3, C, H, W], got {getattr(planes, 'shape', type(planes))}")
+    if not isinstance(cameras, torch.Tensor) or cameras.dim() != 2 or cameras.shape != (planes.shape[0], 25):
+        raise ValueError(f"render: cameras must be [B={planes.shape[0]}, 25], got {getattr(cameras, 'shape', type(cameras))}")
+    if not isinstance(decoder, DecoderWeights):
+        decoder = DecoderWeights(*decoder)
+    return decoder
+
+
+def _field(planes, decoder, xyz, cfg, impl):
+    """sigma ``[B, N, 1]``, feat ``[B, N, F]`` at points ``[B, N, 3]``."""
+    return triplane_field(planes, xyz, *decoder, box_warp=cfg.box_warp, axes=cfg.axes, impl=impl)
+
+
+def _depth_limits(o, d, cfg):
+    if cfg.ray_start == "auto":
+        start, end, _ = ray_box_limits(o, d, cfg.box_warp)
+        return start, end
+    return cfg.ray_start, cfg.ray_end
+
+
+def _to_image(x: torch.Tensor, res: int) -> torch.Tensor:
+    B, R, C = x.shape
+    return x.permute(0, 2, 1).reshape(B, C, res, res)
+
+
+def render(
+    planes: torch.Tensor,
+    decoder,
+    cameras: torch.Tensor,
+    config: RenderConfig = RenderConfig(),
+    *,
+    impl: str = "auto",
+    randoms: RenderRandoms | None = None,
+    deterministic: bool = False,
+    grid: OccupancyGrid | None = None,
+    early_stop: float = 0.0,
+    chunk: int = 8,
+) -> RenderOutput:
+    """Render feature images of triplanes from cameras.
+
+    Args:
+        planes: ``[B, 3, C, H, W]`` triplanes (any storage dtype the field op takes; cast the
+            decoder to the same dtype for bf16/fp16 inference).
+        decoder: :class:`DecoderWeights` (or a 4-tuple) with EG3D's scaling applied.
+        cameras: ``[B, 25]`` EG3D camera labels.
+        config: :class:`RenderConfig`.
+        impl: back end of the field and compositing ops: ``"auto"``, ``"torch"`` (the pure-PyTorch
+            reference path), ``"cpu"``, ``"cuda"`` or ``"triton"`` (field only).
+        randoms: the render's random numbers; default: drawn from torch's generator.
+        deterministic: fixed numbers instead (inference): no coarse jitter, ``u = linspace(0, 1)``.
+        grid: an :class:`OccupancyGrid` to skip empty space (inference: no gradient flows).
+        early_stop: with ``grid``, stop a ray once its transmittance falls under this (0: never).
+        chunk: with ``grid``, coarse samples per ray evaluated between termination checks.
+
+    Returns:
+        :class:`RenderOutput`.
+    """
+    decoder = _check_inputs(planes, decoder, cameras)
+    o, d = generate_rays(cameras.float() if cameras.dtype != torch.float64 else cameras, config.resolution)
+    B, R = o.shape[:2]
+    Sc, Si = config.coarse_samples, config.importance_samples
+    if randoms is not None:
+        if randoms.coarse_jitter.shape != (B, R, Sc) or randoms.importance_u.shape != (B, R, Si):
+            raise ValueError(f"render: randoms must be [B, R, {Sc}] and [B, R, {Si}] with B={B}, R={R}")
+    start, end = _depth_limits(o, d, config)
+    t_c = stratified_depths(Sc, start, end, (B, R), jitter=None if randoms is None else randoms.coarse_jitter,
+                            deterministic=deterministic, device=o.device, dtype=o.dtype)
+    u = None if randoms is None else randoms.importance_u
+    if grid is None:
+        return _render_dense(planes, decoder, o, d, t_c, u, config, impl, deterministic)
+    with torch.no_grad():
+        return _render_skipping(planes, decoder, o, d, t_c, u, config, impl, deterministic, grid, early_stop, chunk)
+
+
+def _points(o, d, t):
+    """``[B, R, 3]`` rays at depths ``[B, R, S, 1]`` -> ``[B, R * S, 3]``."""
+    B, R, S, _ = t.shape
+    return (o[:, :, None] + d[:, :, None] * t).reshape(B, R * S, 3)
+
+
+def _render_dense(planes, decoder, o, d, t_c, u, cfg, impl, deterministic):
+    f_impl, c_impl = _impls(impl)
+    B, R, Sc, _ = t_c.shape
+    Si = cfg.importance_samples
+    sigma_c, feat_c = _field(planes, decoder, _points(o, d, t_c), cfg, f_impl)
+    sigma_c, feat_c = sigma_c.reshape(B, R, Sc, 1), feat_c.reshape(B, R, Sc, -1)
+    if Si > 0:
+        with torch.no_grad():
+            w_c = interval_weights(sigma_c.detach().to(t_c.dtype), t_c)
+        t_f = importance_depths(t_c, w_c, Si, u=u, deterministic=deterministic)
+        sigma_f, feat_f = _field(planes, decoder, _points(o, d, t_f), cfg, f_impl)
+        t = torch.cat([t_c, t_f], dim=2)
+        t, order = torch.sort(t, dim=2, stable=True)
+        sigma = torch.cat([sigma_c, sigma_f.reshape(B, R, Si, 1)], dim=2).gather(2, order)
+        feat_all = torch.cat([feat_c, feat_f.reshape(B, R, Si, -1)], dim=2)
+        feat = feat_all.gather(2, order.expand(-1, -1, -1, feat_all.shape[-1]))
+    else:
+        t, sigma, feat = t_c, sigma_c, feat_c
+    sigma, feat, t = _composite_dtype(sigma, feat, t, c_impl)
+    img, depth, wsum = composite(sigma, feat, t, impl=c_impl)
+    res = cfg.resolution
+    return RenderOutput(_to_image(img, res), _to_image(depth, res), _to_image(wsum, res), float(Sc + Si))
+
+
+def _composite_dtype(sigma, feat, t, impl):
+    """The CPU compositing kernel takes fp32/fp64: half-precision field outputs are widened there."""
+    if sigma.device.type == "cpu" and sigma.dtype in (torch.float16, torch.bfloat16):
+        sigma, feat = sigma.float(), feat.float()
+    return sigma, feat, t.to(sigma.dtype) if sigma.dtype != t.dtype else t
+
+
+def _eval_selected(planes, decoder, o, d, t, select, cfg, impl):
+    """Evaluate the field at the selected samples only. t ``[B, R, S, 1]``, select ``[B, R, S]`` bool.
+
+    Returns sigma ``[B, R, S, 1]`` and feat ``[B, R, S, F]`` (zeros where not selected).
+    """
+    B, R, S, _ = t.shape
+    F = decoder.w2.shape[0] - 1
+    sigma = torch.zeros(B, R, S, 1, dtype=planes.dtype, device=t.device)
+    feat = torch.zeros(B, R, S, F, dtype=planes.dtype, device=t.device)
+    for b in range(B):  # each batch element has its own planes and its own number of points
+        idx = select[b].nonzero()
+        if idx.shape[0] == 0:
+            continue
+        r, s = idx[:, 0], idx[:, 1]
+        xyz = o[b, r] + d[b, r] * t[b, r, s]
+        sb, fb = _field(planes[b:b + 1], decoder, xyz[None], cfg, impl)
+        sigma[b, r, s] = sb[0]
+        feat[b, r, s] = fb[0]
+    return sigma, feat
+
+
+def _transmittance(sigma, t, valid):
+    """Transmittance after all valid intervals: ``[B, R]``. sigma, t ``[B, R, S, 1]``, valid ``[B, R, S - 1]``."""
+    delta = t[..., 1:, 0] - t[..., :-1, 0]
+    density = torch.nn.functional.softplus((sigma[..., :-1, 0] + sigma[..., 1:, 0]) / 2 - 1)
+    alpha = 1 - torch.exp(-density * delta)
+    q = torch.where(valid, 1 - alpha + TRANSMITTANCE_EPS, torch.ones_like(alpha))
+    return q.prod(dim=-1)
+
+
+def _render_skipping(planes, decoder, o, d, t_c, u, cfg, impl, deterministic, grid, early_stop, chunk):
+    f_impl, c_impl = _impls(impl)
+    B, R, Sc, _ = t_c.shape
+    Si = cfg.importance_samples
+    ranges = grid.occupied_intervals(o, d, t_c[..., 0].contiguous(), impl="torch" if impl == "torch" else "auto")
+    k0, k1 = ranges[..., 0:1].long(), ranges[..., 1:2].long()
+    j = torch.arange(Sc, device=t_c.device)
+    live = (k0 >= 0) & (j >= k0) & (j <= k1 + 1)  # [B, R, Sc] samples of live intervals
+    F = decoder.w2.shape[0] - 1
+    sigma_c = torch.zeros(B, R, Sc, 1, dtype=planes.dtype, device=t_c.device)
+    feat_c = torch.zeros(B, R, Sc, F, dtype=planes.dtype, device=t_c.device)
+    evaluated = torch.zeros(B, R, Sc, dtype=torch.bool, device=t_c.device)
+    alive = live.any(dim=-1)
+    for j0 in range(0, Sc, chunk):
+        sel = torch.zeros_like(evaluated)
+        sel[..., j0:j0 + chunk] = live[..., j0:j0 + chunk] & alive[..., None]
+        if not bool(sel.any()):
+            if early_stop <= 0:
+                continue
+            break
+        s, f = _eval_selected(planes, decoder, o, d, t_c, sel, cfg, f_impl)
+        sigma_c = torch.where(sel[..., None], s, sigma_c)
+        feat_c = torch.where(sel[..., None], f, feat_c)
+        evaluated |= sel
+        if early_stop > 0:
+            valid = evaluated[..., :-1] & evaluated[..., 1:]
+            alive &= _transmittance(sigma_c.to(t_c.dtype), t_c, valid) >= early_stop
+    interval_live = evaluated[..., :-1] & evaluated[..., 1:]  # [B, R, Sc - 1]
+    n_eval = evaluated.sum()
+    if Si > 0:
+        # The dense path's pdf (skipped intervals only lose their ~0 weight), so the importance
+        # depths land where the dense render puts them; those in skipped intervals are dropped.
+        w_c = interval_weights(sigma_c.to(t_c.dtype), t_c, interval_live[..., None])
+        t_f = importance_depths(t_c, w_c, Si, u=u, deterministic=deterministic)
+        k = torch.searchsorted(t_c[..., 0].contiguous(), t_f[..., 0].contiguous(), right=True) - 1
+        inside = (k >= 0) & (k <= Sc - 2)
+        sel_f = inside & interval_live.gather(2, k.clamp(0, Sc - 2))
+        sigma_f, feat_f = _eval_selected(planes, decoder, o, d, t_f, sel_f, cfg, f_impl)
+        n_eval = n_eval + sel_f.sum()
+        t = torch.cat([torch.where(evaluated[..., None], t_c, torch.inf),
+                       torch.where(sel_f[..., None], t_f, torch.inf)], dim=2)
+        sigma_all = torch.cat([sigma_c, sigma_f], dim=2)
+        feat_all = torch.cat([feat_c, feat_f], dim=2)
+    else:
+        t = torch.where(evaluated[..., None], t_c, torch.inf)
+        sigma_all, feat_all = sigma_c, feat_c
+    t, order = torch.sort(t, dim=2, stable=True)
+    sigma = sigma_all.gather(2, order)
+    feat = feat_all.gather(2, order.expand(-1, -1, -1, F))
+    S = t.shape[2]
+    count = torch.isfinite(t[..., 0]).sum(dim=-1).reshape(-1)
+    packed_info = torch.stack([torch.arange(B * R, device=t.device) * S, count], dim=-1)
+    sigma, feat, t = _composite_dtype(sigma, feat, t, c_impl)
+    img, depth, wsum = composite(sigma.reshape(-1, 1), feat.reshape(-1, F), t.reshape(-1, 1),
+                                 packed_info=packed_info, impl=c_impl)
+    # Rays with no weight: the dense path's clamp sends their depth to the far end of all samples.
+    depth = torch.where(wsum > 0, depth, t_c.max().to(depth.dtype))
+    res = cfg.resolution
+    shape = lambda x: _to_image(x.reshape(B, R, -1), res)  # noqa: E731
+    return RenderOutput(shape(img), shape(depth), shape(wsum), float(n_eval) / (B * R))
+
+
+class Renderer(nn.Module):
+    """:func:`render` as a module holding its :class:`RenderConfig` and (optionally) a grid."""
+
+    def __init__(self, config: RenderConfig = RenderConfig(), grid: OccupancyGrid | None = None):
+        super().__init__()
+        self.config = config
+        self.grid = grid
+
+    def forward(self, planes, decoder, cameras, **kwargs) -> RenderOutput:
+        if self.grid is not None and not torch.is_grad_enabled() and "grid" not in kwargs:
+            kwargs["grid"] = self.grid
+        return render(planes, decoder, cameras, self.config, **kwargs)
+
+    def density(self, planes: torch.Tensor, decoder) -> "callable":
+        """``points [K, 3] -> softplus(sigma - 1) [K]``, max over the batch: the grid's density_fn."""
+        decoder = DecoderWeights(*decoder)
+
+        def fn(points: torch.Tensor) -> torch.Tensor:
+            xyz = points.to(torch.float64 if planes.dtype == torch.float64 else torch.float32)
+            xyz = xyz[None].expand(planes.shape[0], -1, -1).contiguous()
+            sigma, _ = _field(planes, decoder, xyz, self.config, "auto")
+            return torch.nn.functional.softplus(sigma.float() - 1).amax(dim=0)[..., 0]
+
+        return fn
