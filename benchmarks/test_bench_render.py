@@ -1,0 +1,130 @@
+"""Compositing and whole-frame rendering: fused back ends vs the PyTorch reference and nerfacc.
+
+Group ``composite``: forward + backward of one frame's compositing (128^2 rays x 96 samples x 32
+features on a GPU; 32^2 rays on the CPU). Group ``render-frame``: one frame of the EG3D renderer
+(field + two-pass sampling + compositing), reference vs fused, dense vs occupancy skipping, on the
+synthetic head scene; ``extra_info`` records samples evaluated per ray, peak memory and the device.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from composite_cases import CompositeCase, make_dense
+from memory import peak_memory_bytes
+from talk3d import extension
+from talk3d.ops import composite
+from talk3d.render import OccupancyGrid, RenderConfig, Renderer, look_at_camera, render
+from talk3d.render.synthetic import head_scene
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+RES = 128 if HAS_CUDA else 32  # rays per side: the CPU times a sixteenth of a 128^2 frame
+HAS_NERFACC = importlib.util.find_spec("nerfacc") is not None
+
+
+def _sync():
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+
+
+def _fused_impl():
+    if HAS_CUDA:
+        if not extension.with_cuda():
+            pytest.skip("needs the CUDA extension")
+        return "cuda"
+    if not extension.available():
+        pytest.skip("talk3d._C not built")
+    return "cpu"
+
+
+def _nerfacc_composite(sigma, feat, t):
+    import nerfacc
+
+    B, R, S, Fd = feat.shape
+    t0, t1 = t[..., :-1, 0].reshape(-1, S - 1), t[..., 1:, 0].reshape(-1, S - 1)
+    density = F.softplus((sigma[..., :-1, 0] + sigma[..., 1:, 0]) / 2 - 1).reshape(-1, S - 1)
+    w, _, _ = nerfacc.render_weight_from_density(t0, t1, density)
+    f_mid = ((feat[..., :-1, :] + feat[..., 1:, :]) / 2).reshape(-1, S - 1, Fd)
+    img = nerfacc.accumulate_along_rays(w, f_mid) * 2 - 1
+    acc = nerfacc.accumulate_along_rays(w, None)
+    depth = nerfacc.accumulate_along_rays(w, ((t0 + t1) / 2)[..., None]) / acc
+    return img, depth, acc
+
+
+@pytest.mark.benchmark(group="composite")
+@pytest.mark.parametrize("impl", ["torch", "fused", "nerfacc"])
+def test_composite_forward_backward(benchmark, impl):
+    if impl == "nerfacc" and not HAS_NERFACC:
+        pytest.skip("nerfacc not installed")
+    case = CompositeCase(B=1, R=RES * RES, S=96, F=32)
+    inputs = [x.to(DEVICE).requires_grad_() for x in make_dense(case)]
+    run_impl = _fused_impl() if impl == "fused" else "torch"
+
+    def step():
+        if impl == "nerfacc":
+            outs = _nerfacc_composite(*inputs)
+        else:
+            outs = composite(*inputs, impl=run_impl)
+        loss = sum(o.sum() for o in outs)
+        loss.backward()
+        _sync()
+
+    step()
+    benchmark.extra_info.update(rays=case.R, samples=case.S, features=case.F, device=str(DEVICE),
+                                peak_memory_mb=peak_memory_bytes(step, DEVICE) / 2**20)
+    benchmark(step)
+
+
+def _frame(dtype=torch.float32):
+    planes, dec = head_scene(plane_res=256, generator=torch.Generator().manual_seed(0))
+    cams = look_at_camera(torch.tensor([0.3]), torch.tensor([0.1]))
+    planes = planes.to(DEVICE, dtype)
+    dec = type(dec)(*(x.to(DEVICE, dtype) for x in dec))
+    return planes, dec, cams.to(DEVICE), RenderConfig(resolution=RES)
+
+
+@pytest.mark.benchmark(group="render-frame")
+@pytest.mark.parametrize("mode", ["reference", "fused", "fused-skipping"])
+def test_render_frame_forward(benchmark, mode):
+    planes, dec, cams, cfg = _frame()
+    impl = "torch" if mode == "reference" else _fused_impl()
+    grid = None
+    if mode == "fused-skipping":
+        grid = OccupancyGrid(128).to(DEVICE)
+        for step in range(4):
+            grid.update(step, Renderer(cfg).density(planes, dec), cfg.coarse_step)
+    out = {}
+
+    def frame():
+        with torch.no_grad():
+            out["r"] = render(planes, dec, cams, cfg, impl=impl, deterministic=True, grid=grid,
+                              early_stop=1e-4 if grid is not None else 0.0)
+        _sync()
+
+    frame()
+    benchmark.extra_info.update(resolution=RES, samples_per_ray=out["r"].samples_per_ray, device=str(DEVICE),
+                                peak_memory_mb=peak_memory_bytes(frame, DEVICE) / 2**20)
+    benchmark(frame)
+
+
+@pytest.mark.benchmark(group="render-frame-backward")
+@pytest.mark.parametrize("mode", ["reference", "fused"])
+def test_render_frame_forward_backward(benchmark, mode):
+    planes, dec, cams, cfg = _frame()
+    impl = "torch" if mode == "reference" else _fused_impl()
+    planes.requires_grad_()
+    w = [x.requires_grad_() for x in dec]
+
+    def step():
+        r = render(planes, type(dec)(*w), cams, cfg, impl=impl, deterministic=True)
+        (r.feature_image.square().mean() + r.depth.mean()).backward()
+        _sync()
+
+    step()
+    benchmark.extra_info.update(resolution=RES, samples_per_ray=96, device=str(DEVICE),
+                                peak_memory_mb=peak_memory_bytes(step, DEVICE) / 2**20)
+    benchmark(step)
