@@ -1,0 +1,110 @@
+// CUDA implementation of the compositing op: validates, allocates, and calls the torch-free
+// launchers in kernels/composite. Compiled only when the installed torch has CUDA.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "composite.h"
+#include "composite/composite_cuda.h"
+#include "triplane_field/triplane_field.h"  // grad_placeholder
+
+namespace talk3d {
+
+namespace {
+
+cuda::CompositeDType storage_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cuda::CompositeDType::kF32;
+    case at::kHalf: return cuda::CompositeDType::kF16;
+    case at::kBFloat16: return cuda::CompositeDType::kBF16;
+    case at::kDouble: return cuda::CompositeDType::kF64;
+    default: TORCH_CHECK_TYPE(false, "composite (cuda): unsupported dtype ", t);
+  }
+}
+
+cuda::CompositeProblem make_problem(const CompositeInputs& in) {
+  TORCH_CHECK_VALUE(in.sigma.is_cuda(), "composite (cuda): inputs must be on a CUDA device");
+  TORCH_CHECK_VALUE(in.F >= 1 && in.F <= cuda::kCompositeMaxF, "composite (cuda): F must be in [1, ",
+                    cuda::kCompositeMaxF, "], got ", in.F);
+  cuda::CompositeProblem p;
+  p.dtype = storage_dtype(in.sigma.scalar_type());
+  p.sigma = in.sigma.data_ptr();
+  p.t = in.t.data_ptr();
+  p.feat = in.feat.data_ptr();
+  // packed_info on another device is rejected by prepare_composite_inputs.
+  p.packed_info = in.packed_info.defined() ? in.packed_info.data_ptr<int64_t>() : nullptr;
+  p.N = in.sigma.numel();
+  p.R = in.R;
+  p.S = in.S;
+  p.F = static_cast<int>(in.F);
+  return p;
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "composite (cuda): ", what, " failed: ", cudaGetErrorString(err));
+}
+
+CompositeOut fwd_cuda(const at::Tensor& sigma, const at::Tensor& feat, const at::Tensor& t,
+                      const std::optional<at::Tensor>& packed_info) {
+  const CompositeInputs in = prepare_composite_inputs(sigma, feat, t, packed_info);
+  const c10::cuda::CUDAGuard guard(sigma.device());
+  const cuda::CompositeProblem p = make_problem(in);
+  auto [out_feat, out_depth, out_wsum] = composite_outputs(in);
+  if (in.R > 0) {
+    check_launch(cuda::composite_forward(p, out_feat.data_ptr(), out_depth.data_ptr(), out_wsum.data_ptr(),
+                                         c10::cuda::getCurrentCUDAStream()),
+                 "forward");
+  }
+  return {out_feat, out_depth, out_wsum};
+}
+
+CompositeOut bwd_cuda(const at::Tensor& grad_feat, const at::Tensor& grad_depth, const at::Tensor& grad_wsum,
+                      const at::Tensor& sigma, const at::Tensor& feat, const at::Tensor& t,
+                      const std::optional<at::Tensor>& packed_info, const at::Tensor& out_feat,
+                      const at::Tensor& out_depth, const at::Tensor& out_wsum, std::array<bool, 3> needs) {
+  const CompositeInputs in = prepare_composite_inputs(sigma, feat, t, packed_info);
+  const c10::cuda::CUDAGuard guard(sigma.device());
+  const cuda::CompositeProblem p = make_problem(in);
+  // The kernel reads every per-ray tensor in the storage dtype, contiguous, on sigma's device.
+  const auto dtype = sigma.scalar_type();
+  auto per_ray = [&](const at::Tensor& x, const char* name) {
+    TORCH_CHECK_VALUE(x.device() == sigma.device(), "composite_bwd: ", name, " is on ", x.device(),
+                      " but sigma is on ", sigma.device());
+    return x.to(dtype).contiguous();
+  };
+  const at::Tensor gf = per_ray(grad_feat, "grad_feat"), gd = per_ray(grad_depth, "grad_depth"),
+                   gw = per_ray(grad_wsum, "grad_weight_sum"), sf = per_ray(out_feat, "out_feat"),
+                   sd = per_ray(out_depth, "out_depth"), sw = per_ray(out_wsum, "out_weight_sum");
+  TORCH_CHECK_VALUE(gf.numel() == in.R * in.F && gd.numel() == in.R && gw.numel() == in.R &&
+                        sf.numel() == in.R * in.F && sd.numel() == in.R && sw.numel() == in.R,
+                    "composite_bwd: gradients and saved outputs must match the outputs' shapes");
+  // Samples outside every ray (packed layout) get zero gradient and the kernel never visits them.
+  const auto opts = in.sigma.options();
+  const bool packed = in.packed_info.defined();
+  auto alloc = [&](bool need, at::IntArrayRef shape) {
+    if (!need) return at::Tensor();
+    return packed ? at::zeros(shape, opts) : at::empty(shape, opts);
+  };
+  at::Tensor dsig = alloc(needs[0], sigma.sizes()), dfeat = alloc(needs[1], feat.sizes()),
+             dt = alloc(needs[2], t.sizes());
+  auto ptr = [](at::Tensor& x) { return x.defined() ? x.data_ptr() : nullptr; };
+  if (in.R > 0) {
+    check_launch(cuda::composite_backward(p, gf.data_ptr(), gd.data_ptr(), gw.data_ptr(), sf.data_ptr(),
+                                          sd.data_ptr(), sw.data_ptr(), ptr(dsig), ptr(dfeat), ptr(dt),
+                                          c10::cuda::getCurrentCUDAStream()),
+                 "backward");
+  }
+  auto out = [&](const at::Tensor& g, const at::Tensor& like) {
+    return g.defined() ? g : grad_placeholder(like);
+  };
+  return {out(dsig, sigma), out(dfeat, feat), out(dt, t)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(talk3d, CUDA, m) {
+  m.impl("composite_fwd", &fwd_cuda);
+  m.impl("composite_bwd", &bwd_cuda);
+}
+
+}  // namespace talk3d

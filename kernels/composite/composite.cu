@@ -1,0 +1,309 @@
+// CUDA kernels of the fused compositing op (EG3D's MipRayMarcher2): one thread per ray.
+//
+// The per-ray math (forward scan, gradient folding, recompute backward) lives in
+// talk3d/composite_math.h and is shared with the CPU kernel; the kernels here only find a ray's
+// samples, keep its feature accumulators in registers, and write its outputs. A ray is a
+// sequential scan over its samples, so a thread per ray needs no synchronisation at all: rays own
+// disjoint outputs (dense: by construction; packed: rays do not overlap, nerfacc's layout).
+//
+// Two instances per storage type: F = 32 (EG3D), with the feature loops fully unrolled and the
+// accumulators in registers, and a generic one for 1 <= F <= kCompositeMaxF whose loops run to the
+// bound and stop at F (its arrays may spill to local memory; it is not the hot path).
+//
+// Tested only by emulation on the CPU (tests/test_cuda_emulation_render.py: one std::thread per
+// CUDA thread) against the CPU op and the PyTorch reference; never run on a GPU before shipping.
+#include "composite_cuda.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "talk3d/composite_math.h"
+
+namespace talk3d {
+namespace cuda {
+namespace {
+
+constexpr int kCompositeThreads = 128;
+// The grid is sized for this many resident 128-thread blocks per SM (2048 threads, a full SM on
+// sm_80/sm_90); a grid-stride loop takes the rays beyond that.
+constexpr int kCompositeBlocksPerSM = 16;
+
+// ------------------------------------------------------------------------------------------------
+// Storage types. composite_math.h reads with static_cast<acc_t>(x) and writes gradients with
+// static_cast<T>(acc). __half / __nv_bfloat16 lose both conversions under torch's
+// -D__CUDA_NO_HALF_CONVERSIONS__ / -D__CUDA_NO_BFLOAT16_CONVERSIONS__, so half-precision data goes
+// through 2-byte wrappers with an explicit conversion each way (round to nearest even on store).
+// ------------------------------------------------------------------------------------------------
+struct Half16 {
+  unsigned short bits;
+  Half16() = default;
+  __host__ __device__ __forceinline__ explicit Half16(float x) : bits(__half_as_ushort(__float2half_rn(x))) {}
+  __host__ __device__ __forceinline__ explicit operator float() const {
+    return __half2float(__ushort_as_half(bits));
+  }
+};
+struct BFloat16 {
+  unsigned short bits;
+  BFloat16() = default;
+  __host__ __device__ __forceinline__ explicit BFloat16(float x)
+      : bits(__bfloat16_as_ushort(__float2bfloat16_rn(x))) {}
+  __host__ __device__ __forceinline__ explicit operator float() const {
+    return __bfloat162float(__ushort_as_bfloat16(bits));
+  }
+};
+static_assert(sizeof(Half16) == sizeof(__half) && alignof(Half16) <= alignof(__half), "layout");
+static_assert(sizeof(BFloat16) == sizeof(__nv_bfloat16) && alignof(BFloat16) <= alignof(__nv_bfloat16),
+              "layout");
+
+// Accumulation type of a storage type: fp32, fp64 for fp64 data.
+template <typename S>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+template <typename S>
+struct FwdArgs {
+  const S* sigma;              // [N]
+  const S* t;                  // [N]
+  const S* feat;               // [N, F]
+  const int64_t* packed_info;  // [R, 2] or null (dense)
+  int64_t N, R, S_dense;
+  int F;
+  S* out_feat;                 // [R, F]
+  S* out_depth;                // [R]
+  S* out_wsum;                 // [R]
+};
+
+template <typename S>
+struct BwdArgs {
+  const S* sigma;              // [N]
+  const S* t;                  // [N]
+  const S* feat;               // [N, F]
+  const int64_t* packed_info;  // [R, 2] or null (dense)
+  int64_t N, R, S_dense;
+  int F;
+  const S* grad_feat;          // [R, F]
+  const S* grad_depth;         // [R]
+  const S* grad_wsum;          // [R]
+  const S* saved_feat;         // [R, F]
+  const S* saved_depth;        // [R]
+  const S* saved_wsum;         // [R]
+  S* dsigma;                   // [N] or null
+  S* dfeat;                    // [N, F] or null
+  S* dt;                       // [N] or null
+};
+
+// First sample and sample count of ray r. A packed range outside [0, N) becomes an empty ray, so a
+// malformed packed_info can never make the kernel touch memory outside the inputs.
+__device__ __forceinline__ void ray_range(const int64_t* packed_info, int64_t r, int64_t S_dense,
+                                          int64_t N, int64_t& start, int64_t& count) {
+  if (packed_info) {
+    start = packed_info[2 * r];
+    count = packed_info[2 * r + 1];
+    if (start < 0 || count < 0 || start > N - count) start = count = 0;
+  } else {
+    start = r * S_dense;
+    count = S_dense;
+  }
+}
+
+// kF > 0: F == kF at compile time; kF == 0: run-time F <= kCompositeMaxF.
+template <int kF, typename S>
+__global__ void __launch_bounds__(kCompositeThreads) composite_forward_kernel(const FwdArgs<S> a) {
+  using acc_t = typename AccOf<S>::type;
+  constexpr int kArr = kF > 0 ? kF : kCompositeMaxF;
+  const int F = kF > 0 ? kF : a.F;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < a.R; r += stride) {
+    int64_t start, count;
+    ray_range(a.packed_info, r, a.S_dense, a.N, start, count);
+    const composite::RayView<S> ray{a.sigma + start, a.t + start, a.feat + start * F, count};
+    acc_t acc[kArr];
+#pragma unroll
+    for (int c = 0; c < kArr; ++c) acc[c] = acc_t(0);
+    acc_t wsum, dnum;
+    composite::forward_ray<kF, kCompositeMaxF>(ray, F, acc, wsum, dnum);
+    S* of = a.out_feat + r * F;
+#pragma unroll
+    for (int c = 0; c < kArr; ++c) {
+      if (kF == 0 && c >= F) break;
+      of[c] = static_cast<S>(acc[c] * acc_t(2) - acc_t(1));
+    }
+    // NaN for a ray with no weight, as the CPU op and the reference give. Spelled out rather than
+    // left to 0 / 0, whose result --use_fast_math's approximate division does not promise.
+    a.out_depth[r] = static_cast<S>(wsum != acc_t(0) ? dnum / wsum : acc_t(NAN));
+    a.out_wsum[r] = static_cast<S>(wsum);
+  }
+}
+
+template <int kF, typename S>
+__global__ void __launch_bounds__(kCompositeThreads) composite_backward_kernel(const BwdArgs<S> a) {
+  using acc_t = typename AccOf<S>::type;
+  constexpr int kArr = kF > 0 ? kF : kCompositeMaxF;
+  const int F = kF > 0 ? kF : a.F;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < a.R; r += stride) {
+    int64_t start, count;
+    ray_range(a.packed_info, r, a.S_dense, a.N, start, count);
+    const composite::RayView<S> ray{a.sigma + start, a.t + start, a.feat + start * F, count};
+    // dL/dC = 2 dL/dfeat (feat = 2 C - 1).
+    acc_t gC[kArr];
+    const S* gf = a.grad_feat + r * F;
+#pragma unroll
+    for (int c = 0; c < kArr; ++c) {
+      if (kF == 0 && c >= F) break;
+      gC[c] = acc_t(2) * composite::load<acc_t>(gf, c);
+    }
+    const composite::RayGrad<acc_t> g = composite::fold_ray_grad<kF, kCompositeMaxF>(
+        gC, a.saved_feat + r * F, composite::load<acc_t>(a.saved_depth, r),
+        composite::load<acc_t>(a.saved_wsum, r), composite::load<acc_t>(a.grad_depth, r),
+        composite::load<acc_t>(a.grad_wsum, r), F);
+    composite::backward_ray<kF, kCompositeMaxF>(ray, F, gC, g, a.dsigma ? a.dsigma + start : nullptr,
+                                                a.dt ? a.dt + start : nullptr,
+                                                a.dfeat ? a.dfeat + start * F : nullptr);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side.
+// ------------------------------------------------------------------------------------------------
+
+// Enough blocks to cover every ray once, at most kCompositeBlocksPerSM per SM.
+cudaError_t grid_size(int64_t rays, int& blocks) {
+  int dev = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err != cudaSuccess) return err;
+  const int64_t needed = (rays + kCompositeThreads - 1) / kCompositeThreads;
+  const int64_t cap = int64_t(sms > 0 ? sms : 1) * kCompositeBlocksPerSM;
+  blocks = int(needed < cap ? needed : cap);
+  return cudaSuccess;
+}
+
+cudaError_t validate(const CompositeProblem& p) {
+  switch (p.dtype) {
+    case CompositeDType::kF32:
+    case CompositeDType::kF16:
+    case CompositeDType::kBF16:
+    case CompositeDType::kF64:
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  if (p.F < 1 || p.F > kCompositeMaxF || p.N < 0 || p.R < 0) return cudaErrorInvalidValue;
+  if (!p.packed_info && (p.S < 0 || p.N != p.R * p.S)) return cudaErrorInvalidValue;
+  if (p.N > 0 && !(p.sigma && p.t && p.feat)) return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
+
+template <typename S>
+cudaError_t forward_typed(const CompositeProblem& p, void* out_feat, void* out_depth, void* out_wsum,
+                          cudaStream_t stream) {
+  FwdArgs<S> a;
+  a.sigma = static_cast<const S*>(p.sigma);
+  a.t = static_cast<const S*>(p.t);
+  a.feat = static_cast<const S*>(p.feat);
+  a.packed_info = p.packed_info;
+  a.N = p.N;
+  a.R = p.R;
+  a.S_dense = p.S;
+  a.F = p.F;
+  a.out_feat = static_cast<S*>(out_feat);
+  a.out_depth = static_cast<S*>(out_depth);
+  a.out_wsum = static_cast<S*>(out_wsum);
+  int blocks = 0;
+  const cudaError_t err = grid_size(p.R, blocks);
+  if (err != cudaSuccess) return err;
+  auto kernel = p.F == 32 ? composite_forward_kernel<32, S> : composite_forward_kernel<0, S>;
+  kernel<<<blocks, kCompositeThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename S>
+cudaError_t backward_typed(const CompositeProblem& p, const void* grad_feat, const void* grad_depth,
+                           const void* grad_wsum, const void* saved_feat, const void* saved_depth,
+                           const void* saved_wsum, void* dsigma, void* dfeat, void* dt,
+                           cudaStream_t stream) {
+  BwdArgs<S> a;
+  a.sigma = static_cast<const S*>(p.sigma);
+  a.t = static_cast<const S*>(p.t);
+  a.feat = static_cast<const S*>(p.feat);
+  a.packed_info = p.packed_info;
+  a.N = p.N;
+  a.R = p.R;
+  a.S_dense = p.S;
+  a.F = p.F;
+  a.grad_feat = static_cast<const S*>(grad_feat);
+  a.grad_depth = static_cast<const S*>(grad_depth);
+  a.grad_wsum = static_cast<const S*>(grad_wsum);
+  a.saved_feat = static_cast<const S*>(saved_feat);
+  a.saved_depth = static_cast<const S*>(saved_depth);
+  a.saved_wsum = static_cast<const S*>(saved_wsum);
+  a.dsigma = static_cast<S*>(dsigma);
+  a.dfeat = static_cast<S*>(dfeat);
+  a.dt = static_cast<S*>(dt);
+  int blocks = 0;
+  const cudaError_t err = grid_size(p.R, blocks);
+  if (err != cudaSuccess) return err;
+  auto kernel = p.F == 32 ? composite_backward_kernel<32, S> : composite_backward_kernel<0, S>;
+  kernel<<<blocks, kCompositeThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t composite_forward(const CompositeProblem& p, void* out_feat, void* out_depth, void* out_wsum,
+                              cudaStream_t stream) {
+  const cudaError_t err = validate(p);
+  if (err != cudaSuccess) return err;
+  if (p.R == 0) return cudaSuccess;
+  if (!out_feat || !out_depth || !out_wsum) return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case CompositeDType::kF32:
+      return forward_typed<float>(p, out_feat, out_depth, out_wsum, stream);
+    case CompositeDType::kF16:
+      return forward_typed<Half16>(p, out_feat, out_depth, out_wsum, stream);
+    case CompositeDType::kBF16:
+      return forward_typed<BFloat16>(p, out_feat, out_depth, out_wsum, stream);
+    case CompositeDType::kF64:
+      return forward_typed<double>(p, out_feat, out_depth, out_wsum, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t composite_backward(const CompositeProblem& p, const void* grad_feat, const void* grad_depth,
+                               const void* grad_wsum, const void* saved_feat, const void* saved_depth,
+                               const void* saved_wsum, void* dsigma, void* dfeat, void* dt,
+                               cudaStream_t stream) {
+  const cudaError_t err = validate(p);
+  if (err != cudaSuccess) return err;
+  // No ray, or no gradient wanted: nothing to write.
+  if (p.R == 0 || (!dsigma && !dfeat && !dt)) return cudaSuccess;
+  if (!grad_feat || !grad_depth || !grad_wsum || !saved_feat || !saved_depth || !saved_wsum)
+    return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case CompositeDType::kF32:
+      return backward_typed<float>(p, grad_feat, grad_depth, grad_wsum, saved_feat, saved_depth,
+                                   saved_wsum, dsigma, dfeat, dt, stream);
+    case CompositeDType::kF16:
+      return backward_typed<Half16>(p, grad_feat, grad_depth, grad_wsum, saved_feat, saved_depth,
+                                    saved_wsum, dsigma, dfeat, dt, stream);
+    case CompositeDType::kBF16:
+      return backward_typed<BFloat16>(p, grad_feat, grad_depth, grad_wsum, saved_feat, saved_depth,
+                                      saved_wsum, dsigma, dfeat, dt, stream);
+    case CompositeDType::kF64:
+      return backward_typed<double>(p, grad_feat, grad_depth, grad_wsum, saved_feat, saved_depth,
+                                    saved_wsum, dsigma, dfeat, dt, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace talk3d

@@ -1,0 +1,399 @@
+"""The rendering CUDA kernels (compositing, occupancy marching), emulated on the CPU, against the CPU ops.
+
+No GPU is needed: tests/cuda_emu/emu_render.cpp mocks the CUDA runtime calls the launchers make and
+runs every CUDA thread as a std::thread, after the kernel launches are rewritten into emulator calls
+(as tests/test_cuda_emulation.py does for the field kernels). The kernels are thread-per-ray loops
+around the same headers the CPU ops use, so what this checks is the CUDA side proper: ray ranges in
+both layouts, the F = 32 and generic instances, storage-type conversions, the grid-stride loop, null
+gradient outputs and outputs left to the caller's zeros. The emulator runs the host branch of the
+shared math (talk3d/common.h's host exp/softplus); what the device's fast-math intrinsics change,
+and everything about speed, needs a GPU run.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from composite_cases import CompositeCase, make_dense, make_packed
+from talk3d import extension
+from talk3d.ops.reference.composite import composite as reference_composite
+from talk3d.ops.reference.composite import finish_depth
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = {"composite": ROOT / "kernels" / "composite" / "composite.cu",
+           "occupancy": ROOT / "kernels" / "occupancy" / "occupancy.cu"}
+CXX = shutil.which("g++")
+NVCC = shutil.which("nvcc")
+
+
+def _cuda_include() -> Path | None:
+    for c in ["/usr/local/cuda", *sorted(map(str, Path("/usr/local").glob("cuda-*")))]:
+        if (Path(c) / "include" / "cuda_runtime.h").exists():
+            return Path(c) / "include"
+    return None
+
+
+pytestmark = [
+    pytest.mark.skipif(CXX is None or _cuda_include() is None, reason="needs g++ and the CUDA headers"),
+    pytest.mark.skipif(not extension.available(), reason="talk3d._C not built (the CPU ops are the yardstick)"),
+]
+
+# CompositeDType code and storage dtype.
+DTYPES = {"f32": (0, torch.float32), "f16": (1, torch.float16), "bf16": (2, torch.bfloat16), "f64": (3, torch.float64)}
+
+# --- Tolerances against the CPU op (same inputs, same saved outputs) -----------------------------
+# The emulated kernel and the CPU op run the same per-ray code in the same order; they differ only
+# in how the compilers contract a*b+c into FMAs (the CPU op is built with -O3 -march=native, the
+# emulator without): a few ulps per operation over a scan of <= 24 samples, amplified where the
+# backward's L - P_i cancels (alpha -> 1 rays: 1.4e-6 seen in fp32). Relative to the largest value.
+SAME_CODE_ATOL = {"f32": 4e-6, "f64": 1e-14, "f16": 4e-6, "bf16": 4e-6}
+# Half-precision outputs are the fp32 result rounded once to storage: within one unit in the last
+# place of either neighbour, i.e. 2^-10 (fp16) / 2^-7 (bf16) of the value (one ulp, not half: the
+# fp32 values being rounded may differ by the contraction noise above and round apart).
+ROUNDING_RTOL = {"f32": 0.0, "f64": 0.0, "f16": 2.0**-10, "bf16": 2.0**-7}
+
+# --- Tolerances against the float64 PyTorch reference, relative to the largest value -------------
+# fp32 accumulation over <= 24 samples: transmittance is a product of <= 23 factors (~23 ulps),
+# sums of <= 24 O(1) terms; gradients of t carry 1/W from the depth, hence looser.
+REF_OUTPUT_RTOL = {"f32": 2e-5, "f64": 1e-11, "f16": 2e-3, "bf16": 1.6e-2}
+# Half precision: inputs are the same rounded values, but the backward reads the forward's outputs
+# as saved in storage precision (2^-11 / 2^-8 relative), and its scalar L = gC.C + ... (a sum over F
+# features) enters every dsigma/dt through L - P_i: errors of a few rounding units of L (seen: 2.3e-3
+# fp16, 1.1e-2 bf16), on top of rounding the gradients themselves.
+REF_GRAD_RTOL = {"f32": 1e-4, "f64": 1e-10, "f16": 6e-3, "bf16": 4e-2}
+
+
+# The emulator's buffers are sized exactly, so AddressSanitizer turns any read or write past a
+# tensor's end (a wrong stride, a ray range off by one) into a failed run.
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+
+
+def _sanitizers_link(build: Path) -> bool:
+    """Whether this g++ has the sanitizer runtimes (some minimal images lack libasan)."""
+    (build / "probe.cpp").write_text("int main() { return 0; }\n")
+    proc = subprocess.run([CXX, *SANITIZE, str(build / "probe.cpp"), "-o", str(build / "probe")], capture_output=True)
+    return proc.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory) -> Path:
+    build = tmp_path_factory.mktemp("cuda_emu_render")
+    sanitize = SANITIZE if _sanitizers_link(build) else []
+    launch = re.compile(r"(\w+)<<<\s*(\w+)\s*,\s*(\w+)\s*,\s*(\w+)\s*,\s*\w+\s*>>>\(([^;]*)\);")
+    for name, cu in KERNELS.items():
+        rewritten, n = launch.subn(r"emu_launch(\1, \2, \3, \4, \5);", cu.read_text())
+        assert n > 0 and "<<<" not in rewritten, f"could not rewrite the kernel launches of {cu.name}"
+        (build / f"{name}_emu.cu").write_text(rewritten)
+    exe = build / "emu_render"
+    cmd = [CXX, "-std=c++20", "-O1", "-pthread", *sanitize, f"-I{_cuda_include()}", f"-I{ROOT / 'csrc' / 'include'}",
+           f"-I{ROOT / 'kernels'}", *[f"-I{cu.parent}" for cu in KERNELS.values()], f"-I{build}",
+           str(ROOT / "tests" / "cuda_emu" / "emu_render.cpp"), "-o", str(exe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return exe
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@pytest.mark.parametrize("cu", list(KERNELS.values()), ids=lambda p: p.name)
+def test_kernels_compile_with_torch_extension_flags(cu, tmp_path):
+    """torch's CUDAExtension adds -D__CUDA_NO_HALF_CONVERSIONS__ and friends, which remove the
+    __half <-> float conversions composite_math.h's static_casts would need; test_build.py compiles
+    without them. Compile as the extension build does, warnings as errors."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    manifest = json.loads((ROOT / "csrc" / "sources.json").read_text())
+    cmd = [NVCC, "-c", "-arch=sm_90", *manifest["nvcc_flags"], *COMMON_NVCC_FLAGS, "-Werror", "all-warnings",
+           *[f"-I{ROOT / d}" for d in manifest["include_dirs"]], str(cu), "-o", str(tmp_path / "k.o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr}"
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    t = t.contiguous()
+    return (t.view(torch.int16) if t.dtype in (torch.float16, torch.bfloat16) else t).numpy().tobytes()
+
+
+def _load(path: Path, dtype, shape) -> torch.Tensor:
+    np_dtype = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.int16,
+                torch.bfloat16: np.int16, torch.int32: np.int32}[dtype]
+    t = torch.from_numpy(np.fromfile(path, dtype=np_dtype).copy())
+    if dtype in (torch.float16, torch.bfloat16):
+        t = t.view(dtype)
+    return t.reshape(shape)
+
+
+def _run(emulator: Path, mode: str, case_dir: Path) -> str:
+    proc = subprocess.run([str(emulator), mode, str(case_dir)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def _assert_close(name, got, want, atol_rel, rtol=0.0):
+    """|got - want| <= rtol |want| + atol_rel * max|want| elementwise; NaN exactly where want is NaN."""
+    got, want = got.to(torch.float64), want.to(torch.float64)
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan), f"{name}: NaN where the expected value is not, or vice versa"
+    g, w = got[~nan], want[~nan]
+    if w.numel() == 0:
+        return
+    assert torch.isfinite(g).all(), f"{name}: non-finite values"
+    scale = max(w.abs().max().item(), 1e-30)
+    bound = rtol * w.abs() + atol_rel * scale
+    excess = ((g - w).abs() - bound).max().item()
+    err = (g - w).abs().max().item()
+    assert excess <= 0, f"{name}: error {err:.3g} exceeds rtol={rtol:.3g} |x| + {atol_rel:.3g} * {scale:.3g}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Compositing
+# ------------------------------------------------------------------------------------------------
+
+COMPOSITE_CASES = {
+    "dense_eg3d_f32": dict(F=32),
+    "dense_eg3d_f64": dict(F=32, dtype="f64"),
+    "dense_eg3d_f16": dict(F=32, dtype="f16"),
+    "dense_eg3d_bf16": dict(F=32, dtype="bf16"),
+    "dense_generic_f32": dict(F=5),
+    "dense_generic_f64": dict(F=7, dtype="f64"),
+    "dense_generic_f16_one_feature": dict(F=1, dtype="f16"),
+    "dense_generic_bf16_max_features": dict(F=64, dtype="bf16", R=9),
+    "dense_generic_f32_max_features": dict(F=64, R=9),
+    "dense_alpha_to_one_f32": dict(F=3, sigma_scale=40.0, sigma_shift=20.0),
+    "dense_one_interval": dict(F=32, S=2),
+    "dense_single_sample_rays": dict(F=4, S=1),
+    "dense_no_samples": dict(F=4, S=0),
+    "dense_grid_stride_loop": dict(F=3, B=1, R=2100, S=6, sms=1),  # > 16 blocks x 128 threads
+    "dense_only_dt": dict(F=32, mask=4),
+    "dense_only_dsigma_dfeat_f16": dict(F=6, dtype="f16", mask=3),
+    "packed_eg3d_f32": dict(F=32, packed=True),
+    "packed_eg3d_f64": dict(F=32, packed=True, dtype="f64"),
+    "packed_eg3d_f16": dict(F=32, packed=True, dtype="f16"),
+    "packed_eg3d_bf16": dict(F=32, packed=True, dtype="bf16"),
+    "packed_generic_f32": dict(F=5, packed=True),
+    "packed_generic_f64": dict(F=9, packed=True, dtype="f64"),
+    "packed_generic_bf16": dict(F=3, packed=True, dtype="bf16"),
+    "packed_grid_stride_loop": dict(F=2, R=2100, S=3, packed=True, sms=1),
+    "packed_only_dfeat": dict(F=32, packed=True, mask=2),
+}
+
+
+def _composite_case(name):
+    c = dict(dtype="f32", B=2, R=37, S=24, F=5, sigma_scale=4.0, sigma_shift=0.0, packed=False, sms=2, mask=7)
+    c.update(COMPOSITE_CASES[name])
+    return c
+
+
+def _composite_inputs(c):
+    """Inputs in float64 (rounded through the storage dtype), packed_info, and the in-ray sample mask."""
+    case = CompositeCase(B=c["B"], R=c["R"], S=c["S"], F=c["F"], sigma_scale=c["sigma_scale"],
+                         sigma_shift=c["sigma_shift"])
+    _, sdt = DTYPES[c["dtype"]]
+    if c["packed"]:
+        sigma, feat, t, pinfo = make_packed(case, torch.float64)
+        inside = torch.zeros(sigma.shape[0], dtype=torch.bool)
+        for s, n in pinfo.tolist():
+            inside[s:s + n] = True
+        # Samples between rays are NaN: a kernel that reads one poisons that ray's outputs.
+        for x in (sigma, feat, t):
+            x[~inside] = float("nan")
+    else:
+        sigma, feat, t = make_dense(case, torch.float64)
+        pinfo, inside = None, torch.ones(sigma.numel(), dtype=torch.bool)
+    sigma, feat, t = (x.to(sdt).to(torch.float64) for x in (sigma, feat, t))
+    return sigma, feat, t, pinfo, inside
+
+
+@pytest.mark.parametrize("name", list(COMPOSITE_CASES))
+def test_composite_kernels_in_emulation(emulator, tmp_path, name):
+    c = _composite_case(name)
+    code, sdt = DTYPES[c["dtype"]]
+    sigma, feat, t, pinfo, inside = _composite_inputs(c)
+    F = c["F"]
+    lead = tuple(sigma.shape[:2]) if pinfo is None else (pinfo.shape[0],)
+    R = int(np.prod(lead))
+    g_feat = torch.randn(*lead, F, dtype=torch.float64).to(sdt)
+    g_depth = torch.randn(*lead, 1, dtype=torch.float64).to(sdt)
+    g_wsum = torch.randn(*lead, 1, dtype=torch.float64).to(sdt)
+    files = {"sigma": sigma, "t": t, "feat": feat, "gfeat": g_feat, "gdepth": g_depth, "gwsum": g_wsum}
+    for fn, x in files.items():
+        (tmp_path / f"{fn}.bin").write_bytes(_raw(x.to(sdt)))
+    if pinfo is not None:
+        (tmp_path / "packed_info.bin").write_bytes(pinfo.contiguous().numpy().tobytes())
+    N = sigma.shape[0] if pinfo is not None else sigma.numel()
+    meta = [code, R, 0 if pinfo is not None else c["S"], F, N, int(pinfo is not None), c["sms"], c["mask"]]
+    (tmp_path / "meta.txt").write_text(" ".join(map(str, meta)))
+    out = _run(emulator, "composite", tmp_path)
+    assert "forward: err=0" in out and "backward: err=0" in out, out
+
+    o_feat = _load(tmp_path / "out_feat.bin", sdt, (*lead, F))
+    o_depth = _load(tmp_path / "out_depth.bin", sdt, (*lead, 1))
+    o_wsum = _load(tmp_path / "out_wsum.bin", sdt, (*lead, 1))
+    grads = [_load(tmp_path / f"out_{g}.bin", sdt, x.shape) for g, x in (("dsigma", sigma), ("dfeat", feat), ("dt", t))]
+    needs = [bool(c["mask"] >> i & 1) for i in range(3)]
+
+    # 1. Against the CPU op on the same values (in fp32 for half storage) and the same saved outputs.
+    cdt = sdt if sdt in (torch.float32, torch.float64) else torch.float32
+    up = [x.to(cdt) for x in (sigma, feat, t)]
+    want_fwd = torch.ops.talk3d.composite_fwd(*up, pinfo)
+    atol, rtol = SAME_CODE_ATOL[c["dtype"]], ROUNDING_RTOL[c["dtype"]]
+    for nm, got, want in zip(("feat", "depth", "weight_sum"), (o_feat, o_depth, o_wsum), want_fwd):
+        _assert_close(f"forward {nm} vs cpu op", got, want, atol, rtol)
+    want_bwd = torch.ops.talk3d.composite_bwd(
+        g_feat.to(cdt), g_depth.to(cdt), g_wsum.to(cdt), *up, pinfo,
+        o_feat.to(cdt), o_depth.to(cdt), o_wsum.to(cdt), needs)
+    for nm, got, want, need in zip(("dsigma", "dfeat", "dt"), grads, want_bwd, needs):
+        if need:  # unwanted outputs get a null pointer: their buffers are not looked at
+            _assert_close(f"backward {nm} vs cpu op", got, want, atol, rtol)
+    if pinfo is not None:
+        for nm, got, need in zip(("dsigma", "dfeat", "dt"), grads, needs):
+            if need:
+                assert (got.reshape(inside.shape[0], -1)[~inside] == 0).all(), f"{nm}: wrote outside the rays"
+
+    # 2. Against the float64 PyTorch reference.
+    if N == 0:
+        return  # the reference's depth range (t.min()) is undefined without samples
+    t_ref = t.clone()
+    t_ref[~inside.reshape(t.shape[:-1])] = t[inside.reshape(t.shape[:-1])].min()  # only for its depth range
+    ins = [x.clone().requires_grad_(n) for x, n in zip((sigma, feat, t_ref), needs)]
+    r_feat, r_depth, r_wsum = reference_composite(*ins, packed_info=pinfo)
+    _assert_close("forward feat vs reference", o_feat, r_feat.detach(), REF_OUTPUT_RTOL[c["dtype"]])
+    _assert_close("forward weight_sum vs reference", o_wsum, r_wsum.detach(), REF_OUTPUT_RTOL[c["dtype"]])
+    _assert_close("forward depth vs reference", finish_depth(o_depth.to(torch.float64), t_ref), r_depth.detach(),
+                  REF_OUTPUT_RTOL[c["dtype"]])
+    # A ray without weight has depth NaN: the op gives it no depth gradient, while the reference's
+    # NaN -> t.max() clean-up would route it to t.max(). Leave those rays' depth out of the loss.
+    has_w = (r_wsum.detach() > 0).to(torch.float64)
+    loss = ((g_feat.double() * r_feat).sum() + (g_depth.double() * has_w * r_depth).sum()
+            + (g_wsum.double() * r_wsum).sum())
+    wanted = [x for x in ins if x.requires_grad]
+    ref_grads = iter(torch.autograd.grad(loss, wanted, allow_unused=True))
+    for nm, got, need in zip(("dsigma", "dfeat", "dt"), grads, needs):
+        if need:
+            want = next(ref_grads)
+            _assert_close(f"backward {nm} vs reference", got, torch.zeros_like(got) if want is None else want,
+                          REF_GRAD_RTOL[c["dtype"]])
+
+
+def test_composite_rejects_too_many_features(emulator, tmp_path):
+    """F above the generic instance's bound is an error from the launcher, with no output written."""
+    R, S, F = 3, 4, 65
+    x = torch.rand(R * S * F)
+    for fn, n in (("sigma", R * S), ("t", R * S), ("feat", R * S * F), ("gfeat", R * F), ("gdepth", R), ("gwsum", R)):
+        (tmp_path / f"{fn}.bin").write_bytes(_raw(x[:n]))
+    (tmp_path / "meta.txt").write_text(" ".join(map(str, [0, R, S, F, R * S, 0, 2, 7])))
+    out = _run(emulator, "composite", tmp_path)
+    assert "forward: err=1 blocks=0" in out, out  # cudaErrorInvalidValue, nothing launched
+    assert np.all(np.fromfile(tmp_path / "out_feat.bin", dtype=np.uint8) == 0xFF)
+
+
+def test_composite_packed_ray_out_of_range_is_empty(emulator, tmp_path):
+    """A packed range leaving [0, N) (rejected by the Python wrapper) must not be read: it is empty."""
+    F, N = 4, 10
+    sigma, t = torch.randn(N), torch.linspace(2.0, 3.0, N)
+    feat = torch.rand(N, F)
+    pinfo = torch.tensor([[0, 5], [8, 5], [-1, 2], [5, 5]], dtype=torch.int64)
+    R = pinfo.shape[0]
+    files = {"sigma": sigma, "t": t, "feat": feat, "gfeat": torch.randn(R, F), "gdepth": torch.randn(R),
+             "gwsum": torch.randn(R)}
+    for fn, x in files.items():
+        (tmp_path / f"{fn}.bin").write_bytes(_raw(x))
+    (tmp_path / "packed_info.bin").write_bytes(pinfo.numpy().tobytes())
+    (tmp_path / "meta.txt").write_text(" ".join(map(str, [0, R, 0, F, N, 1, 2, 7])))
+    out = _run(emulator, "composite", tmp_path)
+    assert "forward: err=0" in out and "backward: err=0" in out, out
+    o_feat = _load(tmp_path / "out_feat.bin", torch.float32, (R, F))
+    o_wsum = _load(tmp_path / "out_wsum.bin", torch.float32, (R,))
+    o_depth = _load(tmp_path / "out_depth.bin", torch.float32, (R,))
+    for r in (1, 2):
+        assert (o_feat[r] == -1).all() and o_wsum[r] == 0 and torch.isnan(o_depth[r])
+    good = pinfo[[0, 3]]
+    want = torch.ops.talk3d.composite_fwd(sigma[:, None], feat, t[:, None], good)
+    _assert_close("valid rays", o_feat[[0, 3]], want[0], SAME_CODE_ATOL["f32"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Occupancy marching
+# ------------------------------------------------------------------------------------------------
+
+# The kernel and the CPU op run the same DDA code in the same precision and return integers: they
+# must agree exactly (a mismatch would need a sample depth within an ulp of a cell face).
+OCCUPANCY_CASES = {
+    f"{grid}_{'outside' if outside else 'inside'}_{dt}": dict(grid=grid, outside=outside, dtype=dt)
+    for grid in ("random", "sparse", "full", "empty")
+    for outside in (False, True)
+    for dt in ("f32", "f64")
+}
+OCCUPANCY_CASES.update({
+    "random_res7_odd_bit_count": dict(grid="random", res=7),
+    "full_res1_inside": dict(grid="full", res=1),
+    "random_grid_stride_loop": dict(grid="random", B=1, R=2300, S=8, sms=1),
+})
+
+
+def _grid_bits(kind: str, res: int, p: float) -> torch.Tensor:
+    n = res**3
+    if kind == "full":
+        occ = np.ones(n, dtype=bool)
+    elif kind == "empty":
+        occ = np.zeros(n, dtype=bool)
+    else:
+        occ = (torch.rand(n) < (p if kind == "random" else 0.02)).numpy()
+    return torch.from_numpy(np.packbits(occ, bitorder="little").copy())  # bit i of byte i // 8, LSB first
+
+
+def _march_rays(B, R, S, box, dtype):
+    """Rays from inside and outside the cube, some axis-parallel, some pointing away."""
+    M = B * R
+    inside = (torch.rand(M, 3, dtype=torch.float64) - 0.5) * 0.8 * box
+    far = torch.nn.functional.normalize(torch.randn(M, 3, dtype=torch.float64), dim=-1) * 1.5 * box
+    origins = torch.where(torch.rand(M, 1) < 0.5, inside, far)
+    # Aim at a random point of the cube (or near it), so most outside rays cross it.
+    target = (torch.rand(M, 3, dtype=torch.float64) - 0.5) * 1.2 * box
+    dirs = torch.nn.functional.normalize(target - origins, dim=-1)
+    flip = torch.rand(M) < 0.1
+    dirs[flip] = -dirs[flip]
+    for axes in ((0,), (1,), (2,), (0, 1), (1, 2)):  # exact zeros exercise the parallel-slab branch
+        pick = torch.rand(M) < 0.04
+        for a in axes:
+            dirs[pick, a] = 0.0
+    dirs = torch.nn.functional.normalize(dirs, dim=-1)
+    near = torch.rand(M, 1, dtype=torch.float64) * 0.5
+    t = near + torch.rand(M, S, dtype=torch.float64).sort(dim=-1).values * 3.0 * box
+    t[:, :1], t[:, -1:] = near, near + 3.0 * box
+    return [x.reshape(B, R, -1).to(dtype) for x in (origins, dirs, t)]
+
+
+@pytest.mark.parametrize("name", list(OCCUPANCY_CASES))
+def test_occupancy_kernel_in_emulation(emulator, tmp_path, name):
+    c = dict(dtype="f32", B=2, R=300, S=16, res=16, box=1.0, outside=False, p=0.3, sms=2)
+    c.update(OCCUPANCY_CASES[name])
+    dtype = torch.float32 if c["dtype"] == "f32" else torch.float64
+    origins, dirs, t = _march_rays(c["B"], c["R"], c["S"], c["box"], dtype)
+    bits = _grid_bits(c["grid"], c["res"], c["p"])
+    for fn, x in (("origins", origins), ("dirs", dirs), ("t", t)):
+        (tmp_path / f"{fn}.bin").write_bytes(_raw(x))
+    (tmp_path / "bits.bin").write_bytes(bits.numpy().tobytes())
+    M = c["B"] * c["R"]
+    meta = [0 if c["dtype"] == "f32" else 1, M, c["S"], c["res"], repr(c["box"]), int(c["outside"]), c["sms"]]
+    (tmp_path / "meta.txt").write_text(" ".join(map(str, meta)))
+    out = _run(emulator, "occupancy", tmp_path)
+    assert "occupancy: err=0" in out, out
+    got = _load(tmp_path / "out.bin", torch.int32, (c["B"], c["R"], 2))
+    want = torch.ops.talk3d.occupied_intervals(origins, dirs, t, bits, c["res"], c["box"], c["outside"])
+    bad = (got != want).any(-1)
+    assert not bad.any(), f"{int(bad.sum())} of {M} rays differ, e.g. got {got[bad][:3].tolist()} want {want[bad][:3].tolist()}"
+    # Two cases whose answer does not depend on the marching at all.
+    if c["grid"] == "empty" and not c["outside"]:
+        assert (got == -1).all()
+    if c["grid"] == "full" and c["outside"]:
+        assert (got[..., 0] == 0).all() and (got[..., 1] == c["S"] - 2).all()
+    if c["grid"] == "random" and not c["outside"]:
+        assert ((got[..., 0] >= 0).float().mean() > 0.3), "too few rays hit the grid: the case tests little"
