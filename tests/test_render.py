@@ -159,8 +159,10 @@ def test_occupancy_skipping_on_head_scene(yaw, pitch):
     for step in range(4):  # warm-up updates, each with fresh points in every cell
         grid.update(step, renderer.density(planes, dec), cfg.coarse_step)
     assert 0.01 < grid.occupied_fraction() < 0.2
-    for early_stop in (0.0, 1e-4):
-        skip = render(planes, dec, cams, cfg, impl="cpu", deterministic=True, grid=grid, early_stop=early_stop)
+    # chunk=1: the first coarse steps hold no live sample of any ray, and later ones must still run.
+    for early_stop, chunk in ((0.0, 8), (1e-4, 8), (1e-4, 1)):
+        skip = render(planes, dec, cams, cfg, impl="cpu", deterministic=True, grid=grid,
+                      early_stop=early_stop, chunk=chunk)
         assert psnr(skip.feature_image[:, :3], dense.feature_image[:, :3]) >= MIN_SKIP_PSNR
         assert skip.samples_per_ray <= dense.samples_per_ray / 2
         hit = dense.weight_sum > 0.5  # depth of rays that see the object

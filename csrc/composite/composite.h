@@ -33,6 +33,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> composite_outputs(const Composite
 
 using CompositeOut = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
+// Per-ray tensors and gradient buffers of the backward, shared by every back end.
+struct CompositeBackwardIO {
+  at::Tensor gf, gd, gw;          // grads of feat [R, F], depth [R], weight_sum [R]: contiguous, sigma's dtype
+  at::Tensor sf, sd, sw;          // the saved forward outputs, likewise
+  at::Tensor dsigma, dfeat, dt;   // contiguous like the inputs; undefined where not needed; zeroed
+                                  // in the packed layout (samples outside every ray are not visited)
+  // (dsigma, dfeat, dt) with empty placeholders for the gradients not asked for.
+  CompositeOut result(const at::Tensor& sigma, const at::Tensor& feat, const at::Tensor& t) const;
+};
+
+// Checks the gradients and saved outputs against `in` (device, element counts) and allocates the
+// gradient buffers.
+CompositeBackwardIO prepare_composite_backward(const CompositeInputs& in, const at::Tensor& grad_feat,
+                                               const at::Tensor& grad_depth, const at::Tensor& grad_wsum,
+                                               const at::Tensor& out_feat, const at::Tensor& out_depth,
+                                               const at::Tensor& out_wsum, const at::Tensor& sigma,
+                                               const at::Tensor& feat, const at::Tensor& t,
+                                               std::array<bool, 3> needs);
+
 CompositeOut composite_fwd_cpu(const at::Tensor& sigma, const at::Tensor& feat, const at::Tensor& t,
                                const std::optional<at::Tensor>& packed_info);
 

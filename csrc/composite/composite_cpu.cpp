@@ -4,7 +4,6 @@
 
 #include "composite.h"
 #include "talk3d/composite_math.h"
-#include "triplane_field/triplane_field.h"  // grad_placeholder
 
 namespace talk3d {
 
@@ -28,9 +27,7 @@ inline void ray_range(const CompositeInputs& in, const int64_t* pinfo, int64_t r
 }
 
 template <typename scalar_t>
-composite::RayView<scalar_t> ray_view(const CompositeInputs& in, const int64_t* pinfo, int64_t r) {
-  int64_t start, count;
-  ray_range(in, pinfo, r, start, count);
+composite::RayView<scalar_t> ray_view(const CompositeInputs& in, int64_t start, int64_t count) {
   return {in.sigma.data_ptr<scalar_t>() + start, in.t.data_ptr<scalar_t>() + start,
           in.feat.data_ptr<scalar_t>() + start * in.F, count};
 }
@@ -55,7 +52,9 @@ CompositeOut composite_fwd_cpu(const at::Tensor& sigma, const at::Tensor& feat, 
       for (int64_t r = begin; r < end; ++r) {
         for (int c = 0; c < F; ++c) acc[c] = scalar_t(0);
         scalar_t wsum, dnum;
-        composite::forward_ray<0, kCpuMaxF>(ray_view<scalar_t>(in, pinfo, r), F, acc, wsum, dnum);
+        int64_t start, count;
+        ray_range(in, pinfo, r, start, count);
+        composite::forward_ray<0, kCpuMaxF>(ray_view<scalar_t>(in, start, count), F, acc, wsum, dnum);
         for (int c = 0; c < F; ++c) of[r * F + c] = acc[c] * scalar_t(2) - scalar_t(1);
         od[r] = dnum / wsum;  // NaN for a ray with no weight, as the reference gives
         ow[r] = wsum;
@@ -75,21 +74,11 @@ CompositeOut composite_bwd_cpu(const at::Tensor& grad_feat, const at::Tensor& gr
   TORCH_CHECK_TYPE(sigma.scalar_type() == at::kFloat || sigma.scalar_type() == at::kDouble,
                    "composite (cpu): takes float32 or float64, got ", sigma.scalar_type());
   TORCH_CHECK_VALUE(in.F <= kCpuMaxF, "composite (cpu): at most ", kCpuMaxF, " features, got ", in.F);
-  const at::Tensor gf = grad_feat.contiguous(), gd = grad_depth.contiguous(),
-                   gw = grad_wsum.contiguous(), sf = out_feat.contiguous(),
-                   sd = out_depth.contiguous(), sw = out_wsum.contiguous();
-  TORCH_CHECK_VALUE(gf.numel() == in.R * in.F && gd.numel() == in.R && gw.numel() == in.R &&
-                        sf.numel() == in.R * in.F && sd.numel() == in.R && sw.numel() == in.R,
-                    "composite_bwd: gradients and saved outputs must match the outputs' shapes");
-  // Samples outside every ray (packed layout) get zero gradient, so start from zeros there.
-  const auto opts = in.sigma.options();
+  CompositeBackwardIO io = prepare_composite_backward(in, grad_feat, grad_depth, grad_wsum, out_feat,
+                                                      out_depth, out_wsum, sigma, feat, t, needs);
+  at::Tensor &dsig = io.dsigma, &dfeat = io.dfeat, &dt = io.dt;
+  const at::Tensor &gf = io.gf, &gd = io.gd, &gw = io.gw, &sf = io.sf, &sd = io.sd, &sw = io.sw;
   const bool packed = in.packed_info.defined();
-  auto alloc = [&](bool need, at::IntArrayRef shape) {
-    if (!need) return at::Tensor();
-    return packed ? at::zeros(shape, opts) : at::empty(shape, opts);
-  };
-  at::Tensor dsig = alloc(needs[0], sigma.sizes()), dfeat = alloc(needs[1], feat.sizes()),
-             dt = alloc(needs[2], t.sizes());
   const int64_t* pinfo = packed ? in.packed_info.data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(sigma.scalar_type(), "composite_bwd_cpu", [&] {
     scalar_t* ds = dsig.defined() ? dsig.data_ptr<scalar_t>() : nullptr;
@@ -107,16 +96,13 @@ CompositeOut composite_bwd_cpu(const at::Tensor& grad_feat, const at::Tensor& gr
                                                               pgd[r], pgw[r], F);
         int64_t start, count;
         ray_range(in, pinfo, r, start, count);
-        composite::backward_ray<0, kCpuMaxF>(ray_view<scalar_t>(in, pinfo, r), F, gC, g,
+        composite::backward_ray<0, kCpuMaxF>(ray_view<scalar_t>(in, start, count), F, gC, g,
                                              ds ? ds + start : nullptr, dtp ? dtp + start : nullptr,
                                              df ? df + start * F : nullptr);
       }
     });
   });
-  auto out = [&](const at::Tensor& g, const at::Tensor& like) {
-    return g.defined() ? g : grad_placeholder(like);
-  };
-  return {out(dsig, sigma), out(dfeat, feat), out(dt, t)};
+  return io.result(sigma, feat, t);
 }
 
 }  // namespace talk3d

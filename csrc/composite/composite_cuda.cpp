@@ -66,38 +66,17 @@ CompositeOut bwd_cuda(const at::Tensor& grad_feat, const at::Tensor& grad_depth,
   const c10::cuda::CUDAGuard guard(sigma.device());
   const cuda::CompositeProblem p = make_problem(in);
   // The kernel reads every per-ray tensor in the storage dtype, contiguous, on sigma's device.
-  const auto dtype = sigma.scalar_type();
-  auto per_ray = [&](const at::Tensor& x, const char* name) {
-    TORCH_CHECK_VALUE(x.device() == sigma.device(), "composite_bwd: ", name, " is on ", x.device(),
-                      " but sigma is on ", sigma.device());
-    return x.to(dtype).contiguous();
-  };
-  const at::Tensor gf = per_ray(grad_feat, "grad_feat"), gd = per_ray(grad_depth, "grad_depth"),
-                   gw = per_ray(grad_wsum, "grad_weight_sum"), sf = per_ray(out_feat, "out_feat"),
-                   sd = per_ray(out_depth, "out_depth"), sw = per_ray(out_wsum, "out_weight_sum");
-  TORCH_CHECK_VALUE(gf.numel() == in.R * in.F && gd.numel() == in.R && gw.numel() == in.R &&
-                        sf.numel() == in.R * in.F && sd.numel() == in.R && sw.numel() == in.R,
-                    "composite_bwd: gradients and saved outputs must match the outputs' shapes");
-  // Samples outside every ray (packed layout) get zero gradient and the kernel never visits them.
-  const auto opts = in.sigma.options();
-  const bool packed = in.packed_info.defined();
-  auto alloc = [&](bool need, at::IntArrayRef shape) {
-    if (!need) return at::Tensor();
-    return packed ? at::zeros(shape, opts) : at::empty(shape, opts);
-  };
-  at::Tensor dsig = alloc(needs[0], sigma.sizes()), dfeat = alloc(needs[1], feat.sizes()),
-             dt = alloc(needs[2], t.sizes());
+  CompositeBackwardIO io = prepare_composite_backward(in, grad_feat, grad_depth, grad_wsum, out_feat,
+                                                      out_depth, out_wsum, sigma, feat, t, needs);
+  const at::Tensor &gf = io.gf, &gd = io.gd, &gw = io.gw, &sf = io.sf, &sd = io.sd, &sw = io.sw;
   auto ptr = [](at::Tensor& x) { return x.defined() ? x.data_ptr() : nullptr; };
   if (in.R > 0) {
     check_launch(cuda::composite_backward(p, gf.data_ptr(), gd.data_ptr(), gw.data_ptr(), sf.data_ptr(),
-                                          sd.data_ptr(), sw.data_ptr(), ptr(dsig), ptr(dfeat), ptr(dt),
+                                          sd.data_ptr(), sw.data_ptr(), ptr(io.dsigma), ptr(io.dfeat), ptr(io.dt),
                                           c10::cuda::getCurrentCUDAStream()),
                  "backward");
   }
-  auto out = [&](const at::Tensor& g, const at::Tensor& like) {
-    return g.defined() ? g : grad_placeholder(like);
-  };
-  return {out(dsig, sigma), out(dfeat, feat), out(dt, t)};
+  return io.result(sigma, feat, t);
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 #include <c10/util/Exception.h>
 
 #include "composite.h"
+#include "triplane_field/triplane_field.h"  // grad_placeholder
 
 namespace talk3d {
 
@@ -79,6 +80,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> composite_outputs(const Composite
   oshape.push_back(1);
   const auto opts = in.sigma.options();
   return {at::empty(fshape, opts), at::empty(oshape, opts), at::empty(oshape, opts)};
+}
+
+CompositeBackwardIO prepare_composite_backward(const CompositeInputs& in, const at::Tensor& grad_feat,
+                                               const at::Tensor& grad_depth, const at::Tensor& grad_wsum,
+                                               const at::Tensor& out_feat, const at::Tensor& out_depth,
+                                               const at::Tensor& out_wsum, const at::Tensor& sigma,
+                                               const at::Tensor& feat, const at::Tensor& t,
+                                               std::array<bool, 3> needs) {
+  const auto dtype = sigma.scalar_type();
+  auto per_ray = [&](const at::Tensor& x, const char* name, int64_t numel) {
+    TORCH_CHECK_VALUE(x.device() == sigma.device(), "composite_bwd: ", name, " is on ", x.device(),
+                      " but sigma is on ", sigma.device());
+    TORCH_CHECK_VALUE(x.numel() == numel, "composite_bwd: ", name, " has ", x.numel(),
+                      " elements, expected ", numel, " (the forward output's shape)");
+    return x.to(dtype).contiguous();
+  };
+  CompositeBackwardIO io;
+  io.gf = per_ray(grad_feat, "grad_feat", in.R * in.F);
+  io.gd = per_ray(grad_depth, "grad_depth", in.R);
+  io.gw = per_ray(grad_wsum, "grad_weight_sum", in.R);
+  io.sf = per_ray(out_feat, "out_feat", in.R * in.F);
+  io.sd = per_ray(out_depth, "out_depth", in.R);
+  io.sw = per_ray(out_wsum, "out_weight_sum", in.R);
+  const auto opts = in.sigma.options();
+  const bool packed = in.packed_info.defined();
+  auto alloc = [&](bool need, at::IntArrayRef shape) {
+    if (!need) return at::Tensor();
+    return packed ? at::zeros(shape, opts) : at::empty(shape, opts);
+  };
+  io.dsigma = alloc(needs[0], sigma.sizes());
+  io.dfeat = alloc(needs[1], feat.sizes());
+  io.dt = alloc(needs[2], t.sizes());
+  return io;
+}
+
+CompositeOut CompositeBackwardIO::result(const at::Tensor& sigma, const at::Tensor& feat,
+                                         const at::Tensor& t) const {
+  auto out = [](const at::Tensor& g, const at::Tensor& like) {
+    return g.defined() ? g : grad_placeholder(like);
+  };
+  return {out(dsigma, sigma), out(dfeat, feat), out(dt, t)};
 }
 
 }  // namespace talk3d

@@ -71,17 +71,11 @@ def _validate(sigma, feat, t, packed_info) -> None:
         start, count = packed_info[:, 0], packed_info[:, 1]
         if packed_info.shape[0] and bool(((start < 0) | (count < 0) | (start + count > sigma.shape[0])).any()):
             _fail(f"packed_info addresses samples outside [0, {sigma.shape[0]})")
-        # Depth order within each ray: compare neighbours that belong to the same ray.
-        same_ray = torch.zeros(sigma.shape[0], dtype=torch.bool, device=sigma.device)
-        if sigma.shape[0]:
-            ray_of = torch.full((sigma.shape[0],), -1, dtype=torch.int64, device=sigma.device)
-            ids = torch.repeat_interleave(torch.arange(packed_info.shape[0], device=sigma.device), count)
-            idx = torch.repeat_interleave(start, count) + (
-                torch.arange(ids.shape[0], device=sigma.device) - torch.repeat_interleave(count.cumsum(0) - count, count)
-            )
-            ray_of[idx] = ids
-            same_ray[:-1] = (ray_of[:-1] == ray_of[1:]) & (ray_of[:-1] >= 0)
-        sorted_ok = bool((~same_ray[:-1] | (t[1:, 0] >= t[:-1, 0])).all()) if sigma.shape[0] > 1 else True
+        # Depth order within each ray: every sample but a ray's last against its successor.
+        local = torch.arange(int(count.sum()), device=sigma.device) - torch.repeat_interleave(count.cumsum(0) - count, count)
+        first = torch.repeat_interleave(start, count) + local
+        i = first[local < torch.repeat_interleave(count, count) - 1]
+        sorted_ok = bool((t[i + 1, 0] >= t[i, 0]).all())
     if feat.shape[-1] == 0:
         _fail("feat has no channels (F == 0)")
     if not sorted_ok:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -188,13 +188,13 @@ def _render_dense(planes, decoder, o, d, t_c, u, cfg, impl, deterministic):
         feat = feat_all.gather(2, order.expand(-1, -1, -1, feat_all.shape[-1]))
     else:
         t, sigma, feat = t_c, sigma_c, feat_c
-    sigma, feat, t = _composite_dtype(sigma, feat, t, c_impl)
+    sigma, feat, t = _composite_dtype(sigma, feat, t)
     img, depth, wsum = composite(sigma, feat, t, impl=c_impl)
     res = cfg.resolution
     return RenderOutput(_to_image(img, res), _to_image(depth, res), _to_image(wsum, res), float(Sc + Si))
 
 
-def _composite_dtype(sigma, feat, t, impl):
+def _composite_dtype(sigma, feat, t):
     """The CPU compositing kernel takes fp32/fp64: half-precision field outputs are widened there."""
     if sigma.device.type == "cpu" and sigma.dtype in (torch.float16, torch.bfloat16):
         sigma, feat = sigma.float(), feat.float()
@@ -247,10 +247,8 @@ def _render_skipping(planes, decoder, o, d, t_c, u, cfg, impl, deterministic, gr
     for j0 in range(0, Sc, chunk):
         sel = torch.zeros_like(evaluated)
         sel[..., j0:j0 + chunk] = live[..., j0:j0 + chunk] & alive[..., None]
-        if not bool(sel.any()):
-            if early_stop <= 0:
-                continue
-            break
+        if not bool(sel.any()):  # later chunks may still hold live samples of other rays
+            continue
         s, f = _eval_selected(planes, decoder, o, d, t_c, sel, cfg, f_impl)
         sigma_c = torch.where(sel[..., None], s, sigma_c)
         feat_c = torch.where(sel[..., None], f, feat_c)
@@ -283,7 +281,7 @@ def _render_skipping(planes, decoder, o, d, t_c, u, cfg, impl, deterministic, gr
     S = t.shape[2]
     count = torch.isfinite(t[..., 0]).sum(dim=-1).reshape(-1)
     packed_info = torch.stack([torch.arange(B * R, device=t.device) * S, count], dim=-1)
-    sigma, feat, t = _composite_dtype(sigma, feat, t, c_impl)
+    sigma, feat, t = _composite_dtype(sigma, feat, t)
     img, depth, wsum = composite(sigma.reshape(-1, 1), feat.reshape(-1, F), t.reshape(-1, 1),
                                  packed_info=packed_info, impl=c_impl)
     # Rays with no weight: the dense path's clamp sends their depth to the far end of all samples.
@@ -306,7 +304,7 @@ class Renderer(nn.Module):
             kwargs["grid"] = self.grid
         return render(planes, decoder, cameras, self.config, **kwargs)
 
-    def density(self, planes: torch.Tensor, decoder) -> "callable":
+    def density(self, planes: torch.Tensor, decoder) -> Callable[[torch.Tensor], torch.Tensor]:
         """``points [K, 3] -> softplus(sigma - 1) [K]``, max over the batch: the grid's density_fn."""
         decoder = DecoderWeights(*decoder)
 
