@@ -2,7 +2,8 @@
 
 The sources and flags live in csrc/sources.json (CMakeLists.txt reads the same file). The C++ CPU
 kernels always build; the CUDA kernels build when the installed torch has CUDA and nvcc is found
-(TORCH_CUDA_ARCH_LIST is honoured by torch's BuildExtension; set TALK3D_NO_CUDA=1 to skip CUDA).
+(TORCH_CUDA_ARCH_LIST is honoured by torch's BuildExtension; set TALK3D_NO_CUDA=1 to skip CUDA;
+TALK3D_MARCH replaces -march=native).
 
 Build against the torch already installed: `pip install -e . --no-build-isolation` (an isolated
 build would download a different torch and produce an extension with a mismatched ABI).
@@ -33,12 +34,17 @@ def extension_modules():
     include_dirs = [str(ROOT / d) for d in m["include_dirs"]]
     # Relative paths keep the build reproducible and the extension's sources readable in errors.
     sources = list(m["cpu_sources"])
-    extra = {"cxx": list(m["cxx_flags"])}
+    # TALK3D_MARCH picks the CPU target (default native: the extension is built where it runs);
+    # e.g. TALK3D_MARCH=x86-64-v3 for a build that other AVX2 machines can load.
+    march = os.environ.get("TALK3D_MARCH", "native")
+    extra = {"cxx": [f"-march={march}" if f == "-march=native" else f for f in m["cxx_flags"]]}
     if with_cuda:
         sources += m["cuda_sources"]
         defines = [(d, None) for d in m["cuda_defines"]]
         extra["cxx"] += [f"-D{d}" for d in m["cuda_defines"]]
         extra["nvcc"] = list(m["nvcc_flags"])
+        if os.environ.get("TALK3D_PTXAS_VERBOSE", "0") == "1":  # registers/spills per kernel
+            extra["nvcc"].append("-Xptxas=-v")
         return [
             CUDAExtension(
                 "talk3d._C", sources, include_dirs=include_dirs, define_macros=defines,
