@@ -4,7 +4,9 @@
 // kernels here are loops around it plus the GPU-specific parts: decoder weights staged in shared
 // memory, atomics for the plane gradients, and a per-block reduction of the weight gradients.
 //
-// Forward: one thread per point (grid-stride), only sigma and feat are written.
+// Forward: one thread per point (grid-stride), only sigma and feat are written. The EG3D size with
+// float accumulation runs the decoder one hidden unit at a time (field_forward_streaming_kernel);
+// other sizes and fp64 run the header's mlp_forward.
 // Backward: the forward is recomputed per point. Plane gradients go through atomicAdd into the
 // contiguous d_planes; d_xyz is written per point. Weight gradients are reduced per block: points are
 // processed in tiles of blockDim.x points; every thread writes its point's f, h, dpre and dout into
@@ -26,12 +28,15 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "talk3d/triplane_field_math.h"
 
 namespace talk3d {
 namespace cuda {
 namespace {
 
+using EG3DDims = field::StaticDims<32, 64, 33>;  // the EG3D decoder, unrolled at compile time
 constexpr int kThreads = 128;  // block size of both kernels (the backward may use fewer, see below)
 
 // ------------------------------------------------------------------------------------------------
@@ -292,6 +297,49 @@ __global__ void __launch_bounds__(kThreads) field_forward_kernel(const FwdArgs<S
   }
 }
 
+// Forward of the EG3D decoder size with float accumulation (fp32, fp16 and bf16 storage): the decoder
+// runs one hidden unit at a time (mlp_forward_streaming), so a thread keeps only its point's 32
+// features and 33 outputs live. The weights sit in shared memory as W1 rows and zero-padded W2^T rows,
+// read four at a time; every thread of a warp reads the same address (a broadcast).
+// kVec4Taps: fp32 planes whose texels start 16-byte aligned are read four channels per load.
+struct StreamingLayout {  // offsets in floats; all multiples of 4 (16-byte aligned rows)
+  static constexpr int kC = 32, kHid = 64, kOut = 33, kOut4 = 36;
+  static constexpr int w1 = 0, b1 = w1 + kHid * kC, w2t = b1 + kHid, b2 = w2t + kHid * kOut4;
+  static constexpr int elems = b2 + kOut4;
+};
+
+template <typename S, bool kVec4Taps>
+__global__ void __launch_bounds__(kThreads)
+    field_forward_streaming_kernel(const FwdArgs<S> a, const EG3DDims d) {
+  using L = StreamingLayout;
+  float* sm = smem_base<float>();
+  for (int e = threadIdx.x; e < L::kHid * L::kC; e += blockDim.x) sm[L::w1 + e] = Storage<S>::to_acc(a.w1[e]);
+  for (int e = threadIdx.x; e < L::kHid * L::kOut4; e += blockDim.x) {
+    const int j = e / L::kOut4, k = e - j * L::kOut4;
+    sm[L::w2t + e] = k < L::kOut ? Storage<S>::to_acc(a.w2[k * L::kHid + j]) : 0.0f;
+  }
+  for (int j = threadIdx.x; j < L::kHid; j += blockDim.x) sm[L::b1 + j] = Storage<S>::to_acc(a.b1[j]);
+  for (int k = threadIdx.x; k < L::kOut4; k += blockDim.x)
+    sm[L::b2 + k] = k < L::kOut ? Storage<S>::to_acc(a.b2[k]) : 0.0f;
+  __syncthreads();
+  constexpr int F = L::kOut - 1;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.total; i += stride) {
+    const int64_t b = i / a.N;
+    float q[3];
+    field::scale_point(a.xyz + 3 * i, a.inv_half_box, q);
+    float f[L::kC], o[L::kOut];
+    field::sample_mean<kVec4Taps>(d, a.planes + b * a.s_batch, a.geom, a.axes, q, f);
+    field::mlp_forward_streaming(d, sm + L::w1, sm + L::b1, sm + L::w2t, sm + L::b2, f, o);
+    if (a.sigma) a.sigma[i] = Storage<S>::from_acc(o[0]);
+    if (a.feat) {
+      S* out = a.feat + i * F;
+#pragma unroll
+      for (int k = 1; k < L::kOut; ++k) out[k - 1] = Storage<S>::from_acc(field::feature_activation(o[k]));
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Backward.
 // ------------------------------------------------------------------------------------------------
@@ -501,7 +549,6 @@ __global__ void __launch_bounds__(kThreads) field_backward_kernel(const BwdArgs<
 // ------------------------------------------------------------------------------------------------
 // Host side.
 // ------------------------------------------------------------------------------------------------
-using EG3DDims = field::StaticDims<32, 64, 33>;
 using GenericDims = field::BoundedDims<kMaxC, kMaxHid, kMaxOut>;
 
 // The EG3D instance always keeps its weights in shared memory (at most 67 KB in fp64). Should that not
@@ -599,9 +646,21 @@ cudaError_t forward_dims(const FieldProblem& p, const Dims& d, void* sigma, void
   a.feat = static_cast<S*>(feat);
 
   const int T = kThreads;
+  int blocks = 0;
+  if constexpr (kIsEG3D<Dims> && std::is_same<acc_t, float>::value) {
+    const size_t bytes = size_t(StreamingLayout::elems) * sizeof(float);
+    if (bytes <= size_t(info.smem_optin)) {
+      const bool vec4 = std::is_same<S, float>::value && reinterpret_cast<uintptr_t>(p.planes) % 16 == 0 &&
+                        p.s_batch % 4 == 0 && p.s_plane % 4 == 0 && p.s_y % 4 == 0 && p.s_x % 4 == 0;
+      auto kernel = vec4 ? field_forward_streaming_kernel<S, true> : field_forward_streaming_kernel<S, false>;
+      err = prepare_launch(kernel, T, bytes, a.total, info, blocks);
+      if (err != cudaSuccess) return err;
+      kernel<<<blocks, T, bytes, stream>>>(a, d);
+      return cudaGetLastError();
+    }
+  }
   a.L = make_layout(p.C, p.HID, p.OUT, T, /*weights=*/true, /*backward=*/false, false, false);
   size_t bytes = size_t(a.L.elems) * sizeof(acc_t);
-  int blocks = 0;
   if (bytes <= size_t(info.smem_optin)) {
     auto kernel = field_forward_kernel<S, Dims, true>;
     err = prepare_launch(kernel, T, bytes, a.total, info, blocks);

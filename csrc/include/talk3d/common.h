@@ -11,6 +11,14 @@
 #define T3D_HD inline
 #endif
 
+// Full unrolling where per-point arrays must stay in registers on the GPU (indices then become
+// compile-time constants). Host compilers decide for themselves.
+#if defined(__CUDA_ARCH__)
+#define T3D_UNROLL _Pragma("unroll")
+#else
+#define T3D_UNROLL
+#endif
+
 namespace talk3d {
 
 // Overloads instead of templates on <cmath>: `expf` and friends exist both on the host (C library)

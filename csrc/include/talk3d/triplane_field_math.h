@@ -110,8 +110,31 @@ T3D_HD void scale_point(const pos_t* xyz, acc_t inv_half_box, acc_t q[3]) {
   q[2] = acc_t(xyz[2]) * inv_half_box;
 }
 
+// Four consecutive values from a 16-byte aligned address: one vector load where float4 exists (the
+// GPU, and the CPU emulation of the CUDA kernels, which includes the CUDA headers).
+template <typename T>
+T3D_HD void load4(const T* p, T v[4]) {
+  v[0] = p[0];
+  v[1] = p[1];
+  v[2] = p[2];
+  v[3] = p[3];
+}
+T3D_HD void load4(const float* p, float v[4]) {
+#if defined(__CUDACC__) || defined(__VECTOR_TYPES_H__)
+  const float4 x = *reinterpret_cast<const float4*>(p);
+  v[0] = x.x;
+  v[1] = x.y;
+  v[2] = x.z;
+  v[3] = x.w;
+#else
+  load4<float>(p, v);
+#endif
+}
+
 // f[c] = mean over the three planes of the bilinear sample. `planes` points at one batch element.
-template <typename Dims, typename acc_t, typename scalar_t, typename FArr>
+// kVec4: every texel starts 16-byte aligned and C % 4 == 0 (compile-time C), so channels are read
+// four at a time (float planes only).
+template <bool kVec4 = false, typename Dims, typename acc_t, typename scalar_t, typename FArr>
 T3D_HD void sample_mean(const Dims& d, const scalar_t* __restrict__ planes, const PlaneGeom& g,
                         int axes, const acc_t q[3], FArr& f) {
   // Sums go to a local array: the compiler keeps it in registers, which it cannot do for the
@@ -125,7 +148,18 @@ T3D_HD void sample_mean(const Dims& d, const scalar_t* __restrict__ planes, cons
     for (int k = 0; k < 4; ++k) {
       if (t.off[k] < 0) continue;
       const scalar_t* src = planes + t.off[k];
-      for (int c = 0; c < d.c(); ++c) sum[c] += t.w[k] * acc_t(src[c]);
+      if constexpr (kVec4) {
+        static_assert(Dims::kMaxC % 4 == 0, "four channels per load");
+        T3D_UNROLL
+        for (int c = 0; c < Dims::kMaxC; c += 4) {
+          scalar_t v[4];
+          load4(src + c, v);
+          for (int i = 0; i < 4; ++i) sum[c + i] += t.w[k] * acc_t(v[i]);
+        }
+      } else {
+        T3D_UNROLL
+        for (int c = 0; c < d.c(); ++c) sum[c] += t.w[k] * acc_t(src[c]);
+      }
     }
   }
   const acc_t third = acc_t(1) / acc_t(3);
@@ -176,6 +210,46 @@ T3D_HD void mlp_forward(const Dims& d, const WArr& w1t, const WArr& b1, const WA
   }
   o[0] = sigma;
   for (int k = 1; k < d.out(); ++k) o[k] = a2[k];
+}
+
+// Decoder forward one hidden unit at a time, the GPU forward kernel's form of mlp_forward: pre_j and
+// h_j are used as soon as they exist, so only f and the outputs stay live (a thread per point keeps
+// ~80 registers instead of the ~250 that pre[] and h[] cost, and occupancy follows). Same sums in the
+// same order as mlp_forward. Compile-time sizes only (Dims::kMaxC == d.c(), C % 4 == 0).
+//   w1:  [HID, C]     W1 itself, rows 16-byte aligned;
+//   w2t: [HID, OUT4]  W2 transposed, rows padded with zeros to OUT4 = round_up(OUT, 4);
+//   b2:  [OUT4]       zero padded.  Rows are read four entries at a time (load4).
+template <typename Dims, typename acc_t, typename FArr, typename OArr>
+T3D_HD void mlp_forward_streaming(const Dims& d, const acc_t* w1, const acc_t* b1, const acc_t* w2t,
+                                  const acc_t* b2, const FArr& f, OArr& o) {
+  constexpr int kC = Dims::kMaxC, kOut4 = (Dims::kMaxOut + 3) / 4 * 4;
+  static_assert(kC % 4 == 0, "W1 rows are read four entries at a time");
+  acc_t a2[kOut4];
+  T3D_UNROLL
+  for (int k = 0; k < kOut4; k += 4) load4(b2 + k, a2 + k);
+  for (int j = 0; j < d.hid(); ++j) {
+    acc_t pre = b1[j];
+    const acc_t* row = w1 + j * kC;
+    T3D_UNROLL
+    for (int c = 0; c < kC; c += 4) {
+      acc_t w[4];
+      load4(row + c, w);
+      pre += w[0] * f[c];
+      pre += w[1] * f[c + 1];
+      pre += w[2] * f[c + 2];
+      pre += w[3] * f[c + 3];
+    }
+    const acc_t h = softplus(pre);
+    const acc_t* row2 = w2t + j * kOut4;
+    T3D_UNROLL
+    for (int k = 0; k < kOut4; k += 4) {
+      acc_t w[4];
+      load4(row2 + k, w);
+      for (int i = 0; i < 4; ++i) a2[k + i] += w[i] * h;
+    }
+  }
+  T3D_UNROLL
+  for (int k = 0; k < Dims::kMaxOut; ++k) o[k] = a2[k];
 }
 
 // Output transform: sigma = o[0] raw, feat = sigmoid(o[1:]) * (1 + 2 eps) - eps.
