@@ -216,7 +216,27 @@ struct BwdArgs {
   const S* grad_sigma;
   const S* grad_feat;
   acc_t *d_planes, *d_xyz, *d_w1, *d_b1, *d_w2, *d_b2;
+  bool vec4_grad;  // d_planes rows 16-byte aligned, C % 4 == 0, float: four channels per atomic
 };
+
+// Four consecutive plane-gradient channels (16-byte aligned): one vector atomic on Hopper and later
+// (the plane gradient's 384 scalar atomics per point dominated the backward), four scalar ones before.
+__device__ __forceinline__ void atomic_add4(float* p, float v0, float v1, float v2, float v3) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(p), make_float4(v0, v1, v2, v3));
+#else
+  atomicAdd(p, v0);
+  atomicAdd(p + 1, v1);
+  atomicAdd(p + 2, v2);
+  atomicAdd(p + 3, v3);
+#endif
+}
+__device__ __forceinline__ void atomic_add4(double* p, double v0, double v1, double v2, double v3) {
+  atomicAdd(p, v0);
+  atomicAdd(p + 1, v1);
+  atomicAdd(p + 2, v2);
+  atomicAdd(p + 3, v3);
+}
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t* smem_base() {
@@ -468,11 +488,20 @@ __device__ void backward_points(const BwdArgs<S>& a, const Dims& d, const WArr& 
       // same (plane, y, x, c) in the contiguous d_planes, whose geometry is a.out_geom.
       if (a.d_planes || a.d_xyz) {
         acc_t* const dpb = a.d_planes ? a.d_planes + b * a.d_planes_batch : nullptr;
-        auto add = [dpb](int64_t off, acc_t v) { atomicAdd(dpb + off, v); };
         acc_t dxyz[3];
-        field::sample_mean_backward(d, planes, a.geom, a.axes, q, a.inv_half_box, df,
-                                    /*add_planes=*/dpb != nullptr, a.out_geom, add,
-                                    /*want_xyz=*/a.d_xyz != nullptr, dxyz);
+        if (a.vec4_grad) {
+          auto add4 = [dpb](int64_t off, acc_t v0, acc_t v1, acc_t v2, acc_t v3) {
+            atomic_add4(dpb + off, v0, v1, v2, v3);
+          };
+          field::sample_mean_backward<true>(d, planes, a.geom, a.axes, q, a.inv_half_box, df,
+                                            /*add_planes=*/dpb != nullptr, a.out_geom, add4,
+                                            /*want_xyz=*/a.d_xyz != nullptr, dxyz);
+        } else {
+          auto add = [dpb](int64_t off, acc_t v) { atomicAdd(dpb + off, v); };
+          field::sample_mean_backward(d, planes, a.geom, a.axes, q, a.inv_half_box, df,
+                                      /*add_planes=*/dpb != nullptr, a.out_geom, add,
+                                      /*want_xyz=*/a.d_xyz != nullptr, dxyz);
+        }
         if (a.d_xyz) {
           a.d_xyz[3 * i + 0] = dxyz[0];
           a.d_xyz[3 * i + 1] = dxyz[1];
@@ -708,6 +737,8 @@ cudaError_t backward_dims(const FieldProblem& p, const Dims& d, const void* grad
   a.d_w2 = static_cast<acc_t*>(d_w2);
   a.d_b2 = static_cast<acc_t*>(d_b2);
   const bool want_w = d_w1 || d_b1 || d_w2 || d_b2;
+  a.vec4_grad = std::is_same<acc_t, float>::value && p.C % 4 == 0 &&
+                reinterpret_cast<uintptr_t>(d_planes) % 16 == 0;
 
   // Pick the first configuration that fits the device's shared memory. Preference: tiles of at least
   // 32 points; then weights in shared memory (every FMA reads one); then block accumulators (without

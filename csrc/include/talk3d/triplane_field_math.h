@@ -292,7 +292,10 @@ T3D_HD void mlp_backward(const Dims& d, const WArr& w1, const WArr& w2, const OA
 // into a private buffer on the CPU, an atomic on the GPU), offsets in the gradient buffer's layout
 // `dg` (channel stride 1), when `add_planes`; returns the gradient with respect to the *unscaled*
 // point in dxyz when `want_xyz`.
-template <typename Dims, typename acc_t, typename scalar_t, typename FArr, typename AddFn>
+// kVec4 (requires d.c() % 4 == 0): four channels per call, `add(offset, v0, v1, v2, v3)` (one vector
+// atomic on the GPU instead of four).
+template <bool kVec4 = false, typename Dims, typename acc_t, typename scalar_t, typename FArr,
+          typename AddFn>
 T3D_HD void sample_mean_backward(const Dims& d, const scalar_t* __restrict__ planes,
                                  const PlaneGeom& g, int axes, const acc_t q[3],
                                  acc_t inv_half_box, const FArr& df, bool add_planes,
@@ -309,7 +312,13 @@ T3D_HD void sample_mean_backward(const Dims& d, const scalar_t* __restrict__ pla
         if (t.off[k] < 0) continue;
         const acc_t wk = t.w[k] * third;
         const int64_t base = t.offset_in(dg, plane, k);
-        for (int c = 0; c < d.c(); ++c) add(base + c, wk * df[c]);
+        if constexpr (kVec4) {
+          T3D_UNROLL
+          for (int c = 0; c < d.c(); c += 4)
+            add(base + c, wk * df[c], wk * df[c + 1], wk * df[c + 2], wk * df[c + 3]);
+        } else {
+          for (int c = 0; c < d.c(); ++c) add(base + c, wk * df[c]);
+        }
       }
     }
     if (want_xyz) {
