@@ -82,7 +82,7 @@ setup(
     package_data={"talk3d.kernels": ["**/*.cu", "**/*.h", "**/*.cuh"]},
     ext_modules=extension_modules(),
     cmdclass=cmdclass(),
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "safetensors", "pillow", "tqdm"],
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "expecttest"],
