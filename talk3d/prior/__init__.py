@@ -1,0 +1,42 @@
+"""Pretrained priors: safe reading of EG3D/Talk3D release pickles, and talk3d's own checkpoints.
+
+- :func:`read_release_pickle` decodes a release ``.pkl`` into a flat state dict without importing
+  EG3D code or executing the source embedded in the pickle.
+- :func:`save_checkpoint` / :func:`load_checkpoint` handle talk3d's safetensors (or ``.pt``)
+  checkpoints with a JSON config; :func:`check_state_dict` compares names and shapes.
+"""
+from .checkpoint import (
+    FORMAT_VERSION,
+    PLANE_CONVENTIONS,
+    StateDictReport,
+    check_state_dict,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .persistent_pickle import (
+    ModuleRecord,
+    PersistentRecord,
+    ReleaseModel,
+    RestrictedUnpickler,
+    UnsafePickleError,
+    flatten_state_dict,
+    load_restricted,
+    read_release_pickle,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "PLANE_CONVENTIONS",
+    "StateDictReport",
+    "check_state_dict",
+    "load_checkpoint",
+    "save_checkpoint",
+    "ModuleRecord",
+    "PersistentRecord",
+    "ReleaseModel",
+    "RestrictedUnpickler",
+    "UnsafePickleError",
+    "flatten_state_dict",
+    "load_restricted",
+    "read_release_pickle",
+]
