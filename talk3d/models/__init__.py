@@ -1,0 +1,15 @@
+"""The EG3D-compatible triplane generator (mapping, StyleGAN2 backbone, OSGDecoder, super-resolution)."""
+from .config import GeneratorConfig
+from .decoder import OSGDecoder
+from .generator import StyleGAN2Backbone, TriplaneGenerator
+from .layers import (FullyConnected, SynthesisLayer, ToRGBLayer, downsample2d, modulated_conv2d, setup_filter,
+                     upfirdn2d, upsample2d)
+from .mapping import MappingNetwork, normalize_2nd_moment
+from .superres import SuperResolution
+from .synthesis import SynthesisBlock, SynthesisNetwork
+
+__all__ = [
+    "GeneratorConfig", "TriplaneGenerator", "StyleGAN2Backbone", "MappingNetwork", "SynthesisNetwork",
+    "SynthesisBlock", "SuperResolution", "OSGDecoder", "FullyConnected", "SynthesisLayer", "ToRGBLayer",
+    "modulated_conv2d", "upfirdn2d", "upsample2d", "downsample2d", "setup_filter", "normalize_2nd_moment",
+]

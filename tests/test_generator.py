@@ -1,0 +1,305 @@
+"""The EG3D-compatible generator (talk3d.models) on the CPU with the tiny config."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from talk3d import extension
+from talk3d.models import (GeneratorConfig, OSGDecoder, TriplaneGenerator, downsample2d, modulated_conv2d,
+                           setup_filter, upfirdn2d, upsample2d)
+from talk3d.ops import triplane_field
+from talk3d.ops.reference.triplane_field import sample_triplane
+from talk3d.render import RenderRandoms, look_at_camera
+
+needs_ext = pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")
+
+# Fused CPU kernels vs the PyTorch reference: ~1e-6 field differences through compositing (test_render's
+# bound), then through the SR convolutions (measured ~2e-6 on the tiny generator's |image| ~ 3.6).
+FUSED_VS_TORCH_ATOL = 2e-5
+# bf16 keeps 8 mantissa bits (relative error 2^-9 per rounding); two SR blocks of random weights
+# compound it to a few percent of the output's scale (max |image| ~ 2-3).
+BF16_SR_ATOL = 0.15
+BF16_SR_MEAN_ATOL = 0.03
+# fp16 modulated conv (10 mantissa bits, 36-term sums of unit-scale terms): measured ~4e-3.
+FP16_MODCONV_ATOL = 1e-2
+# float32 re-association (grouped vs looped conv, explicit taps vs conv2d).
+FP32_ATOL = 1e-5
+
+
+def _cameras(batch: int) -> torch.Tensor:
+    """[B, 25] FFHQ-rig cameras at a few yaws/pitches."""
+    yaw = torch.linspace(-0.3, 0.3, batch)
+    return look_at_camera(yaw, -0.5 * yaw, rig=GeneratorConfig.tiny().camera_rig())
+
+
+def _generator(**overrides) -> TriplaneGenerator:
+    torch.manual_seed(0)
+    return TriplaneGenerator(GeneratorConfig.tiny(**overrides)).eval()
+
+
+def _randoms(cfg: GeneratorConfig, batch: int) -> RenderRandoms:
+    R = cfg.neural_rendering_resolution ** 2
+    return RenderRandoms(torch.rand(batch, R, cfg.coarse_samples), torch.rand(batch, R, cfg.importance_samples))
+
+
+# --- whole generator -------------------------------------------------------------------------------
+
+
+def test_output_shapes():
+    G = _generator()
+    cfg = G.cfg
+    z, c = torch.randn(2, cfg.z_dim), _cameras(2)  # [2, z_dim], [2, 25]
+    with torch.no_grad():
+        out = G(z, c, impl="torch", deterministic=True)
+    h, R, S = cfg.neural_rendering_resolution, cfg.plane_resolution, cfg.sr_resolution
+    assert out["image"].shape == (2, 3, S, S)
+    assert out["image_raw"].shape == (2, 3, h, h)
+    assert out["image_depth"].shape == (2, 1, h, h)
+    assert out["feature_image"].shape == (2, cfg.decoder_features, h, h)
+    assert out["planes"].shape == (2, 3, cfg.plane_channels, R, R)
+    assert G.mapping(z, c).shape == (2, G.num_ws, cfg.w_dim)
+    assert all(torch.isfinite(v).all() for v in out.values())
+    # A render resolution other than the SR's input is resized, as in EG3D.
+    with torch.no_grad():
+        out8 = G(z, c, impl="torch", deterministic=True, neural_rendering_resolution=8)
+    assert out8["image_raw"].shape == (2, 3, 8, 8) and out8["image"].shape == (2, 3, S, S)
+
+
+def test_deterministic_per_seed():
+    G = _generator()
+    z, c = torch.randn(2, G.cfg.z_dim), _cameras(2)
+    with torch.no_grad():
+        a = G(z, c, impl="torch", noise_mode="const", deterministic=True)
+        b = G(z, c, impl="torch", noise_mode="const", deterministic=True)
+        other = G(torch.randn(2, G.cfg.z_dim), c, impl="torch", noise_mode="const", deterministic=True)
+    for key in ("image", "image_raw", "image_depth", "planes"):
+        assert torch.equal(a[key], b[key]), key
+    assert not torch.equal(a["image"], other["image"])
+
+
+def test_gradients_reach_every_parameter():
+    # SR noise 'const' so the SR noise strengths are in the graph too (EG3D's FFHQ default is 'none').
+    G = _generator(sr_noise_mode="const", fused_modconv="never").train()
+    z, c = torch.randn(2, G.cfg.z_dim), _cameras(2)
+    out = G(z, c, impl="torch", randoms=_randoms(G.cfg, 2))
+    (out["image"].sum() + out["image_raw"].sum() + out["image_depth"].sum()).backward()
+    for name, p in G.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+@needs_ext
+def test_fused_render_matches_reference_through_generator():
+    G = _generator()
+    z, c = torch.randn(2, G.cfg.z_dim), _cameras(2)
+    randoms = _randoms(G.cfg, 2)
+    with torch.no_grad():
+        ws = G.mapping(z, c)
+        ref = G.synthesis(ws, c, impl="torch", randoms=randoms)
+        fused = G.synthesis(ws, c, impl="cpu", randoms=randoms)
+    for key in ("image", "image_raw", "image_depth", "feature_image"):
+        torch.testing.assert_close(fused[key], ref[key], atol=FUSED_VS_TORCH_ATOL, rtol=0, msg=key)
+
+
+def test_bf16_superresolution_close_to_fp32():
+    G = _generator()
+    z, c = torch.randn(2, G.cfg.z_dim), _cameras(2)
+    with torch.no_grad():
+        ws = G.mapping(z, c)
+        feat = G.synthesis(ws, c, impl="torch", deterministic=True)["feature_image"]  # [2, F, h, h]
+        ref = G.superresolution(feat[:, :3], feat, ws)
+        sr16 = G.superresolution.to(torch.bfloat16)
+        low = sr16(feat[:, :3].bfloat16(), feat.bfloat16(), ws)
+    assert low.dtype == torch.float32  # the skip RGB is accumulated in float32, as in EG3D
+    err = (low - ref).abs()
+    assert err.max() < BF16_SR_ATOL and err.mean() < BF16_SR_MEAN_ATOL, (err.max(), err.mean())
+
+
+def test_truncation_psi_zero_returns_w_avg():
+    G = _generator()
+    mapping = G.backbone.mapping
+    z, c = torch.randn(4, G.cfg.z_dim), _cameras(4)
+    with torch.no_grad():
+        w = G.mapping(z, c)[:, 0]  # [4, w_dim]
+        G.mapping(z, c, update_emas=True)
+    beta = G.cfg.w_avg_beta
+    torch.testing.assert_close(mapping.w_avg, (1 - beta) * w.mean(0), atol=FP32_ATOL, rtol=0)
+    mapping.w_avg.copy_(torch.randn(G.cfg.w_dim))
+    ws = G.mapping(z, c, truncation_psi=0)
+    torch.testing.assert_close(ws, mapping.w_avg.expand_as(ws))
+    cut = G.mapping(z, c, truncation_psi=0, truncation_cutoff=2)
+    torch.testing.assert_close(cut[:, :2], mapping.w_avg.expand(4, 2, -1))
+    torch.testing.assert_close(cut[:, 2:], G.mapping(z, c)[:, 2:])
+
+
+# --- decoder ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("cpu", marks=needs_ext)])
+def test_decoder_forward_equals_field_op(impl):
+    torch.manual_seed(1)
+    dec = OSGDecoder(8, 16, 8)
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.normal_()  # nonzero biases too
+    planes = torch.randn(2, 3, 8, 12, 12)  # [B, 3, C, H, W]
+    xyz = torch.rand(2, 50, 3) - 0.5       # [B, N, 3]
+    sigma_op, feat_op = triplane_field(planes, xyz, *dec.effective_weights(), box_warp=1.0, axes="fixed", impl=impl)
+    sigma, feat = dec(sample_triplane(planes, xyz, 1.0, "fixed"))
+    torch.testing.assert_close(sigma, sigma_op, atol=FP32_ATOL, rtol=FP32_ATOL)
+    torch.testing.assert_close(feat, feat_op, atol=FP32_ATOL, rtol=FP32_ATOL)
+    w1 = dec.effective_weights().w1
+    torch.testing.assert_close(w1, dec.net[0].weight / 8 ** 0.5)  # EG3D's 1/sqrt(fan_in), lr_mul 1
+
+
+# --- layers -----------------------------------------------------------------------------------------
+
+
+def _upfirdn_taps(x, f, up, down, pad, gain):
+    """Independent upfirdn2d: explicit zero insertion and a sum over the filter taps (no conv2d)."""
+    N, C, H, W = x.shape
+    z = x.new_zeros(N, C, H * up, W * up)
+    z[:, :, ::up, ::up] = x
+    z = F.pad(z, [pad[0], pad[1], pad[0], pad[1]])
+    k = f.shape[0]
+    fk = f.flip([0, 1]) * gain  # convolution = correlation with the flipped filter
+    Ho, Wo = z.shape[2] - k + 1, z.shape[3] - k + 1
+    out = x.new_zeros(N, C, Ho, Wo)
+    for a in range(k):
+        for b in range(k):
+            out += fk[a, b] * z[:, :, a:a + Ho, b:b + Wo]
+    return out[:, :, ::down, ::down]
+
+
+def test_upfirdn2d_against_explicit_taps():
+    f = setup_filter([1, 3, 3, 1]).double()
+    assert torch.allclose(f.sum(), torch.tensor(1.0, dtype=torch.float64))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    up = upsample2d(x, f)
+    assert up.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(up, _upfirdn_taps(x, f, 2, 1, (2, 1), 4.0))
+    down = downsample2d(x, f)
+    assert down.shape == (2, 3, 4, 4)
+    torch.testing.assert_close(down, _upfirdn_taps(x, f, 1, 2, (1, 1), 1.0))
+    # An asymmetric filter checks the flip; negative padding crops.
+    g = torch.rand(3, 3, dtype=torch.float64)
+    torch.testing.assert_close(upfirdn2d(x, g, up=2, padding=(1, 1, 1, 1)), _upfirdn_taps(x, g, 2, 1, (1, 1), 1.0))
+    full = upfirdn2d(x, g, padding=(2, 2, 2, 2))
+    torch.testing.assert_close(upfirdn2d(x, g, padding=(1, 0, 1, 0)), full[:, :, 1:-2, 1:-2])
+    # Upsampling keeps a constant image constant away from the borders (gain up^2, unit-sum filter).
+    ones = upsample2d(torch.ones(1, 1, 6, 6, dtype=torch.float64), f)
+    torch.testing.assert_close(ones[..., 2:-2, 2:-2], torch.ones(1, 1, 8, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("up", [1, 2])
+@pytest.mark.parametrize("demodulate", [True, False])
+def test_modulated_conv_equals_per_sample_loop(up, demodulate):
+    B, I, O, H = 3, 4, 5, 6
+    x = torch.randn(B, I, H, H, dtype=torch.float64)
+    weight = torch.randn(O, I, 3, 3, dtype=torch.float64)
+    styles = torch.randn(B, I, dtype=torch.float64)
+    f = setup_filter().double()
+    expected = []
+    for b in range(B):
+        w = weight * styles[b][None, :, None, None]  # [O, I, 3, 3]
+        if demodulate:
+            w = w / (w.square().sum(dim=[1, 2, 3], keepdim=True) + 1e-8).sqrt()
+        if up == 1:
+            expected.append(F.conv2d(x[b:b + 1], w, padding=1))
+        else:  # transposed conv = zero insertion + convolution with w; then the FIR with gain 4
+            y = F.conv_transpose2d(x[b:b + 1], w.transpose(0, 1), stride=2)  # [1, O, 2H + 1, 2H + 1]
+            expected.append(upfirdn2d(y, f, padding=1, gain=4))
+    expected = torch.cat(expected)
+    for fused in (True, False):
+        out = modulated_conv2d(x, weight, styles, up=up, padding=1, resample_filter=f, demodulate=demodulate,
+                               fused=fused)
+        assert out.shape == (B, O, H * up, H * up)
+        torch.testing.assert_close(out, expected, atol=FP32_ATOL, rtol=0)
+
+
+def test_fp16_modulated_conv_prenormalisation():
+    # Styles of 1e4 overflow fp16 activations (x * styles in the unfused path) without the pre-normalisation.
+    x = torch.randn(2, 4, 6, 6)
+    weight, styles = torch.randn(5, 4, 3, 3), 1e4 * torch.randn(2, 4)
+    ref = modulated_conv2d(x.double(), weight.double(), styles.double(), padding=1)
+    for fused in (True, False):
+        half = modulated_conv2d(x.half(), weight, styles, padding=1, fused=fused)
+        assert half.dtype == torch.float16 and torch.isfinite(half).all()
+        torch.testing.assert_close(half.double(), ref, atol=FP16_MODCONV_ATOL, rtol=0)
+
+
+# --- config -----------------------------------------------------------------------------------------
+
+
+def test_config_round_trip_and_unknown_keys():
+    for cfg in (GeneratorConfig.ffhq(), GeneratorConfig.tiny(axes="eg3d", conv_clamp=256.0)):
+        d = json.loads(json.dumps(cfg.to_dict()))
+        assert GeneratorConfig.from_dict(d) == cfg
+    with pytest.raises(ValueError, match="bogus"):
+        GeneratorConfig.from_dict({**GeneratorConfig.tiny().to_dict(), "bogus": 1})
+    with pytest.raises(ValueError):
+        GeneratorConfig.tiny(sr_noise_mode="loud")
+    ffhq = GeneratorConfig.ffhq()
+    rc = ffhq.render_config()
+    assert (rc.resolution, rc.ray_start, rc.ray_end, rc.coarse_samples, rc.importance_samples, rc.box_warp) == (
+        128, 2.25, 3.3, 48, 48, 1.0)
+    assert ffhq.sr_input_resolution == 128 and abs(ffhq.camera_focal - 4.2647) < 2e-3
+    assert dataclasses.is_dataclass(ffhq)
+
+
+# --- EG3D state_dict layout ---------------------------------------------------------------------------
+
+#: Representative keys and shapes of EG3D's FFHQ 512 TriPlaneGenerator, verified against NVlabs/eg3d
+#: eg3d/training/{triplane,networks_stylegan2,superresolution}.py.
+EG3D_FFHQ_KEYS = {
+    "backbone.mapping.embed.weight": (512, 25),
+    "backbone.mapping.fc0.weight": (512, 1024),
+    "backbone.mapping.fc1.bias": (512,),
+    "backbone.mapping.w_avg": (512,),
+    "backbone.synthesis.b4.const": (512, 4, 4),
+    "backbone.synthesis.b4.resample_filter": (4, 4),
+    "backbone.synthesis.b4.conv1.weight": (512, 512, 3, 3),
+    "backbone.synthesis.b4.conv1.affine.weight": (512, 512),
+    "backbone.synthesis.b4.conv1.affine.bias": (512,),
+    "backbone.synthesis.b4.conv1.noise_strength": (),
+    "backbone.synthesis.b4.conv1.noise_const": (4, 4),
+    "backbone.synthesis.b4.torgb.weight": (96, 512, 1, 1),
+    "backbone.synthesis.b128.conv0.weight": (256, 512, 3, 3),
+    "backbone.synthesis.b128.conv0.resample_filter": (4, 4),
+    "backbone.synthesis.b256.conv0.weight": (128, 256, 3, 3),
+    "backbone.synthesis.b256.conv1.noise_const": (256, 256),
+    "backbone.synthesis.b256.torgb.weight": (96, 128, 1, 1),
+    "backbone.synthesis.b256.torgb.affine.weight": (128, 512),
+    "backbone.synthesis.b256.torgb.bias": (96,),
+    "decoder.net.0.weight": (64, 32),
+    "decoder.net.0.bias": (64,),
+    "decoder.net.2.weight": (33, 64),
+    "decoder.net.2.bias": (33,),
+    "superresolution.block0.resample_filter": (4, 4),
+    "superresolution.block0.conv0.weight": (256, 32, 3, 3),
+    "superresolution.block0.conv0.affine.weight": (32, 512),
+    "superresolution.block0.conv0.noise_const": (256, 256),
+    "superresolution.block0.torgb.weight": (3, 256, 1, 1),
+    "superresolution.block1.conv0.weight": (128, 256, 3, 3),
+    "superresolution.block1.conv1.noise_const": (512, 512),
+    "superresolution.block1.torgb.weight": (3, 128, 1, 1),
+}
+
+
+def test_ffhq_state_dict_has_eg3d_keys():
+    with torch.device("meta"):  # no memory, no init cost
+        G = TriplaneGenerator(GeneratorConfig.ffhq())
+    sd = G.state_dict()
+    for key, shape in EG3D_FFHQ_KEYS.items():
+        assert key in sd, key
+        assert tuple(sd[key].shape) == shape, (key, tuple(sd[key].shape))
+    assert G.num_ws == 14  # EG3D FFHQ: 1 (b4) + 2 * 6 (b8..b256) + 1 (last torgb)
+    blocks = {k.split(".")[2] for k in sd if k.startswith("backbone.synthesis.")}
+    assert blocks == {f"b{2 ** i}" for i in range(2, 9)}
+    assert not any(k.startswith("superresolution.resample_filter") for k in sd)  # 8XDC has none
+    assert {k.split(".")[1] for k in sd if k.startswith("superresolution.")} == {"block0", "block1"}
