@@ -13,6 +13,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from .convert import checkpoint_config, config_from_release, convert_release, load_generator
 from .persistent_pickle import (
     ModuleRecord,
     PersistentRecord,
@@ -25,6 +26,10 @@ from .persistent_pickle import (
 )
 
 __all__ = [
+    "checkpoint_config",
+    "config_from_release",
+    "convert_release",
+    "load_generator",
     "FORMAT_VERSION",
     "PLANE_CONVENTIONS",
     "StateDictReport",
