@@ -253,3 +253,14 @@ def test_cuda_render_matches_reference_forward_backward_and_skipping():
     r = RenderRandoms(rnd.coarse_jitter.to(dev), rnd.importance_u.to(dev))
     skip = render(p, d, cams.to(dev), cfg, impl="cuda", randoms=r, grid=OccupancyGrid(16).to(dev).fill())
     torch.testing.assert_close(skip.feature_image.cpu(), outs[0].feature_image, atol=CUDA_RENDER_ATOL, rtol=0)
+
+
+def test_render_ignores_autocast():
+    """Geometry stays fp32 under autocast: the same frame as without it."""
+    planes, dec, cams, cfg = _scene(res=8)
+    rnd = _randoms(1, cfg)
+    plain = render(planes, dec, cams, cfg, impl="torch", randoms=rnd)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = render(planes, dec, cams, cfg, impl="torch", randoms=rnd)
+    assert auto.feature_image.dtype == torch.float32
+    torch.testing.assert_close(auto.feature_image, plain.feature_image, rtol=0, atol=0)

@@ -41,7 +41,12 @@ class MappingNetwork(nn.Module):
 
         ``update_emas`` moves ``w_avg`` towards the batch mean (``lerp`` with ``w_avg_beta``);
         ``truncation_psi`` pulls the first ``truncation_cutoff`` ws (all when None) towards ``w_avg``.
+        Runs in float32 under autocast too: it is tiny, and its w feeds every layer (EG3D keeps it fp32).
         """
+        with torch.autocast(z.device.type, enabled=False):
+            return self._forward(z, c, truncation_psi, truncation_cutoff, update_emas)
+
+    def _forward(self, z, c, truncation_psi, truncation_cutoff, update_emas) -> torch.Tensor:
         parts = []
         if self.z_dim > 0:
             parts.append(normalize_2nd_moment(z.float()))

@@ -147,6 +147,14 @@ def render(
     Returns:
         :class:`RenderOutput`.
     """
+    # Rays, depths and compositing weights need fp32 (an autocast bf16 matmul breaks the camera's
+    # rotation check and moves samples by centimetres): the render follows the planes' dtype, never
+    # autocast's.
+    with torch.autocast(planes.device.type, enabled=False):
+        return _render(planes, decoder, cameras, config, impl, randoms, deterministic, grid, early_stop, chunk)
+
+
+def _render(planes, decoder, cameras, config, impl, randoms, deterministic, grid, early_stop, chunk):
     decoder = _check_inputs(planes, decoder, cameras)
     o, d = generate_rays(cameras.float() if cameras.dtype != torch.float64 else cameras, config.resolution)
     B, R = o.shape[:2]

@@ -1,0 +1,239 @@
+"""Talk3D's audio-guided attention U-Net: identity triplane + condition tokens -> deltaplane.
+
+Layout. Inside the network the three planes live side by side in the channel axis, plane-major:
+``[B, 3 * c, H, W]`` with plane ``j`` at channels ``j*c .. (j+1)*c``. Every convolution is a grouped
+convolution with ``groups=3`` (the paper's split convolution: one branch, with its own weights, per
+plane, in one kernel launch), and every GroupNorm has ``3 * norm_groups`` groups so no group straddles
+two planes. Planes therefore only meet in :class:`RollOut` (and not at all when ``cfg.rollout`` is off:
+self-attention runs within each plane and cross-attention reads only the condition tokens).
+
+Roll-out blending (Rodin's 3D-aware convolution, derived for our plane conventions). Plane ``j`` reads
+the world axes ``PLANE_AXES[axes][j] = (a_w, a_h)``: its width (last tensor axis) indexes world axis
+``a_w`` and its height indexes ``a_h``. For each other plane ``k`` and each world axis ``a`` that both
+planes read, plane ``k`` is averaged over its image axis that does *not* index ``a`` (the axis plane
+``j`` has no notion of), giving a vector along ``a``; that vector is laid along plane ``j``'s image
+axis indexing ``a`` and repeated along the other one. Writing ``k:H`` for "average plane k over its
+height", ``->W`` for "lay along plane j's width":
+
+- ``fixed`` ((x,y), (x,z), (z,y)): every pair shares exactly one world axis.
+  plane 0 (W=x, H=y): from 1 (W=x, H=z) share x: ``1:H -> W``; from 2 (W=z, H=y) share y: ``2:W -> H``.
+  plane 1 (W=x, H=z): from 0 share x: ``0:H -> W``; from 2 share z: ``2:H`` (a vector along z, 2's width)
+  ``-> H`` (z is plane 1's height: the roll-out transposes it).
+  plane 2 (W=z, H=y): from 0 share y: ``0:W -> H``; from 1 share z: ``1:W`` (along z, 1's height) ``-> W``.
+- ``eg3d`` ((x,y), (x,z), (z,x)): planes 1 and 2 both read x and z (the release's third plane re-reads x
+  and no plane reads (y, z)), so that pair shares *two* axes and contributes the sum of two broadcasts.
+  plane 0 (W=x, H=y): from 1 share x: ``1:H -> W``; from 2 (W=z, H=x) share x: ``2:W`` (along x) ``-> W``.
+  plane 1 (W=x, H=z): from 0 share x: ``0:H -> W``; from 2 share x and z: ``2:W -> W`` plus ``2:H -> H``.
+  plane 2 (W=z, H=x): from 0 share x: ``0:H`` (along x, 0's width) ``-> H``; from 1 share x and z:
+  ``1:H -> H`` plus ``1:W -> W``.
+
+Each block's input for plane ``j`` is then ``[own c channels, from k1, from k2]`` (``k1 < k2`` the other
+two planes), ``3 * c`` channels, so every plane's branch has the same shape under both conventions.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.reference.triplane_field import PLANE_AXES
+from .attention import TransformerBlock, plane_positional_encoding
+from .tokens import ConditionEncoder
+from .unet_config import DeltaplaneConfig
+
+#: Image axes of a plane, as indices into its (H, W) shape.
+H_AXIS, W_AXIS = 0, 1
+
+
+def rollout_plan(axes: str) -> tuple[tuple[tuple[int, tuple[tuple[int, int], ...]], ...], ...]:
+    """The roll-out wiring derived in the module docstring.
+
+    Returns:
+        ``plan[j]`` = ``((k, ((pool_axis, lay_axis), ...)), ...)`` for the two other planes ``k`` in
+        ascending order: average plane ``k`` over its image axis ``pool_axis`` and lay the resulting
+        vector along plane ``j``'s image axis ``lay_axis`` (:data:`H_AXIS` / :data:`W_AXIS`).
+    """
+    if axes not in PLANE_AXES:
+        raise ValueError(f"axes must be one of {sorted(PLANE_AXES)}, got {axes!r}")
+    pairs = PLANE_AXES[axes]
+
+    def image_axis(pair: tuple[int, int], world: int) -> int:
+        return W_AXIS if pair[0] == world else H_AXIS  # (width, height) order, as grid_sample reads it
+
+    plan = []
+    for j, pj in enumerate(pairs):
+        sources = []
+        for k, pk in enumerate(pairs):
+            if k == j:
+                continue
+            shared = [a for a in pk if a in pj]
+            if not shared:  # two distinct planes of three world axes always share one; guard new conventions
+                raise ValueError(f"axes {axes!r}: planes {j} and {k} share no world axis, roll-out undefined")
+            # Pool k over the image axis that does not index the shared world axis.
+            sources.append((k, tuple((1 - image_axis(pk, a), image_axis(pj, a)) for a in shared)))
+        plan.append(tuple(sources))
+    return tuple(plan)
+
+
+class RollOut(nn.Module):
+    """``[B, 3 * c, R, R]`` -> ``[B, 3 * 3c, R, R]``: each plane's features followed by the axis-pooled
+    features of the other two, broadcast along the world axis they share (see the module docstring)."""
+
+    def __init__(self, axes: str):
+        super().__init__()
+        self.plan = rollout_plan(axes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[B, 3 * c, R, R]`` (square planes) -> ``[B, 9 * c, R, R]``."""
+        B, C3, H, W = x.shape
+        planes = x.view(B, 3, C3 // 3, H, W)
+        # means[k][pool_axis]: plane k averaged over H -> [B, c, W], over W -> [B, c, H].
+        means = [(planes[:, k].mean(dim=-2), planes[:, k].mean(dim=-1)) for k in range(3)]
+        out = []
+        for j in range(3):
+            parts = [planes[:, j]]
+            for k, links in self.plan[j]:
+                blended = 0
+                for pool_axis, lay_axis in links:
+                    vec = means[k][pool_axis]  # [B, c, R] along the shared world axis
+                    blended = blended + (vec[:, :, None, :] if lay_axis == W_AXIS else vec[:, :, :, None])
+                parts.append(blended.expand(B, C3 // 3, H, W))
+            out.append(torch.cat(parts, dim=1))  # [B, 3c, H, W]
+        return torch.cat(out, dim=1)
+
+
+def plane_conv(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Conv2d:
+    """Per-plane convolution ``[B, 3 * cin, H, W] -> [B, 3 * cout, H / stride, W / stride]`` (groups = 3)."""
+    return nn.Conv2d(3 * cin, 3 * cout, kernel, stride=stride, padding=kernel // 2, groups=3)
+
+
+def plane_norm(channels: int, groups: int) -> nn.GroupNorm:
+    """GroupNorm over ``[B, 3 * channels, H, W]`` whose groups stay within one plane."""
+    return nn.GroupNorm(3 * groups, 3 * channels)
+
+
+def cat_planes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-plane channel concat: a ``[B, 3 * ca, H, W]``, b ``[B, 3 * cb, H, W]`` -> ``[B, 3 * (ca + cb), H, W]``."""
+    B, _, H, W = a.shape
+    return torch.cat([a.view(B, 3, -1, H, W), b.view(B, 3, -1, H, W)], dim=2).view(B, -1, H, W)
+
+
+class PlaneBlock(nn.Module):
+    """Residual block per plane: [roll-out] -> conv -> GN -> SiLU -> conv -> GN, + skip, -> SiLU."""
+
+    def __init__(self, cin: int, cout: int, norm_groups: int, axes: str, rollout: bool):
+        super().__init__()
+        self.rollout = RollOut(axes) if rollout else None
+        self.conv1 = plane_conv(3 * cin if rollout else cin, cout)
+        self.norm1 = plane_norm(cout, norm_groups)
+        self.conv2 = plane_conv(cout, cout)
+        self.norm2 = plane_norm(cout, norm_groups)
+        self.skip = nn.Identity() if cin == cout else plane_conv(cin, cout, kernel=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[B, 3 * cin, H, W]`` -> ``[B, 3 * cout, H, W]``."""
+        h = self.rollout(x) if self.rollout is not None else x
+        h = F.silu(self.norm1(self.conv1(h)))
+        return F.silu(self.norm2(self.conv2(h)) + self.skip(x))
+
+
+class DeltaplanePredictor(nn.Module):
+    """The U-Net F: ``ΔP = F(P_ID, t)``; the caller renders ``P_ID + ΔP``.
+
+    Encoder: level 0 is a :class:`PlaneBlock` ``C -> channels[0]`` at R^2; level i halves the resolution
+    (stride-2 per-plane conv) and maps ``channels[i-1] -> channels[i]``. Bottleneck: ``attention_blocks``
+    :class:`TransformerBlock` on the ``3 * r^2`` plane tokens (``channels[-1]`` wide, 3-D sinusoidal
+    positions added once, eq. 4). Decoder: nearest upsampling + conv back to each level, concat with the
+    encoder's skip, a :class:`PlaneBlock`; a zero-initialised per-plane conv to C channels, so the
+    deltaplane is exactly 0 at initialisation.
+    """
+
+    def __init__(self, cfg: DeltaplaneConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch, g, axes, ro = cfg.channels, cfg.norm_groups, cfg.axes, cfg.rollout
+        self.enc = nn.ModuleList([PlaneBlock(cfg.plane_channels, ch[0], g, axes, ro)])
+        self.down = nn.ModuleList()
+        for i in range(1, len(ch)):
+            self.down.append(plane_conv(ch[i - 1], ch[i - 1], stride=2))
+            self.enc.append(PlaneBlock(ch[i - 1], ch[i], g, axes, ro))
+        self.attn = nn.ModuleList([TransformerBlock(ch[-1], cfg.head_dim, cfg.token_dim, cfg.ff_mult)
+                                   for _ in range(cfg.attention_blocks)])
+        r = cfg.bottleneck_resolution
+        self.register_buffer("pos_enc", plane_positional_encoding(axes, r, ch[-1]), persistent=False)  # [3, r*r, D]
+        self.up = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        for i in reversed(range(len(ch) - 1)):
+            self.up.append(plane_conv(ch[i + 1], ch[i]))
+            self.dec.append(PlaneBlock(2 * ch[i], ch[i], g, axes, ro))
+        self.out_norm = plane_norm(ch[0], g)
+        self.out_conv = plane_conv(ch[0], cfg.plane_channels)
+        # Zero init: training starts from the identity triplane itself (P_ID + 0).
+        nn.init.zeros_(self.out_conv.weight)
+        nn.init.zeros_(self.out_conv.bias)
+
+    def _check(self, planes: torch.Tensor, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None):
+        cfg = self.cfg
+        C, R = cfg.plane_channels, cfg.plane_resolution
+        ok5 = planes.dim() == 5 and tuple(planes.shape[1:]) == (3, C, R, R)
+        ok4 = planes.dim() == 4 and tuple(planes.shape[1:]) == (3 * C, R, R)
+        if not (ok5 or ok4) or not planes.is_floating_point():
+            raise ValueError(f"planes: expected a float [B, 3, {C}, {R}, {R}] or [B, {3 * C}, {R}, {R}] tensor, "
+                             f"got {planes.dtype} {tuple(planes.shape)}")
+        B = planes.shape[0]
+        if tokens.dim() != 3 or tokens.shape[0] != B or tokens.shape[2] != cfg.token_dim or tokens.shape[1] < 1:
+            raise ValueError(f"tokens: expected [B={B}, T>=1, {cfg.token_dim}], got {tuple(tokens.shape)}")
+        if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
+                                             or tuple(key_padding_mask.shape) != tuple(tokens.shape[:2])):
+            raise ValueError(f"key_padding_mask: expected a bool [{B}, {tokens.shape[1]}] tensor, "
+                             f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+
+    def forward(self, planes: torch.Tensor, tokens: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the deltaplane.
+
+        Args:
+            planes: ``[B, 3, C, R, R]`` or ``[B, 3 * C, R, R]`` identity triplane P_ID.
+            tokens: ``[B, T, token_dim]`` condition tokens (:class:`ConditionEncoder`).
+            key_padding_mask: optional ``[B, T]`` bool, True for tokens to ignore.
+        Returns:
+            ΔP, the same shape as ``planes``.
+        """
+        self._check(planes, tokens, key_padding_mask)
+        B, R = planes.shape[0], self.cfg.plane_resolution
+        x = planes.reshape(B, -1, R, R)  # [B, 3C, R, R]
+        x = self.enc[0](x)
+        skips = [x]
+        for down, block in zip(self.down, self.enc[1:]):
+            x = block(down(x))
+            skips.append(x)
+        skips.pop()  # the bottleneck has no skip of its own
+        _, C3, r, _ = x.shape
+        seq = x.view(B, 3, C3 // 3, r * r).transpose(2, 3) + self.pos_enc.to(x.dtype)  # [B, 3, r*r, D]
+        for block in self.attn:
+            seq = block(seq, tokens, key_padding_mask)
+        x = seq.transpose(2, 3).reshape(B, C3, r, r)
+        for up, block in zip(self.up, self.dec):
+            x = up(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+            x = block(cat_planes(x, skips.pop()))
+        delta = self.out_conv(F.silu(self.out_norm(x)))  # [B, 3C, R, R]
+        return delta.view(planes.shape)
+
+
+class DeltaplaneModel(nn.Module):
+    """:class:`ConditionEncoder` + :class:`DeltaplanePredictor`: ``(P_ID, batch) -> ΔP``."""
+
+    def __init__(self, cfg: DeltaplaneConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.condition = ConditionEncoder(cfg)
+        self.predictor = DeltaplanePredictor(cfg)
+
+    def forward(self, planes: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """planes ``[B, 3, C, R, R]`` or ``[B, 3C, R, R]``, batch as :meth:`ConditionEncoder.forward`.
+
+        Returns ΔP, the shape of ``planes``.
+        """
+        return self.predictor(planes, self.condition(batch))

@@ -1,0 +1,158 @@
+"""Talk3D's condition tokens t_n = {a_n, t_eye, t_rot, t_ldm, t_null} (the paper's eq. 5).
+
+Every token is ``token_dim`` (D; release 64) wide. :meth:`ConditionEncoder.forward` returns them
+concatenated in this fixed order, each type present only when its ``use_*`` flag is True:
+
+====================  ==============================  ===========================================
+type (flag)           tokens                          input (batch key, shape)
+====================  ==============================  ===========================================
+audio (use_audio)     ``audio_tokens`` (release 1)    ``audio`` ``[B, audio_window, audio_steps, audio_dim]``
+eye (use_eye)         1                               ``blink`` ``[B, 1]`` AU45
+pose (use_pose)       1                               ``pose`` ``[B, 3]`` yaw, pitch, roll (radians)
+landmarks (use_...)   1                               ``landmarks`` ``[B, num_landmarks, 2]`` in [-1, 1]
+null (use_null)       1                               none: one learned vector shared by all frames
+====================  ==============================  ===========================================
+
+so ``T = cfg.num_tokens`` is fixed by the config (release: 5) and no padding mask is needed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .attention import MultiHeadAttention
+from .unet_config import DeltaplaneConfig
+
+#: Negative slope of the audio net's LeakyReLU (AD-NeRF's audio net uses 0.02).
+AUDIO_LEAKY_SLOPE = 0.02
+
+
+def _mlp(cin: int, hidden: int, cout: int) -> nn.Sequential:
+    """Two-layer MLP ending in a LayerNorm, so every token type reaches the cross-attention at unit scale."""
+    return nn.Sequential(nn.Linear(cin, hidden), nn.SiLU(), nn.Linear(hidden, cout), nn.LayerNorm(cout))
+
+
+class AudioNet(nn.Module):
+    """Window of audio features -> ``audio_tokens`` tokens.
+
+    Per frame, the ``audio_steps x audio_dim`` features go through an MLP (a 1-D conv spanning all the
+    frame's steps) to D; a learned embedding marks each frame's place in the window; then learned
+    queries attend over the window (AD-NeRF's attention over neighbouring frames, generalised to
+    several heads and tokens).
+    """
+
+    def __init__(self, cfg: DeltaplaneConfig):
+        super().__init__()
+        D, frame_in = cfg.token_dim, cfg.audio_steps * cfg.audio_dim
+        self.frame_mlp = nn.Sequential(nn.Linear(frame_in, cfg.token_hidden), nn.LeakyReLU(AUDIO_LEAKY_SLOPE),
+                                       nn.Linear(cfg.token_hidden, D))
+        self.frame_pos = nn.Parameter(torch.randn(cfg.audio_window, D) * D ** -0.5)  # [W, D]
+        self.queries = nn.Parameter(torch.randn(cfg.audio_tokens, D))  # [Na, D]
+        self.norm = nn.LayerNorm(D)
+        self.pool = MultiHeadAttention(D, cfg.token_heads, D // cfg.token_heads)
+        self.out = nn.LayerNorm(D)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        """audio ``[B, W, S, A]`` -> ``[B, audio_tokens, D]``."""
+        B, W = audio.shape[:2]
+        frames = self.norm(self.frame_mlp(audio.reshape(B, W, -1)) + self.frame_pos)  # [B, W, D]
+        q = self.queries.expand(B, -1, -1)  # [B, Na, D]
+        return self.out(q + self.pool(q, frames))
+
+
+class SinusoidalMLP(nn.Module):
+    """``n`` scalars -> one token: ``[v, sin(2^k w0 v), cos(2^k w0 v)]_{k < F}`` then an MLP.
+
+    ``w0`` is the base angular frequency: 1 for angles in radians (the first band is the angle's own
+    sin / cos), pi for values normalised to [-1, 1] (the first band is then injective there).
+    """
+
+    def __init__(self, n_in: int, freqs: int, base: float, hidden: int, dim: int):
+        super().__init__()
+        self.register_buffer("omega", base * 2.0 ** torch.arange(freqs, dtype=torch.float32), persistent=False)
+        self.mlp = _mlp(n_in * (1 + 2 * freqs), hidden, dim)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        """v ``[B, n]`` -> ``[B, 1, dim]``."""
+        angles = v[..., None] * self.omega.to(v.dtype)  # [B, n, F]
+        feats = torch.cat([v[..., None], angles.sin(), angles.cos()], dim=-1).flatten(1)  # [B, n (1 + 2F)]
+        return self.mlp(feats)[:, None]
+
+
+class ConditionEncoder(nn.Module):
+    """Batch dict -> condition tokens ``[B, T, D]`` (order and shapes in the module docstring)."""
+
+    def __init__(self, cfg: DeltaplaneConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, H, nf = cfg.token_dim, cfg.token_hidden, cfg.scalar_freqs
+        self.audio = AudioNet(cfg) if cfg.use_audio else None
+        self.eye = SinusoidalMLP(1, nf, math.pi, H, D) if cfg.use_eye else None
+        self.pose = SinusoidalMLP(3, nf, 1.0, H, D) if cfg.use_pose else None
+        self.landmarks = SinusoidalMLP(2 * cfg.num_landmarks, nf, math.pi, H, D) if cfg.use_landmarks else None
+        self.null = nn.Parameter(torch.randn(D)) if cfg.use_null else None  # [D]
+
+    @property
+    def num_tokens(self) -> int:
+        """T, fixed by the config."""
+        return self.cfg.num_tokens
+
+    def _expected(self) -> dict[str, tuple[int, ...]]:
+        """Per-sample shape of each enabled input, by batch key."""
+        cfg = self.cfg
+        shapes = {"audio": (cfg.audio_window, cfg.audio_steps, cfg.audio_dim), "blink": (1,), "pose": (3,),
+                  "landmarks": (cfg.num_landmarks, 2)}
+        flags = {"audio": cfg.use_audio, "blink": cfg.use_eye, "pose": cfg.use_pose, "landmarks": cfg.use_landmarks}
+        return {k: s for k, s in shapes.items() if flags[k]}
+
+    def _check(self, batch: Mapping[str, torch.Tensor]) -> int:
+        """Validate the enabled inputs; return the batch size."""
+        B = None
+        for key, shape in self._expected().items():
+            if key not in batch:
+                raise ValueError(f"batch[{key!r}]: missing, but its token type is enabled in the config")
+            x = batch[key]
+            if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() != 1 + len(shape) \
+                    or tuple(x.shape[1:]) != shape or (B is not None and x.shape[0] != B):
+                got = f"{x.dtype} {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
+                raise ValueError(f"batch[{key!r}]: expected a float [B{'' if B is None else '=' + str(B)}, "
+                                 f"{', '.join(map(str, shape))}] tensor, got {got}")
+            B = x.shape[0]
+        if B is None:  # only the null token: take the batch size from whatever the batch holds
+            sizes = [v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.dim() > 0]
+            if not sizes:
+                raise ValueError("batch: no tensor to take the batch size from (only the null token is enabled)")
+            B = sizes[0]
+        return B
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Encode one batch.
+
+        Args:
+            batch: ``audio`` ``[B, audio_window, audio_steps, audio_dim]``, ``blink`` ``[B, 1]``, ``pose``
+                ``[B, 3]`` (radians), ``landmarks`` ``[B, num_landmarks, 2]``; only the enabled types'
+                keys are read (other keys are ignored).
+        Returns:
+            tokens ``[B, T, token_dim]``, in the order audio, eye, pose, landmarks, null.
+        """
+        B = self._check(batch)
+        cfg, tokens = self.cfg, []
+        if self.audio is not None:
+            tokens.append(self.audio(batch["audio"]))
+        if self.eye is not None:
+            blink = batch["blink"].clamp(0.0, cfg.eye_max)
+            if self.training and cfg.eye_noise_std > 0:
+                # Blinks are noisy detector output: jitter them so the token cannot memorise exact values.
+                blink = blink + torch.randn_like(blink) * cfg.eye_noise_std
+            tokens.append(self.eye(blink / cfg.eye_max))
+        if self.pose is not None:
+            tokens.append(self.pose(batch["pose"]))
+        if self.landmarks is not None:
+            tokens.append(self.landmarks(batch["landmarks"].flatten(1)))
+        if self.null is not None:
+            dtype = tokens[0].dtype if tokens else self.null.dtype
+            tokens.append(self.null.to(dtype).expand(B, 1, -1))
+        return torch.cat(tokens, dim=1)

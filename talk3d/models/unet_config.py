@@ -1,0 +1,138 @@
+"""Every size of Talk3D's audio-guided attention U-Net and its condition tokens, in one frozen dataclass.
+
+:meth:`DeltaplaneConfig.release` follows the public Talk3D release (reference/numerics.md): 256^2
+triplanes of 3 x 32 channels, an encoder 32 -> 64 -> 128 -> 256 channels per plane while the
+resolution goes 256 -> 32, two attention blocks at the 32^2 bottleneck with head dim 64, and 64-d
+condition tokens from 44-d wav2vec2 CTC logits (2 audio steps per video frame, a window of 8 frames).
+:meth:`DeltaplaneConfig.tiny` is the same architecture shrunk for CPU tests.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..ops.reference.triplane_field import PLANE_AXES
+
+_TUPLE_FIELDS = ("channels",)
+#: The condition token types, in the order their tokens are concatenated (the paper's eq. 5).
+TOKEN_TYPES = ("audio", "eye", "pose", "landmarks", "null")
+
+
+@dataclass(frozen=True)
+class DeltaplaneConfig:
+    """Sizes of :class:`talk3d.models.DeltaplanePredictor` and :class:`talk3d.models.ConditionEncoder`."""
+
+    # Triplane in / deltaplane out.
+    plane_channels: int = 32      # C: channels per plane
+    plane_resolution: int = 256   # R: planes are R x R
+    axes: str = "fixed"           # plane convention, as GeneratorConfig.axes ("fixed" or "eg3d")
+
+    # U-Net. Level i runs at R / 2**i with channels[i] channels per plane; the last level is the bottleneck.
+    channels: tuple[int, ...] = (32, 64, 128, 256)
+    norm_groups: int = 8          # GroupNorm groups per plane (groups never straddle two planes)
+    rollout: bool = True          # roll-out blending of the other planes' axis-pooled features in every block
+
+    # Bottleneck transformer (N_A blocks of self-attention, cross-attention, GEGLU feed-forward).
+    attention_blocks: int = 2
+    head_dim: int = 64
+    ff_mult: int = 4
+
+    # Condition tokens.
+    token_dim: int = 64           # D of every condition token
+    token_heads: int = 4          # heads of the audio net's attention over the window
+    token_hidden: int = 128       # hidden width of the token MLPs
+    audio_dim: int = 44           # A: audio feature size (44 wav2vec2 CTC logits; 32 for a log-mel net)
+    audio_steps: int = 2          # audio feature vectors per video frame
+    audio_window: int = 8         # video frames in the audio window
+    audio_tokens: int = 1         # tokens the audio net emits (learned queries of its window attention)
+    num_landmarks: int = 5        # nose tip + 4 eye corners (no lip landmarks: they hurt lip sync)
+    scalar_freqs: int = 4         # sinusoidal frequencies of the eye / pose / landmark encodings
+    eye_max: float = 2.0          # AU45 is clipped to [0, eye_max]
+    eye_noise_std: float = 0.05   # Gaussian noise added to AU45 in training mode (0 disables)
+    use_audio: bool = True
+    use_eye: bool = True
+    use_pose: bool = True
+    use_landmarks: bool = True
+    use_null: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))  # lists from JSON
+        name = "DeltaplaneConfig"
+        if self.axes not in PLANE_AXES:
+            raise ValueError(f"{name}: axes must be one of {sorted(PLANE_AXES)}, got {self.axes!r}")
+        if not self.channels or min(self.channels) < 1:
+            raise ValueError(f"{name}: channels must be a non-empty list of positive ints, got {self.channels}")
+        scale = 2 ** (len(self.channels) - 1)
+        if self.plane_resolution < scale or self.plane_resolution % scale:
+            raise ValueError(f"{name}: plane_resolution {self.plane_resolution} must be divisible by "
+                             f"2**(len(channels) - 1) = {scale}")
+        bad = [c for c in self.channels if c % self.norm_groups]
+        if self.norm_groups < 1 or bad:
+            raise ValueError(f"{name}: every channels entry must be divisible by norm_groups={self.norm_groups}")
+        if self.head_dim < 1 or self.channels[-1] % self.head_dim:
+            raise ValueError(f"{name}: bottleneck channels {self.channels[-1]} must be divisible by head_dim "
+                             f"{self.head_dim}")
+        if self.channels[-1] < 6:
+            raise ValueError(f"{name}: the 3-D positional encoding needs bottleneck channels >= 6")
+        if self.token_heads < 1 or self.token_dim % self.token_heads:
+            raise ValueError(f"{name}: token_dim {self.token_dim} must be divisible by token_heads {self.token_heads}")
+        positive = ("plane_channels", "attention_blocks", "ff_mult", "token_dim", "token_hidden", "audio_dim",
+                    "audio_steps", "audio_window", "audio_tokens", "num_landmarks", "scalar_freqs")
+        small = [n for n in positive if getattr(self, n) < (0 if n == "attention_blocks" else 1)]
+        if small:
+            raise ValueError(f"{name}: {small} must be >= 1 (attention_blocks >= 0)")
+        if self.eye_max <= 0 or self.eye_noise_std < 0:
+            raise ValueError(f"{name}: eye_max must be > 0 and eye_noise_std >= 0")
+        if self.num_tokens == 0:
+            raise ValueError(f"{name}: at least one condition token type must be enabled (cross-attention needs keys)")
+
+    # --- derived -------------------------------------------------------------------------------
+
+    @property
+    def bottleneck_resolution(self) -> int:
+        """Side of the planes at the bottleneck (release: 256 / 8 = 32)."""
+        return self.plane_resolution // 2 ** (len(self.channels) - 1)
+
+    def token_counts(self) -> dict[str, int]:
+        """Tokens per type, in concatenation order (:data:`TOKEN_TYPES`); disabled types count 0."""
+        per_type = {"audio": self.audio_tokens, "eye": 1, "pose": 1, "landmarks": 1, "null": 1}
+        return {t: per_type[t] if getattr(self, f"use_{t}") else 0 for t in TOKEN_TYPES}
+
+    @property
+    def num_tokens(self) -> int:
+        """T: condition tokens per sample."""
+        return sum(self.token_counts().values())
+
+    # --- serialisation --------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (tuples become lists); :meth:`from_dict` inverts it exactly."""
+        out = dataclasses.asdict(self)
+        for name in _TUPLE_FIELDS:
+            out[name] = list(out[name])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DeltaplaneConfig":
+        """Inverse of :meth:`to_dict`; missing keys take the defaults, unknown keys raise ValueError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"DeltaplaneConfig.from_dict: unknown keys {unknown}")
+        return cls(**data)
+
+    # --- presets --------------------------------------------------------------------------------
+
+    @classmethod
+    def release(cls, **overrides) -> "DeltaplaneConfig":
+        """The public Talk3D release's sizes (the defaults)."""
+        return dataclasses.replace(cls(), **overrides)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "DeltaplaneConfig":
+        """Toy sizes for CPU tests: 16^2 planes of 4 channels, channels (8, 16), one attention block, D = 16."""
+        tiny = cls(plane_channels=4, plane_resolution=16, channels=(8, 16), norm_groups=4, attention_blocks=1,
+                   head_dim=8, ff_mult=2, token_dim=16, token_heads=2, token_hidden=16, audio_dim=8,
+                   scalar_freqs=2)
+        return dataclasses.replace(tiny, **overrides)

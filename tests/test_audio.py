@@ -1,0 +1,135 @@
+"""Audio I/O, resampling, log-mel features, audio windows and the wav2vec2 encoder."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from talk3d.audio import (FEATURES_PER_FRAME, SAMPLE_RATE, SAMPLES_PER_FRAME, LogMelEncoder,
+                          Wav2Vec2Encoder, read_wav, resample, windows, write_wav)
+
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+# PCM16 quantisation: half a step of 1/32767.
+PCM16_TOL = 1.0 / 32767
+# Frequency resolution of the FFT peak test: one bin of a 1-s signal is 1 Hz.
+FREQ_TOL_HZ = 1.0
+
+
+def tone(freq, seconds, rate, amp=0.5):
+    t = np.arange(int(seconds * rate)) / rate
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def peak_frequency(wave, rate):
+    spectrum = np.abs(np.fft.rfft(wave * np.hanning(wave.size)))
+    return np.argmax(spectrum) * rate / wave.size
+
+
+def test_wav_round_trip(tmp_path):
+    wave = tone(440, 0.5, SAMPLE_RATE)
+    write_wav(tmp_path / "a.wav", wave)
+    back, rate = read_wav(tmp_path / "a.wav")
+    assert rate == SAMPLE_RATE and back.dtype == np.float32 and back.shape == wave.shape
+    np.testing.assert_allclose(back, wave, atol=PCM16_TOL)
+
+
+def test_read_wav_stereo_is_downmixed(tmp_path):
+    import wave as w
+
+    left, right = tone(300, 0.2, SAMPLE_RATE), tone(300, 0.2, SAMPLE_RATE, amp=0.1)
+    ints = np.round(np.stack([left, right], 1) * 32767).astype("<i2")
+    with w.open(str(tmp_path / "s.wav"), "wb") as f:
+        f.setnchannels(2), f.setsampwidth(2), f.setframerate(SAMPLE_RATE)
+        f.writeframes(ints.tobytes())
+    mono, _ = read_wav(tmp_path / "s.wav")
+    np.testing.assert_allclose(mono, (left + right) / 2, atol=2 * PCM16_TOL)
+
+
+def test_resample_keeps_frequency(tmp_path):
+    wave = tone(440, 1.0, 44100)
+    write_wav(tmp_path / "cd.wav", wave, 44100)
+    out, rate = read_wav(tmp_path / "cd.wav")  # resampled to 16 kHz on read
+    assert rate == SAMPLE_RATE and out.size == SAMPLE_RATE
+    assert abs(peak_frequency(out, SAMPLE_RATE) - 440) <= FREQ_TOL_HZ
+    # Amplitude is preserved away from the zero-padded edges.
+    mid = out[2000:-2000]
+    assert abs(np.abs(mid).max() - 0.5) < 0.01
+
+
+def test_resample_removes_frequencies_above_new_nyquist():
+    # 10 kHz cannot exist at 16 kHz (Nyquist 8 kHz): it must be filtered, not aliased to 6 kHz.
+    out = resample(tone(10000, 1.0, 44100), 44100, SAMPLE_RATE)
+    assert np.abs(out[1000:-1000]).max() < 0.01
+
+
+def test_logmel_shape_and_determinism():
+    enc = LogMelEncoder(32)
+    wave = np.random.default_rng(0).standard_normal(SAMPLES_PER_FRAME * 10).astype(np.float32)
+    a, b = enc.encode(wave), enc.encode(wave.copy())
+    assert a.shape == (10 * FEATURES_PER_FRAME, 32) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    # num_frames pads or crops.
+    assert enc.encode(wave, num_frames=12).shape == (24, 32)
+    assert enc.encode(wave, num_frames=7).shape == (14, 32)
+    assert LogMelEncoder(44).encode(wave).shape == (20, 44)
+
+
+def test_logmel_responds_to_loudness_and_frequency():
+    enc = LogMelEncoder(32)
+    quiet, loud = tone(440, 0.4, SAMPLE_RATE, 0.05), tone(440, 0.4, SAMPLE_RATE, 0.5)
+    fq, fl = enc.encode(quiet), enc.encode(loud)
+    # Power scales by 100, so log-mel rises by log(100) in the bands holding the tone.
+    band = fl.mean(0).argmax()
+    assert abs((fl[:, band] - fq[:, band]).mean() - np.log(100)) < 0.1
+    high = enc.encode(tone(3000, 0.4, SAMPLE_RATE, 0.5))
+    assert high.mean(0).argmax() > band
+
+
+def test_logmel_is_local_in_time():
+    # A burst in frame 5 only: features 10 and 11 react, features of far frames do not.
+    wave = np.zeros(SAMPLES_PER_FRAME * 10, np.float32)
+    wave[5 * SAMPLES_PER_FRAME:6 * SAMPLES_PER_FRAME] = tone(1000, 0.04, SAMPLE_RATE)
+    f = LogMelEncoder(32).encode(wave).mean(1)
+    assert f[10] > f[0] + 5 and f[11] > f[0] + 5
+    assert f[6] == pytest.approx(f[0]) and f[15] == pytest.approx(f[0])
+
+
+def test_windows_shape_and_edge_padding():
+    n, d = 6, 3
+    feats = np.arange(2 * n * d, dtype=np.float32).reshape(2 * n, d)
+    w = windows(feats, 0, 8)
+    assert w.shape == (8, 2, d)
+    # Frames -4..3 clamp to 0,0,0,0,0,1,2,3.
+    np.testing.assert_array_equal(w[:, 0, 0] // (2 * d), [0, 0, 0, 0, 0, 1, 2, 3])
+    np.testing.assert_array_equal(w[5], feats[2:4])
+    end = windows(torch.from_numpy(feats), n - 1, 8)
+    assert isinstance(end, torch.Tensor)
+    np.testing.assert_array_equal(end[:, 1, 0].numpy() // (2 * d), [1, 2, 3, 4, 5, 5, 5, 5])
+    with pytest.raises(IndexError):
+        windows(feats, n, 8)
+
+
+def test_wav2vec2_missing_path_says_how_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="save_pretrained|huggingface-cli"):
+        Wav2Vec2Encoder(tmp_path / "nope")
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed in this venv")
+def test_wav2vec2_tiny_random_model(tmp_path):
+    import transformers
+
+    config = transformers.Wav2Vec2Config(
+        vocab_size=12, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, conv_dim=(8, 8, 8, 8, 8, 8, 8), num_feat_extract_layers=7,
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    torch.manual_seed(0)
+    transformers.Wav2Vec2ForCTC(config).save_pretrained(tmp_path / "w2v")
+    wave = np.random.default_rng(0).standard_normal(SAMPLES_PER_FRAME * 7).astype(np.float32)
+    enc = Wav2Vec2Encoder(tmp_path / "w2v")
+    out = enc.encode(wave)
+    assert enc.dim == 12 and out.shape == (14, 12) and np.isfinite(out).all()
+    np.testing.assert_array_equal(out, enc.encode(wave))
+    hidden = Wav2Vec2Encoder(tmp_path / "w2v", layer=1, use_logits=False)
+    assert hidden.encode(wave).shape == (14, 16)

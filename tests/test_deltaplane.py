@@ -1,0 +1,301 @@
+"""The audio-guided deltaplane U-Net and its condition tokens (talk3d.models), tiny config on the CPU."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from talk3d.models import (ConditionEncoder, DeltaplaneConfig, DeltaplaneModel, DeltaplanePredictor,
+                           MultiHeadAttention, RollOut, attention, plane_positional_encoding, plane_positions)
+from talk3d.ops.reference.triplane_field import PLANE_AXES
+
+# float32 attention: SDPA vs an explicit softmax over a handful of keys differ by re-association only.
+ATTN_ATOL = 1e-6
+# A conditioning input "changes the output" when the deltaplane moves by more than this (the perturbed
+# last layer makes |ΔP| ~ 0.1-1, so a connected input moves it by orders of magnitude more).
+DEPENDENCE_MIN = 1e-4
+# Two positional-encoding rows count as distinct when at least this far apart (L2).
+PE_MIN_DISTANCE = 1e-3
+# Std of the random weights put into the zero-initialised last layer to expose the paths behind it.
+LAST_LAYER_STD = 0.1
+
+
+def _batch(cfg: DeltaplaneConfig, B: int = 2) -> dict[str, torch.Tensor]:
+    """Random condition inputs of the documented shapes."""
+    return {
+        "audio": torch.randn(B, cfg.audio_window, cfg.audio_steps, cfg.audio_dim),  # [B, 8, 2, A]
+        "blink": torch.rand(B, 1) * cfg.eye_max,  # [B, 1]
+        "pose": (torch.rand(B, 3) - 0.5) * 0.6,  # [B, 3] radians
+        "landmarks": torch.rand(B, cfg.num_landmarks, 2) * 2 - 1,  # [B, 5, 2]
+    }
+
+
+def _planes(cfg: DeltaplaneConfig, B: int = 2) -> torch.Tensor:
+    return torch.randn(B, 3, cfg.plane_channels, cfg.plane_resolution, cfg.plane_resolution)  # [B, 3, C, R, R]
+
+
+def _perturbed(cfg: DeltaplaneConfig) -> DeltaplaneModel:
+    """An eval-mode model whose zero-initialised last layer has been given random weights."""
+    model = DeltaplaneModel(cfg).eval()
+    with torch.no_grad():
+        model.predictor.out_conv.weight.normal_(0.0, LAST_LAYER_STD)
+    return model
+
+
+# --- shapes and initialisation ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axes", ["fixed", "eg3d"])
+def test_output_shape_both_layouts_and_zero_init(axes):
+    cfg = DeltaplaneConfig.tiny(axes=axes)
+    model = DeltaplaneModel(cfg)
+    planes, batch = _planes(cfg), _batch(cfg)
+    out5 = model(planes, batch)
+    out4 = model(planes.flatten(1, 2), batch)  # [B, 3C, R, R]
+    assert out5.shape == planes.shape
+    assert out4.shape == planes.flatten(1, 2).shape
+    assert torch.equal(out5, torch.zeros_like(out5)) and torch.equal(out4, torch.zeros_like(out4))
+
+
+def test_gradient_reaches_zero_init_last_layer():
+    cfg = DeltaplaneConfig.tiny()
+    model = DeltaplaneModel(cfg)
+    planes, batch = _planes(cfg), _batch(cfg)
+    target = torch.randn_like(planes)
+    loss = (model(planes, batch) - target).pow(2).mean()
+    loss.backward()
+    assert model.predictor.out_conv.weight.grad.abs().max() > 0
+    torch.optim.Adam(model.parameters(), lr=1e-3).step()
+    with torch.no_grad():
+        assert model(planes, batch).abs().max() > 0
+
+
+def test_audio_changes_output_after_one_training_step():
+    cfg = DeltaplaneConfig.tiny(eye_noise_std=0.0)
+    model = DeltaplaneModel(cfg)
+    planes, batch = _planes(cfg), _batch(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    (model(planes, batch) - torch.randn_like(planes)).pow(2).mean().backward()
+    opt.step()
+    other = dict(batch, audio=torch.randn_like(batch["audio"]))
+    with torch.no_grad():
+        assert (model(planes, batch) - model(planes, other)).abs().max() > DEPENDENCE_MIN
+
+
+# --- conditioning paths ----------------------------------------------------------------------------
+
+_TOKEN_KEYS = {"audio": "audio", "eye": "blink", "pose": "pose", "landmarks": "landmarks"}
+
+
+@pytest.mark.parametrize("token", list(_TOKEN_KEYS))
+def test_output_depends_on_each_enabled_token_only(token):
+    key = _TOKEN_KEYS[token]
+    torch.manual_seed(1)
+    planes, batch = _planes(DeltaplaneConfig.tiny()), _batch(DeltaplaneConfig.tiny())
+    changed = dict(batch, **{key: _batch(DeltaplaneConfig.tiny())[key]})
+    with torch.no_grad():
+        on = _perturbed(DeltaplaneConfig.tiny())
+        assert (on(planes, batch) - on(planes, changed)).abs().max() > DEPENDENCE_MIN
+        off = _perturbed(DeltaplaneConfig.tiny(**{f"use_{token}": False}))
+        assert torch.equal(off(planes, batch), off(planes, changed))
+        # A disabled type's input is not even needed.
+        assert torch.equal(off(planes, batch), off(planes, {k: v for k, v in batch.items() if k != key}))
+
+
+def test_token_order_and_count():
+    cfg = DeltaplaneConfig.tiny(audio_tokens=2)
+    enc = ConditionEncoder(cfg).eval()
+    batch = _batch(cfg)
+    tokens = enc(batch)
+    assert tokens.shape == (2, cfg.num_tokens, cfg.token_dim) and cfg.num_tokens == 6
+    # Order audio(2), eye, pose, landmarks, null: changing the pose moves token 3 only.
+    moved = (enc(dict(batch, pose=batch["pose"] + 0.3)) - tokens).abs().amax(dim=(0, 2))  # [T]
+    assert moved[3] > DEPENDENCE_MIN and torch.equal(moved[[0, 1, 2, 4, 5]], torch.zeros(5))
+    assert torch.equal(tokens[0, -1], tokens[1, -1])  # the null token is shared by all frames
+    only_null = ConditionEncoder(DeltaplaneConfig.tiny(use_audio=False, use_eye=False, use_pose=False,
+                                                      use_landmarks=False))
+    assert only_null(batch).shape == (2, 1, cfg.token_dim)
+
+
+def test_eye_noise_only_in_training():
+    cfg = DeltaplaneConfig.tiny(use_audio=False, use_pose=False, use_landmarks=False, use_null=False)
+    enc = ConditionEncoder(cfg)
+    batch = {"blink": torch.full((2, 1), 0.5)}
+    assert not torch.equal(enc.train()(batch), enc(batch))
+    assert torch.equal(enc.eval()(batch), enc(batch))
+
+
+# --- split convolution and roll-out ----------------------------------------------------------------
+
+
+def _changed_cells(axes: str, j: int, k: int, h0: int, w0: int, R: int) -> torch.Tensor:
+    """Oracle: cells of plane j that share a world coordinate with cell (h0, w0) of plane k.
+
+    Plane p's width indexes world axis PLANE_AXES[axes][p][0], its height the second. For each world
+    axis both planes read, plane j's cells whose coordinate along it equals the perturbed cell's change.
+    """
+    pj, pk = PLANE_AXES[axes][j], PLANE_AXES[axes][k]
+    coord_k = {pk[0]: w0, pk[1]: h0}
+    hh, ww = torch.meshgrid(torch.arange(R), torch.arange(R), indexing="ij")
+    coord_j = {pj[0]: ww, pj[1]: hh}
+    mask = torch.zeros(R, R, dtype=torch.bool)
+    for a in set(pj) & set(pk):
+        mask |= coord_j[a] == coord_k[a]
+    return mask
+
+
+@pytest.mark.parametrize("axes", ["fixed", "eg3d"])
+def test_rollout_reads_other_planes_only_through_the_shared_axis(axes):
+    c, R, h0, w0 = 2, 8, 1, 5  # h0 != w0 so a swapped (transposed) axis would be caught
+    rollout = RollOut(axes)
+    x = torch.randn(1, 3 * c, R, R)
+    for k in range(3):
+        y = x.clone().view(1, 3, c, R, R)
+        y[0, k, :, h0, w0] += 1.0
+        diff = (rollout(y.view(1, 3 * c, R, R)) - rollout(x)).view(3, 3, c, R, R).abs().amax(dim=2)  # [j, slot, R, R]
+        for j in range(3):
+            others = [p for p in range(3) if p != j]
+            for slot, src in enumerate([j] + others):
+                if src != k:
+                    expected = torch.zeros(R, R, dtype=torch.bool)
+                elif slot == 0:  # the plane itself, untouched by the roll-out
+                    expected = torch.zeros(R, R, dtype=torch.bool)
+                    expected[h0, w0] = True
+                else:
+                    expected = _changed_cells(axes, j, k, h0, w0, R)
+                    assert expected.any()
+                assert torch.equal(diff[j, slot] > 0, expected), (axes, k, j, slot)
+
+
+@pytest.mark.parametrize("axes", ["fixed", "eg3d"])
+def test_planes_meet_only_through_rollout(axes):
+    planes, batch = _planes(DeltaplaneConfig.tiny(), 1), _batch(DeltaplaneConfig.tiny(), 1)
+    bumped = planes.clone()
+    bumped[:, 1, :, 3, 9] += 1.0  # a local change in plane 1
+    with torch.no_grad():
+        for rollout in (True, False):
+            model = _perturbed(DeltaplaneConfig.tiny(axes=axes, rollout=rollout))
+            diff = (model(bumped, batch) - model(planes, batch)).abs().amax(dim=(0, 2, 3, 4))  # [3]
+            assert diff[1] > DEPENDENCE_MIN
+            if rollout:
+                assert diff[0] > DEPENDENCE_MIN and diff[2] > DEPENDENCE_MIN
+            else:  # split convolution, in-plane self-attention, cross-attention to tokens only
+                assert diff[0] == 0 and diff[2] == 0
+
+
+# --- attention and positional encoding -------------------------------------------------------------
+
+
+def _naive_attention(q, k, v, pad):
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # [B, H, L, S]
+    if pad is not None:
+        scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def test_attention_matches_naive_softmax():
+    q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 6)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    torch.testing.assert_close(attention(q, k, v), _naive_attention(q, k, v, None), atol=ATTN_ATOL, rtol=0)
+    torch.testing.assert_close(attention(q, k, v, pad), _naive_attention(q, k, v, pad), atol=ATTN_ATOL, rtol=0)
+    # The module: heads split from the projections, merged, projected out.
+    mha = MultiHeadAttention(8, heads=2, head_dim=3, context_dim=5)
+    x, ctx = torch.randn(2, 4, 8), torch.randn(2, 7, 5)
+    split = lambda t: t.view(2, -1, 2, 3).transpose(1, 2)  # noqa: E731  [B, L, 6] -> [B, 2, L, 3]
+    heads = _naive_attention(split(mha.to_q(x)), split(mha.to_k(ctx)), split(mha.to_v(ctx)), pad)
+    expected = mha.to_out(heads.transpose(1, 2).reshape(2, 4, 6))
+    torch.testing.assert_close(mha(x, ctx, pad), expected, atol=ATTN_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("axes", ["fixed", "eg3d"])
+def test_plane_positions_and_encoding(axes):
+    r = 4
+    pos = plane_positions(axes, r)  # [3, r*r, 3]
+    centres = (2 * torch.arange(r) + 1) / r - 1
+    for j, (a_w, a_h) in enumerate(PLANE_AXES[axes]):
+        grid = pos[j].view(r, r, 3)
+        assert torch.equal(grid[..., a_w], centres.expand(r, r))  # width -> a_w
+        assert torch.equal(grid[..., a_h], centres[:, None].expand(r, r))  # height -> a_h
+        assert torch.equal(grid[..., 3 - a_w - a_h], torch.zeros(r, r))  # the unread axis is 0
+    pe = plane_positional_encoding(axes, r, 16)  # [3, r*r, 16]
+    assert pe.shape == (3, r * r, 16)
+    for j in range(3):
+        dist = torch.cdist(pe[j], pe[j]) + torch.eye(r * r) * 1e9
+        assert dist.min() > PE_MIN_DISTANCE
+
+
+# --- configuration and input checks ----------------------------------------------------------------
+
+
+def test_config_round_trip_and_unknown_key():
+    for cfg in (DeltaplaneConfig.release(), DeltaplaneConfig.tiny(axes="eg3d", use_null=False)):
+        assert DeltaplaneConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown keys"):
+        DeltaplaneConfig.from_dict({"channels": [8, 16], "no_audio": True})
+    with pytest.raises(ValueError, match="axes"):
+        DeltaplaneConfig.tiny(axes="yz")
+    with pytest.raises(ValueError, match="token type"):
+        DeltaplaneConfig.tiny(use_audio=False, use_eye=False, use_pose=False, use_landmarks=False, use_null=False)
+    with pytest.raises(ValueError, match="plane_resolution"):
+        DeltaplaneConfig.tiny(plane_resolution=10, channels=(8, 8, 16))
+    release = DeltaplaneConfig.release()
+    assert release.bottleneck_resolution == 32 and release.channels == (32, 64, 128, 256)
+    assert release.num_tokens == 5 and release.token_dim == 64
+
+
+def test_bad_inputs_raise_value_error_naming_the_argument():
+    cfg = DeltaplaneConfig.tiny()
+    model = DeltaplaneModel(cfg)
+    planes, batch = _planes(cfg), _batch(cfg)
+    tokens = model.condition(batch)
+    C, R = cfg.plane_channels, cfg.plane_resolution
+    for bad in (torch.randn(2, 3, C + 1, R, R), torch.randn(2, 3, C, R, 2 * R), torch.randn(2, 3 * C, R),
+                torch.zeros(2, 3, C, R, R, dtype=torch.long)):
+        with pytest.raises(ValueError, match="planes"):
+            model.predictor(bad, tokens)
+    with pytest.raises(ValueError, match="tokens"):
+        model.predictor(planes, tokens[..., :-1])
+    with pytest.raises(ValueError, match="tokens"):
+        model.predictor(planes, tokens[:1])
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        model.predictor(planes, tokens, torch.zeros(2, tokens.shape[1] + 1, dtype=torch.bool))
+    for key, value in [("audio", batch["audio"][:, :, :1]), ("blink", batch["blink"][:, 0]),
+                       ("pose", batch["pose"][:1]), ("landmarks", batch["landmarks"][:, :3])]:
+        with pytest.raises(ValueError, match=f"batch\\['{key}'\\]"):
+            model(planes, dict(batch, **{key: value}))
+    with pytest.raises(ValueError, match="batch\\['audio'\\]: missing"):
+        model(planes, {k: v for k, v in batch.items() if k != "audio"})
+
+
+# --- training ---------------------------------------------------------------------------------------
+
+
+def test_training_steps_reduce_loss():
+    cfg = DeltaplaneConfig.tiny(eye_noise_std=0.0)
+    model = DeltaplaneModel(cfg)
+    planes, batch = _planes(cfg), _batch(cfg)
+    # Toy target: a deltaplane that is a smooth function of the identity planes.
+    target = 0.5 * torch.tanh(planes)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(6):
+        loss = (model(planes, batch) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[1] < losses[0]
+    assert losses[-1] < 0.95 * losses[0]
+
+
+def test_release_size_parameter_count():
+    # Guards the release sizes against silent drift; recount when the architecture changes on purpose.
+    with torch.device("meta"):
+        predictor = DeltaplanePredictor(DeltaplaneConfig.release())
+        encoder = ConditionEncoder(DeltaplaneConfig.release())
+    n_pred = sum(p.numel() for p in predictor.parameters())
+    n_enc = sum(p.numel() for p in encoder.parameters())
+    assert (n_pred, n_enc) == (14_458_304, 78_656), (n_pred, n_enc)
+
