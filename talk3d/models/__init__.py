@@ -26,3 +26,7 @@ __all__ += [
     "ConditionEncoder", "AudioNet", "SinusoidalMLP", "TransformerBlock", "MultiHeadAttention", "GEGLUFeedForward",
     "attention", "plane_positions", "plane_positional_encoding", "sinusoidal_3d",
 ]
+
+from .talking_head import TalkingHead  # noqa: E402
+
+__all__ += ["TalkingHead"]

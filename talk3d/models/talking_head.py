@@ -1,0 +1,70 @@
+"""Talk3D's talking head: identity triplane + audio-guided deltaplane, rendered by the prior's
+decoder and super-resolution (paper section 3).
+
+    planes = P_ID + DeltaplaneModel(P_ID, conditions);  image = SR(render(planes, decoder, camera), w_ID)
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .deltaplane import DeltaplaneModel
+from .generator import TriplaneGenerator
+from .unet_config import DeltaplaneConfig
+
+__all__ = ["TalkingHead"]
+
+
+class TalkingHead(nn.Module):
+    """The trainable talking head.
+
+    Args:
+        generator: the prior (decoder and super-resolution are used; its backbone is not run here).
+        deltaplane: sizes of the deltaplane predictor; its plane sizes and convention must match the
+            generator's.
+        identity_planes: ``[1, 3, C, R, R]`` the person's triplane P_ID.
+        w_id: ``[1, num_ws, w_dim]`` the latent that conditions the super-resolution.
+        learn_identity: P_ID and w_ID are trained (no personalised prior) or kept fixed (buffers).
+    """
+
+    def __init__(self, generator: TriplaneGenerator, deltaplane: DeltaplaneConfig, identity_planes: torch.Tensor,
+                 w_id: torch.Tensor, *, learn_identity: bool):
+        super().__init__()
+        g = generator.cfg
+        want = (1, 3, g.plane_channels, g.plane_resolution, g.plane_resolution)
+        if tuple(identity_planes.shape) != want:
+            raise ValueError(f"TalkingHead: identity_planes must be {list(want)}, got {list(identity_planes.shape)}")
+        if (deltaplane.plane_channels, deltaplane.plane_resolution, deltaplane.axes) != (
+                g.plane_channels, g.plane_resolution, g.axes):
+            raise ValueError("TalkingHead: deltaplane config (plane_channels, plane_resolution, axes) = "
+                             f"{(deltaplane.plane_channels, deltaplane.plane_resolution, deltaplane.axes)} does not "
+                             f"match the generator's {(g.plane_channels, g.plane_resolution, g.axes)}")
+        self.generator = generator
+        self.deltaplane = DeltaplaneModel(deltaplane)
+        self.learn_identity = learn_identity
+        if learn_identity:
+            self.identity_planes = nn.Parameter(identity_planes.detach().clone())
+            self.w_id = nn.Parameter(w_id.detach().clone())
+        else:
+            self.register_buffer("identity_planes", identity_planes.detach().clone())
+            self.register_buffer("w_id", w_id.detach().clone())
+
+    def forward(self, batch: Mapping[str, torch.Tensor], *, impl: str = "auto", deterministic: bool = False,
+                resolution: int | None = None) -> dict[str, torch.Tensor]:
+        """batch: the dataset's dict (``camera`` ``[B, 25]``, ``audio``, ``blink``, ``pose``, ``landmarks``).
+
+        Returns the generator's synthesis dict (``image`` ``[B, 3, S, S]``, ``image_raw``
+        ``[B, 3, h, h]``, ...) plus ``delta`` ``[B, 3, C, R, R]``.
+        """
+        cams = batch["camera"]
+        B = cams.shape[0]
+        base = self.identity_planes.expand(B, -1, -1, -1, -1)
+        delta = self.deltaplane(base, batch)
+        planes = base + delta.to(base.dtype)
+        ws = self.w_id.expand(B, -1, -1)
+        out = self.generator.synthesis(ws, cams, impl=impl, deterministic=deterministic, planes=planes,
+                                       neural_rendering_resolution=resolution)
+        out["delta"] = delta
+        return out

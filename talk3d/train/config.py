@@ -1,0 +1,146 @@
+"""Training configuration: one dataclass, read from TOML and ``--set key=value`` overrides.
+
+Defaults follow the Talk3D release (``../shared/reference/numerics.md``): Adam lr 5e-4 decayed by
+0.98 every 2 epochs, batch 2, L1 x16 + LPIPS x1 on the render and the SR output, mouth region x15
+on the render, SyncNet x0.01 after epoch 20, then SR fine-tuning at lr 2e-4.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STAGES = ("deltaplane", "sr")
+
+
+@dataclass
+class LossWeights:
+    l1_raw: float = 16.0        # render (neural rendering resolution) vs the downsampled frame
+    l1_sr: float = 16.0         # SR output vs the frame
+    lpips_raw: float = 1.0
+    lpips_sr: float = 1.0
+    mouth: float = 15.0         # L1 inside the mouth mask, on the render
+    identity: float = 1.0
+    sync: float = 0.01
+    sync_start_epoch: int = 20
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "deltaplane"
+    steps: int = 80_000
+    batch_size: int = 2
+    lr: float = 5e-4
+    lr_decay: float = 0.98          # StepLR gamma
+    lr_decay_epochs: int = 2        # StepLR step, in epochs
+    grad_clip: float = 1.0
+    amp: str = "auto"               # "auto" (bf16 on CUDA, off on CPU), "bf16", "off"
+    impl: str = "auto"              # render back end; "torch" is the reference renderer
+    coarse_samples: int | None = None       # None: the generator config's
+    importance_samples: int | None = None
+    render_resolution: int | None = None
+    learn_identity: bool | None = None      # None: learn it when no prior is given
+    freeze_prior: bool = True       # decoder and SR of a given prior stay frozen in stage deltaplane
+    blink_noise: float = 0.1        # std of the noise on the AU45 input during training
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    preview_every: int = 200
+    checkpoint_every: int = 500
+    val_frames: int = 8             # validation frames scored and previewed
+    generator: dict[str, Any] = field(default_factory=dict)   # GeneratorConfig overrides
+    deltaplane: dict[str, Any] = field(default_factory=dict)  # DeltaplaneConfig overrides
+    generator_size: str = "ffhq"    # "ffhq" or "tiny": base of the generator overrides (no prior)
+    deltaplane_size: str = "release"  # "release" or "tiny"
+    loss: LossWeights = field(default_factory=LossWeights)
+
+    def __post_init__(self):
+        if isinstance(self.loss, dict):
+            self.loss = LossWeights(**self.loss)
+        if self.stage not in STAGES:
+            raise ValueError(f"train config: stage must be one of {STAGES}, got {self.stage!r}")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ValueError(f"train config: amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
+        for name in ("steps", "batch_size", "log_every", "eval_every", "preview_every", "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"train config: {name} must be >= 1, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"train config: lr must be positive, got {self.lr!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"train config: unknown keys {unknown}; known: {sorted(names)}")
+        data = dict(data)
+        if isinstance(data.get("loss"), dict):
+            lnames = {f.name for f in dataclasses.fields(LossWeights)}
+            bad = sorted(set(data["loss"]) - lnames)
+            if bad:
+                raise ValueError(f"train config: unknown loss keys {bad}; known: {sorted(lnames)}")
+        return cls(**data)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare string
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["steps=100", "loss.mouth=0", "generator.plane_resolution=64"]`` applied to a config dict."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        *path, last = key.strip().split(".")
+        node = data
+        for p in path:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {p!r} is not a section")
+        node[last] = _parse_value(value.strip())
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict[str, Any] | None = None) -> TrainConfig:
+    """TOML file (optional) over ``base`` (or the defaults), then the overrides."""
+    data = dict(base or TrainConfig().to_dict())
+    if path is not None:
+        path = Path(path)
+        try:
+            file_data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"train config {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"train config {path} is not valid TOML: {e}") from None
+        for k, v in file_data.items():
+            if isinstance(v, dict) and isinstance(data.get(k), dict):
+                data[k] = {**data[k], **v}
+            else:
+                data[k] = v
+    return TrainConfig.from_dict(apply_overrides(data, list(overrides)))
+
+
+def demo_config(device_type: str) -> dict[str, Any]:
+    """The no-argument run: sized to finish in minutes on 2 CPU cores, the full size on a GPU."""
+    if device_type == "cuda":
+        return TrainConfig(steps=3000, eval_every=250, preview_every=250, checkpoint_every=1000,
+                           batch_size=2).to_dict()
+    return TrainConfig(
+        steps=2000, batch_size=4, lr=2e-3, lr_decay_epochs=20, eval_every=250, preview_every=250,
+        checkpoint_every=500, log_every=10, val_frames=16, generator_size="tiny", deltaplane_size="tiny",
+        generator=dict(plane_resolution=32, plane_channels=8, neural_rendering_resolution=32, sr_resolution=64,
+                       coarse_samples=12, importance_samples=12),
+        deltaplane=dict(channels=[16, 32, 64], norm_groups=4, token_dim=32, token_hidden=32, head_dim=16),
+    ).to_dict()

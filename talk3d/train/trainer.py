@@ -1,0 +1,315 @@
+"""The training loop of stages ``deltaplane`` and ``sr``: a run folder with the config, a readable
+log, CSV scalars, preview images and checkpoints (every N steps, at the end, and on Ctrl-C)."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from tqdm import tqdm
+
+from ..data import TalkingHeadDataset, load_manifest
+from ..models import DeltaplaneConfig, GeneratorConfig, TalkingHead, TriplaneGenerator
+from .config import TrainConfig
+from .losses import loss_status, reconstruction_losses
+
+__all__ = ["Trainer", "build_model"]
+
+CHECKPOINT_VERSION = 1
+
+
+class RunLog:
+    """Lines to the terminal (rank 0) and to run_dir/log.txt."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        tqdm.write(line, file=sys.stderr)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def build_model(cfg: TrainConfig, audio_dim: int, *, prior: str | None, log) -> TalkingHead:
+    """The talking head: from a converted prior (``python -m talk3d.prior convert``) or from scratch."""
+    if prior is not None:
+        from ..prior import load_generator
+
+        gen = load_generator(prior)
+        gen.requires_grad_(False)
+        with torch.no_grad():
+            w_id = gen.backbone.mapping.w_avg[None, None].expand(1, gen.num_ws, -1).clone()
+            planes = gen.planes(w_id)
+        learn = True if cfg.learn_identity is None else cfg.learn_identity
+        log(f"prior {prior}: identity triplane from its mean latent"
+            + (", fine-tuned (the prior is not personalised)" if learn else ", kept fixed"))
+        if not cfg.freeze_prior:
+            gen.decoder.requires_grad_(True)
+            gen.superresolution.requires_grad_(True)
+    else:
+        base = GeneratorConfig.tiny() if cfg.generator_size == "tiny" else GeneratorConfig.ffhq()
+        gcfg = dataclasses.replace(base, **cfg.generator)
+        gen = TriplaneGenerator(gcfg)
+        gen.backbone.requires_grad_(False)  # P_ID is learned directly; the backbone is not used
+        g = torch.Generator().manual_seed(cfg.seed)
+        planes = 0.1 * torch.randn(1, 3, gcfg.plane_channels, gcfg.plane_resolution, gcfg.plane_resolution, generator=g)
+        w_id = torch.randn(1, gen.num_ws, gcfg.w_dim, generator=g)
+        learn = True
+        log("no prior given: the identity triplane, decoder and super-resolution are learned from scratch "
+            "with the deltaplane predictor")
+    gcfg = gen.cfg
+    base = DeltaplaneConfig.tiny() if cfg.deltaplane_size == "tiny" else DeltaplaneConfig.release()
+    dcfg = dataclasses.replace(base, **{**cfg.deltaplane, "plane_channels": gcfg.plane_channels,
+                                        "plane_resolution": gcfg.plane_resolution, "axes": gcfg.axes,
+                                        "audio_dim": audio_dim, "eye_noise_std": cfg.blink_noise})
+    return TalkingHead(gen, dcfg, planes, w_id, learn_identity=learn)
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _image_grid(rows: list[list[torch.Tensor]]) -> np.ndarray:
+    """rows of ``[3, H, W]`` images in [-1, 1] (same size) -> ``[H * rows, W * cols, 3]`` uint8."""
+    strips = [torch.cat([im.float().clamp(-1, 1) for im in row], dim=2) for row in rows]
+    grid = torch.cat(strips, dim=1)
+    return ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+class Trainer:
+    """Trains a :class:`TalkingHead` on a preprocessed dataset. See ``python -m talk3d.train --help``."""
+
+    def __init__(self, cfg: TrainConfig, data_dir, run_dir, *, prior: str | None = None, device=None,
+                 resume: bool = False):
+        self.cfg, self.data_dir, self.run_dir = cfg, Path(data_dir), Path(run_dir)
+        self.rank, self.world = _dist_info()
+        self.main = self.rank == 0
+        if device is None:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.main:
+            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "previews").mkdir(exist_ok=True)
+        self.log = RunLog(self.run_dir / "log.txt" if self.main else None) if self.main else (lambda msg: None)
+        torch.manual_seed(cfg.seed + self.rank)
+
+        manifest = load_manifest(self.data_dir)
+        self.audio_encoder = manifest["audio"]["encoder"]
+        self.train_set = TalkingHeadDataset(self.data_dir, "train")
+        self.val_set = TalkingHeadDataset(self.data_dir, "val")
+        self.model = build_model(cfg, int(manifest["audio"]["feature_dim"]), prior=prior, log=self.log).to(self.device)
+        gcfg = self.model.generator.cfg
+        self.resolution = cfg.render_resolution or gcfg.neural_rendering_resolution
+        if cfg.coarse_samples or cfg.importance_samples:
+            self.model.generator.cfg = dataclasses.replace(
+                gcfg, coarse_samples=cfg.coarse_samples or gcfg.coarse_samples,
+                importance_samples=cfg.importance_samples if cfg.importance_samples is not None else gcfg.importance_samples)
+        self._set_stage()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999))
+        self.steps_per_epoch = max(1, math.ceil(len(self.train_set) / (cfg.batch_size * self.world)))
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_decay_epochs * self.steps_per_epoch,
+                                                         gamma=cfg.lr_decay)
+        self.net = self.model
+        if self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)  # e.g. SR noise strengths when its noise mode is "none"
+        self.step = 0
+        self.history: list[dict] = []
+        if resume:
+            self._load(self.run_dir / "checkpoints" / "latest.pt")
+        elif self.main:
+            (self.run_dir / "config.json").write_text(json.dumps(
+                {"train": cfg.to_dict(), "data": str(self.data_dir), "prior": prior,
+                 "audio_encoder": self.audio_encoder}, indent=2))
+        n_train = sum(p.numel() for p in params)
+        self.log(f"run {self.run_dir}: stage {cfg.stage}, {len(self.train_set)} train / {len(self.val_set)} val frames, "
+                 f"{n_train / 1e6:.2f} M trained parameters, device {self.device}, {self.world} process(es)")
+        for line in loss_status(cfg.loss):
+            self.log(line)
+
+    def _set_stage(self) -> None:
+        """deltaplane: the predictor (and what is learned from scratch); sr: the super-resolution only."""
+        if self.cfg.stage == "sr":
+            self.model.requires_grad_(False)
+            self.model.generator.superresolution.requires_grad_(True)
+
+    @property
+    def amp_dtype(self):
+        if self.cfg.amp == "bf16" or (self.cfg.amp == "auto" and self.device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    def _forward(self, batch, *, deterministic=False):
+        dt = self.amp_dtype
+        ctx = torch.autocast(self.device.type, dtype=dt) if dt else torch.autocast(self.device.type, enabled=False)
+        with ctx:
+            return self.net(batch, impl=self.cfg.impl, deterministic=deterministic, resolution=self.resolution)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {"version": CHECKPOINT_VERSION, "step": self.step, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "config": self.cfg.to_dict(), "audio_encoder": self.audio_encoder, "history": self.history,
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist()}}
+
+    def save(self, name: str | None = None) -> Path | None:
+        if not self.main:
+            return None
+        ckdir = self.run_dir / "checkpoints"
+        path = ckdir / (name or f"step_{self.step:07d}.pt")
+        tmp = path.with_suffix(".tmp")
+        torch.save(self._state(), tmp)
+        os.replace(tmp, path)
+        latest = ckdir / "latest.pt"
+        if path != latest:
+            tmp = latest.with_suffix(".tmp")
+            torch.save(self._state(), tmp)
+            os.replace(tmp, latest)
+        return path
+
+    def _load(self, path: Path) -> None:
+        if not path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
+            raise ValueError(f"{path}: not a readable talk3d training checkpoint ({e})") from None
+        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{path}: not a talk3d training checkpoint of version {CHECKPOINT_VERSION}")
+        if state["audio_encoder"] != self.audio_encoder:
+            raise ValueError(f"{path} was trained on audio features {state['audio_encoder']!r}, but {self.data_dir} "
+                             f"has {self.audio_encoder!r}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.history = int(state["step"]), list(state["history"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        self.log(f"resumed from {path} at step {self.step}")
+
+    # -- evaluation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean losses over the first ``val_frames`` validation frames (deterministic render)."""
+        was = self.model.training
+        self.model.eval()
+        n = min(self.cfg.val_frames, len(self.val_set))
+        batch = _to(torch.utils.data.default_collate([self.val_set[i] for i in range(n)]), self.device)
+        out = self._forward(batch, deterministic=True)
+        terms = {f"val_{k}": float(v) for k, v in reconstruction_losses(out, batch, self.cfg.loss).items()}
+        if "audio" in batch and n > 1:
+            # Does the mouth follow the audio? The same frames with each other's audio windows: a
+            # model that uses the audio gets its mouth wrong there (mouth error above val_mouth).
+            shuffled = dict(batch, audio=batch["audio"].roll(1, dims=0))
+            wrong = reconstruction_losses(self._forward(shuffled, deterministic=True), batch, self.cfg.loss)
+            terms["val_mouth_wrong_audio"] = float(wrong["mouth"])
+        self.model.train(was)
+        self._preview(out, batch)
+        return terms
+
+    def _preview(self, out, batch) -> None:
+        if not self.main:
+            return
+        from PIL import Image
+
+        S = out["image"].shape[-1]
+        tgt = torch.nn.functional.interpolate(batch["image"], size=(S, S), mode="area")
+        raw = torch.nn.functional.interpolate(out["image_raw"].float(), size=(S, S), mode="nearest")
+        k = min(4, tgt.shape[0])
+        grid = _image_grid([[tgt[i], out["image"][i], raw[i]] for i in range(k)])
+        Image.fromarray(grid).save(self.run_dir / "previews" / f"val_step{self.step:07d}.png")
+
+    # -- training ----------------------------------------------------------------------------------
+    def _loader(self):
+        sampler = (DistributedSampler(self.train_set, seed=self.cfg.seed) if self.world > 1 else
+                   RandomSampler(self.train_set, replacement=True, num_samples=10**9,
+                                 generator=torch.Generator().manual_seed(self.cfg.seed + self.step)))
+        return DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=sampler, drop_last=True,
+                          num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0)
+
+    def train_step(self, batch) -> dict[str, float]:
+        self.model.train()
+        out = self._forward(batch)
+        terms = reconstruction_losses(out, batch, self.cfg.loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return {**{k: float(v.detach()) for k, v in terms.items()}, "grad_norm": float(gnorm)}
+
+    def _scalars(self, row: dict) -> None:
+        if not self.main:
+            return
+        path = self.run_dir / "scalars.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    def fit(self) -> dict:
+        """Train to ``cfg.steps``; returns the first and last validation scores."""
+        cfg = self.cfg
+        if self.step == 0:
+            first = self.evaluate()
+            self.history.append({"step": 0, **first})
+            self.log("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
+        loader = self._loader()
+        batches = iter(loader)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.stage}", unit="step",
+                   disable=not self.main, dynamic_ncols=True)
+        epoch = 0
+        try:
+            while self.step < cfg.steps:
+                try:
+                    batch = next(batches)
+                except StopIteration:  # a DistributedSampler epoch ended: reshuffle
+                    epoch += 1
+                    loader.sampler.set_epoch(epoch)
+                    batches = iter(loader)
+                    continue
+                terms = self.train_step(_to(batch, self.device))
+                bar.update(1)
+                bar.set_postfix(loss=f"{terms['total']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.1e}")
+                if self.step % cfg.log_every == 0:
+                    self._scalars({"step": self.step, "lr": self.scheduler.get_last_lr()[0], **terms})
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    scores = self.evaluate()
+                    self.history.append({"step": self.step, **scores})
+                    self._scalars({"step": self.step, **scores})
+                    self.log(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+                if self.step % cfg.checkpoint_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            path = self.save()
+            self.log(f"interrupted at step {self.step}; saved {path}; continue with --resume {self.run_dir}")
+            raise
+        finally:
+            bar.close()
+        path = self.save()
+        first, last = self.history[0], self.history[-1]
+        self.log(f"done: {self.step} steps; val L1 (render) {first['val_l1_raw']:.4f} -> {last['val_l1_raw']:.4f}, "
+                 f"mouth {first['val_mouth']:.4f} -> {last['val_mouth']:.4f}; checkpoint {path}")
+        return {"first": first, "last": last, "checkpoint": str(path) if path else None}
