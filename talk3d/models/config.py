@@ -10,15 +10,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
+from .config_io import JsonConfig
 from ..render import CameraRig, RenderConfig
 
 #: Values accepted by :attr:`GeneratorConfig.fused_modconv`.
 FUSED_MODCONV_MODES = ("always", "never", "inference_only")
 #: Noise modes of the synthesis layers (StyleGAN2's).
 NOISE_MODES = ("random", "const", "none")
-_TUPLE_FIELDS = ("sr_channels", "camera_pivot")
 
 
 def _is_pow2(n: int) -> bool:
@@ -26,8 +26,10 @@ def _is_pow2(n: int) -> bool:
 
 
 @dataclass(frozen=True)
-class GeneratorConfig:
+class GeneratorConfig(JsonConfig):
     """Sizes and settings of :class:`talk3d.models.TriplaneGenerator` (defaults: EG3D FFHQ 512)."""
+
+    _tuple_fields: ClassVar[tuple[str, ...]] = ("sr_channels", "camera_pivot")  # serialised as JSON lists
 
     # Mapping network (z, c) -> w.
     z_dim: int = 512
@@ -124,22 +126,6 @@ class GeneratorConfig:
         return CameraRig(self.camera_radius, self.camera_pivot, self.camera_focal)
 
     # --- serialisation --------------------------------------------------------------------------
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict (tuples become lists); :meth:`from_dict` inverts it exactly."""
-        out = dataclasses.asdict(self)
-        for name in _TUPLE_FIELDS:
-            out[name] = list(out[name])
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GeneratorConfig":
-        """Inverse of :meth:`to_dict`; missing keys take the defaults, unknown keys raise ValueError."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"GeneratorConfig.from_dict: unknown keys {unknown}")
-        return cls(**data)
 
     # --- presets --------------------------------------------------------------------------------
 

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
+from .config_io import JsonConfig
 from ..ops.reference.triplane_field import PLANE_AXES
 
-_TUPLE_FIELDS = ("channels",)
 #: The condition token types, in the order their tokens are concatenated (the paper's eq. 5).
 TOKEN_TYPES = ("audio", "eye", "pose", "landmarks", "null")
 
 
 @dataclass(frozen=True)
-class DeltaplaneConfig:
+class DeltaplaneConfig(JsonConfig):
     """Sizes of :class:`talk3d.models.DeltaplanePredictor` and :class:`talk3d.models.ConditionEncoder`."""
+
+    _tuple_fields: ClassVar[tuple[str, ...]] = ("channels",)  # serialised as JSON lists
 
     # Triplane in / deltaplane out.
     plane_channels: int = 32      # C: channels per plane
@@ -105,22 +107,6 @@ class DeltaplaneConfig:
         return sum(self.token_counts().values())
 
     # --- serialisation --------------------------------------------------------------------------
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict (tuples become lists); :meth:`from_dict` inverts it exactly."""
-        out = dataclasses.asdict(self)
-        for name in _TUPLE_FIELDS:
-            out[name] = list(out[name])
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DeltaplaneConfig":
-        """Inverse of :meth:`to_dict`; missing keys take the defaults, unknown keys raise ValueError."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"DeltaplaneConfig.from_dict: unknown keys {unknown}")
-        return cls(**data)
 
     # --- presets --------------------------------------------------------------------------------
 
