@@ -10,9 +10,9 @@ import contextlib
 
 import pytest
 import torch
+from backends import fused_impl
 from memory import peak_memory_bytes
 
-from talk3d import extension
 from talk3d.models import GeneratorConfig, TriplaneGenerator
 from talk3d.render import look_at_camera
 
@@ -29,15 +29,7 @@ def generator():
 
 
 def _impl(path: str) -> str:
-    if path == "reference":
-        return "torch"
-    if HAS_CUDA:
-        if not extension.with_cuda():
-            pytest.skip("needs the CUDA extension")
-        return "cuda"
-    if not extension.available():
-        pytest.skip("talk3d._C not built")
-    return "cpu"
+    return "torch" if path == "reference" else fused_impl()
 
 
 @pytest.mark.benchmark(group="generator-frame")

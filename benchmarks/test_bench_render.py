@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 from composite_cases import CompositeCase, make_dense
 from memory import peak_memory_bytes
-from talk3d import extension
 from talk3d.ops import composite
+from backends import fused_impl
+
 from talk3d.render import OccupancyGrid, RenderConfig, Renderer, look_at_camera, render
 from talk3d.render.synthetic import head_scene
 
@@ -31,14 +32,7 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _fused_impl():
-    if HAS_CUDA:
-        if not extension.with_cuda():
-            pytest.skip("needs the CUDA extension")
-        return "cuda"
-    if not extension.available():
-        pytest.skip("talk3d._C not built")
-    return "cpu"
+
 
 
 def _nerfacc_composite(sigma, feat, t):
@@ -62,7 +56,7 @@ def test_composite_forward_backward(benchmark, impl):
         pytest.skip("nerfacc not installed")
     case = CompositeCase(B=1, R=RES * RES, S=96, F=32)
     inputs = [x.to(DEVICE).requires_grad_() for x in make_dense(case)]
-    run_impl = _fused_impl() if impl == "fused" else "torch"
+    run_impl = fused_impl() if impl == "fused" else "torch"
 
     def step():
         if impl == "nerfacc":
@@ -91,7 +85,7 @@ def _frame(dtype=torch.float32):
 @pytest.mark.parametrize("mode", ["reference", "fused", "fused-skipping"])
 def test_render_frame_forward(benchmark, mode):
     planes, dec, cams, cfg = _frame()
-    impl = "torch" if mode == "reference" else _fused_impl()
+    impl = "torch" if mode == "reference" else fused_impl()
     grid = None
     if mode == "fused-skipping":
         grid = OccupancyGrid(128).to(DEVICE)
@@ -115,7 +109,7 @@ def test_render_frame_forward(benchmark, mode):
 @pytest.mark.parametrize("mode", ["reference", "fused"])
 def test_render_frame_forward_backward(benchmark, mode):
     planes, dec, cams, cfg = _frame()
-    impl = "torch" if mode == "reference" else _fused_impl()
+    impl = "torch" if mode == "reference" else fused_impl()
     planes.requires_grad_()
     w = [x.requires_grad_() for x in dec]
 
