@@ -86,6 +86,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "expecttest"],
+        "preprocess": ["av>=14", "dlib-bin>=19.24", "face-recognition-models>=0.3.0"],
     },
     zip_safe=False,
 )

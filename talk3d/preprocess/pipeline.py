@@ -1,0 +1,265 @@
+"""``preprocess_video``: one video -> one talk3d dataset folder (see talk3d.data.format).
+
+Steps, each cached in ``OUT.work/`` (see :mod:`.cache`) and shown with a progress bar:
+
+1. probe: the file opens, has a video stream, and has audio (or ``audio=`` is given).
+2. audio: 16-kHz mono, aligned to the first video frame.
+3. detect: 68 landmarks on every 25-fps frame (checkpointed every CHECKPOINT_FRAMES frames, so
+   an interrupted detection resumes where it stopped).
+4. track: gaps filled, landmarks smoothed; FFHQ crop squares, smoothed; landmarks in the crop.
+5. crop: frames resampled into S x S crops (a memory-mapped cache, also checkpointed).
+6. pose: PnP head pose -> EG3D cameras; blink from the eye aspect ratio.
+7. features: audio features (log-mel by default).
+8. write: masks, the dataset (atomically, by DatasetWriter) and ``contact_sheet.png``.
+
+Bad input raises :class:`PreprocessError` and deletes the work folder, so nothing a re-run
+would trust is left; other failures (a crash, Ctrl-C) keep it for ``resume=True``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..audio.features import FPS, SAMPLES_PER_FRAME, LogMelEncoder, Wav2Vec2Encoder
+from ..data.format import DatasetWriter
+from ..data.synthetic import IBUG68_INDICES, LANDMARK_NAMES
+from .align import crop_frames, ffhq_quads, smooth_quads, to_crop
+from .blink import blink_au45
+from .cache import WorkDir
+from .errors import PreprocessError
+from .landmarks import NUM_LANDMARKS, DlibDetector, LandmarkDetector, fill_and_smooth
+from .masks import face_masks, mouth_masks
+from .pose import estimate_pose
+from .sheet import contact_sheet
+from .video import fit_audio, iter_frames, load_audio_file, probe_video, read_audio_track
+
+__all__ = ["preprocess_video", "MIN_SECONDS", "CHECKPOINT_FRAMES"]
+
+#: Shortest clip accepted: 2 s = 50 frames (fewer leaves ~4 validation frames and no blink).
+MIN_SECONDS = 2.0
+#: Detection and cropping save their progress every this many frames (4 s of video).
+CHECKPOINT_FRAMES = 100
+#: Frames per crop / mask batch (bounds memory: 32 HD frames are ~200 MB as float).
+CHUNK = 32
+
+
+def _key(video: Path, audio, size: int, max_frames, detector, encoder: str) -> dict:
+    st = video.stat()
+    key = dict(video=str(video.resolve()), video_bytes=st.st_size, video_mtime_ns=st.st_mtime_ns,
+               size=size, max_frames=max_frames, detector=detector.name, encoder=encoder)
+    if audio is not None:
+        a = Path(audio)
+        key.update(audio=str(a.resolve()), audio_mtime_ns=a.stat().st_mtime_ns if a.exists() else 0)
+    return key
+
+
+def _bar(total, desc, progress):
+    return tqdm(total=total, desc=desc, unit="frame", disable=not progress, leave=False,
+                file=sys.stderr)
+
+
+def _detect(video, work: WorkDir, detector, max_frames, total, progress) -> dict:
+    """Landmarks of every frame: dict(raw [N, 68, 2], found [N] bool, frame_shape [2])."""
+    done = work.load("detect")
+    if done is not None:
+        return done
+    part = work.load("detect_partial")
+    start = int(part["count"]) if part is not None else 0
+    raw = list(part["raw"][:start]) if part is not None else []
+    found = list(part["found"][:start]) if part is not None else []
+    shape = None
+    bar = _bar(total, "detect faces", progress)
+    bar.update(start)
+    for i, frame in enumerate(iter_frames(video, FPS, max_frames)):
+        shape = frame.shape[:2]
+        if i < start:  # decoded again only to reach the checkpoint
+            continue
+        lm = detector(frame, i)
+        if lm is not None and np.asarray(lm).shape != (NUM_LANDMARKS, 2):
+            raise ValueError(f"detector {detector.name} returned shape {np.shape(lm)}, "
+                             f"expected ({NUM_LANDMARKS}, 2)")
+        raw.append(np.zeros((NUM_LANDMARKS, 2)) if lm is None else np.asarray(lm, np.float64))
+        found.append(lm is not None)
+        bar.update(1)
+        if (i + 1) % CHECKPOINT_FRAMES == 0:
+            work.save("detect_partial", raw=np.array(raw), found=np.array(found), count=i + 1)
+    bar.close()
+    if shape is None:
+        raise PreprocessError(f"{video}: the video stream has no decodable frames")
+    result = dict(raw=np.array(raw), found=np.array(found, dtype=bool), frame_shape=np.array(shape))
+    work.save("detect", **result)
+    return result
+
+
+def _crops(video, work: WorkDir, centre, axis, size, progress) -> np.ndarray:
+    n = centre.shape[0]
+    path = work.path / "crops.npy"
+    state = work.load_json("crops") or {}
+    start = int(state.get("count", 0)) if path.is_file() else 0
+    mode = "r+" if start > 0 else "w+"
+    crops = np.lib.format.open_memmap(path, mode, np.uint8, (n, size, size, 3))
+    if start >= n:
+        return crops
+    bar = _bar(n, "crop", progress)
+    bar.update(start)
+    batch, first = [], start
+    for i, frame in enumerate(iter_frames(video, FPS, n)):
+        if i < start:
+            continue
+        batch.append(frame)
+        if len(batch) == CHUNK or i == n - 1:
+            crops[first:i + 1] = crop_frames(np.stack(batch), centre[first:i + 1],
+                                              axis[first:i + 1], size)
+            bar.update(len(batch))
+            if (i + 1) // CHECKPOINT_FRAMES != first // CHECKPOINT_FRAMES or i == n - 1:
+                crops.flush()
+                work.save_json("crops", dict(count=i + 1))
+            batch, first = [], i + 1
+    bar.close()
+    if work.load_json("crops")["count"] < n:
+        raise PreprocessError(f"{video}: the second decoding pass gave fewer frames than the first")
+    return crops
+
+
+def _encoder(name: str, wav2vec2_path, feature_dim: int):
+    if name == "logmel":
+        return LogMelEncoder(feature_dim)
+    if name == "wav2vec2":
+        if wav2vec2_path is None:
+            raise ValueError("--audio-encoder wav2vec2 needs --wav2vec2-path DIR (a local model)")
+        return Wav2Vec2Encoder(wav2vec2_path)
+    raise ValueError(f"unknown audio encoder {name!r} (logmel or wav2vec2)")
+
+
+def preprocess_video(video, out, *, audio=None, size: int = 512, fps: int = FPS,
+                     max_frames: int | None = None, resume: bool = False, overwrite: bool = False,
+                     audio_encoder: str = "logmel", wav2vec2_path=None, feature_dim: int = 32,
+                     detector: LandmarkDetector | None = None, keep_work: bool = False,
+                     progress: bool = True, log=print) -> Path:
+    """Turn ``video`` into the dataset folder ``out``; returns its path.
+
+    Args:
+        audio: a separate sound track (WAV or anything PyAV reads) instead of the video's.
+        size: crop side S. fps: must be 25 (the dataset format's rate).
+        max_frames: use only the first this many frames (at 25 fps).
+        resume: reuse the steps cached in ``OUT.work/`` by an earlier, interrupted run.
+        detector: a LandmarkDetector (default :class:`DlibDetector`); its optional ``template``
+            [68, 3] replaces the generic 3-D face in the pose fit.
+        keep_work: keep ``OUT.work/`` after success (else it is deleted: the crop cache is as
+            large as the dataset).
+    Raises:
+        PreprocessError for unusable input (message names the problem and frames);
+        FileExistsError when ``out`` exists and not ``overwrite``.
+    """
+    video, out = Path(video), Path(out)
+    if fps != FPS:
+        raise ValueError(f"--fps {fps}: the talk3d dataset format is fixed at {FPS} fps")
+    if size < 64 or size % 8:
+        raise ValueError(f"--size {size}: must be a multiple of 8, >= 64")
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"--max-frames {max_frames}: must be >= 1")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    encoder = _encoder(audio_encoder, wav2vec2_path, feature_dim)
+    if not video.is_file():
+        raise PreprocessError(f"{video}: no such file")
+    detector = DlibDetector() if detector is None else detector
+    work = WorkDir(out.parent / f"{out.name}.work",
+                   _key(video, audio, size, max_frames, detector, encoder.name), resume, log)
+    try:
+        path = _run(video, out, work, detector, encoder, audio, size, max_frames, overwrite,
+                    progress, log)
+    except PreprocessError:
+        work.remove()  # bad input: nothing for a re-run to trust
+        raise
+    if not keep_work:
+        work.remove()
+    return path
+
+
+def _run(video, out, work, detector, encoder, audio, size, max_frames, overwrite, progress, log):
+    info = work.load_json("probe")
+    if info is None:
+        info = probe_video(video).to_dict()
+        if info["duration"] is not None and info["duration"] < MIN_SECONDS - 1.0 / FPS:
+            raise PreprocessError(f"{video}: only {info['duration']:.2f} s long; at least "
+                                  f"{MIN_SECONDS:g} s of video are needed")
+        if audio is None and not info["has_audio"]:
+            raise PreprocessError(f"{video}: the file has no audio stream; pass the sound "
+                                  "track with --audio WAV")
+        work.save_json("probe", info)
+
+    cached = work.load("audio")
+    if cached is None:
+        wave = (load_audio_file(audio) if audio is not None
+                else read_audio_track(video, info["start_time"]))
+        work.save("audio", wave=wave)
+    else:
+        wave = cached["wave"]
+
+    total = None if info["duration"] is None else round(info["duration"] * FPS)
+    if max_frames is not None:
+        total = max_frames if total is None else min(total, max_frames)
+    det = _detect(video, work, detector, max_frames, total, progress)
+    n = det["found"].size
+    if n < MIN_SECONDS * FPS:
+        raise PreprocessError(f"{video}: only {n} frames ({n / FPS:.2f} s) at {FPS} fps; at "
+                              f"least {MIN_SECONDS:g} s of video are needed")
+    if wave.size < 0.5 * n * SAMPLES_PER_FRAME:
+        log(f"warning: the audio ({wave.size / 16000:.2f} s) is much shorter than the video "
+            f"({n / FPS:.2f} s); the rest is silence")
+
+    track = work.load("track")
+    if track is None:
+        lm = fill_and_smooth(det["raw"], det["found"], source=str(video))
+        centre, axis = smooth_quads(*ffhq_quads(lm))
+        track = dict(lm=lm, centre=centre, axis=axis, lm_crop=to_crop(lm, centre, axis, size))
+        work.save("track", **track)
+    lm_crop = track["lm_crop"]
+
+    crops = _crops(video, work, track["centre"], track["axis"], size, progress)
+
+    est = work.load("pose")
+    if est is None:
+        est = estimate_pose(lm_crop, size, template=getattr(detector, "template", None))
+        blink, calib = blink_au45(lm_crop)
+        est.update(blink=blink, open_ear=np.float64(calib["open_ear"]))
+        work.save("pose", **est)
+
+    feats = work.load("features")
+    if feats is None:
+        feats = dict(features=encoder.encode(fit_audio(wave, n, SAMPLES_PER_FRAME), n))
+        work.save("features", **feats)
+
+    lm5 = lm_crop[:, list(IBUG68_INDICES)].astype(np.float32)
+    settings = dict(video=str(video), audio=None if audio is None else str(audio), size=size,
+                    max_frames=max_frames, detector=detector.name,
+                    template="detector's" if getattr(detector, "template", None) is not None
+                    else "generic", probe=info, frames_without_face=int((~det["found"]).sum()),
+                    blink_open_ear=float(est["open_ear"]),
+                    pose_rms_px_median=float(np.median(est["rms"])))
+    with DatasetWriter(out, n, size, num_landmarks=len(LANDMARK_NAMES), overwrite=overwrite) as w:
+        bar = _bar(n, "write", progress)
+        for s in range(0, n, CHUNK):
+            e = min(n, s + CHUNK)
+            w.write_frames(s, np.asarray(crops[s:e]), face_mask=face_masks(lm_crop[s:e], size),
+                           mouth_mask=mouth_masks(lm_crop[s:e], size))
+            bar.update(e - s)
+        bar.close()
+        w.set_arrays(cameras=est["cameras"], pose=est["pose"], blink=est["blink"], landmarks=lm5)
+        w.set_audio(fit_audio(wave, n, SAMPLES_PER_FRAME), feats["features"], encoder)
+        w.add_extra("landmarks68", lm_crop.astype(np.float32))
+        w.add_extra("face_found", det["found"])
+        w.add_extra("pose_rms", est["rms"])
+        contact_sheet(crops, lm_crop, lm5, w.tmp / "contact_sheet.png")
+        path = w.commit(source=str(video), settings=json.loads(json.dumps(settings)),
+                        landmark_names=LANDMARK_NAMES, ibug68_indices=IBUG68_INDICES)
+    log(f"wrote {path}: {n} frames of {size}^2 ({n / FPS:.1f} s), {settings['frames_without_face']} "
+        f"frames without a face (interpolated), median pose fit error "
+        f"{settings['pose_rms_px_median']:.2f} px; check {path / 'contact_sheet.png'}")
+    del crops
+    return path
