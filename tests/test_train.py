@@ -42,7 +42,23 @@ def test_short_run_learns_and_writes_a_run_folder(data, tmp_path):
         assert (run / f).exists(), f
     assert list((run / "previews").glob("val_step*.png"))
     log = (run / "log.txt").read_text()
-    assert "LPIPS loss off" in log and "learned from scratch" in log  # missing weights: said, not faked
+    assert "LPIPS (alex) off" in log and "learned from scratch" in log  # missing weights: said, not faked
+    assert "lpips_raw" not in (run / "scalars.csv").read_text()
+
+
+def test_lpips_joins_the_loss_when_its_weights_are_found(data, tmp_path):
+    """Weight files in the real formats (random values: this checks the plumbing, not the metric)."""
+    from test_lpips import random_weights, write_heads, write_torchvision
+
+    backbone, heads = random_weights()
+    weights = tmp_path / "lpips"
+    weights.mkdir()
+    write_torchvision(weights / "alexnet-owt-7be5be79.pth", backbone)
+    write_heads(weights / "alex.pth", heads)
+    t = Trainer(_cfg(steps=2, eval_every=100, log_every=1, lpips_weights=str(weights)), data, tmp_path / "run")
+    t.fit()
+    assert "LPIPS (alex) ready" in (tmp_path / "run" / "log.txt").read_text()
+    assert "lpips_raw" in (tmp_path / "run" / "scalars.csv").read_text()
 
 
 def test_one_step_reduces_the_loss_on_a_fixed_batch(data, tmp_path):

@@ -2,13 +2,13 @@
 random weights: when one is not available its loss is off and :func:`loss_status` says so."""
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
 from .config import LossWeights
 
+# LPIPS' AlexNet needs 32 pixels a side: smaller renders (the CPU demo's) are scored upsampled.
+LPIPS_MIN_SIZE = 32
 # Guards the mouth loss against an empty mask (a frame whose mouth is out of view).
 MASK_EPS = 1.0
 
@@ -19,12 +19,28 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> t
     return diff.sum() / (mask.sum() * pred.shape[1] + MASK_EPS)
 
 
-def loss_status(weights: LossWeights) -> list[str]:
-    """One line per loss that is off because its network's weights are not available here."""
+def _at_least(x: torch.Tensor, size: int) -> torch.Tensor:
+    """x ``[B, C, H, W]`` bilinearly upsampled to ``size`` when smaller."""
+    return x if min(x.shape[-2:]) >= size else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def perceptual_network(weights: LossWeights, lpips_dir: str | None, device):
+    """The frozen LPIPS network when its weights are found and an LPIPS loss is on, else None."""
+    from ..losses import LPIPS, find_lpips_weights
+
+    if not (weights.lpips_raw or weights.lpips_sr):
+        return None
+    found = find_lpips_weights(lpips_dir)
+    return None if found is None else LPIPS(found).to(device).eval().requires_grad_(False)
+
+
+def loss_status(weights: LossWeights, lpips_dir: str | None = None) -> list[str]:
+    """One line per loss whose network is used or is off for want of weights (never random weights)."""
+    from ..losses import lpips_status
+
     lines = []
-    if (weights.lpips_raw or weights.lpips_sr) and importlib.util.find_spec("lpips") is None:
-        lines.append("LPIPS loss off: the lpips package and its backbone weights are not installed "
-                     "(pip install lpips, with AlexNet weights in the torch hub cache)")
+    if weights.lpips_raw or weights.lpips_sr:
+        lines.append(lpips_status(lpips_dir))
     if weights.identity:
         lines.append("identity loss off: no face-embedding network configured (needs user-supplied weights)")
     if weights.sync:
@@ -32,8 +48,9 @@ def loss_status(weights: LossWeights) -> list[str]:
     return lines
 
 
-def reconstruction_losses(out: dict, batch: dict, weights: LossWeights) -> dict[str, torch.Tensor]:
-    """L1 on the render and the SR output, L1 in the mouth region on the render.
+def reconstruction_losses(out: dict, batch: dict, weights: LossWeights, lpips=None) -> dict[str, torch.Tensor]:
+    """L1 (and LPIPS, given the network) on the render and the SR output, L1 in the mouth region on
+    the render.
 
     out: the model's dict (``image_raw`` ``[B, 3, h, h]``, ``image`` ``[B, 3, S, S]``); batch: the
     dataset's (``image`` ``[B, 3, S', S']`` in [-1, 1], ``mouth_mask`` ``[B, 1, S', S']``).
@@ -48,5 +65,10 @@ def reconstruction_losses(out: dict, batch: dict, weights: LossWeights) -> dict[
         "l1_sr": (sr - tgt_sr).abs().mean(),
         "mouth": masked_l1(raw, tgt_raw, mouth),
     }
-    terms["total"] = weights.l1_raw * terms["l1_raw"] + weights.l1_sr * terms["l1_sr"] + weights.mouth * terms["mouth"]
+    total = weights.l1_raw * terms["l1_raw"] + weights.l1_sr * terms["l1_sr"] + weights.mouth * terms["mouth"]
+    if lpips is not None:
+        terms["lpips_raw"] = lpips(_at_least(raw, LPIPS_MIN_SIZE), _at_least(tgt_raw, LPIPS_MIN_SIZE)).mean()
+        terms["lpips_sr"] = lpips(sr, tgt_sr).mean()
+        total = total + weights.lpips_raw * terms["lpips_raw"] + weights.lpips_sr * terms["lpips_sr"]
+    terms["total"] = total
     return terms
