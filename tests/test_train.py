@@ -12,6 +12,8 @@ from talk3d.data import make_synthetic_dataset
 from talk3d.train import TrainConfig, Trainer, load_config
 from talk3d.train.__main__ import main
 
+# A reloaded model without gradients may pick other CPU conv kernels: float32 rounding only.
+RELOAD_ATOL = 1e-5
 # A short run on the synthetic head must cut the validation L1 of the render by at least this much.
 MIN_VAL_L1_DROP = 0.2
 
@@ -44,6 +46,16 @@ def test_short_run_learns_and_writes_a_run_folder(data, tmp_path):
     log = (run / "log.txt").read_text()
     assert "LPIPS (alex) off" in log and "learned from scratch" in log  # missing weights: said, not faked
     assert "lpips_raw" not in (run / "scalars.csv").read_text()
+    # The run alone rebuilds the model (no prior file, no dataset): same frames as the trainer's.
+    from talk3d.train import load_talking_head
+
+    model, info = load_talking_head(run)
+    batch = torch.utils.data.default_collate([t.val_set[i] for i in range(2)])
+    t.model.eval()
+    with torch.no_grad():
+        want = t.model(batch, impl="torch", deterministic=True, resolution=t.resolution)["image"]
+        got = model(batch, impl="torch", deterministic=True, resolution=info["model"]["render_resolution"])["image"]
+    torch.testing.assert_close(got, want, rtol=0, atol=RELOAD_ATOL)
 
 
 def test_lpips_joins_the_loss_when_its_weights_are_found(data, tmp_path):

@@ -22,7 +22,7 @@ from ..models import DeltaplaneConfig, GeneratorConfig, TalkingHead, TriplaneGen
 from .config import TrainConfig
 from .losses import loss_status, perceptual_network, reconstruction_losses
 
-__all__ = ["Trainer", "build_model"]
+__all__ = ["Trainer", "build_model", "load_talking_head"]
 
 CHECKPOINT_VERSION = 1
 
@@ -138,14 +138,20 @@ class Trainer:
             self._load(self.run_dir / "checkpoints" / "latest.pt")
         elif self.main:
             (self.run_dir / "config.json").write_text(json.dumps(
-                {"train": cfg.to_dict(), "data": str(self.data_dir), "prior": prior,
-                 "audio_encoder": self.audio_encoder}, indent=2))
+                {"train": cfg.to_dict(), "data": str(self.data_dir.resolve()), "prior": prior,
+                 "audio_encoder": self.audio_encoder, "model": self.model_spec()}, indent=2))
         n_train = sum(p.numel() for p in params)
         self.log(f"run {self.run_dir}: stage {cfg.stage}, {len(self.train_set)} train / {len(self.val_set)} val frames, "
                  f"{n_train / 1e6:.2f} M trained parameters, device {self.device}, {self.world} process(es)")
         for line in loss_status(cfg.loss, cfg.lpips_weights):
             self.log(line)
         self.lpips = perceptual_network(cfg.loss, cfg.lpips_weights, self.device)
+
+    def model_spec(self) -> dict:
+        """What rebuilds the model without the prior file or the dataset (see load_talking_head)."""
+        m = self.model
+        return {"generator": m.generator.cfg.to_dict(), "deltaplane": m.deltaplane.cfg.to_dict(),
+                "learn_identity": m.learn_identity, "render_resolution": self.resolution}
 
     def _set_stage(self) -> None:
         """deltaplane: the predictor (and what is learned from scratch); sr: the super-resolution only."""
@@ -314,3 +320,33 @@ class Trainer:
         self.log(f"done: {self.step} steps; val L1 (render) {first['val_l1_raw']:.4f} -> {last['val_l1_raw']:.4f}, "
                  f"mouth {first['val_mouth']:.4f} -> {last['val_mouth']:.4f}; checkpoint {path}")
         return {"first": first, "last": last, "checkpoint": str(path) if path else None}
+
+
+def load_talking_head(run_dir, *, checkpoint: str = "latest.pt", device="cpu") -> tuple[TalkingHead, dict]:
+    """A trained :class:`TalkingHead` from a run folder, in eval mode without gradients.
+
+    Returns ``(model, info)``; info is the run's config.json (``data``, ``audio_encoder``,
+    ``model`` with ``render_resolution``, ...). Needs neither the prior file nor the dataset.
+    """
+    run_dir = Path(run_dir)
+    try:
+        info = json.loads((run_dir / "config.json").read_text())
+        spec = info["model"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{run_dir}: no config.json (not a talk3d run folder)") from None
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{run_dir}/config.json is not a talk3d run config ({e})") from None
+    gen = TriplaneGenerator(GeneratorConfig.from_dict(spec["generator"]))
+    dcfg = DeltaplaneConfig.from_dict(spec["deltaplane"])
+    g = gen.cfg
+    planes = torch.zeros(1, 3, g.plane_channels, g.plane_resolution, g.plane_resolution)
+    model = TalkingHead(gen, dcfg, planes, torch.zeros(1, gen.num_ws, g.w_dim), learn_identity=spec["learn_identity"])
+    path = run_dir / "checkpoints" / checkpoint
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir}: no checkpoint {path.name} (train first, or name one in checkpoints/)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError, EOFError, OSError) as e:  # damaged file or another model's
+        raise ValueError(f"{path}: not a checkpoint of this run's model ({e})") from None
+    return model.to(device).eval().requires_grad_(False), info
