@@ -1,0 +1,17 @@
+"""Inference: a trained talking head saying new speech, written as an mp4 with the speech muxed in.
+
+``python -m talk3d.infer --run RUN --audio SPEECH.wav --out OUT.mp4`` (see ``__main__``), or from
+Python::
+
+    model, info = load_talking_head(run, device="cuda")
+    wave = read_speech("speech.wav")                       # [T] 16-kHz mono
+    for frame in render_speech(model, info, wave, camera="orbit"):
+        ...                                                # [S, S, 3] uint8
+"""
+from .render import (ORBIT_PITCH_DEG, ORBIT_YAW_DEG, PRECISIONS, SIZES, SOURCES, InferenceError, TrainingClip,
+                     camera_track, load_training_clip, num_frames_for, read_speech, render_speech)
+from .video import StreamingVideoWriter
+
+__all__ = ["render_speech", "read_speech", "num_frames_for", "camera_track", "load_training_clip", "TrainingClip",
+           "InferenceError", "StreamingVideoWriter", "PRECISIONS", "SIZES", "SOURCES", "ORBIT_YAW_DEG",
+           "ORBIT_PITCH_DEG"]

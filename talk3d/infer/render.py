@@ -1,0 +1,314 @@
+"""Rendering a trained talking head saying new speech, one 25-fps frame per 40 ms of audio.
+
+The conditions of frame ``n`` (see :class:`talk3d.models.TalkingHead`):
+
+- ``audio`` ``[8, 2, D]``: the window of the speech's features around ``n``, computed with the
+  encoder the training data was made with (a model's audio layers only fit that one);
+- ``camera`` ``[25]``: from the camera mode (``gt``, ``orbit``, ``fixed:YAW,PITCH``, a JSON file);
+- ``blink`` ``[1]`` (``eye``) and ``pose`` ``[3]`` + ``landmarks`` ``[5, 2]`` (``pose``): the
+  training clip's, cycled, or neutral ones.
+
+Novel views (``orbit``, ``fixed``, ``[yaw, pitch]`` in JSON) are built with
+:func:`talk3d.data.synthetic.head_cameras`, the function that made the training cameras (synthetic
+data and ``talk3d.preprocess`` alike), so angle 0 is the training data's frontal view and the
+angles mean what the training clip's ``pose.npy`` means: the head turned by (yaw, pitch) in front
+of the fixed camera rig (positive yaw turns the face towards world +x).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..audio.features import SAMPLE_RATE, SAMPLES_PER_FRAME, encoder_from_manifest, read_wav, windows
+from ..data.format import DatasetError, load_manifest
+from ..render.cameras import LABEL_SIZE, TALK3D_RIG, CameraRig, check_cameras
+
+__all__ = ["InferenceError", "TrainingClip", "load_training_clip", "read_speech", "num_frames_for",
+           "camera_track", "render_speech", "PRECISIONS", "SIZES", "SOURCES",
+           "ORBIT_YAW_DEG", "ORBIT_PITCH_DEG"]
+
+# The paper's novel-view range: yaw within +-30 degrees, pitch within +-20 degrees.
+ORBIT_YAW_DEG = 30.0
+ORBIT_PITCH_DEG = 20.0
+# Frames in the audio window when the run's config does not say (AD-NeRF / Talk3D use 8).
+DEFAULT_AUDIO_WINDOW = 8
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SIZES = ("sr", "raw")  # the super-resolved image, or the volume render at the run's resolution
+SOURCES = ("train", "neutral")
+
+
+class InferenceError(ValueError):
+    """Bad inputs to inference (audio, camera spec, run folder), said in words."""
+
+
+# --------------------------------------------------------------------------------------------
+# The training clip: cameras, poses, blinks, landmarks and the audio encoder
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingClip:
+    """What inference reuses from the run's training data (N frames, K landmarks).
+
+    cameras [N, 25] float32 EG3D labels; pose [N, 3] (yaw, pitch, roll rad); blink [N] float32;
+    landmarks [N, K, 2] in [-1, 1] (as :class:`talk3d.data.TalkingHeadDataset` gives them);
+    rig: the camera rig the cameras were made with; manifest: the dataset's manifest.
+    """
+
+    cameras: np.ndarray
+    pose: np.ndarray
+    blink: np.ndarray
+    landmarks: np.ndarray
+    rig: CameraRig
+    manifest: dict
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.cameras.shape[0])
+
+    def encoder(self):
+        """The audio encoder the training features came from (same name and settings)."""
+        return encoder_from_manifest(self.manifest["audio"])
+
+
+def load_training_clip(info: dict) -> TrainingClip:
+    """The run's training dataset folder (``info["data"]``) as a :class:`TrainingClip`.
+
+    Raises InferenceError when the folder is gone: the audio encoder's settings, the cameras and
+    the eye/pose signals all come from it.
+    """
+    data = Path(info["data"])
+    try:
+        manifest = load_manifest(data)
+    except DatasetError as e:
+        raise InferenceError(
+            f"the run's training data folder {data} cannot be read ({e}); inference needs it for the "
+            "audio encoder's settings (name, feature size, STFT settings) and the training cameras, "
+            "blinks and poses: restore it (or edit 'data' in the run's config.json to where it now is)"
+        ) from None
+    files = manifest["files"]
+    arrays = {k: np.load(data / files[k]) for k in ("cameras", "pose", "blink", "landmarks")}
+    # Same normalisation as TalkingHeadDataset: crop pixels -> [-1, 1] (align_corners=False edges).
+    landmarks = arrays["landmarks"].astype(np.float32) / float(manifest["image_size"]) * 2 - 1
+    rig = TALK3D_RIG
+    saved = manifest.get("settings", {}).get("rig")
+    if saved:  # the synthetic data records its rig; preprocess always uses TALK3D_RIG
+        rig = CameraRig(float(saved["radius"]), tuple(saved["pivot"]), float(saved["focal"]))
+    return TrainingClip(cameras=arrays["cameras"].astype(np.float32), pose=arrays["pose"].astype(np.float32),
+                        blink=arrays["blink"].astype(np.float32).reshape(-1), landmarks=landmarks, rig=rig,
+                        manifest=manifest)
+
+
+def _cycle(num_frames: int, period: int) -> np.ndarray:
+    """[num_frames] indices into a clip of ``period`` frames, back and forth (0 1 2 1 0 1 ...).
+
+    Ping-pong rather than wrap-around: a wrap would jump from the clip's last pose and camera to
+    its first in one frame.
+    """
+    if period == 1:
+        return np.zeros(num_frames, dtype=np.int64)
+    t = np.arange(num_frames) % (2 * period - 2)
+    return np.where(t < period, t, 2 * period - 2 - t)
+
+
+# --------------------------------------------------------------------------------------------
+# Audio
+# --------------------------------------------------------------------------------------------
+
+
+def read_speech(path) -> np.ndarray:
+    """A PCM WAV file (any rate, any channel count) -> [T] float32 16-kHz mono.
+
+    Raises InferenceError (not a WAV, unreadable, or no samples) with the path in the message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InferenceError(f"--audio {path}: no such file")
+    try:
+        wave, _ = read_wav(path, sample_rate=SAMPLE_RATE)
+    except (ValueError, EOFError) as e:
+        raise InferenceError(f"--audio {path}: cannot read it as a PCM WAV file ({e}); convert it first, "
+                             "e.g. `ffmpeg -i IN -ac 1 -ar 16000 OUT.wav`") from None
+    if wave.size == 0:
+        raise InferenceError(f"--audio {path}: the WAV file holds no samples (zero-length audio)")
+    if not np.isfinite(wave).all():
+        raise InferenceError(f"--audio {path}: the audio contains NaN or inf")
+    return wave
+
+
+def num_frames_for(wave16k) -> int:
+    """Video frames for a 16-kHz wave [T]: ceil(duration * 25), so the video covers all the audio."""
+    return -(-int(np.asarray(wave16k).shape[0]) // SAMPLES_PER_FRAME)
+
+
+# --------------------------------------------------------------------------------------------
+# Cameras
+# --------------------------------------------------------------------------------------------
+
+
+def _novel_view_cameras(yaw_pitch_deg: np.ndarray, rig: CameraRig) -> torch.Tensor:
+    """[F, 2] (yaw, pitch) degrees -> [F, 25] labels, as the training data built its cameras."""
+    from ..data.synthetic import head_cameras  # the synthetic module pulls in rendering code: import late
+
+    rad = np.radians(np.asarray(yaw_pitch_deg, dtype=np.float64).reshape(-1, 2))
+    pose = np.concatenate([rad, np.zeros((rad.shape[0], 1))], axis=1)  # no roll
+    return head_cameras(pose, rig)
+
+
+def _orbit_angles(num_frames: int) -> np.ndarray:
+    """[F, 2] degrees: a figure-eight over the clip, starting frontal, reaching yaw +-30, pitch +-20."""
+    u = np.arange(num_frames, dtype=np.float64) / max(num_frames, 1)
+    return np.stack([ORBIT_YAW_DEG * np.sin(2 * math.pi * u), ORBIT_PITCH_DEG * np.sin(4 * math.pi * u)], axis=1)
+
+
+def _cameras_from_json(path: Path, num_frames: int, rig: CameraRig) -> torch.Tensor:
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InferenceError(f"--camera {path}: not a readable JSON file ({e})") from None
+    if not isinstance(entries, list) or not entries:
+        raise InferenceError(f"--camera {path}: expected a non-empty JSON list, one entry per frame")
+    try:
+        arr = np.asarray(entries, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise InferenceError(f"--camera {path}: entries must all be [yaw, pitch] (degrees) or all "
+                             f"{LABEL_SIZE}-number camera labels") from None
+    if arr.ndim != 2 or arr.shape[1] not in (2, LABEL_SIZE):
+        raise InferenceError(f"--camera {path}: entries must be [yaw, pitch] (degrees) or {LABEL_SIZE}-number "
+                             f"camera labels, got shape {list(arr.shape)}")
+    if not np.isfinite(arr).all():
+        raise InferenceError(f"--camera {path}: NaN or inf in the cameras")
+    arr = arr[_cycle(num_frames, arr.shape[0])]
+    if arr.shape[1] == 2:
+        return _novel_view_cameras(arr, rig)
+    labels = torch.from_numpy(arr).float()
+    try:
+        check_cameras(labels)
+    except ValueError as e:
+        raise InferenceError(f"--camera {path}: {e}") from None
+    return labels
+
+
+def camera_track(spec: str, num_frames: int, clip: TrainingClip) -> torch.Tensor:
+    """Cameras [num_frames, 25] float32 for a camera spec.
+
+    ``gt``: the training clip's cameras, cycled back and forth; ``orbit``: yaw +-30 and pitch
+    +-20 degrees over the clip; ``fixed:YAW,PITCH`` (degrees); or a path to a JSON list with one
+    entry per frame, [yaw, pitch] degrees or 25-number labels (cycled when shorter).
+    """
+    spec = str(spec)
+    if spec == "gt":
+        return torch.from_numpy(clip.cameras[_cycle(num_frames, clip.num_frames)])
+    if spec == "orbit":
+        return _novel_view_cameras(_orbit_angles(num_frames), clip.rig)
+    if spec.startswith("fixed:"):
+        try:
+            yaw, pitch = (float(v) for v in spec[len("fixed:"):].split(","))
+        except ValueError:
+            raise InferenceError(f"--camera {spec!r}: expected fixed:YAW,PITCH in degrees, e.g. fixed:20,-5") from None
+        if not (math.isfinite(yaw) and math.isfinite(pitch)):
+            raise InferenceError(f"--camera {spec!r}: angles must be finite")
+        return _novel_view_cameras(np.tile([[yaw, pitch]], (num_frames, 1)), clip.rig)
+    path = Path(spec)
+    if path.is_file():
+        return _cameras_from_json(path, num_frames, clip.rig)
+    raise InferenceError(f"--camera {spec!r}: not 'gt', 'orbit', 'fixed:YAW,PITCH' or an existing JSON file")
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    """images [B, 3, S, S] in [-1, 1] (any float dtype) -> [B, S, S, 3] uint8."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise InferenceError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def render_speech(model, info: dict, wave16k, *, camera: str = "gt", size: str = "sr", precision: str = "fp32",
+                  batch: int = 4, eye: str = "train", pose: str = "train", impl: str = "auto",
+                  clip: TrainingClip | None = None) -> Iterator[np.ndarray]:
+    """Frames of ``model`` saying ``wave16k``, rendered ``batch`` at a time and yielded one by one.
+
+    Args:
+        model: a :class:`talk3d.models.TalkingHead` (e.g. from :func:`talk3d.train.load_talking_head`),
+            on the device to render on.
+        info: the run's config.json (``load_talking_head``'s second result).
+        wave16k: [T] float 16-kHz mono speech; gives ``num_frames_for(wave16k)`` frames.
+        camera: see :func:`camera_track`.
+        size: 'sr' (the super-resolved image, S = the generator's ``sr_resolution``) or 'raw' (the
+            volume render at the run's ``render_resolution``).
+        precision: 'fp32', 'bf16' or 'fp16' (autocast on the model's device; bf16 on a CPU works
+            but is slow).
+        batch: frames per forward pass.
+        eye: 'train' (the training clip's blinks, cycled) or 'neutral' (blink 0).
+        pose: 'train' (the training clip's pose and landmarks, cycled) or 'neutral' (pose 0,
+            landmarks the clip's mean).
+        impl: the field op's back end ('auto', 'torch', 'cpp', 'cuda', 'triton').
+        clip: the training clip, when already loaded (default: ``load_training_clip(info)``).
+
+    Returns:
+        An iterator of [S, S, 3] uint8 RGB frames. Everything is checked (and the audio encoded)
+        before it is returned, so bad inputs fail at the call, not at the first frame.
+    """
+    _check_choice("size", size, SIZES)
+    _check_choice("precision", precision, PRECISIONS)
+    _check_choice("eye", eye, SOURCES)
+    _check_choice("pose", pose, SOURCES)
+    if int(batch) < 1:
+        raise InferenceError(f"batch must be >= 1, got {batch}")
+    batch = int(batch)
+    wave = np.asarray(wave16k, dtype=np.float32).reshape(-1)
+    if wave.size == 0:
+        raise InferenceError("render_speech: the audio is empty (zero samples)")
+    clip = clip if clip is not None else load_training_clip(info)
+    if clip.manifest["audio"]["encoder"] != info.get("audio_encoder", clip.manifest["audio"]["encoder"]):
+        raise InferenceError(f"the run was trained on {info['audio_encoder']!r} features but its data folder now has "
+                             f"{clip.manifest['audio']['encoder']!r}")
+    n = num_frames_for(wave)
+    features = clip.encoder().encode(wave, n)  # [2 n, D]
+    window = int(info["model"].get("deltaplane", {}).get("audio_window", DEFAULT_AUDIO_WINDOW))
+    cameras = camera_track(camera, n, clip)  # [n, 25]
+    idx = _cycle(n, clip.num_frames)
+    blinks = clip.blink[idx] if eye == "train" else np.zeros(n, np.float32)  # [n]
+    if pose == "train":
+        poses, landmarks = clip.pose[idx], clip.landmarks[idx]  # [n, 3], [n, K, 2]
+    else:
+        poses = np.zeros((n, 3), np.float32)
+        landmarks = np.repeat(clip.landmarks.mean(axis=0, keepdims=True), n, axis=0)
+    resolution = int(info["model"]["render_resolution"])
+    key = "image" if size == "sr" else "image_raw"
+    device = next(model.parameters()).device
+    dtype = PRECISIONS[precision]
+
+    def frames() -> Iterator[np.ndarray]:
+        for s in range(0, n, batch):
+            e = min(n, s + batch)
+            cond = dict(
+                camera=cameras[s:e],
+                audio=torch.from_numpy(np.stack([windows(features, i, window) for i in range(s, e)])),
+                blink=torch.from_numpy(np.ascontiguousarray(blinks[s:e, None])),
+                pose=torch.from_numpy(np.ascontiguousarray(poses[s:e])),
+                landmarks=torch.from_numpy(np.ascontiguousarray(landmarks[s:e])),
+            )
+            cond = {k: v.to(device=device, dtype=torch.float32) for k, v in cond.items()}
+            amp = (torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext())
+            with torch.inference_mode(), amp:
+                out = model(cond, impl=impl, deterministic=True, resolution=resolution)[key]
+            yield from _to_uint8(out)
+
+    return frames()

@@ -1,0 +1,120 @@
+"""A streaming H.264 + AAC writer: frames are encoded as they arrive, never held together.
+
+The audio is muxed alongside: after video frame ``n`` the writer encodes the speech up to the end
+of that frame (``(n + 1) * 640`` samples at 16 kHz), so the two streams stay interleaved in the
+file and memory stays flat however long the clip. The file is written under a temporary name and
+renamed when closed without error, so a failed or interrupted render leaves no half file behind.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..audio.features import FPS, SAMPLE_RATE
+
+__all__ = ["StreamingVideoWriter", "VIDEO_CODEC", "AUDIO_CODEC", "CRF"]
+
+VIDEO_CODEC = "libx264"
+AUDIO_CODEC = "aac"
+PIX_FMT = "yuv420p"  # what players expect; needs even width and height (chroma is halved)
+CRF = 18  # x264 quality: visually near-lossless
+AAC_FRAME = 1024  # samples per AAC frame
+
+
+class StreamingVideoWriter:
+    """Write RGB frames [H, W, 3] uint8 at 25 fps to ``path`` with ``wave`` as its AAC track.
+
+    Args:
+        path: output file; the container comes from the suffix (.mp4, .mkv, ...).
+        width, height: frame size (even: yuv420p).
+        wave: [T] float32 in [-1, 1] mono at ``sample_rate``, or None for a silent video.
+        fps: frames per second.
+
+    Use as a context manager; :meth:`write` one frame at a time.
+    """
+
+    def __init__(self, path, width: int, height: int, wave=None, *, fps: int = FPS,
+                 sample_rate: int = SAMPLE_RATE, crf: int = CRF):
+        import av
+
+        if width % 2 or height % 2:
+            raise ValueError(f"StreamingVideoWriter: {PIX_FMT} needs an even frame size, got {width}x{height}")
+        self.path = Path(path)
+        self._tmp = self.path.with_name(f"{self.path.stem}.partial{self.path.suffix}")
+        self.width, self.height, self.fps, self.sample_rate = int(width), int(height), int(fps), int(sample_rate)
+        self._wave = None if wave is None else np.ascontiguousarray(np.asarray(wave, dtype=np.float32).reshape(1, -1))
+        self._audio_done = 0  # samples of the wave already sent to the encoder
+        self.frames = 0
+        self._container = av.open(str(self._tmp), "w")
+        self._v = self._container.add_stream(VIDEO_CODEC, rate=self.fps)
+        self._v.width, self._v.height, self._v.pix_fmt = self.width, self.height, PIX_FMT
+        self._v.options = {"crf": str(crf)}
+        self._a = None
+        if self._wave is not None:
+            self._a = self._container.add_stream(AUDIO_CODEC, rate=self.sample_rate)
+            self._a.layout = "mono"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def write(self, frame) -> None:
+        """frame: [H, W, 3] uint8 RGB."""
+        import av
+
+        frame = np.ascontiguousarray(frame)
+        if frame.shape != (self.height, self.width, 3) or frame.dtype != np.uint8:
+            raise ValueError(f"StreamingVideoWriter.write: expected [{self.height}, {self.width}, 3] uint8, "
+                             f"got {list(frame.shape)} {frame.dtype}")
+        for packet in self._v.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            self._container.mux(packet)
+        self.frames += 1
+        self._feed_audio(self.frames * self.sample_rate // self.fps)
+
+    def _feed_audio(self, until: int) -> None:
+        import av
+
+        if self._a is None:
+            return
+        until = min(until, self._wave.shape[1])
+        while self._audio_done < until:
+            # Whole AAC frames where possible: the encoder buffers partial ones itself anyway.
+            end = min(until, self._audio_done + AAC_FRAME)
+            f = av.AudioFrame.from_ndarray(np.ascontiguousarray(self._wave[:, self._audio_done:end]),
+                                           format="flt", layout="mono")
+            f.sample_rate, f.pts = self.sample_rate, self._audio_done
+            for packet in self._a.encode(f):
+                self._container.mux(packet)
+            self._audio_done = end
+
+    def close(self) -> Path:
+        """Flush the encoders, close the file and move it into place; returns the path."""
+        if self._container is None:
+            return self.path
+        if self._a is not None:
+            self._feed_audio(self._wave.shape[1])  # the rest of the speech (at most the last frame's)
+            for packet in self._a.encode(None):
+                self._container.mux(packet)
+        for packet in self._v.encode(None):
+            self._container.mux(packet)
+        self._container.close()
+        self._container = None
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Close without keeping anything (after an error)."""
+        if self._container is not None:
+            try:
+                self._container.close()
+            except Exception:  # noqa: BLE001 - the file is discarded anyway
+                pass
+            self._container = None
+        self._tmp.unlink(missing_ok=True)

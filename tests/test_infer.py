@@ -1,0 +1,202 @@
+"""Inference on a tiny trained run: the mp4 (streams, frame count, size, audio length), camera modes,
+determinism, bf16, audio inputs and errors, overwrite refusal."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from talk3d.audio import SAMPLE_RATE, write_wav
+from talk3d.data import make_synthetic_dataset
+from talk3d.infer import (InferenceError, load_training_clip, num_frames_for, read_speech, render_speech)
+from talk3d.infer.__main__ import main
+from talk3d.train import TrainConfig, Trainer, load_talking_head
+
+# The mp4's audio track may differ from the input by AAC's priming/padding: at most this (seconds).
+AUDIO_DURATION_TOL_S = 0.1
+# bf16 autocast against fp32, on uint8 frames: mean and max absolute difference (0..255 levels);
+# measured on the tiny run: mean 0.4, max 3.
+BF16_MEAN_TOL = 2.0
+BF16_MAX_TOL = 16
+# Novel views must change the picture: mean absolute uint8 difference from the training cameras.
+MIN_VIEW_CHANGE = 0.5
+SPEECH_SECONDS = 0.5  # 13 frames (ceil(0.5 * 25) = 13 with the one-sample extra below)
+SR_SIZE, RAW_SIZE = 32, 16
+
+
+def _cfg() -> TrainConfig:
+    return TrainConfig.from_dict(dict(
+        steps=3, batch_size=2, lr=3e-3, eval_every=100, checkpoint_every=1000, log_every=5, val_frames=2,
+        generator_size="tiny", deltaplane_size="tiny", impl="torch",
+        generator=dict(plane_resolution=16, plane_channels=4, neural_rendering_resolution=RAW_SIZE,
+                       sr_resolution=SR_SIZE, sr_channels=[8, 8], coarse_samples=6, importance_samples=6)))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer")
+    data = root / "data"
+    make_synthetic_dataset(data, seconds=2, size=32, seed=0)
+    Trainer(_cfg(), data, root / "run").fit()
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def loaded(run):
+    model, info = load_talking_head(run)
+    return model, info, load_training_clip(info)
+
+
+def _speech(seconds: float = SPEECH_SECONDS, rate: int = SAMPLE_RATE, channels: int = 1) -> np.ndarray:
+    """[T, channels] a chirpy tone with a one-sample tail (so the frame count rounds up)."""
+    t = np.arange(int(seconds * rate) + 1) / rate
+    mono = 0.3 * np.sin(2 * np.pi * (200 + 400 * t) * t)
+    return np.stack([mono * (0.5 + 0.5 * c) for c in range(channels)], axis=1).astype(np.float32)
+
+
+def _write_wav_any(path, wave, rate: int) -> None:
+    """PCM16 WAV with any channel count (write_wav writes mono only)."""
+    import wave as _wave
+
+    ints = np.round(np.clip(wave, -1, 1) * 32767).astype("<i2")
+    with _wave.open(str(path), "wb") as f:
+        f.setnchannels(wave.shape[1])
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(ints.tobytes())
+
+
+def _render(loaded, wave, **kw) -> np.ndarray:
+    model, info, clip = loaded
+    kw.setdefault("impl", "torch")
+    return np.stack(list(render_speech(model, info, wave, clip=clip, **kw)))
+
+
+def _probe(path) -> dict:
+    with av.open(str(path)) as c:
+        assert len(c.streams.video) == 1 and len(c.streams.audio) == 1
+        v, a = c.streams.video[0], c.streams.audio[0]
+        rate = float(v.average_rate)
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    with av.open(str(path)) as c:
+        samples = sum(f.samples for f in c.decode(audio=0))
+        audio_rate = c.streams.audio[0].rate
+    return dict(fps=rate, frames=frames, audio_seconds=samples / audio_rate)
+
+
+def test_cli_writes_a_valid_mp4_with_the_speech(run, tmp_path, capsys):
+    wav = tmp_path / "speech.wav"
+    write_wav(wav, _speech()[:, 0])
+    out = tmp_path / "out.mp4"
+    assert main(["--run", str(run), "--audio", str(wav), "--out", str(out), "--impl", "torch", "--batch", "3"]) == 0
+    n = num_frames_for(read_speech(wav))
+    assert n == 13
+    p = _probe(out)
+    assert p["fps"] == 25 and len(p["frames"]) == n
+    assert p["frames"][0].shape == (SR_SIZE, SR_SIZE, 3)
+    assert abs(p["audio_seconds"] - len(_speech()) / SAMPLE_RATE) < AUDIO_DURATION_TOL_S, p["audio_seconds"]
+    printed = capsys.readouterr().out
+    assert f"{n} frames" in printed and "real-time factor" in printed
+    assert not list(tmp_path.glob("*.partial.*"))  # the temporary file was moved into place
+
+
+def test_cli_refuses_to_overwrite(run, tmp_path, capsys):
+    wav = tmp_path / "speech.wav"
+    write_wav(wav, _speech()[:, 0])
+    out = tmp_path / "out.mp4"
+    out.write_bytes(b"keep me")
+    assert main(["--run", str(run), "--audio", str(wav), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep me"
+    assert main(["--run", str(run), "--audio", str(wav), "--out", str(out), "--overwrite", "--size", "raw",
+                 "--impl", "torch", "--camera", "fixed:10,5"]) == 0
+    p = _probe(out)
+    assert len(p["frames"]) == 13 and p["frames"][0].shape == (RAW_SIZE, RAW_SIZE, 3)
+
+
+def test_camera_modes(loaded, tmp_path):
+    wave = _speech()[:, 0]
+    gt = _render(loaded, wave, camera="gt")
+    assert gt.shape == (13, SR_SIZE, SR_SIZE, 3) and gt.dtype == np.uint8
+    orbit = _render(loaded, wave, camera="orbit")
+    fixed = _render(loaded, wave, camera="fixed:20,-10")
+    assert np.abs(orbit.astype(float) - gt).mean() > MIN_VIEW_CHANGE
+    assert np.abs(fixed.astype(float) - gt).mean() > MIN_VIEW_CHANGE
+    # A JSON of [yaw, pitch] per frame gives the same cameras as fixed:YAW,PITCH.
+    path = tmp_path / "cams.json"
+    path.write_text(json.dumps([[20, -10]] * 4))  # shorter than the clip: cycled
+    np.testing.assert_array_equal(_render(loaded, wave, camera=str(path)), fixed)
+    # 25-number labels: the training clip's own cameras reproduce the gt render.
+    _, _, clip = loaded
+    path.write_text(json.dumps(clip.cameras.tolist()))
+    np.testing.assert_array_equal(_render(loaded, wave, camera=str(path)), gt)
+    for bad in ("sideways", "fixed:1", "fixed:a,b"):
+        with pytest.raises(InferenceError, match="--camera"):
+            render_speech(*loaded[:2], wave, camera=bad, clip=clip)
+    path.write_text(json.dumps([[1, 2, 3]]))
+    with pytest.raises(InferenceError, match=r"\[yaw, pitch\]"):
+        render_speech(*loaded[:2], wave, camera=str(path), clip=clip)
+
+
+def test_neutral_sources_change_the_conditions(loaded):
+    wave = _speech()[:, 0]
+    train = _render(loaded, wave)
+    neutral = _render(loaded, wave, eye="neutral", pose="neutral")
+    assert neutral.shape == train.shape
+    assert not np.array_equal(neutral, train)
+
+
+def test_fp32_is_deterministic_and_bf16_is_close(loaded):
+    wave = _speech()[:, 0]
+    a = _render(loaded, wave, batch=4)
+    b = _render(loaded, wave, batch=4)
+    np.testing.assert_array_equal(a, b)
+    bf = _render(loaded, wave, precision="bf16")
+    diff = np.abs(bf.astype(np.int16) - a.astype(np.int16))
+    assert diff.mean() < BF16_MEAN_TOL and diff.max() <= BF16_MAX_TOL, (diff.mean(), diff.max())
+
+
+def test_audio_inputs(loaded, tmp_path):
+    # 44.1-kHz stereo: resampled to 16 kHz mono, same number of frames as the 16-kHz version.
+    stereo = tmp_path / "stereo.wav"
+    _write_wav_any(stereo, _speech(rate=44100, channels=2), 44100)
+    wave = read_speech(stereo)
+    assert wave.ndim == 1 and abs(wave.shape[0] / SAMPLE_RATE - SPEECH_SECONDS) < 1e-3
+    frames = _render(loaded, wave)
+    assert frames.shape[0] == num_frames_for(wave) == 13
+    # Empty WAV, not a WAV, missing file: errors that say what is wrong.
+    empty = tmp_path / "empty.wav"
+    write_wav(empty, np.zeros(0))
+    with pytest.raises(InferenceError, match="no samples"):
+        read_speech(empty)
+    text = tmp_path / "notes.txt"
+    text.write_text("not audio")
+    with pytest.raises(InferenceError, match="PCM WAV"):
+        read_speech(text)
+    with pytest.raises(InferenceError, match="no such file"):
+        read_speech(tmp_path / "missing.wav")
+    with pytest.raises(InferenceError, match="empty"):
+        render_speech(loaded[0], loaded[1], np.zeros(0), clip=loaded[2])
+
+
+def test_cli_bad_audio_and_missing_training_data(run, tmp_path, capsys):
+    text = tmp_path / "speech.mp3"
+    text.write_bytes(b"\x00garbage")
+    assert main(["--run", str(run), "--audio", str(text), "--out", str(tmp_path / "o.mp4")]) == 2
+    assert "PCM WAV" in capsys.readouterr().err
+    assert not (tmp_path / "o.mp4").exists()
+    # A copy of the run whose data folder is gone: the error names the folder and why it is needed.
+    moved = tmp_path / "run"
+    shutil.copytree(run, moved)
+    cfg = json.loads((moved / "config.json").read_text())
+    cfg["data"] = str(tmp_path / "gone")
+    (moved / "config.json").write_text(json.dumps(cfg))
+    wav = tmp_path / "speech.wav"
+    write_wav(wav, _speech()[:, 0])
+    assert main(["--run", str(moved), "--audio", str(wav), "--out", str(tmp_path / "o.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert "gone" in err and "audio encoder" in err
