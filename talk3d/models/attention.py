@@ -145,7 +145,10 @@ def sinusoidal_3d(pos: torch.Tensor, dim: int, max_freq: float) -> torch.Tensor:
     n_freq = dim // 6
     if n_freq < 1:
         raise ValueError(f"sinusoidal_3d needs dim >= 6, got dim={dim}")
-    exps = torch.linspace(0.0, 1.0, n_freq, dtype=torch.float64) if n_freq > 1 else torch.zeros(1, dtype=torch.float64)
+    # On pos's device explicitly: under a `torch.device(...)` context some imported libraries leave
+    # factory functions on the CPU (seen with transformers imported: meta planes, CPU frequencies).
+    exps = (torch.linspace(0.0, 1.0, n_freq, dtype=torch.float64, device=pos.device) if n_freq > 1
+            else torch.zeros(1, dtype=torch.float64, device=pos.device))
     omega = math.pi * max(max_freq, 1.0) ** exps  # [F]
     angles = pos.to(torch.float64)[..., None] * omega  # [..., 3, F]
     feats = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # [..., 6F]
