@@ -1,0 +1,12 @@
+"""Evaluation of a trained run: the paper's audio-driven (Table 2) and novel-view (Table 1) protocols.
+
+``python -m talk3d.evaluate --run RUN --out EVAL_DIR``; see :func:`evaluate_run` and
+:mod:`talk3d.evaluate.metrics` for the metric definitions.
+"""
+from .metrics import (LandmarkDetector, LPIPSMetric, MouthMaskOracle, Unavailable, frechet_distance,
+                      identity_similarity, landmark_distance, mouth_opening_score, pearson, psnr, ssim)
+from .protocol import NOVEL_VIEWS_DEG, EvaluationError, Plugins, evaluate_run, pose_name
+
+__all__ = ["LandmarkDetector", "LPIPSMetric", "MouthMaskOracle", "Unavailable", "frechet_distance",
+           "identity_similarity", "landmark_distance", "mouth_opening_score", "pearson", "psnr", "ssim",
+           "NOVEL_VIEWS_DEG", "EvaluationError", "Plugins", "evaluate_run", "pose_name"]

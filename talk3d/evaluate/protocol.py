@@ -1,0 +1,302 @@
+"""The paper's two evaluation protocols on a trained run's held-out frames.
+
+- Audio-driven (Table 2): each held-out frame rendered with its own audio window, camera, blink
+  and pose; PSNR / SSIM / LPIPS / LMD against the frame, FID / Sync / IDSIM when their networks
+  are supplied; on the synthetic head also how well the rendered mouth opening follows the
+  ground-truth opening and the audio energy.
+- Novel views (Table 1): the same frames (same audio, blink, pose conditions) seen from the head
+  turned to (yaw, pitch) = NOVEL_VIEWS_DEG. On synthetic data the ground truth at those views is
+  rendered by the synthetic head itself (same mouth opening and blink), so the full-reference
+  metrics run; on real data only the no-reference ones (and IDSIM against the held-out frame).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..audio.features import SAMPLES_PER_FRAME, read_wav
+from ..data import TalkingHeadDataset, load_manifest
+from . import metrics as M
+from .report import finite_or_none, markdown_report, plot_mouth_vs_audio, save_grid
+
+__all__ = ["NOVEL_VIEWS_DEG", "EvaluationError", "Plugins", "evaluate_run", "pose_name"]
+
+#: Table 1's head angles (yaw, pitch) in degrees.
+NOVEL_VIEWS_DEG = ((-30.0, -20.0), (-15.0, -10.0), (15.0, 10.0), (30.0, 20.0))
+#: PSNR of an exact match is +inf; averages cap it here so one perfect frame cannot make the mean inf.
+MAX_PSNR_DB = 100.0
+#: Frames shown per grid.
+GRID_ROWS = 4
+DEFAULT_AUDIO_WINDOW = 8
+OUTPUT_FILES = ("metrics.json", "metrics.md", "mouth_vs_audio.png")
+
+NO_DETECTOR = ("no mouth landmark detector on real data: pass a LandmarkDetector (e.g. a dlib / FAN model "
+               "with user-supplied weights); the mouth-mask oracle only exists for the synthetic head")
+NO_IDENTITY = "needs user-supplied face-embedding weights (e.g. ArcFace); never run on random weights"
+NO_FID = "needs user-supplied Inception weights (pool3 features); never run on random weights"
+NO_SYNC = "needs user-supplied SyncNet weights; never run on random weights"
+NO_GT_REAL = "real data has no ground truth at novel views (full-reference metrics need one)"
+
+
+class EvaluationError(ValueError):
+    """Bad evaluation inputs (run, output folder), said in words."""
+
+
+@dataclass
+class Plugins:
+    """Networks the user supplies; each None means its metric is reported unavailable.
+
+    landmark_detector: see :data:`talk3d.evaluate.metrics.LandmarkDetector` (default on synthetic
+        data: :class:`MouthMaskOracle`).
+    identity_embedder: images [B, 3, S, S] in [-1, 1] -> face embeddings [B, E].
+    fid_features: images [B, 3, S, S] in [-1, 1] -> Inception features [B, D].
+    sync_scorer: (frames [N, 3, S, S] in [-1, 1], wave [640 N] 16 kHz) -> SyncNet confidence.
+    """
+
+    landmark_detector: Optional[Callable] = None
+    identity_embedder: Optional[Callable] = None
+    fid_features: Optional[Callable] = None
+    sync_scorer: Optional[Callable] = None
+    extra: dict = field(default_factory=dict)
+
+
+def pose_name(yaw: float, pitch: float) -> str:
+    """(yaw, pitch) degrees -> 'yaw-30_pitch-20' (file-name safe)."""
+    return f"yaw{yaw:+g}_pitch{pitch:+g}".replace("+", "")
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, C, size, size]: area when shrinking, bilinear (antialiased) otherwise."""
+    if x.shape[-1] == size:
+        return x
+    if x.shape[-1] > size:
+        return F.interpolate(x, size=(size, size), mode="area")
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+class _Accumulator:
+    """Per-frame values of the metrics of one protocol/pose, and the pluggable feature sets."""
+
+    def __init__(self):
+        self.per_frame: dict[str, list[float]] = {}
+        self.feats_pred, self.feats_target, self.frames = [], [], []
+
+    def add(self, name: str, values: torch.Tensor) -> None:
+        self.per_frame.setdefault(name, []).extend(float(v) for v in values.reshape(-1))
+
+    def entry(self, name: str, **extra) -> dict:
+        vals = np.asarray(self.per_frame[name], np.float64)
+        if name == "psnr":
+            vals = np.minimum(vals, MAX_PSNR_DB)
+        ok = np.isfinite(vals)
+        return {"available": True, "mean": finite_or_none(vals[ok].mean()) if ok.any() else None,
+                "frames": int(ok.sum()), "per_frame": [finite_or_none(v) for v in vals], **extra}
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise EvaluationError(f"--out {out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise EvaluationError(f"--out {out}: not empty; pass --overwrite to replace its contents")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _frame_metrics(acc: _Accumulator, pred, target, mouth_mask, *, lpips: M.LPIPSMetric, detector,
+                   plugins: Plugins) -> None:
+    """Full-reference metrics of a batch. pred, target [B, 3, S, S] in [-1, 1]; mouth_mask [B, 1, S, S] or None."""
+    acc.add("psnr", M.psnr(pred, target))
+    acc.add("ssim", M.ssim(pred, target))
+    if lpips.available and pred.shape[-1] >= lpips.min_size():
+        acc.add("lpips", lpips(pred, target))
+    if detector is not None:
+        acc.add("lmd", M.landmark_distance(detector(pred, mouth_mask), detector(target, mouth_mask)))
+
+
+def _plugin_metrics(acc: _Accumulator, pred, reference, plugins: Plugins) -> None:
+    """No-reference / distribution metrics of a batch (IDSIM against reference, FID features)."""
+    if plugins.identity_embedder is not None:
+        acc.add("idsim", M.identity_similarity(plugins.identity_embedder(pred), plugins.identity_embedder(reference)))
+    if plugins.fid_features is not None:
+        acc.feats_pred.append(plugins.fid_features(pred).double().cpu())
+        acc.feats_target.append(plugins.fid_features(reference).double().cpu())
+    if plugins.sync_scorer is not None:
+        acc.frames.append(pred.cpu())
+
+
+def _summarise(acc: _Accumulator, *, full_reference: str | None, lpips: M.LPIPSMetric, detector_reason: str | None,
+               detector_name: str | None, plugins: Plugins, wave: np.ndarray, resolution: int) -> dict:
+    """The metrics dict of one protocol/pose; full_reference None, or the reason there is no ground truth."""
+    out = {}
+    for key in ("psnr", "ssim", "lpips", "lmd"):
+        if full_reference is not None:
+            out[key] = M.Unavailable(full_reference).to_json()
+        elif key == "lpips" and not lpips.available:
+            out[key] = M.Unavailable(lpips.reason).to_json()
+        elif key == "lpips" and "lpips" not in acc.per_frame:
+            out[key] = M.Unavailable(f"LPIPS (alex) needs images >= {lpips.min_size()} px, got {resolution}").to_json()
+        elif key == "lmd" and detector_reason is not None:
+            out[key] = M.Unavailable(detector_reason).to_json()
+        else:
+            extra = {"unit": "dB"} if key == "psnr" else {}
+            if key == "lmd":
+                extra = {"unit": f"pixels at {resolution}x{resolution}", "detector": detector_name}
+            out[key] = acc.entry(key, **extra)
+    out["idsim"] = acc.entry("idsim") if "idsim" in acc.per_frame else M.Unavailable(NO_IDENTITY).to_json()
+    if acc.feats_pred and sum(f.shape[0] for f in acc.feats_pred) >= 2:
+        out["fid"] = {"available": True, "mean": M.frechet_distance(torch.cat(acc.feats_pred), torch.cat(acc.feats_target))}
+    else:
+        out["fid"] = M.Unavailable(NO_FID if plugins.fid_features is None else "FID needs at least 2 frames").to_json()
+    if acc.frames:
+        out["sync"] = {"available": True, "mean": float(plugins.sync_scorer(torch.cat(acc.frames), wave))}
+    else:
+        out["sync"] = M.Unavailable(NO_SYNC).to_json()
+    return out
+
+
+@torch.no_grad()
+def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None = None, impl: str = "auto",
+                 lpips_weights: str | None = None, batch: int = 4, device: str | None = None,
+                 checkpoint: str = "latest.pt", overwrite: bool = False, plugins: Plugins | None = None,
+                 progress: bool = True) -> dict:
+    """Run both protocols on ``run_dir``'s held-out frames and write the report into ``out_dir``.
+
+    Writes metrics.json (returned as a dict), metrics.md, grid_<pose>.png (target | ours) for
+    'audio_driven' and each novel view, and mouth_vs_audio.png. Refuses a non-empty out_dir
+    unless ``overwrite``.
+    """
+    from ..data.synthetic import head_cameras, render_frames
+    from ..infer.render import load_training_clip
+    from ..train import load_talking_head
+
+    plugins = plugins or Plugins()
+    out = Path(out_dir)
+    _check_out(out, overwrite)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, info = load_talking_head(run_dir, checkpoint=checkpoint, device=device)
+    data = Path(info["data"])
+    manifest = load_manifest(data)
+    synthetic = manifest.get("source") == "synthetic"
+    window = int(info["model"].get("deltaplane", {}).get("audio_window", DEFAULT_AUDIO_WINDOW))
+    dataset = TalkingHeadDataset(data, split, audio_window=window, expected_audio_encoder=info.get("audio_encoder"))
+    n = len(dataset) if max_frames is None else min(len(dataset), int(max_frames))
+    if n < 1:
+        raise EvaluationError(f"split {split!r} of {data} has no frames to evaluate")
+    render_res = int(info["model"]["render_resolution"])
+    rig = load_training_clip(info).rig
+
+    detector, detector_reason, detector_name = plugins.landmark_detector, None, None
+    if detector is None and synthetic:
+        detector = M.MouthMaskOracle()
+    if detector is None:
+        detector_reason = NO_DETECTOR
+    else:
+        detector_name = getattr(detector, "name", type(detector).__name__)
+    lpips = M.LPIPSMetric(lpips_weights, device=device)
+
+    # Synthetic-only ground truth for the mouth and the novel views.
+    files = manifest["files"]
+    mouth_gt = np.load(data / manifest["extra_files"]["mouth_opening"]) if synthetic and \
+        "mouth_opening" in manifest.get("extra_files", {}) else None
+    blink_all = np.load(data / files["blink"]).reshape(-1)
+    supersample = int(manifest.get("settings", {}).get("supersample", 1))
+    wave, _ = read_wav(data / files["audio"])
+    # Novel-view ground truth needs the synthetic head's per-frame state (mouth opening, blink).
+    gt_views = synthetic and mouth_gt is not None
+    frame_ids = [int(dataset.frame_indices[i]) for i in range(n)]
+    wave_eval = np.concatenate([wave[f * SAMPLES_PER_FRAME:(f + 1) * SAMPLES_PER_FRAME] for f in frame_ids])
+
+    def batches(desc):
+        for s in tqdm(range(0, n, batch), desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
+            items = [dataset[i] for i in range(s, min(n, s + batch))]
+            yield torch.utils.data.default_collate(items)
+
+    def render(cond):
+        keys = ("camera", "audio", "blink", "pose", "landmarks")
+        cond = {k: cond[k].to(device=device, dtype=torch.float32) for k in keys}
+        return model(cond, impl=impl, deterministic=True, resolution=render_res)["image"].float().cpu()
+
+    common = dict(lpips=lpips, detector_reason=detector_reason, detector_name=detector_name, plugins=plugins,
+                  wave=wave_eval)
+    result = {"run": str(Path(run_dir).resolve()), "data": str(data), "source": manifest.get("source"),
+              "split": split, "frames": n, "frame_indices": frame_ids, "checkpoint": checkpoint, "impl": impl,
+              "protocols": {}}
+
+    # ---- audio-driven -------------------------------------------------------------------------
+    acc = _Accumulator()
+    mouth_pred, mouth_target, grid_rows = [], [], []
+    size = None
+    for b in batches("audio-driven"):
+        pred = render(b)  # [B, 3, S, S]
+        size = pred.shape[-1]
+        target = _resize(b["image"], size)
+        mmask = _resize(b["mouth_mask"], size)  # [B, 1, S, S]
+        _frame_metrics(acc, pred, target, mmask, lpips=lpips, detector=detector, plugins=plugins)
+        _plugin_metrics(acc, pred, target, plugins)
+        mouth_pred.append(M.mouth_opening_score(pred, mmask))
+        mouth_target.append(M.mouth_opening_score(target, mmask))
+        grid_rows += [(target[i], pred[i]) for i in range(min(len(pred), GRID_ROWS - len(grid_rows)))]
+    result["resolution"] = size
+    result["protocols"]["audio_driven"] = {
+        "metrics": _summarise(acc, full_reference=None, resolution=size, **common)}
+    save_grid(out / "grid_audio_driven.png", grid_rows)
+
+    # Mouth vs audio: does the rendered mouth open when the speech is loud / the true mouth is open?
+    mp, mt = torch.cat(mouth_pred).numpy(), torch.cat(mouth_target).numpy()
+    energy = np.sqrt((wave_eval.reshape(n, SAMPLES_PER_FRAME).astype(np.float64) ** 2).mean(axis=1))  # RMS [n]
+    corr = {"rendered_vs_audio_energy": M.pearson(mp, energy), "target_vs_audio_energy": M.pearson(mt, energy)}
+    series = {"audio energy (RMS)": energy, "rendered mouth opening (ours)": mp, "target-frame mouth opening": mt}
+    if mouth_gt is not None:
+        gt = mouth_gt[frame_ids].astype(np.float64)
+        corr.update(rendered_vs_ground_truth_opening=M.pearson(mp, gt), target_vs_ground_truth_opening=M.pearson(mt, gt))
+        series = {"ground-truth mouth opening": gt, **series}
+    result["protocols"]["audio_driven"]["mouth_sync"] = {
+        "available": True, "measure": f"fraction of mouth-region pixels with luma < {M.DARK_LUMA}",
+        "correlations": corr, "rendered": mp.tolist(), "target": mt.tolist(), "audio_energy": energy.tolist(),
+        **({"ground_truth_opening": mouth_gt[frame_ids].tolist()} if mouth_gt is not None else {})}
+    plot_mouth_vs_audio(out / "mouth_vs_audio.png", series,
+                        "per-frame mouth opening vs audio energy (each scaled to [0, 1]); r(rendered, audio) = "
+                        + (f"{corr['rendered_vs_audio_energy']:.3f}" if corr["rendered_vs_audio_energy"] is not None
+                           else "n/a"))
+
+    # ---- novel views ----------------------------------------------------------------------------
+    poses = {}
+    stored = int(manifest["image_size"])
+    for yaw, pitch in NOVEL_VIEWS_DEG:
+        name = pose_name(yaw, pitch)
+        acc = _Accumulator()
+        grid_rows = []
+        for b in batches(f"novel view {name}"):
+            k = b["image"].shape[0]
+            cams = head_cameras(np.tile([[math.radians(yaw), math.radians(pitch), 0.0]], (k, 1)), rig)  # [k, 25]
+            pred = render(dict(b, camera=cams))
+            if gt_views:
+                ids = b["index"].numpy()
+                # The same frame state (mouth opening, blink) seen from the new camera, rendered
+                # like the dataset (stored size, its anti-aliasing) and resized like the targets.
+                img, _, mm = render_frames(mouth_gt[ids], blink_all[ids], cams, stored, supersample=supersample)
+                target = _resize(torch.from_numpy(img).permute(0, 3, 1, 2).float() / 127.5 - 1, size)
+                mmask = _resize(torch.from_numpy(mm)[:, None].float(), size)
+                _frame_metrics(acc, pred, target, mmask, lpips=lpips, detector=detector, plugins=plugins)
+            else:
+                target = _resize(b["image"], size)  # the held-out frame at its own view: identity reference only
+            _plugin_metrics(acc, pred, _resize(b["image"], size), plugins)
+            grid_rows += [(target[i], pred[i]) for i in range(min(k, GRID_ROWS - len(grid_rows)))]
+        save_grid(out / f"grid_{name}.png", grid_rows)
+        poses[name] = {"yaw_deg": yaw, "pitch_deg": pitch,
+                       "ground_truth": "synthetic head rendered at this view (same mouth and blink)" if gt_views
+                       else "none (grid shows the held-out frame at its own view)",
+                       "metrics": _summarise(acc, full_reference=None if gt_views else NO_GT_REAL,
+                                             resolution=size, **common)}
+    result["protocols"]["novel_view"] = {"poses": poses}
+
+    (out / "metrics.json").write_text(json.dumps(result, indent=1, allow_nan=False))
+    (out / "metrics.md").write_text(markdown_report(result))
+    return result

@@ -1,0 +1,101 @@
+"""Writing an evaluation: metrics.md tables in the paper's layout, image grids, the mouth/audio plot."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+__all__ = ["TABLE2_COLUMNS", "TABLE1_COLUMNS", "markdown_report", "save_grid", "plot_mouth_vs_audio"]
+
+METHOD = "Talk3D (ours)"
+# (metrics.json key, column title): Table 2 (audio-driven) and Table 1 (per novel view).
+TABLE2_COLUMNS = (("psnr", "PSNR ↑"), ("ssim", "SSIM ↑"), ("lpips", "LPIPS ↓"), ("fid", "FID ↓"),
+                  ("lmd", "LMD ↓"), ("sync", "Sync ↑"), ("idsim", "IDSIM ↑"))
+TABLE1_COLUMNS = (("sync", "Sync ↑"), ("fid", "FID ↓"), ("idsim", "IDSIM ↑"), ("psnr", "PSNR ↑"),
+                  ("ssim", "SSIM ↑"), ("lpips", "LPIPS ↓"))
+PLOT_W, PLOT_H, PLOT_MARGIN = 900, 320, 40
+PLOT_COLORS = {"ground-truth mouth opening": (30, 30, 30), "audio energy (RMS)": (60, 120, 220),
+               "rendered mouth opening (ours)": (220, 60, 40), "target-frame mouth opening": (40, 160, 80)}
+
+
+def _cell(entry: dict | None) -> str:
+    if not entry or not entry.get("available"):
+        return "n/a"
+    v = entry.get("mean")
+    return "n/a" if v is None else f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+
+
+def markdown_report(result: dict) -> str:
+    """metrics.json's dict -> Markdown: Table 2 (audio-driven) and Table 1 (novel views), rows = methods."""
+    lines = [f"# Evaluation of `{result['run']}`", "",
+             f"Data `{result['data']}` ({result['source']}), split `{result['split']}`, {result['frames']} frames, "
+             f"evaluated at {result['resolution']}x{result['resolution']}.", "",
+             "## Audio-driven (Table 2)", ""]
+    ad = result["protocols"]["audio_driven"]["metrics"]
+    lines += ["| Method | " + " | ".join(t for _, t in TABLE2_COLUMNS) + " |",
+              "| --- |" + " --- |" * len(TABLE2_COLUMNS),
+              f"| {METHOD} | " + " | ".join(_cell(ad.get(k)) for k, _ in TABLE2_COLUMNS) + " |", ""]
+    sync = result["protocols"]["audio_driven"].get("mouth_sync", {})
+    if sync.get("available"):
+        lines += ["Mouth opening (dark fraction of the mouth region) correlation: "
+                  + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a"
+                              for k, v in sync["correlations"].items()), ""]
+    nv = result["protocols"]["novel_view"]["poses"]
+    lines += ["## Novel views (Table 1)", "",
+              "| Method | " + " | ".join(f"{t} ({p['yaw_deg']:g}°, {p['pitch_deg']:g}°)"
+                                         for p in nv.values() for _, t in TABLE1_COLUMNS) + " |",
+              "| --- |" + " --- |" * (len(TABLE1_COLUMNS) * len(nv)),
+              f"| {METHOD} | " + " | ".join(_cell(p["metrics"].get(k)) for p in nv.values()
+                                           for k, _ in TABLE1_COLUMNS) + " |", ""]
+    reasons = {}
+    for where, metrics in [("audio-driven", ad)] + [(name, p["metrics"]) for name, p in nv.items()]:
+        for k, e in metrics.items():
+            if not e.get("available"):
+                reasons.setdefault(e["reason"], []).append(f"{k} ({where})")
+    if reasons:
+        lines += ["## Not available", ""]
+        lines += [f"- {', '.join(what)}: {why}" for why, what in reasons.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save_grid(path, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """rows of (target, ours) [3, S, S] in [-1, 1] -> a PNG, one row per frame: target | ours."""
+    strips = [torch.cat([t.float().clamp(-1, 1), o.float().clamp(-1, 1)], dim=2) for t, o in rows]
+    grid = torch.cat(strips, dim=1)  # [3, rows S, 2 S]
+    Image.fromarray(((grid + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).save(path)
+
+
+def plot_mouth_vs_audio(path, series: dict[str, np.ndarray], title: str) -> None:
+    """Line plot of per-frame signals [N] (each min-max normalised to [0, 1]) with a legend, via PIL."""
+    img = Image.new("RGB", (PLOT_W, PLOT_H), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = PLOT_MARGIN, PLOT_MARGIN, PLOT_W - PLOT_MARGIN // 2, PLOT_H - PLOT_MARGIN
+    d.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
+    d.text((x0, 8), title, fill=(0, 0, 0))
+    d.text((x0, y1 + 8), "frame", fill=(0, 0, 0))
+    for i, (name, values) in enumerate(series.items()):
+        v = np.asarray(values, np.float64)
+        if v.size == 0 or not np.isfinite(v).all():
+            continue
+        span = v.max() - v.min()
+        v = (v - v.min()) / span if span > 0 else np.full_like(v, 0.5)  # a flat signal sits mid-height
+        xs = x0 + (np.arange(v.size) / max(v.size - 1, 1)) * (x1 - x0)
+        ys = y1 - v * (y1 - y0)
+        color = PLOT_COLORS.get(name, (120, 120, 120))
+        pts = list(zip(xs.tolist(), ys.tolist()))
+        if len(pts) > 1:
+            d.line(pts, fill=color, width=2)
+        else:
+            d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=color)
+        d.text((x0 + 8 + 220 * (i % 4), y0 + 4 + 12 * (i // 4)), name, fill=color)
+    img.save(path)
+    return None
+
+
+def finite_or_none(x) -> float | None:
+    """A float for JSON: None for NaN / inf (strict JSON has neither)."""
+    x = float(x)
+    return x if math.isfinite(x) else None

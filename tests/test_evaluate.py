@@ -1,0 +1,137 @@
+"""Evaluation: each metric on hand-made cases, and the CLI on tiny trained runs of the synthetic head."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from talk3d.data import make_synthetic_dataset
+from talk3d.evaluate import (MouthMaskOracle, frechet_distance, identity_similarity, landmark_distance,
+                             mouth_opening_score, pearson, psnr, ssim)
+from talk3d.evaluate.__main__ import main
+from talk3d.evaluate.metrics import SSIM_K1, SSIM_K2
+from talk3d.train import Trainer
+
+from test_train import _cfg
+
+# Steps of the "trained" run: enough on the synthetic head for a clear PSNR gain over step 0.
+TRAINED_STEPS = 12
+# The trained run must beat the untrained one by at least this many dB on the audio-driven protocol.
+MIN_PSNR_GAIN_DB = 1.0
+
+
+# ---- metrics on hand-made cases ----------------------------------------------------------------
+def test_psnr_of_a_known_mse():
+    x = torch.zeros(2, 3, 8, 8)
+    y = x.clone()
+    y[0] += 0.1  # MSE 0.01 on range 2 -> 10 log10(4 / 0.01)
+    got = psnr(y, x)
+    assert got[0].item() == pytest.approx(10 * math.log10(4 / 0.01))
+    assert math.isinf(got[1].item())
+    u8a, u8b = torch.full((1, 3, 4, 4), 100, dtype=torch.uint8), torch.full((1, 3, 4, 4), 110, dtype=torch.uint8)
+    assert psnr(u8a, u8b, data_range=255).item() == pytest.approx(10 * math.log10(255 ** 2 / 100))  # no uint8 wrap
+
+
+def test_ssim_identity_noise_and_constant_patches():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 24, 24, generator=g) * 2 - 1
+    assert torch.allclose(ssim(x, x), torch.ones(2, dtype=torch.float64))
+    weak = ssim((x + 0.05 * torch.randn(x.shape, generator=g)).clamp(-1, 1), x)
+    strong = ssim((x + 0.5 * torch.randn(x.shape, generator=g)).clamp(-1, 1), x)
+    assert (strong < weak).all() and (weak < 1).all()
+    # Constant images a, b: variances and covariance vanish, SSIM = (2ab + C1) / (a^2 + b^2 + C1).
+    a, b = (float(torch.tensor(v)) for v in (0.3, -0.2))  # the float32 values the images hold
+    c1 = (SSIM_K1 * 2) ** 2
+    want = (2 * a * b + c1) / (a * a + b * b + c1)
+    got = ssim(torch.full((1, 1, 11, 11), a), torch.full((1, 1, 11, 11), b))
+    assert got.item() == pytest.approx(want, rel=1e-9)
+    assert SSIM_K2 == 0.03
+
+
+def test_landmark_distance_on_hand_placed_points():
+    pred = torch.tensor([[[0.0, 0.0], [3.0, 4.0]], [[1.0, 1.0], [1.0, 1.0]]])
+    tgt = torch.tensor([[[0.0, 0.0], [0.0, 0.0]], [[1.0, 2.0], [3.0, 1.0]]])
+    assert landmark_distance(pred, tgt).tolist() == pytest.approx([2.5, 1.5])  # (0 + 5) / 2, (1 + 2) / 2
+
+
+def test_mouth_oracle_finds_a_painted_mouth_and_the_opening_score_counts_dark_pixels():
+    img = torch.ones(1, 3, 16, 16) * torch.tensor([0.72, 0.53, 0.43]).view(1, 3, 1, 1) * 2 - 1  # skin
+    img[0, :, 6:10, 4:12] = torch.tensor([0.72, 0.28, 0.30]).view(3, 1, 1) * 2 - 1  # lips: rows 6-9, cols 4-11
+    img[0, :, 7:9, 5:11] = -0.9  # dark cavity: 12 px
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 2:14] = 1  # 96 px region
+    pts = MouthMaskOracle()(img, mask)[0]
+    assert pts[0].tolist() == pytest.approx([8.0, 8.0])  # centroid of cols 4..11, rows 6..9 (pixel centres)
+    assert pts[1, 0].item() < 5 and pts[2, 0].item() > 11  # corners near the ends of the painted lips
+    assert mouth_opening_score(img, mask).item() == pytest.approx(12 / 96)
+    assert torch.isnan(MouthMaskOracle()(img, torch.zeros_like(mask))).all()  # nothing found: NaN, not 0
+
+
+def test_identity_frechet_and_pearson():
+    e = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    assert identity_similarity(e, torch.tensor([[2.0, 0.0], [-1.0, -1.0]])).tolist() == pytest.approx([1.0, -1.0])
+    f = torch.randn(200, 3, generator=torch.Generator().manual_seed(1))
+    assert frechet_distance(f, f) == pytest.approx(0.0, abs=1e-8)
+    assert frechet_distance(f, f + torch.tensor([2.0, 0.0, 0.0])) == pytest.approx(4.0, rel=1e-6)  # mean shift only
+    assert pearson([1, 2, 3], [2, 4, 6.5]) > 0.99 and pearson([1, 1, 1], [1, 2, 3]) is None
+
+
+# ---- the CLI on tiny runs ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    data = make_synthetic_dataset(root / "data", seconds=2, size=32, seed=0)
+    untrained = Trainer(_cfg(steps=1), data, root / "run0")
+    untrained.save("latest.pt")  # step 0: the model as built
+    Trainer(_cfg(steps=TRAINED_STEPS, eval_every=1000), data, root / "run_trained").fit()
+    return root
+
+
+def _eval(runs, name, out, *extra):
+    return main(["--run", str(runs / name), "--out", str(out), "--impl", "torch", "--max-frames", "4", *extra])
+
+
+def test_cli_writes_the_report_with_reasons_and_synthetic_novel_view_ground_truth(runs, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert _eval(runs, "run_trained", out) == 0
+    for f in ("metrics.json", "metrics.md", "mouth_vs_audio.png", "grid_audio_driven.png", "grid_yaw-30_pitch-20.png",
+              "grid_yaw-15_pitch-10.png", "grid_yaw15_pitch10.png", "grid_yaw30_pitch20.png"):
+        assert (out / f).stat().st_size > 0, f
+    r = json.loads((out / "metrics.json").read_text())
+    ad = r["protocols"]["audio_driven"]
+    assert r["source"] == "synthetic" and r["frames"] == 4
+    assert math.isfinite(ad["metrics"]["psnr"]["mean"]) and -1 <= ad["metrics"]["ssim"]["mean"] <= 1
+    for key in ("fid", "sync", "idsim"):  # no user-supplied networks: unavailable, with a reason
+        assert ad["metrics"][key]["available"] is False and "weights" in ad["metrics"][key]["reason"]
+    lp = ad["metrics"]["lpips"]
+    assert lp["available"] or "LPIPS" in lp["reason"]
+    assert ad["metrics"]["lmd"]["available"] and "oracle" in ad["metrics"]["lmd"]["detector"]
+    # The target frames' mouth follows the exact ground truth (checks the measure itself).
+    assert ad["mouth_sync"]["correlations"]["target_vs_ground_truth_opening"] > 0.8
+    poses = r["protocols"]["novel_view"]["poses"]
+    assert len(poses) == 4
+    for p in poses.values():
+        assert p["ground_truth"].startswith("synthetic head")
+        assert math.isfinite(p["metrics"]["psnr"]["mean"]) and p["metrics"]["psnr"]["frames"] == 4
+    md = (out / "metrics.md").read_text()
+    assert "| Talk3D (ours) |" in md and "PSNR ↑ (-30°, -20°)" in md and "## Not available" in md
+
+
+def test_cli_refuses_to_overwrite(runs, tmp_path, capsys):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert _eval(runs, "run0", out) == 2
+    assert "--overwrite" in capsys.readouterr().err and not (out / "metrics.json").exists()
+    assert _eval(runs, "run0", out, "--overwrite") == 0 and (out / "metrics.json").exists()
+
+
+def test_trained_run_scores_better_than_untrained(runs, tmp_path):
+    scores = {}
+    for name in ("run0", "run_trained"):
+        assert _eval(runs, name, tmp_path / name) == 0
+        scores[name] = json.loads((tmp_path / name / "metrics.json").read_text())["protocols"]["audio_driven"]["metrics"]
+    assert scores["run_trained"]["psnr"]["mean"] > scores["run0"]["psnr"]["mean"] + MIN_PSNR_GAIN_DB, scores
+    assert scores["run_trained"]["ssim"]["mean"] > scores["run0"]["ssim"]["mean"]
