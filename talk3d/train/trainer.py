@@ -50,16 +50,22 @@ def _dist_info() -> tuple[int, int]:
 def build_model(cfg: TrainConfig, audio_dim: int, *, prior: str | None, log) -> TalkingHead:
     """The talking head: from a converted prior (``python -m talk3d.prior convert``) or from scratch."""
     if prior is not None:
-        from ..prior import load_generator
+        from ..personalize import load_personalized
+        from ..prior import load_checkpoint, load_generator
 
-        gen = load_generator(prior)
+        personalized = bool(load_checkpoint(prior)[1].get("personalized"))
+        if personalized:  # python -m talk3d.personalize: the person's w_ID and tuned generator
+            gen, w_id = load_personalized(prior)
+        else:
+            gen = load_generator(prior)
+            w_id = gen.backbone.mapping.w_avg[None, None].expand(1, gen.num_ws, -1).clone()
         gen.requires_grad_(False)
         with torch.no_grad():
-            w_id = gen.backbone.mapping.w_avg[None, None].expand(1, gen.num_ws, -1).clone()
             planes = gen.planes(w_id)
-        learn = True if cfg.learn_identity is None else cfg.learn_identity
-        log(f"prior {prior}: identity triplane from its mean latent"
-            + (", fine-tuned (the prior is not personalised)" if learn else ", kept fixed"))
+        # A generic prior's mean face is not the person: its triplane is fine-tuned unless told otherwise.
+        learn = (not personalized) if cfg.learn_identity is None else cfg.learn_identity
+        source = "the personalised w_ID" if personalized else "its mean latent (not personalised)"
+        log(f"prior {prior}: identity triplane from {source}, " + ("fine-tuned" if learn else "kept fixed"))
         if not cfg.freeze_prior:
             gen.decoder.requires_grad_(True)
             gen.superresolution.requires_grad_(True)
