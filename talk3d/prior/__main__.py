@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--key", default="G_ema", help="network in the pickle (default G_ema)")
     c.add_argument("--allow-unmapped", action="store_true", help="drop release tensors our generator does not have")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    s = sub.add_parser("sample", help="images (and an orbit GIF) from a checkpoint")
+    s = sub.add_parser("sample", help="images (and an orbit video) from a checkpoint")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="our checkpoint (see convert)")
     src.add_argument("--random-init", choices=["ffhq", "tiny"],
@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--yaw", type=float, default=0.0, help="degrees")
     s.add_argument("--pitch", type=float, default=0.0, help="degrees")
     s.add_argument("--truncation", type=float, default=0.7)
-    s.add_argument("--orbit", type=int, default=48, help="frames of the orbit GIF of the first seed (0: none)")
+    s.add_argument("--orbit", type=int, default=48,
+                   help="frames of the orbit video of the first seed (mp4 with PyAV, else GIF; 0: none)")
     s.add_argument("--impl", default="auto", help="render back end: auto, torch, cpu, cuda, triton")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s.add_argument("--out", required=True, help="output folder")

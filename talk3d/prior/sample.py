@@ -1,4 +1,4 @@
-"""Render faces from a generator: one image per seed and an orbit, so a user can see a prior works."""
+"""Render faces from a generator: one image per seed and an orbit video, so a user can see a prior works."""
 from __future__ import annotations
 
 import math
@@ -78,13 +78,21 @@ def orbit_frames(gen: TriplaneGenerator, seed: int, *, frames: int = 48, yaw_ran
     return out
 
 
+def _have_pyav() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("av") is not None
+
+
 def write_outputs(images: dict[str, np.ndarray], gifs: dict[str, list[np.ndarray]], out_dir, *,
                   overwrite: bool = False, fps: int = 24) -> list[Path]:
-    """PNG per image and an animated GIF per orbit; refuses to replace files unless ``overwrite``."""
+    """PNG per image and an orbit video per orbit (H.264 mp4 with PyAV, else an animated GIF);
+    refuses to replace files unless ``overwrite``."""
     from PIL import Image
 
     out_dir = Path(out_dir)
-    targets = [out_dir / f"{n}.png" for n in images] + [out_dir / f"{n}.gif" for n in gifs]
+    video_ext = "mp4" if _have_pyav() else "gif"
+    targets = [out_dir / f"{n}.png" for n in images] + [out_dir / f"{n}.{video_ext}" for n in gifs]
     existing = [str(p) for p in targets if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"would overwrite {existing[:5]}{' ...' if len(existing) > 5 else ''}; "
@@ -93,6 +101,14 @@ def write_outputs(images: dict[str, np.ndarray], gifs: dict[str, list[np.ndarray
     for name, img in images.items():
         Image.fromarray(img).save(out_dir / f"{name}.png")
     for name, frames in gifs.items():
-        first, *rest = [Image.fromarray(f) for f in frames]
-        first.save(out_dir / f"{name}.gif", save_all=True, append_images=rest, duration=int(1000 / fps), loop=0)
+        if video_ext == "mp4":
+            from ..infer.video import StreamingVideoWriter
+
+            h, w = frames[0].shape[:2]
+            with StreamingVideoWriter(out_dir / f"{name}.mp4", w, h, fps=fps) as video:
+                for f in frames:
+                    video.write(f)
+        else:
+            first, *rest = [Image.fromarray(f) for f in frames]
+            first.save(out_dir / f"{name}.gif", save_all=True, append_images=rest, duration=int(1000 / fps), loop=0)
     return targets
