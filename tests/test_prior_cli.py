@@ -153,3 +153,10 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     bad.write_bytes(b"\x00" * 40)
     with pytest.raises(ValueError, match="bad.safetensors"):
         load_generator(bad)
+
+
+def test_shapenet_style_release_is_refused_clearly():
+    kwargs = _release_kwargs(GeneratorConfig.ffhq())
+    kwargs["rendering_kwargs"]["ray_start"] = "auto"
+    with pytest.raises(ValueError, match="ray_start='auto'"):
+        config_from_release(kwargs, axes="eg3d")

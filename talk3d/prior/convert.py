@@ -60,6 +60,8 @@ def config_from_release(init_kwargs: dict, attributes: dict | None = None, *, ax
     kw = dict(init_kwargs or {})
     rk = _get(kw, "rendering_kwargs", {}) or {}
     mk = _get(kw, "mapping_kwargs", {}) or {}
+    if _get(rk, "ray_start") == "auto":  # EG3D's ShapeNet settings: not a portrait prior
+        raise ValueError("this release renders with ray_start='auto' (not an FFHQ portrait prior); unsupported")
     over: dict[str, Any] = {}
 
     def take(name, value, cast):
@@ -92,8 +94,6 @@ def config_from_release(init_kwargs: dict, attributes: dict | None = None, *, ax
         over["neural_rendering_resolution"] = int(nrr)
     if state_dict is not None:
         over.update(sizes_from_weights(state_dict))
-    if rk.get("ray_start") == "auto":  # EG3D's shapenet settings: not a portrait prior
-        raise ValueError("this release renders with ray_start='auto' (not an FFHQ portrait prior); unsupported")
     return dataclasses.replace(base, **over)
 
 

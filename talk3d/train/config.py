@@ -49,8 +49,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     log_every: int = 10
-    eval_every: int = 200
-    preview_every: int = 200
+    eval_every: int = 200           # validation scores and preview images
     checkpoint_every: int = 500
     val_frames: int = 8             # validation frames scored and previewed
     generator: dict[str, Any] = field(default_factory=dict)   # GeneratorConfig overrides
@@ -66,7 +65,7 @@ class TrainConfig:
             raise ValueError(f"train config: stage must be one of {STAGES}, got {self.stage!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"train config: amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
-        for name in ("steps", "batch_size", "log_every", "eval_every", "preview_every", "checkpoint_every"):
+        for name in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"train config: {name} must be >= 1, got {getattr(self, name)!r}")
         if not self.lr > 0:
@@ -136,10 +135,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict[s
 def demo_config(device_type: str) -> dict[str, Any]:
     """The no-argument run: sized to finish in minutes on 2 CPU cores, the full size on a GPU."""
     if device_type == "cuda":
-        return TrainConfig(steps=3000, eval_every=250, preview_every=250, checkpoint_every=1000,
+        return TrainConfig(steps=3000, eval_every=250, checkpoint_every=1000,
                            batch_size=2).to_dict()
     return TrainConfig(
-        steps=2000, batch_size=4, lr=2e-3, lr_decay_epochs=20, eval_every=250, preview_every=250,
+        steps=2000, batch_size=4, lr=2e-3, lr_decay_epochs=20, eval_every=250,
         checkpoint_every=500, log_every=10, val_frames=16, generator_size="tiny", deltaplane_size="tiny",
         generator=dict(plane_resolution=32, plane_channels=8, neural_rendering_resolution=32, sr_resolution=64,
                        coarse_samples=12, importance_samples=12),

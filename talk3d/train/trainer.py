@@ -113,7 +113,7 @@ class Trainer:
         if self.main:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             (self.run_dir / "previews").mkdir(exist_ok=True)
-        self.log = RunLog(self.run_dir / "log.txt" if self.main else None) if self.main else (lambda msg: None)
+        self.log = RunLog(self.run_dir / "log.txt") if self.main else (lambda msg: None)
         torch.manual_seed(cfg.seed + self.rank)
 
         manifest = load_manifest(self.data_dir)
@@ -182,7 +182,7 @@ class Trainer:
         return {"version": CHECKPOINT_VERSION, "step": self.step, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "config": self.cfg.to_dict(), "audio_encoder": self.audio_encoder, "history": self.history,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist()}}
+                "rng": {"torch": torch.get_rng_state()}}  # render jitter and eye noise: torch's generator
 
     def save(self, name: str | None = None) -> Path | None:
         if not self.main:
@@ -203,7 +203,7 @@ class Trainer:
         if not path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
         try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
+            state = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
             raise ValueError(f"{path}: not a readable talk3d training checkpoint ({e})") from None
         if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
@@ -351,7 +351,7 @@ def load_talking_head(run_dir, *, checkpoint: str = "latest.pt", device="cpu") -
     if not path.exists():
         raise FileNotFoundError(f"{run_dir}: no checkpoint {path.name} (train first, or name one in checkpoints/)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError, EOFError, OSError) as e:  # damaged file or another model's
         raise ValueError(f"{path}: not a checkpoint of this run's model ({e})") from None
