@@ -19,6 +19,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "common/half_types.cuh"
 #include "talk3d/composite_math.h"
 
 namespace talk3d {
@@ -30,32 +31,7 @@ constexpr int kCompositeThreads = 128;
 // sm_80/sm_90); a grid-stride loop takes the rays beyond that.
 constexpr int kCompositeBlocksPerSM = 16;
 
-// ------------------------------------------------------------------------------------------------
-// Storage types. composite_math.h reads with static_cast<acc_t>(x) and writes gradients with
-// static_cast<T>(acc). __half / __nv_bfloat16 lose both conversions under torch's
-// -D__CUDA_NO_HALF_CONVERSIONS__ / -D__CUDA_NO_BFLOAT16_CONVERSIONS__, so half-precision data goes
-// through 2-byte wrappers with an explicit conversion each way (round to nearest even on store).
-// ------------------------------------------------------------------------------------------------
-struct Half16 {
-  unsigned short bits;
-  Half16() = default;
-  __host__ __device__ __forceinline__ explicit Half16(float x) : bits(__half_as_ushort(__float2half_rn(x))) {}
-  __host__ __device__ __forceinline__ explicit operator float() const {
-    return __half2float(__ushort_as_half(bits));
-  }
-};
-struct BFloat16 {
-  unsigned short bits;
-  BFloat16() = default;
-  __host__ __device__ __forceinline__ explicit BFloat16(float x)
-      : bits(__bfloat16_as_ushort(__float2bfloat16_rn(x))) {}
-  __host__ __device__ __forceinline__ explicit operator float() const {
-    return __bfloat162float(__ushort_as_bfloat16(bits));
-  }
-};
-static_assert(sizeof(Half16) == sizeof(__half) && alignof(Half16) <= alignof(__half), "layout");
-static_assert(sizeof(BFloat16) == sizeof(__nv_bfloat16) && alignof(BFloat16) <= alignof(__nv_bfloat16),
-              "layout");
+// Storage types: fp32, fp64, and Half16 / BFloat16 from common/half_types.cuh.
 
 // Accumulation type of a storage type: fp32, fp64 for fp64 data.
 template <typename S>

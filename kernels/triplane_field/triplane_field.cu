@@ -30,6 +30,7 @@
 
 #include <type_traits>
 
+#include "common/half_types.cuh"
 #include "talk3d/triplane_field_math.h"
 
 namespace talk3d {
@@ -39,29 +40,8 @@ namespace {
 using EG3DDims = field::StaticDims<32, 64, 33>;  // the EG3D decoder, unrolled at compile time
 constexpr int kThreads = 128;  // block size of both kernels (the backward may use fewer, see below)
 
-// ------------------------------------------------------------------------------------------------
-// Storage types. The header converts plane values with `acc_t(src[c])`. __half / __nv_bfloat16 have
-// no usable conversion operator when torch's -D__CUDA_NO_HALF_CONVERSIONS__ (and the bf16 one) are
-// set, so the kernels read the planes through 2-byte wrappers whose explicit `operator float` calls the
-// conversion intrinsic. They have the layout of the storage type and are only ever read.
-// ------------------------------------------------------------------------------------------------
-struct HalfLoad {
-  unsigned short bits;
-  __host__ __device__ __forceinline__ explicit operator float() const {
-    return __half2float(__ushort_as_half(bits));
-  }
-};
-struct BF16Load {
-  unsigned short bits;
-  __host__ __device__ __forceinline__ explicit operator float() const {
-    return __bfloat162float(__ushort_as_bfloat16(bits));
-  }
-};
-static_assert(sizeof(HalfLoad) == sizeof(__half) && alignof(HalfLoad) <= alignof(__half), "layout");
-static_assert(sizeof(BF16Load) == sizeof(__nv_bfloat16) && alignof(BF16Load) <= alignof(__nv_bfloat16),
-              "layout");
-
-// acc: accumulation type; pos: type of xyz; load: type the planes are read as (see above).
+// acc: accumulation type; pos: type of xyz; load: type the planes are read as (half-precision planes
+// through the 2-byte wrappers of common/half_types.cuh: the header converts with `acc_t(src[c])`).
 template <typename S>
 struct Storage;
 
@@ -85,7 +65,7 @@ template <>
 struct Storage<__half> {
   using acc = float;
   using pos = float;
-  using load = HalfLoad;
+  using load = Half16;
   static __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
   static __device__ __forceinline__ __half from_acc(float x) { return __float2half_rn(x); }
 };
@@ -93,7 +73,7 @@ template <>
 struct Storage<__nv_bfloat16> {
   using acc = float;
   using pos = float;
-  using load = BF16Load;
+  using load = BFloat16;
   static __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
   static __device__ __forceinline__ __nv_bfloat16 from_acc(float x) { return __float2bfloat16_rn(x); }
 };
