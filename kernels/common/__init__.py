@@ -1,0 +1,1 @@
+"""Headers shared by the CUDA kernels (shipped as package data)."""
