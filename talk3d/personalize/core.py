@@ -6,8 +6,9 @@
    fine-tuned on the same frames at the fixed pivots ``w_ID + o_m``, with a locality regulariser
    that keeps renders of latents near the pivots close to the original generator's.
 
-The per-frame inversion of the whole video on the tuned generator (the paper's last step) is not
-done here: the training loop uses the dataset's cameras.
+The per-frame inversion of the whole video on the tuned generator (the paper's last step) is in
+:mod:`talk3d.personalize.track`; without a prior, :mod:`talk3d.personalize.scratch` trains the
+generator from random weights instead of steps 1-2.
 """
 from __future__ import annotations
 
@@ -218,13 +219,17 @@ def locality_latents(gen: TriplaneGenerator, pivots: torch.Tensor, cameras: torc
 
 def pivotal_tune(gen: TriplaneGenerator, frames: dict, pivots: torch.Tensor, cameras: torch.Tensor,
                  cfg: PersonalizeConfig, *, lpips: nn.Module | None = None, progress: bool = False,
-                 history: list | None = None) -> TriplaneGenerator:
+                 history: list | None = None, frozen: TriplaneGenerator | None = None) -> TriplaneGenerator:
     """Fine-tune ``gen`` in place at fixed pivots ``[M, num_ws, w_dim]`` and cameras ``[M, 25]``.
 
-    A frozen copy taken before tuning is the locality reference. Returns ``gen`` (eval, no grads).
+    ``frozen`` is the locality reference (default: a copy of ``gen`` taken before tuning).
+    Returns ``gen`` (eval, no grads).
     """
     target, mask = frames["image"], frames.get("face_mask")
-    frozen = copy.deepcopy(gen).requires_grad_(False) if cfg.locality_weight > 0 else None
+    if cfg.locality_weight <= 0:
+        frozen = None
+    elif frozen is None:
+        frozen = copy.deepcopy(gen).requires_grad_(False)
     opt = torch.optim.Adam(_tunable(gen), lr=cfg.lr_tune)
     rng = torch.Generator().manual_seed(cfg.seed + 1)
     history = [] if history is None else history
@@ -256,7 +261,8 @@ def pivotal_tune(gen: TriplaneGenerator, frames: dict, pivots: torch.Tensor, cam
 
 def personalize(generator: TriplaneGenerator, frames: dict, *, invert_steps: int | None = None,
                 tune_steps: int | None = None, lpips: nn.Module | None = None, progress: bool = False,
-                log: Callable[[str], None] | None = None, **settings) -> PersonalizationResult:
+                log: Callable[[str], None] | None = None, inverted: tuple | None = None,
+                on_inverted: Callable[[tuple], None] | None = None, **settings) -> PersonalizationResult:
     """Personalise a prior generator to the M frames of one person.
 
     Args:
@@ -265,6 +271,9 @@ def personalize(generator: TriplaneGenerator, frames: dict, *, invert_steps: int
             ``camera`` ``[M, 25]``, optional ``face_mask`` ``[M, 1, S, S]``; all on the generator's device.
         invert_steps, tune_steps: override the :class:`PersonalizeConfig` defaults.
         lpips: an :class:`talk3d.losses.LPIPS` module, or None for L1 only.
+        inverted: ``(w_id, offsets, deltas)`` of an earlier inversion of the same frames (resuming):
+            the inversion is skipped.
+        on_inverted: called with ``(w_id, offsets, deltas)`` once the inversion is done (to save it).
         settings: any other :class:`PersonalizeConfig` field.
 
     Returns:
@@ -286,7 +295,14 @@ def personalize(generator: TriplaneGenerator, frames: dict, *, invert_steps: int
     torch.manual_seed(cfg.seed)
     gen = copy.deepcopy(generator).eval()
     history: list = []
-    w_id, offsets, deltas = invert(gen, frames, cfg, lpips=lpips, progress=progress, history=history)
+    if inverted is None:
+        w_id, offsets, deltas = invert(gen, frames, cfg, lpips=lpips, progress=progress, history=history)
+        if on_inverted is not None:
+            on_inverted((w_id, offsets, deltas))
+    else:
+        w_id, offsets, deltas = (t.to(img.device) for t in inverted)
+        if log is not None:
+            log("inversion: resumed from the saved state")
     cameras = refine_cameras(frames["camera"], deltas, gen.cfg.camera_pivot).detach()
     if log is not None and history:
         log(f"inversion: L1 {history[0]['l1']:.4f} -> {history[-1]['l1']:.4f} over {cfg.invert_steps} steps")

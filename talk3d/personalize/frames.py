@@ -84,10 +84,16 @@ def load_frames(data_dir, *, frames: int = 4, frame_ids: Sequence[int] | None = 
         pose = np.asarray(ds._open()["pose"])[ds.frame_indices]  # [n, 3]
         ids = select_frames(pose, frames)
     items = [ds[i] for i in ids]
+    # Always the tracker's cameras, also when an earlier run wrote refined ones: personalisation
+    # refines them itself, and a re-run must not start from its own previous output.
+    from .cameras import preprocessed_cameras
+
+    cams, pose = preprocessed_cameras(data_dir)
+    clip_ids = [int(it["index"]) for it in items]
     return {
         "image": torch.stack([it["image"] for it in items]),
-        "camera": torch.stack([it["camera"] for it in items]).float(),
-        "pose": torch.stack([it["pose"] for it in items]).float(),
+        "camera": torch.from_numpy(cams[clip_ids]),
+        "pose": torch.from_numpy(pose[clip_ids]),
         "face_mask": torch.stack([it["face_mask"] for it in items]),
         "index": torch.tensor([int(it["index"]) for it in items], dtype=torch.int64),
     }
