@@ -123,6 +123,18 @@ def test_pivotal_tuning_and_locality(problem):
     assert not any(p.requires_grad for p in tuned.parameters())
 
 
+def test_pivotal_tuning_stops_at_the_reconstruction_threshold(problem):
+    import copy
+
+    g, frames, cfg = problem["g"], problem["frames"], problem["cfg"]
+    pivots = problem["w_id"] + problem["offsets"]
+    hist = []
+    # Any L1 is under 10: the threshold is met at the first step, so tuning stops there.
+    pivotal_tune(copy.deepcopy(g), frames, pivots, problem["cams"], dataclasses.replace(cfg, tune_stop_l1=10.0),
+                 history=hist)
+    assert len(hist) == 1
+
+
 def test_frame_selection_picks_extremes():
     rng = np.random.default_rng(0)
     pose = np.zeros((50, 3))
@@ -172,7 +184,7 @@ def test_cli_end_to_end(prior_and_data, capsys):
     root, prior, data = prior_and_data
     out = root / "personal.safetensors"
     args = ["--prior", str(prior), "--data", str(data), "--out", str(out), "--frames", "2",
-            "--invert-steps", "20", "--tune-steps", "10", "--quiet"]
+            "--invert-steps", "20", "--tune-steps", "10", "--no-track", "--quiet"]
     assert main(args) == 0
     for suffix in (".safetensors", ".preview.png", ".log.json"):
         assert (root / f"personal{suffix}").is_file()
@@ -378,7 +390,7 @@ def test_cli_writes_refined_cameras_into_the_dataset(prior_and_data, tmp_path):
     original = np.load(data / "cameras.npy")
     out = tmp_path / "me.safetensors"
     args = ["--prior", str(prior), "--data", str(data), "--out", str(out), "--frames", "2", "--invert-steps", "5",
-            "--tune-steps", "3", "--track-steps", "6", "--track-batch", "8", "--quiet"]
+            "--tune-steps", "3", "--track-steps", "6", "--track-first-steps", "6", "--track-batch", "8", "--quiet"]
     assert main(args) == 0
     m = validate_dataset(data)
     n = int(m["num_frames"])
@@ -450,7 +462,7 @@ def test_cli_without_a_prior_trains_from_scratch(tmp_path):
     from talk3d.personalize.__main__ import _parser, run
 
     res = run(_parser().parse_args(["--data", str(data), "--out", str(out), "--generator-config", str(gen_cfg),
-                                    "--scratch-steps", "60", "--scratch-batch", "4", "--track-steps", "4",
+                                    "--scratch-steps", "60", "--scratch-batch", "4", "--track-steps", "4", "--track-first-steps", "4",
                                     "--track-batch", "25", "--quiet"]), log=lines.append)
     assert any("from random weights" in s and "far longer" in s for s in lines)
     print(f"from scratch: {res['l1']}")

@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--track", action=argparse.BooleanOptionalAction, default=True,
                    help="refine every frame's camera and write them into the dataset (default: on)")
     k.add_argument("--track-steps", type=int, default=t.max_steps, help="most steps per batch of frames")
+    k.add_argument("--track-first-steps", type=int, default=t.first_steps, help="most steps for the first batch")
     k.add_argument("--track-batch", type=int, default=t.batch, help="consecutive frames solved together")
     k.add_argument("--track-offsets", action=argparse.BooleanOptionalAction, default=t.refine_offsets,
                    help="also fit a latent offset per frame (absorbs expression; competes with the pose)")
@@ -107,7 +108,7 @@ def _check_args(args, outs: dict) -> None:
         raise FileNotFoundError(f"prior checkpoint not found: {args.prior}")
     if not os.path.isdir(args.data):
         raise FileNotFoundError(f"dataset folder not found: {args.data}")
-    for name in ("track_steps", "track_batch", "scratch_steps", "scratch_batch"):
+    for name in ("track_steps", "track_first_steps", "track_batch", "scratch_steps", "scratch_batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.overwrite and not args.resume:  # start over: old progress must not be picked up
@@ -256,7 +257,8 @@ def _track(args, gen, w_id, cfg, lpips, device, outs, log) -> dict:
                 "camera": torch.from_numpy(cams[s:e]).to(device),
                 "face_mask": torch.stack([it["face_mask"] for it in items]).to(device)}
 
-    tcfg = TrackConfig(max_steps=args.track_steps, batch=args.track_batch, refine_offsets=args.track_offsets)
+    tcfg = TrackConfig(max_steps=args.track_steps, first_steps=args.track_first_steps, batch=args.track_batch,
+                       refine_offsets=args.track_offsets)
     settings = {"track": dataclasses.asdict(tcfg), "loss": dataclasses.asdict(cfg)}
     state = None
     if args.resume and os.path.exists(outs["track_state"]):

@@ -43,6 +43,8 @@ class PersonalizeConfig:
     locality_weight: float = 1.0     # PTI's locality regulariser (0: off)
     locality_alpha: float = 0.5      # off-pivot latent = lerp(pivot, w(z), alpha)
     locality_samples: int = 1        # random latents per tuning step
+    tune_stop_lpips: float = 0.06    # tuning stops once the frames' LPIPS is below this (PTI's value)
+    tune_stop_l1: float = 0.0        # ... or their image L1 (0: off; the L1-only fallback's threshold)
     deterministic: bool = True       # fixed render samples: a smooth, reproducible objective
     impl: str = "auto"
     seed: int = 0
@@ -255,6 +257,9 @@ def pivotal_tune(gen: TriplaneGenerator, frames: dict, pivots: torch.Tensor, cam
         history.append(logs)
         bar.set_postfix(l1=f"{logs['l1']:.4f}")
         bar.update()
+        # PTI's early stop: the frames are reconstructed well enough (measured before this step).
+        if logs.get("lpips", float("inf")) < cfg.tune_stop_lpips or logs["l1"] < cfg.tune_stop_l1:
+            break
     bar.close()
     return gen.eval().requires_grad_(False)
 

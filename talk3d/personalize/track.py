@@ -17,7 +17,7 @@ stopped.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterable
 
 import numpy as np
@@ -34,7 +34,8 @@ __all__ = ["TrackConfig", "TrackState", "track_batch", "track_video"]
 class TrackConfig:
     """Settings of the per-frame inversion."""
 
-    max_steps: int = 50            # per batch of frames
+    max_steps: int = 50            # per batch of frames (release: 50 on each frame after the first)
+    first_steps: int = 200         # for the first batch, which has no warm start (release: 200)
     patience: int = 5              # steps without improvement before a frame stops
     rel_tol: float = 0.0           # a relative improvement must exceed this to count (0: any)
     batch: int = 4                 # consecutive frames solved together
@@ -45,7 +46,7 @@ class TrackConfig:
     warm_start: bool = True        # start each batch from the previous batch's last frame
 
     def check(self) -> None:
-        if self.max_steps < 1 or self.batch < 1 or self.patience < 1:
+        if min(self.max_steps, self.first_steps, self.batch, self.patience) < 1:
             raise ValueError(f"TrackConfig: max_steps, batch and patience must be >= 1, got {self}")
 
 
@@ -198,8 +199,9 @@ def track_video(gen: TriplaneGenerator, w_id: torch.Tensor, load: Callable[[int,
             init_o = torch.from_numpy(state.last_offset).to(device).expand(b, -1, -1)
         else:
             init_d, init_o = torch.zeros(b, 2, device=device), None
+        steps = tcfg.max_steps if start > 0 and tcfg.warm_start else max(tcfg.first_steps, tcfg.max_steps)
         res = track_batch(gen, w_id, frames["image"], frames["camera"], frames.get("face_mask"), init_d, init_o,
-                          cfg, tcfg, pivot=pivot, lpips=lpips)
+                          cfg, replace(tcfg, max_steps=steps), pivot=pivot, lpips=lpips)
         state.deltas[start:stop] = res["deltas"].cpu().numpy()
         state.loss_first[start:stop] = res["loss_first"].cpu().numpy()
         state.loss_best[start:stop] = res["loss_best"].cpu().numpy()
