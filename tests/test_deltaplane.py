@@ -299,3 +299,59 @@ def test_release_size_parameter_count():
     n_enc = sum(p.numel() for p in encoder.parameters())
     assert (n_pred, n_enc) == (14_458_304, 78_656), (n_pred, n_enc)
 
+
+
+# --- the encoder cache of inference ------------------------------------------------------------------
+
+#: Cached and uncached inference run the same float32 ops on the same values except for the batch
+#: broadcast of the encoder features (B = 1 instead of B copies), which can change the blocking of
+#: the convolutions: a few ulps.
+CACHE_ATOL = 1e-5
+
+
+def _talking_head():
+    import dataclasses
+
+    from talk3d.models import GeneratorConfig, TalkingHead, TriplaneGenerator
+
+    g = dataclasses.replace(GeneratorConfig.tiny(), plane_resolution=16, plane_channels=4,
+                            neural_rendering_resolution=8, sr_resolution=16, sr_channels=(4,),
+                            coarse_samples=4, importance_samples=4)
+    dcfg = dataclasses.replace(DeltaplaneConfig.tiny(), plane_channels=4, plane_resolution=16, axes=g.axes)
+    torch.manual_seed(0)
+    gen = TriplaneGenerator(g)
+    head = TalkingHead(gen, dcfg, torch.randn(1, 3, 4, 16, 16), torch.randn(1, gen.num_ws, g.w_dim),
+                       learn_identity=False).eval()
+    with torch.no_grad():
+        head.deltaplane.predictor.out_conv.weight.normal_(0.0, LAST_LAYER_STD)
+    return head
+
+
+def test_inference_caches_the_encoder_of_the_identity_planes():
+    from talk3d.render import look_at_camera
+
+    head = _talking_head()
+    cfg = head.deltaplane.cfg
+    batch = {**_batch(cfg, 3), "camera": look_at_camera(torch.tensor([0.1, 0.0, -0.2]), torch.zeros(3))}
+    calls = []
+    head.deltaplane.predictor.enc[0].register_forward_hook(lambda *a: calls.append(1))
+    kw = dict(impl="torch", deterministic=True)
+    with torch.enable_grad():
+        ref = head(batch, **kw)["delta"].detach()  # gradients on: no cache
+    assert head._encoding is None and len(calls) == 1
+    with torch.inference_mode():
+        a = head(batch, **kw)["delta"]
+        b = head(batch, **kw)["delta"]
+    assert len(calls) == 2  # the encoder ran once for both frames' batches
+    torch.testing.assert_close(a, ref, atol=CACHE_ATOL, rtol=0)
+    assert torch.equal(a, b)
+    # An optimiser step on the encoder (or a new P_ID) invalidates the cache.
+    with torch.no_grad():
+        next(head.deltaplane.predictor.enc[0].parameters()).add_(0.01)
+        c = head(batch, **kw)["delta"]
+        head.identity_planes.mul_(1.5)
+        d = head(batch, **kw)["delta"]
+    assert len(calls) == 4 and not torch.equal(c, b) and not torch.equal(d, c)
+    # Training mode never uses (and drops) the cache.
+    head.train()
+    assert head._encoding is None

@@ -190,35 +190,59 @@ class DeltaplanePredictor(nn.Module):
             raise ValueError(f"key_padding_mask: expected a bool [{B}, {tokens.shape[1]}] tensor, "
                              f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
 
+    def encode(self, planes: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The encoder half, which depends on P_ID alone (so inference can compute it once).
+
+        planes ``[B, 3C, R, R]`` -> (bottleneck ``[B, 3 D, r, r]``, skips: one ``[B, 3 c_i, R_i, R_i]``
+        per decoder level, shallowest first).
+        """
+        x = self.enc[0](planes)
+        skips = [x]
+        for down, block in zip(self.down, self.enc[1:]):
+            x = block(down(x))
+            skips.append(x)
+        skips.pop()  # the bottleneck has no skip of its own
+        return x, skips
+
+    def decode(self, x: torch.Tensor, skips: list[torch.Tensor], tokens: torch.Tensor,
+               key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention at the bottleneck (where the tokens enter) and the decoder.
+
+        x, skips: :meth:`encode`'s output with batch B or 1 (broadcast over the tokens' B);
+        tokens ``[B, T, token_dim]`` -> ΔP ``[B, 3C, R, R]``.
+        """
+        B = tokens.shape[0]
+        x = x.expand(B, -1, -1, -1)
+        _, C3, r, _ = x.shape
+        seq = x.reshape(B, 3, C3 // 3, r * r).transpose(2, 3) + self.pos_enc.to(x.dtype)  # [B, 3, r*r, D]
+        for block in self.attn:
+            seq = block(seq, tokens, key_padding_mask)
+        x = seq.transpose(2, 3).reshape(B, C3, r, r)
+        skips = list(skips)
+        for up, block in zip(self.up, self.dec):
+            x = up(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+            skip = skips.pop()
+            x = block(cat_planes(x, skip.expand(B, -1, -1, -1)))
+        return self.out_conv(F.silu(self.out_norm(x)))  # [B, 3C, R, R]
+
     def forward(self, planes: torch.Tensor, tokens: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                key_padding_mask: torch.Tensor | None = None,
+                encoded: tuple[torch.Tensor, list[torch.Tensor]] | None = None) -> torch.Tensor:
         """Predict the deltaplane.
 
         Args:
             planes: ``[B, 3, C, R, R]`` or ``[B, 3 * C, R, R]`` identity triplane P_ID.
             tokens: ``[B, T, token_dim]`` condition tokens (:class:`ConditionEncoder`).
             key_padding_mask: optional ``[B, T]`` bool, True for tokens to ignore.
+            encoded: :meth:`encode` of these planes (batch B or 1), computed earlier; skips the encoder.
         Returns:
             ΔP, the same shape as ``planes``.
         """
         self._check(planes, tokens, key_padding_mask)
         B, R = planes.shape[0], self.cfg.plane_resolution
-        x = planes.reshape(B, -1, R, R)  # [B, 3C, R, R]
-        x = self.enc[0](x)
-        skips = [x]
-        for down, block in zip(self.down, self.enc[1:]):
-            x = block(down(x))
-            skips.append(x)
-        skips.pop()  # the bottleneck has no skip of its own
-        _, C3, r, _ = x.shape
-        seq = x.view(B, 3, C3 // 3, r * r).transpose(2, 3) + self.pos_enc.to(x.dtype)  # [B, 3, r*r, D]
-        for block in self.attn:
-            seq = block(seq, tokens, key_padding_mask)
-        x = seq.transpose(2, 3).reshape(B, C3, r, r)
-        for up, block in zip(self.up, self.dec):
-            x = up(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-            x = block(cat_planes(x, skips.pop()))
-        delta = self.out_conv(F.silu(self.out_norm(x)))  # [B, 3C, R, R]
+        if encoded is None:
+            encoded = self.encode(planes.reshape(B, -1, R, R))
+        delta = self.decode(*encoded, tokens, key_padding_mask)
         return delta.view(planes.shape)
 
 
@@ -231,9 +255,11 @@ class DeltaplaneModel(nn.Module):
         self.condition = ConditionEncoder(cfg)
         self.predictor = DeltaplanePredictor(cfg)
 
-    def forward(self, planes: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """planes ``[B, 3, C, R, R]`` or ``[B, 3C, R, R]``, batch as :meth:`ConditionEncoder.forward`.
+    def forward(self, planes: torch.Tensor, batch: Mapping[str, torch.Tensor],
+                encoded: tuple[torch.Tensor, list[torch.Tensor]] | None = None) -> torch.Tensor:
+        """planes ``[B, 3, C, R, R]`` or ``[B, 3C, R, R]``, batch as :meth:`ConditionEncoder.forward`;
+        ``encoded``: the predictor's :meth:`DeltaplanePredictor.encode` of P_ID, when cached.
 
         Returns ΔP, the shape of ``planes``.
         """
-        return self.predictor(planes, self.condition(batch))
+        return self.predictor(planes, self.condition(batch), encoded=encoded)

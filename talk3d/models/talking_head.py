@@ -44,12 +44,42 @@ class TalkingHead(nn.Module):
         self.generator = generator
         self.deltaplane = DeltaplaneModel(deltaplane)
         self.learn_identity = learn_identity
+        self.cache_encoder = True  # inference reuses the U-Net encoder's features of P_ID (see _cached_encoding)
+        self._encoding = None  # (key, those features)
         if learn_identity:
             self.identity_planes = nn.Parameter(identity_planes.detach().clone())
             self.w_id = nn.Parameter(w_id.detach().clone())
         else:
             self.register_buffer("identity_planes", identity_planes.detach().clone())
             self.register_buffer("w_id", w_id.detach().clone())
+
+    def _encoding_key(self) -> tuple:
+        """What the U-Net encoder's output depends on: P_ID and the encoder's weights (their in-place
+        version counters move with every optimiser step or load), the device and the autocast dtype."""
+        enc = self.deltaplane.predictor
+        versions = tuple(p._version for m in (enc.enc, enc.down) for p in m.parameters())
+        amp = torch.get_autocast_dtype(self.identity_planes.device.type) if torch.is_autocast_enabled(
+            self.identity_planes.device.type) else None
+        return (self.identity_planes.data_ptr(), self.identity_planes._version, versions, amp)
+
+    def _cached_encoding(self):
+        """The U-Net encoder's features of P_ID, computed once for inference (None while training).
+
+        The encoder sees only P_ID, never a frame's conditions, so at inference every frame shares
+        them: caching leaves the attention and decoder as the per-frame U-Net work. Not used with
+        gradients on (training needs the encoder in the graph).
+        """
+        if self.training or torch.is_grad_enabled() or not self.cache_encoder:
+            return None
+        key = self._encoding_key()
+        if self._encoding is None or self._encoding[0] != key:
+            pred, p = self.deltaplane.predictor, self.identity_planes
+            self._encoding = (key, pred.encode(p.reshape(1, -1, *p.shape[-2:])))
+        return self._encoding[1]
+
+    def train(self, mode: bool = True):
+        self._encoding = None
+        return super().train(mode)
 
     def forward(self, batch: Mapping[str, torch.Tensor], *, impl: str = "auto", deterministic: bool = False,
                 resolution: int | None = None) -> dict[str, torch.Tensor]:
@@ -61,7 +91,7 @@ class TalkingHead(nn.Module):
         cams = batch["camera"]
         B = cams.shape[0]
         base = self.identity_planes.expand(B, -1, -1, -1, -1)
-        delta = self.deltaplane(base, batch)
+        delta = self.deltaplane(base, batch, encoded=self._cached_encoding())
         planes = base + delta.to(base.dtype)
         ws = self.w_id.expand(B, -1, -1)
         out = self.generator.synthesis(ws, cams, impl=impl, deterministic=deterministic, planes=planes,
