@@ -85,6 +85,24 @@ def test_one_step_reduces_the_loss_on_a_fixed_batch(data, tmp_path):
     assert after < before
 
 
+#: A compiled U-Net step against the eager one: the same float32 ops, possibly re-associated.
+COMPILE_RTOL = 1e-5
+
+
+def test_compiled_unet_trains_like_the_eager_one(data, tmp_path):
+    # aot_eager traces forward and backward through AOTAutograd like inductor does, without its
+    # minute-long CPU code generation; inductor itself is the default for real runs.
+    losses = {}
+    for mode in ("off", "unet"):
+        torch.manual_seed(0)
+        t = Trainer(_cfg(compile=mode, compile_backend="aot_eager"), data, tmp_path / mode)
+        batch = torch.utils.data.default_collate([t.train_set[i] for i in (3, 9)])
+        losses[mode] = [t.train_step(batch)["total"] for _ in range(2)]
+    assert losses["unet"] == pytest.approx(losses["off"], rel=COMPILE_RTOL)
+    with pytest.raises(ValueError, match="compile must be"):
+        _cfg(compile="yes")
+
+
 def test_resume_gives_the_same_next_step(data, tmp_path):
     torch.manual_seed(0)
     a = Trainer(_cfg(), data, tmp_path / "a")

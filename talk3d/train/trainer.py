@@ -128,6 +128,10 @@ class Trainer:
                 gcfg, coarse_samples=cfg.coarse_samples or gcfg.coarse_samples,
                 importance_samples=cfg.importance_samples if cfg.importance_samples is not None else gcfg.importance_samples)
         self._set_stage()
+        if cfg.compile == "unet":
+            # In place (nn.Module.compile): parameter names, checkpoints and DDP are unchanged. The
+            # renderer is left eager: its hot path is already our fused kernels.
+            self.model.deltaplane.predictor.compile(backend=cfg.compile_backend)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999))
         self.steps_per_epoch = max(1, math.ceil(len(self.train_set) / (cfg.batch_size * self.world)))
