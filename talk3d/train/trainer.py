@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..data import TalkingHeadDataset, load_manifest
 from ..models import DeltaplaneConfig, GeneratorConfig, TalkingHead, TriplaneGenerator
 from .config import TrainConfig
-from .losses import loss_status, perceptual_network, reconstruction_losses
+from .losses import identity_network, loss_status, perceptual_network, reconstruction_losses
 
 __all__ = ["Trainer", "build_model", "load_talking_head"]
 
@@ -153,9 +153,11 @@ class Trainer:
         n_train = sum(p.numel() for p in params)
         self.log(f"run {self.run_dir}: stage {cfg.stage}, {len(self.train_set)} train / {len(self.val_set)} val frames, "
                  f"{n_train / 1e6:.2f} M trained parameters, device {self.device}, {self.world} process(es)")
-        for line in loss_status(cfg.loss, cfg.lpips_weights):
+        sr_size = self.model.generator.cfg.sr_resolution
+        for line in loss_status(cfg.loss, cfg.lpips_weights, cfg.face_id_weights, sr_size):
             self.log(line)
         self.lpips = perceptual_network(cfg.loss, cfg.lpips_weights, self.device)
+        self.identity = identity_network(cfg.loss, cfg.face_id_weights, sr_size, self.device)
 
     def model_spec(self) -> dict:
         """What rebuilds the model without the prior file or the dataset (see load_talking_head)."""
@@ -231,12 +233,14 @@ class Trainer:
         n = min(self.cfg.val_frames, len(self.val_set))
         batch = _to(torch.utils.data.default_collate([self.val_set[i] for i in range(n)]), self.device)
         out = self._forward(batch, deterministic=True)
-        terms = {f"val_{k}": float(v) for k, v in reconstruction_losses(out, batch, self.cfg.loss, self.lpips).items()}
+        losses = reconstruction_losses(out, batch, self.cfg.loss, self.lpips, self.identity)
+        terms = {f"val_{k}": float(v) for k, v in losses.items()}
         if "audio" in batch and n > 1:
             # Does the mouth follow the audio? The same frames with each other's audio windows: a
             # model that uses the audio gets its mouth wrong there (mouth error above val_mouth).
             shuffled = dict(batch, audio=batch["audio"].roll(1, dims=0))
-            wrong = reconstruction_losses(self._forward(shuffled, deterministic=True), batch, self.cfg.loss, self.lpips)
+            wrong = reconstruction_losses(self._forward(shuffled, deterministic=True), batch, self.cfg.loss, self.lpips,
+                                          self.identity)
             terms["val_mouth_wrong_audio"] = float(wrong["mouth"])
         self.model.train(was)
         self._preview(out, batch)
@@ -265,7 +269,7 @@ class Trainer:
     def train_step(self, batch) -> dict[str, float]:
         self.model.train()
         out = self._forward(batch)
-        terms = reconstruction_losses(out, batch, self.cfg.loss, self.lpips)
+        terms = reconstruction_losses(out, batch, self.cfg.loss, self.lpips, self.identity)
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
