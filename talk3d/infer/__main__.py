@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="pose/landmark conditions: the training clip's, or frontal/mean")
     p.add_argument("--impl", default="auto", help="field op back end: auto, torch, cpp, cuda, triton")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the per-frame U-Net (on CUDA in reduce-overhead mode, i.e. with CUDA graphs)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     return p
 
@@ -53,6 +56,11 @@ def main(argv=None) -> int:
     try:
         wave = read_speech(args.audio)
         model, info = load_talking_head(args.run, checkpoint=args.checkpoint, device=device)
+        if args.compile:
+            # The U-Net's attention + decoder is the per-frame network work (its encoder is cached):
+            # compiled in place; CUDA graphs remove its many small launches on a GPU.
+            mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
+            model.deltaplane.predictor.compile(backend=args.compile_backend, mode=mode)
         clip = load_training_clip(info)
         frames = render_speech(model, info, wave, camera=args.camera, size=args.size, precision=args.precision,
                                batch=args.batch, eye=args.eye, pose=args.pose, impl=args.impl, clip=clip)
