@@ -116,8 +116,8 @@ def test_wav2vec2_missing_path_says_how_to_get_it(tmp_path):
         Wav2Vec2Encoder(tmp_path / "nope")
 
 
-@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed in this venv")
-def test_wav2vec2_tiny_random_model(tmp_path):
+def save_tiny_wav2vec2(path) -> None:
+    """A tiny random Wav2Vec2ForCTC saved with save_pretrained at ``path`` (the real folder format)."""
     import transformers
 
     config = transformers.Wav2Vec2Config(
@@ -125,7 +125,12 @@ def test_wav2vec2_tiny_random_model(tmp_path):
         intermediate_size=32, conv_dim=(8, 8, 8, 8, 8, 8, 8), num_feat_extract_layers=7,
         num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
     torch.manual_seed(0)
-    transformers.Wav2Vec2ForCTC(config).save_pretrained(tmp_path / "w2v")
+    transformers.Wav2Vec2ForCTC(config).save_pretrained(path)
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed in this venv")
+def test_wav2vec2_tiny_random_model(tmp_path):
+    save_tiny_wav2vec2(tmp_path / "w2v")
     wave = np.random.default_rng(0).standard_normal(SAMPLES_PER_FRAME * 7).astype(np.float32)
     enc = Wav2Vec2Encoder(tmp_path / "w2v")
     out = enc.encode(wave)

@@ -329,16 +329,11 @@ def test_unsupported_encoder_is_refused():
 
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed in this venv")
 def test_streaming_wav2vec2_features_approximate_the_offline_ones(tmp_path):
-    import transformers
+    from test_audio import save_tiny_wav2vec2
 
     from talk3d.audio import Wav2Vec2Encoder
 
-    config = transformers.Wav2Vec2Config(
-        vocab_size=12, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, conv_dim=(8, 8, 8, 8, 8, 8, 8), num_feat_extract_layers=7,
-        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
-    torch.manual_seed(0)
-    transformers.Wav2Vec2ForCTC(config).save_pretrained(tmp_path / "w2v")
+    save_tiny_wav2vec2(tmp_path / "w2v")
     enc = Wav2Vec2Encoder(tmp_path / "w2v")
     wave = _speech(2.0)
     want = enc.encode(wave, num_frames_for(wave))

@@ -148,6 +148,17 @@ def render_frames(gen: TriplaneGenerator, ws: torch.Tensor, cameras: torch.Tenso
     return {k: torch.cat([o[k] for o in outs]) for k in ("image", "image_raw")}
 
 
+def _step(opt, loss: torch.Tensor, logs: dict, history: list, bar, **record) -> None:
+    """One optimiser step on ``loss``; the step's losses (``logs`` + ``record``) go to the history and the bar."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    logs.update(loss=float(loss.detach()), **record)
+    history.append(logs)
+    bar.set_postfix(l1=f"{logs['l1']:.4f}")
+    bar.update()
+
+
 def _bar(total: int, desc: str, progress: bool):
     from tqdm import tqdm
     import sys
@@ -184,14 +195,8 @@ def invert(gen: TriplaneGenerator, frames: dict, cfg: PersonalizeConfig, *, lpip
         reg_off = offsets.pow(2).sum(-1).mean()
         reg_cam = deltas.pow(2).sum(-1).mean()
         loss = rec.mean() + cfg.offset_weight * reg_off + cfg.camera_weight * reg_cam
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        logs.update(phase="invert", step=step, loss=float(loss.detach()), offset_reg=float(reg_off.detach()),
-                    camera_reg=float(reg_cam.detach()))
-        history.append(logs)
-        bar.set_postfix(l1=f"{logs['l1']:.4f}")
-        bar.update()
+        _step(opt, loss, logs, history, bar, phase="invert", step=step, offset_reg=float(reg_off.detach()),
+              camera_reg=float(reg_cam.detach()))
     bar.close()
     return w_id.detach(), offsets.detach(), deltas.detach()
 
@@ -250,13 +255,7 @@ def pivotal_tune(gen: TriplaneGenerator, frames: dict, pivots: torch.Tensor, cam
                 loc = loc + cfg.lpips_weight * lpips(cur["image"], ref["image"]).mean()
             loss = loss + cfg.locality_weight * loc
             logs["locality"] = float(loc.detach())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        logs.update(phase="tune", step=step, loss=float(loss.detach()))
-        history.append(logs)
-        bar.set_postfix(l1=f"{logs['l1']:.4f}")
-        bar.update()
+        _step(opt, loss, logs, history, bar, phase="tune", step=step)
         # PTI's early stop: the frames are reconstructed well enough (measured before this step).
         if logs.get("lpips", float("inf")) < cfg.tune_stop_lpips or logs["l1"] < cfg.tune_stop_l1:
             break

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..models import TriplaneGenerator
 from ..render import look_at_camera
-from .core import PersonalizeConfig, _bar, _tunable, reconstruction_loss
+from .core import PersonalizeConfig, _bar, _step, _tunable, reconstruction_loss
 
 __all__ = ["train_from_scratch"]
 
@@ -52,13 +52,6 @@ def train_from_scratch(gen: TriplaneGenerator, load: Callable[[list[int]], dict]
         out = gen.synthesis(w_id.expand(len(idx), -1, -1), frames["camera"], impl=cfg.impl,
                             deterministic=cfg.deterministic)
         rec, logs = reconstruction_loss(out, frames["image"], frames.get("face_mask"), cfg, lpips)
-        loss = rec.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        logs.update(phase="scratch", step=step, loss=float(loss.detach()))
-        history.append(logs)
-        bar.set_postfix(l1=f"{logs['l1']:.4f}")
-        bar.update()
+        _step(opt, rec.mean(), logs, history, bar, phase="scratch", step=step)
     bar.close()
     return gen.eval().requires_grad_(False), w_id.detach()
