@@ -405,8 +405,15 @@ def test_cli_writes_refined_cameras_into_the_dataset(prior_and_data, tmp_path):
     assert rec["frames"] == n and rec["mean_loss_refined"] <= rec["mean_loss_tracked"]
     log = json.loads((tmp_path / "me.log.json").read_text())
     assert len(log["track"]["per_frame"]["steps"]) == n
-    for suffix in (".track.png", ".invert.png", ".preview.png", ".track.npz", ".state.pt"):
+    for suffix in (".track.png", ".invert.png", ".preview.png", ".track.npz", ".state.pt", ".identity.safetensors"):
         assert (tmp_path / f"me{suffix}").is_file()
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "me.identity.safetensors")
+    gen, w_id = load_personalized(out)
+    with torch.no_grad():
+        torch.testing.assert_close(saved["identity_planes"], gen.planes(w_id))  # what train --prior computes
+    torch.testing.assert_close(saved["w_id"], w_id)
 
     # A second personalisation with another output refuses to replace the refined cameras...
     other = ["--out", str(tmp_path / "again.safetensors")] + args[:4] + args[6:]

@@ -11,7 +11,8 @@ Without --prior, the generator is trained from random weights on the clip instea
 steps (much longer; the log says so).
 
 Writes OUT (the tuned weights; the identity latent and the M frames' cameras in its config),
-and beside it, named after OUT's stem: ``.preview.png`` (rows: frames; columns: target | prior at
+and beside it, named after OUT's stem: ``.identity.safetensors`` (the identity triplane P_ID
+``[1, 3, C, R, R]`` and w_ID, what the deltaplane stage starts from), ``.preview.png`` (rows: frames; columns: target | prior at
 w_avg | inverted | tuned), ``.invert.png`` (after the inversion), ``.track.png`` (sample frames:
 target | tracked camera | refined camera), ``.log.json`` (every step's losses and the per-frame
 results), ``.state.pt`` / ``.track.npz`` (progress, for --resume). Existing outputs are kept unless
@@ -81,6 +82,7 @@ def _outputs(out: str) -> dict:
     stem = os.path.splitext(out)[0]
     return {"checkpoint": out, "preview": stem + ".preview.png", "invert_preview": stem + ".invert.png",
             "track_preview": stem + ".track.png", "log": stem + ".log.json", "state": stem + ".state.pt",
+            "identity": stem + ".identity.safetensors",
             "track_state": stem + ".track.npz"}
 
 
@@ -290,6 +292,15 @@ def _track(args, gen, w_id, cfg, lpips, device, outs, log) -> dict:
                       "loss_refined": state.loss_best.tolist(), "steps": state.steps.tolist()}}
 
 
+def _save_identity(path: str, gen, w_id: torch.Tensor) -> None:
+    """P_ID = G_ID(w_ID) ``[1, 3, C, R, R]`` and w_ID, computed once (``train --prior OUT`` recomputes the same)."""
+    from safetensors.torch import save_file
+
+    with torch.no_grad():
+        planes = gen.planes(w_id)
+    save_file({"identity_planes": planes.float().contiguous().cpu(), "w_id": w_id.float().contiguous().cpu()}, path)
+
+
 def run(args, log=print) -> dict:
     from ..prior import load_generator
     from .core import PersonalizeConfig
@@ -322,6 +333,7 @@ def run(args, log=print) -> dict:
         save_personalized(args.out, res, source=None if args.prior is None else os.path.basename(args.prior),
                           frame_ids=frame_ids, settings=cfg, lpips=status, overwrite=True)
         gen, w_id = res.generator, res.w_id
+        _save_identity(outs["identity"], gen, w_id)
         summary = {"frame_ids": frame_ids, "lpips": status, "l1": l1, "history": res.history,
                    "from_scratch": args.prior is None}
         with open(outs["log"], "w") as f:
