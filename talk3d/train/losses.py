@@ -48,10 +48,21 @@ def identity_network(weights: LossWeights, face_id_path: str | None, image_size:
     return None if found is None else IdentityLoss(found).to(device).eval().requires_grad_(False)
 
 
+def sync_network(weights: LossWeights, syncnet_path: str | None, image_size: int, device):
+    """The frozen lip-sync loss (Wav2Lip's expert, the user's weights) when it is on, its weights are
+    found and the output is large enough (``IDENTITY_MIN_SIZE``, as for the face network); else None."""
+    from ..losses import SyncLoss, find_syncnet_weights
+
+    if not weights.sync or image_size < IDENTITY_MIN_SIZE:
+        return None
+    found = find_syncnet_weights(syncnet_path)
+    return None if found is None else SyncLoss.from_file(found, device).eval().requires_grad_(False)
+
+
 def loss_status(weights: LossWeights, lpips_dir: str | None = None, face_id_path: str | None = None,
-                image_size: int | None = None) -> list[str]:
+                image_size: int | None = None, syncnet_path: str | None = None) -> list[str]:
     """One line per loss whose network is used or is off for want of weights (never random weights)."""
-    from ..losses import face_id_status, lpips_status
+    from ..losses import face_id_status, lpips_status, syncnet_status
 
     lines = []
     if weights.lpips_raw or weights.lpips_sr:
@@ -63,7 +74,12 @@ def loss_status(weights: LossWeights, lpips_dir: str | None = None, face_id_path
                     "network needs")
         lines.append(line)
     if weights.sync:
-        lines.append("lip-sync loss off: no SyncNet weights configured (needs user-supplied weights)")
+        line = syncnet_status(syncnet_path)
+        if image_size is not None and image_size < IDENTITY_MIN_SIZE and not line.startswith("lip-sync loss off"):
+            line = f"lip-sync loss off: the {image_size}px output is below the {IDENTITY_MIN_SIZE}px it needs"
+        elif not line.startswith("lip-sync loss off"):
+            line += f" (used from epoch {weights.sync_start_epoch}, x{weights.sync})"
+        lines.append(line)
     return lines
 
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..data import TalkingHeadDataset, load_manifest
 from ..models import DeltaplaneConfig, GeneratorConfig, TalkingHead, TriplaneGenerator
 from .config import TrainConfig
-from .losses import identity_network, loss_status, perceptual_network, reconstruction_losses
+from .losses import identity_network, loss_status, perceptual_network, reconstruction_losses, sync_network
 
 __all__ = ["Trainer", "build_model", "load_talking_head"]
 
@@ -154,10 +154,19 @@ class Trainer:
         self.log(f"run {self.run_dir}: stage {cfg.stage}, {len(self.train_set)} train / {len(self.val_set)} val frames, "
                  f"{n_train / 1e6:.2f} M trained parameters, device {self.device}, {self.world} process(es)")
         sr_size = self.model.generator.cfg.sr_resolution
-        for line in loss_status(cfg.loss, cfg.lpips_weights, cfg.face_id_weights, sr_size):
+        for line in loss_status(cfg.loss, cfg.lpips_weights, cfg.face_id_weights, sr_size, cfg.syncnet_weights):
             self.log(line)
         self.lpips = perceptual_network(cfg.loss, cfg.lpips_weights, self.device)
         self.identity = identity_network(cfg.loss, cfg.face_id_weights, sr_size, self.device)
+        self.sync = sync_network(cfg.loss, cfg.syncnet_weights, sr_size, self.device)
+        self.wave = None
+        if self.sync is not None and len(self.train_set) < 5:
+            self.log(f"lip-sync loss off: it scores 5 consecutive frames, the training split has {len(self.train_set)}")
+            self.sync = None
+        if self.sync is not None:  # the clip's speech, cut into the windows the sync loss scores
+            from ..audio.features import read_wav
+
+            self.wave = torch.from_numpy(read_wav(self.data_dir / manifest["files"]["audio"])[0])
 
     def model_spec(self) -> dict:
         """What rebuilds the model without the prior file or the dataset (see load_talking_head)."""
@@ -266,10 +275,30 @@ class Trainer:
         return DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=sampler, drop_last=True,
                           num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0)
 
+    def _sync_term(self) -> torch.Tensor:
+        """Wav2Lip's expert sync loss on 5 consecutive training frames rendered with their audio.
+
+        The lip-sync network scores a window of frames against its 0.2 s of speech, which random
+        training batches do not form, so each step past ``sync_start_epoch`` renders one extra window.
+        """
+        from ..losses.syncnet import SAMPLES_PER_FRAME, SYNC_FRAMES
+
+        start = int(torch.randint(len(self.train_set) - SYNC_FRAMES + 1, (1,)))
+        items = [self.train_set[i] for i in range(start, start + SYNC_FRAMES)]
+        window = _to(torch.utils.data.default_collate(items), self.device)
+        frames = self._forward(window)["image"].float()  # [5, 3, S, S]
+        first = int(items[0]["index"]) * SAMPLES_PER_FRAME
+        wave = self.wave[first:first + SYNC_FRAMES * SAMPLES_PER_FRAME]
+        wave = torch.nn.functional.pad(wave, (0, SYNC_FRAMES * SAMPLES_PER_FRAME - wave.shape[0]))
+        return self.sync(frames[None], wave[None].to(self.device)).mean()
+
     def train_step(self, batch) -> dict[str, float]:
         self.model.train()
         out = self._forward(batch)
         terms = reconstruction_losses(out, batch, self.cfg.loss, self.lpips, self.identity)
+        if self.sync is not None and self.step // self.steps_per_epoch >= self.cfg.loss.sync_start_epoch:
+            terms["sync"] = self._sync_term()
+            terms["total"] = terms["total"] + self.cfg.loss.sync * terms["sync"]
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
