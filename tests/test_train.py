@@ -34,7 +34,12 @@ def data(tmp_path_factory):
     return d
 
 
-def test_short_run_learns_and_writes_a_run_folder(data, tmp_path):
+def test_short_run_learns_and_writes_a_run_folder(data, tmp_path, monkeypatch):
+    # No LPIPS weights anywhere (the README's test command provides real ones): the off path.
+    from talk3d.losses import LPIPS_WEIGHTS_ENV
+
+    monkeypatch.delenv(LPIPS_WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     t = Trainer(_cfg(), data, tmp_path / "run")
     result = t.fit()
     first, last = result["first"]["val_l1_raw"], result["last"]["val_l1_raw"]

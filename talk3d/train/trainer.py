@@ -144,12 +144,6 @@ class Trainer:
                 find_unused_parameters=True)  # e.g. SR noise strengths when its noise mode is "none"
         self.step = 0
         self.history: list[dict] = []
-        if resume:
-            self._load(self.run_dir / "checkpoints" / "latest.pt")
-        elif self.main:
-            (self.run_dir / "config.json").write_text(json.dumps(
-                {"train": cfg.to_dict(), "data": str(self.data_dir.resolve()), "prior": prior,
-                 "audio_encoder": self.audio_encoder, "model": self.model_spec()}, indent=2))
         n_train = sum(p.numel() for p in params)
         self.log(f"run {self.run_dir}: stage {cfg.stage}, {len(self.train_set)} train / {len(self.val_set)} val frames, "
                  f"{n_train / 1e6:.2f} M trained parameters, device {self.device}, {self.world} process(es)")
@@ -167,6 +161,14 @@ class Trainer:
             from ..audio.features import read_wav
 
             self.wave = torch.from_numpy(read_wav(self.data_dir / manifest["files"]["audio"])[0])
+        # Last: a resumed run must continue torch's random stream from the checkpoint, and building
+        # the loss networks above draws from it (their layers initialise before the weights load).
+        if resume:
+            self._load(self.run_dir / "checkpoints" / "latest.pt")
+        elif self.main:
+            (self.run_dir / "config.json").write_text(json.dumps(
+                {"train": cfg.to_dict(), "data": str(self.data_dir.resolve()), "prior": prior,
+                 "audio_encoder": self.audio_encoder, "model": self.model_spec()}, indent=2))
 
     def model_spec(self) -> dict:
         """What rebuilds the model without the prior file or the dataset (see load_talking_head)."""
