@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="pose/landmark conditions: the training clip's, or frontal/mean")
     p.add_argument("--impl", default="auto", help="field op back end: auto, torch, cpp, cuda, triton")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--skip-empty", action="store_true",
+                   help="skip empty space (occupancy grid of the render's frames) and stop opaque rays early")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the per-frame U-Net (on CUDA in reduce-overhead mode, i.e. with CUDA graphs)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
@@ -63,7 +65,8 @@ def main(argv=None) -> int:
             model.deltaplane.predictor.compile(backend=args.compile_backend, mode=mode)
         clip = load_training_clip(info)
         frames = render_speech(model, info, wave, camera=args.camera, size=args.size, precision=args.precision,
-                               batch=args.batch, eye=args.eye, pose=args.pose, impl=args.impl, clip=clip)
+                               batch=args.batch, eye=args.eye, pose=args.pose, impl=args.impl, clip=clip,
+                               skip_empty=args.skip_empty)
     except (InferenceError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -81,20 +81,60 @@ class TalkingHead(nn.Module):
         self._encoding = None
         return super().train(mode)
 
+    @torch.no_grad()
+    def occupancy_grid(self, batches, *, resolution: int = 128, box: float = 1.6, dilation: int = 1):
+        """An occupancy grid of the talking head over the conditions of ``batches``, for inference.
+
+        The deltaplane moves density (the mouth opens and closes), so no single triplane's grid
+        holds for every frame: the grid is the union over the given frames' triplanes (e.g. a
+        sample of the training clip, which spans the mouth's range), grown by ``dilation`` cells
+        for the frames in between.
+
+        Args:
+            batches: iterable of condition dicts as :meth:`forward` takes (``camera`` is not used).
+            resolution, box: see :class:`talk3d.render.OccupancyGrid`.
+            dilation: cells added around every occupied cell.
+
+        Returns:
+            an :class:`talk3d.render.OccupancyGrid` on the model's device.
+        """
+        import torch.nn.functional as F
+
+        from ..render import OccupancyGrid, Renderer
+
+        was = self.training
+        self.eval()
+        cfg = self.generator.cfg.render_config()
+        grid = OccupancyGrid(resolution, box, ema_decay=1.0).to(self.identity_planes.device)  # decay 1: the max
+        decoder = self.generator.decoder.effective_weights(torch.float32)
+        for batch in batches:
+            planes = self._planes_and_delta(batch)[0].float()
+            grid.update(0, Renderer(cfg).density(planes, decoder), cfg.coarse_step)  # step 0: every cell, max
+        occ = grid.occupied[None, None].float()  # [1, 1, r, r, r]
+        if dilation > 0:
+            occ = F.max_pool3d(occ, 2 * dilation + 1, stride=1, padding=dilation)
+        self.train(was)
+        return grid.set_occupied(occ[0, 0] > 0)
+
+    def _planes_and_delta(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frames' triplanes ``P_ID + ΔP`` and ``ΔP``, both ``[B, 3, C, R, R]``."""
+        B = batch["audio"].shape[0]
+        base = self.identity_planes.expand(B, -1, -1, -1, -1)
+        delta = self.deltaplane(base, batch, encoded=self._cached_encoding())
+        return base + delta.to(base.dtype), delta
+
     def forward(self, batch: Mapping[str, torch.Tensor], *, impl: str = "auto", deterministic: bool = False,
-                resolution: int | None = None) -> dict[str, torch.Tensor]:
+                resolution: int | None = None, grid=None, early_stop: float = 0.0) -> dict[str, torch.Tensor]:
         """batch: the dataset's dict (``camera`` ``[B, 25]``, ``audio``, ``blink``, ``pose``, ``landmarks``).
+        ``grid``, ``early_stop``: inference only, see :meth:`occupancy_grid` and :func:`talk3d.render.render`.
 
         Returns the generator's synthesis dict (``image`` ``[B, 3, S, S]``, ``image_raw``
         ``[B, 3, h, h]``, ...) plus ``delta`` ``[B, 3, C, R, R]``.
         """
         cams = batch["camera"]
-        B = cams.shape[0]
-        base = self.identity_planes.expand(B, -1, -1, -1, -1)
-        delta = self.deltaplane(base, batch, encoded=self._cached_encoding())
-        planes = base + delta.to(base.dtype)
-        ws = self.w_id.expand(B, -1, -1)
+        planes, delta = self._planes_and_delta(batch)
+        ws = self.w_id.expand(cams.shape[0], -1, -1)
         out = self.generator.synthesis(ws, cams, impl=impl, deterministic=deterministic, planes=planes,
-                                       neural_rendering_resolution=resolution)
+                                       neural_rendering_resolution=resolution, grid=grid, early_stop=early_stop)
         out["delta"] = delta
         return out
