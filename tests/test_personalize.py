@@ -405,8 +405,10 @@ def test_cli_writes_refined_cameras_into_the_dataset(prior_and_data, tmp_path):
     assert rec["frames"] == n and rec["mean_loss_refined"] <= rec["mean_loss_tracked"]
     log = json.loads((tmp_path / "me.log.json").read_text())
     assert len(log["track"]["per_frame"]["steps"]) == n
-    for suffix in (".track.png", ".invert.png", ".preview.png", ".track.npz", ".state.pt", ".identity.safetensors"):
+    for suffix in (".track.png", ".invert.png", ".preview.png", ".track.npz", ".state.pt", ".identity.safetensors",
+                   ".log.txt"):
         assert (tmp_path / f"me{suffix}").is_file()
+    assert "per-frame inversion: loss" in (tmp_path / "me.log.txt").read_text()
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "me.identity.safetensors")

@@ -10,13 +10,19 @@ DATASET as the cameras training uses (the tracked ones are kept; see talk3d.pers
 Without --prior, the generator is trained from random weights on the clip instead of the first two
 steps (much longer; the log says so).
 
-Writes OUT (the tuned weights; the identity latent and the M frames' cameras in its config),
-and beside it, named after OUT's stem: ``.identity.safetensors`` (the identity triplane P_ID
-``[1, 3, C, R, R]`` and w_ID, what the deltaplane stage starts from), ``.preview.png`` (rows: frames; columns: target | prior at
-w_avg | inverted | tuned), ``.invert.png`` (after the inversion), ``.track.png`` (sample frames:
-target | tracked camera | refined camera), ``.log.json`` (every step's losses and the per-frame
-results), ``.state.pt`` / ``.track.npz`` (progress, for --resume). Existing outputs are kept unless
-``--overwrite``; ``--resume`` continues an interrupted run from its last finished step or batch.
+Writes OUT (the tuned weights; the identity latent and the M frames' cameras in its config) and,
+beside it, named after OUT's stem:
+
+- ``.identity.safetensors``: the identity triplane P_ID ``[1, 3, C, R, R]`` and w_ID, what the
+  deltaplane stage starts from;
+- ``.invert.png`` (after the inversion: target | prior at w_avg | inverted), ``.preview.png`` (after
+  tuning: + tuned), ``.track.png`` (sample frames: target | tracked camera | refined camera);
+- ``.log.txt`` (what was printed, timestamped; every attempt appends) and ``.log.json`` (every
+  step's losses and the per-frame results);
+- ``.state.pt`` / ``.track.npz``: progress, for ``--resume``.
+
+Existing outputs are kept unless ``--overwrite``; ``--resume`` continues an interrupted run from its
+last finished phase or batch of frames.
 """
 from __future__ import annotations
 
@@ -82,7 +88,7 @@ def _outputs(out: str) -> dict:
     stem = os.path.splitext(out)[0]
     return {"checkpoint": out, "preview": stem + ".preview.png", "invert_preview": stem + ".invert.png",
             "track_preview": stem + ".track.png", "log": stem + ".log.json", "state": stem + ".state.pt",
-            "identity": stem + ".identity.safetensors",
+            "identity": stem + ".identity.safetensors", "log_txt": stem + ".log.txt",
             "track_state": stem + ".track.npz"}
 
 
@@ -102,7 +108,8 @@ def write_preview(path: str, columns: list) -> None:
 
 def _check_args(args, outs: dict) -> None:
     """Clear errors before any work: missing inputs, outputs that would be overwritten."""
-    existing = [p for p in outs.values() if os.path.exists(p)]
+    # The text log is appended to, never replaced: a failed attempt's lines stay for the next one.
+    existing = [p for k, p in outs.items() if k != "log_txt" and os.path.exists(p)]
     if existing and not (args.overwrite or args.resume):
         raise FileExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace "
                               "or --resume to continue")
@@ -301,6 +308,19 @@ def _save_identity(path: str, gen, w_id: torch.Tensor) -> None:
     save_file({"identity_planes": planes.float().contiguous().cpu(), "w_id": w_id.float().contiguous().cpu()}, path)
 
 
+def _logged(log, path: str):
+    """``log`` that also appends each line, timestamped, to ``path`` (a log a person can read)."""
+    with open(path, "a") as f:
+        f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] python -m talk3d.personalize {' '.join(sys.argv[1:])}\n")
+
+    def both(line: str) -> None:
+        log(line)
+        with open(path, "a") as f:
+            f.write(f"[{time.strftime('%H:%M:%S')}] {line}\n")
+
+    return both
+
+
 def run(args, log=print) -> dict:
     from ..prior import load_generator
     from .core import PersonalizeConfig
@@ -308,6 +328,7 @@ def run(args, log=print) -> dict:
 
     outs = _outputs(args.out)
     _check_args(args, outs)
+    log = _logged(log, outs["log_txt"])
     device = torch.device(args.device)
     if device.type == "cpu":
         # Inversion gradients underflow to denormals, which slow CPU kernels by 10x or more.
