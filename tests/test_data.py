@@ -173,6 +173,21 @@ def test_validate_catches_nan_camera(clip, tmp_path):
         validate_dataset(d)
 
 
+def test_validate_checks_extra_files(clip, tmp_path):
+    d = copy_clip(clip, tmp_path)
+    extra = json.loads((d / MANIFEST).read_text())["extra_files"]
+    name, rel = next(iter(extra.items()))
+    arr = np.load(d / rel)
+    np.save(d / rel, arr[:-1])  # one row short of the clip
+    with pytest.raises(ValueError, match=rf"{rel}.*expected \(55, \.\.\.\)"):
+        validate_dataset(d)
+    np.save(d / rel, np.stack([arr, arr], axis=1))  # extra trailing dimensions are fine
+    validate_dataset(d)
+    (d / rel).unlink()
+    with pytest.raises(ValueError, match=rf"{rel}: missing file \(the manifest lists it as 'extra {name}'\)"):
+        validate_dataset(d)
+
+
 def test_validate_catches_missing_files(clip, tmp_path):
     d = copy_clip(clip, tmp_path)
     (d / "blink.npy").unlink()

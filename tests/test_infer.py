@@ -105,8 +105,8 @@ def test_cli_writes_a_valid_mp4_with_the_speech(run, tmp_path, capsys):
 
 
 #: Compiled and eager frames differ by float32 re-association at most (a uint8 level on a rare
-#: pixel), which H.264 then spreads a little: the decoded videos agree to well under a level.
-COMPILED_VIDEO_MEAN_TOL = 0.5
+#: pixel), which H.264 then spreads a little. Measured on the CPU VM: identical videos (0.0).
+COMPILED_VIDEO_MEAN_TOL = 0.05
 
 
 def test_cli_compiled_unet_renders_the_same_video(run, tmp_path):
@@ -118,6 +118,7 @@ def test_cli_compiled_unet_renders_the_same_video(run, tmp_path):
     assert main(base + ["--out", str(tmp_path / "compiled.mp4"), "--compile", "--compile-backend", "aot_eager"]) == 0
     eager, compiled = (np.stack(_probe(tmp_path / f)["frames"]).astype(np.float64) for f in ("eager.mp4", "compiled.mp4"))
     assert eager.shape == compiled.shape
+    print(f"compiled vs eager video: mean |diff| {np.abs(eager - compiled).mean():.4f} uint8 levels")
     assert np.abs(eager - compiled).mean() < COMPILED_VIDEO_MEAN_TOL
 
 
@@ -220,12 +221,13 @@ def test_cli_bad_audio_and_missing_training_data(run, tmp_path, capsys):
 
 
 #: Empty-space skipping drops intervals the dilated grid calls empty (their weight is small, not
-#: zero) and stops rays at transmittance 1e-3: frames stay within a fraction of a uint8 level on
-#: average of the dense render.
-SKIP_MEAN_TOL = 1.0
-#: Without dilation the grid drops every interval under the mean opacity: the mean image difference
-#: stays small against the [-1, 1] range.
-SKIP_SPARSE_MEAN_TOL = 0.05
+#: zero) and stops rays at transmittance 1e-3. On the test run's (full) grid the video is unchanged
+#: (measured 0.0 uint8 levels on the CPU VM); the bound leaves room for a rare rounding flip.
+SKIP_MEAN_TOL = 0.05
+#: On the undilated, 25 %-occupied grid of a mostly empty field: measured mean 1.9e-6, max 2.3e-5
+#: (images in [-1, 1], CPU VM). The dropped intervals carry ~1e-6 of weight each.
+SKIP_SPARSE_MEAN_TOL = 2e-5
+SKIP_SPARSE_MAX_TOL = 2e-4
 #: Raw density shift that turns the untrained field's noise into mostly empty space.
 SPARSE_SIGMA_SHIFT = 10.0
 
@@ -235,6 +237,7 @@ def test_empty_space_skipping_stays_close_to_the_dense_render(loaded):
     # The fused C++ marcher: the pure-PyTorch one is for small grids only (dense per-ray tables).
     dense = _render(loaded, wave, camera="orbit", impl="auto").astype(np.float64)
     skipped = _render(loaded, wave, camera="orbit", impl="auto", skip_empty=True).astype(np.float64)
+    print(f"skip-empty video vs dense: mean |diff| {np.abs(dense - skipped).mean():.4f} uint8 levels")
     assert np.abs(dense - skipped).mean() < SKIP_MEAN_TOL
     # A 3-step run's density is noise well above nerfacc's 0.01 opacity threshold everywhere, so
     # its grid is full. Lower the decoder's density bias (a copy) so most space is nearly empty, as
@@ -255,7 +258,7 @@ def test_empty_space_skipping_stays_close_to_the_dense_render(loaded):
         full = model(cond, **kw)["image"]
         sparse = model(cond, grid=grid, early_stop=1e-3, **kw)["image"]
     diff = (full - sparse).abs()
-    print(f"undilated grid {grid.occupied_fraction():.3f} occupied; |diff| mean {float(diff.mean()):.4f}, "
-          f"max {float(diff.max()):.4f} (images in [-1, 1])")
+    print(f"undilated grid {grid.occupied_fraction():.3f} occupied; |diff| mean {float(diff.mean()):.2e}, "
+          f"max {float(diff.max()):.2e} (images in [-1, 1])")
     assert 0 < grid.occupied_fraction() < 0.9
-    assert float(diff.mean()) < SKIP_SPARSE_MEAN_TOL
+    assert float(diff.mean()) < SKIP_SPARSE_MEAN_TOL and float(diff.max()) < SKIP_SPARSE_MAX_TOL

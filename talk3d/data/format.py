@@ -43,11 +43,11 @@ import numpy as np
 import torch
 
 from ..audio.features import FEATURES_PER_FRAME, FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, write_wav
-from ..render.cameras import check_cameras
+from ..render.cameras import TALK3D_RIG, CameraRig, check_cameras
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "MANIFEST", "FILES", "DatasetError", "DatasetWriter",
-    "validate_dataset", "load_manifest", "split_ranges", "pack_mask", "unpack_mask",
+    "validate_dataset", "load_manifest", "split_ranges", "pack_mask", "unpack_mask", "dataset_rig",
 ]
 
 FORMAT_NAME = "talk3d-dataset"
@@ -122,8 +122,17 @@ def load_manifest(path) -> dict:
     return manifest
 
 
+def dataset_rig(manifest: dict) -> CameraRig:
+    """The rig the dataset's cameras were built with (synthetic data records it; preprocess uses TALK3D_RIG)."""
+    saved = manifest.get("settings", {}).get("rig")
+    if saved:
+        return CameraRig(float(saved["radius"]), tuple(saved["pivot"]), float(saved["focal"]))
+    return TALK3D_RIG
+
+
 def _open_array(path: Path, name: str, dtype, shape: tuple) -> np.ndarray:
-    """Memory-map ``path`` and check dtype and shape (None in ``shape`` = any size)."""
+    """Memory-map ``path`` and check dtype and shape (None in ``shape`` = any size; a trailing ``...``
+    = any further dimensions)."""
     if not path.is_file():
         raise DatasetError(f"{path}: missing file (the manifest lists it as {name!r})")
     try:
@@ -132,8 +141,11 @@ def _open_array(path: Path, name: str, dtype, shape: tuple) -> np.ndarray:
         raise DatasetError(f"{path}: unreadable or truncated .npy file ({e})") from None
     if dtype is not None and arr.dtype != np.dtype(dtype):
         raise DatasetError(f"{path}: dtype {arr.dtype}, expected {np.dtype(dtype)}")
-    want = tuple("*" if s is None else s for s in shape)
-    if arr.ndim != len(shape) or any(s is not None and a != s for a, s in zip(arr.shape, shape)):
+    open_end = bool(shape) and shape[-1] is Ellipsis
+    fixed = shape[:-1] if open_end else shape
+    want = "(" + ", ".join(["*" if s is None else str(s) for s in fixed] + (["..."] if open_end else [])) + ")"
+    ndim_ok = arr.ndim >= len(fixed) if open_end else arr.ndim == len(fixed)
+    if not ndim_ok or any(s is not None and a != s for a, s in zip(arr.shape, fixed)):
         raise DatasetError(f"{path}: shape {tuple(arr.shape)}, expected {want} "
                            f"(num_frames = {shape[0]} in the manifest)")
     return arr
@@ -185,15 +197,7 @@ def validate_dataset(path) -> dict:
     except ValueError as e:
         raise DatasetError(f"{path / files['cameras']}: invalid EG3D camera labels: {e}") from None
     for name, rel in m.get("extra_files", {}).items():
-        p = path / rel
-        if not p.is_file():
-            raise DatasetError(f"{p}: missing file (the manifest lists it as extra {name!r})")
-        try:
-            arr = np.load(p, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise DatasetError(f"{p}: unreadable or truncated .npy file ({e})") from None
-        if arr.shape[:1] != (n,):
-            raise DatasetError(f"{p}: shape {tuple(arr.shape)}, expected [{n}, ...]")
+        _open_array(path / rel, f"extra {name}", None, (n, ...))
     _check_wav(path / files["audio"], n)
     return m
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from ..audio.features import SAMPLE_RATE, SAMPLES_PER_FRAME, encoder_from_manifest, read_wav, windows
-from ..data.format import DatasetError, load_manifest
-from ..render.cameras import LABEL_SIZE, TALK3D_RIG, CameraRig, check_cameras
+from ..data.format import DatasetError, dataset_rig, load_manifest
+from ..render.cameras import LABEL_SIZE, CameraRig, check_cameras
 
 __all__ = ["InferenceError", "TrainingClip", "load_training_clip", "read_speech", "num_frames_for",
            "camera_track", "render_speech", "PRECISIONS", "SIZES", "SOURCES",
@@ -103,10 +103,7 @@ def load_training_clip(info: dict) -> TrainingClip:
     arrays = {k: np.load(data / files[k]) for k in ("cameras", "pose", "blink", "landmarks")}
     # Same normalisation as TalkingHeadDataset: crop pixels -> [-1, 1] (align_corners=False edges).
     landmarks = arrays["landmarks"].astype(np.float32) / float(manifest["image_size"]) * 2 - 1
-    rig = TALK3D_RIG
-    saved = manifest.get("settings", {}).get("rig")
-    if saved:  # the synthetic data records its rig; preprocess always uses TALK3D_RIG
-        rig = CameraRig(float(saved["radius"]), tuple(saved["pivot"]), float(saved["focal"]))
+    rig = dataset_rig(manifest)
     return TrainingClip(cameras=arrays["cameras"].astype(np.float32), pose=arrays["pose"].astype(np.float32),
                         blink=arrays["blink"].astype(np.float32).reshape(-1), landmarks=landmarks, rig=rig,
                         manifest=manifest)

@@ -46,6 +46,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# Wav2Lip's audio and video rates are talk3d's own: 16 kHz, 25 fps, 640 samples a frame.
+from ..audio.features import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
+
 __all__ = [
     "ENV_VAR",
     "EMBEDDING_DIM",
@@ -77,9 +80,6 @@ SYNC_FRAMES = 5                 # syncnet_T: video frames per window
 FACE_SIZE = 96                  # hparams.img_size: the face crop before taking its lower half
 MEL_FRAMES = 16                 # syncnet_mel_step_size: mel frames per window (0.2 s)
 NUM_MELS = 80
-SAMPLE_RATE = 16_000
-FPS = 25
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS   # 640
 N_FFT, HOP, WIN = 800, 200, 800
 MEL_FMIN, MEL_FMAX = 55.0, 7600.0
 PREEMPHASIS = 0.97

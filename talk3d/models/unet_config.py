@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from .config_io import JsonConfig
 from ..ops.reference.triplane_field import PLANE_AXES

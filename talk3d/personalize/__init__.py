@@ -6,7 +6,7 @@ from Python :func:`personalize` and :func:`load_personalized`.
 """
 from .core import (PersonalizationResult, PersonalizeConfig, invert, pivotal_tune, personalize,
                    reconstruction_loss, refine_cameras, render_frames)
-from .cameras import dataset_rig, preprocessed_cameras, refined_pose, write_refined_cameras
+from .cameras import preprocessed_cameras, refined_pose, write_refined_cameras
 from .frames import load_frames, select_frames
 from .scratch import train_from_scratch
 from .track import TrackConfig, TrackState, track_batch, track_video
@@ -16,6 +16,6 @@ __all__ = [
     "PersonalizationResult", "PersonalizeConfig", "invert", "pivotal_tune", "personalize",
     "reconstruction_loss", "refine_cameras", "render_frames", "load_frames", "select_frames",
     "load_personalized", "read_personalization", "save_personalized", "TrackConfig", "TrackState", "track_batch",
-    "track_video", "train_from_scratch", "dataset_rig", "preprocessed_cameras", "refined_pose",
+    "track_video", "train_from_scratch", "preprocessed_cameras", "refined_pose",
     "write_refined_cameras",
 ]

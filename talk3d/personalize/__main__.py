@@ -247,7 +247,8 @@ def _track(args, gen, w_id, cfg, lpips, device, outs, log) -> dict:
     import numpy as np
 
     from ..data import TalkingHeadDataset, load_manifest
-    from .cameras import dataset_rig, is_refined, preprocessed_cameras, refined_pose, write_refined_cameras
+    from ..data.format import dataset_rig
+    from .cameras import is_refined, preprocessed_cameras, refined_pose, write_refined_cameras
     from .core import refine_cameras, render_frames
     from .track import TrackConfig, TrackState, track_video
 

@@ -19,21 +19,13 @@ import numpy as np
 import torch
 
 from ..data.format import FILES, MANIFEST, load_manifest, validate_dataset
-from ..render.cameras import TALK3D_RIG, CameraRig, euler_to_rotation, rotation_to_euler
+from ..render.cameras import euler_to_rotation, rotation_to_euler
 
-__all__ = ["REFINED_FILES", "dataset_rig", "preprocessed_cameras", "is_refined", "refined_pose",
+__all__ = ["REFINED_FILES", "preprocessed_cameras", "is_refined", "refined_pose",
            "write_refined_cameras"]
 
 REFINED_FILES = {"cameras": "cameras_refined.npy", "pose": "pose_refined.npy"}
 _KEPT = {"cameras": "cameras_preprocessed", "pose": "pose_preprocessed"}
-
-
-def dataset_rig(manifest: dict) -> CameraRig:
-    """The rig the dataset's cameras were built with (synthetic data records it; preprocess uses TALK3D_RIG)."""
-    saved = manifest.get("settings", {}).get("rig")
-    if saved:
-        return CameraRig(float(saved["radius"]), tuple(saved["pivot"]), float(saved["focal"]))
-    return TALK3D_RIG
 
 
 def is_refined(manifest: dict) -> bool:

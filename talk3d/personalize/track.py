@@ -16,9 +16,10 @@ stopped.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -132,8 +133,6 @@ class TrackState:
 
     def save(self, path) -> None:
         """Atomically write to ``path`` (.npz): a crash mid-write leaves the previous state."""
-        import json
-
         tmp = f"{path}.tmp.npz"
         np.savez(tmp, deltas=self.deltas, loss_first=self.loss_first, loss_best=self.loss_best, steps=self.steps,
                  done=np.int64(self.done), last_offset=self.last_offset,
@@ -143,7 +142,6 @@ class TrackState:
     @classmethod
     def load(cls, path, n: int, settings: dict) -> "TrackState":
         """Read a saved state; ``ValueError`` if it is corrupt or from other frames or settings."""
-        import json
         import zipfile
 
         try:

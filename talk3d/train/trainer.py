@@ -154,8 +154,11 @@ class Trainer:
         self.identity = identity_network(cfg.loss, cfg.face_id_weights, sr_size, self.device)
         self.sync = sync_network(cfg.loss, cfg.syncnet_weights, sr_size, self.device)
         self.wave = None
-        if self.sync is not None and len(self.train_set) < 5:
-            self.log(f"lip-sync loss off: it scores 5 consecutive frames, the training split has {len(self.train_set)}")
+        from ..losses.syncnet import SYNC_FRAMES
+
+        if self.sync is not None and len(self.train_set) < SYNC_FRAMES:
+            self.log(f"lip-sync loss off: it scores {SYNC_FRAMES} consecutive frames, the training split has "
+                     f"{len(self.train_set)}")
             self.sync = None
         if self.sync is not None:  # the clip's speech, cut into the windows the sync loss scores
             from ..audio.features import read_wav
