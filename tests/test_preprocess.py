@@ -414,3 +414,23 @@ def test_cli_errors(tmp_path, capsys):
     assert "not a readable video" in capsys.readouterr().err
     assert main([str(bad), "--out", str(tmp_path / "ds"), "--fps", "30"]) == 1
     assert "25 fps" in capsys.readouterr().err
+
+
+def test_audio_levels():
+    """Silence, room tone and speech-like sound get the levels the warning is based on."""
+    from talk3d.preprocess.loudness import QUIET_DBFS, audio_levels
+
+    t = np.arange(SAMPLE_RATE * 4) / SAMPLE_RATE
+    silent = audio_levels(np.zeros_like(t))
+    assert silent["quiet"] and silent["peak_dbfs"] == -200.0 and silent["loud_dbfs"] == -200.0
+    tone = audio_levels(0.1 * np.sin(2 * np.pi * 250 * t))  # RMS 0.1 / sqrt(2): -23 dBFS (10 periods a frame)
+    assert not tone["quiet"] and tone["loud_dbfs"] == pytest.approx(-23.01, abs=0.05)
+    assert tone["peak_dbfs"] == pytest.approx(-20.0, abs=0.01)
+    rng = np.random.default_rng(0)
+    room = 1e-3 * rng.standard_normal(t.size)  # -60 dBFS hiss
+    assert audio_levels(room)["quiet"] and audio_levels(room)["loud_dbfs"] < QUIET_DBFS
+    talk = room.copy()  # someone speaks for a tenth of the time: the loud frames find it
+    talk[: t.size // 10] += 0.1 * np.sin(2 * np.pi * 220 * t[: t.size // 10])
+    levels = audio_levels(talk)
+    assert not levels["quiet"] and levels["median_dbfs"] < -55
+    assert audio_levels(np.zeros(0))["quiet"] and audio_levels(np.full(100, 0.5))["peak_dbfs"] == pytest.approx(-6.02, abs=0.01)

@@ -68,16 +68,42 @@ def to_crop(points: np.ndarray, centre: np.ndarray, axis: np.ndarray, size: int)
     return np.einsum("nij,nkj->nki", np.linalg.inv(a), points - b[:, None])
 
 
-def crop_frames(frames: np.ndarray, centre: np.ndarray, axis: np.ndarray, size: int) -> np.ndarray:
-    """Resample frames [B, H, W, 3] uint8 into crops [B, S, S, 3] uint8 (outside: edge colour).
+#: Outside the video frame the crop shows the frame mirrored at its edge (as FFHQ pads), faded into
+#: a blur of itself over this share of the crop side, so that the mirror's seam and detail do not
+#: read as image content. (Clamping to the edge colour instead smears the border pixels into
+#: streaks, which the model would learn as part of the head.)
+PAD_FADE = 0.1
+#: Side of the box filter (share of the crop side), applied twice, that makes the blur.
+PAD_BLUR = 0.05
 
-    centre, axis: [B, 2] image pixels (see module doc).
+
+def _outside_distance(p: torch.Tensor, w: int, h: int) -> torch.Tensor:
+    """Distance of image points p [..., 2] (pixels) outside the rectangle [0, w] x [0, h]; 0 inside."""
+    dx = torch.clamp(-p[..., 0], min=0) + torch.clamp(p[..., 0] - w, min=0)
+    dy = torch.clamp(-p[..., 1], min=0) + torch.clamp(p[..., 1] - h, min=0)
+    return torch.sqrt(dx * dx + dy * dy)
+
+
+def _box_blur(img: torch.Tensor, k: int) -> torch.Tensor:
+    """img [B, C, S, S] blurred twice by a k x k box (reflect-padded: same size)."""
+    for _ in range(2):
+        img = torch.nn.functional.avg_pool2d(
+            torch.nn.functional.pad(img, (k // 2, (k - 1) // 2, k // 2, (k - 1) // 2), mode="reflect"), k, stride=1)
+    return img
+
+
+def crop_frames(frames: np.ndarray, centre: np.ndarray, axis: np.ndarray, size: int) -> np.ndarray:
+    """Resample frames [B, H, W, 3] uint8 into crops [B, S, S, 3] uint8.
+
+    centre, axis: [B, 2] image pixels (see module doc). Where the crop reaches outside the frame it
+    shows the frame mirrored, fading into a blur (``PAD_FADE``, ``PAD_BLUR``).
     """
     b, h, w = frames.shape[:3]
     a, off = _affine(centre, axis, size)
     img = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
     # Shrink factor: image pixels per crop pixel. Pre-filter with an integer box when >= 2.
-    shrink = int(np.floor(np.linalg.norm(a[:, :, 0], axis=-1).min()))
+    scale = np.linalg.norm(a[:, :, 0], axis=-1)  # [B] image pixels per crop pixel
+    shrink = int(np.floor(scale.min()))
     if shrink >= 2:
         img = torch.nn.functional.avg_pool2d(img, shrink, ceil_mode=True)
         a, off = a / shrink, off / shrink
@@ -90,5 +116,11 @@ def crop_frames(frames: np.ndarray, centre: np.ndarray, axis: np.ndarray, size: 
     # grid_sample with align_corners=False: -1 / +1 are the outer pixel edges, as here.
     norm = torch.stack([p[..., 0] / w * 2 - 1, p[..., 1] / h * 2 - 1], -1).float()
     out = torch.nn.functional.grid_sample(img, norm.reshape(b, size, size, 2), mode="bilinear",
-                                          padding_mode="border", align_corners=False)
+                                          padding_mode="reflection", align_corners=False)
+    # Outside distance in crop pixels (the map is a similarity: one scale per frame).
+    outside = _outside_distance(p, w, h) / torch.from_numpy(np.linalg.norm(a[:, :, 0], axis=-1))[:, None]
+    if bool((outside > 0).any()):
+        fade = (outside / (PAD_FADE * size)).clamp(max=1.0).float().reshape(b, 1, size, size)
+        blurred = _box_blur(out, max(1, round(PAD_BLUR * size)))
+        out = out + fade * (blurred - out)
     return out.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -32,6 +32,7 @@ from .blink import blink_au45
 from .cache import WorkDir
 from .errors import PreprocessError
 from .landmarks import NUM_LANDMARKS, DlibDetector, LandmarkDetector, fill_and_smooth
+from .loudness import QUIET_DBFS, audio_levels
 from .masks import face_masks, mouth_masks
 from .pose import estimate_pose
 from .sheet import contact_sheet
@@ -212,6 +213,12 @@ def _run(video, out, work, detector, encoder, audio, size, max_frames, overwrite
     if wave.size < 0.5 * n * SAMPLES_PER_FRAME:
         log(f"warning: the audio ({wave.size / 16000:.2f} s) is much shorter than the video "
             f"({n / FPS:.2f} s); the rest is silence")
+    levels = audio_levels(fit_audio(wave, n, SAMPLES_PER_FRAME))
+    if levels["quiet"]:
+        log(f"warning: the sound track is {'silent' if levels['peak_dbfs'] <= -200 else 'nearly silent'} "
+            f"(loud frames at {levels['loud_dbfs']:.0f} dBFS, peak {levels['peak_dbfs']:.0f} dBFS; speech "
+            f"is above {QUIET_DBFS:.0f}): a model trained on it learns no lip sync. The dataset is "
+            "still written (for the 3-D head); pass the speech with --audio WAV if it was recorded apart")
 
     track = work.load("track")
     if track is None:
@@ -240,7 +247,7 @@ def _run(video, out, work, detector, encoder, audio, size, max_frames, overwrite
                     max_frames=max_frames, detector=detector.name,
                     template="detector's" if getattr(detector, "template", None) is not None
                     else "generic", probe=info, frames_without_face=int((~det["found"]).sum()),
-                    blink_open_ear=float(est["open_ear"]),
+                    blink_open_ear=float(est["open_ear"]), audio_levels=levels,
                     pose_rms_px_median=float(np.median(est["rms"])))
     with DatasetWriter(out, n, size, num_landmarks=len(LANDMARK_NAMES), overwrite=overwrite) as w:
         bar = _bar(n, "write", progress)
