@@ -103,7 +103,8 @@ def test_webcam_pose_is_frontal_and_smooth(webcam):
 
 def test_webcam_mouth_follows_the_face(webcam):
     """He is still with his mouth closed for the first half second, then smiles with open lips:
-    the tracked inner-lip gap and the mouth mask follow that."""
+    the tracked inner-lip gap and the mouth mask follow that. The foreground holds the face and
+    the neck, and not the door behind him at the crop's top corners."""
     out = webcam["out"]
     lm = np.load(out / "landmarks68.npy")
     gap = np.linalg.norm(lm[:, 66] - lm[:, 62], axis=-1)  # inner lips, crop pixels
@@ -114,6 +115,10 @@ def test_webcam_mouth_follows_the_face(webcam):
     pts = np.clip(np.round(lm[:, 48:68]).astype(int), 0, SIZE - 1)
     inside = mouth[np.arange(len(lm))[:, None], pts[..., 1], pts[..., 0]]
     assert inside.mean() > 0.95 and mouth.mean() < 0.1 and (mouth & ~face).mean() < 0.01
+    fg = unpack_mask(np.load(out / "foreground_mask.npy"), SIZE)
+    assert fg.shape == face.shape and not (face & ~fg).any()  # the person holds the face
+    assert fg[:, -1, SIZE // 2].all() and not fg[:, 0, 0].any() and not fg[:, 0, -1].any()  # neck in, corners out
+    assert 0.3 < fg.mean() < 0.8
     blink = np.load(out / "blink.npy")
     assert np.isfinite(blink).all() and blink.min() >= 0 and blink.max() < 3
 

@@ -5,19 +5,31 @@
 - face: the convex hull of the jaw line (0-16) and of the brows (17-26) moved up by
   FOREHEAD_EXTENSION x the eye-to-chin distance (landmarks stop at the brows; the forehead
   does not).
+- foreground: the person, head to the crop's lower edge: the face, an ellipse around it for
+  the hair, the neck under the jaw and the shoulders widening to the bottom of the crop, all
+  drawn in the face's own frame (so a tilted head tilts them). A geometric prior from the
+  landmarks, not a segmentation: it over-covers loose hair and under-covers wide shoulders.
 """
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["mouth_masks", "face_masks", "convex_hull", "MOUTH_DILATION", "FOREHEAD_EXTENSION"]
+__all__ = ["mouth_masks", "face_masks", "foreground_masks", "convex_hull", "MOUTH_DILATION",
+           "FOREHEAD_EXTENSION"]
 
 #: Dilation of the lip polygon, as a fraction of the mouth's width (corner to corner).
 MOUTH_DILATION = 0.2
 #: How far above the brows the face mask reaches, as a fraction of the eye-to-chin distance
 #: (the hairline of an adult sits ~0.6 of that above the brows).
 FOREHEAD_EXTENSION = 0.6
+#: Foreground proportions, in units of the face width (jaw corner to jaw corner, points 0-16)
+#: or of the eye-to-chin distance: hair reaches HAIR_SIDE widths past each side of the face and
+#: HAIR_TOP eye-to-chin above the forehead; the neck is NECK_WIDTH face widths wide; the shoulders
+#: start NECK_LENGTH eye-to-chin below the chin and reach SHOULDER_WIDTH face widths
+#: SHOULDER_DROP eye-to-chin further down.
+HAIR_SIDE, HAIR_TOP = 0.05, 0.3
+NECK_WIDTH, NECK_LENGTH, SHOULDER_WIDTH, SHOULDER_DROP = 0.7, 0.5, 3.0, 0.3
 
 
 def convex_hull(points: np.ndarray) -> np.ndarray:
@@ -70,4 +82,39 @@ def face_masks(lm: np.ndarray, size: int) -> np.ndarray:
         up = eyes - p[8]  # chin -> eyes: the face's up direction, with its length
         forehead = p[17:27] + FOREHEAD_EXTENSION * up
         out[i] = _raster(convex_hull(np.concatenate([p[0:27], forehead])), size)
+    return out
+
+
+def _ellipse(centre: np.ndarray, a: np.ndarray, b: np.ndarray, n: int = 48) -> np.ndarray:
+    """Polygon [n, 2] of the ellipse centre + cos(t) a + sin(t) b (a, b: semi-axis vectors)."""
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)[:, None]
+    return centre + np.cos(t) * a + np.sin(t) * b
+
+
+def foreground_masks(lm: np.ndarray, size: int) -> np.ndarray:
+    """lm [N, 68, 2] crop pixels -> [N, S, S] bool: head, hair, neck and shoulders (see module doc)."""
+    out = face_masks(lm, size)
+    for i, p in enumerate(lm):
+        up = p[36:48].mean(0) - p[8]  # chin -> eyes
+        length = np.linalg.norm(up)
+        u = up / max(length, 1e-6)  # the face's up, unit
+        r = np.array([-u[1], u[0]])  # perpendicular
+        if np.dot(r, p[16] - p[0]) < 0:
+            r = -r  # r points from the jaw's first point to its last
+        width = abs(np.dot(p[16] - p[0], r))
+        mid = 0.5 * (p[0] + p[16])
+        # Hair: an ellipse around the face reaching above the forehead.
+        top = p[17:27].mean(0) + (FOREHEAD_EXTENSION + HAIR_TOP) * up
+        centre = 0.5 * (top + p[8])
+        hair = _ellipse(centre, (0.5 + HAIR_SIDE) * width * r, 0.5 * np.linalg.norm(top - p[8]) * u)
+        # Neck and shoulders: from the jaw down (along -u) to past the crop's lower edge.
+        chin = p[8] - mid  # chin relative to the jaw's midpoint
+        neck_top = mid + np.dot(chin, u) * 0.5 * u
+        neck_bottom = p[8] - NECK_LENGTH * length * u
+        shoulder = neck_bottom - SHOULDER_DROP * length * u  # where the shoulders reach full width
+        far = neck_bottom - 2.0 * size * u  # well past the crop's edge
+        n, w = NECK_WIDTH / 2 * width * r, SHOULDER_WIDTH / 2 * width * r
+        body = np.array([neck_top - n, neck_top + n, neck_bottom + n, shoulder + w, far + w,
+                         far - w, shoulder - w, neck_bottom - n])
+        out[i] |= _raster(hair, size) | _raster(body, size)
     return out

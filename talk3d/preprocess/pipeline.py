@@ -10,7 +10,7 @@ Steps, each cached in ``OUT.work/`` (see :mod:`.cache`) and shown with a progres
 5. crop: frames resampled into S x S crops (a memory-mapped cache, also checkpointed).
 6. pose: PnP head pose -> EG3D cameras; blink from the eye aspect ratio.
 7. features: audio features (log-mel by default).
-8. write: masks, the dataset (atomically, by DatasetWriter) and ``contact_sheet.png``.
+8. write: masks (mouth, face, foreground), the dataset (atomically, by DatasetWriter) and ``contact_sheet.png``.
 
 Bad input raises :class:`PreprocessError` and deletes the work folder, so nothing a re-run
 would trust is left; other failures (a crash, Ctrl-C) keep it for ``resume=True``.
@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..audio.features import FPS, SAMPLES_PER_FRAME, LogMelEncoder, Wav2Vec2Encoder
-from ..data.format import DatasetWriter
+from ..data.format import DatasetWriter, pack_mask
 from ..data.synthetic import IBUG68_INDICES, LANDMARK_NAMES
 from .align import crop_frames, ffhq_quads, smooth_quads, to_crop
 from .blink import blink_au45
@@ -33,7 +33,7 @@ from .cache import WorkDir
 from .errors import PreprocessError
 from .landmarks import NUM_LANDMARKS, DlibDetector, LandmarkDetector, fill_and_smooth
 from .loudness import QUIET_DBFS, audio_levels
-from .masks import face_masks, mouth_masks
+from .masks import face_masks, foreground_masks, mouth_masks
 from .pose import estimate_pose
 from .sheet import contact_sheet
 from .video import fit_audio, iter_frames, load_audio_file, probe_video, read_audio_track
@@ -248,15 +248,20 @@ def _run(video, out, work, detector, encoder, audio, size, max_frames, overwrite
                     template="detector's" if getattr(detector, "template", None) is not None
                     else "generic", probe=info, frames_without_face=int((~det["found"]).sum()),
                     blink_open_ear=float(est["open_ear"]), audio_levels=levels,
+                    foreground_mask="extra file: the person (head, hair, neck, shoulders) drawn from the "
+                                    "landmarks, a geometric prior, not a segmentation; packed as the masks",
                     pose_rms_px_median=float(np.median(est["rms"])))
     with DatasetWriter(out, n, size, num_landmarks=len(LANDMARK_NAMES), overwrite=overwrite) as w:
         bar = _bar(n, "write", progress)
+        foreground = np.zeros((n, size, (size + 7) // 8), dtype=np.uint8)
         for s in range(0, n, CHUNK):
             e = min(n, s + CHUNK)
             w.write_frames(s, np.asarray(crops[s:e]), face_mask=face_masks(lm_crop[s:e], size),
                            mouth_mask=mouth_masks(lm_crop[s:e], size))
+            foreground[s:e] = pack_mask(foreground_masks(lm_crop[s:e], size))
             bar.update(e - s)
         bar.close()
+        w.add_extra("foreground_mask", foreground)
         w.set_arrays(cameras=est["cameras"], pose=est["pose"], blink=est["blink"], landmarks=lm5)
         w.set_audio(fit_audio(wave, n, SAMPLES_PER_FRAME), feats["features"], encoder)
         w.add_extra("landmarks68", lm_crop.astype(np.float32))
