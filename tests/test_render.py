@@ -189,6 +189,44 @@ def test_occupancy_skipping_on_head_scene(yaw, pitch):
         assert (skip.depth[hit] - dense.depth[hit]).abs().max() < 0.02
 
 
+@needs_ext
+def test_skipping_batch_matches_single_frames():
+    """Batch elements with different poses and planes select different numbers of samples; the
+    skipping path packs them into one field call, and each element gets what rendering it alone
+    gives (the same points, so to fp32 rounding of the batched field op)."""
+    planes, dec, _, cfg = _scene(res=16, B=3)
+    planes = planes.clone()
+    planes[2] *= 0.5  # another head: less density, other occupied intervals
+    cams = look_at_camera(torch.tensor([0.0, 0.5, -0.4]), torch.tensor([0.0, 0.3, -0.2]))
+    grid = OccupancyGrid(32)
+    renderer = Renderer(cfg)
+    for step in range(4):
+        grid.update(step, renderer.density(planes, dec), cfg.coarse_step)
+    both = render(planes, dec, cams, cfg, impl="cpu", deterministic=True, grid=grid, early_stop=1e-4)
+    per_ray = []
+    for b in range(3):
+        one = render(planes[b:b + 1], dec, cams[b:b + 1], cfg, impl="cpu", deterministic=True, grid=grid,
+                     early_stop=1e-4)
+        per_ray.append(one.samples_per_ray)
+        for name in ("feature_image", "depth", "weight_sum"):
+            torch.testing.assert_close(getattr(both, name)[b:b + 1], getattr(one, name), atol=1e-5, rtol=0)
+    assert len(set(per_ray)) == 3  # the elements really differ in their sample counts
+    assert both.samples_per_ray == pytest.approx(sum(per_ray) / 3)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("cpu", marks=needs_ext)])
+def test_empty_grid_renders_nothing(impl):
+    """No occupied cell: no sample is evaluated, the image is zero, the depth is the far end."""
+    planes, dec, cams, cfg = _scene(res=8, B=2)
+    grid = OccupancyGrid(8).fill(False)
+    out = render(planes, dec, cams, cfg, impl=impl, deterministic=True, grid=grid)
+    dense = render(planes, dec, cams, cfg, impl=impl, deterministic=True)
+    assert out.samples_per_ray == 0
+    assert not out.feature_image.any() and not out.weight_sum.any()
+    far = out.depth.flatten()[0]  # one far end (the last coarse depth) for every ray
+    assert torch.all(out.depth == far) and far >= dense.depth.max() - 1e-6
+
+
 def test_grid_update_follows_nerfacc_rules():
     grid = OccupancyGrid(8, box=1.0, warmup_steps=2)
     calls = []

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..ops import composite, triplane_field
+from ..ops.triplane_field import channels_last_planes
 from ..ops.reference.composite import TRANSMITTANCE_EPS, interval_weights
 from .cameras import generate_rays, ray_box_limits
 from .occupancy_grid import OccupancyGrid
@@ -180,6 +181,8 @@ def _points(o, d, t):
 
 def _render_dense(planes, decoder, o, d, t_c, u, cfg, impl, deterministic):
     f_impl, c_impl = _impls(impl)
+    if f_impl != "torch":
+        planes = channels_last_planes(planes)  # once for both passes (and once in the backward)
     B, R, Sc, _ = t_c.shape
     Si = cfg.importance_samples
     sigma_c, feat_c = _field(planes, decoder, _points(o, d, t_c), cfg, f_impl)
@@ -209,25 +212,40 @@ def _composite_dtype(sigma, feat, t):
     return sigma, feat, t.to(sigma.dtype) if sigma.dtype != t.dtype else t
 
 
-def _eval_selected(planes, decoder, o, d, t, select, cfg, impl):
-    """Evaluate the field at the selected samples only. t ``[B, R, S, 1]``, select ``[B, R, S]`` bool.
+class _Samples(NamedTuple):
+    """Evaluated samples, packed: ray ``[M]`` (b * R + r), index ``[M]`` (along the ray's depths),
+    t ``[M, 1]``, sigma ``[M, 1]``, feat ``[M, F]``."""
+    ray: torch.Tensor
+    index: torch.Tensor
+    t: torch.Tensor
+    sigma: torch.Tensor
+    feat: torch.Tensor
 
-    Returns sigma ``[B, R, S, 1]`` and feat ``[B, R, S, F]`` (zeros where not selected).
+
+def _eval_selected(planes, decoder, o, d, t, select, cfg, impl) -> _Samples:
+    """Evaluate the field at the selected samples only. o, d ``[B, R, 3]``; t ``[B, R, S, 1]``;
+    select ``[B, R, S]`` bool. Returns the selected samples packed, in row-major order of select.
+
+    One field call for the whole batch: each batch element's selected points are packed to the
+    front of its row of a ``[B, N_max, 3]`` tensor (N_max: the largest count; the padding is
+    evaluated and dropped). Two host syncs a call (N_max and the index list), not a loop over
+    the batch with a sync per element.
     """
     B, R, S, _ = t.shape
     F = decoder.w2.shape[0] - 1
-    sigma = torch.zeros(B, R, S, 1, dtype=planes.dtype, device=t.device)
-    feat = torch.zeros(B, R, S, F, dtype=planes.dtype, device=t.device)
-    for b in range(B):  # each batch element has its own planes and its own number of points
-        idx = select[b].nonzero()
-        if idx.shape[0] == 0:
-            continue
-        r, s = idx[:, 0], idx[:, 1]
-        xyz = o[b, r] + d[b, r] * t[b, r, s]
-        sb, fb = _field(planes[b:b + 1], decoder, xyz[None], cfg, impl)
-        sigma[b, r, s] = sb[0]
-        feat[b, r, s] = fb[0]
-    return sigma, feat
+    flat = select.reshape(B, R * S)
+    n_max = int(flat.sum(dim=1).max())
+    if n_max == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=t.device)
+        return _Samples(empty, empty, t.new_zeros(0, 1), planes.new_zeros(0, 1), planes.new_zeros(0, F))
+    b, k = flat.nonzero(as_tuple=True)
+    slot = flat.cumsum(dim=1).sub_(1)[b, k]  # position of each selected sample within its row
+    r, j = k // S, k % S
+    tt = t[b, r, j]
+    xyz = torch.zeros(B, n_max, 3, dtype=o.dtype, device=o.device)
+    xyz[b, slot] = o[b, r] + d[b, r] * tt
+    sigma, feat = _field(planes, decoder, xyz, cfg, impl)
+    return _Samples(b * R + r, j, tt, sigma[b, slot], feat[b, slot])
 
 
 def _transmittance(sigma, t, valid):
@@ -241,62 +259,61 @@ def _transmittance(sigma, t, valid):
 
 def _render_skipping(planes, decoder, o, d, t_c, u, cfg, impl, deterministic, grid, early_stop, chunk):
     f_impl, c_impl = _impls(impl)
+    if f_impl != "torch":
+        planes = channels_last_planes(planes)  # once here, not in each of the chunks' field calls
     B, R, Sc, _ = t_c.shape
     Si = cfg.importance_samples
     ranges = grid.occupied_intervals(o, d, t_c[..., 0].contiguous(), impl="torch" if impl == "torch" else "auto")
     k0, k1 = ranges[..., 0:1].long(), ranges[..., 1:2].long()
     j = torch.arange(Sc, device=t_c.device)
     live = (k0 >= 0) & (j >= k0) & (j <= k1 + 1)  # [B, R, Sc] samples of live intervals
-    F = decoder.w2.shape[0] - 1
-    sigma_c = torch.zeros(B, R, Sc, 1, dtype=planes.dtype, device=t_c.device)
-    feat_c = torch.zeros(B, R, Sc, F, dtype=planes.dtype, device=t_c.device)
+    # Only sigma is kept dense (termination and the importance pdf need it per coarse depth);
+    # features stay packed, so memory and the final merge scale with the samples evaluated.
+    sigma_c = torch.zeros(B * R, Sc, 1, dtype=planes.dtype, device=t_c.device)
     evaluated = torch.zeros(B, R, Sc, dtype=torch.bool, device=t_c.device)
     alive = live.any(dim=-1)
+    parts = []
     for j0 in range(0, Sc, chunk):
         sel = torch.zeros_like(evaluated)
         sel[..., j0:j0 + chunk] = live[..., j0:j0 + chunk] & alive[..., None]
-        if not bool(sel.any()):  # later chunks may still hold live samples of other rays
-            continue
-        s, f = _eval_selected(planes, decoder, o, d, t_c, sel, cfg, f_impl)
-        sigma_c = torch.where(sel[..., None], s, sigma_c)
-        feat_c = torch.where(sel[..., None], f, feat_c)
+        # (A chunk with nothing selected costs one sync; later chunks may hold other rays' samples.)
+        part = _eval_selected(planes, decoder, o, d, t_c, sel, cfg, f_impl)
+        sigma_c[part.ray, part.index] = part.sigma
+        parts.append(part)
         evaluated |= sel
         if early_stop > 0:
             valid = evaluated[..., :-1] & evaluated[..., 1:]
-            alive &= _transmittance(sigma_c.to(t_c.dtype), t_c, valid) >= early_stop
+            alive &= _transmittance(sigma_c.view(B, R, Sc, 1).to(t_c.dtype), t_c, valid) >= early_stop
     interval_live = evaluated[..., :-1] & evaluated[..., 1:]  # [B, R, Sc - 1]
-    n_eval = evaluated.sum()
     if Si > 0:
         # The dense path's pdf (skipped intervals only lose their ~0 weight), so the importance
         # depths land where the dense render puts them; those in skipped intervals are dropped.
-        w_c = interval_weights(sigma_c.to(t_c.dtype), t_c, interval_live[..., None])
+        w_c = interval_weights(sigma_c.view(B, R, Sc, 1).to(t_c.dtype), t_c, interval_live[..., None])
         t_f = importance_depths(t_c, w_c, Si, u=u, deterministic=deterministic)
         k = torch.searchsorted(t_c[..., 0].contiguous(), t_f[..., 0].contiguous(), right=True) - 1
         inside = (k >= 0) & (k <= Sc - 2)
         sel_f = inside & interval_live.gather(2, k.clamp(0, Sc - 2))
-        sigma_f, feat_f = _eval_selected(planes, decoder, o, d, t_f, sel_f, cfg, f_impl)
-        n_eval = n_eval + sel_f.sum()
-        t = torch.cat([torch.where(evaluated[..., None], t_c, torch.inf),
-                       torch.where(sel_f[..., None], t_f, torch.inf)], dim=2)
-        sigma_all = torch.cat([sigma_c, sigma_f], dim=2)
-        feat_all = torch.cat([feat_c, feat_f], dim=2)
+        parts.append(_eval_selected(planes, decoder, o, d, t_f, sel_f, cfg, f_impl))
+    # Merge: by depth within each ray (two stable sorts: depth, then ray; ties keep the coarse
+    # sample first, as the dense path's stable sort of [coarse, importance] does).
+    ray, t, sigma, feat = (torch.cat([getattr(p, name) for p in parts]) for name in ("ray", "t", "sigma", "feat"))
+    order = torch.argsort(t[:, 0], stable=True)
+    order = order[torch.argsort(ray[order], stable=True)]
+    ray, t, sigma, feat = ray[order], t[order], sigma[order], feat[order]
+    count = torch.bincount(ray, minlength=B * R)
+    packed_info = torch.stack([torch.cumsum(count, 0) - count, count], dim=-1)
+    F = feat.shape[-1]
+    if ray.numel() == 0:  # nothing occupied on any ray: an empty image
+        img = feat.new_zeros(B * R, F)
+        depth, wsum = t.new_zeros(B * R, 1), t.new_zeros(B * R, 1)
     else:
-        t = torch.where(evaluated[..., None], t_c, torch.inf)
-        sigma_all, feat_all = sigma_c, feat_c
-    t, order = torch.sort(t, dim=2, stable=True)
-    sigma = sigma_all.gather(2, order)
-    feat = feat_all.gather(2, order.expand(-1, -1, -1, F))
-    S = t.shape[2]
-    count = torch.isfinite(t[..., 0]).sum(dim=-1).reshape(-1)
-    packed_info = torch.stack([torch.arange(B * R, device=t.device) * S, count], dim=-1)
-    sigma, feat, t = _composite_dtype(sigma, feat, t)
-    img, depth, wsum = composite(sigma.reshape(-1, 1), feat.reshape(-1, F), t.reshape(-1, 1),
-                                 packed_info=packed_info, impl=c_impl)
+        sigma, feat, t = _composite_dtype(sigma, feat, t)
+        img, depth, wsum = composite(sigma, feat, t, packed_info=packed_info, impl=c_impl)
     # Rays with no weight: the dense path's clamp sends their depth to the far end of all samples.
     depth = torch.where(wsum > 0, depth, t_c.max().to(depth.dtype))
     res = cfg.resolution
     shape = lambda x: _to_image(x.reshape(B, R, -1), res)  # noqa: E731
-    return RenderOutput(shape(img), shape(depth), shape(wsum), float(n_eval) / (B * R))
+    return RenderOutput(shape(img), shape(depth), shape(wsum), ray.numel() / (B * R))
 
 
 class Renderer(nn.Module):
