@@ -82,3 +82,17 @@ def test_bad_inputs():
         occupied_intervals(o, d.double(), t, bits, 4, 1.0)
     with pytest.raises(ValueError, match="box"):
         occupied_intervals(o, d, t, bits, 4, -1.0)
+
+
+def test_grid_resolution_follows_the_coarse_spacing():
+    """About one cell per coarse sample spacing, a multiple of 8, within [16, 128]."""
+    from talk3d.render import RenderConfig, grid_resolution_for
+
+    eg3d = RenderConfig()  # 48 coarse samples over depths 2.25..3.3: spacing 0.0223
+    assert grid_resolution_for(eg3d) == 72  # 1.6 / 0.0223 = 71.6 cells
+    assert grid_resolution_for(RenderConfig(coarse_samples=12, importance_samples=12)) == 24
+    assert grid_resolution_for(RenderConfig(coarse_samples=4)) == 16  # clamped below
+    assert grid_resolution_for(RenderConfig(coarse_samples=400)) == 128  # clamped above
+    for n in (6, 20, 48, 64):
+        r = grid_resolution_for(RenderConfig(coarse_samples=n))
+        assert r % 8 == 0 and 1.6 / r <= RenderConfig(coarse_samples=n).coarse_step or r == 128

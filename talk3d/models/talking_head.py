@@ -82,7 +82,7 @@ class TalkingHead(nn.Module):
         return super().train(mode)
 
     @torch.no_grad()
-    def occupancy_grid(self, batches, *, resolution: int = 128, box: float = 1.6, dilation: int = 1):
+    def occupancy_grid(self, batches, *, resolution: int | None = None, box: float = 1.6, dilation: int = 1):
         """An occupancy grid of the talking head over the conditions of ``batches``, for inference.
 
         The deltaplane moves density (the mouth opens and closes), so no single triplane's grid
@@ -92,7 +92,10 @@ class TalkingHead(nn.Module):
 
         Args:
             batches: iterable of condition dicts as :meth:`forward` takes (``camera`` is not used).
-            resolution, box: see :class:`talk3d.render.OccupancyGrid`.
+            resolution, box: see :class:`talk3d.render.OccupancyGrid`. ``resolution=None``: about one
+                cell per coarse sample spacing (:func:`talk3d.render.grid_resolution_for`; 72 at
+                EG3D's 48 coarse samples), since finer cells skip little more and cost cubically more
+                field evaluations to build.
             dilation: cells added around every occupied cell.
 
         Returns:
@@ -100,11 +103,13 @@ class TalkingHead(nn.Module):
         """
         import torch.nn.functional as F
 
-        from ..render import OccupancyGrid, Renderer
+        from ..render import OccupancyGrid, Renderer, grid_resolution_for
 
         was = self.training
         self.eval()
         cfg = self.generator.cfg.render_config()
+        if resolution is None:
+            resolution = grid_resolution_for(cfg, box)
         grid = OccupancyGrid(resolution, box, ema_decay=1.0).to(self.identity_planes.device)  # decay 1: the max
         decoder = self.generator.decoder.effective_weights(torch.float32)
         for batch in batches:
