@@ -1,11 +1,16 @@
 // C++ CPU back end of the fused triplane field: thin loops around triplane_field_math.h.
 //
 // Forward: points are independent; at::parallel_for over them.
-// Backward: plane gradients are a scatter, so concurrent points may hit the same texel. Rather than
-// atomics (a locked CAS per channel per tap costs more than the whole forward), the points are split
-// into a few partitions, each run by one task with its own plane-gradient buffer and its own weight
-// gradient sums; the buffers are summed at the end. The number of partitions is capped so the extra
-// buffers stay within kScratchBudgetBytes.
+// Backward, per chunk of points, in two parallel phases:
+//   A. over tiles of kTile points: recompute the forward, back-propagate through the decoder, write
+//      d_xyz and each point's feature gradient df into a chunk buffer, and add the tile's weight
+//      gradients as outer-product sums (rows kept in registers, so the accumulators are read and
+//      written once per tile instead of once per point); one set of weight sums per task.
+//   B. the plane gradient, a scatter: instead of atomics (a locked CAS per channel per tap costs
+//      more than the whole forward) or a private copy of d_planes per task (zeroing, faulting in
+//      and summing tens of MB per call), each task owns a band of rows of one plane and adds the
+//      taps of every point of the chunk that fall in it. Every point's taps are recomputed once per
+//      band (cheap), and each gradient element is written by one task only.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -27,10 +32,11 @@ constexpr int kCpuMaxC = 128, kCpuMaxHid = 256, kCpuMaxOut = 257;
 using EG3DDims = StaticDims<32, 64, 33>;
 using GenericDims = BoundedDims<kCpuMaxC, kCpuMaxHid, kCpuMaxOut>;
 
-// Extra memory the backward may spend on per-partition plane-gradient buffers.
-constexpr int64_t kScratchBudgetBytes = int64_t(512) << 20;
-// Fewer points than this per partition are not worth a buffer of their own.
-constexpr int64_t kMinPointsPerPartition = 4096;
+// Backward: points per tile of phase A (their decoder intermediates, ~1 KB a point at the EG3D
+// size, stay in L1/L2 for the weight-gradient sums) ...
+constexpr int kTile = 64;
+// ... and points per chunk (phase B reads the chunk's df buffer, [kChunk, C]: 2 MB at C = 32).
+constexpr int64_t kChunk = int64_t(1) << 14;
 // Points per parallel_for grain in the forward.
 constexpr int64_t kForwardGrain = 256;
 
@@ -96,6 +102,61 @@ struct Needs {
   bool upstream_of_w2() const { return planes || xyz || w1 || b1; }
 };
 
+// acc[m * N + n] += sum over t < rows of a[t * lda + m] * b[t * ldb + n]: the weight gradients of
+// a tile as sums of outer products. Four rows of acc are summed at a time in local arrays (N <= kMaxN,
+// compile-time for the EG3D sizes), which the compiler keeps in vector registers.
+template <int kMaxN, typename T>
+void add_outer_products(int rows, int M, int N, const T* __restrict__ a, int lda,
+                        const T* __restrict__ b, int ldb, T* __restrict__ acc) {
+  int m = 0;
+  for (; m + 4 <= M; m += 4) {
+    T r0[kMaxN], r1[kMaxN], r2[kMaxN], r3[kMaxN];
+    for (int n = 0; n < N; ++n) r0[n] = r1[n] = r2[n] = r3[n] = T(0);
+    for (int t = 0; t < rows; ++t) {
+      const T a0 = a[t * lda + m], a1 = a[t * lda + m + 1], a2 = a[t * lda + m + 2],
+              a3 = a[t * lda + m + 3];
+      const T* bt = b + t * ldb;
+      for (int n = 0; n < N; ++n) {
+        r0[n] += a0 * bt[n];
+        r1[n] += a1 * bt[n];
+        r2[n] += a2 * bt[n];
+        r3[n] += a3 * bt[n];
+      }
+    }
+    for (int n = 0; n < N; ++n) {
+      acc[(m + 0) * N + n] += r0[n];
+      acc[(m + 1) * N + n] += r1[n];
+      acc[(m + 2) * N + n] += r2[n];
+      acc[(m + 3) * N + n] += r3[n];
+    }
+  }
+  for (; m < M; ++m) {
+    T r0[kMaxN];
+    for (int n = 0; n < N; ++n) r0[n] = T(0);
+    for (int t = 0; t < rows; ++t) {
+      const T a0 = a[t * lda + m];
+      const T* bt = b + t * ldb;
+      for (int n = 0; n < N; ++n) r0[n] += a0 * bt[n];
+    }
+    for (int n = 0; n < N; ++n) acc[m * N + n] += r0[n];
+  }
+}
+
+// acc[m] += sum over t < rows of a[t * lda + m].
+template <typename T>
+void add_column_sums(int rows, int M, const T* __restrict__ a, int lda, T* __restrict__ acc) {
+  for (int t = 0; t < rows; ++t)
+    for (int m = 0; m < M; ++m) acc[m] += a[t * lda + m];
+}
+
+// Phase A's per-task buffers: one tile's decoder intermediates, row t for point t of the tile.
+template <typename Dims, typename scalar_t>
+struct TileBuffers {
+  std::vector<scalar_t> f, h, dpre, dout;
+  explicit TileBuffers(const Dims& d)
+      : f(kTile * d.c()), h(kTile * d.hid()), dpre(kTile * d.hid()), dout(kTile * d.out()) {}
+};
+
 template <typename scalar_t, typename Dims>
 void backward_impl(const Dims d, const FieldInputs& in, const scalar_t* gsigma,
                    const scalar_t* gfeat, const Needs need, scalar_t* d_planes, scalar_t* d_xyz,
@@ -108,90 +169,113 @@ void backward_impl(const Dims d, const FieldInputs& in, const scalar_t* gsigma,
   // d_planes is contiguous [B, 3, H, W, C]: its own geometry, which may differ from the input's.
   const PlaneGeom dg{g.H, g.W, int64_t(g.H) * g.W * in.C, int64_t(g.W) * in.C, in.C};
   const int64_t d_batch = 3 * dg.s_plane;
-  const int64_t plane_elems = in.B * d_batch;
   const scalar_t inv_half_box = scalar_t(2.0 / in.box_warp);
+  const scalar_t third = scalar_t(1) / scalar_t(3);
   const int64_t N = in.N, P = in.B * N, F = in.OUT - 1;
-  const int64_t nw1 = in.HID * in.C, nw2 = in.OUT * in.HID;
+  const int C = d.c(), HID = d.hid(), OUT = d.out();
+  const int64_t nw1 = int64_t(HID) * C, nw2 = int64_t(OUT) * HID;
+  const bool want_df = need.planes;
 
-  int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
-                                                         P / kMinPointsPerPartition));
-  if (need.planes) {
-    const int64_t bytes = std::max<int64_t>(1, plane_elems * int64_t(sizeof(scalar_t)));
-    parts = std::min<int64_t>(parts, 1 + kScratchBudgetBytes / bytes);
-  }
-  // Partition 0 accumulates straight into d_planes; the others into scratch. Allocated through
-  // ATen so the memory shows in torch's allocator statistics (and the benchmarks' peak memory).
+  // Weight gradient sums per task of phase A: [w1 | b1 | w2 | b2]. Allocated through ATen so the
+  // memory shows in torch's allocator statistics (and the benchmarks' peak memory).
   const auto opts = in.planes_cl.options();
-  at::Tensor scratch_t = at::zeros({need.planes ? (parts - 1) * plane_elems : 0}, opts);
-  scalar_t* scratch = scratch_t.data_ptr<scalar_t>();
-  // Weight gradient sums per partition: [w1 | b1 | w2 | b2].
-  const int64_t nwt = nw1 + in.HID + nw2 + in.OUT;
-  at::Tensor wsum_t = at::zeros({parts * nwt}, opts);
+  const int64_t tasks = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t nwt = nw1 + HID + nw2 + OUT;
+  at::Tensor wsum_t = at::zeros({tasks * nwt}, opts);
   scalar_t* wsum = wsum_t.data_ptr<scalar_t>();
+  at::Tensor df_t = at::empty({want_df ? std::min(P, kChunk) * C : 0}, opts);
+  scalar_t* df_buf = df_t.data_ptr<scalar_t>();
+  // Phase B's work units: (plane, band of rows); at least one per thread, never thinner than 2 rows.
+  const int64_t bands = std::max<int64_t>(1, std::min<int64_t>(g.H / 2, (tasks + 2) / 3 * 2));
 
-  at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
-    PointState<Dims, scalar_t> s;
-    scalar_t dout[Dims::kMaxOut];
-    scalar_t df[Dims::kMaxC];
-    for (int64_t part = pbegin; part < pend; ++part) {
-      scalar_t* dpl = part == 0 ? d_planes : scratch + (part - 1) * plane_elems;
-      scalar_t* acc = wsum + part * nwt;
-      scalar_t* __restrict__ aw1 = acc;
-      scalar_t* __restrict__ ab1 = aw1 + nw1;
-      scalar_t* __restrict__ aw2 = ab1 + in.HID;
-      scalar_t* __restrict__ ab2 = aw2 + nw2;
-      const int64_t first = P * part / parts, last = P * (part + 1) / parts;
-      for (int64_t i = first; i < last; ++i) {
-        const int64_t b = i / N;
-        const scalar_t* pl = planes + b * s_batch;
-        eval_point(d, w, pl, g, in.axes, xyz + 3 * i, inv_half_box, s);
-        dout[0] = gsigma[i];
-        for (int64_t k = 0; k < F; ++k)
-          dout[1 + k] = field::feature_activation_grad(s.o[1 + k], gfeat[i * F + k]);
-        if (need.w2)
-          for (int k = 0; k < d.out(); ++k)
-            for (int j = 0; j < d.hid(); ++j) aw2[k * d.hid() + j] += dout[k] * s.h[j];
-        if (need.b2)
-          for (int k = 0; k < d.out(); ++k) ab2[k] += dout[k];
-        if (!need.upstream_of_w2()) continue;
-        field::mlp_backward<Dims, scalar_t>(d, w.w1, w.w2, dout, s.pre, df);  // s.pre <- dpre
-        if (need.w1)
-          for (int j = 0; j < d.hid(); ++j)
-            for (int c = 0; c < d.c(); ++c) aw1[j * d.c() + c] += s.pre[j] * s.f[c];
-        if (need.b1)
-          for (int j = 0; j < d.hid(); ++j) ab1[j] += s.pre[j];
-        if (need.planes || need.xyz) {
-          scalar_t* dpl_b = dpl + b * d_batch;
-          // Taps are found with the input's geometry g and written at offsets in d_planes' own
-          // contiguous layout dg (the header converts).
-          scalar_t dxyz[3];
-          field::sample_mean_backward(
-              d, pl, g, in.axes, s.q, inv_half_box, df, need.planes, dg,
-              [dpl_b](int64_t off, scalar_t v) { dpl_b[off] += v; }, need.xyz, dxyz);
-          if (need.xyz)
-            for (int k = 0; k < 3; ++k) d_xyz[3 * i + k] = dxyz[k];
+  for (int64_t c0 = 0; c0 < P; c0 += kChunk) {
+    const int64_t c1 = std::min(P, c0 + kChunk);
+    const int64_t tiles = (c1 - c0 + kTile - 1) / kTile;
+    // ---- phase A: decoder backward, d_xyz, df, weight gradients
+    const int64_t parts = std::min(tasks, tiles);
+    at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
+      PointState<Dims, scalar_t> s;
+      TileBuffers<Dims, scalar_t> tb(d);
+      scalar_t df[Dims::kMaxC];
+      for (int64_t part = pbegin; part < pend; ++part) {
+        scalar_t* acc = wsum + part * nwt;
+        scalar_t* aw1 = acc;
+        scalar_t* ab1 = aw1 + nw1;
+        scalar_t* aw2 = ab1 + HID;
+        scalar_t* ab2 = aw2 + nw2;
+        for (int64_t tile = tiles * part / parts; tile < tiles * (part + 1) / parts; ++tile) {
+          const int64_t first = c0 + tile * kTile, last = std::min(c1, first + kTile);
+          const int rows = int(last - first);
+          for (int t = 0; t < rows; ++t) {
+            const int64_t i = first + t;
+            const int64_t b = i / N;
+            const scalar_t* pl = planes + b * s_batch;
+            eval_point(d, w, pl, g, in.axes, xyz + 3 * i, inv_half_box, s);
+            scalar_t* dout = tb.dout.data() + t * OUT;
+            dout[0] = gsigma[i];
+            for (int64_t k = 0; k < F; ++k)
+              dout[1 + k] = field::feature_activation_grad(s.o[1 + k], gfeat[i * F + k]);
+            for (int j = 0; j < HID; ++j) tb.h[t * HID + j] = s.h[j];
+            if (!need.upstream_of_w2()) continue;
+            field::mlp_backward<Dims, scalar_t>(d, w.w1, w.w2, dout, s.pre, df);  // s.pre <- dpre
+            for (int j = 0; j < HID; ++j) tb.dpre[t * HID + j] = s.pre[j];
+            for (int c = 0; c < C; ++c) tb.f[t * C + c] = s.f[c];
+            if (want_df)
+              for (int c = 0; c < C; ++c) df_buf[(i - c0) * C + c] = df[c];
+            if (need.xyz) {
+              scalar_t dxyz[3];
+              field::sample_mean_backward(
+                  d, pl, g, in.axes, s.q, inv_half_box, df, false, dg,
+                  [](int64_t, scalar_t) {}, true, dxyz);
+              for (int k = 0; k < 3; ++k) d_xyz[3 * i + k] = dxyz[k];
+            }
+          }
+          if (need.w2)
+            add_outer_products<Dims::kMaxHid>(rows, OUT, HID, tb.dout.data(), OUT, tb.h.data(), HID, aw2);
+          if (need.b2) add_column_sums(rows, OUT, tb.dout.data(), OUT, ab2);
+          if (need.w1)
+            add_outer_products<Dims::kMaxC>(rows, HID, C, tb.dpre.data(), HID, tb.f.data(), C, aw1);
+          if (need.b1) add_column_sums(rows, HID, tb.dpre.data(), HID, ab1);
         }
       }
-    }
-  });
-
-  // Sum the partitions' plane buffers into d_planes and their weight sums into the outputs.
-  if (need.planes && parts > 1) {
-    at::parallel_for(0, plane_elems, 1 << 14, [&](int64_t begin, int64_t end) {
-      for (int64_t p = 1; p < parts; ++p) {
-        const scalar_t* src = scratch + (p - 1) * plane_elems;
-        for (int64_t e = begin; e < end; ++e) d_planes[e] += src[e];
+    });
+    if (!want_df) continue;
+    // ---- phase B: scatter df / 3 onto the taps, one (plane, band of rows) per task
+    at::parallel_for(0, 3 * bands, 1, [&](int64_t ubegin, int64_t uend) {
+      for (int64_t unit = ubegin; unit < uend; ++unit) {
+        const int plane = int(unit / bands);
+        const int64_t band = unit % bands;
+        const int y_lo = int(g.H * band / bands), y_hi = int(g.H * (band + 1) / bands);
+        int iu, iv;
+        field::plane_axes(in.axes, plane, iu, iv);
+        for (int64_t i = c0; i < c1; ++i) {
+          scalar_t q[3];
+          field::scale_point(xyz + 3 * i, inv_half_box, q);
+          const field::Taps<scalar_t> t = field::make_taps<scalar_t>(q[iu], q[iv], g, plane);
+          if (t.y0 + 1 < y_lo || t.y0 >= y_hi) continue;  // both tap rows outside the band
+          scalar_t* dpl_b = d_planes + (i / N) * d_batch;
+          const scalar_t* dfi = df_buf + (i - c0) * C;
+          for (int k = 0; k < 4; ++k) {
+            const int y = t.y0 + (k >> 1);
+            if (t.off[k] < 0 || y < y_lo || y >= y_hi) continue;
+            const scalar_t wk = t.w[k] * third;
+            scalar_t* dst = dpl_b + t.offset_in(dg, plane, k);
+            for (int c = 0; c < C; ++c) dst[c] += wk * dfi[c];
+          }
+        }
       }
     });
   }
+
+  // Sum the tasks' weight gradients into the outputs.
   scalar_t* outs[4] = {d_w1, d_b1, d_w2, d_b2};
-  const int64_t sizes[4] = {nw1, in.HID, nw2, in.OUT};
+  const int64_t sizes[4] = {nw1, HID, nw2, OUT};
   int64_t at_ = 0;
   for (int t = 0; t < 4; ++t) {
     if (outs[t] != nullptr)
       for (int64_t e = 0; e < sizes[t]; ++e) {
         scalar_t sum = 0;
-        for (int64_t p = 0; p < parts; ++p) sum += wsum[p * nwt + at_ + e];
+        for (int64_t p = 0; p < tasks; ++p) sum += wsum[p * nwt + at_ + e];
         outs[t][e] = sum;
       }
     at_ += sizes[t];
