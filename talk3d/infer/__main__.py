@@ -2,6 +2,11 @@
 
 Prints a progress bar (frames/s) and, at the end, the frame count, the seconds of audio, the wall
 time and the real-time factor (wall time / audio duration: below 1 is faster than real time).
+
+``--stream`` renders live through :class:`talk3d.Talker` as the audio arrives (from the WAV in
+chunks, in real time with ``--realtime``, or raw PCM on stdin with ``--audio -``), writes each frame
+as it comes out (to the mp4, or raw RGB24 to stdout with ``--out -``) and reports the latency; see
+:mod:`talk3d.infer.live`.
 """
 from __future__ import annotations
 
@@ -39,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch.compile the per-frame U-Net (on CUDA in reduce-overhead mode, i.e. with CUDA graphs)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    live = p.add_argument_group("live rendering")
+    live.add_argument("--stream", action="store_true",
+                      help="render as the audio arrives (talk3d.Talker) and report the latency; --audio - reads "
+                           "raw 16-kHz mono s16le PCM from stdin, --out - writes raw RGB24 frames to stdout")
+    live.add_argument("--realtime", action="store_true",
+                      help="with --stream and a WAV: hand the audio over no faster than it would be spoken")
+    live.add_argument("--chunk-ms", type=float, default=40.0, help="with --stream: audio chunk length (default 40)")
     return p
 
 
@@ -49,6 +61,11 @@ def main(argv=None) -> int:
 
     from ..train import load_talking_head
 
+    if args.stream:
+        return _main_stream(args)
+    if "-" in (args.audio, args.out):
+        print("error: --audio - and --out - need --stream", file=sys.stderr)
+        return 2
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
@@ -91,6 +108,50 @@ def main(argv=None) -> int:
     seconds = wave.shape[0] / SAMPLE_RATE
     print(f"wrote {out}: {n} frames, {seconds:.2f} s of audio, wall {wall:.2f} s "
           f"(real-time factor {wall / seconds:.2f}; {n / wall:.2f} frames/s incl. loading)")
+    return 0
+
+
+def _main_stream(args) -> int:
+    from .live import ArrivalLog, Mp4Sink, RawSink, pcm_chunks, run_live, wave_chunks
+    from .talker import Talker
+
+    to_stdout = args.out == "-"
+    out = None if to_stdout else Path(args.out)
+    if out is not None and out.exists() and not args.overwrite:
+        print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    if args.realtime and args.audio == "-":
+        print("error: --realtime paces a WAV file; audio from stdin arrives at its own pace", file=sys.stderr)
+        return 2
+    if args.skip_empty or args.compile:
+        print("error: --skip-empty and --compile are offline options (a stream renders a few frames at a time)",
+              file=sys.stderr)
+        return 2
+    if not (args.chunk_ms > 0):
+        print(f"error: --chunk-ms must be positive, got {args.chunk_ms}", file=sys.stderr)
+        return 2
+    chunk = max(1, round(args.chunk_ms * SAMPLE_RATE / 1000))
+    log = ArrivalLog()
+    try:
+        if args.audio == "-":
+            chunks = pcm_chunks(sys.stdin.buffer, chunk, log)
+        else:
+            chunks = wave_chunks(read_speech(args.audio), chunk, log, realtime=args.realtime)
+        talker = Talker(args.run, device=args.device, precision=args.precision, camera=args.camera, eye=args.eye,
+                        pose=args.pose, size=args.size, impl=args.impl, batch=args.batch,
+                        checkpoint=args.checkpoint)
+        print(talker, file=sys.stderr)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        report = run_live(talker, chunks, log, RawSink() if to_stdout else Mp4Sink(out))
+    except (InferenceError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if report.delays.size == 0:
+        print("error: no audio arrived; nothing was written", file=sys.stderr)
+        return 2
+    where = "stdout" if to_stdout else str(out)
+    print(f"wrote {where}: {report.summary()}", file=sys.stderr)
     return 0
 
 

@@ -31,12 +31,15 @@ class StreamingVideoWriter:
         width, height: frame size (even: yuv420p).
         wave: [T] float32 in [-1, 1] mono at ``sample_rate``, or None for a silent video.
         fps: frames per second.
+        audio_stream: the speech arrives while writing (live rendering): start with no audio and
+            hand it over with :meth:`push_audio` as it comes (``wave`` must be None). Only the
+            samples not yet encoded are kept.
 
     Use as a context manager; :meth:`write` one frame at a time.
     """
 
     def __init__(self, path, width: int, height: int, wave=None, *, fps: int = FPS,
-                 sample_rate: int = SAMPLE_RATE, crf: int = CRF):
+                 sample_rate: int = SAMPLE_RATE, crf: int = CRF, audio_stream: bool = False):
         import av
 
         if width % 2 or height % 2:
@@ -44,7 +47,12 @@ class StreamingVideoWriter:
         self.path = Path(path)
         self._tmp = self.path.with_name(f"{self.path.stem}.partial{self.path.suffix}")
         self.width, self.height, self.fps, self.sample_rate = int(width), int(height), int(fps), int(sample_rate)
-        self._wave = None if wave is None else np.ascontiguousarray(np.asarray(wave, dtype=np.float32).reshape(1, -1))
+        if audio_stream and wave is not None:
+            raise ValueError("StreamingVideoWriter: pass either wave or audio_stream=True, not both")
+        self._wave = np.zeros((1, 0), np.float32) if audio_stream else (
+            None if wave is None else np.ascontiguousarray(np.asarray(wave, dtype=np.float32).reshape(1, -1)))
+        self._wave_start = 0  # sample index of self._wave[:, 0] (a stream drops what is encoded)
+        self._audio_stream = bool(audio_stream)
         self._audio_done = 0  # samples of the wave already sent to the encoder
         self.frames = 0
         self._container = av.open(str(self._tmp), "w")
@@ -78,28 +86,40 @@ class StreamingVideoWriter:
         self.frames += 1
         self._feed_audio(self.frames * self.sample_rate // self.fps)
 
+    def push_audio(self, samples) -> None:
+        """More of the speech ([T] float32 mono at ``sample_rate``), for a writer made with
+        ``audio_stream=True``; it is encoded as the frames it belongs to are written."""
+        if not self._audio_stream:
+            raise ValueError("StreamingVideoWriter.push_audio: the writer was made with a whole wave")
+        samples = np.asarray(samples, dtype=np.float32).reshape(1, -1)
+        self._wave = np.concatenate([self._wave, samples], axis=1)
+        self._feed_audio(self.frames * self.sample_rate // self.fps)
+
     def _feed_audio(self, until: int) -> None:
         import av
 
         if self._a is None:
             return
-        until = min(until, self._wave.shape[1])
+        until = min(until, self._wave_start + self._wave.shape[1])
         while self._audio_done < until:
             # Whole AAC frames where possible: the encoder buffers partial ones itself anyway.
             end = min(until, self._audio_done + AAC_FRAME)
-            f = av.AudioFrame.from_ndarray(np.ascontiguousarray(self._wave[:, self._audio_done:end]),
-                                           format="flt", layout="mono")
+            lo, hi = self._audio_done - self._wave_start, end - self._wave_start
+            f = av.AudioFrame.from_ndarray(np.ascontiguousarray(self._wave[:, lo:hi]), format="flt", layout="mono")
             f.sample_rate, f.pts = self.sample_rate, self._audio_done
             for packet in self._a.encode(f):
                 self._container.mux(packet)
             self._audio_done = end
+        if self._audio_stream:  # keep only what is not encoded yet
+            self._wave = self._wave[:, self._audio_done - self._wave_start:]
+            self._wave_start = self._audio_done
 
     def close(self) -> Path:
         """Flush the encoders, close the file and move it into place; returns the path."""
         if self._container is None:
             return self.path
         if self._a is not None:
-            self._feed_audio(self._wave.shape[1])  # the rest of the speech (at most the last frame's)
+            self._feed_audio(self._wave_start + self._wave.shape[1])  # the rest of the speech
             for packet in self._a.encode(None):
                 self._container.mux(packet)
         for packet in self._v.encode(None):
