@@ -79,7 +79,7 @@ def _render(loaded, wave, **kw) -> np.ndarray:
 def _probe(path) -> dict:
     with av.open(str(path)) as c:
         assert len(c.streams.video) == 1 and len(c.streams.audio) == 1
-        v, a = c.streams.video[0], c.streams.audio[0]
+        v = c.streams.video[0]
         rate = float(v.average_rate)
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
     with av.open(str(path)) as c:
