@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "composite/composite.h"
+#include "layout/layout.h"
 #include "occupancy/occupancy.h"
 #include "triplane_field/triplane_field.h"
 
@@ -34,6 +35,8 @@ TORCH_LIBRARY(talk3d, m) {
   m.def(
       "occupied_intervals(Tensor origins, Tensor dirs, Tensor t, Tensor bits, int res, float box, "
       "bool outside_occupied) -> Tensor");
+  // x [M, A, B] -> [M, B, A] contiguous (the planes' channels-last conversion and its gradient).
+  m.def("transpose_inner(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(talk3d, CPU, m) {
@@ -42,6 +45,7 @@ TORCH_LIBRARY_IMPL(talk3d, CPU, m) {
   m.impl("composite_fwd", &talk3d::composite_fwd_cpu);
   m.impl("composite_bwd", &talk3d::composite_bwd_cpu);
   m.impl("occupied_intervals", &talk3d::occupied_intervals_cpu);
+  m.impl("transpose_inner", &talk3d::transpose_inner_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

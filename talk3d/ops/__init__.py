@@ -3,7 +3,9 @@
 from . import reference
 from .backends import IMPLS
 from .composite import composite
+from .layout import channels_last_planes, transpose_inner
 from .occupancy import occupied_intervals
 from .triplane_field import AXES, available_impls, triplane_field
 
-__all__ = ["triplane_field", "composite", "occupied_intervals", "available_impls", "AXES", "IMPLS", "reference"]
+__all__ = ["triplane_field", "composite", "occupied_intervals", "transpose_inner", "channels_last_planes",
+           "available_impls", "AXES", "IMPLS", "reference"]

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..ops import composite, triplane_field
-from ..ops.triplane_field import channels_last_planes
+from ..ops.layout import channels_last_planes
 from ..ops.reference.composite import TRANSMITTANCE_EPS, interval_weights
 from .cameras import generate_rays, ray_box_limits
 from .occupancy_grid import OccupancyGrid
