@@ -134,24 +134,22 @@ def test_webcam_contact_sheet_and_quiet_audio(webcam):
 
 
 def _nothing_left(out):
-    return not out.exists() and not out.parent.joinpath(f"{out.name}.work").exists()
+    return not out.exists() and not out.parent.joinpath(f"{out.name}.work").exists() and \
+        not list(out.parent.glob(f"{out.name}.tmp-*"))
 
 
-def test_real_video_without_a_face(tmp_path):
-    """An animated title (H.264, AAC): refused, naming the frames, leaving nothing behind."""
-    video = real_video("no_face.mp4", tmp_path)
+@pytest.mark.parametrize("name,max_frames,message", [
+    # An animated title (H.264, AAC): no face anywhere.
+    ("no_face.mp4", 60, r"no face found in 60 of 60 frames.*0-59"),
+    # HEVC in a QuickTime .mov: the man for 2.4 s (frames 0-59), then the title.
+    ("face_noface.mov", 100, r"no face found in 40 of 100 frames.*60-99"),
+])
+def test_real_video_without_a_face_is_refused(tmp_path, name, max_frames, message):
+    """Refused, naming the frames without a face, leaving nothing a re-run would trust."""
+    video = real_video(name, tmp_path)
     out = tmp_path / "ds"
-    with pytest.raises(PreprocessError, match=r"no face found in 60 of 60 frames.*0-59"):
-        preprocess_video(video, out, size=SIZE, max_frames=60, progress=False, log=lambda s: None)
-    assert _nothing_left(out)
-
-
-def test_face_leaves_halfway_hevc_mov(tmp_path):
-    """HEVC in a QuickTime .mov: the face is there for 2.4 s (frames 0-59), then a title."""
-    video = real_video("face_noface.mov", tmp_path)
-    out = tmp_path / "ds"
-    with pytest.raises(PreprocessError, match=r"no face found in 40 of 100 frames.*60-99"):
-        preprocess_video(video, out, size=SIZE, max_frames=100, progress=False, log=lambda s: None)
+    with pytest.raises(PreprocessError, match=message):
+        preprocess_video(video, out, size=SIZE, max_frames=max_frames, progress=False, log=lambda s: None)
     assert _nothing_left(out)
 
 
