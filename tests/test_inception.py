@@ -246,33 +246,26 @@ def test_mixed_7b_averages_and_mixed_7c_max_pools(net):
 # ------------------------------------------------------------------------------------------------
 # Bad files
 # ------------------------------------------------------------------------------------------------
-def test_missing_key_is_named(net, tmp_path):
+def _drop(sd, key):
+    del sd[key]
+
+
+@pytest.mark.parametrize("change,message,key", [
+    (lambda sd: _drop(sd, "Mixed_6c.branch7x7_2.bn.running_mean"), "1 missing", "Mixed_6c.branch7x7_2.bn.running_mean"),
+    # Mixed_5c's pool width in Mixed_5b
+    (lambda sd: sd.__setitem__("Mixed_5b.branch_pool.conv.weight", torch.zeros(64, 192, 1, 1)), "1 shape mismatch",
+     "Mixed_5b.branch_pool.conv.weight"),
+    (lambda sd: sd.__setitem__("Mixed_8a.conv.weight", torch.zeros(1)), "1 unexpected", "Mixed_8a.conv.weight"),
+])
+def test_mismatched_file_is_named(net, tmp_path, change, message, key):
+    """A missing, misshaped or unexpected entry: refused, naming the file and the entry."""
     sd = pytorch_fid_state(net)
-    del sd["Mixed_6c.branch7x7_2.bn.running_mean"]
-    path = tmp_path / "missing.pth"
+    change(sd)
+    path = tmp_path / "bad.pth"
     torch.save(sd, path)
-    with pytest.raises(ValueError, match="missing") as e:
+    with pytest.raises(ValueError, match=message) as e:
         load_fid_inception(path)
-    assert str(path) in str(e.value) and "Mixed_6c.branch7x7_2.bn.running_mean" in str(e.value)
-
-
-def test_wrong_shape_is_named(net, tmp_path):
-    sd = pytorch_fid_state(net)
-    sd["Mixed_5b.branch_pool.conv.weight"] = torch.zeros(64, 192, 1, 1)  # Mixed_5c's width
-    path = tmp_path / "shape.pth"
-    torch.save(sd, path)
-    with pytest.raises(ValueError, match="wrong shape") as e:
-        load_fid_inception(path)
-    assert str(path) in str(e.value) and "Mixed_5b.branch_pool.conv.weight" in str(e.value)
-
-
-def test_unexpected_key_is_named(net, tmp_path):
-    sd = pytorch_fid_state(net)
-    sd["Mixed_8a.conv.weight"] = torch.zeros(1)
-    path = tmp_path / "extra.pth"
-    torch.save(sd, path)
-    with pytest.raises(ValueError, match="Mixed_8a.conv.weight"):
-        load_fid_inception(path)
+    assert str(path) in str(e.value) and key in str(e.value)
 
 
 def test_corrupt_file_is_named(tmp_path):

@@ -148,9 +148,9 @@ def test_wrong_keys_and_shapes(tmp_path, state):
         load_syncnet(path)
     msg = str(e.value)
     assert str(path) in msg
-    assert "missing (1): face_encoder.16.conv_block.0.weight" in msg
-    assert "unexpected (1): face_encoder.99.conv_block.0.weight" in msg
-    assert "wrong shape (1): audio_encoder.0.conv_block.0.weight: file (32, 2, 3, 3) vs model (32, 1, 3, 3)" in msg
+    assert "1 missing: face_encoder.16.conv_block.0.weight" in msg
+    assert "1 unexpected: face_encoder.99.conv_block.0.weight" in msg
+    assert "1 shape mismatch: audio_encoder.0.conv_block.0.weight: expected (32, 1, 3, 3), got (32, 2, 3, 3)" in msg
 
 
 def test_corrupt_and_foreign_files(tmp_path, ckpt):

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..prior.checkpoint import check_state_dict, read_weights_file
+
 __all__ = ["INCEPTION_ENV", "INCEPTION_FILE", "INCEPTION_SIZE", "FEATURE_DIM", "BasicConv2d",
            "InceptionA", "InceptionB", "InceptionC", "InceptionD", "InceptionE", "FIDInception",
            "find_inception_weights", "load_fid_inception", "inception_status"]
@@ -277,33 +279,10 @@ def find_inception_weights(explicit: str | os.PathLike | None = None) -> Path | 
 
 
 def _read_state(path: Path) -> dict:
-    """The file's tensors (a bare state dict or ``{"state_dict": ...}``) without the unused entries."""
-    try:
-        # weights_only=True: torch's restricted unpickler, so a tampered file cannot run code.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any failure to unpickle means the file is unusable, whatever the cause
-        raise ValueError(f"Inception weights {path}: not a readable torch checkpoint "
-                         f"({type(e).__name__}: {e})") from e
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"Inception weights {path}: expected a dict of tensors or {{'state_dict': ...}}, "
-                         f"got {type(obj).__name__}")
+    """The file's tensors without the entries FID does not use."""
+    state = read_weights_file(path, "Inception weights")
     return {k: v for k, v in state.items()
             if not k.startswith(_IGNORED_PREFIXES) and not k.endswith(_IGNORED_SUFFIX)}
-
-
-def _check_state(state: dict, expected: dict, path: Path, show: int = 5) -> None:
-    """Strict comparison of keys and shapes; one ValueError naming the first offending keys."""
-    expected = {k: v for k, v in expected.items() if not k.endswith(_IGNORED_SUFFIX)}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs network {tuple(expected[k].shape)}"
-             for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        parts = [f"{name} ({len(v)}): {', '.join(v[:show])}{' ...' if len(v) > show else ''}"
-                 for name, v in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if v]
-        raise ValueError(f"Inception weights {path} do not match pytorch-fid's FID Inception-v3: "
-                         + "; ".join(parts))
 
 
 def load_fid_inception(path: str | os.PathLike, device: torch.device | str = "cpu") -> FIDInception:
@@ -317,7 +296,8 @@ def load_fid_inception(path: str | os.PathLike, device: torch.device | str = "cp
         raise FileNotFoundError(f"Inception weights {path}: no such file")
     net = FIDInception()
     state = _read_state(path)
-    _check_state(state, net.state_dict(), path)
+    expected = {k: v for k, v in net.state_dict().items() if not k.endswith(_IGNORED_SUFFIX)}
+    check_state_dict(expected, state).raise_if_bad(f"Inception weights {path} (pytorch-fid's FID Inception-v3)")
     # The step counters were dropped from the file; keep the network's own (unused in eval).
     net.load_state_dict({**net.state_dict(), **state}, strict=True)
     return net.to(device)

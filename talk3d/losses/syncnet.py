@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -48,6 +46,7 @@ import torch.nn.functional as F
 
 # Wav2Lip's audio and video rates are talk3d's own: 16 kHz, 25 fps, 640 samples a frame.
 from ..audio.features import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
+from ..prior.checkpoint import check_state_dict, read_weights_file
 
 __all__ = [
     "ENV_VAR",
@@ -165,30 +164,10 @@ class SyncNet(nn.Module):
 # Weights
 # ------------------------------------------------------------------------------------------------
 def _read_checkpoint(path: Path) -> dict:
-    """The file's state dict (``{"state_dict": ...}`` or a bare one), ``module.`` prefixes removed."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise ValueError(f"SyncNet weights {path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"SyncNet weights {path}: expected a dict of tensors or {{'state_dict': ...}}, "
-                         f"got {type(obj).__name__}")
+    """The file's state dict, ``module.`` prefixes removed."""
+    state = read_weights_file(path, "SyncNet weights")
     # Wav2Lip trained under DataParallel in some forks: keys then start with "module.".
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-
-
-def _check_state(state: dict, expected: dict, path: Path) -> None:
-    """Strict comparison of keys and shapes; one ValueError listing every difference."""
-    # Checkpoints from torch < 0.4.1 have no BatchNorm step counters; they are unused in eval.
-    missing = sorted(k for k in set(expected) - set(state) if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-             for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        parts = [f"{name} ({len(v)}): {', '.join(v[:10])}{' ...' if len(v) > 10 else ''}"
-                 for name, v in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if v]
-        raise ValueError(f"SyncNet weights {path} do not match Wav2Lip's SyncNet_color: " + "; ".join(parts))
 
 
 def load_syncnet(path: str | os.PathLike, device: torch.device | str = "cpu") -> SyncNet:
@@ -202,7 +181,9 @@ def load_syncnet(path: str | os.PathLike, device: torch.device | str = "cpu") ->
         raise FileNotFoundError(f"SyncNet weights {path}: no such file")
     net = SyncNet()
     state = _read_checkpoint(path)
-    _check_state(state, net.state_dict(), path)
+    # Checkpoints from torch < 0.4.1 have no BatchNorm step counters; they are unused in eval.
+    expected = {k: v for k, v in net.state_dict().items() if k in state or not k.endswith("num_batches_tracked")}
+    check_state_dict(expected, state).raise_if_bad(f"SyncNet weights {path} (Wav2Lip's SyncNet_color)")
     net.load_state_dict({**net.state_dict(), **state}, strict=True)
     return net.to(device)
 

@@ -10,6 +10,7 @@ from .checkpoint import (
     PLANE_CONVENTIONS,
     StateDictReport,
     check_state_dict,
+    read_weights_file,
     load_checkpoint,
     save_checkpoint,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "PLANE_CONVENTIONS",
     "StateDictReport",
     "check_state_dict",
+    "read_weights_file",
     "load_checkpoint",
     "save_checkpoint",
     "ModuleRecord",

@@ -216,6 +216,26 @@ class StateDictReport:
             raise ValueError(f"{what} does not match the expected parameters: {self.describe()}")
 
 
+def read_weights_file(path, what: str) -> dict:
+    """A third-party weight file (a bare state dict or ``{"state_dict": ...}``, as Wav2Lip's and
+    pytorch-fid's files are) -> ``{name: tensor}``, read with ``torch.load(weights_only=True)``.
+
+    ``what`` names the file's kind in errors ("SyncNet weights", ...). Raises ValueError naming
+    the file when it is corrupt, truncated, holds code, or is not a dict of tensors.
+    """
+    import pickle
+    import zipfile
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise ValueError(f"{what} {path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{what} {path}: expected a dict of tensors or {{'state_dict': ...}}, got {type(obj).__name__}")
+    return dict(state)
+
+
 def check_state_dict(module_or_expected, state_dict: Mapping[str, torch.Tensor], *, strict: bool = False) -> StateDictReport:
     """Compare ``state_dict`` with an ``nn.Module`` or a ``{name: shape}`` mapping.
 
