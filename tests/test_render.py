@@ -193,7 +193,8 @@ def test_occupancy_skipping_on_head_scene(yaw, pitch):
 def test_skipping_batch_matches_single_frames():
     """Batch elements with different poses and planes select different numbers of samples; the
     skipping path packs them into one field call, and each element gets what rendering it alone
-    gives (the same points, so to fp32 rounding of the batched field op)."""
+    gives: the same points, each evaluated on its own by the CPU kernel, so bit-identical
+    (measured: difference 0)."""
     planes, dec, _, cfg = _scene(res=16, B=3)
     planes = planes.clone()
     planes[2] *= 0.5  # another head: less density, other occupied intervals
@@ -209,7 +210,7 @@ def test_skipping_batch_matches_single_frames():
                      early_stop=1e-4)
         per_ray.append(one.samples_per_ray)
         for name in ("feature_image", "depth", "weight_sum"):
-            torch.testing.assert_close(getattr(both, name)[b:b + 1], getattr(one, name), atol=1e-5, rtol=0)
+            assert torch.equal(getattr(both, name)[b:b + 1], getattr(one, name)), name
     assert len(set(per_ray)) == 3  # the elements really differ in their sample counts
     assert both.samples_per_ray == pytest.approx(sum(per_ray) / 3)
 
