@@ -52,7 +52,10 @@ def make_packed(case: CompositeCase, dtype=torch.float32, device="cpu"):
     N = pos + 2
     dense = make_dense(CompositeCase(1, 1, N, case.F, case.sigma_scale, case.sigma_shift), torch.float64)
     sigma, feat = dense[0][0, 0], dense[1][0, 0]
-    t = torch.empty(N, 1, dtype=torch.float64)
+    # Samples between rays are never composited, but the depth clamp takes the min/max of all of ``t``:
+    # they hold t_start (the lowest depth a ray can have) so that they are defined and never the max.
+    # (They were left uninitialised once; garbage like 1e300 made gradcheck's +-eps vanish there.)
+    t = torch.full((N, 1), case.t_start, dtype=torch.float64)
     for r in range(R):
         s, c = int(starts[r]), int(counts[r])
         t[s:s + c, 0] = torch.rand(c, dtype=torch.float64).sort().values + case.t_start
