@@ -15,8 +15,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
+#include "decoder_cpu.h"
 #include "triplane_field.h"
 
 namespace talk3d {
@@ -58,6 +60,10 @@ struct DecoderWeights {
   }
 };
 
+// The EG3D size in float runs the vector-register decoder of decoder_cpu.h; the rest the shared one.
+template <typename Dims, typename scalar_t>
+constexpr bool kVectorDecoder = std::is_same_v<Dims, EG3DDims> && std::is_same_v<scalar_t, float>;
+
 // Per-point scratch: the forward's intermediates, kept on the stack.
 template <typename Dims, typename acc_t>
 struct PointState {
@@ -74,8 +80,11 @@ void eval_point(const Dims& d, const DecoderWeights<scalar_t>& w, const scalar_t
                 PointState<Dims, scalar_t>& s) {
   field::scale_point(xyz, inv_half_box, s.q);
   field::sample_mean(d, planes, g, axes, s.q, s.f);
-  field::mlp_forward<Dims, scalar_t>(d, w.w1t.data(), w.b1, w.w2t.data(), w.b2, s.f, s.pre, s.h,
-                                     s.o);
+  if constexpr (kVectorDecoder<Dims, scalar_t>)
+    cpu_decoder::mlp_forward(w.w1t.data(), w.b1, w.w2, w.w2t.data(), w.b2, s.f, s.pre, s.h, s.o);
+  else
+    field::mlp_forward<Dims, scalar_t>(d, w.w1t.data(), w.b1, w.w2t.data(), w.b2, s.f, s.pre, s.h,
+                                       s.o);
 }
 
 template <typename scalar_t, typename Dims>
@@ -217,7 +226,10 @@ void backward_impl(const Dims d, const FieldInputs& in, const scalar_t* gsigma,
               dout[1 + k] = field::feature_activation_grad(s.o[1 + k], gfeat[i * F + k]);
             for (int j = 0; j < HID; ++j) tb.h[t * HID + j] = s.h[j];
             if (!need.upstream_of_w2()) continue;
-            field::mlp_backward<Dims, scalar_t>(d, w.w1, w.w2, dout, s.pre, df);  // s.pre <- dpre
+            if constexpr (kVectorDecoder<Dims, scalar_t>)  // s.pre <- dpre
+              cpu_decoder::mlp_backward(w.w1, w.w2, dout, s.pre, df);
+            else
+              field::mlp_backward<Dims, scalar_t>(d, w.w1, w.w2, dout, s.pre, df);
             for (int j = 0; j < HID; ++j) tb.dpre[t * HID + j] = s.pre[j];
             for (int c = 0; c < C; ++c) tb.f[t * C + c] = s.f[c];
             if (want_df)
