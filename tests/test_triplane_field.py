@@ -29,6 +29,9 @@ HALF_ERR_FACTOR = 2.0
 CASES = [
     FieldCase(),  # generic sizes, non-square planes, some points outside the box
     FieldCase(B=1, N=257, C=32, hidden=64, out=33, H=16, W=16),  # EG3D decoder sizes
+    # EG3D sizes (the CPU kernel's vector-register path) with B > 1, non-square planes and many
+    # points on or past the edges: taps outside the planes in every position.
+    FieldCase(B=2, N=190, C=32, hidden=64, out=33, H=9, W=14, spread=1.6),
     FieldCase(B=3, N=64, box_warp=2.0, spread=2.0),  # box_warp, many points outside
 ]
 

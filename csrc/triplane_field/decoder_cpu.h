@@ -115,5 +115,73 @@ inline void mlp_backward(const float* __restrict__ w1, const float* __restrict__
     store(df + v * kLanes, (acc[0][v] + acc[1][v]) + (acc[2][v] + acc[3][v]));
 }
 
+// The coordinate half of field::sample_mean_backward at C = 32 (no plane gradient): d loss / d xyz of
+// one point from df [C]. Same formula; the channel loop as two vectors (the shared loop's per-tap
+// "inside the plane?" selects kept GCC from vectorising it).
+inline void point_grad(const float* __restrict__ planes, const field::PlaneGeom& g, int axes,
+                       const float q[3], float inv_half_box, const float* __restrict__ df,
+                       float dxyz[3]) {
+  constexpr int kV = kC / kLanes;
+  const float third = 1.0f / 3.0f;
+  float dq[3] = {0.0f, 0.0f, 0.0f};
+  vf16 dfv[kV];
+  for (int v = 0; v < kV; ++v) dfv[v] = load(df + v * kLanes);
+  for (int plane = 0; plane < 3; ++plane) {
+    int iu, iv;
+    field::plane_axes(axes, plane, iu, iv);
+    const field::Taps<float> t = field::make_taps<float>(q[iu], q[iv], g, plane);
+    vf16 gx = vf16{}, gy = vf16{};
+    for (int v = 0; v < kV; ++v) {
+      vf16 tap[4];
+      for (int k = 0; k < 4; ++k) tap[k] = t.off[k] >= 0 ? load(planes + t.off[k] + v * kLanes) : vf16{};
+      gx += dfv[v] * ((tap[1] - tap[0]) * (1.0f - t.ty) + (tap[3] - tap[2]) * t.ty);
+      gy += dfv[v] * ((tap[2] - tap[0]) * (1.0f - t.tx) + (tap[3] - tap[1]) * t.tx);
+    }
+    dq[iu] += hsum(gx) * third * 0.5f * float(g.W);
+    dq[iv] += hsum(gy) * third * 0.5f * float(g.H);
+  }
+  for (int i = 0; i < 3; ++i) dxyz[i] = dq[i] * inv_half_box;
+}
+
+// acc[m * N + n] += sum over t < rows of a[t * lda + m] * b[t * ldb + n], N = kNV * 16: a tile's weight
+// gradient as a sum of outer products. kRows rows of acc times kNV vectors (16 registers) stay in
+// registers across the whole tile, so acc is read and written once per tile.
+template <int kNV>
+inline void add_outer_products(int rows, int M, const float* __restrict__ a, int lda,
+                               const float* __restrict__ b, int ldb, float* __restrict__ acc) {
+  constexpr int kRows = 16 / kNV, N = kNV * kLanes;
+  int m = 0;
+  for (; m + kRows <= M; m += kRows) {
+    vf16 r[kRows][kNV];
+    for (int i = 0; i < kRows; ++i)
+      for (int v = 0; v < kNV; ++v) r[i][v] = vf16{};
+    for (int t = 0; t < rows; ++t) {
+      vf16 bt[kNV];
+      for (int v = 0; v < kNV; ++v) bt[v] = load(b + t * ldb + v * kLanes);
+      for (int i = 0; i < kRows; ++i) {
+        const vf16 ai = splat(a[t * lda + m + i]);
+        for (int v = 0; v < kNV; ++v) r[i][v] += ai * bt[v];
+      }
+    }
+    for (int i = 0; i < kRows; ++i)
+      for (int v = 0; v < kNV; ++v) {
+        float* dst = acc + (m + i) * N + v * kLanes;
+        store(dst, load(dst) + r[i][v]);
+      }
+  }
+  for (; m < M; ++m) {  // the odd rows (33 = 8 * 4 + 1 outputs)
+    vf16 r[kNV];
+    for (int v = 0; v < kNV; ++v) r[v] = vf16{};
+    for (int t = 0; t < rows; ++t) {
+      const vf16 at = splat(a[t * lda + m]);
+      for (int v = 0; v < kNV; ++v) r[v] += at * load(b + t * ldb + v * kLanes);
+    }
+    for (int v = 0; v < kNV; ++v) {
+      float* dst = acc + m * N + v * kLanes;
+      store(dst, load(dst) + r[v]);
+    }
+  }
+}
+
 }  // namespace cpu_decoder
 }  // namespace talk3d

@@ -236,17 +236,31 @@ void backward_impl(const Dims d, const FieldInputs& in, const scalar_t* gsigma,
               for (int c = 0; c < C; ++c) df_buf[(i - c0) * C + c] = df[c];
             if (need.xyz) {
               scalar_t dxyz[3];
-              field::sample_mean_backward(
-                  d, pl, g, in.axes, s.q, inv_half_box, df, false, dg,
-                  [](int64_t, scalar_t) {}, true, dxyz);
+              if constexpr (kVectorDecoder<Dims, scalar_t>)
+                cpu_decoder::point_grad(pl, g, in.axes, s.q, inv_half_box, df, dxyz);
+              else
+                field::sample_mean_backward(
+                    d, pl, g, in.axes, s.q, inv_half_box, df, false, dg,
+                    [](int64_t, scalar_t) {}, true, dxyz);
               for (int k = 0; k < 3; ++k) d_xyz[3 * i + k] = dxyz[k];
             }
           }
-          if (need.w2)
-            add_outer_products<Dims::kMaxHid>(rows, OUT, HID, tb.dout.data(), OUT, tb.h.data(), HID, aw2);
+          if constexpr (kVectorDecoder<Dims, scalar_t>) {
+            if (need.w2)
+              cpu_decoder::add_outer_products<cpu_decoder::kHid / cpu_decoder::kLanes>(
+                  rows, OUT, tb.dout.data(), OUT, tb.h.data(), HID, aw2);
+            if (need.w1)
+              cpu_decoder::add_outer_products<cpu_decoder::kC / cpu_decoder::kLanes>(
+                  rows, HID, tb.dpre.data(), HID, tb.f.data(), C, aw1);
+          } else {
+            if (need.w2)
+              add_outer_products<Dims::kMaxHid>(rows, OUT, HID, tb.dout.data(), OUT, tb.h.data(),
+                                                HID, aw2);
+            if (need.w1)
+              add_outer_products<Dims::kMaxC>(rows, HID, C, tb.dpre.data(), HID, tb.f.data(), C,
+                                              aw1);
+          }
           if (need.b2) add_column_sums(rows, OUT, tb.dout.data(), OUT, ab2);
-          if (need.w1)
-            add_outer_products<Dims::kMaxC>(rows, HID, C, tb.dpre.data(), HID, tb.f.data(), C, aw1);
           if (need.b1) add_column_sums(rows, HID, tb.dpre.data(), HID, ab1);
         }
       }
