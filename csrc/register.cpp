@@ -19,6 +19,16 @@ TORCH_LIBRARY(talk3d, m) {
       "triplane_field_bwd(Tensor grad_sigma, Tensor grad_feat, Tensor planes, Tensor xyz, "
       "Tensor w1, Tensor b1, Tensor w2, Tensor b2, float box_warp, int axes, bool[6] needs) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The CPU back end's training pair: the forward also returns saved [B, N, C + HID] (each point's
+  // decoder input and pre-activations), which the backward reads with the feature output instead of
+  // sampling and decoding every point again.
+  m.def(
+      "triplane_field_fwd_train(Tensor planes, Tensor xyz, Tensor w1, Tensor b1, Tensor w2, "
+      "Tensor b2, float box_warp, int axes) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "triplane_field_bwd_saved(Tensor grad_sigma, Tensor grad_feat, Tensor planes, Tensor xyz, "
+      "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor saved, Tensor feat, float box_warp, "
+      "int axes, bool[6] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Dense: sigma [B, R, S, 1], feat [B, R, S, F], t [B, R, S, 1] -> [B, R, F], [B, R, 1], [B, R, 1].
   // Packed (packed_info [R, 2] = first sample, count): [N, 1], [N, F], [N, 1] -> [R, F], [R, 1], [R, 1].
   // Outputs: feature image 2 C - 1, depth Dnum / W (NaN where W == 0), weight sum W.
@@ -42,6 +52,8 @@ TORCH_LIBRARY(talk3d, m) {
 TORCH_LIBRARY_IMPL(talk3d, CPU, m) {
   m.impl("triplane_field_fwd", &talk3d::triplane_field_fwd_cpu);
   m.impl("triplane_field_bwd", &talk3d::triplane_field_bwd_cpu);
+  m.impl("triplane_field_fwd_train", &talk3d::triplane_field_fwd_train_cpu);
+  m.impl("triplane_field_bwd_saved", &talk3d::triplane_field_bwd_saved_cpu);
   m.impl("composite_fwd", &talk3d::composite_fwd_cpu);
   m.impl("composite_bwd", &talk3d::composite_bwd_cpu);
   m.impl("occupied_intervals", &talk3d::occupied_intervals_cpu);

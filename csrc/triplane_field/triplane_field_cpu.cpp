@@ -1,8 +1,11 @@
 // C++ CPU back end of the fused triplane field: thin loops around triplane_field_math.h.
 //
-// Forward: points are independent; at::parallel_for over them.
+// Forward: points are independent; at::parallel_for over them. The training forward
+// (triplane_field_fwd_train) also keeps each point's decoder input f and pre-activations, [C + HID]
+// per point, so that the backward does not sample and decode every point a second time (that
+// recompute was half of the backward's phase A; the GPU recomputes instead, where memory is dearer).
 // Backward, per chunk of points, in two parallel phases:
-//   A. over tiles of kTile points: recompute the forward, back-propagate through the decoder, write
+//   A. over tiles of kTile points: recompute (or read) the forward, back-propagate through the decoder, write
 //      d_xyz and each point's feature gradient df into a chunk buffer, and add the tile's weight
 //      gradients as outer-product sums (rows kept in registers, so the accumulators are read and
 //      written once per tile instead of once per point); one set of weight sums per task.
@@ -87,8 +90,10 @@ void eval_point(const Dims& d, const DecoderWeights<scalar_t>& w, const scalar_t
                                        s.o);
 }
 
+// saved: [B * N, C + HID] (f, then pre per point) or nullptr.
 template <typename scalar_t, typename Dims>
-void forward_impl(const Dims d, const FieldInputs& in, scalar_t* sigma, scalar_t* feat) {
+void forward_impl(const Dims d, const FieldInputs& in, scalar_t* sigma, scalar_t* feat,
+                  scalar_t* saved) {
   const DecoderWeights<scalar_t> w(in);
   const scalar_t* planes = in.planes_cl.data_ptr<scalar_t>();
   const scalar_t* xyz = in.xyz.data_ptr<scalar_t>();
@@ -102,6 +107,11 @@ void forward_impl(const Dims d, const FieldInputs& in, scalar_t* sigma, scalar_t
       eval_point(d, w, planes + (i / N) * s_batch, g, in.axes, xyz + 3 * i, inv_half_box, s);
       sigma[i] = s.o[0];
       for (int64_t k = 0; k < F; ++k) feat[i * F + k] = field::feature_activation(s.o[1 + k]);
+      if (saved != nullptr) {
+        scalar_t* row = saved + i * (d.c() + d.hid());
+        for (int c = 0; c < d.c(); ++c) row[c] = s.f[c];
+        for (int j = 0; j < d.hid(); ++j) row[d.c() + j] = s.pre[j];
+      }
     }
   });
 }
@@ -166,10 +176,18 @@ struct TileBuffers {
       : f(kTile * d.c()), h(kTile * d.hid()), dpre(kTile * d.hid()), dout(kTile * d.out()) {}
 };
 
+// The forward's saved activations and outputs, when the training forward ran (else nullptrs).
+template <typename scalar_t>
+struct SavedForward {
+  const scalar_t* acts = nullptr;  // [B * N, C + HID]: f, pre
+  const scalar_t* feat = nullptr;  // [B * N, F]: the feature output
+};
+
 template <typename scalar_t, typename Dims>
 void backward_impl(const Dims d, const FieldInputs& in, const scalar_t* gsigma,
-                   const scalar_t* gfeat, const Needs need, scalar_t* d_planes, scalar_t* d_xyz,
-                   scalar_t* d_w1, scalar_t* d_b1, scalar_t* d_w2, scalar_t* d_b2) {
+                   const scalar_t* gfeat, const SavedForward<scalar_t> fwd, const Needs need,
+                   scalar_t* d_planes, scalar_t* d_xyz, scalar_t* d_w1, scalar_t* d_b1,
+                   scalar_t* d_w2, scalar_t* d_b2) {
   const DecoderWeights<scalar_t> w(in);
   const scalar_t* planes = in.planes_cl.data_ptr<scalar_t>();
   const scalar_t* xyz = in.xyz.data_ptr<scalar_t>();
@@ -219,12 +237,24 @@ void backward_impl(const Dims d, const FieldInputs& in, const scalar_t* gsigma,
             const int64_t i = first + t;
             const int64_t b = i / N;
             const scalar_t* pl = planes + b * s_batch;
-            eval_point(d, w, pl, g, in.axes, xyz + 3 * i, inv_half_box, s);
             scalar_t* dout = tb.dout.data() + t * OUT;
             dout[0] = gsigma[i];
-            for (int64_t k = 0; k < F; ++k)
-              dout[1 + k] = field::feature_activation_grad(s.o[1 + k], gfeat[i * F + k]);
-            for (int j = 0; j < HID; ++j) tb.h[t * HID + j] = s.h[j];
+            if (fwd.acts != nullptr) {  // read the forward's f and pre; h only for W2's gradient
+              field::scale_point(xyz + 3 * i, inv_half_box, s.q);
+              const scalar_t* row = fwd.acts + i * (C + HID);
+              for (int c = 0; c < C; ++c) s.f[c] = row[c];
+              for (int j = 0; j < HID; ++j) s.pre[j] = row[C + j];
+              if (need.w2)
+                for (int j = 0; j < HID; ++j) tb.h[t * HID + j] = field::softplus(s.pre[j]);
+              for (int64_t k = 0; k < F; ++k)
+                dout[1 + k] = field::feature_activation_grad_from_output(fwd.feat[i * F + k],
+                                                                         gfeat[i * F + k]);
+            } else {
+              eval_point(d, w, pl, g, in.axes, xyz + 3 * i, inv_half_box, s);
+              for (int64_t k = 0; k < F; ++k)
+                dout[1 + k] = field::feature_activation_grad(s.o[1 + k], gfeat[i * F + k]);
+              for (int j = 0; j < HID; ++j) tb.h[t * HID + j] = s.h[j];
+            }
             if (!need.upstream_of_w2()) continue;
             if constexpr (kVectorDecoder<Dims, scalar_t>)  // s.pre <- dpre
               cpu_decoder::mlp_backward(w.w1, w.w2, dout, s.pre, df);
@@ -332,37 +362,53 @@ void check_cpu(const FieldInputs& in) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> triplane_field_fwd_cpu(const at::Tensor& planes,
-                                                          const at::Tensor& xyz,
-                                                          const at::Tensor& w1,
-                                                          const at::Tensor& b1,
-                                                          const at::Tensor& w2,
-                                                          const at::Tensor& b2, double box_warp,
-                                                          int64_t axes) {
+namespace {
+
+// The forward, keeping the activations the backward reads when `save`.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& planes, const at::Tensor& xyz, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, const at::Tensor& b2, double box_warp, int64_t axes, bool save) {
   const FieldInputs in = prepare_field_inputs(planes, xyz, w1, b1, w2, b2, box_warp, axes);
   check_cpu(in);
   at::Tensor sigma = at::empty({in.B, in.N, 1}, planes.options());
   at::Tensor feat = at::empty({in.B, in.N, in.OUT - 1}, planes.options());
-  if (in.B * in.N == 0) return {sigma, feat};
+  at::Tensor saved = at::empty({in.B, in.N, save ? in.C + in.HID : 0}, planes.options());
+  if (in.B * in.N == 0) return {sigma, feat, saved};
   AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "triplane_field_fwd_cpu", [&] {
     dispatch_dims(in, [&](auto d) {
-      forward_impl<scalar_t>(d, in, sigma.data_ptr<scalar_t>(), feat.data_ptr<scalar_t>());
+      forward_impl<scalar_t>(d, in, sigma.data_ptr<scalar_t>(), feat.data_ptr<scalar_t>(),
+                             save ? saved.data_ptr<scalar_t>() : nullptr);
     });
   });
-  return {sigma, feat};
+  return {sigma, feat, saved};
 }
 
-FieldGrads triplane_field_bwd_cpu(const at::Tensor& grad_sigma, const at::Tensor& grad_feat,
-                                  const at::Tensor& planes, const at::Tensor& xyz,
-                                  const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-                                  const at::Tensor& b2, double box_warp, int64_t axes,
-                                  std::array<bool, 6> needs) {
+// The backward; `saved` / `feat_out` are the training forward's outputs, or undefined tensors.
+FieldGrads backward_cpu(const at::Tensor& grad_sigma, const at::Tensor& grad_feat,
+                        const at::Tensor& planes, const at::Tensor& xyz, const at::Tensor& w1,
+                        const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                        const at::Tensor& saved, const at::Tensor& feat_out, double box_warp,
+                        int64_t axes, std::array<bool, 6> needs) {
   const FieldInputs in = prepare_field_inputs(planes, xyz, w1, b1, w2, b2, box_warp, axes);
   check_cpu(in);
   TORCH_CHECK_VALUE(grad_sigma.sizes() == at::IntArrayRef({in.B, in.N, 1}),
                     "triplane_field backward: grad_sigma must be [B, N, 1], got ", grad_sigma.sizes());
   TORCH_CHECK_VALUE(grad_feat.sizes() == at::IntArrayRef({in.B, in.N, in.OUT - 1}),
                     "triplane_field backward: grad_feat must be [B, N, F], got ", grad_feat.sizes());
+  const bool from_saved = saved.defined();
+  at::Tensor acts, fo;
+  if (from_saved) {
+    TORCH_CHECK_VALUE(saved.sizes() == at::IntArrayRef({in.B, in.N, in.C + in.HID}),
+                      "triplane_field backward: saved must be [B, N, C + hidden] = [", in.B, ", ",
+                      in.N, ", ", in.C + in.HID, "], got ", saved.sizes());
+    TORCH_CHECK_VALUE(feat_out.sizes() == at::IntArrayRef({in.B, in.N, in.OUT - 1}),
+                      "triplane_field backward: feat must be [B, N, F], got ", feat_out.sizes());
+    TORCH_CHECK_TYPE(saved.scalar_type() == planes.scalar_type() &&
+                         feat_out.scalar_type() == planes.scalar_type(),
+                     "triplane_field backward: saved and feat must have the planes' dtype");
+    acts = saved.contiguous();
+    fo = feat_out.contiguous();
+  }
   const Needs need{needs[0], needs[1], needs[2], needs[3], needs[4], needs[5]};
   const auto opts = planes.options();
   const at::Tensor gs = grad_sigma.to(planes.scalar_type()).contiguous();
@@ -377,8 +423,13 @@ FieldGrads triplane_field_bwd_cpu(const at::Tensor& grad_sigma, const at::Tensor
   if (in.B * in.N > 0) {
     AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "triplane_field_bwd_cpu", [&] {
       auto ptr = [](at::Tensor& t, bool want) { return want ? t.data_ptr<scalar_t>() : nullptr; };
+      SavedForward<scalar_t> fwd;
+      if (from_saved) {
+        fwd.acts = acts.data_ptr<scalar_t>();
+        fwd.feat = fo.data_ptr<scalar_t>();
+      }
       dispatch_dims(in, [&](auto d) {
-        backward_impl<scalar_t>(d, in, gs.data_ptr<scalar_t>(), gf.data_ptr<scalar_t>(), need,
+        backward_impl<scalar_t>(d, in, gs.data_ptr<scalar_t>(), gf.data_ptr<scalar_t>(), fwd, need,
                                 ptr(d_planes, need.planes), ptr(d_xyz, need.xyz),
                                 ptr(d_w1, need.w1), ptr(d_b1, need.b1), ptr(d_w2, need.w2),
                                 ptr(d_b2, need.b2));
@@ -388,6 +439,44 @@ FieldGrads triplane_field_bwd_cpu(const at::Tensor& grad_sigma, const at::Tensor
   // Back to the API layout [B, 3, C, H, W] (a view; the buffer stays channels-last).
   if (need.planes) d_planes = d_planes.permute({0, 1, 4, 2, 3});
   return {d_planes, d_xyz, d_w1, d_b1, d_w2, d_b2};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> triplane_field_fwd_cpu(const at::Tensor& planes,
+                                                          const at::Tensor& xyz,
+                                                          const at::Tensor& w1,
+                                                          const at::Tensor& b1,
+                                                          const at::Tensor& w2,
+                                                          const at::Tensor& b2, double box_warp,
+                                                          int64_t axes) {
+  auto [sigma, feat, saved] = forward_cpu(planes, xyz, w1, b1, w2, b2, box_warp, axes, false);
+  return {sigma, feat};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> triplane_field_fwd_train_cpu(
+    const at::Tensor& planes, const at::Tensor& xyz, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, const at::Tensor& b2, double box_warp, int64_t axes) {
+  return forward_cpu(planes, xyz, w1, b1, w2, b2, box_warp, axes, true);
+}
+
+FieldGrads triplane_field_bwd_cpu(const at::Tensor& grad_sigma, const at::Tensor& grad_feat,
+                                  const at::Tensor& planes, const at::Tensor& xyz,
+                                  const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                                  const at::Tensor& b2, double box_warp, int64_t axes,
+                                  std::array<bool, 6> needs) {
+  return backward_cpu(grad_sigma, grad_feat, planes, xyz, w1, b1, w2, b2, at::Tensor(),
+                      at::Tensor(), box_warp, axes, needs);
+}
+
+FieldGrads triplane_field_bwd_saved_cpu(const at::Tensor& grad_sigma, const at::Tensor& grad_feat,
+                                        const at::Tensor& planes, const at::Tensor& xyz,
+                                        const at::Tensor& w1, const at::Tensor& b1,
+                                        const at::Tensor& w2, const at::Tensor& b2,
+                                        const at::Tensor& saved, const at::Tensor& feat,
+                                        double box_warp, int64_t axes, std::array<bool, 6> needs) {
+  return backward_cpu(grad_sigma, grad_feat, planes, xyz, w1, b1, w2, b2, saved, feat, box_warp,
+                      axes, needs);
 }
 
 }  // namespace talk3d

@@ -9,7 +9,9 @@ Back ends (``impl``):
   float32 / float16 / bfloat16).
 - ``"auto"``: the fastest available for the inputs' device and dtype.
 
-The compiled ops are ``torch.ops.talk3d.triplane_field_fwd`` / ``_bwd``; their autograd formula and
+The compiled ops are ``torch.ops.talk3d.triplane_field_fwd`` / ``_bwd``, and for training on the CPU
+``triplane_field_fwd_train`` / ``_bwd_saved`` (the forward also returns each point's decoder input and
+pre-activations, which the backward reads instead of recomputing them). Their autograd formulas and
 fake (shape-only) implementations are registered here, so ``torch.compile`` and
 ``torch.library.opcheck`` work on them.
 """
@@ -144,9 +146,15 @@ def triplane_field(
         return _reference(planes, xyz, w1, b1, w2, b2, box_warp=box_warp, axes=axes)
     if impl == "triton":
         return _TritonField.apply(planes, xyz, w1, b1, w2, b2, float(box_warp), AXES[axes])
-    return torch.ops.talk3d.triplane_field_fwd(
-        channels_last_planes(planes), xyz, w1, b1, w2, b2, float(box_warp), AXES[axes]
-    )
+    args = (channels_last_planes(planes), xyz, w1, b1, w2, b2, float(box_warp), AXES[axes])
+    if impl == "cpu" and torch.is_grad_enabled() and any(
+        t.requires_grad for t in (planes, xyz, w1, b1, w2, b2)
+    ):
+        # The CPU training pair: the forward keeps each point's decoder input and pre-activations
+        # ([B, N, C + hidden]) so the backward does not sample and decode every point again.
+        sigma, feat, _saved = torch.ops.talk3d.triplane_field_fwd_train(*args)
+        return sigma, feat
+    return torch.ops.talk3d.triplane_field_fwd(*args)
 
 
 # --- autograd and fake implementations of the compiled ops --------------------------------------
@@ -159,7 +167,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _output_grads(ctx, grad_sigma, grad_feat):
-    planes, xyz, w1, b1, w2, b2 = ctx.saved_tensors
+    planes, xyz, w1, b1, w2, b2 = ctx.saved_tensors[:6]
     B, N = xyz.shape[:2]
     if grad_sigma is None:
         grad_sigma = planes.new_zeros(B, N, 1)
@@ -177,9 +185,36 @@ def _backward(ctx, grad_sigma, grad_feat):
     return tuple(g if n else None for g, n in zip(grads, needs)) + (None, None)
 
 
+def _setup_context_train(ctx, inputs, output):
+    planes, xyz, w1, b1, w2, b2, box_warp, axes = inputs
+    _sigma, feat, saved = output
+    ctx.mark_non_differentiable(saved)
+    ctx.save_for_backward(planes, xyz, w1, b1, w2, b2, saved, feat)
+    ctx.box_warp, ctx.axes = box_warp, axes
+
+
+def _backward_train(ctx, grad_sigma, grad_feat, _grad_saved):
+    grad_sigma, grad_feat = _output_grads(ctx, grad_sigma, grad_feat)
+    needs = [bool(n) for n in ctx.needs_input_grad[:6]]
+    grads = torch.ops.talk3d.triplane_field_bwd_saved(
+        grad_sigma, grad_feat, *ctx.saved_tensors, ctx.box_warp, ctx.axes, needs
+    )
+    return tuple(g if n else None for g, n in zip(grads, needs)) + (None, None)
+
+
 def _fake_fwd(planes, xyz, w1, b1, w2, b2, box_warp, axes):
     B, N = xyz.shape[:2]
     return planes.new_empty(B, N, 1), planes.new_empty(B, N, w2.shape[0] - 1)
+
+
+def _fake_fwd_train(planes, xyz, w1, b1, w2, b2, box_warp, axes):
+    B, N = xyz.shape[:2]
+    sigma, feat = _fake_fwd(planes, xyz, w1, b1, w2, b2, box_warp, axes)
+    return sigma, feat, planes.new_empty(B, N, w1.shape[1] + w1.shape[0])
+
+
+def _fake_bwd_saved(grad_sigma, grad_feat, planes, xyz, w1, b1, w2, b2, saved, feat, box_warp, axes, needs):
+    return _fake_bwd(grad_sigma, grad_feat, planes, xyz, w1, b1, w2, b2, box_warp, axes, needs)
 
 
 def _fake_bwd(grad_sigma, grad_feat, planes, xyz, w1, b1, w2, b2, box_warp, axes, needs):
@@ -203,6 +238,11 @@ def _register_compiled_ops() -> None:
     torch.library.register_fake("talk3d::triplane_field_bwd")(_fake_bwd)
     torch.library.register_autograd(
         "talk3d::triplane_field_fwd", _backward, setup_context=_setup_context
+    )
+    torch.library.register_fake("talk3d::triplane_field_fwd_train")(_fake_fwd_train)
+    torch.library.register_fake("talk3d::triplane_field_bwd_saved")(_fake_bwd_saved)
+    torch.library.register_autograd(
+        "talk3d::triplane_field_fwd_train", _backward_train, setup_context=_setup_context_train
     )
 
 

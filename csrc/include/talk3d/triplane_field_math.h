@@ -265,6 +265,14 @@ T3D_HD acc_t feature_activation_grad(acc_t o, acc_t g) {
   return g * acc_t(1 + 2 * kFeatureEps) * s * (acc_t(1) - s);
 }
 
+// The same from the feature output itself, feat = s * (1 + 2 eps) - eps with s = sigmoid(o), for a
+// backward that kept the outputs instead of o (s comes back to within a float rounding of feat).
+template <typename acc_t>
+T3D_HD acc_t feature_activation_grad_from_output(acc_t feat, acc_t g) {
+  const acc_t s = (feat + acc_t(kFeatureEps)) / acc_t(1 + 2 * kFeatureEps);
+  return g * acc_t(1 + 2 * kFeatureEps) * s * (acc_t(1) - s);
+}
+
 // Decoder backward from the output gradient `dout` (already through the output transform).
 // Overwrites `pre` with d loss / d pre and writes df = W1^T dpre. w1: [HID, C], w2: [OUT, HID].
 template <typename Dims, typename acc_t, typename WArr, typename OArr, typename PreArr,
