@@ -304,6 +304,10 @@ void backward_impl(const Dims d, const FieldInputs& in, const scalar_t* gsigma,
         const int y_lo = int(g.H * band / bands), y_hi = int(g.H * (band + 1) / bands);
         int iu, iv;
         field::plane_axes(in.axes, plane, iu, iv);
+        if (c0 == 0)  // d_planes comes uninitialised: each band is zeroed by its owner, in cache
+          for (int64_t b = 0; b < in.B; ++b)
+            std::fill_n(d_planes + b * d_batch + plane * dg.s_plane + y_lo * dg.s_y,
+                        (y_hi - y_lo) * dg.s_y, scalar_t(0));
         for (int64_t i = c0; i < c1; ++i) {
           scalar_t q[3];
           field::scale_point(xyz + 3 * i, inv_half_box, q);
@@ -413,14 +417,17 @@ FieldGrads backward_cpu(const at::Tensor& grad_sigma, const at::Tensor& grad_fea
   const auto opts = planes.options();
   const at::Tensor gs = grad_sigma.to(planes.scalar_type()).contiguous();
   const at::Tensor gf = grad_feat.to(planes.scalar_type()).contiguous();
-  at::Tensor d_planes = need.planes ? at::zeros({in.B, 3, in.H, in.W, in.C}, opts)
-                                    : grad_placeholder(planes);
+  // Phase B zeroes d_planes band by band (a separate pass over it cost ~2 ms at the CPU size).
+  const bool empty = in.B * in.N == 0;
+  at::Tensor d_planes = !need.planes ? grad_placeholder(planes)
+                        : empty      ? at::zeros({in.B, 3, in.H, in.W, in.C}, opts)
+                                     : at::empty({in.B, 3, in.H, in.W, in.C}, opts);
   at::Tensor d_xyz = need.xyz ? at::zeros({in.B, in.N, 3}, opts) : grad_placeholder(xyz);
   at::Tensor d_w1 = need.w1 ? at::zeros_like(in.w1) : grad_placeholder(w1);
   at::Tensor d_b1 = need.b1 ? at::zeros_like(in.b1) : grad_placeholder(b1);
   at::Tensor d_w2 = need.w2 ? at::zeros_like(in.w2) : grad_placeholder(w2);
   at::Tensor d_b2 = need.b2 ? at::zeros_like(in.b2) : grad_placeholder(b2);
-  if (in.B * in.N > 0) {
+  if (!empty) {
     AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "triplane_field_bwd_cpu", [&] {
       auto ptr = [](at::Tensor& t, bool want) { return want ? t.data_ptr<scalar_t>() : nullptr; };
       SavedForward<scalar_t> fwd;
