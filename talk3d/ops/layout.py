@@ -15,7 +15,7 @@ import torch
 from .. import extension
 from .reference.layout import transpose_inner as _reference
 
-__all__ = ["transpose_inner", "channels_last_planes"]
+__all__ = ["transpose_inner", "channels_last_planes", "channels_last_buffer"]
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -76,6 +76,18 @@ def channels_last_planes(planes: torch.Tensor) -> torch.Tensor:
     else:
         cl = planes.permute(0, 1, 3, 4, 2).contiguous()
     return cl.permute(0, 1, 4, 2, 3)
+
+
+def channels_last_buffer(planes: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, C, H, W]`` planes -> ``[B, 3, H, W, C]`` channel-contiguous memory, for several field
+    calls on the same planes: each call takes its own view ``buffer.permute(0, 1, 4, 2, 3)``.
+
+    Why not share one :func:`channels_last_planes` view: autograd sums the calls' plane gradients at
+    the tensor they share, and torch adds two permuted-strided tensors slowly (two 1 x 3 x 32 x 256^2
+    float gradients: 8.8 ms against 1.8 ms for plainly strided ones, on the 2-core CPU VM). Shared as
+    this buffer, the gradients arrive plainly strided.
+    """
+    return channels_last_planes(planes).permute(0, 1, 3, 4, 2)
 
 
 def _fake(x):

@@ -189,6 +189,7 @@ def _setup_context_train(ctx, inputs, output):
     planes, xyz, w1, b1, w2, b2, box_warp, axes = inputs
     _sigma, feat, saved = output
     ctx.mark_non_differentiable(saved)
+    ctx.set_materialize_grads(False)  # no zero-filled [B, N, C + hidden] gradient for `saved`
     ctx.save_for_backward(planes, xyz, w1, b1, w2, b2, saved, feat)
     ctx.box_warp, ctx.axes = box_warp, axes
 

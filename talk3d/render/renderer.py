@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..ops import composite, triplane_field
-from ..ops.layout import channels_last_planes
+from ..ops.layout import channels_last_buffer
 from ..ops.reference.composite import TRANSMITTANCE_EPS, interval_weights
 from .cameras import generate_rays, ray_box_limits
 from .occupancy_grid import OccupancyGrid
@@ -99,8 +99,23 @@ def _check_inputs(planes, decoder, cameras):
     return decoder
 
 
+class _SharedPlanes:
+    """Planes that several field calls read: a channels-last buffer ``[B, 3, H, W, C]``, viewed as
+    ``[B, 3, C, H, W]`` by each call (see :func:`talk3d.ops.layout.channels_last_buffer`)."""
+
+    def __init__(self, planes: torch.Tensor):
+        self.buffer = channels_last_buffer(planes)
+        self.dtype = planes.dtype
+
+    def view(self) -> torch.Tensor:
+        return self.buffer.permute(0, 1, 4, 2, 3)
+
+
 def _field(planes, decoder, xyz, cfg, impl):
-    """sigma ``[B, N, 1]``, feat ``[B, N, F]`` at points ``[B, N, 3]``."""
+    """sigma ``[B, N, 1]``, feat ``[B, N, F]`` at points ``[B, N, 3]``. ``planes``: ``[B, 3, C, H, W]``
+    or :class:`_SharedPlanes`."""
+    if isinstance(planes, _SharedPlanes):
+        planes = planes.view()
     return triplane_field(planes, xyz, *decoder, box_warp=cfg.box_warp, axes=cfg.axes, impl=impl)
 
 
@@ -182,7 +197,7 @@ def _points(o, d, t):
 def _render_dense(planes, decoder, o, d, t_c, u, cfg, impl, deterministic):
     f_impl, c_impl = _impls(impl)
     if f_impl != "torch":
-        planes = channels_last_planes(planes)  # once for both passes (and once in the backward)
+        planes = _SharedPlanes(planes)  # channels-last once for both passes (and once in the backward)
     B, R, Sc, _ = t_c.shape
     Si = cfg.importance_samples
     sigma_c, feat_c = _field(planes, decoder, _points(o, d, t_c), cfg, f_impl)
@@ -237,7 +252,8 @@ def _eval_selected(planes, decoder, o, d, t, select, cfg, impl) -> _Samples:
     n_max = int(flat.sum(dim=1).max())
     if n_max == 0:
         empty = torch.zeros(0, dtype=torch.long, device=t.device)
-        return _Samples(empty, empty, t.new_zeros(0, 1), planes.new_zeros(0, 1), planes.new_zeros(0, F))
+        none = dict(dtype=planes.dtype, device=t.device)
+        return _Samples(empty, empty, t.new_zeros(0, 1), torch.zeros(0, 1, **none), torch.zeros(0, F, **none))
     b, k = flat.nonzero(as_tuple=True)
     slot = flat.cumsum(dim=1).sub_(1)[b, k]  # position of each selected sample within its row
     r, j = k // S, k % S
@@ -260,7 +276,7 @@ def _transmittance(sigma, t, valid):
 def _render_skipping(planes, decoder, o, d, t_c, u, cfg, impl, deterministic, grid, early_stop, chunk):
     f_impl, c_impl = _impls(impl)
     if f_impl != "torch":
-        planes = channels_last_planes(planes)  # once here, not in each of the chunks' field calls
+        planes = _SharedPlanes(planes)  # channels-last once here, not in each chunk's field call
     B, R, Sc, _ = t_c.shape
     Si = cfg.importance_samples
     ranges = grid.occupied_intervals(o, d, t_c[..., 0].contiguous(), impl="torch" if impl == "torch" else "auto")
