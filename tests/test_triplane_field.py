@@ -1,6 +1,7 @@
 """The fused triplane field: every back end against the pure-PyTorch reference."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 import pytest
@@ -275,6 +276,29 @@ def test_cpu_backward_from_saved_matches_recompute(case):
     # A saved tensor of the wrong shape is refused, naming it.
     with pytest.raises(ValueError, match="saved must be"):
         torch.ops.talk3d.triplane_field_bwd_saved(gs, gf, *args, saved[..., 1:], feat, 1.0, 1, needs)
+
+
+@pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")
+def test_cpu_activation_store_is_bounded(monkeypatch):
+    """Past SAVE_LIMIT_BYTES the CPU path keeps no activations and its backward recomputes them;
+    the gradients stay those of the reference either way."""
+    tf = importlib.import_module("talk3d.ops.triplane_field")  # the attribute is the function
+
+    case = FieldCase(B=2, N=150, C=32, hidden=64, out=33, H=9, W=14, spread=1.6)
+    inputs = make_field_inputs(case)
+    gos = [torch.randn(case.B, case.N, 1), torch.randn(case.B, case.N, case.out - 1)]
+    fn = lambda *a: triplane_field(*a, axes="eg3d", impl="cpu")  # noqa: E731
+    kept = run_with_grads(fn, inputs, gos)
+    assert tf._keeps_activations(*[t.requires_grad_() for t in inputs])
+    monkeypatch.setattr(tf, "SAVE_LIMIT_BYTES", 0)
+    assert not tf._keeps_activations(*inputs)
+    recomputed = run_with_grads(fn, inputs, gos)
+    want = reference64(inputs, gos, 1.0, "eg3d")
+    for got in (kept, recomputed):
+        assert_close("sigma", got[0], want[0], FP32_ATOL, FP32_RTOL)
+        assert_close("feat", got[1], want[1], FP32_ATOL, FP32_RTOL)
+        for name, g, w in zip(("planes", "xyz", "w1", "b1", "w2", "b2"), got[2], want[2]):
+            assert_close(f"d{name}", g, w, FP32_ATOL, FP32_RTOL)
 
 
 @pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")

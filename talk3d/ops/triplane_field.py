@@ -147,14 +147,25 @@ def triplane_field(
     if impl == "triton":
         return _TritonField.apply(planes, xyz, w1, b1, w2, b2, float(box_warp), AXES[axes])
     args = (channels_last_planes(planes), xyz, w1, b1, w2, b2, float(box_warp), AXES[axes])
-    if impl == "cpu" and torch.is_grad_enabled() and any(
-        t.requires_grad for t in (planes, xyz, w1, b1, w2, b2)
-    ):
+    if impl == "cpu" and _keeps_activations(planes, xyz, w1, b1, w2, b2):
         # The CPU training pair: the forward keeps each point's decoder input and pre-activations
         # ([B, N, C + hidden]) so the backward does not sample and decode every point again.
         sigma, feat, _saved = torch.ops.talk3d.triplane_field_fwd_train(*args)
         return sigma, feat
     return torch.ops.talk3d.triplane_field_fwd(*args)
+
+
+#: Largest activation store of the CPU training forward; past it the backward recomputes the
+#: forward instead (as the CUDA kernel always does). 1 GiB is ~2.2 M points at the EG3D size, far
+#: beyond a CPU training step (the demo's is ~50 k points).
+SAVE_LIMIT_BYTES = 1 << 30
+
+
+def _keeps_activations(planes, xyz, w1, b1, w2, b2) -> bool:
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (planes, xyz, w1, b1, w2, b2)):
+        return False
+    B, N = xyz.shape[:2]
+    return B * N * (w1.shape[0] + w1.shape[1]) * planes.element_size() <= SAVE_LIMIT_BYTES
 
 
 # --- autograd and fake implementations of the compiled ops --------------------------------------
