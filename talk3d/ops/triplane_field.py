@@ -131,6 +131,10 @@ def triplane_field(
         ``(sigma, feat)``: ``[B, N, 1]`` raw density and ``[B, N, F]`` features
         (``sigmoid * 1.002 - 0.001``), in the planes' dtype.
 
+    Memory: when an input needs a gradient, the ``"cpu"`` back end keeps ``[B, N, C + hidden]``
+    activations for the backward (up to :data:`SAVE_LIMIT_BYTES`; past it, and on the GPU, the
+    backward recomputes them).
+
     Example:
         >>> planes = torch.randn(1, 3, 32, 64, 64)
         >>> xyz = torch.rand(1, 100, 3) - 0.5
