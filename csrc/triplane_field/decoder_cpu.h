@@ -8,6 +8,8 @@
 // (4-cycle latency each): the decoder ran at ~7 FMAs per cycle per core against a peak of 32.
 // Here every sum is a few vector registers, split in independent chains that the core overlaps.
 // Sums are therefore added in a different order than the shared version (float rounding only).
+// The backward's other per-point vector work at this size lives here too: the weight gradients as
+// sums of outer products over a tile of points, and the coordinate gradient.
 #pragma once
 
 #include "talk3d/triplane_field_math.h"

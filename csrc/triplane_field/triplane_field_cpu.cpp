@@ -5,15 +5,16 @@
 // per point, so that the backward does not sample and decode every point a second time (that
 // recompute was half of the backward's phase A; the GPU recomputes instead, where memory is dearer).
 // Backward, per chunk of points, in two parallel phases:
-//   A. over tiles of kTile points: recompute (or read) the forward, back-propagate through the decoder, write
-//      d_xyz and each point's feature gradient df into a chunk buffer, and add the tile's weight
-//      gradients as outer-product sums (rows kept in registers, so the accumulators are read and
-//      written once per tile instead of once per point); one set of weight sums per task.
+//   A. over tiles of kTile points: recompute (or read) the forward, back-propagate through the
+//      decoder, write d_xyz and each point's feature gradient df into a chunk buffer, and add the
+//      tile's weight gradients as outer-product sums (rows kept in registers, so the accumulators
+//      are read and written once per tile instead of once per point); one set of weight sums per
+//      task. At the EG3D size in float the decoder and these sums run in decoder_cpu.h.
 //   B. the plane gradient, a scatter: instead of atomics (a locked CAS per channel per tap costs
 //      more than the whole forward) or a private copy of d_planes per task (zeroing, faulting in
 //      and summing tens of MB per call), each task owns a band of rows of one plane and adds the
 //      taps of every point of the chunk that fall in it. Every point's taps are recomputed once per
-//      band (cheap), and each gradient element is written by one task only.
+//      band (cheap), and each gradient element is written by one task only (and zeroed by it first).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
