@@ -72,3 +72,27 @@ def test_field_gradient_with_api_planes_matches_reference():
         (gp,) = torch.autograd.grad(sigma.sum() + feat.square().sum(), planes)
         grads.append(gp)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
+
+
+def test_shared_buffer_views_accumulate_gradients():
+    """Several field calls on one channels-last buffer, each through its own planes_view: the values
+    are the planes', and the buffer's gradient is the sum of the calls' (contiguous, owning its
+    memory so autograd can add the next call's into it in place)."""
+    from talk3d.ops.layout import channels_last_buffer, planes_view
+
+    planes = torch.randn(2, 3, 5, 4, 6, dtype=torch.float64, requires_grad=True)
+    buf = channels_last_buffer(planes)
+    assert buf.shape == (2, 3, 4, 6, 5) and buf.is_contiguous()
+    views = [planes_view(buf) for _ in range(3)]
+    for v in views:
+        assert torch.equal(v, planes) and v.stride(2) == 1
+    weights = [torch.randn_like(planes) for _ in views]
+    seen = []
+    buf.register_hook(lambda g: seen.append(g))
+    sum((v * w).sum() for v, w in zip(views, weights)).backward()
+    torch.testing.assert_close(planes.grad, sum(weights), rtol=0, atol=1e-12)
+    assert seen[0].is_contiguous()
+    with torch.no_grad():  # no autograd node without gradients
+        assert planes_view(buf)._base is not None
+    with pytest.raises(ValueError, match="planes_view"):
+        planes_view(buf[0])

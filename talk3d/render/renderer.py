@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..ops import composite, triplane_field
-from ..ops.layout import channels_last_buffer
+from ..ops.layout import channels_last_buffer, planes_view
 from ..ops.reference.composite import TRANSMITTANCE_EPS, interval_weights
 from .cameras import generate_rays, ray_box_limits
 from .occupancy_grid import OccupancyGrid
@@ -108,7 +108,7 @@ class _SharedPlanes:
         self.dtype = planes.dtype
 
     def view(self) -> torch.Tensor:
-        return self.buffer.permute(0, 1, 4, 2, 3)
+        return planes_view(self.buffer)
 
 
 def _field(planes, decoder, xyz, cfg, impl):
