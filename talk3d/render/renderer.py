@@ -194,14 +194,15 @@ def _points(o, d, t):
     return (o[:, :, None] + d[:, :, None] * t).reshape(B, R * S, 3)
 
 
-def _take_along_rays(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """``x[b, r, order[b, r, j]]``: samples ``[B, R, S, F]`` reordered along each ray by ``order``
-    ``[B, R, S, 1]``. Whole rows of F values through ``index_select`` (backward: ``index_add_``), not
-    ``gather`` with the index expanded to every feature: on the CPU, for a 32² frame's 96 x 32
-    features, 1.5 / 3.6 ms forward / backward against 6.2 / 9.6 ms. Same values, bit for bit."""
-    B, R, S, F = x.shape
-    rows = torch.arange(B * R, device=x.device).mul_(S)[:, None] + order.reshape(B * R, S)
-    return x.reshape(B * R * S, F).index_select(0, rows.reshape(-1)).reshape(B, R, S, F)
+def _take_along_rays(order: torch.Tensor, *xs: torch.Tensor) -> list[torch.Tensor]:
+    """``x[b, r, order[b, r, j]]`` for each x: samples ``[B, R, S, F]`` reordered along each ray by
+    ``order`` ``[B, R, S, 1]``. Whole rows of F values through ``index_select`` (backward:
+    ``index_add_``), not ``gather`` with the index expanded to every feature: on the CPU, for a 32²
+    frame's 96 x 32 features, 1.5 / 3.6 ms forward / backward against 6.2 / 9.6 ms. Same values,
+    bit for bit."""
+    B, R, S, _ = order.shape
+    rows = (torch.arange(B * R, device=order.device).mul_(S)[:, None] + order.reshape(B * R, S)).reshape(-1)
+    return [x.reshape(B * R * S, -1).index_select(0, rows).reshape(B, R, S, -1) for x in xs]
 
 
 def _render_dense(planes, decoder, o, d, t_c, u, cfg, impl, deterministic):
@@ -219,8 +220,8 @@ def _render_dense(planes, decoder, o, d, t_c, u, cfg, impl, deterministic):
         sigma_f, feat_f = _field(planes, decoder, _points(o, d, t_f), cfg, f_impl)
         t = torch.cat([t_c, t_f], dim=2)
         t, order = torch.sort(t, dim=2, stable=True)
-        sigma = _take_along_rays(torch.cat([sigma_c, sigma_f.reshape(B, R, Si, 1)], dim=2), order)
-        feat = _take_along_rays(torch.cat([feat_c, feat_f.reshape(B, R, Si, -1)], dim=2), order)
+        sigma, feat = _take_along_rays(order, torch.cat([sigma_c, sigma_f.reshape(B, R, Si, 1)], dim=2),
+                                       torch.cat([feat_c, feat_f.reshape(B, R, Si, -1)], dim=2))
     else:
         t, sigma, feat = t_c, sigma_c, feat_c
     sigma, feat, t = _composite_dtype(sigma, feat, t)
