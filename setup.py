@@ -66,11 +66,13 @@ def cmdclass():
 
 
 packages = find_packages(include=["talk3d", "talk3d.*"])
-# The device code lives in kernels/ but ships inside the package as talk3d.kernels (never as a
-# top-level module named `kernels`).
-kernel_packages = ["talk3d.kernels"] + [
-    "talk3d.kernels." + p for p in find_packages(where="kernels")
-]
+# The device code lives in kernels/ but ships inside the package as talk3d.kernels.<op> (never as
+# a top-level module named `kernels`): talk3d/kernels/__init__.py is the package, and each op's
+# folder is mapped in as its subpackage. kernels/ itself has no __init__.py, so that running from
+# the repository root never shadows an installed top-level `kernels` (Hugging Face's, which
+# transformers imports).
+kernel_subpackages = find_packages(where="kernels")
+kernel_packages = ["talk3d.kernels." + p for p in kernel_subpackages]
 
 setup(
     name="talk3d",
@@ -78,8 +80,8 @@ setup(
     description="Audio-driven 3D talking portraits on a custom-kernel triplane NeRF engine",
     python_requires=">=3.10",
     packages=packages + kernel_packages,
-    package_dir={"talk3d.kernels": "kernels"},
-    package_data={"talk3d.kernels": ["**/*.cu", "**/*.h", "**/*.cuh"]},
+    package_dir={"talk3d.kernels." + p: "kernels/" + p.replace(".", "/") for p in kernel_subpackages},
+    package_data={"talk3d.kernels." + p: ["*.cu", "*.h", "*.cuh"] for p in kernel_subpackages},
     ext_modules=extension_modules(),
     cmdclass=cmdclass(),
     install_requires=["torch>=2.4", "numpy", "safetensors", "pillow", "tqdm"],

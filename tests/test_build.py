@@ -75,6 +75,28 @@ def test_import_never_compiles_and_missing_extension_says_how_to_build(tmp_path)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr
 
 
+def test_repository_kernels_folder_shadows_no_top_level_package(tmp_path):
+    """Run from the repository root (``python -m ...`` puts it first on sys.path), ``kernels/`` must
+    not be a regular package: it would shadow an installed top-level ``kernels`` (Hugging Face's,
+    which transformers imports: ``from kernels import ...`` then failed inside wav2vec2 loading).
+    A namespace folder loses to any installed package; the device code is ``talk3d.kernels``."""
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("MARK = 'installed'\n")
+    code = ("import kernels, talk3d.kernels, talk3d.kernels.triplane_field.triplane_field_triton as t\n"
+            "print(kernels.MARK, talk3d.kernels.__file__, t.__file__)\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), TRITON_INTERPRET="1")
+    # cwd on sys.path first, as with ``python -m``; the "installed" package comes later on the path.
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, ''); exec(open(0).read())"],
+                         input=code, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    mark, pkg, triton_file = out.stdout.split()
+    assert mark == "installed"
+    assert Path(pkg).resolve() == ROOT / "talk3d" / "kernels" / "__init__.py"
+    assert Path(triton_file).resolve() == ROOT / "kernels" / "triplane_field" / "triplane_field_triton.py"
+
+
 def _cuda_include_dir() -> Path | None:
     candidates = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda", *sorted(map(str, Path("/usr/local").glob("cuda-*")))]
     for c in candidates:
