@@ -40,6 +40,12 @@ TORCH_LIBRARY(talk3d, m) {
       "composite_bwd(Tensor grad_feat, Tensor grad_depth, Tensor grad_weight_sum, Tensor sigma, "
       "Tensor feat, Tensor t, Tensor? packed_info, Tensor out_feat, Tensor out_depth, "
       "Tensor out_weight_sum, bool[3] needs) -> (Tensor, Tensor, Tensor)");
+  // sigma [B, R, S, 1], t [B, R, S, 1] sorted -> omega [B, R, S, 1] (each sample's weight in the
+  // feature sum: feature image = 2 sum_j omega_j f_j - 1), depth [B, R, 1], weight sum [B, R, 1].
+  m.def("composite_weights_fwd(Tensor sigma, Tensor t) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "composite_weights_bwd(Tensor grad_omega, Tensor grad_depth, Tensor grad_weight_sum, Tensor sigma, "
+      "Tensor t, Tensor out_omega, Tensor out_depth, Tensor out_weight_sum, bool[2] needs) -> (Tensor, Tensor)");
   // origins [B, R, 3], dirs [B, R, 3], t [B, R, S] sorted, bits uint8 [ceil(res^3 / 8)]
   //   -> int32 [B, R, 2]: first and last interval [t_i, t_{i+1}] through occupied space, or -1.
   m.def(
@@ -56,6 +62,8 @@ TORCH_LIBRARY_IMPL(talk3d, CPU, m) {
   m.impl("triplane_field_bwd_saved", &talk3d::triplane_field_bwd_saved_cpu);
   m.impl("composite_fwd", &talk3d::composite_fwd_cpu);
   m.impl("composite_bwd", &talk3d::composite_bwd_cpu);
+  m.impl("composite_weights_fwd", &talk3d::composite_weights_fwd_cpu);
+  m.impl("composite_weights_bwd", &talk3d::composite_weights_bwd_cpu);
   m.impl("occupied_intervals", &talk3d::occupied_intervals_cpu);
   m.impl("transpose_inner", &talk3d::transpose_inner_cpu);
 }

@@ -19,6 +19,14 @@ class CompositeCase:
     t_end: float = 3.3
 
 
+CASES = [
+    CompositeCase(),
+    CompositeCase(B=1, R=64, S=96, F=32),                       # EG3D's final pass: 48 + 48 samples
+    CompositeCase(B=1, R=16, S=20, F=3, sigma_scale=40.0, sigma_shift=20.0),  # alpha -> 1 everywhere
+    CompositeCase(B=2, R=8, S=2, F=1),                          # one interval per ray
+]
+
+
 def make_dense(case: CompositeCase, dtype=torch.float32, device="cpu"):
     """sigma [B, R, S, 1], feat [B, R, S, F] in EG3D's (-0.001, 1.001) range, t [B, R, S, 1] sorted."""
     B, R, S = case.B, case.R, case.S

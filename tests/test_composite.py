@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from composite_cases import CompositeCase, make_dense, make_packed
+from composite_cases import CASES, CompositeCase, make_dense, make_packed
 from talk3d import extension
 from talk3d.ops import composite, reference
 from talk3d.ops.composite import available_impls
@@ -24,12 +24,6 @@ FP64_ATOL, FP64_RTOL = 1e-11, 1e-11
 # Half-precision storage (CUDA): inputs and outputs rounded to 2^-8 (bf16) / 2^-11 (fp16).
 HALF_ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
-CASES = [
-    CompositeCase(),
-    CompositeCase(B=1, R=64, S=96, F=32),                       # EG3D's final pass: 48 + 48 samples
-    CompositeCase(B=1, R=16, S=20, F=3, sigma_scale=40.0, sigma_shift=20.0),  # alpha -> 1 everywhere
-    CompositeCase(B=2, R=8, S=2, F=1),                          # one interval per ray
-]
 
 BACKENDS = [
     pytest.param("cpu", marks=pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")),

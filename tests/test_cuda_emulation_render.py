@@ -23,6 +23,7 @@ import torch
 
 from composite_cases import CompositeCase, make_dense, make_packed
 from talk3d import extension
+from talk3d.ops import reference
 from talk3d.ops.reference.composite import composite as reference_composite
 from talk3d.ops.reference.composite import finish_depth
 
@@ -280,6 +281,62 @@ def test_composite_kernels_in_emulation(emulator, tmp_path, name):
             want = next(ref_grads)
             _assert_close(f"backward {nm} vs reference", got, torch.zeros_like(got) if want is None else want,
                           REF_GRAD_RTOL[c["dtype"]])
+
+
+WEIGHTS_CASES = {
+    "dense_f32": dict(),
+    "dense_f64": dict(dtype="f64"),
+    "dense_bf16": dict(dtype="bf16"),
+    "dense_f16_opaque": dict(dtype="f16", sigma_scale=40.0, sigma_shift=20.0),
+    "grid_stride_loop": dict(B=1, R=2100, S=3, sms=1),
+    "only_dt": dict(mask=2),
+    "eg3d_96_samples": dict(B=1, R=40, S=96),
+}
+
+
+@pytest.mark.parametrize("name", list(WEIGHTS_CASES))
+def test_composite_weights_kernels_in_emulation(emulator, tmp_path, name):
+    c = dict(dtype="f32", B=2, R=37, S=24, sigma_scale=4.0, sigma_shift=0.0, sms=2, mask=3)
+    c.update(WEIGHTS_CASES[name])
+    code, sdt = DTYPES[c["dtype"]]
+    case = CompositeCase(B=c["B"], R=c["R"], S=c["S"], F=1, sigma_scale=c["sigma_scale"], sigma_shift=c["sigma_shift"])
+    sigma, _, t = (x.to(sdt).to(torch.float64) for x in make_dense(case, torch.float64))
+    B, R, S = sigma.shape[:3]
+    g_omega, g_depth, g_wsum = (torch.randn(*shape, dtype=torch.float64).to(sdt)
+                                for shape in ((B, R, S, 1), (B, R, 1), (B, R, 1)))
+    for fn, x in {"sigma": sigma, "t": t, "gomega": g_omega, "gdepth": g_depth, "gwsum": g_wsum}.items():
+        (tmp_path / f"{fn}.bin").write_bytes(_raw(x.to(sdt)))
+    (tmp_path / "meta.txt").write_text(" ".join(map(str, [code, B * R, S, c["sms"], c["mask"]])))
+    out = _run(emulator, "weights", tmp_path)
+    assert "forward: err=0" in out and "backward: err=0" in out, out
+    outs = [_load(tmp_path / f"out_{n}.bin", sdt, shape)
+            for n, shape in (("omega", (B, R, S, 1)), ("depth", (B, R, 1)), ("wsum", (B, R, 1)))]
+    grads = [_load(tmp_path / f"out_{n}.bin", sdt, (B, R, S, 1)) for n in ("dsigma", "dt")]
+    needs = [bool(c["mask"] >> i & 1) for i in range(2)]
+    # Against the CPU op on the same values and the same saved outputs.
+    cdt = sdt if sdt in (torch.float32, torch.float64) else torch.float32
+    atol, rtol = SAME_CODE_ATOL[c["dtype"]], ROUNDING_RTOL[c["dtype"]]
+    want = torch.ops.talk3d.composite_weights_fwd(sigma.to(cdt), t.to(cdt))
+    for nm, got, w in zip(("omega", "depth", "weight_sum"), outs, want):
+        _assert_close(f"forward {nm} vs cpu op", got, w, atol, rtol)
+    want_bwd = torch.ops.talk3d.composite_weights_bwd(
+        g_omega.to(cdt), g_depth.to(cdt), g_wsum.to(cdt), sigma.to(cdt), t.to(cdt), *[o.to(cdt) for o in outs], needs)
+    for nm, got, w, need in zip(("dsigma", "dt"), grads, want_bwd, needs):
+        if need:
+            _assert_close(f"backward {nm} vs cpu op", got, w, atol, rtol)
+    # Against the float64 reference (rays without weight: no depth gradient, as in the composite test).
+    ins = [x.clone().requires_grad_(n) for x, n in zip((sigma, t), needs)]
+    r_omega, r_depth, r_wsum = reference.composite_weights(*ins)
+    _assert_close("forward omega vs reference", outs[0], r_omega.detach(), REF_OUTPUT_RTOL[c["dtype"]])
+    _assert_close("forward weight_sum vs reference", outs[2], r_wsum.detach(), REF_OUTPUT_RTOL[c["dtype"]])
+    has_w = (r_wsum.detach() > 0).to(torch.float64)
+    loss = (g_omega.double() * r_omega).sum() + (g_depth.double() * has_w * r_depth).sum() + \
+        (g_wsum.double() * r_wsum).sum()
+    wanted = [x for x in ins if x.requires_grad]
+    ref_grads = iter(torch.autograd.grad(loss, wanted))
+    for nm, got, need in zip(("dsigma", "dt"), grads, needs):
+        if need:
+            _assert_close(f"backward {nm} vs reference", got, next(ref_grads), REF_GRAD_RTOL[c["dtype"]])
 
 
 def test_composite_rejects_too_many_features(emulator, tmp_path):

@@ -63,4 +63,33 @@ CompositeOut composite_bwd_cpu(const at::Tensor& grad_feat, const at::Tensor& gr
                                const at::Tensor& out_feat, const at::Tensor& out_depth,
                                const at::Tensor& out_wsum, std::array<bool, 3> needs);
 
+// ---- composite_weights: per-sample weights omega_j = (w_{j-1} + w_j) / 2 instead of summed features.
+//   sigma [B, R, S, 1], t [B, R, S, 1] sorted -> omega [B, R, S, 1], depth [B, R, 1], weight_sum [B, R, 1]
+// (feature image = 2 sum_j omega_j f_j - 1, summed by the caller in any sample order).
+
+struct WeightsInputs {
+  at::Tensor sigma, t;        // [R * S] contiguous
+  int64_t R, S;
+  std::vector<int64_t> lead;  // {B, R}
+};
+
+WeightsInputs prepare_weights_inputs(const at::Tensor& sigma, const at::Tensor& t);
+
+// Checks the backward's per-ray and per-sample tensors against `in` and brings them to sigma's
+// dtype, contiguous: {g_omega, g_depth, g_wsum, omega, depth, wsum}.
+std::array<at::Tensor, 6> prepare_weights_backward(const WeightsInputs& in, const at::Tensor& sigma,
+                                                   const at::Tensor& grad_omega, const at::Tensor& grad_depth,
+                                                   const at::Tensor& grad_wsum, const at::Tensor& out_omega,
+                                                   const at::Tensor& out_depth, const at::Tensor& out_wsum);
+
+using WeightsGrads = std::tuple<at::Tensor, at::Tensor>;
+
+CompositeOut composite_weights_fwd_cpu(const at::Tensor& sigma, const at::Tensor& t);
+
+// Gradients for (sigma, t); an entry whose `needs` is false is an empty tensor.
+WeightsGrads composite_weights_bwd_cpu(const at::Tensor& grad_omega, const at::Tensor& grad_depth,
+                                       const at::Tensor& grad_wsum, const at::Tensor& sigma, const at::Tensor& t,
+                                       const at::Tensor& out_omega, const at::Tensor& out_depth,
+                                       const at::Tensor& out_wsum, std::array<bool, 2> needs);
+
 }  // namespace talk3d

@@ -4,6 +4,7 @@
 
 #include "composite.h"
 #include "talk3d/composite_math.h"
+#include "triplane_field/triplane_field.h"  // grad_placeholder
 
 namespace talk3d {
 
@@ -103,6 +104,61 @@ CompositeOut composite_bwd_cpu(const at::Tensor& grad_feat, const at::Tensor& gr
     });
   });
   return io.result(sigma, feat, t);
+}
+
+CompositeOut composite_weights_fwd_cpu(const at::Tensor& sigma, const at::Tensor& t) {
+  const WeightsInputs in = prepare_weights_inputs(sigma, t);
+  TORCH_CHECK_TYPE(sigma.scalar_type() == at::kFloat || sigma.scalar_type() == at::kDouble,
+                   "composite_weights (cpu): takes float32 or float64, got ", sigma.scalar_type());
+  const auto opts = in.sigma.options();
+  at::Tensor omega = at::empty(sigma.sizes(), opts);
+  at::Tensor depth = at::empty({in.lead[0], in.lead[1], 1}, opts), wsum = at::empty_like(depth);
+  AT_DISPATCH_FLOATING_TYPES(sigma.scalar_type(), "composite_weights_fwd_cpu", [&] {
+    const scalar_t *ps = in.sigma.data_ptr<scalar_t>(), *pt = in.t.data_ptr<scalar_t>();
+    scalar_t *po = omega.data_ptr<scalar_t>(), *od = depth.data_ptr<scalar_t>(), *ow = wsum.data_ptr<scalar_t>();
+    const int64_t S = in.S;
+    // A ray is ~S scalar steps with no feature work: larger grains than the feature op's.
+    at::parallel_for(0, in.R, 8 * kRayGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t w, dnum;
+        composite::weights_forward_ray(ps + r * S, pt + r * S, S, po + r * S, w, dnum);
+        od[r] = dnum / w;  // NaN for a ray with no weight, as the reference gives
+        ow[r] = w;
+      }
+    });
+  });
+  return {omega, depth, wsum};
+}
+
+WeightsGrads composite_weights_bwd_cpu(const at::Tensor& grad_omega, const at::Tensor& grad_depth,
+                                       const at::Tensor& grad_wsum, const at::Tensor& sigma, const at::Tensor& t,
+                                       const at::Tensor& out_omega, const at::Tensor& out_depth,
+                                       const at::Tensor& out_wsum, std::array<bool, 2> needs) {
+  const WeightsInputs in = prepare_weights_inputs(sigma, t);
+  TORCH_CHECK_TYPE(sigma.scalar_type() == at::kFloat || sigma.scalar_type() == at::kDouble,
+                   "composite_weights (cpu): takes float32 or float64, got ", sigma.scalar_type());
+  const std::array<at::Tensor, 6> io =
+      prepare_weights_backward(in, sigma, grad_omega, grad_depth, grad_wsum, out_omega, out_depth, out_wsum);
+  const at::Tensor &go = io[0], &gd = io[1], &gw = io[2], &so = io[3], &sd = io[4], &sw = io[5];
+  const auto opts = in.sigma.options();
+  at::Tensor dsigma = needs[0] ? at::empty(sigma.sizes(), opts) : at::Tensor();
+  at::Tensor dt = needs[1] ? at::empty(t.sizes(), opts) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(sigma.scalar_type(), "composite_weights_bwd_cpu", [&] {
+    const scalar_t *ps = in.sigma.data_ptr<scalar_t>(), *pt = in.t.data_ptr<scalar_t>();
+    const scalar_t *pgo = go.data_ptr<scalar_t>(), *pgd = gd.data_ptr<scalar_t>(), *pgw = gw.data_ptr<scalar_t>(),
+                   *pso = so.data_ptr<scalar_t>(), *psd = sd.data_ptr<scalar_t>(), *psw = sw.data_ptr<scalar_t>();
+    scalar_t* ds = dsigma.defined() ? dsigma.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dtp = dt.defined() ? dt.data_ptr<scalar_t>() : nullptr;
+    const int64_t S = in.S;
+    at::parallel_for(0, in.R, 8 * kRayGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const auto g = composite::fold_weights_grad(pso + r * S, pgo + r * S, S, psd[r], psw[r], pgd[r], pgw[r]);
+        composite::weights_backward_ray(ps + r * S, pt + r * S, S, pgo + r * S, g, ds ? ds + r * S : nullptr,
+                                        dtp ? dtp + r * S : nullptr);
+      }
+    });
+  });
+  return {dsigma.defined() ? dsigma : grad_placeholder(sigma), dt.defined() ? dt : grad_placeholder(t)};
 }
 
 }  // namespace talk3d

@@ -79,11 +79,51 @@ CompositeOut bwd_cuda(const at::Tensor& grad_feat, const at::Tensor& grad_depth,
   return io.result(sigma, feat, t);
 }
 
+cuda::WeightsProblem make_weights_problem(const WeightsInputs& in) {
+  TORCH_CHECK_VALUE(in.sigma.is_cuda(), "composite_weights (cuda): inputs must be on a CUDA device");
+  return {storage_dtype(in.sigma.scalar_type()), in.sigma.data_ptr(), in.t.data_ptr(), in.R, in.S};
+}
+
+CompositeOut weights_fwd_cuda(const at::Tensor& sigma, const at::Tensor& t) {
+  const WeightsInputs in = prepare_weights_inputs(sigma, t);
+  const c10::cuda::CUDAGuard guard(sigma.device());
+  const cuda::WeightsProblem p = make_weights_problem(in);
+  const auto opts = in.sigma.options();
+  at::Tensor omega = at::empty(sigma.sizes(), opts);
+  at::Tensor depth = at::empty({in.lead[0], in.lead[1], 1}, opts), wsum = at::empty_like(depth);
+  check_launch(cuda::composite_weights_forward(p, omega.data_ptr(), depth.data_ptr(), wsum.data_ptr(),
+                                               c10::cuda::getCurrentCUDAStream()),
+               "weights forward");
+  return {omega, depth, wsum};
+}
+
+WeightsGrads weights_bwd_cuda(const at::Tensor& grad_omega, const at::Tensor& grad_depth, const at::Tensor& grad_wsum,
+                              const at::Tensor& sigma, const at::Tensor& t, const at::Tensor& out_omega,
+                              const at::Tensor& out_depth, const at::Tensor& out_wsum, std::array<bool, 2> needs) {
+  const WeightsInputs in = prepare_weights_inputs(sigma, t);
+  const c10::cuda::CUDAGuard guard(sigma.device());
+  const cuda::WeightsProblem p = make_weights_problem(in);
+  const std::array<at::Tensor, 6> io =
+      prepare_weights_backward(in, sigma, grad_omega, grad_depth, grad_wsum, out_omega, out_depth, out_wsum);
+  const auto opts = in.sigma.options();
+  at::Tensor dsigma = needs[0] ? at::empty(sigma.sizes(), opts) : at::Tensor();
+  at::Tensor dt = needs[1] ? at::empty(t.sizes(), opts) : at::Tensor();
+  check_launch(cuda::composite_weights_backward(p, io[0].data_ptr(), io[1].data_ptr(), io[2].data_ptr(),
+                                                io[3].data_ptr(), io[4].data_ptr(), io[5].data_ptr(),
+                                                dsigma.defined() ? dsigma.data_ptr() : nullptr,
+                                                dt.defined() ? dt.data_ptr() : nullptr,
+                                                c10::cuda::getCurrentCUDAStream()),
+               "weights backward");
+  return {dsigma.defined() ? dsigma : grad_placeholder(sigma), dt.defined() ? dt : grad_placeholder(t)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(talk3d, CUDA, m) {
   m.impl("composite_fwd", &fwd_cuda);
   m.impl("composite_bwd", &bwd_cuda);
+  m.impl("composite_weights_fwd", &weights_fwd_cuda);
+  m.impl("composite_weights_bwd", &weights_bwd_cuda);
 }
 
 }  // namespace talk3d

@@ -123,4 +123,42 @@ CompositeOut CompositeBackwardIO::result(const at::Tensor& sigma, const at::Tens
   return {out(dsigma, sigma), out(dfeat, feat), out(dt, t)};
 }
 
+WeightsInputs prepare_weights_inputs(const at::Tensor& sigma, const at::Tensor& t) {
+  const auto st = sigma.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+                   "composite_weights: sigma dtype ", st, " is not supported");
+  TORCH_CHECK_TYPE(t.scalar_type() == st, "composite_weights: t has dtype ", t.scalar_type(),
+                   " but sigma has ", st, "; they must match");
+  TORCH_CHECK_VALUE(t.device() == sigma.device(), "composite_weights: t is on ", t.device(),
+                    " but sigma is on ", sigma.device());
+  TORCH_CHECK_VALUE(sigma.dim() == 4 && sigma.size(3) == 1,
+                    "composite_weights: sigma must be [B, R, S, 1], got ", sigma.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == sigma.sizes(), "composite_weights: t must be [B, R, S, 1] like sigma, got ",
+                    t.sizes());
+  WeightsInputs in;
+  in.R = sigma.size(0) * sigma.size(1);
+  in.S = sigma.size(2);
+  in.lead = {sigma.size(0), sigma.size(1)};
+  in.sigma = sigma.contiguous().view({-1});
+  in.t = t.contiguous().view({-1});
+  return in;
+}
+
+std::array<at::Tensor, 6> prepare_weights_backward(const WeightsInputs& in, const at::Tensor& sigma,
+                                                   const at::Tensor& grad_omega, const at::Tensor& grad_depth,
+                                                   const at::Tensor& grad_wsum, const at::Tensor& out_omega,
+                                                   const at::Tensor& out_depth, const at::Tensor& out_wsum) {
+  auto take = [&](const at::Tensor& x, const char* name, int64_t numel) {
+    TORCH_CHECK_VALUE(x.device() == sigma.device(), "composite_weights_bwd: ", name, " is on ", x.device(),
+                      " but sigma is on ", sigma.device());
+    TORCH_CHECK_VALUE(x.numel() == numel, "composite_weights_bwd: ", name, " has ", x.numel(),
+                      " elements, expected ", numel, " (the forward output's shape)");
+    return x.to(sigma.scalar_type()).contiguous();
+  };
+  const int64_t N = in.R * in.S;
+  return {take(grad_omega, "grad_omega", N), take(grad_depth, "grad_depth", in.R),
+          take(grad_wsum, "grad_weight_sum", in.R), take(out_omega, "out_omega", N),
+          take(out_depth, "out_depth", in.R), take(out_wsum, "out_weight_sum", in.R)};
+}
+
 }  // namespace talk3d

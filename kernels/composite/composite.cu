@@ -146,6 +146,49 @@ __global__ void __launch_bounds__(kCompositeThreads) composite_backward_kernel(c
   }
 }
 
+// composite_weights: one thread per dense ray, no feature work.
+template <typename S>
+__global__ void __launch_bounds__(kCompositeThreads) composite_weights_forward_kernel(
+    const S* sigma, const S* t, int64_t R, int64_t n, S* omega, S* depth, S* wsum) {
+  using acc_t = typename AccOf<S>::type;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < R; r += stride) {
+    acc_t w, dnum;
+    composite::weights_forward_ray(sigma + r * n, t + r * n, n, omega + r * n, w, dnum);
+    depth[r] = static_cast<S>(w != acc_t(0) ? dnum / w : acc_t(NAN));  // see composite_forward_kernel
+    wsum[r] = static_cast<S>(w);
+  }
+}
+
+template <typename S>
+struct WeightsBwdArgs {
+  const S* sigma;        // [R * n]
+  const S* t;            // [R * n]
+  int64_t R, n;
+  const S* grad_omega;   // [R * n]
+  const S* grad_depth;   // [R]
+  const S* grad_wsum;    // [R]
+  const S* saved_omega;  // [R * n]
+  const S* saved_depth;  // [R]
+  const S* saved_wsum;   // [R]
+  S* dsigma;             // [R * n] or null
+  S* dt;                 // [R * n] or null
+};
+
+template <typename S>
+__global__ void __launch_bounds__(kCompositeThreads) composite_weights_backward_kernel(const WeightsBwdArgs<S> a) {
+  using acc_t = typename AccOf<S>::type;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x, n = a.n;
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < a.R; r += stride) {
+    const composite::RayGrad<acc_t> g = composite::fold_weights_grad(
+        a.saved_omega + r * n, a.grad_omega + r * n, n, composite::load<acc_t>(a.saved_depth, r),
+        composite::load<acc_t>(a.saved_wsum, r), composite::load<acc_t>(a.grad_depth, r),
+        composite::load<acc_t>(a.grad_wsum, r));
+    composite::weights_backward_ray(a.sigma + r * n, a.t + r * n, n, a.grad_omega + r * n, g,
+                                    a.dsigma ? a.dsigma + r * n : nullptr, a.dt ? a.dt + r * n : nullptr);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Host side.
 // ------------------------------------------------------------------------------------------------
@@ -233,7 +276,74 @@ cudaError_t backward_typed(const CompositeProblem& p, const void* grad_feat, con
   return cudaGetLastError();
 }
 
+// Calls f(S{}) with S the storage type of dtype.
+template <typename Fn>
+cudaError_t dispatch_storage(CompositeDType dtype, Fn&& f) {
+  switch (dtype) {
+    case CompositeDType::kF32: return f(float{});
+    case CompositeDType::kF16: return f(Half16{});
+    case CompositeDType::kBF16: return f(BFloat16{});
+    case CompositeDType::kF64: return f(double{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t validate_weights(const WeightsProblem& p) {
+  if (p.R < 0 || p.S < 0) return cudaErrorInvalidValue;
+  if (p.R * p.S > 0 && !(p.sigma && p.t)) return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
+
 }  // namespace
+
+cudaError_t composite_weights_forward(const WeightsProblem& p, void* omega, void* depth, void* wsum,
+                                      cudaStream_t stream) {
+  cudaError_t err = validate_weights(p);
+  if (err != cudaSuccess || p.R == 0) return err;
+  if (!omega || !depth || !wsum) return cudaErrorInvalidValue;
+  int blocks = 0;
+  err = grid_size(p.R, blocks);
+  if (err != cudaSuccess) return err;
+  return dispatch_storage(p.dtype, [&](auto tag) {
+    using S = decltype(tag);
+    auto kernel = composite_weights_forward_kernel<S>;
+    kernel<<<blocks, kCompositeThreads, 0, stream>>>(static_cast<const S*>(p.sigma), static_cast<const S*>(p.t), p.R,
+                                                     p.S, static_cast<S*>(omega), static_cast<S*>(depth),
+                                                     static_cast<S*>(wsum));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t composite_weights_backward(const WeightsProblem& p, const void* grad_omega, const void* grad_depth,
+                                       const void* grad_wsum, const void* saved_omega, const void* saved_depth,
+                                       const void* saved_wsum, void* dsigma, void* dt, cudaStream_t stream) {
+  cudaError_t err = validate_weights(p);
+  if (err != cudaSuccess || p.R == 0 || (!dsigma && !dt)) return err;
+  if (!grad_omega || !grad_depth || !grad_wsum || !saved_omega || !saved_depth || !saved_wsum)
+    return cudaErrorInvalidValue;
+  int blocks = 0;
+  err = grid_size(p.R, blocks);
+  if (err != cudaSuccess) return err;
+  return dispatch_storage(p.dtype, [&](auto tag) {
+    using S = decltype(tag);
+    WeightsBwdArgs<S> a;
+    a.sigma = static_cast<const S*>(p.sigma);
+    a.t = static_cast<const S*>(p.t);
+    a.R = p.R;
+    a.n = p.S;
+    a.grad_omega = static_cast<const S*>(grad_omega);
+    a.grad_depth = static_cast<const S*>(grad_depth);
+    a.grad_wsum = static_cast<const S*>(grad_wsum);
+    a.saved_omega = static_cast<const S*>(saved_omega);
+    a.saved_depth = static_cast<const S*>(saved_depth);
+    a.saved_wsum = static_cast<const S*>(saved_wsum);
+    a.dsigma = static_cast<S*>(dsigma);
+    a.dt = static_cast<S*>(dt);
+    auto kernel = composite_weights_backward_kernel<S>;
+    kernel<<<blocks, kCompositeThreads, 0, stream>>>(a);
+    return cudaGetLastError();
+  });
+}
 
 cudaError_t composite_forward(const CompositeProblem& p, void* out_feat, void* out_depth, void* out_wsum,
                               cudaStream_t stream) {

@@ -44,5 +44,24 @@ cudaError_t composite_backward(const CompositeProblem& p, const void* grad_feat,
                                const void* saved_wsum, void* dsigma, void* dfeat, void* dt,
                                cudaStream_t stream);
 
+// composite_weights: the per-sample weights omega_j = (w_{j-1} + w_j) / 2 of R dense rays of S
+// samples each (feature image = 2 sum_j omega_j f_j - 1, summed by the caller).
+struct WeightsProblem {
+  CompositeDType dtype;
+  const void* sigma;  // [R * S] contiguous, dtype
+  const void* t;      // [R * S] contiguous, dtype; sorted within each ray
+  int64_t R, S;
+};
+
+// omega: [R * S], depth: [R] = Dnum / W (NaN where W == 0), wsum: [R] = W; contiguous, dtype.
+cudaError_t composite_weights_forward(const WeightsProblem& p, void* omega, void* depth, void* wsum,
+                                      cudaStream_t stream);
+
+// Inputs (all required, contiguous, dtype): grad_omega [R * S], grad_depth [R], grad_wsum [R] and the
+// forward's outputs. Outputs (dtype, contiguous; either may be null): dsigma [R * S], dt [R * S].
+cudaError_t composite_weights_backward(const WeightsProblem& p, const void* grad_omega, const void* grad_depth,
+                                       const void* grad_wsum, const void* saved_omega, const void* saved_depth,
+                                       const void* saved_wsum, void* dsigma, void* dt, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace talk3d

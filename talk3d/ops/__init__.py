@@ -2,10 +2,10 @@
 :mod:`talk3d.ops.reference`."""
 from . import reference
 from .backends import IMPLS
-from .composite import composite
+from .composite import composite, composite_weights
 from .layout import channels_last_planes, transpose_inner
 from .occupancy import occupied_intervals
 from .triplane_field import AXES, available_impls, triplane_field
 
-__all__ = ["triplane_field", "composite", "occupied_intervals", "transpose_inner", "channels_last_planes",
+__all__ = ["triplane_field", "composite", "composite_weights", "occupied_intervals", "transpose_inner", "channels_last_planes",
            "available_impls", "AXES", "IMPLS", "reference"]

@@ -5,7 +5,9 @@ Back ends (``impl``): ``"torch"`` (the reference, :func:`talk3d.ops.reference.co
 ``"auto"``. There is no Triton kernel: the op is one sequential scan per ray over memory it reads
 once, which the CUDA kernel already does at bandwidth.
 
-The compiled ops are ``torch.ops.talk3d.composite_fwd`` / ``_bwd``. The backward recomputes the
+The compiled ops are ``torch.ops.talk3d.composite_fwd`` / ``_bwd`` and, for
+:func:`composite_weights` (each sample's weight instead of the summed features),
+``composite_weights_fwd`` / ``_bwd``. The backward recomputes the
 transmittance from the inputs and the saved outputs (see ``csrc/include/talk3d/composite_math.h``):
 nothing per sample is stored between forward and backward, and nothing divides by ``1 - alpha``.
 """
@@ -16,6 +18,7 @@ import torch
 from .. import extension
 from . import backends
 from .reference.composite import composite as _reference
+from .reference.composite import composite_weights as _reference_weights
 from .reference.composite import finish_depth
 
 _STORAGE = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -121,6 +124,42 @@ def composite(
     return feat_img, finish_depth(depth, t), weight_sum
 
 
+def composite_weights(sigma: torch.Tensor, t: torch.Tensor, *, impl: str = "auto"
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each sample's weight in the compositing's feature sum, fused (dense layout).
+
+    :func:`composite`'s feature image is ``2 * sum_j omega_j f_j - 1``; this op returns the
+    ``omega_j`` (``(w_{j-1} + w_j) / 2``, ``w`` the interval weights) with the depth and weight sum,
+    and leaves the sum to the caller. The sum does not depend on the samples' order, so a renderer
+    that merges coarse and fine samples by depth sorts only ``t`` and ``sigma``, scatters ``omega``
+    back, and sums each pass's features where they lie (a matrix product) instead of gathering
+    every feature row into merged order. Backward as :func:`composite`'s: transmittance recomputed,
+    nothing divided by ``1 - alpha``.
+
+    Args:
+        sigma: ``[B, R, S, 1]`` raw densities.
+        t: ``[B, R, S, 1]`` depths, sorted along each ray.
+        impl: ``"auto"``, ``"torch"`` (:func:`talk3d.ops.reference.composite_weights`), ``"cpu"``
+            or ``"cuda"``.
+
+    Returns:
+        ``(omega, depth, weight_sum)``: ``[B, R, S, 1]``, ``[B, R, 1]`` (as :func:`composite`'s),
+        ``[B, R, 1]``.
+
+    Example:
+        >>> s, f = torch.randn(1, 4, 8, 1), torch.rand(1, 4, 8, 3)
+        >>> t = torch.linspace(2.25, 3.3, 8).expand(1, 4, 8)[..., None]
+        >>> omega, depth, acc = composite_weights(s, t, impl="torch")
+        >>> img = 2 * (omega * f).sum(dim=2) - 1   # == composite(s, f, t)[0]
+    """
+    _validate(sigma, sigma, t, None)
+    impl = backends.resolve_impl("composite", impl, sigma, _IMPL_DTYPES)
+    if impl == "torch":
+        return _reference_weights(sigma, t)
+    omega, depth, weight_sum = torch.ops.talk3d.composite_weights_fwd(sigma, t)
+    return omega, finish_depth(depth, t), weight_sum
+
+
 # --- autograd and fake implementations of the compiled ops --------------------------------------
 
 
@@ -154,6 +193,32 @@ def _fake_bwd(g_feat, g_depth, g_wsum, sigma, feat, t, packed_info, o_feat, o_de
     )
 
 
+def _setup_weights_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _weights_backward(ctx, g_omega, g_depth, g_wsum):
+    sigma, t, o_omega, o_depth, o_wsum = ctx.saved_tensors
+    g_omega = torch.zeros_like(o_omega) if g_omega is None else g_omega
+    g_depth = torch.zeros_like(o_depth) if g_depth is None else g_depth
+    g_wsum = torch.zeros_like(o_wsum) if g_wsum is None else g_wsum
+    needs = [bool(n) for n in ctx.needs_input_grad[:2]]
+    grads = torch.ops.talk3d.composite_weights_bwd(g_omega, g_depth, g_wsum, sigma, t, o_omega, o_depth, o_wsum,
+                                                   needs)
+    return tuple(g if n else None for g, n in zip(grads, needs))
+
+
+def _fake_weights_fwd(sigma, t):
+    lead = sigma.shape[:2]
+    return torch.empty_like(sigma, memory_format=torch.contiguous_format), sigma.new_empty(*lead, 1), \
+        sigma.new_empty(*lead, 1)
+
+
+def _fake_weights_bwd(g_omega, g_depth, g_wsum, sigma, t, o_omega, o_depth, o_wsum, needs):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) if n else x.new_empty(0)
+                 for x, n in zip((sigma, t), needs))
+
+
 def _register_compiled_ops() -> None:
     if not extension.available():
         return
@@ -161,6 +226,10 @@ def _register_compiled_ops() -> None:
     torch.library.register_fake("talk3d::composite_fwd")(_fake_fwd)
     torch.library.register_fake("talk3d::composite_bwd")(_fake_bwd)
     torch.library.register_autograd("talk3d::composite_fwd", _backward, setup_context=_setup_context)
+    torch.library.register_fake("talk3d::composite_weights_fwd")(_fake_weights_fwd)
+    torch.library.register_fake("talk3d::composite_weights_bwd")(_fake_weights_bwd)
+    torch.library.register_autograd("talk3d::composite_weights_fwd", _weights_backward,
+                                    setup_context=_setup_weights_context)
 
 
 _register_compiled_ops()

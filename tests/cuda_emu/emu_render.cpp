@@ -8,7 +8,7 @@
 // asking for shared memory fails the run. tests/test_cuda_emulation_render.py builds this with g++
 // after rewriting `k<<<grid, block, smem, s>>>(...)` launches into emu_launch(...) calls.
 //
-// Usage: emu_render composite CASE_DIR | emu_render occupancy CASE_DIR
+// Usage: emu_render composite|weights|occupancy CASE_DIR
 //   CASE_DIR holds meta.txt and the input .bin files; the outputs are written there.
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -134,6 +134,34 @@ int run_composite(const std::string& dir) {
   return 0;
 }
 
+// composite_weights. meta.txt: dtype R S sms mask (bit 0/1: dsigma/dt). Outputs start as 0xFF bytes.
+int run_weights(const std::string& dir) {
+  std::ifstream m(dir + "/meta.txt");
+  int dtype, mask;
+  long long R, S;
+  m >> dtype >> R >> S >> g_sms >> mask;
+  const size_t es = dtype == 0 ? 4 : (dtype == 3 ? 8 : 2);
+  const auto sigma = readb(dir + "/sigma.bin"), t = readb(dir + "/t.bin");
+  const auto gomega = readb(dir + "/gomega.bin"), gdepth = readb(dir + "/gdepth.bin"), gwsum = readb(dir + "/gwsum.bin");
+  const WeightsProblem p{CompositeDType(dtype), ptr_or_null(sigma), ptr_or_null(t), R, S};
+  std::vector<unsigned char> om(size_t(R * S) * es, 0xFF), od(size_t(R) * es, 0xFF), ow(size_t(R) * es, 0xFF);
+  g_last_blocks = g_last_T = 0;
+  cudaError_t e = composite_weights_forward(p, om.data(), od.data(), ow.data(), nullptr);
+  printf("forward: err=%d blocks=%d T=%d\n", int(e), g_last_blocks, g_last_T);
+  writeb(dir + "/out_omega.bin", om);
+  writeb(dir + "/out_depth.bin", od);
+  writeb(dir + "/out_wsum.bin", ow);
+  if (e != cudaSuccess) return 0;
+  std::vector<unsigned char> ds(size_t(R * S) * es, 0xFF), dt(size_t(R * S) * es, 0xFF);
+  g_last_blocks = g_last_T = 0;
+  e = composite_weights_backward(p, gomega.data(), gdepth.data(), gwsum.data(), om.data(), od.data(), ow.data(),
+                                 (mask & 1) ? ds.data() : nullptr, (mask & 2) ? dt.data() : nullptr, nullptr);
+  printf("backward: err=%d blocks=%d T=%d\n", int(e), g_last_blocks, g_last_T);
+  writeb(dir + "/out_dsigma.bin", ds);
+  writeb(dir + "/out_dt.bin", dt);
+  return 0;
+}
+
 // meta.txt: dtype M S res box outside sms. dtype is MarchDType. Outputs start as 0x7F bytes.
 int run_occupancy(const std::string& dir) {
   std::ifstream m(dir + "/meta.txt");
@@ -166,11 +194,12 @@ int run_occupancy(const std::string& dir) {
 
 int main(int argc, char** argv) {
   if (argc != 3) {
-    fprintf(stderr, "usage: %s composite|occupancy CASE_DIR\n", argv[0]);
+    fprintf(stderr, "usage: %s composite|weights|occupancy CASE_DIR\n", argv[0]);
     return 2;
   }
   const std::string mode = argv[1];
   if (mode == "composite") return run_composite(argv[2]);
+  if (mode == "weights") return run_weights(argv[2]);
   if (mode == "occupancy") return run_occupancy(argv[2]);
   fprintf(stderr, "unknown mode %s\n", mode.c_str());
   return 2;

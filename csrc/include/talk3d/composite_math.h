@@ -8,7 +8,10 @@
 // and returns feat = 2 C - 1, depth = Dnum / W, weight_sum = W.
 //
 // Feature sums are taken per sample, C = sum_j f_j (w_{j-1} + w_j) / 2, so every feature row is read
-// once and no previous row is kept; only scalars look one sample ahead.
+// once and no previous row is kept; only scalars look one sample ahead. Since that sum does not
+// depend on the samples' order, composite_weights hands out omega_j = (w_{j-1} + w_j) / 2 itself:
+// a renderer that merges two sets of samples by depth can then sort only t and sigma and sum each
+// set's features in its own order, instead of gathering every feature row into merged order.
 //
 // Backward (no per-sample buffers, no division by 1 - alpha). With upstream gradients folded into
 // one scalar per interval, v_i = gC . (f_i + f_{i+1}) / 2 + gDnum (t_i + t_{i+1}) / 2 + gW, the loss
@@ -63,20 +66,23 @@ struct RayView {
 template <typename acc_t, typename T>
 T3D_HD acc_t load(const T* p, int64_t i) { return static_cast<acc_t>(p[i]); }
 
-// Forward of one ray. kF > 0 fixes the feature count at compile time (registers on the GPU);
-// kF == 0 takes F at run time, up to kMaxF. acc[] must hold F zeros on entry; on return it holds C.
-template <int kF, int kMaxF, typename acc_t, typename T>
-T3D_HD void forward_ray(const RayView<T>& r, int F_rt, acc_t* acc, acc_t& wsum, acc_t& dnum) {
-  const int F = kF > 0 ? kF : F_rt;
+// The two scans below visit a ray's samples in depth order and hand each sample's weight
+// omega_j = (w_{j-1} + w_j) / 2 to a per-sample policy: the compositing op's policies sum and
+// differentiate feature rows (C = sum_j omega_j f_j), composite_weights' write omega_j out and read
+// its gradient back, for callers that sum the features themselves (in any sample order).
+
+// Forward scan of one ray: wsum = W, dnum = Dnum; sink(j, omega_j) for every sample j.
+template <typename acc_t, typename T, typename Sink>
+T3D_HD void forward_scan(const T* sigma, const T* t, int64_t n, Sink& sink, acc_t& wsum, acc_t& dnum) {
   wsum = acc_t(0);
   dnum = acc_t(0);
-  if (r.n <= 0) return;
+  if (n <= 0) return;
   acc_t trans = acc_t(1), w_prev = acc_t(0);
-  acc_t s_cur = load<acc_t>(r.sigma, 0), t_cur = load<acc_t>(r.t, 0);
-  for (int64_t j = 0; j < r.n; ++j) {
+  acc_t s_cur = load<acc_t>(sigma, 0), t_cur = load<acc_t>(t, 0);
+  for (int64_t j = 0; j < n; ++j) {
     acc_t w = acc_t(0);
-    if (j + 1 < r.n) {
-      const acc_t s_next = load<acc_t>(r.sigma, j + 1), t_next = load<acc_t>(r.t, j + 1);
+    if (j + 1 < n) {
+      const acc_t s_next = load<acc_t>(sigma, j + 1), t_next = load<acc_t>(t, j + 1);
       const Interval<acc_t> iv = make_interval(s_cur, s_next, t_cur, t_next);
       w = iv.alpha * trans;
       trans *= iv.q;
@@ -85,8 +91,20 @@ T3D_HD void forward_ray(const RayView<T>& r, int F_rt, acc_t* acc, acc_t& wsum, 
       s_cur = s_next;
       t_cur = t_next;
     }
-    const acc_t omega = (w_prev + w) * acc_t(0.5);
-    const T* f = r.feat + j * F;
+    sink(j, (w_prev + w) * acc_t(0.5));
+    w_prev = w;
+  }
+}
+
+// Feature sums of the compositing op: acc[c] += omega_j f_j[c]. kF > 0 fixes the feature count at
+// compile time (registers on the GPU); kF == 0 takes F at run time, up to kMaxF.
+template <int kF, int kMaxF, typename acc_t, typename T>
+struct FeatureSums {
+  const T* feat;  // [n, F]
+  int F;
+  acc_t* acc;     // [F]
+  T3D_HD void operator()(int64_t j, acc_t omega) {
+    const T* f = feat + j * F;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
@@ -94,33 +112,48 @@ T3D_HD void forward_ray(const RayView<T>& r, int F_rt, acc_t* acc, acc_t& wsum, 
       if (kF == 0 && c >= F) break;
       acc[c] += omega * load<acc_t>(f, c);
     }
-    w_prev = w;
   }
+};
+
+// Forward of one ray. acc[] must hold F zeros on entry; on return it holds C.
+template <int kF, int kMaxF, typename acc_t, typename T>
+T3D_HD void forward_ray(const RayView<T>& r, int F_rt, acc_t* acc, acc_t& wsum, acc_t& dnum) {
+  FeatureSums<kF, kMaxF, acc_t, T> sums{r.feat, kF > 0 ? kF : F_rt, acc};
+  forward_scan(r.sigma, r.t, r.n, sums, wsum, dnum);
 }
 
 // Upstream gradients of one ray, folded with its saved outputs into the scalars the pass needs.
 template <typename acc_t>
 struct RayGrad {
   acc_t g_dnum, g_w;  // dL/dDnum and dL/dW (depth's share included)
-  acc_t total;        // L = gC . C + g_dnum Dnum + g_w W
+  acc_t total;        // L = gC . C + g_dnum Dnum + g_w W (composite_weights: sum_j omega_j p_j + ...)
 };
 
-// gC[c] = 2 * grad_feat[c] (feat = 2C - 1) must be filled by the caller, and saved_feat is feat.
-template <int kF, int kMaxF, typename acc_t, typename T>
-T3D_HD RayGrad<acc_t> fold_ray_grad(const acc_t* gC, const T* saved_feat, acc_t depth, acc_t wsum,
-                                    acc_t g_depth, acc_t g_wsum, int F_rt) {
-  const int F = kF > 0 ? kF : F_rt;
+// The depth and weight-sum part of RayGrad; `dnum` receives Dnum (0 for a ray without weight).
+template <typename acc_t>
+T3D_HD RayGrad<acc_t> fold_depth_grad(acc_t depth, acc_t wsum, acc_t g_depth, acc_t g_wsum, acc_t& dnum) {
   RayGrad<acc_t> g;
   g.g_dnum = acc_t(0);
   g.g_w = g_wsum;
-  acc_t dnum = acc_t(0);
+  dnum = acc_t(0);
   // depth = Dnum / W; a ray with W == 0 has depth NaN (0/0) and gets no depth gradient.
   if (wsum > acc_t(0) && depth == depth) {
     g.g_dnum = g_depth / wsum;
     g.g_w -= g_depth * depth / wsum;
     dnum = depth * wsum;
   }
-  acc_t total = g.g_dnum * dnum + g.g_w * wsum;
+  g.total = g.g_dnum * dnum + g.g_w * wsum;
+  return g;
+}
+
+// gC[c] = 2 * grad_feat[c] (feat = 2C - 1) must be filled by the caller, and saved_feat is feat.
+template <int kF, int kMaxF, typename acc_t, typename T>
+T3D_HD RayGrad<acc_t> fold_ray_grad(const acc_t* gC, const T* saved_feat, acc_t depth, acc_t wsum,
+                                    acc_t g_depth, acc_t g_wsum, int F_rt) {
+  const int F = kF > 0 ? kF : F_rt;
+  acc_t dnum;
+  RayGrad<acc_t> g = fold_depth_grad(depth, wsum, g_depth, g_wsum, dnum);
+  acc_t total = g.total;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
@@ -132,43 +165,31 @@ T3D_HD RayGrad<acc_t> fold_ray_grad(const acc_t* gC, const T* saved_feat, acc_t 
   return g;
 }
 
-// Backward of one ray: writes dsigma[j], dt[j] (n each) and dfeat[j * F + c] (n * F), in the
-// storage type. Any output pointer may be null when that gradient is not wanted.
-template <int kF, int kMaxF, typename acc_t, typename T>
-T3D_HD void backward_ray(const RayView<T>& r, int F_rt, const acc_t* gC, const RayGrad<acc_t>& g,
-                         T* dsigma, T* dt, T* dfeat) {
-  const int F = kF > 0 ? kF : F_rt;
-  if (r.n <= 0) return;
+// Backward scan of one ray: writes dsigma[j], dt[j] (either may be null). source(j, omega_j)
+// returns p_j = dL/domega_j (and may write sample j's own gradients).
+template <typename acc_t, typename T, typename Source>
+T3D_HD void backward_scan(const T* sigma, const T* t, int64_t n, Source& source, const RayGrad<acc_t>& g,
+                          T* dsigma, T* dt) {
+  if (n <= 0) return;
   acc_t trans = acc_t(1), prefix = acc_t(0), w_prev = acc_t(0), p_prev = acc_t(0);
   acc_t ds_carry = acc_t(0), dt_carry = acc_t(0);  // sample j's gradient from interval j-1
   Interval<acc_t> prev{};                           // interval j-1
   acc_t trans_prev = acc_t(1);                      // T_{j-1}
-  acc_t s_cur = load<acc_t>(r.sigma, 0), t_cur = load<acc_t>(r.t, 0);
-  for (int64_t j = 0; j < r.n; ++j) {
-    // Interval j's scalars (its weight is needed for sample j's feature gradient).
+  acc_t s_cur = load<acc_t>(sigma, 0), t_cur = load<acc_t>(t, 0);
+  for (int64_t j = 0; j < n; ++j) {
+    // Interval j's scalars (its weight is needed for sample j's own gradient).
     Interval<acc_t> iv{};
     acc_t w = acc_t(0);
     const acc_t trans_j = trans;
-    if (j + 1 < r.n) {
-      const acc_t s_next = load<acc_t>(r.sigma, j + 1), t_next = load<acc_t>(r.t, j + 1);
+    if (j + 1 < n) {
+      const acc_t s_next = load<acc_t>(sigma, j + 1), t_next = load<acc_t>(t, j + 1);
       iv = make_interval(s_cur, s_next, t_cur, t_next);
       w = iv.alpha * trans;
       trans *= iv.q;
       s_cur = s_next;
       t_cur = t_next;
     }
-    // Sample j's features: dL/df_j = gC (w_{j-1} + w_j) / 2; p_j = gC . f_j.
-    const acc_t omega = (w_prev + w) * acc_t(0.5);
-    const T* f = r.feat + j * F;
-    acc_t p = acc_t(0);
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
-    for (int c = 0; c < (kF > 0 ? kF : kMaxF); ++c) {
-      if (kF == 0 && c >= F) break;
-      p += gC[c] * load<acc_t>(f, c);
-      if (dfeat) dfeat[j * F + c] = static_cast<T>(gC[c] * omega);
-    }
+    const acc_t p = source(j, (w_prev + w) * acc_t(0.5));
     // Interval j-1 is now complete: its value v needs p_{j-1} and p_j.
     acc_t ds_j = acc_t(0), dt_j = acc_t(0);
     if (j >= 1) {
@@ -190,8 +211,80 @@ T3D_HD void backward_ray(const RayView<T>& r, int F_rt, const acc_t* gC, const R
     w_prev = w;
     p_prev = p;
   }
-  if (dsigma) dsigma[r.n - 1] = static_cast<T>(ds_carry);
-  if (dt) dt[r.n - 1] = static_cast<T>(dt_carry);
+  if (dsigma) dsigma[n - 1] = static_cast<T>(ds_carry);
+  if (dt) dt[n - 1] = static_cast<T>(dt_carry);
+}
+
+// Sample j's features in the backward: dL/df_j = gC omega_j (written when dfeat is not null);
+// returns p_j = gC . f_j.
+template <int kF, int kMaxF, typename acc_t, typename T>
+struct FeatureGrads {
+  const T* feat;  // [n, F]
+  int F;
+  const acc_t* gC;
+  T* dfeat;       // [n, F] or null
+  T3D_HD acc_t operator()(int64_t j, acc_t omega) {
+    const T* f = feat + j * F;
+    acc_t p = acc_t(0);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int c = 0; c < (kF > 0 ? kF : kMaxF); ++c) {
+      if (kF == 0 && c >= F) break;
+      p += gC[c] * load<acc_t>(f, c);
+      if (dfeat) dfeat[j * F + c] = static_cast<T>(gC[c] * omega);
+    }
+    return p;
+  }
+};
+
+// Backward of one ray: writes dsigma[j], dt[j] (n each) and dfeat[j * F + c] (n * F), in the
+// storage type. Any output pointer may be null when that gradient is not wanted.
+template <int kF, int kMaxF, typename acc_t, typename T>
+T3D_HD void backward_ray(const RayView<T>& r, int F_rt, const acc_t* gC, const RayGrad<acc_t>& g,
+                         T* dsigma, T* dt, T* dfeat) {
+  FeatureGrads<kF, kMaxF, acc_t, T> grads{r.feat, kF > 0 ? kF : F_rt, gC, dfeat};
+  backward_scan(r.sigma, r.t, r.n, grads, g, dsigma, dt);
+}
+
+// ---- composite_weights: the per-sample weights omega_j instead of summed features -------------
+
+template <typename acc_t, typename T>
+struct WriteWeights {
+  T* omega;  // [n]
+  T3D_HD void operator()(int64_t j, acc_t w) { omega[j] = static_cast<T>(w); }
+};
+
+// Forward of one ray: omega[j] = omega_j (n values), wsum = W, dnum = Dnum.
+template <typename acc_t, typename T>
+T3D_HD void weights_forward_ray(const T* sigma, const T* t, int64_t n, T* omega, acc_t& wsum, acc_t& dnum) {
+  WriteWeights<acc_t, T> sink{omega};
+  forward_scan(sigma, t, n, sink, wsum, dnum);
+}
+
+template <typename acc_t, typename T>
+struct ReadWeightGrads {
+  const T* g_omega;  // [n]
+  T3D_HD acc_t operator()(int64_t j, acc_t) { return load<acc_t>(g_omega, j); }
+};
+
+// RayGrad of one ray of composite_weights: L = sum_j omega_j g_omega_j + g_dnum Dnum + g_w W, from
+// the saved omega [n] and the upstream g_omega [n].
+template <typename acc_t, typename T>
+T3D_HD RayGrad<acc_t> fold_weights_grad(const T* omega, const T* g_omega, int64_t n, acc_t depth, acc_t wsum,
+                                        acc_t g_depth, acc_t g_wsum) {
+  acc_t dnum;
+  RayGrad<acc_t> g = fold_depth_grad(depth, wsum, g_depth, g_wsum, dnum);
+  for (int64_t j = 0; j < n; ++j) g.total += load<acc_t>(omega, j) * load<acc_t>(g_omega, j);
+  return g;
+}
+
+// Backward of one ray of composite_weights: dsigma[j], dt[j] (either may be null).
+template <typename acc_t, typename T>
+T3D_HD void weights_backward_ray(const T* sigma, const T* t, int64_t n, const T* g_omega, const RayGrad<acc_t>& g,
+                                 T* dsigma, T* dt) {
+  ReadWeightGrads<acc_t, T> source{g_omega};
+  backward_scan(sigma, t, n, source, g, dsigma, dt);
 }
 
 }  // namespace composite

@@ -33,17 +33,23 @@ def interval_weights(sigma: torch.Tensor, t: torch.Tensor, valid: torch.Tensor |
     return alpha * torch.cumprod(shifted, dim=-2)[..., :-1, :]
 
 
-def _composite_dense(sigma, feat, t, valid=None):
-    w = interval_weights(sigma, t, valid)
-    feat_mid = (feat[..., :-1, :] + feat[..., 1:, :]) / 2
+def _depth(w, t):
+    """Expected depth ``Dnum / W`` ``[..., 1]`` of interval weights ``w`` ``[..., S - 1, 1]`` and
+    depths ``t`` ``[..., S, 1]`` (NaN where W == 0, as EG3D gives), and W ``[..., 1]``."""
     t_mid = (t[..., :-1, :] + t[..., 1:, :]) / 2
     weight_sum = w.sum(dim=-2)
-    feat_img = (w * feat_mid).sum(dim=-2) * 2 - 1
     # Dnum / W, NaN where W == 0 as EG3D gives; dividing by a safe W there keeps that ray's
     # gradient at 0 instead of NaN (EG3D's backward would produce 0/0 and poison the batch).
     has_weight = weight_sum > 0
     depth = (w * t_mid).sum(dim=-2) / torch.where(has_weight, weight_sum, torch.ones_like(weight_sum))
-    depth = torch.where(has_weight, depth, torch.full_like(depth, float("nan")))
+    return torch.where(has_weight, depth, torch.full_like(depth, float("nan"))), weight_sum
+
+
+def _composite_dense(sigma, feat, t, valid=None):
+    w = interval_weights(sigma, t, valid)
+    feat_mid = (feat[..., :-1, :] + feat[..., 1:, :]) / 2
+    feat_img = (w * feat_mid).sum(dim=-2) * 2 - 1
+    depth, weight_sum = _depth(w, t)
     return feat_img, depth, weight_sum
 
 
@@ -99,3 +105,25 @@ def composite(
     valid = (mask[:, :-1] & mask[:, 1:])[..., None]
     feat_img, depth, weight_sum = _composite_dense(s, f, tt, valid)
     return feat_img, finish_depth(depth, t), weight_sum
+
+
+def composite_weights(sigma: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each sample's weight in EG3D's feature sum, instead of the sum itself (reference).
+
+    :func:`composite`'s feature image is ``2 * sum_j omega_j f_j - 1`` with
+    ``omega_j = (w_{j-1} + w_j) / 2`` (``w`` the interval weights, 0 past either end): a sum that
+    does not depend on the order of the samples, so a caller holding features in another order
+    (two unmerged sample sets, say) can sum them without reordering them.
+
+    Args:
+        sigma: ``[B, R, S, 1]`` raw densities.
+        t: ``[B, R, S, 1]`` depths, sorted along each ray.
+
+    Returns:
+        ``(omega, depth, weight_sum)``: ``[B, R, S, 1]``, and ``[B, R, 1]`` twice as :func:`composite`.
+    """
+    w = interval_weights(sigma, t)
+    padded = torch.nn.functional.pad(w, (0, 0, 1, 1))  # w_{-1} = w_{S-1} = 0
+    omega = (padded[..., :-1, :] + padded[..., 1:, :]) / 2
+    depth, weight_sum = _depth(w, t)
+    return omega, finish_depth(depth, t), weight_sum

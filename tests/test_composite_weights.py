@@ -1,0 +1,150 @@
+"""composite_weights (each sample's weight in the compositing's feature sum): every back end against
+the reference, the identity with the compositing op, gradients, opcheck and bad inputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from composite_cases import CASES, CompositeCase, make_dense
+from talk3d import extension
+from talk3d.ops import composite, composite_weights
+
+# fp32 kernels against float64: the same scan as the compositing op (see test_composite).
+FP32_ATOL, FP32_RTOL = 2e-5, 2e-5
+FP32_GRAD_ATOL, FP32_GRAD_RTOL = 1e-4, 1e-4
+FP64_ATOL, FP64_RTOL = 1e-11, 1e-11
+# Half-precision storage (CUDA): inputs and outputs rounded to 2^-8 (bf16) / 2^-11 (fp16).
+HALF_ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+BACKENDS = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")),
+    pytest.param("cuda", marks=pytest.mark.cuda),
+]
+
+
+def _device(impl):
+    return "cuda" if impl == "cuda" else "cpu"
+
+
+def _run(impl, sigma, t, grads, needs=(True, True)):
+    ins = [x.detach().clone().requires_grad_(n) for x, n in zip((sigma, t), needs)]
+    outs = composite_weights(*ins, impl=impl)
+    wanted = [x for x in ins if x.requires_grad]
+    got = iter(torch.autograd.grad(outs, wanted, grads) if wanted else [])
+    return [o.detach() for o in outs], [next(got) if n else None for n in needs]
+
+
+def _grads_like(outs_shapes, dtype, device):
+    return [torch.randn(s, dtype=torch.float64).to(device, dtype) for s in outs_shapes]
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_reference(impl, case, dtype):
+    sigma, _, t = make_dense(case, dtype, _device(impl))
+    B, R, S = sigma.shape[:3]
+    grads = _grads_like([(B, R, S, 1), (B, R, 1), (B, R, 1)], dtype, sigma.device)
+    outs, dins = _run(impl, sigma, t, grads)
+    ref_outs, ref_dins = _run("torch", sigma.cpu().double(), t.cpu().double(), [g.cpu().double() for g in grads])
+    atol, rtol = (FP64_ATOL, FP64_RTOL) if dtype == torch.float64 else (FP32_ATOL, FP32_RTOL)
+    gatol, grtol = (FP64_ATOL, FP64_RTOL) if dtype == torch.float64 else (FP32_GRAD_ATOL, FP32_GRAD_RTOL)
+    for name, a, e in zip(("omega", "depth", "weight_sum"), outs, ref_outs):
+        torch.testing.assert_close(a.cpu().double(), e, atol=atol, rtol=rtol, msg=name)
+    for name, a, e in zip(("dsigma", "dt"), dins, ref_dins):
+        torch.testing.assert_close(a.cpu().double(), e, atol=gatol, rtol=grtol, msg=name)
+
+
+@pytest.mark.parametrize("impl", ["torch", *BACKENDS])
+def test_weighted_sum_is_the_composited_feature_image(impl):
+    """2 sum_j omega_j f_j - 1 == composite's feature image, in any order of the samples."""
+    sigma, feat, t = make_dense(CompositeCase(B=2, R=9, S=12, F=4), torch.float64, _device(impl))
+    img, depth, wsum = composite(sigma, feat, t, impl="torch")
+    omega, depth_w, wsum_w = composite_weights(sigma, t, impl=impl)
+    torch.testing.assert_close(2 * (omega * feat).sum(dim=2) - 1, img, atol=FP64_ATOL, rtol=FP64_RTOL)
+    torch.testing.assert_close(depth_w, depth, atol=FP64_ATOL, rtol=FP64_RTOL)
+    torch.testing.assert_close(wsum_w, wsum, atol=FP64_ATOL, rtol=FP64_RTOL)
+    perm = torch.randperm(12, device=feat.device)
+    shuffled = 2 * torch.einsum("brs,brsf->brf", omega[..., perm, 0], feat[:, :, perm]) - 1
+    torch.testing.assert_close(shuffled, img, atol=FP64_ATOL, rtol=FP64_RTOL)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("needs", [(True, False), (False, True), (False, False)])
+def test_partial_gradients(impl, needs):
+    sigma, _, t = make_dense(CompositeCase(), torch.float64, _device(impl))
+    B, R, S = sigma.shape[:3]
+    grads = _grads_like([(B, R, S, 1), (B, R, 1), (B, R, 1)], torch.float64, sigma.device)
+    _, dins = _run(impl, sigma, t, grads, needs)
+    _, full = _run(impl, sigma, t, grads)
+    for d, f, n in zip(dins, full, needs):
+        assert (d is None) == (not n)
+        if n:
+            torch.testing.assert_close(d, f, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_noncontiguous_inputs(impl):
+    sigma, _, t = make_dense(CompositeCase(B=2, R=10, S=8, F=1), torch.float64, _device(impl))
+    sigma_nc = sigma.transpose(0, 1).contiguous().transpose(0, 1)  # same values, permuted strides
+    assert not sigma_nc.is_contiguous()
+    for a, e in zip(composite_weights(sigma_nc, t, impl=impl), composite_weights(sigma, t, impl="torch")):
+        torch.testing.assert_close(a, e, atol=FP64_ATOL, rtol=FP64_RTOL, equal_nan=True)
+
+
+@pytest.mark.parametrize("impl", ["torch", BACKENDS[0]])
+def test_gradcheck_float64(impl):
+    sigma, _, t = make_dense(CompositeCase(B=1, R=3, S=6, F=1), torch.float64)
+    ins = [sigma.requires_grad_(), t.requires_grad_()]
+    assert torch.autograd.gradcheck(lambda s, tt: composite_weights(s, tt, impl=impl), ins)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_opaque_intervals_give_finite_gradients(impl):
+    sigma, _, t = make_dense(CompositeCase(R=16, S=20, sigma_scale=40.0, sigma_shift=30.0), torch.float32,
+                             _device(impl))
+    B, R, S = sigma.shape[:3]
+    grads = _grads_like([(B, R, S, 1), (B, R, 1), (B, R, 1)], torch.float32, sigma.device)
+    _, (ds, dt) = _run(impl, sigma, t, grads)
+    assert torch.isfinite(ds).all() and torch.isfinite(dt).all()
+
+
+@pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")
+def test_opcheck():
+    sigma, _, t = make_dense(CompositeCase(B=1, R=6, S=8, F=1), torch.float64)
+    torch.library.opcheck(torch.ops.talk3d.composite_weights_fwd.default,
+                          (sigma.requires_grad_(), t.requires_grad_()))
+
+
+@pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")
+def test_torch_compile():
+    sigma, _, t = make_dense(CompositeCase(B=1, R=6, S=8, F=1))
+    fn = torch.compile(lambda s, tt: torch.ops.talk3d.composite_weights_fwd(s, tt), fullgraph=True,
+                       backend="aot_eager")
+    for a, e in zip(fn(sigma, t), torch.ops.talk3d.composite_weights_fwd(sigma, t)):
+        torch.testing.assert_close(a, e, equal_nan=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_precision(dtype):
+    sigma, _, t = make_dense(CompositeCase(B=1, R=64, S=96, F=1), torch.float32, "cuda")
+    # Depths in half precision: rounded once, then the reference runs on the same rounded values.
+    sigma_h, t_h = sigma.to(dtype), t.to(dtype).sort(dim=2).values
+    got = composite_weights(sigma_h, t_h, impl="cuda")
+    ref = composite_weights(sigma_h.double(), t_h.double(), impl="torch")
+    for a, e in zip(got, ref):
+        torch.testing.assert_close(a.double(), e, atol=HALF_ATOL[dtype], rtol=HALF_ATOL[dtype], equal_nan=True)
+
+
+@pytest.mark.parametrize("match,make", [
+    ("sigma must be", lambda: (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4))),
+    ("t must be", lambda: (torch.zeros(1, 2, 4, 1), torch.zeros(1, 2, 5, 1))),
+    ("at least 2 samples", lambda: (torch.zeros(1, 2, 1, 1), torch.zeros(1, 2, 1, 1))),
+    ("sorted", lambda: (torch.zeros(1, 1, 3, 1), torch.tensor([3.0, 2.0, 1.0]).reshape(1, 1, 3, 1))),
+])
+def test_bad_inputs_raise(match, make):
+    with pytest.raises(ValueError, match=match):
+        composite_weights(*make(), impl="auto")
+    with pytest.raises(TypeError, match="dtype"):
+        composite_weights(torch.zeros(1, 2, 4, 1), torch.zeros(1, 2, 4, 1, dtype=torch.float64))
