@@ -1,5 +1,8 @@
 // The EG3D-size decoder (C = 32 -> hidden 64 -> 1 + F = 33) in float for the CPU kernels, written with
-// explicit 16-float vectors (GCC/Clang vector extensions: AVX-512 registers, or pairs of AVX2 ones).
+// explicit vectors of the core's width (GCC/Clang vector extensions): 16 floats where AVX-512 is
+// there, 8 (AVX2) elsewhere. Wider-than-hardware vectors are not an option: on an AVX2-only core
+// (GCC 12, znver3) 16-float vectors were kept in memory and moved piecewise, and the decoder ran 10x
+// slower than with 8-float ones (3.2 us a point against 0.3, measured 2026-12-04).
 //
 // The math is field::mlp_forward / field::mlp_backward's (triplane_field_math.h, which the other
 // sizes, float64 and the GPU run), and the activations are the shared ones. What differs is only
@@ -18,34 +21,44 @@ namespace talk3d {
 namespace cpu_decoder {
 
 constexpr int kC = 32, kHid = 64, kOut = 33;
+#if defined(__AVX512F__)
 constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
 using Dims = field::StaticDims<kC, kHid, kOut>;
 
-typedef float vf16 __attribute__((vector_size(kLanes * sizeof(float))));
+typedef float vfl __attribute__((vector_size(kLanes * sizeof(float))));
 
-// Unaligned loads and stores (rows of 33 are not 64-byte aligned).
-inline vf16 load(const float* p) {
-  vf16 v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store(float* p, vf16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
-inline vf16 splat(float x) { return vf16{} + x; }
-// Sum of the lanes as a tree of halves (log2(16) = 4 dependent adds; a lane-by-lane loop is a chain of
-// 16, and it was a tenth of the backward).
+// Unaligned loads and stores (rows of 33 are not 64-byte aligned) through a 4-byte-aligned twin of
+// the vector type: GCC emits plain unaligned vector moves for it (vmovups, two per vector on AVX2).
+// A 64-byte __builtin_memcpy, as here before, compiled to vector moves with AVX-512 but, on an
+// AVX2-only core (GCC 12, znver3), to general-register copies reassembled by vpinsrq: the decoder
+// ran 10x slower there (3.2 us a point against 0.3).
+typedef float vflu __attribute__((vector_size(kLanes * sizeof(float)), aligned(alignof(float))));
+inline vfl load(const float* p) { return *reinterpret_cast<const vflu*>(p); }
+inline void store(float* p, vfl v) { *reinterpret_cast<vflu*>(p) = v; }
+inline vfl splat(float x) { return vfl{} + x; }
+// Sum of the lanes as a tree of halves (log2(kLanes) dependent adds; a lane-by-lane loop is a chain of
+// kLanes, and it was a tenth of the backward).
 typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
 typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
-inline float hsum(vf16 v) {
+inline float hsum(vfl v) {
 // GCC < 12 has no __builtin_shufflevector: the same tree over an array. GCC 12 compiles that one
 // slower (xyz-only backward at the CPU size, best of 15: 10.0-12.2 ms against 7.5-10.2 ms).
 #if !defined(__clang__) && defined(__GNUC__) && __GNUC__ < 12
-  float s[8];
-  for (int i = 0; i < 8; ++i) s[i] = v[i] + v[i + 8];
-  for (int i = 0; i < 4; ++i) s[i] += s[i + 4];
-  return (s[0] + s[2]) + (s[1] + s[3]);
+  float s[kLanes];
+  for (int i = 0; i < kLanes; ++i) s[i] = v[i];
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) s[i] += s[i + w];
+  return s[0];
 #else
+#if defined(__AVX512F__)
   const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  const vf8 a = v;
+#endif
   const vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
 #endif
@@ -60,13 +73,13 @@ inline void mlp_forward(const float* __restrict__ w1t, const float* __restrict__
                         float* __restrict__ pre, float* __restrict__ h, float* __restrict__ o) {
   constexpr int kV1 = kHid / kLanes;  // 4 vectors of hidden units
   // Layer 1: two chains (even and odd input channels) of 4 vectors: 8 registers.
-  vf16 a0[kV1], a1[kV1];
+  vfl a0[kV1], a1[kV1];
   for (int v = 0; v < kV1; ++v) {
     a0[v] = load(b1 + v * kLanes);
-    a1[v] = vf16{};
+    a1[v] = vfl{};
   }
   for (int c = 0; c < kC; c += 2) {
-    const vf16 f0 = splat(f[c]), f1 = splat(f[c + 1]);
+    const vfl f0 = splat(f[c]), f1 = splat(f[c + 1]);
     const float* r0 = w1t + c * kHid;
     const float* r1 = r0 + kHid;
     for (int v = 0; v < kV1; ++v) {
@@ -77,21 +90,22 @@ inline void mlp_forward(const float* __restrict__ w1t, const float* __restrict__
   for (int v = 0; v < kV1; ++v) store(pre + v * kLanes, a0[v] + a1[v]);
   for (int j = 0; j < kHid; ++j) h[j] = field::softplus(pre[j]);  // vectorises across units
   // Layer 2: sigma is the dot product of W2's first row with h; the 32 features accumulate in four
-  // chains (hidden units j mod 4) of 2 vectors.
-  vf16 s = vf16{};
+  // chains (hidden units j mod 4) of kVF vectors.
+  constexpr int kVF = (kOut - 1) / kLanes;
+  vfl s = vfl{};
   for (int v = 0; v < kV1; ++v) s += load(w2 + v * kLanes) * load(h + v * kLanes);
-  vf16 acc[4][2];
-  for (int q = 0; q < 4; ++q) acc[q][0] = acc[q][1] = vf16{};
+  vfl acc[4][kVF];
+  for (int q = 0; q < 4; ++q)
+    for (int v = 0; v < kVF; ++v) acc[q][v] = vfl{};
   for (int j = 0; j < kHid; j += 4) {
     for (int q = 0; q < 4; ++q) {
-      const vf16 hj = splat(h[j + q]);
+      const vfl hj = splat(h[j + q]);
       const float* row = w2t + (j + q) * kOut + 1;
-      acc[q][0] += load(row) * hj;
-      acc[q][1] += load(row + kLanes) * hj;
+      for (int v = 0; v < kVF; ++v) acc[q][v] += load(row + v * kLanes) * hj;
     }
   }
   o[0] = b2[0] + hsum(s);
-  for (int v = 0; v < 2; ++v)
+  for (int v = 0; v < kVF; ++v)
     store(o + 1 + v * kLanes,
           load(b2 + 1 + v * kLanes) + ((acc[0][v] + acc[1][v]) + (acc[2][v] + acc[3][v])));
 }
@@ -103,11 +117,11 @@ inline void mlp_backward(const float* __restrict__ w1, const float* __restrict__
                          float* __restrict__ df) {
   constexpr int kV1 = kHid / kLanes, kVC = kC / kLanes;
   // dh = W2^T dout: two chains (outputs k even / odd) of 4 vectors, the odd 33rd output last.
-  vf16 d0[kV1], d1[kV1];
-  for (int v = 0; v < kV1; ++v) d0[v] = d1[v] = vf16{};
+  vfl d0[kV1], d1[kV1];
+  for (int v = 0; v < kV1; ++v) d0[v] = d1[v] = vfl{};
   int k = 0;
   for (; k + 2 <= kOut; k += 2) {
-    const vf16 g0 = splat(dout[k]), g1 = splat(dout[k + 1]);
+    const vfl g0 = splat(dout[k]), g1 = splat(dout[k + 1]);
     for (int v = 0; v < kV1; ++v) {
       d0[v] += load(w2 + k * kHid + v * kLanes) * g0;
       d1[v] += load(w2 + (k + 1) * kHid + v * kLanes) * g1;
@@ -119,12 +133,12 @@ inline void mlp_backward(const float* __restrict__ w1, const float* __restrict__
   for (int v = 0; v < kV1; ++v) store(dh + v * kLanes, d0[v] + d1[v]);
   for (int j = 0; j < kHid; ++j) pre[j] = dh[j] * field::softplus_grad(pre[j]);
   // df = W1^T dpre: four chains (hidden units j mod 4) of 2 vectors.
-  vf16 acc[4][kVC];
+  vfl acc[4][kVC];
   for (int q = 0; q < 4; ++q)
-    for (int v = 0; v < kVC; ++v) acc[q][v] = vf16{};
+    for (int v = 0; v < kVC; ++v) acc[q][v] = vfl{};
   for (int j = 0; j < kHid; j += 4)
     for (int q = 0; q < 4; ++q) {
-      const vf16 g = splat(pre[j + q]);
+      const vfl g = splat(pre[j + q]);
       for (int v = 0; v < kVC; ++v) acc[q][v] += load(w1 + (j + q) * kC + v * kLanes) * g;
     }
   for (int v = 0; v < kVC; ++v)
@@ -140,16 +154,16 @@ inline void point_grad(const float* __restrict__ planes, const field::PlaneGeom&
   constexpr int kV = kC / kLanes;
   const float third = 1.0f / 3.0f;
   float dq[3] = {0.0f, 0.0f, 0.0f};
-  vf16 dfv[kV];
+  vfl dfv[kV];
   for (int v = 0; v < kV; ++v) dfv[v] = load(df + v * kLanes);
   for (int plane = 0; plane < 3; ++plane) {
     int iu, iv;
     field::plane_axes(axes, plane, iu, iv);
     const field::Taps<float> t = field::make_taps<float>(q[iu], q[iv], g, plane);
-    vf16 gx = vf16{}, gy = vf16{};
+    vfl gx = vfl{}, gy = vfl{};
     for (int v = 0; v < kV; ++v) {
-      vf16 tap[4];
-      for (int k = 0; k < 4; ++k) tap[k] = t.off[k] >= 0 ? load(planes + t.off[k] + v * kLanes) : vf16{};
+      vfl tap[4];
+      for (int k = 0; k < 4; ++k) tap[k] = t.off[k] >= 0 ? load(planes + t.off[k] + v * kLanes) : vfl{};
       gx += dfv[v] * ((tap[1] - tap[0]) * (1.0f - t.ty) + (tap[3] - tap[2]) * t.ty);
       gy += dfv[v] * ((tap[2] - tap[0]) * (1.0f - t.tx) + (tap[3] - tap[1]) * t.tx);
     }
@@ -159,23 +173,25 @@ inline void point_grad(const float* __restrict__ planes, const field::PlaneGeom&
   for (int i = 0; i < 3; ++i) dxyz[i] = dq[i] * inv_half_box;
 }
 
-// acc[m * N + n] += sum over t < rows of a[t * lda + m] * b[t * ldb + n], N = kNV * 16: a tile's weight
-// gradient as a sum of outer products. kRows rows of acc times kNV vectors (16 registers) stay in
-// registers across the whole tile, so acc is read and written once per tile.
+// acc[m * N + n] += sum over t < rows of a[t * lda + m] * b[t * ldb + n], N = kNV * kLanes: a tile's
+// weight gradient as a sum of outer products. kRows rows of acc times kNV vectors (kAccRegs registers:
+// 16 of AVX-512's 32, 8 of AVX2's 16, leaving room for b's row) stay in registers across the whole
+// tile, so acc is read and written once per tile.
 template <int kNV>
 inline void add_outer_products(int rows, int M, const float* __restrict__ a, int lda,
                                const float* __restrict__ b, int ldb, float* __restrict__ acc) {
-  constexpr int kRows = 16 / kNV, N = kNV * kLanes;
+  constexpr int kAccRegs = kLanes == 16 ? 16 : 8;
+  constexpr int kRows = kAccRegs / kNV > 0 ? kAccRegs / kNV : 1, N = kNV * kLanes;
   int m = 0;
   for (; m + kRows <= M; m += kRows) {
-    vf16 r[kRows][kNV];
+    vfl r[kRows][kNV];
     for (int i = 0; i < kRows; ++i)
-      for (int v = 0; v < kNV; ++v) r[i][v] = vf16{};
+      for (int v = 0; v < kNV; ++v) r[i][v] = vfl{};
     for (int t = 0; t < rows; ++t) {
-      vf16 bt[kNV];
+      vfl bt[kNV];
       for (int v = 0; v < kNV; ++v) bt[v] = load(b + t * ldb + v * kLanes);
       for (int i = 0; i < kRows; ++i) {
-        const vf16 ai = splat(a[t * lda + m + i]);
+        const vfl ai = splat(a[t * lda + m + i]);
         for (int v = 0; v < kNV; ++v) r[i][v] += ai * bt[v];
       }
     }
@@ -186,10 +202,10 @@ inline void add_outer_products(int rows, int M, const float* __restrict__ a, int
       }
   }
   for (; m < M; ++m) {  // the odd rows (33 = 8 * 4 + 1 outputs)
-    vf16 r[kNV];
-    for (int v = 0; v < kNV; ++v) r[v] = vf16{};
+    vfl r[kNV];
+    for (int v = 0; v < kNV; ++v) r[v] = vfl{};
     for (int t = 0; t < rows; ++t) {
-      const vf16 at = splat(a[t * lda + m]);
+      const vfl at = splat(a[t * lda + m]);
       for (int v = 0; v < kNV; ++v) r[v] += at * load(b + t * ldb + v * kLanes);
     }
     for (int v = 0; v < kNV; ++v) {

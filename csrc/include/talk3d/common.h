@@ -35,6 +35,9 @@ T3D_HD double t3d_clamp(double x, double lo, double hi) { return fmin(fmax(x, lo
 // stop GCC from vectorising the decoder's per-unit loops, and they dominated the CPU kernel's time
 // (3 transcendentals per hidden unit per point). These inline versions vectorise; both are within
 // a few float ulps of libm on the ranges the field uses. The device uses CUDA's own expf/log1pf.
+// Vectorising them takes -fno-trapping-math (csrc/sources.json): without it GCC 12 on an AVX2-only
+// core will not turn exp's clamps into selects ("control flow in loop"), and the decoder's
+// 64-unit softplus loop ran scalar, most of a point's time (AVX-512's masked compares hid this).
 namespace host_math {
 
 inline float bits_to_float(int32_t i) {
