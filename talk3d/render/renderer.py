@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from ..ops import composite, triplane_field
+from ..ops import composite, composite_weights, triplane_field
 from ..ops.layout import channels_last_buffer, planes_view
 from ..ops.reference.composite import TRANSMITTANCE_EPS, interval_weights
 from .cameras import generate_rays, ray_box_limits
@@ -218,16 +218,46 @@ def _render_dense(planes, decoder, o, d, t_c, u, cfg, impl, deterministic):
             w_c = interval_weights(sigma_c.detach().to(t_c.dtype), t_c)
         t_f = importance_depths(t_c, w_c, Si, u=u, deterministic=deterministic)
         sigma_f, feat_f = _field(planes, decoder, _points(o, d, t_f), cfg, f_impl)
+        sigma_f, feat_f = sigma_f.reshape(B, R, Si, 1), feat_f.reshape(B, R, Si, -1)
         t = torch.cat([t_c, t_f], dim=2)
         t, order = torch.sort(t, dim=2, stable=True)
-        sigma, feat = _take_along_rays(order, torch.cat([sigma_c, sigma_f.reshape(B, R, Si, 1)], dim=2),
-                                       torch.cat([feat_c, feat_f.reshape(B, R, Si, -1)], dim=2))
+        if c_impl != "torch":
+            img, depth, wsum = _composite_unmerged(sigma_c, feat_c, sigma_f, feat_f, t, order, c_impl)
+            res = cfg.resolution
+            return RenderOutput(_to_image(img, res), _to_image(depth, res), _to_image(wsum, res), float(Sc + Si))
+        sigma, feat = _take_along_rays(order, torch.cat([sigma_c, sigma_f], dim=2), torch.cat([feat_c, feat_f], dim=2))
     else:
         t, sigma, feat = t_c, sigma_c, feat_c
     sigma, feat, t = _composite_dtype(sigma, feat, t)
     img, depth, wsum = composite(sigma, feat, t, impl=c_impl)
     res = cfg.resolution
     return RenderOutput(_to_image(img, res), _to_image(depth, res), _to_image(wsum, res), float(Sc + Si))
+
+
+def _composite_unmerged(sigma_c, feat_c, sigma_f, feat_f, t, order, impl):
+    """Composite the coarse and fine samples without merging their features by depth.
+
+    sigma_c / feat_c ``[B, R, Sc, 1 | F]`` and sigma_f / feat_f ``[B, R, Si, 1 | F]`` as the passes
+    gave them; t ``[B, R, Sc + Si, 1]`` their depths merged and sorted, order ``[B, R, Sc + Si, 1]``
+    where each sorted sample came from (coarse first). Only the densities are put in depth order:
+    :func:`talk3d.ops.composite_weights` gives each sample's weight in the feature sum, scattered
+    back to the passes' order, and each pass's features are summed where they lie (a matrix
+    product a ray). Equal to compositing the merged samples, without copying every feature row
+    twice (concatenated, then gathered into depth order; at the release's sizes on an H200 that
+    gather was 7.6 ms of a batch of 8 frames' 26.5-ms render, the largest cost after the field).
+
+    Returns the feature image ``[B, R, F]``, depth and weight sum ``[B, R, 1]``.
+    """
+    Sc = sigma_c.shape[2]
+    (sigma,) = _take_along_rays(order, torch.cat([sigma_c, sigma_f], dim=2))
+    sigma, _, t = _composite_dtype(sigma, sigma, t)
+    omega_sorted, depth, wsum = composite_weights(sigma, t, impl=impl)
+    omega = torch.zeros_like(omega_sorted).scatter(2, order, omega_sorted)  # [B, R, S, 1] in the passes' order
+    feat_c, feat_f = (f.float() if f.device.type == "cpu" and f.dtype in (torch.float16, torch.bfloat16) else f
+                      for f in (feat_c, feat_f))
+    omega = omega.to(feat_c.dtype)
+    C = omega[:, :, :Sc].transpose(-1, -2) @ feat_c + omega[:, :, Sc:].transpose(-1, -2) @ feat_f  # [B, R, 1, F]
+    return C[:, :, 0] * 2 - 1, depth, wsum
 
 
 def _composite_dtype(sigma, feat, t):
