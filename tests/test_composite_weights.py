@@ -137,6 +137,14 @@ def test_cuda_half_precision(dtype):
         torch.testing.assert_close(a.double(), e, atol=HALF_ATOL[dtype], rtol=HALF_ATOL[dtype], equal_nan=True)
 
 
+def test_unchecked_order_skips_only_the_sortedness_check():
+    sigma, t = torch.zeros(1, 1, 3, 1), torch.tensor([3.0, 2.0, 1.0]).reshape(1, 1, 3, 1)
+    omega, _, _ = composite_weights(sigma, t, impl="torch", check_sorted=False)  # no error, no sync
+    assert omega.shape == sigma.shape
+    with pytest.raises(ValueError, match="t must be"):
+        composite_weights(sigma, t[:, :, :2], check_sorted=False)
+
+
 @pytest.mark.parametrize("match,make", [
     ("sigma must be", lambda: (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4))),
     ("t must be", lambda: (torch.zeros(1, 2, 4, 1), torch.zeros(1, 2, 5, 1))),

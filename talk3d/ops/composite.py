@@ -38,7 +38,7 @@ def _fail(msg: str, exc=ValueError):
     raise exc(f"composite: {msg}")
 
 
-def _validate(sigma, feat, t, packed_info) -> None:
+def _validate(sigma, feat, t, packed_info, check_sorted: bool = True) -> None:
     for name, x in (("sigma", sigma), ("feat", feat), ("t", t)):
         if not isinstance(x, torch.Tensor):
             _fail(f"{name} must be a torch.Tensor, got {type(x).__name__}", TypeError)
@@ -57,7 +57,7 @@ def _validate(sigma, feat, t, packed_info) -> None:
             _fail(f"t must be [B, R, S, 1] like sigma, got {tuple(t.shape)}")
         if sigma.shape[2] < 2:
             _fail(f"each ray needs at least 2 samples (one interval), got S={sigma.shape[2]}")
-        sorted_ok = t.shape[2] < 2 or bool((t[:, :, 1:] >= t[:, :, :-1]).all())
+        sorted_ok = not check_sorted or t.shape[2] < 2 or bool((t[:, :, 1:] >= t[:, :, :-1]).all())
     else:
         if not isinstance(packed_info, torch.Tensor) or packed_info.dim() != 2 or packed_info.shape[1] != 2:
             _fail("packed_info must be a [R, 2] tensor of (first sample, count)")
@@ -124,7 +124,7 @@ def composite(
     return feat_img, finish_depth(depth, t), weight_sum
 
 
-def composite_weights(sigma: torch.Tensor, t: torch.Tensor, *, impl: str = "auto"
+def composite_weights(sigma: torch.Tensor, t: torch.Tensor, *, impl: str = "auto", check_sorted: bool = True
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each sample's weight in the compositing's feature sum, fused (dense layout).
 
@@ -141,6 +141,9 @@ def composite_weights(sigma: torch.Tensor, t: torch.Tensor, *, impl: str = "auto
         t: ``[B, R, S, 1]`` depths, sorted along each ray.
         impl: ``"auto"``, ``"torch"`` (:func:`talk3d.ops.reference.composite_weights`), ``"cpu"``
             or ``"cuda"``.
+        check_sorted: verify that ``t`` is sorted (a device-to-host sync on a GPU). Callers whose
+            ``t`` comes out of ``torch.sort`` (the renderer) pass False; unsorted input then gives
+            wrong weights, never an error.
 
     Returns:
         ``(omega, depth, weight_sum)``: ``[B, R, S, 1]``, ``[B, R, 1]`` (as :func:`composite`'s),
@@ -152,7 +155,7 @@ def composite_weights(sigma: torch.Tensor, t: torch.Tensor, *, impl: str = "auto
         >>> omega, depth, acc = composite_weights(s, t, impl="torch")
         >>> img = 2 * (omega * f).sum(dim=2) - 1   # == composite(s, f, t)[0]
     """
-    _validate(sigma, sigma, t, None)
+    _validate(sigma, sigma, t, None, check_sorted)
     impl = backends.resolve_impl("composite", impl, sigma, _IMPL_DTYPES)
     if impl == "torch":
         return _reference_weights(sigma, t)

@@ -251,7 +251,8 @@ def _composite_unmerged(sigma_c, feat_c, sigma_f, feat_f, t, order, impl):
     Sc = sigma_c.shape[2]
     (sigma,) = _take_along_rays(order, torch.cat([sigma_c, sigma_f], dim=2))
     sigma, _, t = _composite_dtype(sigma, sigma, t)
-    omega_sorted, depth, wsum = composite_weights(sigma, t, impl=impl)
+    # t comes out of torch.sort: no sortedness check (on a GPU it would stall every frame on a sync).
+    omega_sorted, depth, wsum = composite_weights(sigma, t, impl=impl, check_sorted=False)
     omega = torch.zeros_like(omega_sorted).scatter(2, order, omega_sorted)  # [B, R, S, 1] in the passes' order
     feat_c, feat_f = (f.float() if f.device.type == "cpu" and f.dtype in (torch.float16, torch.bfloat16) else f
                       for f in (feat_c, feat_f))
