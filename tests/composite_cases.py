@@ -1,9 +1,32 @@
-"""Random inputs for the compositing op, shared by its tests and the emulator tests."""
+"""Random inputs, tolerances and back ends for the compositing ops, shared by their tests and the
+emulator tests."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
+
+from talk3d import extension
+
+# fp32 kernels against float64: one scan of <= 96 intervals per ray; transmittance is a product of
+# <= 96 factors (~96 ulps relative) and the sums add <= 96 O(1) terms, so ~1e-5 absolute at most.
+FP32_ATOL, FP32_RTOL = 2e-5, 2e-5
+# Gradients of t also carry 1/W from the depth: a few times looser.
+FP32_GRAD_ATOL, FP32_GRAD_RTOL = 1e-4, 1e-4
+FP64_ATOL, FP64_RTOL = 1e-11, 1e-11
+# Half-precision storage (CUDA): inputs and outputs rounded to 2^-8 (bf16) / 2^-11 (fp16).
+HALF_ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+# The compiled back ends of the compositing ops (the reference is "torch").
+BACKENDS = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")),
+    pytest.param("cuda", marks=pytest.mark.cuda),
+]
+
+
+def device_of(impl: str) -> str:
+    return "cuda" if impl == "cuda" else "cpu"
 
 
 @dataclass(frozen=True)

@@ -8,31 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from composite_cases import CASES, CompositeCase, make_dense, make_packed
+from composite_cases import (BACKENDS, CASES, FP32_ATOL, FP32_GRAD_ATOL, FP32_GRAD_RTOL, FP32_RTOL, FP64_ATOL,
+                             FP64_RTOL, HALF_ATOL, CompositeCase, device_of, make_dense, make_packed)
 from talk3d import extension
 from talk3d.ops import composite, reference
 from talk3d.ops.composite import available_impls
 
 HAS_NERFACC = importlib.util.find_spec("nerfacc") is not None
 
-# fp32 kernels against float64: one scan of <= 96 intervals per ray; transmittance is a product of
-# <= 96 factors (~96 ulps relative) and the sums add <= 96 O(1) terms, so ~1e-5 absolute at most.
-FP32_ATOL, FP32_RTOL = 2e-5, 2e-5
-# Gradients of t also carry 1/W from the depth: a few times looser.
-FP32_GRAD_ATOL, FP32_GRAD_RTOL = 1e-4, 1e-4
-FP64_ATOL, FP64_RTOL = 1e-11, 1e-11
-# Half-precision storage (CUDA): inputs and outputs rounded to 2^-8 (bf16) / 2^-11 (fp16).
-HALF_ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-BACKENDS = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")),
-    pytest.param("cuda", marks=pytest.mark.cuda),
-]
-
-
-def device_of(impl):
-    return "cuda" if impl == "cuda" else "cpu"
 
 
 def run(impl, inputs, grad_outputs, packed_info=None, needs=(True, True, True)):

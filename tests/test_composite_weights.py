@@ -5,26 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from composite_cases import CASES, CompositeCase, make_dense
+from composite_cases import (BACKENDS, CASES, FP32_ATOL, FP32_GRAD_ATOL, FP32_GRAD_RTOL, FP32_RTOL, FP64_ATOL,
+                             FP64_RTOL, HALF_ATOL, CompositeCase, make_dense)
+from composite_cases import device_of as _device
 from talk3d import extension
 from talk3d.ops import composite, composite_weights
-
-# fp32 kernels against float64: the same scan as the compositing op (see test_composite).
-FP32_ATOL, FP32_RTOL = 2e-5, 2e-5
-FP32_GRAD_ATOL, FP32_GRAD_RTOL = 1e-4, 1e-4
-FP64_ATOL, FP64_RTOL = 1e-11, 1e-11
-# Half-precision storage (CUDA): inputs and outputs rounded to 2^-8 (bf16) / 2^-11 (fp16).
-HALF_ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-BACKENDS = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")),
-    pytest.param("cuda", marks=pytest.mark.cuda),
-]
-
-
-def _device(impl):
-    return "cuda" if impl == "cuda" else "cpu"
-
 
 def _run(impl, sigma, t, grads, needs=(True, True)):
     ins = [x.detach().clone().requires_grad_(n) for x, n in zip((sigma, t), needs)]
