@@ -71,43 +71,49 @@ inline void mlp_forward(const float* __restrict__ w1t, const float* __restrict__
                         const float* __restrict__ w2, const float* __restrict__ w2t,
                         const float* __restrict__ b2, const float* __restrict__ f,
                         float* __restrict__ pre, float* __restrict__ h, float* __restrict__ o) {
-  constexpr int kV1 = kHid / kLanes;  // 4 vectors of hidden units
-  // Layer 1: two chains (even and odd input channels) of 4 vectors: 8 registers.
-  vfl a0[kV1], a1[kV1];
+  constexpr int kV1 = kHid / kLanes;  // vectors of hidden units: 4 (AVX-512) or 8 (AVX2)
+  // Layer 1: kCh1 chains (input channels c mod kCh1) of kV1 vectors, 8 accumulators either way:
+  // enough independent FMAs to hide their latency, few enough to stay in AVX2's 16 registers.
+  constexpr int kCh1 = kV1 >= 8 ? 1 : 2;
+  vfl a[kCh1][kV1];
   for (int v = 0; v < kV1; ++v) {
-    a0[v] = load(b1 + v * kLanes);
-    a1[v] = vfl{};
+    a[0][v] = load(b1 + v * kLanes);
+    for (int q = 1; q < kCh1; ++q) a[q][v] = vfl{};
   }
-  for (int c = 0; c < kC; c += 2) {
-    const vfl f0 = splat(f[c]), f1 = splat(f[c + 1]);
-    const float* r0 = w1t + c * kHid;
-    const float* r1 = r0 + kHid;
-    for (int v = 0; v < kV1; ++v) {
-      a0[v] += load(r0 + v * kLanes) * f0;
-      a1[v] += load(r1 + v * kLanes) * f1;
+  for (int c = 0; c < kC; c += kCh1) {
+    for (int q = 0; q < kCh1; ++q) {
+      const vfl fq = splat(f[c + q]);
+      const float* r = w1t + (c + q) * kHid;
+      for (int v = 0; v < kV1; ++v) a[q][v] += load(r + v * kLanes) * fq;
     }
   }
-  for (int v = 0; v < kV1; ++v) store(pre + v * kLanes, a0[v] + a1[v]);
+  for (int v = 0; v < kV1; ++v) {
+    vfl sum = a[0][v];
+    for (int q = 1; q < kCh1; ++q) sum += a[q][v];
+    store(pre + v * kLanes, sum);
+  }
   for (int j = 0; j < kHid; ++j) h[j] = field::softplus(pre[j]);  // vectorises across units
-  // Layer 2: sigma is the dot product of W2's first row with h; the 32 features accumulate in four
-  // chains (hidden units j mod 4) of kVF vectors.
-  constexpr int kVF = (kOut - 1) / kLanes;
+  // Layer 2: sigma is the dot product of W2's first row with h; the 32 features accumulate in kCh2
+  // chains (hidden units j mod kCh2) of kVF vectors: 8 accumulators, as in layer 1.
+  constexpr int kVF = (kOut - 1) / kLanes, kCh2 = 8 / kVF;
   vfl s = vfl{};
   for (int v = 0; v < kV1; ++v) s += load(w2 + v * kLanes) * load(h + v * kLanes);
-  vfl acc[4][kVF];
-  for (int q = 0; q < 4; ++q)
+  vfl acc[kCh2][kVF];
+  for (int q = 0; q < kCh2; ++q)
     for (int v = 0; v < kVF; ++v) acc[q][v] = vfl{};
-  for (int j = 0; j < kHid; j += 4) {
-    for (int q = 0; q < 4; ++q) {
+  for (int j = 0; j < kHid; j += kCh2) {
+    for (int q = 0; q < kCh2; ++q) {
       const vfl hj = splat(h[j + q]);
       const float* row = w2t + (j + q) * kOut + 1;
       for (int v = 0; v < kVF; ++v) acc[q][v] += load(row + v * kLanes) * hj;
     }
   }
   o[0] = b2[0] + hsum(s);
-  for (int v = 0; v < kVF; ++v)
-    store(o + 1 + v * kLanes,
-          load(b2 + 1 + v * kLanes) + ((acc[0][v] + acc[1][v]) + (acc[2][v] + acc[3][v])));
+  for (int v = 0; v < kVF; ++v) {
+    vfl sum = acc[0][v];
+    for (int q = 1; q < kCh2; ++q) sum += acc[q][v];
+    store(o + 1 + v * kLanes, load(b2 + 1 + v * kLanes) + sum);
+  }
 }
 
 // Same contract as field::mlp_backward at the EG3D size: dout [OUT] (through the output transform),
@@ -116,33 +122,42 @@ inline void mlp_backward(const float* __restrict__ w1, const float* __restrict__
                          const float* __restrict__ dout, float* __restrict__ pre,
                          float* __restrict__ df) {
   constexpr int kV1 = kHid / kLanes, kVC = kC / kLanes;
-  // dh = W2^T dout: two chains (outputs k even / odd) of 4 vectors, the odd 33rd output last.
-  vfl d0[kV1], d1[kV1];
-  for (int v = 0; v < kV1; ++v) d0[v] = d1[v] = vfl{};
+  // dh = W2^T dout: kCh chains (outputs k mod kCh) of kV1 vectors, 8 accumulators (see mlp_forward);
+  // the odd 33rd output last.
+  constexpr int kCh = kV1 >= 8 ? 1 : 2;
+  vfl d[kCh][kV1];
+  for (int q = 0; q < kCh; ++q)
+    for (int v = 0; v < kV1; ++v) d[q][v] = vfl{};
   int k = 0;
-  for (; k + 2 <= kOut; k += 2) {
-    const vfl g0 = splat(dout[k]), g1 = splat(dout[k + 1]);
-    for (int v = 0; v < kV1; ++v) {
-      d0[v] += load(w2 + k * kHid + v * kLanes) * g0;
-      d1[v] += load(w2 + (k + 1) * kHid + v * kLanes) * g1;
+  for (; k + kCh <= kOut; k += kCh)
+    for (int q = 0; q < kCh; ++q) {
+      const vfl g = splat(dout[k + q]);
+      for (int v = 0; v < kV1; ++v) d[q][v] += load(w2 + (k + q) * kHid + v * kLanes) * g;
     }
-  }
   for (; k < kOut; ++k)
-    for (int v = 0; v < kV1; ++v) d0[v] += load(w2 + k * kHid + v * kLanes) * splat(dout[k]);
+    for (int v = 0; v < kV1; ++v) d[0][v] += load(w2 + k * kHid + v * kLanes) * splat(dout[k]);
   float dh[kHid];
-  for (int v = 0; v < kV1; ++v) store(dh + v * kLanes, d0[v] + d1[v]);
+  for (int v = 0; v < kV1; ++v) {
+    vfl sum = d[0][v];
+    for (int q = 1; q < kCh; ++q) sum += d[q][v];
+    store(dh + v * kLanes, sum);
+  }
   for (int j = 0; j < kHid; ++j) pre[j] = dh[j] * field::softplus_grad(pre[j]);
-  // df = W1^T dpre: four chains (hidden units j mod 4) of 2 vectors.
-  vfl acc[4][kVC];
-  for (int q = 0; q < 4; ++q)
+  // df = W1^T dpre: kChC chains (hidden units j mod kChC) of kVC vectors, 8 accumulators.
+  constexpr int kChC = 8 / kVC;
+  vfl acc[kChC][kVC];
+  for (int q = 0; q < kChC; ++q)
     for (int v = 0; v < kVC; ++v) acc[q][v] = vfl{};
-  for (int j = 0; j < kHid; j += 4)
-    for (int q = 0; q < 4; ++q) {
+  for (int j = 0; j < kHid; j += kChC)
+    for (int q = 0; q < kChC; ++q) {
       const vfl g = splat(pre[j + q]);
       for (int v = 0; v < kVC; ++v) acc[q][v] += load(w1 + (j + q) * kC + v * kLanes) * g;
     }
-  for (int v = 0; v < kVC; ++v)
-    store(df + v * kLanes, (acc[0][v] + acc[1][v]) + (acc[2][v] + acc[3][v]));
+  for (int v = 0; v < kVC; ++v) {
+    vfl sum = acc[0][v];
+    for (int q = 1; q < kChC; ++q) sum += acc[q][v];
+    store(df + v * kLanes, sum);
+  }
 }
 
 // The coordinate half of field::sample_mean_backward at C = 32 (no plane gradient): d loss / d xyz of
