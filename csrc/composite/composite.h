@@ -75,14 +75,27 @@ struct WeightsInputs {
 
 WeightsInputs prepare_weights_inputs(const at::Tensor& sigma, const at::Tensor& t);
 
-// Checks the backward's per-ray and per-sample tensors against `in` and brings them to sigma's
-// dtype, contiguous: {g_omega, g_depth, g_wsum, omega, depth, wsum}.
-std::array<at::Tensor, 6> prepare_weights_backward(const WeightsInputs& in, const at::Tensor& sigma,
-                                                   const at::Tensor& grad_omega, const at::Tensor& grad_depth,
-                                                   const at::Tensor& grad_wsum, const at::Tensor& out_omega,
-                                                   const at::Tensor& out_depth, const at::Tensor& out_wsum);
+// Output tensors of the forward: omega [B, R, S, 1], depth [B, R, 1], weight_sum [B, R, 1].
+CompositeOut weights_outputs(const WeightsInputs& in);
 
 using WeightsGrads = std::tuple<at::Tensor, at::Tensor>;
+
+// The backward's tensors, shared by every back end.
+struct WeightsBackwardIO {
+  at::Tensor go, gd, gw;  // grads of omega [R * S], depth [R], weight_sum [R]: contiguous, sigma's dtype
+  at::Tensor so, sd, sw;  // the saved forward outputs, likewise
+  at::Tensor dsigma, dt;  // [B, R, S, 1] contiguous; undefined where not needed
+  // (dsigma, dt) with empty placeholders for the gradients not asked for.
+  WeightsGrads result(const at::Tensor& sigma, const at::Tensor& t) const;
+};
+
+// Checks the gradients and saved outputs against `in` (device, element counts), brings them to
+// sigma's dtype, contiguous, and allocates the gradient buffers asked for.
+WeightsBackwardIO prepare_weights_backward(const WeightsInputs& in, const at::Tensor& sigma, const at::Tensor& t,
+                                           const at::Tensor& grad_omega, const at::Tensor& grad_depth,
+                                           const at::Tensor& grad_wsum, const at::Tensor& out_omega,
+                                           const at::Tensor& out_depth, const at::Tensor& out_wsum,
+                                           std::array<bool, 2> needs);
 
 CompositeOut composite_weights_fwd_cpu(const at::Tensor& sigma, const at::Tensor& t);
 

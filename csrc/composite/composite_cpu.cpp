@@ -4,7 +4,6 @@
 
 #include "composite.h"
 #include "talk3d/composite_math.h"
-#include "triplane_field/triplane_field.h"  // grad_placeholder
 
 namespace talk3d {
 
@@ -106,19 +105,27 @@ CompositeOut composite_bwd_cpu(const at::Tensor& grad_feat, const at::Tensor& gr
   return io.result(sigma, feat, t);
 }
 
-CompositeOut composite_weights_fwd_cpu(const at::Tensor& sigma, const at::Tensor& t) {
-  const WeightsInputs in = prepare_weights_inputs(sigma, t);
+namespace {
+
+void check_cpu_weights_dtype(const at::Tensor& sigma) {
   TORCH_CHECK_TYPE(sigma.scalar_type() == at::kFloat || sigma.scalar_type() == at::kDouble,
                    "composite_weights (cpu): takes float32 or float64, got ", sigma.scalar_type());
-  const auto opts = in.sigma.options();
-  at::Tensor omega = at::empty(sigma.sizes(), opts);
-  at::Tensor depth = at::empty({in.lead[0], in.lead[1], 1}, opts), wsum = at::empty_like(depth);
+}
+
+// A ray is ~S scalar steps with no feature work: larger grains than the feature op's.
+constexpr int64_t kWeightsRayGrain = 8 * kRayGrain;
+
+}  // namespace
+
+CompositeOut composite_weights_fwd_cpu(const at::Tensor& sigma, const at::Tensor& t) {
+  const WeightsInputs in = prepare_weights_inputs(sigma, t);
+  check_cpu_weights_dtype(sigma);
+  auto [omega, depth, wsum] = weights_outputs(in);
   AT_DISPATCH_FLOATING_TYPES(sigma.scalar_type(), "composite_weights_fwd_cpu", [&] {
     const scalar_t *ps = in.sigma.data_ptr<scalar_t>(), *pt = in.t.data_ptr<scalar_t>();
     scalar_t *po = omega.data_ptr<scalar_t>(), *od = depth.data_ptr<scalar_t>(), *ow = wsum.data_ptr<scalar_t>();
     const int64_t S = in.S;
-    // A ray is ~S scalar steps with no feature work: larger grains than the feature op's.
-    at::parallel_for(0, in.R, 8 * kRayGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, in.R, kWeightsRayGrain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         scalar_t w, dnum;
         composite::weights_forward_ray(ps + r * S, pt + r * S, S, po + r * S, w, dnum);
@@ -135,22 +142,18 @@ WeightsGrads composite_weights_bwd_cpu(const at::Tensor& grad_omega, const at::T
                                        const at::Tensor& out_omega, const at::Tensor& out_depth,
                                        const at::Tensor& out_wsum, std::array<bool, 2> needs) {
   const WeightsInputs in = prepare_weights_inputs(sigma, t);
-  TORCH_CHECK_TYPE(sigma.scalar_type() == at::kFloat || sigma.scalar_type() == at::kDouble,
-                   "composite_weights (cpu): takes float32 or float64, got ", sigma.scalar_type());
-  const std::array<at::Tensor, 6> io =
-      prepare_weights_backward(in, sigma, grad_omega, grad_depth, grad_wsum, out_omega, out_depth, out_wsum);
-  const at::Tensor &go = io[0], &gd = io[1], &gw = io[2], &so = io[3], &sd = io[4], &sw = io[5];
-  const auto opts = in.sigma.options();
-  at::Tensor dsigma = needs[0] ? at::empty(sigma.sizes(), opts) : at::Tensor();
-  at::Tensor dt = needs[1] ? at::empty(t.sizes(), opts) : at::Tensor();
+  check_cpu_weights_dtype(sigma);
+  const WeightsBackwardIO io = prepare_weights_backward(in, sigma, t, grad_omega, grad_depth, grad_wsum, out_omega,
+                                                        out_depth, out_wsum, needs);
   AT_DISPATCH_FLOATING_TYPES(sigma.scalar_type(), "composite_weights_bwd_cpu", [&] {
     const scalar_t *ps = in.sigma.data_ptr<scalar_t>(), *pt = in.t.data_ptr<scalar_t>();
-    const scalar_t *pgo = go.data_ptr<scalar_t>(), *pgd = gd.data_ptr<scalar_t>(), *pgw = gw.data_ptr<scalar_t>(),
-                   *pso = so.data_ptr<scalar_t>(), *psd = sd.data_ptr<scalar_t>(), *psw = sw.data_ptr<scalar_t>();
-    scalar_t* ds = dsigma.defined() ? dsigma.data_ptr<scalar_t>() : nullptr;
-    scalar_t* dtp = dt.defined() ? dt.data_ptr<scalar_t>() : nullptr;
+    const scalar_t *pgo = io.go.data_ptr<scalar_t>(), *pgd = io.gd.data_ptr<scalar_t>(),
+                   *pgw = io.gw.data_ptr<scalar_t>(), *pso = io.so.data_ptr<scalar_t>(),
+                   *psd = io.sd.data_ptr<scalar_t>(), *psw = io.sw.data_ptr<scalar_t>();
+    scalar_t* ds = io.dsigma.defined() ? io.dsigma.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dtp = io.dt.defined() ? io.dt.data_ptr<scalar_t>() : nullptr;
     const int64_t S = in.S;
-    at::parallel_for(0, in.R, 8 * kRayGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, in.R, kWeightsRayGrain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const auto g = composite::fold_weights_grad(pso + r * S, pgo + r * S, S, psd[r], psw[r], pgd[r], pgw[r]);
         composite::weights_backward_ray(ps + r * S, pt + r * S, S, pgo + r * S, g, ds ? ds + r * S : nullptr,
@@ -158,7 +161,7 @@ WeightsGrads composite_weights_bwd_cpu(const at::Tensor& grad_omega, const at::T
       }
     });
   });
-  return {dsigma.defined() ? dsigma : grad_placeholder(sigma), dt.defined() ? dt : grad_placeholder(t)};
+  return io.result(sigma, t);
 }
 
 }  // namespace talk3d

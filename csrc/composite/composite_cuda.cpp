@@ -88,9 +88,7 @@ CompositeOut weights_fwd_cuda(const at::Tensor& sigma, const at::Tensor& t) {
   const WeightsInputs in = prepare_weights_inputs(sigma, t);
   const c10::cuda::CUDAGuard guard(sigma.device());
   const cuda::WeightsProblem p = make_weights_problem(in);
-  const auto opts = in.sigma.options();
-  at::Tensor omega = at::empty(sigma.sizes(), opts);
-  at::Tensor depth = at::empty({in.lead[0], in.lead[1], 1}, opts), wsum = at::empty_like(depth);
+  auto [omega, depth, wsum] = weights_outputs(in);
   check_launch(cuda::composite_weights_forward(p, omega.data_ptr(), depth.data_ptr(), wsum.data_ptr(),
                                                c10::cuda::getCurrentCUDAStream()),
                "weights forward");
@@ -103,18 +101,14 @@ WeightsGrads weights_bwd_cuda(const at::Tensor& grad_omega, const at::Tensor& gr
   const WeightsInputs in = prepare_weights_inputs(sigma, t);
   const c10::cuda::CUDAGuard guard(sigma.device());
   const cuda::WeightsProblem p = make_weights_problem(in);
-  const std::array<at::Tensor, 6> io =
-      prepare_weights_backward(in, sigma, grad_omega, grad_depth, grad_wsum, out_omega, out_depth, out_wsum);
-  const auto opts = in.sigma.options();
-  at::Tensor dsigma = needs[0] ? at::empty(sigma.sizes(), opts) : at::Tensor();
-  at::Tensor dt = needs[1] ? at::empty(t.sizes(), opts) : at::Tensor();
-  check_launch(cuda::composite_weights_backward(p, io[0].data_ptr(), io[1].data_ptr(), io[2].data_ptr(),
-                                                io[3].data_ptr(), io[4].data_ptr(), io[5].data_ptr(),
-                                                dsigma.defined() ? dsigma.data_ptr() : nullptr,
-                                                dt.defined() ? dt.data_ptr() : nullptr,
-                                                c10::cuda::getCurrentCUDAStream()),
+  WeightsBackwardIO io = prepare_weights_backward(in, sigma, t, grad_omega, grad_depth, grad_wsum, out_omega,
+                                                  out_depth, out_wsum, needs);
+  auto ptr = [](at::Tensor& x) { return x.defined() ? x.data_ptr() : nullptr; };
+  check_launch(cuda::composite_weights_backward(p, io.go.data_ptr(), io.gd.data_ptr(), io.gw.data_ptr(),
+                                                io.so.data_ptr(), io.sd.data_ptr(), io.sw.data_ptr(),
+                                                ptr(io.dsigma), ptr(io.dt), c10::cuda::getCurrentCUDAStream()),
                "weights backward");
-  return {dsigma.defined() ? dsigma : grad_placeholder(sigma), dt.defined() ? dt : grad_placeholder(t)};
+  return io.result(sigma, t);
 }
 
 }  // namespace

@@ -144,10 +144,17 @@ WeightsInputs prepare_weights_inputs(const at::Tensor& sigma, const at::Tensor& 
   return in;
 }
 
-std::array<at::Tensor, 6> prepare_weights_backward(const WeightsInputs& in, const at::Tensor& sigma,
-                                                   const at::Tensor& grad_omega, const at::Tensor& grad_depth,
-                                                   const at::Tensor& grad_wsum, const at::Tensor& out_omega,
-                                                   const at::Tensor& out_depth, const at::Tensor& out_wsum) {
+CompositeOut weights_outputs(const WeightsInputs& in) {
+  const auto opts = in.sigma.options();
+  at::Tensor depth = at::empty({in.lead[0], in.lead[1], 1}, opts);
+  return {at::empty({in.lead[0], in.lead[1], in.S, 1}, opts), depth, at::empty_like(depth)};
+}
+
+WeightsBackwardIO prepare_weights_backward(const WeightsInputs& in, const at::Tensor& sigma, const at::Tensor& t,
+                                           const at::Tensor& grad_omega, const at::Tensor& grad_depth,
+                                           const at::Tensor& grad_wsum, const at::Tensor& out_omega,
+                                           const at::Tensor& out_depth, const at::Tensor& out_wsum,
+                                           std::array<bool, 2> needs) {
   auto take = [&](const at::Tensor& x, const char* name, int64_t numel) {
     TORCH_CHECK_VALUE(x.device() == sigma.device(), "composite_weights_bwd: ", name, " is on ", x.device(),
                       " but sigma is on ", sigma.device());
@@ -156,9 +163,21 @@ std::array<at::Tensor, 6> prepare_weights_backward(const WeightsInputs& in, cons
     return x.to(sigma.scalar_type()).contiguous();
   };
   const int64_t N = in.R * in.S;
-  return {take(grad_omega, "grad_omega", N), take(grad_depth, "grad_depth", in.R),
-          take(grad_wsum, "grad_weight_sum", in.R), take(out_omega, "out_omega", N),
-          take(out_depth, "out_depth", in.R), take(out_wsum, "out_weight_sum", in.R)};
+  WeightsBackwardIO io;
+  io.go = take(grad_omega, "grad_omega", N);
+  io.gd = take(grad_depth, "grad_depth", in.R);
+  io.gw = take(grad_wsum, "grad_weight_sum", in.R);
+  io.so = take(out_omega, "out_omega", N);
+  io.sd = take(out_depth, "out_depth", in.R);
+  io.sw = take(out_wsum, "out_weight_sum", in.R);
+  const auto opts = in.sigma.options();
+  if (needs[0]) io.dsigma = at::empty(sigma.sizes(), opts);
+  if (needs[1]) io.dt = at::empty(t.sizes(), opts);
+  return io;
+}
+
+WeightsGrads WeightsBackwardIO::result(const at::Tensor& sigma, const at::Tensor& t) const {
+  return {dsigma.defined() ? dsigma : grad_placeholder(sigma), dt.defined() ? dt : grad_placeholder(t)};
 }
 
 }  // namespace talk3d

@@ -222,6 +222,18 @@ cudaError_t validate(const CompositeProblem& p) {
   return cudaSuccess;
 }
 
+// Calls f(S{}) with S the storage type of dtype.
+template <typename Fn>
+cudaError_t dispatch_storage(CompositeDType dtype, Fn&& f) {
+  switch (dtype) {
+    case CompositeDType::kF32: return f(float{});
+    case CompositeDType::kF16: return f(Half16{});
+    case CompositeDType::kBF16: return f(BFloat16{});
+    case CompositeDType::kF64: return f(double{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 template <typename S>
 cudaError_t forward_typed(const CompositeProblem& p, void* out_feat, void* out_depth, void* out_wsum,
                           cudaStream_t stream) {
@@ -274,18 +286,6 @@ cudaError_t backward_typed(const CompositeProblem& p, const void* grad_feat, con
   auto kernel = p.F == 32 ? composite_backward_kernel<32, S> : composite_backward_kernel<0, S>;
   kernel<<<blocks, kCompositeThreads, 0, stream>>>(a);
   return cudaGetLastError();
-}
-
-// Calls f(S{}) with S the storage type of dtype.
-template <typename Fn>
-cudaError_t dispatch_storage(CompositeDType dtype, Fn&& f) {
-  switch (dtype) {
-    case CompositeDType::kF32: return f(float{});
-    case CompositeDType::kF16: return f(Half16{});
-    case CompositeDType::kBF16: return f(BFloat16{});
-    case CompositeDType::kF64: return f(double{});
-  }
-  return cudaErrorInvalidValue;
 }
 
 cudaError_t validate_weights(const WeightsProblem& p) {
@@ -351,17 +351,9 @@ cudaError_t composite_forward(const CompositeProblem& p, void* out_feat, void* o
   if (err != cudaSuccess) return err;
   if (p.R == 0) return cudaSuccess;
   if (!out_feat || !out_depth || !out_wsum) return cudaErrorInvalidValue;
-  switch (p.dtype) {
-    case CompositeDType::kF32:
-      return forward_typed<float>(p, out_feat, out_depth, out_wsum, stream);
-    case CompositeDType::kF16:
-      return forward_typed<Half16>(p, out_feat, out_depth, out_wsum, stream);
-    case CompositeDType::kBF16:
-      return forward_typed<BFloat16>(p, out_feat, out_depth, out_wsum, stream);
-    case CompositeDType::kF64:
-      return forward_typed<double>(p, out_feat, out_depth, out_wsum, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_storage(p.dtype, [&](auto tag) {
+    return forward_typed<decltype(tag)>(p, out_feat, out_depth, out_wsum, stream);
+  });
 }
 
 cudaError_t composite_backward(const CompositeProblem& p, const void* grad_feat, const void* grad_depth,
@@ -374,21 +366,10 @@ cudaError_t composite_backward(const CompositeProblem& p, const void* grad_feat,
   if (p.R == 0 || (!dsigma && !dfeat && !dt)) return cudaSuccess;
   if (!grad_feat || !grad_depth || !grad_wsum || !saved_feat || !saved_depth || !saved_wsum)
     return cudaErrorInvalidValue;
-  switch (p.dtype) {
-    case CompositeDType::kF32:
-      return backward_typed<float>(p, grad_feat, grad_depth, grad_wsum, saved_feat, saved_depth,
-                                   saved_wsum, dsigma, dfeat, dt, stream);
-    case CompositeDType::kF16:
-      return backward_typed<Half16>(p, grad_feat, grad_depth, grad_wsum, saved_feat, saved_depth,
-                                    saved_wsum, dsigma, dfeat, dt, stream);
-    case CompositeDType::kBF16:
-      return backward_typed<BFloat16>(p, grad_feat, grad_depth, grad_wsum, saved_feat, saved_depth,
-                                      saved_wsum, dsigma, dfeat, dt, stream);
-    case CompositeDType::kF64:
-      return backward_typed<double>(p, grad_feat, grad_depth, grad_wsum, saved_feat, saved_depth,
-                                    saved_wsum, dsigma, dfeat, dt, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_storage(p.dtype, [&](auto tag) {
+    return backward_typed<decltype(tag)>(p, grad_feat, grad_depth, grad_wsum, saved_feat, saved_depth, saved_wsum,
+                                         dsigma, dfeat, dt, stream);
+  });
 }
 
 }  // namespace cuda
