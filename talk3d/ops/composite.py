@@ -39,7 +39,9 @@ def _fail(msg: str, exc=ValueError):
 
 
 def _validate(sigma, feat, t, packed_info, check_sorted: bool = True) -> None:
-    for name, x in (("sigma", sigma), ("feat", feat), ("t", t)):
+    """feat None: composite_weights' inputs (sigma and t only, dense)."""
+    named = [("sigma", sigma), ("t", t)] + ([("feat", feat)] if feat is not None else [])
+    for name, x in named:
         if not isinstance(x, torch.Tensor):
             _fail(f"{name} must be a torch.Tensor, got {type(x).__name__}", TypeError)
         if x.dtype not in _STORAGE:
@@ -51,7 +53,7 @@ def _validate(sigma, feat, t, packed_info, check_sorted: bool = True) -> None:
     if packed_info is None:
         if sigma.dim() != 4 or sigma.shape[-1] != 1:
             _fail(f"sigma must be [B, R, S, 1], got {tuple(sigma.shape)}")
-        if feat.dim() != 4 or feat.shape[:3] != sigma.shape[:3]:
+        if feat is not None and (feat.dim() != 4 or feat.shape[:3] != sigma.shape[:3]):
             _fail(f"feat must be [B, R, S, F] matching sigma {tuple(sigma.shape)}, got {tuple(feat.shape)}")
         if t.shape != sigma.shape:
             _fail(f"t must be [B, R, S, 1] like sigma, got {tuple(t.shape)}")
@@ -79,7 +81,7 @@ def _validate(sigma, feat, t, packed_info, check_sorted: bool = True) -> None:
         first = torch.repeat_interleave(start, count) + local
         i = first[local < torch.repeat_interleave(count, count) - 1]
         sorted_ok = bool((t[i + 1, 0] >= t[i, 0]).all())
-    if feat.shape[-1] == 0:
+    if feat is not None and feat.shape[-1] == 0:
         _fail("feat has no channels (F == 0)")
     if not sorted_ok:
         _fail("t must be sorted (non-decreasing) along each ray")
@@ -155,7 +157,7 @@ def composite_weights(sigma: torch.Tensor, t: torch.Tensor, *, impl: str = "auto
         >>> omega, depth, acc = composite_weights(s, t, impl="torch")
         >>> img = 2 * (omega * f).sum(dim=2) - 1   # == composite(s, f, t)[0]
     """
-    _validate(sigma, sigma, t, None, check_sorted)
+    _validate(sigma, None, t, None, check_sorted)
     impl = backends.resolve_impl("composite", impl, sigma, _IMPL_DTYPES)
     if impl == "torch":
         return _reference_weights(sigma, t)

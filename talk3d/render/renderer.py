@@ -250,22 +250,25 @@ def _composite_unmerged(sigma_c, feat_c, sigma_f, feat_f, t, order, impl):
     """
     Sc = sigma_c.shape[2]
     (sigma,) = _take_along_rays(order, torch.cat([sigma_c, sigma_f], dim=2))
-    sigma, _, t = _composite_dtype(sigma, sigma, t)
+    sigma = _cpu_widened(sigma)
     # t comes out of torch.sort: no sortedness check (on a GPU it would stall every frame on a sync).
-    omega_sorted, depth, wsum = composite_weights(sigma, t, impl=impl, check_sorted=False)
+    omega_sorted, depth, wsum = composite_weights(sigma, t.to(sigma.dtype), impl=impl, check_sorted=False)
     omega = torch.zeros_like(omega_sorted).scatter(2, order, omega_sorted)  # [B, R, S, 1] in the passes' order
-    feat_c, feat_f = (f.float() if f.device.type == "cpu" and f.dtype in (torch.float16, torch.bfloat16) else f
-                      for f in (feat_c, feat_f))
+    feat_c, feat_f = _cpu_widened(feat_c), _cpu_widened(feat_f)
     omega = omega.to(feat_c.dtype)
     C = omega[:, :, :Sc].transpose(-1, -2) @ feat_c + omega[:, :, Sc:].transpose(-1, -2) @ feat_f  # [B, R, 1, F]
     return C[:, :, 0] * 2 - 1, depth, wsum
 
 
+def _cpu_widened(x: torch.Tensor) -> torch.Tensor:
+    """The CPU compositing kernels take fp32/fp64: half-precision field outputs are widened there."""
+    return x.float() if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _composite_dtype(sigma, feat, t):
-    """The CPU compositing kernel takes fp32/fp64: half-precision field outputs are widened there."""
-    if sigma.device.type == "cpu" and sigma.dtype in (torch.float16, torch.bfloat16):
-        sigma, feat = sigma.float(), feat.float()
-    return sigma, feat, t.to(sigma.dtype) if sigma.dtype != t.dtype else t
+    """sigma and feat as the compositing kernels take them, t in sigma's dtype."""
+    sigma, feat = _cpu_widened(sigma), _cpu_widened(feat)
+    return sigma, feat, t.to(sigma.dtype)
 
 
 class _Samples(NamedTuple):
