@@ -3,8 +3,9 @@
     python benchmarks/profile_frame.py [--batch 1 8] [--out DIR]
 
 Builds the model at the release's sizes on a GPU (the no-argument demo's sizes on a CPU), like the
-``infer-frame`` benchmark, and times each stage of one frame separately (CUDA events around each
-stage, after warm-up; medians of ``--rounds``) for the fp32 reference path (torch renderer, whole
+``infer-frame`` benchmark, and times each stage of one frame (the model's own forward, with
+hooks that synchronise and read the clock as the U-Net and the SR start and end; after warm-up,
+medians of ``--rounds``) for the fp32 reference path (torch renderer, whole
 U-Net) and the fast path (fused engine, bf16 autocast on a GPU, the U-Net encoder's features of
 P_ID cached). Then a torch.profiler table of the fast path's top operators. Writes
 ``profile_frame.md`` (and the profiler tables) under ``--out``. A measuring tool, not a test: the
@@ -25,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_bench_train import AUDIO_DIM, _batch  # noqa: E402  (the benchmarks' own batch builder)
 
 from talk3d import extension  # noqa: E402
-from talk3d.render import render  # noqa: E402
 from talk3d.train import TrainConfig, build_model, demo_config  # noqa: E402
 
 
@@ -39,23 +39,29 @@ def _timer(device: torch.device):
 
 
 def stages(model, frames, *, impl: str, amp, now) -> dict[str, float]:
-    """Seconds spent in each stage of one forward pass of ``model`` on ``frames``."""
-    gen = model.generator
-    t = {}
-    with torch.no_grad(), amp:
-        t0 = now()
-        planes, _ = model._planes_and_delta(frames)
-        t1 = now()
-        res = gen.neural_rendering_resolution
-        out = render(planes, gen.decoder.effective_weights(planes.dtype), frames["camera"][:, :25],
-                     gen.cfg.render_config(res), impl=impl, deterministic=True)
-        t2 = now()
-        feat = out.feature_image
-        ws = model.w_id.expand(feat.shape[0], -1, -1)
-        gen.superresolution(feat[:, :3], feat, ws, noise_mode=gen.cfg.sr_noise_mode)
-        t3 = now()
-    t.update(unet=t1 - t0, render=t2 - t1, sr=t3 - t2, total=t3 - t0)
-    return t
+    """Seconds spent in each stage of one ``model(frames)`` call, the inference forward itself:
+    hooks on the deltaplane U-Net and the super-resolution take the (synchronised) time as each
+    starts and ends; the render is what lies between them."""
+    marks = {}
+
+    def mark(name):
+        def hook(*_):
+            marks[name] = now()
+        return hook
+
+    unet, sr = model.deltaplane, model.generator.superresolution
+    handles = [unet.register_forward_pre_hook(mark("unet0")), unet.register_forward_hook(mark("unet1")),
+               sr.register_forward_pre_hook(mark("sr0")), sr.register_forward_hook(mark("sr1"))]
+    try:
+        with torch.no_grad(), amp:
+            t0 = now()
+            model(frames, impl=impl, deterministic=True)
+            t1 = now()
+    finally:
+        for h in handles:
+            h.remove()
+    return dict(unet=marks["unet1"] - marks["unet0"], render=marks["sr0"] - marks["unet1"],
+                sr=marks["sr1"] - marks["sr0"], total=t1 - t0)
 
 
 def main(argv=None) -> None:

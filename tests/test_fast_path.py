@@ -22,7 +22,9 @@ from talk3d.train import TrainConfig, Trainer, load_talking_head
 # fp32 reference path's on the same frames.
 FAST_PATH_PSNR_TOL_DB = 0.5
 # Streamed and offline frames on CUDA: the same kernels on the same inputs, batched differently
-# (bf16 autocast rounds with the batch's layout): mean |diff| in uint8 levels.
+# (bf16 autocast rounds with the batch's layout): mean |diff| in uint8 levels. Not a measured
+# figure: the one H200 run passed it without keeping the printed difference (on the CPU, in fp32,
+# streaming equals offline to 1e-5; see test_talker). Tighten it from the printout of a GPU run.
 STREAM_MEAN_TOL = 1.0
 STEPS = 60
 KEYS = ("camera", "audio", "blink", "pose", "landmarks")
@@ -95,6 +97,9 @@ def test_fast_path_within_half_a_db_of_the_reference(trained, data):
     with torch.inference_mode():
         grid = model.occupancy_grid([{k: v[sample] for k, v in cond.items()}])
     dtypes = {"fp32": None, "bf16": torch.bfloat16}
+    # A head learned from scratch in 60 steps fills its box: the grid came out fully occupied on the
+    # CPU (1.00), so skipping is wired in here but culls nothing. Skipping's own accuracy on a
+    # mostly empty field is tested in test_infer (test_empty_space_skipping_...).
     fast = {name: _render(model, cond, impl="auto", batch=4, grid=grid, early_stop=EARLY_STOP, dtype=dt,
                           resolution=res) for name, dt in dtypes.items()}
     p_ref = float(psnr(ref, target).mean())
