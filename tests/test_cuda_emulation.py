@@ -88,13 +88,17 @@ CASES = {
     "eg3d_only_layer2_grads": dict(mask=16 | 8),
     "eg3d_only_xyz_grad_from_sigma": dict(mask=2, gmask=1),
     "eg3d_planes_and_b2_from_feat": dict(mask=1 | 32, gmask=2),
+    # The streaming backward (EG3D sizes, float accumulation): chunks of 128 points by default; here
+    # the frozen-decoder case (planes and xyz only: no rows, one launch) and one chunk for all points.
+    "eg3d_bf16_frozen_decoder": dict(dtype="bf16", mask=1 | 2, B=3, N=211),
+    "eg3d_f32_one_chunk": dict(chunk=0, N=257),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_cuda_kernels_in_emulation(emulator, tmp_path, name):
     c = dict(dtype="f32", B=2, H=16, W=16, C=32, N=300, HID=64, OUT=33, axes=0, box=1.0, pad=(0, 0, 0, 0),
-             optin=232448, sms=2, per_sm=1, mask=63, gmask=3)
+             optin=232448, sms=2, per_sm=1, mask=63, gmask=3, chunk=128)
     c.update(CASES[name])
     code, sdt, pdt = DTYPES[c["dtype"]]
     B, H, W, C, N, HID, OUT = (c[k] for k in ("B", "H", "W", "C", "N", "HID", "OUT"))
@@ -116,11 +120,13 @@ def test_cuda_kernels_in_emulation(emulator, tmp_path, name):
     gf = torch.randn(B, N, OUT - 1, dtype=torch.float64).to(sdt)
     for fn, t in [("planes", buf), ("xyz", xyz), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("gsigma", gs), ("gfeat", gf)]:
         (tmp_path / f"{fn}.bin").write_bytes(_raw(t))
-    meta = [code, B, H, W, C, N, HID, OUT, c["axes"], c["box"], sb, sp, sy, sx, c["optin"], c["sms"], c["per_sm"], c["mask"], c["gmask"]]
+    meta = [code, B, H, W, C, N, HID, OUT, c["axes"], c["box"], sb, sp, sy, sx, c["optin"], c["sms"], c["per_sm"], c["mask"], c["gmask"], c["chunk"]]
     (tmp_path / "meta.txt").write_text(" ".join(map(str, meta)))
     proc = subprocess.run([str(emulator), str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "forward: err=0" in proc.stdout and "backward: err=0" in proc.stdout, proc.stdout
+    streaming = (C, HID, OUT) == (32, 64, 33) and c["dtype"] != "f64"  # what the CUDA adapter runs
+    assert ("streaming backward" in proc.stdout) == streaming, proc.stdout
 
     # Reference in float64 on the same (rounded) values.
     P = master.to(torch.float64).permute(0, 1, 4, 2, 3).contiguous().requires_grad_()

@@ -1,5 +1,7 @@
 // CUDA implementation of the triplane field ops: validates, allocates, and calls the torch-free
 // launchers in kernels/triplane_field. Compiled only when the installed torch has CUDA.
+#include <algorithm>
+
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -71,6 +73,43 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& planes, const at::
   return {sigma, feat};
 }
 
+// Points per chunk of the streaming backward when the decoder's weight gradients are wanted: the
+// chunk's factor rows take BackwardRows::count x 4 B x 2^18 = 204 MB, and one chunk (2^18 threads)
+// still fills an H100/H200 at the kernel's three blocks of 128 threads per SM.
+constexpr int64_t kRowsChunk = int64_t(1) << 18;
+
+// The EG3D-size backward (fp32/fp16/bf16): plane and point gradients from the streaming kernel; the
+// decoder's weight gradients as GEMMs (cuBLAS, through at::addmm_) over the factor rows the kernel
+// writes for each chunk of points. d: the zero-filled gradient buffers of bwd_cuda.
+void backward_streaming(const cuda::FieldProblem& p, const at::Tensor& gs, const at::Tensor& gf,
+                        at::Tensor (&d)[6], std::array<bool, 6> needs) {
+  using Rows = cuda::BackwardRows;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t total = int64_t(p.B) * p.N;
+  const bool want_w = needs[2] || needs[3] || needs[4] || needs[5];
+  const int64_t chunk = want_w ? std::min(total, kRowsChunk) : total;
+  const auto f32 = gs.options().dtype(at::kFloat);
+  at::Tensor rows = want_w ? at::empty({Rows::count, chunk}, f32) : at::Tensor();
+  at::Tensor g1 = want_w ? at::zeros({Rows::HID, Rows::C + 1}, f32) : at::Tensor();    // [dW1 | db1]
+  at::Tensor g2 = want_w ? at::zeros({Rows::OUT, Rows::HID + 1}, f32) : at::Tensor();  // [dW2 | db2]
+  auto ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; };
+  for (int64_t begin = 0; begin < total; begin += chunk) {
+    const int64_t n = std::min(chunk, total - begin);
+    check_launch(cuda::field_backward_streaming(p, begin, n, gs.data_ptr(), gf.data_ptr(), ptr(d[0]), ptr(d[1]),
+                                                want_w ? rows.data_ptr<float>() : nullptr, chunk, stream),
+                 "backward");
+    if (want_w) {
+      const at::Tensor cols = rows.narrow(1, 0, n);
+      g1.addmm_(cols.narrow(0, Rows::dpre, Rows::HID), cols.narrow(0, Rows::f, Rows::C + 1).t());
+      g2.addmm_(cols.narrow(0, Rows::dout, Rows::OUT), cols.narrow(0, Rows::h, Rows::HID + 1).t());
+    }
+  }
+  if (needs[2]) d[2].copy_(g1.narrow(1, 0, Rows::C));
+  if (needs[3]) d[3].copy_(g1.select(1, Rows::C));
+  if (needs[4]) d[4].copy_(g2.narrow(1, 0, Rows::HID));
+  if (needs[5]) d[5].copy_(g2.select(1, Rows::HID));
+}
+
 FieldGrads bwd_cuda(const at::Tensor& grad_sigma, const at::Tensor& grad_feat,
                     const at::Tensor& planes, const at::Tensor& xyz, const at::Tensor& w1,
                     const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
@@ -95,9 +134,12 @@ FieldGrads bwd_cuda(const at::Tensor& grad_sigma, const at::Tensor& grad_feat,
       needs[5] ? at::zeros({in.OUT}, o) : at::Tensor(),
   };
   auto ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; };
-  if (in.B * in.N > 0) {
-    check_launch(cuda::field_backward(make_problem(in), gs.data_ptr(), gf.data_ptr(), ptr(d[0]),
-                                      ptr(d[1]), ptr(d[2]), ptr(d[3]), ptr(d[4]), ptr(d[5]),
+  const cuda::FieldProblem problem = make_problem(in);
+  if (in.B * in.N > 0 && cuda::field_backward_streaming_applies(problem)) {
+    backward_streaming(problem, gs, gf, d, needs);
+  } else if (in.B * in.N > 0) {
+    check_launch(cuda::field_backward(problem, gs.data_ptr(), gf.data_ptr(), ptr(d[0]), ptr(d[1]),
+                                      ptr(d[2]), ptr(d[3]), ptr(d[4]), ptr(d[5]),
                                       c10::cuda::getCurrentCUDAStream()),
                  "backward");
   }

@@ -2,17 +2,24 @@
 //
 // The per-point math lives in talk3d/triplane_field_math.h and is shared with the CPU kernels; the
 // kernels here are loops around it plus the GPU-specific parts: decoder weights staged in shared
-// memory, atomics for the plane gradients, and a per-block reduction of the weight gradients.
+// memory, atomics for the plane gradients, and the reduction of the weight gradients.
 //
 // Forward: one thread per point (grid-stride), only sigma and feat are written. The EG3D size with
 // float accumulation runs the decoder one hidden unit at a time (field_forward_streaming_kernel);
 // other sizes and fp64 run the header's mlp_forward.
 // Backward: the forward is recomputed per point. Plane gradients go through atomicAdd into the
-// contiguous d_planes; d_xyz is written per point. Weight gradients are reduced per block: points are
-// processed in tiles of blockDim.x points; every thread writes its point's f, h, dpre and dout into
-// shared memory; after a barrier the block adds the tile's outer products into per-block accumulators
-// (each accumulator entry is updated by exactly one thread); after the last tile the accumulators
-// are atomically added to d_w1, d_b1, d_w2, d_b2 once per block.
+// contiguous d_planes; d_xyz is written per point.
+// - EG3D size with float accumulation (field_backward_streaming_kernel): the decoder backward runs one
+//   hidden unit at a time too (168 registers, no stack; the per-point-array form took 255 and a stack
+//   frame). The weight gradients are not reduced in the kernel: each point writes the factors they are
+//   sums of (f, h, dpre, dout) feature-major into a chunk of rows, and the torch-facing adapter
+//   reduces each chunk with two GEMMs (on an H200 the in-kernel tile reduction below, with its
+//   ~150 KB of shared memory, left one block per SM: 31 ms of a 44 ms backward).
+// - Other sizes and fp64 (backward_points): weight gradients are reduced per block: points are
+//   processed in tiles of blockDim.x points; every thread writes its point's f, h, dpre and dout into
+//   shared memory; after a barrier the block adds the tile's outer products into per-block
+//   accumulators (each accumulator entry is updated by exactly one thread); after the last tile the
+//   accumulators are atomically added to d_w1, d_b1, d_w2, d_b2 once per block.
 //
 // Shared memory is sized at launch (backward_dims lists the order in which configurations are tried).
 // The EG3D instance (StaticDims<32, 64, 33>) always stages the weights in shared memory; the generic
@@ -20,8 +27,8 @@
 // backward may use smaller tiles or per-tile atomics instead of block accumulators. Nothing here
 // depends on the block size being a multiple of the warp size.
 //
-// Tested only by emulation on the CPU (one std::thread per CUDA thread, std::barrier for
-// __syncthreads, ThreadSanitizer) against the PyTorch reference; never run on a GPU before shipping.
+// Tested by emulation on the CPU (one std::thread per CUDA thread, std::barrier for __syncthreads,
+// tests/cuda_emu) against the PyTorch reference, and on GPUs by the cuda-marked tests.
 #include "triplane_field_cuda.h"
 
 #include <cuda_bf16.h>
@@ -308,19 +315,25 @@ struct StreamingLayout {  // offsets in floats; all multiples of 4 (16-byte alig
   static constexpr int elems = b2 + kOut4;
 };
 
+// Stages the decoder weights as StreamingLayout (float) in shared memory; the caller synchronises.
+template <typename S>
+__device__ void load_streaming_weights(const S* w1, const S* b1, const S* w2, const S* b2, float* sm) {
+  using L = StreamingLayout;
+  for (int e = threadIdx.x; e < L::kHid * L::kC; e += blockDim.x) sm[L::w1 + e] = Storage<S>::to_acc(w1[e]);
+  for (int e = threadIdx.x; e < L::kHid * L::kOut4; e += blockDim.x) {
+    const int j = e / L::kOut4, k = e - j * L::kOut4;
+    sm[L::w2t + e] = k < L::kOut ? Storage<S>::to_acc(w2[k * L::kHid + j]) : 0.0f;
+  }
+  for (int j = threadIdx.x; j < L::kHid; j += blockDim.x) sm[L::b1 + j] = Storage<S>::to_acc(b1[j]);
+  for (int k = threadIdx.x; k < L::kOut4; k += blockDim.x) sm[L::b2 + k] = k < L::kOut ? Storage<S>::to_acc(b2[k]) : 0.0f;
+}
+
 template <typename S, bool kVec4Taps>
 __global__ void __launch_bounds__(kThreads)
     field_forward_streaming_kernel(const FwdArgs<S> a, const EG3DDims d) {
   using L = StreamingLayout;
   float* sm = smem_base<float>();
-  for (int e = threadIdx.x; e < L::kHid * L::kC; e += blockDim.x) sm[L::w1 + e] = Storage<S>::to_acc(a.w1[e]);
-  for (int e = threadIdx.x; e < L::kHid * L::kOut4; e += blockDim.x) {
-    const int j = e / L::kOut4, k = e - j * L::kOut4;
-    sm[L::w2t + e] = k < L::kOut ? Storage<S>::to_acc(a.w2[k * L::kHid + j]) : 0.0f;
-  }
-  for (int j = threadIdx.x; j < L::kHid; j += blockDim.x) sm[L::b1 + j] = Storage<S>::to_acc(a.b1[j]);
-  for (int k = threadIdx.x; k < L::kOut4; k += blockDim.x)
-    sm[L::b2 + k] = k < L::kOut ? Storage<S>::to_acc(a.b2[k]) : 0.0f;
+  load_streaming_weights(a.w1, a.b1, a.w2, a.b2, sm);
   __syncthreads();
   constexpr int F = L::kOut - 1;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -369,6 +382,51 @@ __device__ void tile_outer_products(const acc_t* A, int lda, int M, const acc_t*
     if (m0 + 1 < M) sink(m0 + 1, k, s1);
     if (m0 + 2 < M) sink(m0 + 2, k, s2);
     if (m0 + 3 < M) sink(m0 + 3, k, s3);
+  }
+}
+
+// Gradient of point i's raw decoder outputs o[0 .. OUT-1] from the incoming gradients of sigma and feat.
+template <typename S, typename OArr, typename DArr>
+__device__ __forceinline__ void output_grads(const BwdArgs<S>& a, int64_t i, int OUT, const OArr& o, DArr& dout) {
+  using acc_t = typename Storage<S>::acc;
+  const int F = OUT - 1;
+  dout[0] = a.grad_sigma ? Storage<S>::to_acc(a.grad_sigma[i]) : acc_t(0);
+  T3D_UNROLL
+  for (int k = 1; k < OUT; ++k) {
+    const acc_t g = a.grad_feat ? Storage<S>::to_acc(a.grad_feat[i * F + (k - 1)]) : acc_t(0);
+    dout[k] = field::feature_activation_grad(o[k], g);
+  }
+}
+
+// Plane and point gradients of point i (batch element b, scaled position q) from df = dL/df, in one
+// pass over the taps. The taps are found with the input planes' geometry (a.geom, also used to read
+// them for d_xyz); the plane gradient goes to the same (plane, y, x, c) in the contiguous d_planes,
+// whose geometry is a.out_geom.
+template <typename S, typename Dims, typename FArr>
+__device__ __forceinline__ void point_grads(const BwdArgs<S>& a, const Dims& d, int64_t b, int64_t i,
+                                            const typename Storage<S>::acc q[3], const FArr& df) {
+  using acc_t = typename Storage<S>::acc;
+  if (!a.d_planes && !a.d_xyz) return;
+  const typename Storage<S>::load* planes = a.planes + b * a.s_batch;
+  acc_t* const dpb = a.d_planes ? a.d_planes + b * a.d_planes_batch : nullptr;
+  acc_t dxyz[3];
+  if (a.vec4_grad) {
+    auto add4 = [dpb](int64_t off, acc_t v0, acc_t v1, acc_t v2, acc_t v3) {
+      atomic_add4(dpb + off, v0, v1, v2, v3);
+    };
+    field::sample_mean_backward<true>(d, planes, a.geom, a.axes, q, a.inv_half_box, df,
+                                      /*add_planes=*/dpb != nullptr, a.out_geom, add4,
+                                      /*want_xyz=*/a.d_xyz != nullptr, dxyz);
+  } else {
+    auto add = [dpb](int64_t off, acc_t v) { atomicAdd(dpb + off, v); };
+    field::sample_mean_backward(d, planes, a.geom, a.axes, q, a.inv_half_box, df,
+                                /*add_planes=*/dpb != nullptr, a.out_geom, add,
+                                /*want_xyz=*/a.d_xyz != nullptr, dxyz);
+  }
+  if (a.d_xyz) {
+    a.d_xyz[3 * i + 0] = dxyz[0];
+    a.d_xyz[3 * i + 1] = dxyz[1];
+    a.d_xyz[3 * i + 2] = dxyz[2];
   }
 }
 
@@ -434,13 +492,8 @@ __device__ void backward_points(const BwdArgs<S>& a, const Dims& d, const WArr& 
       field::sample_mean(d, planes, a.geom, a.axes, q, f);
       field::mlp_forward<Dims, acc_t>(d, w1t, b1, w2t, b2, f, pre, h, o);
 
-      // Gradient of the raw decoder output o.
       acc_t dout[Dims::kMaxOut];
-      dout[0] = a.grad_sigma ? Storage<S>::to_acc(a.grad_sigma[i]) : acc_t(0);
-      for (int k = 1; k < OUT; ++k) {
-        const acc_t g = a.grad_feat ? Storage<S>::to_acc(a.grad_feat[i * F + (k - 1)]) : acc_t(0);
-        dout[k] = field::feature_activation_grad(o[k], g);
-      }
+      output_grads(a, i, OUT, o, dout);
 
       if (want_w) {
         acc_t* fr = Fa + t * L.ldf;
@@ -463,31 +516,7 @@ __device__ void backward_points(const BwdArgs<S>& a, const Dims& d, const WArr& 
         for (int k = OUT; k < L.ldo; ++k) qr[k] = acc_t(0);
       }
 
-      // Plane and point gradients in one pass over the taps. The taps are found with the input
-      // planes' geometry (a.geom, also used to read them for d_xyz); the plane gradient goes to the
-      // same (plane, y, x, c) in the contiguous d_planes, whose geometry is a.out_geom.
-      if (a.d_planes || a.d_xyz) {
-        acc_t* const dpb = a.d_planes ? a.d_planes + b * a.d_planes_batch : nullptr;
-        acc_t dxyz[3];
-        if (a.vec4_grad) {
-          auto add4 = [dpb](int64_t off, acc_t v0, acc_t v1, acc_t v2, acc_t v3) {
-            atomic_add4(dpb + off, v0, v1, v2, v3);
-          };
-          field::sample_mean_backward<true>(d, planes, a.geom, a.axes, q, a.inv_half_box, df,
-                                            /*add_planes=*/dpb != nullptr, a.out_geom, add4,
-                                            /*want_xyz=*/a.d_xyz != nullptr, dxyz);
-        } else {
-          auto add = [dpb](int64_t off, acc_t v) { atomicAdd(dpb + off, v); };
-          field::sample_mean_backward(d, planes, a.geom, a.axes, q, a.inv_half_box, df,
-                                      /*add_planes=*/dpb != nullptr, a.out_geom, add,
-                                      /*want_xyz=*/a.d_xyz != nullptr, dxyz);
-        }
-        if (a.d_xyz) {
-          a.d_xyz[3 * i + 0] = dxyz[0];
-          a.d_xyz[3 * i + 1] = dxyz[1];
-          a.d_xyz[3 * i + 2] = dxyz[2];
-        }
-      }
+      point_grads(a, d, b, i, q, df);
     } else if (want_w) {
       // Past the end (last tile only): a zero row contributes nothing.
       for (int c = 0; c < L.ldf; ++c) Fa[t * L.ldf + c] = acc_t(0);
@@ -552,6 +581,57 @@ __global__ void __launch_bounds__(kThreads) field_backward_kernel(const BwdArgs<
     const GlobalWeights<S> w1{a.w1, 1, 1, 0};
     const GlobalWeights<S> w2{a.w2, 1, 1, 0};
     backward_points(a, d, w1t, b1, w2t, b2, w1, w2, sm);
+  }
+}
+
+// Backward of the EG3D decoder size with float accumulation (fp32, fp16, bf16): a thread per point
+// of [begin, begin + count) recomputes the forward and runs the decoder backward one hidden unit at a
+// time (mlp_backward_streaming), so it keeps ~100 values live instead of backward_points' ~250 (which
+// cost 255 registers, a stack frame, and two blocks per SM; with weight gradients the tile buffers
+// left one). Plane and point gradients as backward_points. The decoder's weight gradients are not
+// reduced here: with kRows each point writes the factors they are sums of into `rows`, feature-major
+// (column r = point begin + r, row stride ld; coalesced across a warp), and the caller reduces them
+// with two GEMMs (layout: BackwardRows in triplane_field_cuda.h).
+template <typename S, bool kVec4Taps, bool kRows>
+__global__ void __launch_bounds__(kThreads)
+    field_backward_streaming_kernel(const BwdArgs<S> a, const EG3DDims d, int64_t begin, int64_t count,
+                                    float* rows, int64_t ld) {
+  using L = StreamingLayout;
+  using R = BackwardRows;
+  float* sm = smem_base<float>();
+  load_streaming_weights(a.w1, a.b1, a.w2, a.b2, sm);
+  __syncthreads();
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < count; r += stride) {
+    const int64_t i = begin + r;
+    const int64_t b = i / a.N;
+    float q[3];
+    field::scale_point(a.xyz + 3 * i, a.inv_half_box, q);
+    float f[L::kC], o[L::kOut], dout[L::kOut4];
+    field::sample_mean<kVec4Taps>(d, a.planes + b * a.s_batch, a.geom, a.axes, q, f);
+    field::mlp_forward_streaming(d, sm + L::w1, sm + L::b1, sm + L::w2t, sm + L::b2, f, o);
+    output_grads(a, i, L::kOut, o, dout);
+    T3D_UNROLL
+    for (int k = L::kOut; k < L::kOut4; ++k) dout[k] = 0.0f;
+    float df[L::kC];
+    if constexpr (kRows) {
+      float* col = rows + r;
+      field::mlp_backward_streaming(d, sm + L::w1, sm + L::b1, sm + L::w2t, f, dout, df,
+                                    [=](int j, float pre, float dpre) {
+                                      col[(R::h + j) * ld] = field::softplus(pre);
+                                      col[(R::dpre + j) * ld] = dpre;
+                                    });
+      T3D_UNROLL
+      for (int c = 0; c < L::kC; ++c) col[(R::f + c) * ld] = f[c];
+      col[(R::f + L::kC) * ld] = 1.0f;
+      col[(R::h + L::kHid) * ld] = 1.0f;
+      T3D_UNROLL
+      for (int k = 0; k < L::kOut; ++k) col[(R::dout + k) * ld] = dout[k];
+    } else {
+      field::mlp_backward_streaming(d, sm + L::w1, sm + L::b1, sm + L::w2t, f, dout, df,
+                                    [](int, float, float) {});
+    }
+    point_grads(a, d, b, i, q, df);
   }
 }
 
@@ -641,6 +721,33 @@ void fill_common(const FieldProblem& p, Args& a) {
   a.axes = p.axes;
 }
 
+template <typename S>
+void fill_backward(const FieldProblem& p, const void* grad_sigma, const void* grad_feat, void* d_planes,
+                   void* d_xyz, void* d_w1, void* d_b1, void* d_w2, void* d_b2, BwdArgs<S>& a) {
+  using acc_t = typename Storage<S>::acc;
+  fill_common<S>(p, a);
+  const int64_t plane_elems = int64_t(p.H) * p.W * p.C;
+  a.out_geom = field::PlaneGeom{p.H, p.W, plane_elems, int64_t(p.W) * p.C, int64_t(p.C)};
+  a.d_planes_batch = 3 * plane_elems;
+  a.grad_sigma = static_cast<const S*>(grad_sigma);
+  a.grad_feat = static_cast<const S*>(grad_feat);
+  a.d_planes = static_cast<acc_t*>(d_planes);
+  a.d_xyz = static_cast<acc_t*>(d_xyz);
+  a.d_w1 = static_cast<acc_t*>(d_w1);
+  a.d_b1 = static_cast<acc_t*>(d_b1);
+  a.d_w2 = static_cast<acc_t*>(d_w2);
+  a.d_b2 = static_cast<acc_t*>(d_b2);
+  a.vec4_grad = std::is_same<acc_t, float>::value && p.C % 4 == 0 &&
+                reinterpret_cast<uintptr_t>(d_planes) % 16 == 0;
+}
+
+// fp32 planes whose texels all start 16-byte aligned: four channels per load.
+template <typename S>
+bool vec4_taps(const FieldProblem& p) {
+  return std::is_same<S, float>::value && reinterpret_cast<uintptr_t>(p.planes) % 16 == 0 && p.s_batch % 4 == 0 &&
+         p.s_plane % 4 == 0 && p.s_y % 4 == 0 && p.s_x % 4 == 0;
+}
+
 template <typename S, typename Dims>
 cudaError_t forward_dims(const FieldProblem& p, const Dims& d, void* sigma, void* feat,
                          cudaStream_t stream) {
@@ -659,9 +766,7 @@ cudaError_t forward_dims(const FieldProblem& p, const Dims& d, void* sigma, void
   if constexpr (kIsEG3D<Dims> && std::is_same<acc_t, float>::value) {
     const size_t bytes = size_t(StreamingLayout::elems) * sizeof(float);
     if (bytes <= size_t(info.smem_optin)) {
-      const bool vec4 = std::is_same<S, float>::value && reinterpret_cast<uintptr_t>(p.planes) % 16 == 0 &&
-                        p.s_batch % 4 == 0 && p.s_plane % 4 == 0 && p.s_y % 4 == 0 && p.s_x % 4 == 0;
-      auto kernel = vec4 ? field_forward_streaming_kernel<S, true> : field_forward_streaming_kernel<S, false>;
+      auto kernel = vec4_taps<S>(p) ? field_forward_streaming_kernel<S, true> : field_forward_streaming_kernel<S, false>;
       err = prepare_launch(kernel, T, bytes, a.total, info, blocks);
       if (err != cudaSuccess) return err;
       kernel<<<blocks, T, bytes, stream>>>(a, d);
@@ -704,21 +809,8 @@ cudaError_t backward_dims(const FieldProblem& p, const Dims& d, const void* grad
   if (err != cudaSuccess) return err;
 
   BwdArgs<S> a;
-  fill_common<S>(p, a);
-  const int64_t plane_elems = int64_t(p.H) * p.W * p.C;
-  a.out_geom = field::PlaneGeom{p.H, p.W, plane_elems, int64_t(p.W) * p.C, int64_t(p.C)};
-  a.d_planes_batch = 3 * plane_elems;
-  a.grad_sigma = static_cast<const S*>(grad_sigma);
-  a.grad_feat = static_cast<const S*>(grad_feat);
-  a.d_planes = static_cast<acc_t*>(d_planes);
-  a.d_xyz = static_cast<acc_t*>(d_xyz);
-  a.d_w1 = static_cast<acc_t*>(d_w1);
-  a.d_b1 = static_cast<acc_t*>(d_b1);
-  a.d_w2 = static_cast<acc_t*>(d_w2);
-  a.d_b2 = static_cast<acc_t*>(d_b2);
+  fill_backward<S>(p, grad_sigma, grad_feat, d_planes, d_xyz, d_w1, d_b1, d_w2, d_b2, a);
   const bool want_w = d_w1 || d_b1 || d_w2 || d_b2;
-  a.vec4_grad = std::is_same<acc_t, float>::value && p.C % 4 == 0 &&
-                reinterpret_cast<uintptr_t>(d_planes) % 16 == 0;
 
   // Pick the first configuration that fits the device's shared memory. Preference: tiles of at least
   // 32 points; then weights in shared memory (every FMA reads one); then block accumulators (without
@@ -772,16 +864,43 @@ cudaError_t backward_dims(const FieldProblem& p, const Dims& d, const void* grad
   return cudaGetLastError();
 }
 
+// The EG3D sizes with float accumulation normally take the streaming backward
+// (field_backward_streaming); called here, they run the generic instance rather than compiling an
+// unrolled one that nothing uses.
 template <typename S>
 cudaError_t backward_typed(const FieldProblem& p, const void* grad_sigma, const void* grad_feat,
                            void* d_planes, void* d_xyz, void* d_w1, void* d_b1, void* d_w2, void* d_b2,
                            cudaStream_t stream) {
-  if (p.C == 32 && p.HID == 64 && p.OUT == 33) {
-    return backward_dims<S>(p, EG3DDims{}, grad_sigma, grad_feat, d_planes, d_xyz, d_w1, d_b1, d_w2,
-                            d_b2, stream);
+  if constexpr (std::is_same<S, double>::value) {
+    if (p.C == 32 && p.HID == 64 && p.OUT == 33) {
+      return backward_dims<S>(p, EG3DDims{}, grad_sigma, grad_feat, d_planes, d_xyz, d_w1, d_b1, d_w2,
+                              d_b2, stream);
+    }
   }
   return backward_dims<S>(p, GenericDims{p.C, p.HID, p.OUT}, grad_sigma, grad_feat, d_planes, d_xyz,
                           d_w1, d_b1, d_w2, d_b2, stream);
+}
+
+template <typename S>
+cudaError_t backward_streaming_typed(const FieldProblem& p, int64_t begin, int64_t count,
+                                     const void* grad_sigma, const void* grad_feat, void* d_planes,
+                                     void* d_xyz, float* rows, int64_t ld, cudaStream_t stream) {
+  DeviceInfo info;
+  cudaError_t err = device_info(info);
+  if (err != cudaSuccess) return err;
+  BwdArgs<S> a;
+  fill_backward<S>(p, grad_sigma, grad_feat, d_planes, d_xyz, nullptr, nullptr, nullptr, nullptr, a);
+  const bool vec4 = vec4_taps<S>(p);
+  auto kernel = rows ? (vec4 ? field_backward_streaming_kernel<S, true, true>
+                             : field_backward_streaming_kernel<S, false, true>)
+                     : (vec4 ? field_backward_streaming_kernel<S, true, false>
+                             : field_backward_streaming_kernel<S, false, false>);
+  const size_t bytes = size_t(StreamingLayout::elems) * sizeof(float);
+  int blocks = 0;
+  err = prepare_launch(kernel, kThreads, bytes, count, info, blocks);
+  if (err != cudaSuccess) return err;
+  kernel<<<blocks, kThreads, bytes, stream>>>(a, EG3DDims{}, begin, count, rows, ld);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -830,6 +949,37 @@ cudaError_t field_backward(const FieldProblem& p, const void* grad_sigma, const 
                                     stream);
   }
   return cudaErrorInvalidValue;
+}
+
+bool field_backward_streaming_applies(const FieldProblem& p) {
+  return p.dtype != FieldDType::kF64 && p.C == BackwardRows::C && p.HID == BackwardRows::HID &&
+         p.OUT == BackwardRows::OUT;
+}
+
+cudaError_t field_backward_streaming(const FieldProblem& p, int64_t begin, int64_t count,
+                                     const void* grad_sigma, const void* grad_feat, void* d_planes,
+                                     void* d_xyz, float* rows, int64_t ld, cudaStream_t stream) {
+  cudaError_t err = validate(p);
+  if (err != cudaSuccess) return err;
+  if (!field_backward_streaming_applies(p)) return cudaErrorInvalidValue;
+  if (begin < 0 || count < 0 || begin + count > int64_t(p.B) * p.N) return cudaErrorInvalidValue;
+  if (rows && ld < count) return cudaErrorInvalidValue;
+  if (count == 0) return cudaSuccess;
+  if (!pointers_ok(p)) return cudaErrorInvalidValue;
+  if (!d_planes && !d_xyz && !rows) return cudaSuccess;
+  switch (p.dtype) {
+    case FieldDType::kF32:
+      return backward_streaming_typed<float>(p, begin, count, grad_sigma, grad_feat, d_planes, d_xyz, rows, ld,
+                                             stream);
+    case FieldDType::kF16:
+      return backward_streaming_typed<__half>(p, begin, count, grad_sigma, grad_feat, d_planes, d_xyz, rows, ld,
+                                              stream);
+    case FieldDType::kBF16:
+      return backward_streaming_typed<__nv_bfloat16>(p, begin, count, grad_sigma, grad_feat, d_planes, d_xyz,
+                                                     rows, ld, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace cuda

@@ -39,6 +39,26 @@ cudaError_t field_backward(const FieldProblem& p, const void* grad_sigma, const 
                            void* d_planes, void* d_xyz, void* d_w1, void* d_b1, void* d_w2,
                            void* d_b2, cudaStream_t stream);
 
+// The streaming backward, for the EG3D sizes with fp32, fp16 or bf16 storage (applies(p)): a thread
+// per point with ~100 live values instead of field_backward's 255 registers and stack frame. It
+// computes the plane and point gradients of points [begin, begin + count) of the flattened B * N
+// points (outputs as field_backward, zero-filled by the caller) and, when `rows` is not null, writes
+// those points' weight-gradient factors into rows (BackwardRows, row stride ld >= count) instead of
+// reducing them: the caller's two GEMMs over the points give the decoder's weight gradients.
+bool field_backward_streaming_applies(const FieldProblem& p);
+cudaError_t field_backward_streaming(const FieldProblem& p, int64_t begin, int64_t count,
+                                     const void* grad_sigma, const void* grad_feat, void* d_planes,
+                                     void* d_xyz, float* rows, int64_t ld, cudaStream_t stream);
+
+// Rows of the streaming backward's weight-gradient factors, feature-major [count][ld] fp32, column r
+// for point begin + r:  [f | 1] (C + 1 rows), [h | 1] (HID + 1), dpre (HID), dout (OUT), with
+// h = softplus(pre) and dpre, dout the gradients of pre and of the raw outputs. Over the points:
+//   [dW1 | db1] = dpre [f | 1]^T   ([HID, C + 1]),   [dW2 | db2] = dout [h | 1]^T   ([OUT, HID + 1]).
+struct BackwardRows {
+  static constexpr int C = 32, HID = 64, OUT = 33;  // the EG3D decoder
+  static constexpr int f = 0, h = f + C + 1, dpre = h + HID + 1, dout = dpre + HID, count = dout + OUT;
+};
+
 // Largest sizes the generic (non-EG3D) kernel instance accepts.
 constexpr int kMaxC = 64, kMaxHid = 128, kMaxOut = 129;
 

@@ -14,7 +14,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <fstream>
+#include <limits>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -68,8 +70,8 @@ template <class T> cudaError_t cudaFuncSetAttribute(T* f, cudaFuncAttribute a, i
 template <class T> cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, T* f, int b, size_t s) { return cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, (const void*)f, b, s); }
 namespace talk3d { namespace cuda { namespace { alignas(16) unsigned char t3d_field_smem[4 << 20]; } } }
 
-template <class K, class A, class D>
-void emu_launch(K kernel, int blocks, int T, size_t bytes, const A& a, const D& d) {
+template <class K, class... A>
+void emu_launch(K kernel, int blocks, int T, size_t bytes, const A&... args) {
   if (bytes > sizeof(talk3d::cuda::t3d_field_smem) || int(bytes) > g_optin) { fprintf(stderr, "smem too big\n"); exit(3); }
   g_last_bytes = bytes; g_last_T = T; g_last_blocks = blocks;
   blockDim = dim3(T, 1, 1);
@@ -82,7 +84,7 @@ void emu_launch(K kernel, int blocks, int T, size_t bytes, const A& a, const D& 
     g_bar = &bar;
     std::vector<std::thread> th;
     for (int t = 0; t < T; ++t)
-      th.emplace_back([&, t, b] { threadIdx = make_uint3(t, 0, 0); blockIdx = make_uint3(b, 0, 0); kernel(a, d); });
+      th.emplace_back([&, t, b] { threadIdx = make_uint3(t, 0, 0); blockIdx = make_uint3(b, 0, 0); kernel(args...); });
     for (auto& x : th) x.join();
   }
 }
@@ -106,13 +108,50 @@ void writef(const std::string& path, const std::vector<T>& v) {
   f.write(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
 }
 
+// What csrc/triplane_field/triplane_field_cuda.cpp does with the streaming backward, the GEMMs as
+// loops: chunks of `chunk` points (when weight gradients are wanted), rows with a stride wider than
+// the chunk (poisoned with NaN before each chunk: every entry the GEMMs read must be written), and
+// [dW1 | db1] = dpre [f | 1]^T, [dW2 | db2] = dout [h | 1]^T summed over the chunks.
+cudaError_t streaming_backward(const FieldProblem& p, long long chunk, const void* gs, const void* gf, void* dpl,
+                               void* dxyz, int mask, float* dw1, float* db1, float* dw2, float* db2) {
+  using R = BackwardRows;
+  const long long total = (long long)p.B * p.N;
+  const bool want_w = mask & (4 | 8 | 16 | 32);
+  if (!want_w || chunk <= 0 || chunk > total) chunk = total;
+  const long long ld = chunk + 3;
+  std::vector<float> rows(want_w ? size_t(R::count) * ld : 0);
+  std::vector<double> g1(R::HID * (R::C + 1), 0.0), g2(R::OUT * (R::HID + 1), 0.0);
+  for (long long begin = 0; begin < total; begin += chunk) {
+    const long long n = std::min(chunk, total - begin);
+    std::fill(rows.begin(), rows.end(), std::numeric_limits<float>::quiet_NaN());
+    cudaError_t e = field_backward_streaming(p, begin, n, gs, gf, dpl, dxyz, want_w ? rows.data() : nullptr, ld, nullptr);
+    if (e != cudaSuccess) return e;
+    auto row = [&](int k) { return rows.data() + size_t(k) * ld; };
+    for (int j = 0; j < R::HID && want_w; ++j)
+      for (int c = 0; c <= R::C; ++c)
+        for (long long r = 0; r < n; ++r) g1[j * (R::C + 1) + c] += double(row(R::dpre + j)[r]) * row(R::f + c)[r];
+    for (int k = 0; k < R::OUT && want_w; ++k)
+      for (int j = 0; j <= R::HID; ++j)
+        for (long long r = 0; r < n; ++r) g2[k * (R::HID + 1) + j] += double(row(R::dout + k)[r]) * row(R::h + j)[r];
+  }
+  for (int j = 0; j < R::HID; ++j) {
+    for (int c = 0; c < R::C && (mask & 4); ++c) dw1[j * R::C + c] = float(g1[j * (R::C + 1) + c]);
+    if (mask & 8) db1[j] = float(g1[j * (R::C + 1) + R::C]);
+  }
+  for (int k = 0; k < R::OUT; ++k) {
+    for (int j = 0; j < R::HID && (mask & 16); ++j) dw2[k * R::HID + j] = float(g2[k * (R::HID + 1) + j]);
+    if (mask & 32) db2[k] = float(g2[k * (R::HID + 1) + R::HID]);
+  }
+  return cudaSuccess;
+}
+
 int main(int argc, char** argv) {
   std::string dir = argv[1];
   std::ifstream m(dir + "/meta.txt");
   int dtype, B, H, W, C, HID, OUT, axes, mask, gmask;
-  long long N, sb, sp, sy, sx;
+  long long N, sb, sp, sy, sx, chunk;
   double box;
-  m >> dtype >> B >> H >> W >> C >> N >> HID >> OUT >> axes >> box >> sb >> sp >> sy >> sx >> g_optin >> g_sms >> g_per_sm >> mask >> gmask;
+  m >> dtype >> B >> H >> W >> C >> N >> HID >> OUT >> axes >> box >> sb >> sp >> sy >> sx >> g_optin >> g_sms >> g_per_sm >> mask >> gmask >> chunk;
   const size_t es = (dtype == 0) ? 4 : (dtype == 3 ? 8 : 2);   // storage size
   const size_t as = dtype == 3 ? 8 : 4;                        // accumulation size
   auto planes = readf<unsigned char>(dir + "/planes.bin");
@@ -137,10 +176,18 @@ int main(int argc, char** argv) {
   std::vector<unsigned char> dpl(size_t(B) * 3 * H * W * C * as, 0), dxyz(P * 3 * as, 0), dw1(size_t(HID) * C * as, 0),
       db1(HID * as, 0), dw2(size_t(OUT) * HID * as, 0), db2(OUT * as, 0);
   g_last_T = g_last_blocks = 0; g_last_bytes = 0;
-  e = field_backward(p, (gmask & 1) ? gs.data() : nullptr, (gmask & 2) ? gf.data() : nullptr,
-                     (mask & 1) ? dpl.data() : nullptr, (mask & 2) ? dxyz.data() : nullptr,
-                     (mask & 4) ? dw1.data() : nullptr, (mask & 8) ? db1.data() : nullptr,
-                     (mask & 16) ? dw2.data() : nullptr, (mask & 32) ? db2.data() : nullptr, nullptr);
+  const void* gsp = (gmask & 1) ? gs.data() : nullptr;
+  const void* gfp = (gmask & 2) ? gf.data() : nullptr;
+  if (field_backward_streaming_applies(p)) {
+    e = streaming_backward(p, chunk, gsp, gfp, (mask & 1) ? dpl.data() : nullptr, (mask & 2) ? dxyz.data() : nullptr,
+                           mask, reinterpret_cast<float*>(dw1.data()), reinterpret_cast<float*>(db1.data()),
+                           reinterpret_cast<float*>(dw2.data()), reinterpret_cast<float*>(db2.data()));
+    printf("streaming ");
+  } else {
+    e = field_backward(p, gsp, gfp, (mask & 1) ? dpl.data() : nullptr, (mask & 2) ? dxyz.data() : nullptr,
+                       (mask & 4) ? dw1.data() : nullptr, (mask & 8) ? db1.data() : nullptr,
+                       (mask & 16) ? dw2.data() : nullptr, (mask & 32) ? db2.data() : nullptr, nullptr);
+  }
   printf("backward: err=%d T=%d blocks=%d smem=%zu\n", int(e), g_last_T, g_last_blocks, g_last_bytes);
   writef(dir + "/out_dplanes.bin", dpl); writef(dir + "/out_dxyz.bin", dxyz);
   writef(dir + "/out_dw1.bin", dw1); writef(dir + "/out_db1.bin", db1);

@@ -252,6 +252,54 @@ T3D_HD void mlp_forward_streaming(const Dims& d, const acc_t* w1, const acc_t* b
   for (int k = 0; k < Dims::kMaxOut; ++k) o[k] = a2[k];
 }
 
+// Decoder backward one hidden unit at a time, the GPU backward kernel's form of mlp_backward: pre_j
+// is recomputed from f (the sums of mlp_forward_streaming, in the same order, so the same value),
+// then dh_j = W2[:, j] . dout and dpre_j = dh_j softplus'(pre_j) are used at once. Only f, dout and
+// df stay live (mlp_backward keeps pre[], h[] and dh[] besides: 255 registers and a stack frame in
+// the backward kernel, and two blocks per SM). `unit(j, pre_j, dpre_j)` sees every unit's
+// pre-activation and its gradient: h_j = softplus(pre_j) and dpre_j are the factors of the decoder's
+// weight gradients (computing h_j is left to a caller that wants them).
+//   w1 [HID, C] and w2t [HID, OUT4] as for mlp_forward_streaming; dout [OUT4], zero padded.
+template <typename Dims, typename acc_t, typename FArr, typename DArr, typename DfArr, typename UnitFn>
+T3D_HD void mlp_backward_streaming(const Dims& d, const acc_t* w1, const acc_t* b1, const acc_t* w2t,
+                                   const FArr& f, const DArr& dout, DfArr& df, UnitFn&& unit) {
+  constexpr int kC = Dims::kMaxC, kOut4 = (Dims::kMaxOut + 3) / 4 * 4;
+  acc_t a[kC];
+  T3D_UNROLL
+  for (int c = 0; c < kC; ++c) a[c] = acc_t(0);
+  for (int j = 0; j < d.hid(); ++j) {
+    acc_t pre = b1[j];
+    const acc_t* row = w1 + j * kC;
+    T3D_UNROLL
+    for (int c = 0; c < kC; c += 4) {
+      acc_t w[4];
+      load4(row + c, w);
+      pre += w[0] * f[c];
+      pre += w[1] * f[c + 1];
+      pre += w[2] * f[c + 2];
+      pre += w[3] * f[c + 3];
+    }
+    acc_t dh = acc_t(0);
+    const acc_t* row2 = w2t + j * kOut4;
+    T3D_UNROLL
+    for (int k = 0; k < kOut4; k += 4) {
+      acc_t w[4];
+      load4(row2 + k, w);
+      for (int i = 0; i < 4; ++i) dh += w[i] * dout[k + i];
+    }
+    const acc_t dpre = dh * softplus_grad(pre);
+    T3D_UNROLL
+    for (int c = 0; c < kC; c += 4) {
+      acc_t w[4];
+      load4(row + c, w);
+      for (int i = 0; i < 4; ++i) a[c + i] += w[i] * dpre;
+    }
+    unit(j, pre, dpre);
+  }
+  T3D_UNROLL
+  for (int c = 0; c < kC; ++c) df[c] = a[c];
+}
+
 // Output transform: sigma = o[0] raw, feat = sigmoid(o[1:]) * (1 + 2 eps) - eps.
 template <typename acc_t>
 T3D_HD acc_t feature_activation(acc_t o) {
