@@ -1,0 +1,107 @@
+"""Where a training step's time goes, and what the step's switches are worth.
+
+    python benchmarks/profile_train.py [--steps 10] [--out DIR]
+
+The ``train-step`` benchmark's step (deltaplane stage at the release's sizes on a GPU, the demo's on a
+CPU; batch 2; L1 + mouth L1; backward; gradient clipping; Adam) timed with each combination of
+cuDNN autotuning (``torch.backends.cudnn.benchmark``) and Adam's fused CUDA kernel (``fused=True``),
+then a torch.profiler table of one variant's top operators by device time. Writes
+``profile_train.md`` (and ``profile_train_ops.txt``) under ``--out``. A measuring tool, not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from backends import fused_impl  # noqa: E402
+from test_bench_train import AUDIO_DIM, DEVICE, HAS_CUDA, _batch, _config  # noqa: E402
+
+from talk3d.train import build_model  # noqa: E402
+from talk3d.train.losses import reconstruction_losses  # noqa: E402
+
+
+def make_step(fused_adam: bool):
+    cfg = _config()
+    torch.manual_seed(0)
+    model = build_model(cfg, AUDIO_DIM, prior=None, log=lambda m: None).to(DEVICE)
+    batch = _batch(model, cfg.batch_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr, fused=fused_adam or None)
+    amp = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=HAS_CUDA)
+    impl = fused_impl()
+
+    def step():
+        with amp:
+            out = model(batch, impl=impl)
+        loss = reconstruction_losses(out, batch, cfg.loss)["total"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+    return step
+
+
+def sync():
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+
+
+def time_step(step, steps: int) -> float:
+    for _ in range(3):  # warm-up (and cuDNN's autotuning when on)
+        step()
+    sync()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.cuda.get_device_name() if HAS_CUDA else "cpu"
+    lines = [f"# Train step ({device}, batch {_config().batch_size}, median of {args.steps} steps)", "",
+             "| cudnn.benchmark | fused Adam | ms / step | steps / s |", "|---|---|---|---|"]
+    best = None
+    for bench, fused in itertools.product([False, True], [False, True] if HAS_CUDA else [False]):
+        torch.backends.cudnn.benchmark = bench
+        ms = time_step(make_step(fused), args.steps)
+        lines.append(f"| {bench} | {fused} | {ms:.1f} | {1e3 / ms:.1f} |")
+        print(lines[-1], flush=True)
+        if best is None or ms < best[0]:
+            best = (ms, bench, fused)
+    _, bench, fused = best
+    torch.backends.cudnn.benchmark = bench
+    step = make_step(fused)
+    time_step(step, 2)
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if HAS_CUDA else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        sync()
+    key = "self_cuda_time_total" if HAS_CUDA else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=40)
+    text = "\n".join(lines)
+    print(text)
+    print(f"\nTop operators of 3 steps (cudnn.benchmark={bench}, fused Adam={fused}):\n{table}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "profile_train.md").write_text(text + "\n")
+        (args.out / "profile_train_ops.txt").write_text(table)
+
+
+if __name__ == "__main__":
+    main()
