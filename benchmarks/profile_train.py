@@ -21,31 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backends import fused_impl  # noqa: E402
-from test_bench_train import AUDIO_DIM, DEVICE, HAS_CUDA, _batch, _config  # noqa: E402
-
-from talk3d.train import build_model  # noqa: E402
-from talk3d.train.losses import reconstruction_losses  # noqa: E402
-
-
-def make_step(fused_adam: bool):
-    cfg = _config()
-    torch.manual_seed(0)
-    model = build_model(cfg, AUDIO_DIM, prior=None, log=lambda m: None).to(DEVICE)
-    batch = _batch(model, cfg.batch_size)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr, fused=fused_adam or None)
-    amp = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=HAS_CUDA)
-    impl = fused_impl()
-
-    def step():
-        with amp:
-            out = model(batch, impl=impl)
-        loss = reconstruction_losses(out, batch, cfg.loss)["total"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-    return step
+from test_bench_train import HAS_CUDA, _config, make_train_step  # noqa: E402
 
 
 def sync():
@@ -77,14 +53,14 @@ def main() -> None:
     best = None
     for bench, fused in itertools.product([False, True], [False, True] if HAS_CUDA else [False]):
         torch.backends.cudnn.benchmark = bench
-        ms = time_step(make_step(fused), args.steps)
+        ms = time_step(make_train_step(fused_impl(), fused_adam=fused)[0], args.steps)
         lines.append(f"| {bench} | {fused} | {ms:.1f} | {1e3 / ms:.1f} |")
         print(lines[-1], flush=True)
         if best is None or ms < best[0]:
             best = (ms, bench, fused)
     _, bench, fused = best
     torch.backends.cudnn.benchmark = bench
-    step = make_step(fused)
+    step = make_train_step(fused_impl(), fused_adam=fused)[0]
     time_step(step, 2)
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if HAS_CUDA else [])

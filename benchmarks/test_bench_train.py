@@ -36,16 +36,15 @@ def _batch(model, B: int) -> dict:
     return {k: v.to(DEVICE) for k, v in batch.items()}
 
 
-@pytest.mark.benchmark(group="train-step")
-@pytest.mark.parametrize("path", ["reference", "fused"])
-def test_train_step(benchmark, path):
-    impl = "torch" if path == "reference" else fused_impl()
+def make_train_step(impl: str, *, fused_adam: bool = HAS_CUDA):
+    """One training step at the benchmark's sizes (a fresh model, batch and Adam), as the trainer runs
+    it; returns the step function (it does not synchronise) and the model."""
     cfg = _config()
     torch.manual_seed(0)
     model = build_model(cfg, AUDIO_DIM, prior=None, log=lambda m: None).to(DEVICE)
     batch = _batch(model, cfg.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr, fused=True if HAS_CUDA else None)  # as the trainer
+    opt = torch.optim.Adam(params, lr=cfg.lr, fused=True if fused_adam else None)
     amp = torch.autocast(DEVICE.type, dtype=torch.bfloat16) if HAS_CUDA else torch.autocast(DEVICE.type, enabled=False)
 
     def step():
@@ -56,6 +55,17 @@ def test_train_step(benchmark, path):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
+    return step, model
+
+
+@pytest.mark.benchmark(group="train-step")
+@pytest.mark.parametrize("path", ["reference", "fused"])
+def test_train_step(benchmark, path):
+    cfg = _config()
+    train_step, model = make_train_step("torch" if path == "reference" else fused_impl())  # fused Adam as the trainer
+
+    def step():
+        train_step()
         if HAS_CUDA:
             torch.cuda.synchronize()
 

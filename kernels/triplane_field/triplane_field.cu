@@ -881,6 +881,22 @@ cudaError_t backward_typed(const FieldProblem& p, const void* grad_sigma, const 
                           d_w1, d_b1, d_w2, d_b2, stream);
 }
 
+// fn(S{}) for the storage type S of `dtype` (the value only carries the type).
+template <typename Fn>
+cudaError_t dispatch_storage(FieldDType dtype, Fn&& fn) {
+  switch (dtype) {
+    case FieldDType::kF32:
+      return fn(float{});
+    case FieldDType::kF16:
+      return fn(__half{});
+    case FieldDType::kBF16:
+      return fn(__nv_bfloat16{});
+    case FieldDType::kF64:
+      return fn(double{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 template <typename S>
 cudaError_t backward_streaming_typed(const FieldProblem& p, int64_t begin, int64_t count,
                                      const void* grad_sigma, const void* grad_feat, void* d_planes,
@@ -911,17 +927,9 @@ cudaError_t field_forward(const FieldProblem& p, void* sigma, void* feat, cudaSt
   if (p.B == 0 || p.N == 0) return cudaSuccess;
   if (!pointers_ok(p)) return cudaErrorInvalidValue;
   if (!sigma && !feat) return cudaSuccess;
-  switch (p.dtype) {
-    case FieldDType::kF32:
-      return forward_typed<float>(p, sigma, feat, stream);
-    case FieldDType::kF16:
-      return forward_typed<__half>(p, sigma, feat, stream);
-    case FieldDType::kBF16:
-      return forward_typed<__nv_bfloat16>(p, sigma, feat, stream);
-    case FieldDType::kF64:
-      return forward_typed<double>(p, sigma, feat, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_storage(p.dtype, [&](auto s) {
+    return forward_typed<decltype(s)>(p, sigma, feat, stream);
+  });
 }
 
 cudaError_t field_backward(const FieldProblem& p, const void* grad_sigma, const void* grad_feat,
@@ -934,21 +942,9 @@ cudaError_t field_backward(const FieldProblem& p, const void* grad_sigma, const 
   // Nothing wanted, or no incoming gradient: every output stays at the caller's zeros.
   if (!d_planes && !d_xyz && !d_w1 && !d_b1 && !d_w2 && !d_b2) return cudaSuccess;
   if (!grad_sigma && !grad_feat) return cudaSuccess;
-  switch (p.dtype) {
-    case FieldDType::kF32:
-      return backward_typed<float>(p, grad_sigma, grad_feat, d_planes, d_xyz, d_w1, d_b1, d_w2, d_b2,
-                                   stream);
-    case FieldDType::kF16:
-      return backward_typed<__half>(p, grad_sigma, grad_feat, d_planes, d_xyz, d_w1, d_b1, d_w2, d_b2,
-                                    stream);
-    case FieldDType::kBF16:
-      return backward_typed<__nv_bfloat16>(p, grad_sigma, grad_feat, d_planes, d_xyz, d_w1, d_b1, d_w2,
-                                           d_b2, stream);
-    case FieldDType::kF64:
-      return backward_typed<double>(p, grad_sigma, grad_feat, d_planes, d_xyz, d_w1, d_b1, d_w2, d_b2,
-                                    stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_storage(p.dtype, [&](auto s) {
+    return backward_typed<decltype(s)>(p, grad_sigma, grad_feat, d_planes, d_xyz, d_w1, d_b1, d_w2, d_b2, stream);
+  });
 }
 
 bool field_backward_streaming_applies(const FieldProblem& p) {
@@ -967,19 +963,14 @@ cudaError_t field_backward_streaming(const FieldProblem& p, int64_t begin, int64
   if (count == 0) return cudaSuccess;
   if (!pointers_ok(p)) return cudaErrorInvalidValue;
   if (!d_planes && !d_xyz && !rows) return cudaSuccess;
-  switch (p.dtype) {
-    case FieldDType::kF32:
-      return backward_streaming_typed<float>(p, begin, count, grad_sigma, grad_feat, d_planes, d_xyz, rows, ld,
-                                             stream);
-    case FieldDType::kF16:
-      return backward_streaming_typed<__half>(p, begin, count, grad_sigma, grad_feat, d_planes, d_xyz, rows, ld,
-                                              stream);
-    case FieldDType::kBF16:
-      return backward_streaming_typed<__nv_bfloat16>(p, begin, count, grad_sigma, grad_feat, d_planes, d_xyz,
-                                                     rows, ld, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dispatch_storage(p.dtype, [&](auto s) {
+    using S = decltype(s);
+    if constexpr (std::is_same<S, double>::value) {
+      return cudaErrorInvalidValue;  // (excluded by applies() above)
+    } else {
+      return backward_streaming_typed<S>(p, begin, count, grad_sigma, grad_feat, d_planes, d_xyz, rows, ld, stream);
+    }
+  });
 }
 
 }  // namespace cuda

@@ -212,6 +212,24 @@ T3D_HD void mlp_forward(const Dims& d, const WArr& w1t, const WArr& b1, const WA
   for (int k = 1; k < d.out(); ++k) o[k] = a2[k];
 }
 
+// One hidden unit's pre-activation b + row . f (row: a 16-byte aligned row of W1, read four weights
+// at a time). The streaming forward and the streaming backward's recompute share it, so both get the
+// same value.
+template <int kC, typename acc_t, typename FArr>
+T3D_HD acc_t unit_pre(const acc_t* row, acc_t b, const FArr& f) {
+  acc_t pre = b;
+  T3D_UNROLL
+  for (int c = 0; c < kC; c += 4) {
+    acc_t w[4];
+    load4(row + c, w);
+    pre += w[0] * f[c];
+    pre += w[1] * f[c + 1];
+    pre += w[2] * f[c + 2];
+    pre += w[3] * f[c + 3];
+  }
+  return pre;
+}
+
 // Decoder forward one hidden unit at a time, the GPU forward kernel's form of mlp_forward: pre_j and
 // h_j are used as soon as they exist, so only f and the outputs stay live (a thread per point keeps
 // ~80 registers instead of the ~250 that pre[] and h[] cost, and occupancy follows). Same sums in the
@@ -228,18 +246,7 @@ T3D_HD void mlp_forward_streaming(const Dims& d, const acc_t* w1, const acc_t* b
   T3D_UNROLL
   for (int k = 0; k < kOut4; k += 4) load4(b2 + k, a2 + k);
   for (int j = 0; j < d.hid(); ++j) {
-    acc_t pre = b1[j];
-    const acc_t* row = w1 + j * kC;
-    T3D_UNROLL
-    for (int c = 0; c < kC; c += 4) {
-      acc_t w[4];
-      load4(row + c, w);
-      pre += w[0] * f[c];
-      pre += w[1] * f[c + 1];
-      pre += w[2] * f[c + 2];
-      pre += w[3] * f[c + 3];
-    }
-    const acc_t h = softplus(pre);
+    const acc_t h = softplus(unit_pre<kC>(w1 + j * kC, b1[j], f));
     const acc_t* row2 = w2t + j * kOut4;
     T3D_UNROLL
     for (int k = 0; k < kOut4; k += 4) {
@@ -268,17 +275,8 @@ T3D_HD void mlp_backward_streaming(const Dims& d, const acc_t* w1, const acc_t* 
   T3D_UNROLL
   for (int c = 0; c < kC; ++c) a[c] = acc_t(0);
   for (int j = 0; j < d.hid(); ++j) {
-    acc_t pre = b1[j];
     const acc_t* row = w1 + j * kC;
-    T3D_UNROLL
-    for (int c = 0; c < kC; c += 4) {
-      acc_t w[4];
-      load4(row + c, w);
-      pre += w[0] * f[c];
-      pre += w[1] * f[c + 1];
-      pre += w[2] * f[c + 2];
-      pre += w[3] * f[c + 3];
-    }
+    const acc_t pre = unit_pre<kC>(row, b1[j], f);
     acc_t dh = acc_t(0);
     const acc_t* row2 = w2t + j * kOut4;
     T3D_UNROLL
