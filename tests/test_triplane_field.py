@@ -154,6 +154,16 @@ def test_cpu_float64():
 
 
 @pytest.mark.cuda
+def test_cuda_backward_over_several_chunks():
+    """More points than one chunk of the CUDA backward's weight-gradient rows (2^18 points): the GEMMs
+    accumulate over chunks, the last one partial, and the plane gradients see every chunk. (FP32_RTOL
+    holds: a blocked fp32 sum of 3e5 such products is off by ~1e-6 of its largest value, measured
+    with the CPU's GEMM.)"""
+    case = FieldCase(B=2, N=150_001, C=32, hidden=64, out=33, H=16, W=16)
+    check_against_reference("cuda", case, "fixed")
+
+
+@pytest.mark.cuda
 def test_cuda_float64():
     check_against_reference("cuda", FieldCase(C=32, hidden=64, out=33), "fixed", dtype=torch.float64)
 
@@ -198,6 +208,26 @@ def test_half_precision_forward(impl, dtype):
         torch_err = (t.double().cpu() - e).abs().max().item()
         assert kernel_err <= HALF_ERR_FACTOR * torch_err, (
             f"{name}: {impl} {dtype} error {kernel_err:.3g} vs PyTorch's {torch_err:.3g}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_half_precision_backward(dtype):
+    """Gradients with half-precision planes and weights (the streaming backward's fp16/bf16
+    instances), held to HALF_ERR_FACTOR times the error of PyTorch's own backward in that dtype."""
+    case = FieldCase(B=2, N=300, C=32, hidden=64, out=33, H=16, W=16)
+    inputs = make_field_inputs(case, dtype=torch.float32, device="cuda")
+    low = [t if i == 1 else t.to(dtype) for i, t in enumerate(inputs)]  # xyz stays fp32
+    gos = [torch.randn(case.B, case.N, 1, device="cuda"), torch.randn(case.B, case.N, case.out - 1, device="cuda")]
+    exact = run_with_grads(reference.triplane_field, [t.double().cpu() for t in low], [g.double().cpu() for g in gos])
+    torch_low = run_with_grads(reference.triplane_field, low, [g.to(dtype) for g in gos])
+    got = run_with_grads(lambda *a: triplane_field(*a, impl="cuda"), low, [g.to(dtype) for g in gos])
+    for name, g, t, e in zip(ARG_NAMES, got[2], torch_low[2], exact[2]):
+        assert g.dtype == low[ARG_NAMES.index(name)].dtype, f"d{name} dtype {g.dtype}"
+        kernel_err = (g.double().cpu() - e).abs().max().item()
+        torch_err = (t.double().cpu() - e).abs().max().item()
+        assert kernel_err <= HALF_ERR_FACTOR * torch_err, (
+            f"d{name}: cuda {dtype} error {kernel_err:.3g} vs PyTorch's {torch_err:.3g}")
 
 
 # --- float64 gradcheck ----------------------------------------------------------------------------
