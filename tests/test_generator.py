@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from talk3d import extension
+from talk3d.models import layers
 from talk3d.models import (GeneratorConfig, OSGDecoder, TriplaneGenerator, downsample2d, modulated_conv2d,
                            setup_filter, upfirdn2d, upsample2d)
 from talk3d.ops import triplane_field
@@ -194,6 +195,35 @@ def test_upfirdn2d_against_explicit_taps():
     # Upsampling keeps a constant image constant away from the borders (gain up^2, unit-sum filter).
     ones = upsample2d(torch.ones(1, 1, 6, 6, dtype=torch.float64), f)
     torch.testing.assert_close(ones[..., 2:-2, 2:-2], torch.ones(1, 1, 8, 8, dtype=torch.float64))
+
+
+def test_binomial_filter_is_recognised_once_per_buffer():
+    f = setup_filter()
+    assert layers._is_binomial(f) and layers._is_binomial(f.double())
+    assert not layers._is_binomial(setup_filter([1, 2, 1]))  # another size
+    assert not layers._is_binomial(torch.rand(4, 4))
+    g = setup_filter()
+    assert layers._is_binomial(g)
+    g[0, 0] += 0.01  # an in-place change moves the version: compared again
+    assert not layers._is_binomial(g)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_pooled_fir_equals_the_filter(monkeypatch, device):
+    """upfirdn2d's pooled form (three 2x2 box averages, its path on a GPU) against the explicit taps:
+    up- and downsampling, gains, paddings and crops, forward and input gradient."""
+    monkeypatch.setattr(layers, "POOLED_FIR_DEVICES", (device,))
+    f = setup_filter().to(device, torch.float64)
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64, device=device, requires_grad=True)
+    for up, down, pad, gain in [(2, 1, (2, 1), 4.0), (1, 2, (1, 1), 1.0), (1, 1, (2, 2), 1.5), (2, 1, (0, -1), 4.0)]:
+        got = upfirdn2d(x, f, up=up, down=down, padding=(pad[0], pad[1], pad[0], pad[1]), gain=gain)
+        want = _upfirdn_taps(x, f, up, down, pad, gain) if min(pad) >= 0 else None
+        if want is None:  # a crop: the uncropped result, cut
+            full = _upfirdn_taps(x, f, up, down, (pad[0], 0), gain)
+            want = full[:, :, :full.shape[2] + pad[1], :full.shape[3] + pad[1]]
+        torch.testing.assert_close(got, want)
+        gy = torch.randn_like(got)
+        torch.testing.assert_close(torch.autograd.grad(got, x, gy)[0], torch.autograd.grad(want, x, gy)[0])
 
 
 @pytest.mark.parametrize("up", [1, 2])
