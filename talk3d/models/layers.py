@@ -62,9 +62,10 @@ def binomial_fir(x: torch.Tensor) -> torch.Tensor:
     """``[N, C, H, W]`` -> ``[N, C, H - 3, W - 3]``: the 4x4 filter of :func:`setup_filter`, as three
     2x2 box averages ([1, 3, 3, 1] / 8 is [1, 1] / 2 convolved with itself three times).
 
-    On a GPU a depthwise 4x4 convolution falls to slow kernels (PyTorch's own at inference, 1.7 ms a
-    call at batch 8; cuDNN's grouped direct kernel in training, 4.4 ms a call; H200, 2026-12-04), where
-    an average pool is a bandwidth-bound pass. On the CPU the convolution is the faster one (3x).
+    On a GPU a depthwise 4x4 convolution falls to slow kernels: PyTorch's own at inference (1.7 ms a
+    call at batch 8, H200, 2026-12-04) and, by the call counts, cuDNN's grouped direct kernel in
+    training (4.4 ms a call, two a step: the SR's two large filterings), where an average pool is a
+    bandwidth-bound pass. On the CPU the convolution is the faster one (3x).
     """
     for _ in range(3):
         x = F.avg_pool2d(x, 2, stride=1)
