@@ -206,6 +206,8 @@ def test_binomial_filter_is_recognised_once_per_buffer():
     assert layers._is_binomial(g)
     g[0, 0] += 0.01  # an in-place change moves the version: compared again
     assert not layers._is_binomial(g)
+    with torch.inference_mode():  # a model built under inference mode: no version counter
+        assert layers._is_binomial(setup_filter())
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])

@@ -50,7 +50,8 @@ def _is_binomial(f: torch.Tensor) -> bool:
     """Whether ``f`` is EG3D's resampling filter, ``setup_filter()`` (the outer product of [1, 3, 3, 1])."""
     if f.shape != (4, 4):
         return False
-    key = (f.device, f.data_ptr(), f._version)
+    # (Tensors made under torch.inference_mode have no version counter.)
+    key = (f.device, f.data_ptr(), -1 if f.is_inference() else f._version)
     if key not in _binomial_filters:
         if len(_binomial_filters) > 64:  # filters made per call would pile up here
             _binomial_filters.clear()
