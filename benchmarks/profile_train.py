@@ -4,7 +4,7 @@
 
 The ``train-step`` benchmark's step (deltaplane stage at the release's sizes on a GPU, the demo's on a
 CPU; batch 2; L1 + mouth L1; backward; gradient clipping; Adam) timed with each combination of
-cuDNN autotuning (``torch.backends.cudnn.benchmark``) and Adam's fused CUDA kernel (``fused=True``),
+cuDNN autotuning (``torch.backends.cudnn.benchmark``, GPU only) and Adam's fused kernel (``fused=True``),
 then a torch.profiler table of one variant's top operators by device time. Writes
 ``profile_train.md`` (and ``profile_train_ops.txt``) under ``--out``. A measuring tool, not a test.
 """
@@ -51,8 +51,7 @@ def main() -> None:
     lines = [f"# Train step ({device}, batch {_config().batch_size}, median of {args.steps} steps)", "",
              "| cudnn.benchmark | fused Adam | ms / step | steps / s |", "|---|---|---|---|"]
     best = None
-    switches = [False, True] if HAS_CUDA else [False]  # both are CUDA settings
-    for bench, fused in itertools.product(switches, switches):
+    for bench, fused in itertools.product([False, True] if HAS_CUDA else [False], [False, True]):
         torch.backends.cudnn.benchmark = bench
         ms = time_step(make_train_step(fused_impl(), fused_adam=fused)[0], args.steps)
         lines.append(f"| {bench} | {fused} | {ms:.1f} | {1e3 / ms:.1f} |")

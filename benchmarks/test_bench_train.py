@@ -36,7 +36,7 @@ def _batch(model, B: int) -> dict:
     return {k: v.to(DEVICE) for k, v in batch.items()}
 
 
-def make_train_step(impl: str, *, fused_adam: bool = HAS_CUDA):
+def make_train_step(impl: str, *, fused_adam: bool = True):
     """One training step at the benchmark's sizes (a fresh model, batch and Adam), as the trainer runs
     it; returns the step function (it does not synchronise) and the model."""
     cfg = _config()
