@@ -19,6 +19,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "common/dispatch_storage.cuh"
 #include "common/half_types.cuh"
 #include "talk3d/composite_math.h"
 
@@ -222,18 +223,6 @@ cudaError_t validate(const CompositeProblem& p) {
   return cudaSuccess;
 }
 
-// Calls f(S{}) with S the storage type of dtype.
-template <typename Fn>
-cudaError_t dispatch_storage(CompositeDType dtype, Fn&& f) {
-  switch (dtype) {
-    case CompositeDType::kF32: return f(float{});
-    case CompositeDType::kF16: return f(Half16{});
-    case CompositeDType::kBF16: return f(BFloat16{});
-    case CompositeDType::kF64: return f(double{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 template <typename S>
 cudaError_t forward_typed(const CompositeProblem& p, void* out_feat, void* out_depth, void* out_wsum,
                           cudaStream_t stream) {
@@ -304,7 +293,7 @@ cudaError_t composite_weights_forward(const WeightsProblem& p, void* omega, void
   int blocks = 0;
   err = grid_size(p.R, blocks);
   if (err != cudaSuccess) return err;
-  return dispatch_storage(p.dtype, [&](auto tag) {
+  return dispatch_storage<Half16, BFloat16>(p.dtype, [&](auto tag) {
     using S = decltype(tag);
     auto kernel = composite_weights_forward_kernel<S>;
     kernel<<<blocks, kCompositeThreads, 0, stream>>>(static_cast<const S*>(p.sigma), static_cast<const S*>(p.t), p.R,
@@ -324,7 +313,7 @@ cudaError_t composite_weights_backward(const WeightsProblem& p, const void* grad
   int blocks = 0;
   err = grid_size(p.R, blocks);
   if (err != cudaSuccess) return err;
-  return dispatch_storage(p.dtype, [&](auto tag) {
+  return dispatch_storage<Half16, BFloat16>(p.dtype, [&](auto tag) {
     using S = decltype(tag);
     WeightsBwdArgs<S> a;
     a.sigma = static_cast<const S*>(p.sigma);
@@ -351,7 +340,7 @@ cudaError_t composite_forward(const CompositeProblem& p, void* out_feat, void* o
   if (err != cudaSuccess) return err;
   if (p.R == 0) return cudaSuccess;
   if (!out_feat || !out_depth || !out_wsum) return cudaErrorInvalidValue;
-  return dispatch_storage(p.dtype, [&](auto tag) {
+  return dispatch_storage<Half16, BFloat16>(p.dtype, [&](auto tag) {
     return forward_typed<decltype(tag)>(p, out_feat, out_depth, out_wsum, stream);
   });
 }
@@ -366,7 +355,7 @@ cudaError_t composite_backward(const CompositeProblem& p, const void* grad_feat,
   if (p.R == 0 || (!dsigma && !dfeat && !dt)) return cudaSuccess;
   if (!grad_feat || !grad_depth || !grad_wsum || !saved_feat || !saved_depth || !saved_wsum)
     return cudaErrorInvalidValue;
-  return dispatch_storage(p.dtype, [&](auto tag) {
+  return dispatch_storage<Half16, BFloat16>(p.dtype, [&](auto tag) {
     return backward_typed<decltype(tag)>(p, grad_feat, grad_depth, grad_wsum, saved_feat, saved_depth, saved_wsum,
                                          dsigma, dfeat, dt, stream);
   });

@@ -37,6 +37,7 @@
 
 #include <type_traits>
 
+#include "common/dispatch_storage.cuh"
 #include "common/half_types.cuh"
 #include "talk3d/triplane_field_math.h"
 
@@ -435,7 +436,7 @@ __device__ void backward_points(const BwdArgs<S>& a, const Dims& d, const WArr& 
                                 const WArr& w2t, const WArr& b2, const WArr& w1, const WArr& w2,
                                 typename Storage<S>::acc* sm) {
   using acc_t = typename Storage<S>::acc;
-  const int C = d.c(), HID = d.hid(), OUT = d.out(), F = OUT - 1;
+  const int C = d.c(), HID = d.hid(), OUT = d.out();
   const SmemLayout& L = a.L;
 
   // Weight gradients: block-uniform flags (kernel arguments only), so the barriers below are reached
@@ -881,22 +882,6 @@ cudaError_t backward_typed(const FieldProblem& p, const void* grad_sigma, const 
                           d_w1, d_b1, d_w2, d_b2, stream);
 }
 
-// fn(S{}) for the storage type S of `dtype` (the value only carries the type).
-template <typename Fn>
-cudaError_t dispatch_storage(FieldDType dtype, Fn&& fn) {
-  switch (dtype) {
-    case FieldDType::kF32:
-      return fn(float{});
-    case FieldDType::kF16:
-      return fn(__half{});
-    case FieldDType::kBF16:
-      return fn(__nv_bfloat16{});
-    case FieldDType::kF64:
-      return fn(double{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 template <typename S>
 cudaError_t backward_streaming_typed(const FieldProblem& p, int64_t begin, int64_t count,
                                      const void* grad_sigma, const void* grad_feat, void* d_planes,
@@ -927,7 +912,7 @@ cudaError_t field_forward(const FieldProblem& p, void* sigma, void* feat, cudaSt
   if (p.B == 0 || p.N == 0) return cudaSuccess;
   if (!pointers_ok(p)) return cudaErrorInvalidValue;
   if (!sigma && !feat) return cudaSuccess;
-  return dispatch_storage(p.dtype, [&](auto s) {
+  return dispatch_storage<__half, __nv_bfloat16>(p.dtype, [&](auto s) {
     return forward_typed<decltype(s)>(p, sigma, feat, stream);
   });
 }
@@ -942,7 +927,7 @@ cudaError_t field_backward(const FieldProblem& p, const void* grad_sigma, const 
   // Nothing wanted, or no incoming gradient: every output stays at the caller's zeros.
   if (!d_planes && !d_xyz && !d_w1 && !d_b1 && !d_w2 && !d_b2) return cudaSuccess;
   if (!grad_sigma && !grad_feat) return cudaSuccess;
-  return dispatch_storage(p.dtype, [&](auto s) {
+  return dispatch_storage<__half, __nv_bfloat16>(p.dtype, [&](auto s) {
     return backward_typed<decltype(s)>(p, grad_sigma, grad_feat, d_planes, d_xyz, d_w1, d_b1, d_w2, d_b2, stream);
   });
 }
@@ -963,7 +948,7 @@ cudaError_t field_backward_streaming(const FieldProblem& p, int64_t begin, int64
   if (count == 0) return cudaSuccess;
   if (!pointers_ok(p)) return cudaErrorInvalidValue;
   if (!d_planes && !d_xyz && !rows) return cudaSuccess;
-  return dispatch_storage(p.dtype, [&](auto s) {
+  return dispatch_storage<__half, __nv_bfloat16>(p.dtype, [&](auto s) {
     using S = decltype(s);
     if constexpr (std::is_same<S, double>::value) {
       return cudaErrorInvalidValue;  // (excluded by applies() above)
