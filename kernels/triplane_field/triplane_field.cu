@@ -610,27 +610,26 @@ __global__ void __launch_bounds__(kThreads)
     field::scale_point(a.xyz + 3 * i, a.inv_half_box, q);
     float f[L::kC], o[L::kOut], dout[L::kOut4];
     field::sample_mean<kVec4Taps>(d, a.planes + b * a.s_batch, a.geom, a.axes, q, f);
-    field::mlp_forward_streaming(d, sm + L::w1, sm + L::b1, sm + L::w2t, sm + L::b2, f, o);
+    // With kRows, this point's column of the rows: h as the recompute makes it (not a second
+    // softplus), dpre as the backward makes it, then f, dout and the bias columns' ones.
+    float* const col = kRows ? rows + r : nullptr;
+    field::mlp_forward_streaming(d, sm + L::w1, sm + L::b1, sm + L::w2t, sm + L::b2, f, o, [=](int j, float h) {
+      if constexpr (kRows) col[(R::h + j) * ld] = h;
+    });
     output_grads(a, i, L::kOut, o, dout);
     T3D_UNROLL
     for (int k = L::kOut; k < L::kOut4; ++k) dout[k] = 0.0f;
     float df[L::kC];
+    field::mlp_backward_streaming(d, sm + L::w1, sm + L::b1, sm + L::w2t, f, dout, df, [=](int j, float dpre) {
+      if constexpr (kRows) col[(R::dpre + j) * ld] = dpre;
+    });
     if constexpr (kRows) {
-      float* col = rows + r;
-      field::mlp_backward_streaming(d, sm + L::w1, sm + L::b1, sm + L::w2t, f, dout, df,
-                                    [=](int j, float pre, float dpre) {
-                                      col[(R::h + j) * ld] = field::softplus(pre);
-                                      col[(R::dpre + j) * ld] = dpre;
-                                    });
       T3D_UNROLL
       for (int c = 0; c < L::kC; ++c) col[(R::f + c) * ld] = f[c];
       col[(R::f + L::kC) * ld] = 1.0f;
       col[(R::h + L::kHid) * ld] = 1.0f;
       T3D_UNROLL
       for (int k = 0; k < L::kOut; ++k) col[(R::dout + k) * ld] = dout[k];
-    } else {
-      field::mlp_backward_streaming(d, sm + L::w1, sm + L::b1, sm + L::w2t, f, dout, df,
-                                    [](int, float, float) {});
     }
     point_grads(a, d, b, i, q, df);
   }

@@ -237,9 +237,15 @@ T3D_HD acc_t unit_pre(const acc_t* row, acc_t b, const FArr& f) {
 //   w1:  [HID, C]     W1 itself, rows 16-byte aligned;
 //   w2t: [HID, OUT4]  W2 transposed, rows padded with zeros to OUT4 = round_up(OUT, 4);
 //   b2:  [OUT4]       zero padded.  Rows are read four entries at a time (load4).
-template <typename Dims, typename acc_t, typename FArr, typename OArr>
+// `unit(j, h_j)`, when given, sees every unit's activation (the backward's weight-gradient rows).
+struct NoUnit {
+  template <typename... A>
+  T3D_HD void operator()(A...) const {}
+};
+
+template <typename Dims, typename acc_t, typename FArr, typename OArr, typename UnitFn = NoUnit>
 T3D_HD void mlp_forward_streaming(const Dims& d, const acc_t* w1, const acc_t* b1, const acc_t* w2t,
-                                  const acc_t* b2, const FArr& f, OArr& o) {
+                                  const acc_t* b2, const FArr& f, OArr& o, UnitFn&& unit = {}) {
   constexpr int kC = Dims::kMaxC, kOut4 = (Dims::kMaxOut + 3) / 4 * 4;
   static_assert(kC % 4 == 0, "W1 rows are read four entries at a time");
   acc_t a2[kOut4];
@@ -247,6 +253,7 @@ T3D_HD void mlp_forward_streaming(const Dims& d, const acc_t* w1, const acc_t* b
   for (int k = 0; k < kOut4; k += 4) load4(b2 + k, a2 + k);
   for (int j = 0; j < d.hid(); ++j) {
     const acc_t h = softplus(unit_pre<kC>(w1 + j * kC, b1[j], f));
+    unit(j, h);
     const acc_t* row2 = w2t + j * kOut4;
     T3D_UNROLL
     for (int k = 0; k < kOut4; k += 4) {
@@ -263,9 +270,8 @@ T3D_HD void mlp_forward_streaming(const Dims& d, const acc_t* w1, const acc_t* b
 // is recomputed from f (the sums of mlp_forward_streaming, in the same order, so the same value),
 // then dh_j = W2[:, j] . dout and dpre_j = dh_j softplus'(pre_j) are used at once. Only f, dout and
 // df stay live (mlp_backward keeps pre[], h[] and dh[] besides: 255 registers and a stack frame in
-// the backward kernel, and two blocks per SM). `unit(j, pre_j, dpre_j)` sees every unit's
-// pre-activation and its gradient: h_j = softplus(pre_j) and dpre_j are the factors of the decoder's
-// weight gradients (computing h_j is left to a caller that wants them).
+// the backward kernel, and two blocks per SM). `unit(j, dpre_j)` sees every unit's pre-activation
+// gradient, with h_j (from mlp_forward_streaming's `unit`) a factor of the decoder's weight gradients.
 //   w1 [HID, C] and w2t [HID, OUT4] as for mlp_forward_streaming; dout [OUT4], zero padded.
 template <typename Dims, typename acc_t, typename FArr, typename DArr, typename DfArr, typename UnitFn>
 T3D_HD void mlp_backward_streaming(const Dims& d, const acc_t* w1, const acc_t* b1, const acc_t* w2t,
@@ -292,7 +298,7 @@ T3D_HD void mlp_backward_streaming(const Dims& d, const acc_t* w1, const acc_t* 
       load4(row + c, w);
       for (int i = 0; i < 4; ++i) a[c + i] += w[i] * dpre;
     }
-    unit(j, pre, dpre);
+    unit(j, dpre);
   }
   T3D_UNROLL
   for (int c = 0; c < kC; ++c) df[c] = a[c];
