@@ -53,6 +53,9 @@ cuda::FieldProblem make_problem(const FieldInputs& in) {
   return p;
 }
 
+// A gradient buffer's data, or null for a gradient not asked for (the launchers skip those).
+void* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "triplane_field (cuda): ", what, " failed: ",
               cudaGetErrorString(err));
@@ -77,7 +80,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& planes, const at::
 // chunk's factor rows take BackwardRows::count x 4 B x 2^18 = 204 MB, and one chunk (2^18 threads)
 // still fills an H100/H200 at the kernel's three blocks of 128 threads per SM.
 // (Splitting each chunk's GEMMs into 64 batched slices, to give cuBLAS more than a 64 x 33 output to
-// spread, measured slower on an H200: 28.4 against 26.8 ms for the whole backward at the GPU size.)
+// spread, was not faster on an H200: the whole backward at the GPU size took 28.4 ms with it and
+// 26.8 ms without, in two calls' runs of benchmarks/profile_field.py.)
 constexpr int64_t kRowsChunk = int64_t(1) << 18;
 
 // The EG3D-size backward (fp32/fp16/bf16): plane and point gradients from the streaming kernel; the
@@ -94,7 +98,6 @@ void backward_streaming(const cuda::FieldProblem& p, const at::Tensor& gs, const
   at::Tensor rows = want_w ? at::empty({Rows::count, chunk}, f32) : at::Tensor();
   at::Tensor g1 = want_w ? at::zeros({Rows::HID, Rows::C + 1}, f32) : at::Tensor();    // [dW1 | db1]
   at::Tensor g2 = want_w ? at::zeros({Rows::OUT, Rows::HID + 1}, f32) : at::Tensor();  // [dW2 | db2]
-  auto ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; };
   for (int64_t begin = 0; begin < total; begin += chunk) {
     const int64_t n = std::min(chunk, total - begin);
     check_launch(cuda::field_backward_streaming(p, begin, n, gs.data_ptr(), gf.data_ptr(), ptr(d[0]), ptr(d[1]),
@@ -135,7 +138,6 @@ FieldGrads bwd_cuda(const at::Tensor& grad_sigma, const at::Tensor& grad_feat,
       needs[4] ? at::zeros({in.OUT, in.HID}, o) : at::Tensor(),
       needs[5] ? at::zeros({in.OUT}, o) : at::Tensor(),
   };
-  auto ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; };
   const cuda::FieldProblem problem = make_problem(in);
   if (in.B * in.N > 0 && cuda::field_backward_streaming_applies(problem)) {
     backward_streaming(problem, gs, gf, d, needs);
