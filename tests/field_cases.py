@@ -22,6 +22,26 @@ class FieldCase:
         return f"B{self.B}N{self.N}C{self.C}h{self.hidden}o{self.out}_{self.H}x{self.W}_box{self.box_warp}"
 
 
+#: How close (in texels) a test point may come to a texel edge. Within about an ulp of one, a float32
+#: texel coordinate may round onto the edge (2z + 1 = 2.0624999 rounds to 2.0625): the float32 kernels
+#: then take the next cell, whose bilinear slope differs, and dxyz jumps away from the float64
+#: reference (seen once in 3e5 points, on the box's edge, on CPU and CUDA alike, 2026-12-04).
+TEXEL_EDGE_MARGIN = 1e-4
+
+
+def off_texel_edges(xyz: torch.Tensor, case: FieldCase) -> torch.Tensor:
+    """``xyz`` ``[B, N, 3]`` with every coordinate moved at least :data:`TEXEL_EDGE_MARGIN` texels off
+    the cell edges of both plane sizes (H and W: under either axis convention a coordinate indexes
+    rows on one plane and columns on another; the edges are symmetric about 0, so mirrored axes have
+    the same ones)."""
+    for res in {case.H, case.W}:
+        per_unit = res / case.box_warp  # texels per world unit
+        tex = (xyz.double() * per_unit + res / 2) - 0.5  # texel coordinate (align_corners=False)
+        near = (tex - tex.round()).abs() < TEXEL_EDGE_MARGIN
+        xyz = torch.where(near, xyz + 3 * TEXEL_EDGE_MARGIN / per_unit, xyz)
+    return xyz
+
+
 def make_field_inputs(case: FieldCase, dtype=torch.float32, device="cpu", planes_layout="api"):
     """Random planes, points and already-scaled decoder weights.
 
@@ -41,6 +61,7 @@ def make_field_inputs(case: FieldCase, dtype=torch.float32, device="cpu", planes
         raise ValueError(planes_layout)
     xyz_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     xyz = (torch.rand(B, case.N, 3, dtype=xyz_dtype, device=device) - 0.5) * case.spread * case.box_warp
+    xyz = off_texel_edges(xyz, case)
     w1 = torch.randn(case.hidden, case.C, **g) / case.C**0.5
     b1 = torch.randn(case.hidden, **g) * 0.1
     w2 = torch.randn(case.out, case.hidden, **g) / case.hidden**0.5
