@@ -3,6 +3,7 @@
 #include <torch/library.h>
 #include <torch/extension.h>
 
+#include "binomial_filter/binomial_filter.h"
 #include "composite/composite.h"
 #include "layout/layout.h"
 #include "occupancy/occupancy.h"
@@ -53,6 +54,9 @@ TORCH_LIBRARY(talk3d, m) {
       "bool outside_occupied) -> Tensor");
   // x [M, A, B] -> [M, B, A] contiguous (the planes' channels-last conversion and its gradient).
   m.def("transpose_inner(Tensor x) -> Tensor");
+  // x [N, C, H, W] -> [N, C, out_h, out_w]: EG3D's 4 x 4 binomial FIR (outer product of [1, 3, 3, 1] / 8)
+  // times gain, the window of output (i, j) starting at x[i - top, j - left], zero outside x.
+  m.def("binomial_filter2d(Tensor x, int top, int left, int out_h, int out_w, float gain) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(talk3d, CPU, m) {
@@ -66,6 +70,7 @@ TORCH_LIBRARY_IMPL(talk3d, CPU, m) {
   m.impl("composite_weights_bwd", &talk3d::composite_weights_bwd_cpu);
   m.impl("occupied_intervals", &talk3d::occupied_intervals_cpu);
   m.impl("transpose_inner", &talk3d::transpose_inner_cpu);
+  m.impl("binomial_filter2d", &talk3d::binomial_filter2d_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

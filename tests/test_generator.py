@@ -210,11 +210,11 @@ def test_binomial_filter_is_recognised_once_per_buffer():
         assert layers._is_binomial(setup_filter())
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_pooled_fir_equals_the_filter(monkeypatch, device):
-    """upfirdn2d's pooled form (three 2x2 box averages, its path on a GPU) against the explicit taps:
-    up- and downsampling, gains, paddings and crops, forward and input gradient."""
-    monkeypatch.setattr(layers, "POOLED_FIR_DEVICES", (device,))
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")),
+                                    pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_fir_kernel_path_equals_the_filter(device):
+    """upfirdn2d's path for EG3D's filter (binomial_filter2d, the compiled kernel) against the
+    explicit taps: up- and downsampling, gains, paddings and crops, forward and input gradient."""
     f = setup_filter().to(device, torch.float64)
     x = torch.randn(2, 3, 9, 8, dtype=torch.float64, device=device, requires_grad=True)
     for up, down, pad, gain in [(2, 1, (2, 1), 4.0), (1, 2, (1, 1), 1.0), (1, 1, (2, 2), 1.5), (2, 1, (0, -1), 4.0)]:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.binomial_filter import binomial_filter2d
+
 #: StyleGAN2's default activation: leaky ReLU, slope 0.2, output gain sqrt(2) (variance-preserving).
 LRELU_SLOPE = 0.2
 ACT_GAINS = {"linear": 1.0, "lrelu": math.sqrt(2.0), "relu": math.sqrt(2.0)}
@@ -39,8 +41,6 @@ def _pads(padding) -> tuple[int, int, int, int]:
     return tuple(int(p) for p in padding)  # type: ignore[return-value]
 
 
-#: Devices on which :func:`upfirdn2d` filters with :func:`binomial_fir` when the filter is EG3D's.
-POOLED_FIR_DEVICES = ("cuda",)
 # (device, data_ptr, version) of filters already compared with the binomial one: the comparison
 # reads a GPU filter back to the host once, not on every call.
 _binomial_filters: dict[tuple, bool] = {}
@@ -59,20 +59,6 @@ def _is_binomial(f: torch.Tensor) -> bool:
     return _binomial_filters[key]
 
 
-def binomial_fir(x: torch.Tensor) -> torch.Tensor:
-    """``[N, C, H, W]`` -> ``[N, C, H - 3, W - 3]``: the 4x4 filter of :func:`setup_filter`, as three
-    2x2 box averages ([1, 3, 3, 1] / 8 is [1, 1] / 2 convolved with itself three times).
-
-    On a GPU a depthwise 4x4 convolution falls to slow kernels: PyTorch's own at inference (1.7 ms a
-    call at batch 8, H200, 2026-12-04) and, by the call counts, cuDNN's grouped direct kernel in
-    training (4.4 ms a call, two a step: the SR's two large filterings), where an average pool is a
-    bandwidth-bound pass. On the CPU the convolution is the faster one (3x).
-    """
-    for _ in range(3):
-        x = F.avg_pool2d(x, 2, stride=1)
-    return x
-
-
 def upfirdn2d(x: torch.Tensor, f: torch.Tensor, up: int = 1, down: int = 1, padding=0,
               gain: float = 1.0, flip_filter: bool = False) -> torch.Tensor:
     """Upsample by zero insertion, pad, FIR-filter, downsample by decimation.
@@ -88,19 +74,21 @@ def upfirdn2d(x: torch.Tensor, f: torch.Tensor, up: int = 1, down: int = 1, padd
         ``[N, C, (H*up + top + bottom - K) // down + 1, ...]``.
     """
     N, C, H, W = x.shape
-    pooled = x.device.type in POOLED_FIR_DEVICES and _is_binomial(f)  # symmetric: flip_filter changes nothing
-    if pooled and gain != 1:
-        x = x * gain  # on the input: the smallest tensor of the chain
     if up > 1:  # each sample followed by up-1 zeros, along both axes
         x = x.reshape(N, C, H, 1, W, 1)
         x = F.pad(x, [0, up - 1, 0, 0, 0, up - 1])
         x = x.reshape(N, C, H * up, W * up)
     left, right, top, bottom = _pads(padding)
+    if _is_binomial(f):
+        # EG3D's filter (symmetric: flip_filter changes nothing) in one fused pass where the kernels
+        # are built. On a GPU a depthwise 4x4 convolution falls to slow kernels: PyTorch's own at
+        # inference (1.7 ms a call at batch 8), cuDNN's grouped direct kernel in training (4.4 ms a
+        # call, two a step; H200, 2026-12-04); three 2x2 average pools, tried first, were slower
+        # still (2.2 ms a pool).
+        x = binomial_filter2d(x, (left, right, top, bottom), gain)
+        return x[:, :, ::down, ::down] if down > 1 else x
     x = F.pad(x, [max(left, 0), max(right, 0), max(top, 0), max(bottom, 0)])
     x = x[..., max(-top, 0): x.shape[2] - max(-bottom, 0), max(-left, 0): x.shape[3] - max(-right, 0)]
-    if pooled:
-        x = binomial_fir(x)
-        return x[:, :, ::down, ::down] if down > 1 else x
     f = f.to(x.dtype) * gain
     if not flip_filter:
         f = f.flip([0, 1])  # conv2d correlates; flipping makes it a true convolution

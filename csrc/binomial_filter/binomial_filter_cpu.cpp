@@ -1,0 +1,56 @@
+// Input checks and the C++ CPU kernel of binomial_filter2d: a loop over output rows around
+// talk3d/binomial_filter_math.h, parallel over (plane, row).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "binomial_filter.h"
+#include "talk3d/binomial_filter_math.h"
+
+namespace talk3d {
+
+void check_binomial_filter_inputs(const char* who, const at::Tensor& x, int64_t out_h, int64_t out_w) {
+  TORCH_CHECK_VALUE(x.dim() == 4, who, ": x must be 4-D [N, C, H, W], got ", x.sizes());
+  const auto t = x.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, who,
+                   ": x must be float32, float64, float16 or bfloat16, got ", t);
+  TORCH_CHECK_VALUE(out_h >= 1 && out_w >= 1, who, ": the output must be at least 1 x 1, got ", out_h,
+                    " x ", out_w, " (the padding crops away the whole ", x.size(2), " x ", x.size(3),
+                    " input)");
+}
+
+at::Tensor binomial_filter2d_cpu(const at::Tensor& x, int64_t top, int64_t left, int64_t out_h,
+                                 int64_t out_w, double gain) {
+  check_binomial_filter_inputs("binomial_filter2d (cpu)", x, out_h, out_w);
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "binomial_filter2d (cpu): x must be on the CPU");
+  const at::Tensor src = x.contiguous();
+  const int64_t P = src.size(0) * src.size(1), H = src.size(2), W = src.size(3);
+  at::Tensor out = at::empty({src.size(0), src.size(1), out_h, out_w}, src.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "binomial_filter2d_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* xs = src.data_ptr<scalar_t>();
+    scalar_t* ys = out.data_ptr<scalar_t>();
+    // ~16 rows of a 256-wide plane per task: enough work to amortise the scheduling.
+    const int64_t grain = std::max<int64_t>(1, 4096 / out_w);
+    at::parallel_for(0, P * out_h, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t pr = begin; pr < end; ++pr) {
+        const int64_t p = pr / out_h, i = pr - p * out_h;
+        const scalar_t* plane = xs + p * H * W;
+        const auto load = [plane, W](int64_t r, int64_t c) { return static_cast<acc_t>(plane[r * W + c]); };
+        scalar_t* row = ys + pr * out_w;
+        acc_t v[fir::kStrip];
+        for (int64_t j = 0; j < out_w; j += fir::kStrip) {
+          fir::filter_strip<acc_t>(load, H, W, i - top, j - left, acc_t(gain), v);
+          const int n = static_cast<int>(std::min<int64_t>(fir::kStrip, out_w - j));
+          for (int s = 0; s < n; ++s) row[j + s] = static_cast<scalar_t>(v[s]);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace talk3d

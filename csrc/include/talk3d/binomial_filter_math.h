@@ -1,0 +1,52 @@
+// Per-element math of binomial_filter2d, shared by the CPU and CUDA kernels: EG3D's resampling
+// filter (upfirdn2d's setup_filter([1, 3, 3, 1]): the outer product of k = [1, 3, 3, 1] / 8 with
+// itself) applied to one channel plane with zero padding. The filter is symmetric, so convolution
+// and correlation agree.
+#pragma once
+
+#include "talk3d/common.h"
+
+namespace talk3d {
+namespace fir {
+
+constexpr int kTaps = 4;
+// Neighbouring outputs of one row made together: kStrip + 3 loads per input row feed kStrip
+// outputs, instead of 4 loads per output (the taps overlap).
+constexpr int kStrip = 4;
+constexpr int kSpan = kStrip + kTaps - 1;  // input columns one strip reads
+
+// k_a of [1, 3, 3, 1] / 8.
+template <typename Acc>
+T3D_HD Acc tap(int a) {
+  return (a == 0 || a == kTaps - 1) ? Acc(0.125) : Acc(0.375);
+}
+
+// out[s] = gain * sum_{a, b < 4} k_a k_b x(y0 + a, x0 + s + b) for s < kStrip, x zero outside
+// [0, H) x [0, W). load(r, c) returns x(r, c) as Acc and is called only in range.
+template <typename Acc, typename Load>
+T3D_HD void filter_strip(const Load& load, int64_t H, int64_t W, int64_t y0, int64_t x0, Acc gain,
+                         Acc out[kStrip]) {
+  Acc acc[kStrip];
+  T3D_UNROLL
+  for (int s = 0; s < kStrip; ++s) acc[s] = Acc(0);
+  T3D_UNROLL
+  for (int a = 0; a < kTaps; ++a) {
+    const int64_t r = y0 + a;
+    if (r < 0 || r >= H) continue;
+    Acc v[kSpan];
+    T3D_UNROLL
+    for (int c = 0; c < kSpan; ++c) {
+      const int64_t col = x0 + c;
+      v[c] = (col >= 0 && col < W) ? load(r, col) : Acc(0);
+    }
+    const Acc ka = tap<Acc>(a);
+    T3D_UNROLL
+    for (int s = 0; s < kStrip; ++s)  // the row's 4 taps, symmetric pairs first
+      acc[s] += ka * (Acc(0.125) * (v[s] + v[s + 3]) + Acc(0.375) * (v[s + 1] + v[s + 2]));
+  }
+  T3D_UNROLL
+  for (int s = 0; s < kStrip; ++s) out[s] = gain * acc[s];
+}
+
+}  // namespace fir
+}  // namespace talk3d
