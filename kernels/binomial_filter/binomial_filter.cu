@@ -10,6 +10,7 @@
 #include "binomial_filter_cuda.h"
 
 #include "common/dispatch_storage.cuh"
+#include "common/grid.cuh"
 #include "common/half_types.cuh"
 #include "talk3d/binomial_filter_math.h"
 
@@ -22,19 +23,10 @@ constexpr int kFirThreads = 256;
 constexpr int kFirBlocksPerSM = 8;
 
 template <typename S>
-struct FirAcc {
-  using type = float;
-};
-template <>
-struct FirAcc<double> {
-  using type = double;
-};
-
-template <typename S>
 __global__ void __launch_bounds__(kFirThreads)
     binomial_filter2d_kernel(const S* __restrict__ x, S* __restrict__ y, int64_t P, int64_t H, int64_t W,
                              int64_t out_h, int64_t out_w, int64_t top, int64_t left, double gain) {
-  using acc_t = typename FirAcc<S>::type;
+  using acc_t = typename AccOf<S>::type;
   const int64_t strips = (out_w + fir::kStrip - 1) / fir::kStrip;
   const int64_t total = P * out_h * strips;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -55,15 +47,10 @@ __global__ void __launch_bounds__(kFirThreads)
 
 template <typename S>
 cudaError_t launch(const FirProblem& p, cudaStream_t stream) {
-  int dev = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err != cudaSuccess) return err;
   const int64_t strips = (p.out_w + fir::kStrip - 1) / fir::kStrip;
-  const int64_t needed = (p.P * p.out_h * strips + kFirThreads - 1) / kFirThreads;
-  const int64_t full = int64_t(sms > 0 ? sms : 1) * kFirBlocksPerSM;
-  const int blocks = int(needed < full ? needed : full);
+  int blocks = 0;
+  const cudaError_t err = grid_stride_blocks(p.P * p.out_h * strips, kFirThreads, kFirBlocksPerSM, blocks);
+  if (err != cudaSuccess) return err;
   binomial_filter2d_kernel<S><<<blocks, kFirThreads, 0, stream>>>(
       static_cast<const S*>(p.x), static_cast<S*>(p.y), p.P, p.H, p.W, p.out_h, p.out_w, p.top, p.left,
       p.gain);

@@ -25,5 +25,15 @@ cudaError_t dispatch_storage(DType dtype, Fn&& fn) {
   return cudaErrorInvalidValue;
 }
 
+// Accumulation type of a storage type: float, double for double data.
+template <typename S>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
 }  // namespace cuda
 }  // namespace talk3d

@@ -20,6 +20,7 @@
 #include <stdint.h>
 
 #include "common/dispatch_storage.cuh"
+#include "common/grid.cuh"
 #include "common/half_types.cuh"
 #include "talk3d/composite_math.h"
 
@@ -33,16 +34,6 @@ constexpr int kCompositeThreads = 128;
 constexpr int kCompositeBlocksPerSM = 16;
 
 // Storage types: fp32, fp64, and Half16 / BFloat16 from common/half_types.cuh.
-
-// Accumulation type of a storage type: fp32, fp64 for fp64 data.
-template <typename S>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
 
 template <typename S>
 struct FwdArgs {
@@ -196,15 +187,7 @@ __global__ void __launch_bounds__(kCompositeThreads) composite_weights_backward_
 
 // Enough blocks to cover every ray once, at most kCompositeBlocksPerSM per SM.
 cudaError_t grid_size(int64_t rays, int& blocks) {
-  int dev = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err != cudaSuccess) return err;
-  const int64_t needed = (rays + kCompositeThreads - 1) / kCompositeThreads;
-  const int64_t cap = int64_t(sms > 0 ? sms : 1) * kCompositeBlocksPerSM;
-  blocks = int(needed < cap ? needed : cap);
-  return cudaSuccess;
+  return grid_stride_blocks(rays, kCompositeThreads, kCompositeBlocksPerSM, blocks);
 }
 
 cudaError_t validate(const CompositeProblem& p) {

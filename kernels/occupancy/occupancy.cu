@@ -8,6 +8,7 @@
 
 #include <stdint.h>
 
+#include "common/grid.cuh"
 #include "talk3d/occupancy_math.h"
 
 namespace talk3d {
@@ -59,14 +60,9 @@ cudaError_t launch_march(const MarchProblem& p, int32_t* out, cudaStream_t strea
   a.box = T(p.box);  // as the CPU op: the box in the rays' type
   a.outside_occupied = p.outside_occupied;
   a.out = out;
-  int dev = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  int blocks = 0;
+  const cudaError_t err = grid_stride_blocks(p.M, kMarchThreads, kMarchBlocksPerSM, blocks);
   if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err != cudaSuccess) return err;
-  const int64_t needed = (p.M + kMarchThreads - 1) / kMarchThreads;
-  const int64_t cap = int64_t(sms > 0 ? sms : 1) * kMarchBlocksPerSM;
-  const int blocks = int(needed < cap ? needed : cap);
   auto kernel = occupied_intervals_kernel<T>;
   kernel<<<blocks, kMarchThreads, 0, stream>>>(a);
   return cudaGetLastError();
