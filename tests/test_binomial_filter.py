@@ -157,3 +157,17 @@ def _corner_tap(x, up, down, pad):
     e = torch.zeros(4, 4, dtype=x.dtype)
     e[0, 0] = 1.0
     return layers.upfirdn2d(x, e, up=up, down=down, padding=pad)
+
+
+@pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")
+def test_torch_compile_forward_and_backward():
+    """The autograd wrapper traces whole (fake impl, backward through the op again)."""
+    x = torch.randn(2, 3, 9, 10, requires_grad=True)
+
+    def loss(t):
+        return binomial_filter2d(t, (2, 1, 2, 1), 4.0, impl="cpu").square().mean()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got, want = compiled(x), loss(x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0])
