@@ -10,8 +10,9 @@
 // accumulators in registers, and a generic one for 1 <= F <= kCompositeMaxF whose loops run to the
 // bound and stop at F (its arrays may spill to local memory; it is not the hot path).
 //
-// Tested only by emulation on the CPU (tests/test_cuda_emulation_render.py: one std::thread per
-// CUDA thread) against the CPU op and the PyTorch reference; never run on a GPU before shipping.
+// Tested by emulation on the CPU (tests/test_cuda_emulation_render.py: one std::thread per CUDA
+// thread) against the CPU op and the PyTorch reference, and on an H100 and an H200 (the CUDA tests of
+// tests/test_composite.py and tests/test_composite_weights.py).
 #include "composite_cuda.h"
 
 #include <cuda_bf16.h>

@@ -2,8 +2,8 @@
 // talk3d/occupancy_math.h, which the CPU kernel shares. Each ray walks the cells it crosses and
 // writes its own two outputs, so threads never interact.
 //
-// Tested only by emulation on the CPU (tests/test_cuda_emulation_render.py) against the CPU op;
-// never run on a GPU before shipping.
+// Tested by emulation on the CPU (tests/test_cuda_emulation_render.py) against the CPU op, and on an
+// H100 and an H200 (the CUDA tests of tests/test_occupancy.py).
 #include "occupancy_cuda.h"
 
 #include <stdint.h>
