@@ -153,6 +153,16 @@ def test_cpu_float64():
     check_against_reference("cpu", FieldCase(C=32, hidden=64, out=33), "fixed", dtype=torch.float64)
 
 
+@pytest.mark.parametrize("case", [FieldCase(B=2, N=20_001, C=32, hidden=64, out=33, H=16, W=16),
+                                  FieldCase(B=2, N=20_001, H=16, W=12, spread=1.4)], ids=["eg3d", "generic"])
+@pytest.mark.parametrize("needs", [(True,) * 6, (False, True, False, False, False, False)], ids=["all", "xyz"])
+def test_cpu_backward_over_several_chunks(case, needs):
+    """More points than one chunk of the CPU backward (2^14 points), the last partial, one crossing
+    the batch boundary: the plane gradient's zeroing (first chunk only), the per-chunk coordinate
+    gradient shares and the weight sums all see every chunk, with or without the plane gradient."""
+    check_against_reference("cpu", case, "eg3d", needs=needs)
+
+
 @pytest.mark.cuda
 def test_cuda_backward_over_several_chunks():
     """More points than one chunk of the CUDA backward's weight-gradient rows (2^18 points): the GEMMs

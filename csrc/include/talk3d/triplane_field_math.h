@@ -318,11 +318,13 @@ T3D_HD acc_t feature_activation_grad(acc_t o, acc_t g) {
 }
 
 // The same from the feature output itself, feat = s * (1 + 2 eps) - eps with s = sigmoid(o), for a
-// backward that kept the outputs instead of o (s comes back to within a float rounding of feat).
+// backward that kept the outputs instead of o (s comes back to within a float rounding of feat):
+// (1 + 2 eps) s (1 - s) = (feat + eps) (1 + eps - feat) / (1 + 2 eps), a product by a constant
+// (a division by one is a divide instruction per feature: without fast-math it stays one).
 template <typename acc_t>
 T3D_HD acc_t feature_activation_grad_from_output(acc_t feat, acc_t g) {
-  const acc_t s = (feat + acc_t(kFeatureEps)) / acc_t(1 + 2 * kFeatureEps);
-  return g * acc_t(1 + 2 * kFeatureEps) * s * (acc_t(1) - s);
+  const acc_t eps = acc_t(kFeatureEps);
+  return g * (feat + eps) * ((acc_t(1) + eps) - feat) * acc_t(1.0 / (1 + 2 * kFeatureEps));
 }
 
 // Decoder backward from the output gradient `dout` (already through the output transform).
@@ -354,6 +356,34 @@ T3D_HD void mlp_backward(const Dims& d, const WArr& w1, const WArr& w2, const OA
 // point in dxyz when `want_xyz`.
 // kVec4 (requires d.c() % 4 == 0): four channels per call, `add(offset, v0, v1, v2, v3)` (one vector
 // atomic on the GPU instead of four).
+// One plane's share of the coordinate gradient: the derivative of df . value along the plane's
+// pixel axes, gx = d/d ix and gy = d/d iy (taps outside the plane read zero):
+// d value / d ix = (v10 - v00)(1 - ty) + (v11 - v01) ty, and likewise for iy.
+template <typename Dims, typename acc_t, typename scalar_t, typename FArr>
+T3D_HD void tap_coord_grad(const Dims& d, const scalar_t* __restrict__ planes, const Taps<acc_t>& t,
+                           const FArr& df, acc_t& gx, acc_t& gy) {
+  gx = acc_t(0);
+  gy = acc_t(0);
+  for (int c = 0; c < d.c(); ++c) {
+    const acc_t v00 = t.off[0] >= 0 ? acc_t(planes[t.off[0] + c]) : acc_t(0);
+    const acc_t v10 = t.off[1] >= 0 ? acc_t(planes[t.off[1] + c]) : acc_t(0);
+    const acc_t v01 = t.off[2] >= 0 ? acc_t(planes[t.off[2] + c]) : acc_t(0);
+    const acc_t v11 = t.off[3] >= 0 ? acc_t(planes[t.off[3] + c]) : acc_t(0);
+    gx += df[c] * ((v10 - v00) * (acc_t(1) - t.ty) + (v11 - v01) * t.ty);
+    gy += df[c] * ((v01 - v00) * (acc_t(1) - t.tx) + (v11 - v10) * t.tx);
+  }
+}
+
+// Adds one plane's (gx, gy) to d loss / d q (before the box scale) for the plane reading q's axes
+// iu, iv. ix = ((u + 1) W - 1) / 2  =>  d ix / d u = W / 2. A clamped coordinate has all taps
+// outside, so gx = gy = 0 there and the clamp needs no special case.
+template <typename acc_t>
+T3D_HD void add_coord_grad(const PlaneGeom& g, int iu, int iv, acc_t gx, acc_t gy, acc_t dq[3]) {
+  const acc_t third = acc_t(1) / acc_t(3);
+  dq[iu] += gx * third * acc_t(0.5) * acc_t(g.W);
+  dq[iv] += gy * third * acc_t(0.5) * acc_t(g.H);
+}
+
 template <bool kVec4 = false, typename Dims, typename acc_t, typename scalar_t, typename FArr,
           typename AddFn>
 T3D_HD void sample_mean_backward(const Dims& d, const scalar_t* __restrict__ planes,
@@ -382,20 +412,9 @@ T3D_HD void sample_mean_backward(const Dims& d, const scalar_t* __restrict__ pla
       }
     }
     if (want_xyz) {
-      // d value / d ix = (v10 - v00)(1 - ty) + (v11 - v01) ty, and likewise for iy.
-      acc_t gx = acc_t(0), gy = acc_t(0);
-      for (int c = 0; c < d.c(); ++c) {
-        const acc_t v00 = t.off[0] >= 0 ? acc_t(planes[t.off[0] + c]) : acc_t(0);
-        const acc_t v10 = t.off[1] >= 0 ? acc_t(planes[t.off[1] + c]) : acc_t(0);
-        const acc_t v01 = t.off[2] >= 0 ? acc_t(planes[t.off[2] + c]) : acc_t(0);
-        const acc_t v11 = t.off[3] >= 0 ? acc_t(planes[t.off[3] + c]) : acc_t(0);
-        gx += df[c] * ((v10 - v00) * (acc_t(1) - t.ty) + (v11 - v01) * t.ty);
-        gy += df[c] * ((v01 - v00) * (acc_t(1) - t.tx) + (v11 - v10) * t.tx);
-      }
-      // ix = ((u + 1) W - 1) / 2  =>  d ix / d u = W / 2. A clamped coordinate has all taps
-      // outside, so gx = gy = 0 there and the clamp needs no special case.
-      dq[iu] += gx * third * acc_t(0.5) * acc_t(g.W);
-      dq[iv] += gy * third * acc_t(0.5) * acc_t(g.H);
+      acc_t gx, gy;
+      tap_coord_grad(d, planes, t, df, gx, gy);
+      add_coord_grad(g, iu, iv, gx, gy, dq);
     }
   }
   if (want_xyz) {
