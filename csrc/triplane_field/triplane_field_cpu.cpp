@@ -330,6 +330,12 @@ void backward_impl(const Dims d, const FieldInputs& in, const scalar_t* gsigma,
         for (int64_t i = c0; i < c1; ++i) {
           scalar_t q[3];
           field::scale_point(xyz + 3 * i, inv_half_box, q);
+          // Most points have no tap row in this band: make_taps' row coordinate (clamped to
+          // [-2, H + 1] as there; NaN goes to -2), with a row's margin for rounding, skips them
+          // before the full taps are made.
+          const scalar_t iy = t3d_clamp(((q[iv] + scalar_t(1)) * scalar_t(g.H) - scalar_t(1)) * scalar_t(0.5),
+                                        scalar_t(-2), scalar_t(g.H + 1));
+          if (!(iy >= scalar_t(y_lo - 3) && iy < scalar_t(y_hi + 2))) continue;
           const field::Taps<scalar_t> t = field::make_taps<scalar_t>(q[iu], q[iv], g, plane);
           // The coordinate share's owner: the band of the first tap row (clamped into the plane,
           // so a point whose taps all miss it still gets its zero share written once).
