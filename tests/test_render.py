@@ -184,13 +184,36 @@ def test_occupancy_skipping_on_head_scene(yaw, pitch):
         grid.update(step, renderer.density(planes, dec), cfg.coarse_step)
     assert 0.01 < grid.occupied_fraction() < 0.2
     # chunk=1: the first coarse steps hold no live sample of any ray, and later ones must still run.
-    for early_stop, chunk in ((0.0, 8), (1e-4, 8), (1e-4, 1)):
+    # chunk=None: one coarse pass (the default); early_stop then only drops importance samples.
+    for early_stop, chunk in ((0.0, 8), (1e-4, 8), (1e-4, 1), (0.0, None), (1e-3, None)):
         skip = render(planes, dec, cams, cfg, impl="cpu", deterministic=True, grid=grid,
                       early_stop=early_stop, chunk=chunk)
         assert psnr(skip.feature_image[:, :3], dense.feature_image[:, :3]) >= MIN_SKIP_PSNR
         assert skip.samples_per_ray <= dense.samples_per_ray / 2
         hit = dense.weight_sum > 0.5  # depth of rays that see the object
         assert (skip.depth[hit] - dense.depth[hit]).abs().max() < 0.02
+
+
+@needs_ext
+def test_early_stop_drops_importance_samples_past_termination():
+    """In one coarse pass, early termination keeps the importance samples where the coarse
+    transmittance is still above the threshold: fewer samples, the same picture; a huge threshold
+    keeps none (only coarse samples remain). Bad chunks are refused."""
+    planes, dec, cams, cfg = _scene(res=24, yaw=0.3, pitch=0.1)
+    renderer, grid = Renderer(cfg), OccupancyGrid(48)
+    for step in range(4):
+        grid.update(step, renderer.density(planes, dec), cfg.coarse_step)
+    kw = dict(impl="cpu", deterministic=True, grid=grid)
+    full = render(planes, dec, cams, cfg, **kw)
+    stop = render(planes, dec, cams, cfg, early_stop=1e-2, **kw)
+    assert stop.samples_per_ray < full.samples_per_ray
+    assert psnr(stop.feature_image[:, :3], full.feature_image[:, :3]) >= MIN_SKIP_PSNR
+    coarse_only = render(planes, dec, cams, cfg, early_stop=2.0, **kw)  # T <= 1 < 2 everywhere
+    live = render(planes, dec, cams, RenderConfig(**{**cfg.__dict__, "importance_samples": 0}), **kw)
+    assert coarse_only.samples_per_ray == live.samples_per_ray
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="chunk"):
+            render(planes, dec, cams, cfg, chunk=bad, **kw)
 
 
 @needs_ext

@@ -5,10 +5,11 @@ Two paths produce the same image:
 - dense (training, any ``impl``; ``impl="torch"`` is the pure-PyTorch reference): EG3D exactly, 48
   stratified + 48 importance samples per ray, all evaluated;
 - occupancy skipping (inference, ``grid=``): only coarse samples whose intervals cross occupied
-  cells are evaluated, in chunks so a ray stops once its transmittance falls under ``early_stop``;
-  importance depths come from the same pdf as the dense path's and only those inside evaluated
-  intervals are kept; the merged samples are composited packed. With a full grid and
-  ``early_stop=0`` it equals the dense render.
+  cells are evaluated (all in one field call, or in chunks of ``chunk`` depths so a ray stops
+  once its transmittance falls under ``early_stop``); importance depths come from the same pdf as
+  the dense path's and only those inside evaluated intervals, before the ray's transmittance
+  falls under ``early_stop``, are kept; the merged samples are composited packed. With a full
+  grid and ``early_stop=0`` it equals the dense render.
 """
 from __future__ import annotations
 
@@ -142,7 +143,7 @@ def render(
     deterministic: bool = False,
     grid: OccupancyGrid | None = None,
     early_stop: float = 0.0,
-    chunk: int = 8,
+    chunk: int | None = None,
 ) -> RenderOutput:
     """Render feature images of triplanes from cameras.
 
@@ -157,8 +158,14 @@ def render(
         randoms: the render's random numbers; default: drawn from torch's generator.
         deterministic: fixed numbers instead (inference): no coarse jitter, ``u = linspace(0, 1)``.
         grid: an :class:`OccupancyGrid` to skip empty space (inference: no gradient flows).
-        early_stop: with ``grid``, stop a ray once its transmittance falls under this (0: never).
-        chunk: with ``grid``, coarse samples per ray evaluated between termination checks.
+        early_stop: with ``grid``, stop a ray once its transmittance falls under this (0: never):
+            no importance sample past that point, nor coarse ones when ``chunk`` is set.
+        chunk: with ``grid``, coarse samples per ray evaluated between termination checks; None
+            (default): all in one pass. Each chunk is a field call and two host syncs: on the head
+            scene (64², 4 % of the grid occupied, ``early_stop=1e-3``) one pass evaluates 27.3
+            samples a ray against 26.3 in chunks of 8, and takes 45 ms against 51 on the CPU; on
+            a GPU, where the chunked path was host-bound (9.4 ms against 3.4 dense on an H200),
+            the saving in syncs should count for more (not yet measured there).
 
     Returns:
         :class:`RenderOutput`.
@@ -184,6 +191,8 @@ def _render(planes, decoder, cameras, config, impl, randoms, deterministic, grid
     u = None if randoms is None else randoms.importance_u
     if grid is None:
         return _render_dense(planes, decoder, o, d, t_c, u, config, impl, deterministic)
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"render: chunk must be a positive int or None, got {chunk!r}")
     with torch.no_grad():
         return _render_skipping(planes, decoder, o, d, t_c, u, config, impl, deterministic, grid, early_stop, chunk)
 
@@ -308,13 +317,24 @@ def _eval_selected(planes, decoder, o, d, t, select, cfg, impl) -> _Samples:
     return _Samples(b * R + r, j, tt, sigma[b, slot], feat[b, slot])
 
 
-def _transmittance(sigma, t, valid):
-    """Transmittance after all valid intervals: ``[B, R]``. sigma, t ``[B, R, S, 1]``, valid ``[B, R, S - 1]``."""
+def _interval_passes(sigma, t, valid):
+    """Share of light each valid interval lets through, ``1 - alpha + eps`` (1 where not valid):
+    ``[B, R, S - 1]``. sigma, t ``[B, R, S, 1]``, valid ``[B, R, S - 1]``."""
     delta = t[..., 1:, 0] - t[..., :-1, 0]
     density = torch.nn.functional.softplus((sigma[..., :-1, 0] + sigma[..., 1:, 0]) / 2 - 1)
     alpha = 1 - torch.exp(-density * delta)
-    q = torch.where(valid, 1 - alpha + TRANSMITTANCE_EPS, torch.ones_like(alpha))
-    return q.prod(dim=-1)
+    return torch.where(valid, 1 - alpha + TRANSMITTANCE_EPS, torch.ones_like(alpha))
+
+
+def _transmittance(sigma, t, valid):
+    """Transmittance after all valid intervals: ``[B, R]``."""
+    return _interval_passes(sigma, t, valid).prod(dim=-1)
+
+
+def _transmittance_before(sigma, t, valid):
+    """Transmittance at the start of each interval: ``[B, R, S - 1]``."""
+    q = _interval_passes(sigma, t, valid)
+    return torch.cumprod(torch.cat([torch.ones_like(q[..., :1]), q[..., :-1]], dim=-1), dim=-1)
 
 
 def _render_skipping(planes, decoder, o, d, t_c, u, cfg, impl, deterministic, grid, early_stop, chunk):
@@ -333,6 +353,7 @@ def _render_skipping(planes, decoder, o, d, t_c, u, cfg, impl, deterministic, gr
     evaluated = torch.zeros(B, R, Sc, dtype=torch.bool, device=t_c.device)
     alive = live.any(dim=-1)
     parts = []
+    chunk = Sc if chunk is None else chunk
     for j0 in range(0, Sc, chunk):
         sel = torch.zeros_like(evaluated)
         sel[..., j0:j0 + chunk] = live[..., j0:j0 + chunk] & alive[..., None]
@@ -352,7 +373,11 @@ def _render_skipping(planes, decoder, o, d, t_c, u, cfg, impl, deterministic, gr
         t_f = importance_depths(t_c, w_c, Si, u=u, deterministic=deterministic)
         k = torch.searchsorted(t_c[..., 0].contiguous(), t_f[..., 0].contiguous(), right=True) - 1
         inside = (k >= 0) & (k <= Sc - 2)
-        sel_f = inside & interval_live.gather(2, k.clamp(0, Sc - 2))
+        k = k.clamp(0, Sc - 2)
+        sel_f = inside & interval_live.gather(2, k)
+        if early_stop > 0:  # none past the depth where the coarse transmittance falls under it
+            t_before = _transmittance_before(sigma_c.view(B, R, Sc, 1).to(t_c.dtype), t_c, interval_live)
+            sel_f &= t_before.gather(2, k) >= early_stop
         parts.append(_eval_selected(planes, decoder, o, d, t_f, sel_f, cfg, f_impl))
     # Merge: by depth within each ray (two stable sorts: depth, then ray; ties keep the coarse
     # sample first, as the dense path's stable sort of [coarse, importance] does).
