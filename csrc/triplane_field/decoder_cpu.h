@@ -64,8 +64,9 @@ inline float hsum(vfl v) {
 #endif
 }
 
-// The activations on whole vectors: host_math::exp / log1p_unit (common.h) step for step, written
-// on the vector type instead of left to GCC's auto-vectoriser. Auto-vectorised, the backward's
+// The activations on whole vectors: host_math::exp / log1p_unit (common.h), the same steps
+// (exp_mantissa and log1p_unit are templates shared with them), on the vector type instead of
+// left to GCC's auto-vectoriser. Auto-vectorised, the backward's
 // 64-unit `dh * softplus_grad(pre)` loop ran in 256-bit halves with masked selects and cost 10 ms
 // of the 28-ms backward at the CPU size (AVX-512 core, GCC 12; measured 2026-12-06 by replacing it
 // with a plain product: 28 -> 19 ms). Here each is a dozen FMAs per 16 units.
@@ -74,38 +75,17 @@ typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
 inline vfl vexp(vfl x) {
   x = x < splat(-87.0f) ? splat(-87.0f) : x;
   x = x > splat(88.0f) ? splat(88.0f) : x;
-  const vfl n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  vfl r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vfl p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  vfl n;
+  const vfl p = host_math::exp_mantissa(x, n);
   const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
   return p * reinterpret_cast<const vfl&>(bits);
-}
-
-inline vfl vlog1p_unit(vfl t) {
-  const vfl s = t / (2.0f + t), z = s * s;
-  vfl p = splat(1.0f / 15.0f);
-  p = p * z + 1.0f / 13.0f;
-  p = p * z + 1.0f / 11.0f;
-  p = p * z + 1.0f / 9.0f;
-  p = p * z + 1.0f / 7.0f;
-  p = p * z + 1.0f / 5.0f;
-  p = p * z + 1.0f / 3.0f;
-  p = p * z + 1.0f;
-  return 2.0f * s * p;
 }
 
 // t3d_softplus and field::softplus_grad (sigmoid; 1 above torch's threshold 20) on a vector.
 inline vfl vsoftplus(vfl x) {
   const vfl relu = x > splat(0.0f) ? x : splat(0.0f);
   const vfl neg_abs = x > splat(0.0f) ? -x : x;
-  return relu + vlog1p_unit(vexp(neg_abs));
+  return relu + host_math::log1p_unit(vexp(neg_abs));
 }
 inline vfl vsoftplus_grad(vfl x) {
   const vfl sig = 1.0f / (1.0f + vexp(-x));

@@ -46,30 +46,34 @@ inline float bits_to_float(int32_t i) {
   return f;
 }
 
-// exp(x) = 2^n * exp(r), |r| <= ln2/2; degree-6 polynomial for exp(r) (Cephes' coefficients).
-inline float exp(float x) {
-  // Ternaries, not fminf/fmaxf: GCC vectorises selects but not the NaN-aware libm min/max.
-  x = x < -87.0f ? -87.0f : x;  // keeps 2^n a normal float; exp(-87) ~ 1.6e-38
-  x = x > 88.0f ? 88.0f : x;
-  // n = round(x / ln2) by the 1.5 * 2^23 trick: floorf would not vectorise (it may trap).
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f;      // ln2 split in two for an exact reduction
+// The steps shared by the scalar functions below and the CPU decoder's vector versions
+// (csrc/triplane_field/decoder_cpu.h): T is float or a GCC vector of floats (a scalar operand of a
+// vector operation is broadcast, so one spelling serves both; `r * 0 + c` starts a Horner sum
+// with the constant c in either type).
+//
+// exp(x) = 2^n * exp(r), |r| <= ln2/2: n = round(x / ln2) by the 1.5 * 2^23 trick (floorf would
+// not vectorise: it may trap), ln2 split in two for an exact reduction, and a degree-6 polynomial
+// for exp(r) (Cephes' coefficients). x must be clamped to [-87, 88] (keeps 2^n a normal float).
+template <typename T>
+inline T exp_mantissa(T x, T& n) {
+  n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  T r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  T p = r * 0.0f + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
+  return p * r * r + r + 1.0f;
 }
 
 // log(1 + t) for t in [0, 1]: 2 atanh(s) with s = t / (2 + t) <= 1/3, so no cancellation for tiny t;
 // the odd series to s^15 leaves a relative error below 2e-9.
-inline float log1p_unit(float t) {
-  const float s = t / (2.0f + t), z = s * s;
-  float p = 1.0f / 15.0f;
+template <typename T>
+inline T log1p_unit(T t) {
+  const T s = t / (2.0f + t), z = s * s;
+  T p = z * 0.0f + 1.0f / 15.0f;
   p = p * z + 1.0f / 13.0f;
   p = p * z + 1.0f / 11.0f;
   p = p * z + 1.0f / 9.0f;
@@ -78,6 +82,15 @@ inline float log1p_unit(float t) {
   p = p * z + 1.0f / 3.0f;
   p = p * z + 1.0f;
   return 2.0f * s * p;
+}
+
+inline float exp(float x) {
+  // Ternaries, not fminf/fmaxf: GCC vectorises selects but not the NaN-aware libm min/max.
+  x = x < -87.0f ? -87.0f : x;  // exp(-87) ~ 1.6e-38
+  x = x > 88.0f ? 88.0f : x;
+  float n;
+  const float p = exp_mantissa(x, n);
+  return p * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
 }
 
 }  // namespace host_math
