@@ -26,6 +26,9 @@ FP64_ATOL, FP64_RTOL = 1e-10, 1e-10
 # (That baseline also rounds the sampling coordinates to half, which the kernels do not; measured
 # kernel errors sit 2-7x under it, so the bound is not the binding one for a correct kernel.)
 HALF_ERR_FACTOR = 2.0
+# fp32 on ill-conditioned sums (decoder terms in the hundreds, outputs in the thousands): judged the
+# same way, against PyTorch's own fp32 reference's error.
+ILL_CONDITIONED_ERR_FACTOR = 2.0
 
 CASES = [
     FieldCase(),  # generic sizes, non-square planes, some points outside the box
@@ -161,6 +164,34 @@ def test_cpu_backward_over_several_chunks(case, needs):
     the batch boundary: the plane gradient's zeroing (first chunk only), the per-chunk coordinate
     gradient shares and the weight sums all see every chunk, with or without the plane gradient."""
     check_against_reference("cpu", case, "eg3d", needs=needs)
+
+
+@pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")
+@pytest.mark.parametrize("size", ["eg3d", "generic"])
+def test_cpu_extreme_preactivations_stay_normal(size):
+    """Pre-activations and outputs far past +-87 (as the synthetic head's decoder gives): the CPU
+    kernel's softplus and sigmoids return 0 where torch's would be under 1e-18 (subnormal floats
+    there cost a microcode assist per operation). No output or gradient holds a subnormal float,
+    and each is as close to the float64 reference as PyTorch's own float32 run of the reference
+    (sums of terms in the hundreds: their rounding, not the guards, sets the error here).
+    """
+    case = (FieldCase(B=2, N=300, C=32, hidden=64, out=33, H=16, W=16) if size == "eg3d"
+            else FieldCase(B=2, N=300, H=9, W=14))
+    planes, xyz, w1, b1, w2, b2 = make_field_inputs(case)
+    inputs = [planes, xyz, w1 * 200.0, b1, w2 * 30.0, b2]  # |pre| up to hundreds, outputs thousands
+    grad_outputs = [torch.randn(case.B, case.N, 1), torch.randn(case.B, case.N, case.out - 1)]
+    ours = run_with_grads(lambda *a: triplane_field(*a, impl="cpu"), inputs, grad_outputs)
+    torch32 = run_with_grads(lambda *a: triplane_field(*a, impl="torch"), inputs, grad_outputs)
+    exact = reference64(inputs, grad_outputs, 1.0, "fixed")
+    assert exact[0].abs().max() > 100  # the case does reach the guarded range
+    tiny = torch.finfo(torch.float32).tiny
+    names = ["sigma", "feat", *[f"d{n}" for n in ARG_NAMES]]
+    flat = lambda r: [r[0], r[1], *r[2]]  # noqa: E731
+    for name, got, base, want in zip(names, flat(ours), flat(torch32), flat(exact)):
+        assert not ((got != 0) & (got.abs() < tiny)).any(), f"{name} holds subnormal floats"
+        err = (got.double() - want).abs().max().item()
+        base_err = (base.double() - want).abs().max().item()
+        assert err <= ILL_CONDITIONED_ERR_FACTOR * base_err + FP32_ATOL, f"{name}: error {err:.3g}, torch fp32 {base_err:.3g}"
 
 
 @pytest.mark.cuda

@@ -81,15 +81,19 @@ inline vfl vexp(vfl x) {
   return p * reinterpret_cast<const vfl&>(bits);
 }
 
-// t3d_softplus and field::softplus_grad (sigmoid; 1 above torch's threshold 20) on a vector.
+// t3d_softplus and field::softplus_grad (sigmoid; 1 above torch's threshold 20) on a vector, with
+// the same guards against subnormal arithmetic (common.h, kTinyLog1p and kSigmoidZero).
 inline vfl vsoftplus(vfl x) {
   const vfl relu = x > splat(0.0f) ? x : splat(0.0f);
   const vfl neg_abs = x > splat(0.0f) ? -x : x;
-  return relu + host_math::log1p_unit(vexp(neg_abs));
+  const vfl t = vexp(neg_abs);
+  const auto tiny = t < splat(host_math::kTinyLog1p);
+  return relu + (tiny ? splat(0.0f) : host_math::log1p_unit(tiny ? splat(host_math::kTinyLog1p) : t));
 }
 inline vfl vsoftplus_grad(vfl x) {
-  const vfl sig = 1.0f / (1.0f + vexp(-x));
-  return x > splat(float(field::kSoftplusThreshold)) ? splat(1.0f) : sig;
+  const auto zero = x < splat(host_math::kSigmoidZero);
+  const vfl sig = 1.0f / (1.0f + vexp(zero ? splat(-host_math::kSigmoidZero) : -x));
+  return x > splat(float(field::kSoftplusThreshold)) ? splat(1.0f) : (zero ? splat(0.0f) : sig);
 }
 
 // h [kHid] = softplus(pre [kHid]).
