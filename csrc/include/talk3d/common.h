@@ -27,8 +27,20 @@ T3D_HD float t3d_floor(float x) { return floorf(x); }
 T3D_HD double t3d_floor(double x) { return floor(x); }
 T3D_HD float t3d_exp(float x) { return expf(x); }
 T3D_HD double t3d_exp(double x) { return exp(x); }
+// clamp with fmax/fmin's NaN rule (a NaN x gives lo). On the host as selects: libm's fminf/fmaxf
+// are calls there (x86 has no instruction with their NaN semantics), two per plane per point.
+#if defined(__CUDA_ARCH__)
 T3D_HD float t3d_clamp(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi); }
 T3D_HD double t3d_clamp(double x, double lo, double hi) { return fmin(fmax(x, lo), hi); }
+#else
+template <typename T>
+inline T t3d_clamp_select(T x, T lo, T hi) {
+  x = x > lo ? x : lo;  // false for NaN: lo, as fmax gives
+  return x < hi ? x : hi;
+}
+inline float t3d_clamp(float x, float lo, float hi) { return t3d_clamp_select(x, lo, hi); }
+inline double t3d_clamp(double x, double lo, double hi) { return t3d_clamp_select(x, lo, hi); }
+#endif
 
 #if !defined(__CUDA_ARCH__)
 // Branch-free float exp and log1p for the CPU kernels. libm's expf/log1pf are opaque calls that
