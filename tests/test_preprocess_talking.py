@@ -30,6 +30,7 @@ from PIL import Image  # noqa: E402
 from real_media import real_video  # noqa: E402
 from talk3d.audio.features import FPS, SAMPLE_RATE  # noqa: E402
 from talk3d.data.dataset import TalkingHeadDataset  # noqa: E402
+from talk3d.data.format import unpack_mask  # noqa: E402
 
 SIZE = 128
 #: Frames at 25 fps: 5.78 s and 7.84 s of video (measured).
@@ -115,6 +116,24 @@ def test_lips_follow_the_speech(talking):
     if talking["name"] == "jwpIntro.mp4":
         assert gap[:13].max() < CLOSED_GAP and gap[-15:].max() < CLOSED_GAP  # silent, closed
         assert np.median(gap[level > MIN_LOUD_DBFS]) > OPEN_GAP  # speaking, open
+
+
+def test_foreground_is_the_person(talking):
+    """With the segmenter (tests/test_segment.py; in CI), the foreground is a person segmentation
+    joined with the face mask: the face, neck and shirt in, the bookshelf behind him out (measured:
+    top corners never, bottom centre always, 50-59 % of the crop, at most 9 % of the outer columns)."""
+    out, m = talking["out"], talking["manifest"]
+    if m["settings"]["segmenter"] is None:
+        pytest.skip("no selfie segmenter here: the foreground was drawn from the landmarks")
+    assert m["settings"]["segmenter"]["model"] == "mediapipe-selfie-segmentation"
+    fg = unpack_mask(np.load(out / "foreground_mask.npy"), SIZE)
+    face = unpack_mask(np.load(out / "face_mask.npy"), SIZE)
+    assert not (face & ~fg).any()
+    assert not fg[:, 0, 0].any() and not fg[:, 0, -1].any() and fg[:, -1, SIZE // 2].all()
+    share = fg.mean(axis=(1, 2))
+    assert share.min() > 0.4 and share.max() < 0.7
+    assert fg[:, :, :8].mean() < 0.15 and fg[:, :, -8:].mean() < 0.15
+    assert "person segmentation" in talking["log"]
 
 
 def test_pose_and_eyes(talking):

@@ -1,5 +1,5 @@
 """``python -m talk3d.preprocess VIDEO --out DIR [--audio WAV] [--size 512] [--max-frames N]
-[--resume] [--audio-encoder logmel|wav2vec2 --wav2vec2-path P]``: a video of one talking person
+[--resume] [--audio-encoder logmel|wav2vec2 --wav2vec2-path P] [--foreground auto|segmentation|landmarks]``: a video of one talking person
 -> a talk3d dataset folder (see talk3d.data.format), plus DIR/contact_sheet.png to check by eye."""
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ def main(argv=None) -> int:
     p.add_argument("--audio-encoder", default="logmel", choices=("logmel", "wav2vec2"))
     p.add_argument("--wav2vec2-path", help="local wav2vec2 model folder (never downloaded)")
     p.add_argument("--feature-dim", type=int, default=32, help="log-mel bands")
+    p.add_argument("--foreground", default="auto", choices=("auto", "segmentation", "landmarks"),
+                   help="foreground mask: a person segmentation (MediaPipe's selfie model run by "
+                        "ai-edge-litert; see TALK3D_SELFIE_SEGMENTER), drawn from the landmarks, or "
+                        "the first where available (default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     start = time.time()
@@ -35,7 +39,8 @@ def main(argv=None) -> int:
                          max_frames=args.max_frames, resume=args.resume,
                          overwrite=args.overwrite, audio_encoder=args.audio_encoder,
                          wav2vec2_path=args.wav2vec2_path, feature_dim=args.feature_dim,
-                         keep_work=args.keep_work, progress=not args.no_progress)
+                         keep_work=args.keep_work, foreground=args.foreground,
+                         progress=not args.no_progress)
     except (PreprocessError, ValueError, FileExistsError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

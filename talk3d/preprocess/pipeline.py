@@ -10,7 +10,9 @@ Steps, each cached in ``OUT.work/`` (see :mod:`.cache`) and shown with a progres
 5. crop: frames resampled into S x S crops (a memory-mapped cache, also checkpointed).
 6. pose: PnP head pose -> EG3D cameras; blink from the eye aspect ratio.
 7. features: audio features (log-mel by default).
-8. write: masks (mouth, face, foreground), the dataset (atomically, by DatasetWriter) and ``contact_sheet.png``.
+8. write: masks (mouth, face, foreground: a person segmentation where the segmenter is available,
+   see :mod:`.segment`, else drawn from the landmarks), the dataset (atomically, by DatasetWriter)
+   and ``contact_sheet.png``.
 
 Bad input raises :class:`PreprocessError` and deletes the work folder, so nothing a re-run
 would trust is left; other failures (a crash, Ctrl-C) keep it for ``resume=True``.
@@ -35,6 +37,7 @@ from .landmarks import NUM_LANDMARKS, DlibDetector, LandmarkDetector, fill_and_s
 from .loudness import QUIET_DBFS, audio_levels
 from .masks import face_masks, foreground_masks, mouth_masks
 from .pose import estimate_pose
+from .segment import THRESHOLD, load_segmenter
 from .sheet import contact_sheet
 from .video import fit_audio, iter_frames, load_audio_file, probe_video, read_audio_track
 
@@ -46,6 +49,9 @@ MIN_SECONDS = 2.0
 CHECKPOINT_FRAMES = 100
 #: Frames per crop / mask batch (bounds memory: 32 HD frames are ~200 MB as float).
 CHUNK = 32
+#: How the foreground mask is made: "auto" (segmentation when the segmenter is available, else
+#: from the landmarks), "segmentation" (required), "landmarks" (the geometric prior only).
+FOREGROUND_MODES = ("auto", "segmentation", "landmarks")
 
 
 def _key(video: Path, audio, size: int, max_frames, detector, encoder: str) -> dict:
@@ -136,11 +142,27 @@ def _encoder(name: str, wav2vec2_path, feature_dim: int):
     raise ValueError(f"unknown audio encoder {name!r} (logmel or wav2vec2)")
 
 
+def _segmenter(foreground: str, log):
+    """(segmenter or None, settings entry) for the foreground mode, said in the log."""
+    if foreground not in FOREGROUND_MODES:
+        raise ValueError(f"--foreground {foreground!r}: must be one of {', '.join(FOREGROUND_MODES)}")
+    if foreground == "landmarks":
+        return None, None
+    segmenter, where = load_segmenter()
+    if segmenter is None:
+        if foreground == "segmentation":
+            raise PreprocessError(f"--foreground segmentation: {where}")
+        log(f"foreground mask: drawn from the landmarks only, {where}")
+        return None, None
+    log(f"foreground mask: person segmentation ({segmenter.name}, {where})")
+    return segmenter, dict(model=segmenter.name, source=where, threshold=THRESHOLD)
+
+
 def preprocess_video(video, out, *, audio=None, size: int = 512, fps: int = FPS,
                      max_frames: int | None = None, resume: bool = False, overwrite: bool = False,
                      audio_encoder: str = "logmel", wav2vec2_path=None, feature_dim: int = 32,
                      detector: LandmarkDetector | None = None, keep_work: bool = False,
-                     progress: bool = True, log=print) -> Path:
+                     foreground: str = "auto", progress: bool = True, log=print) -> Path:
     """Turn ``video`` into the dataset folder ``out``; returns its path.
 
     Args:
@@ -152,6 +174,9 @@ def preprocess_video(video, out, *, audio=None, size: int = 512, fps: int = FPS,
             [68, 3] replaces the generic 3-D face in the pose fit.
         keep_work: keep ``OUT.work/`` after success (else it is deleted: the crop cache is as
             large as the dataset).
+        foreground: the foreground mask from a person segmentation (``"segmentation"``, an error
+            when the segmenter is missing), from the landmarks (``"landmarks"``), or the first
+            when available (``"auto"``, the log says which).
     Raises:
         PreprocessError for unusable input (message names the problem and frames);
         FileExistsError when ``out`` exists and not ``overwrite``.
@@ -166,6 +191,7 @@ def preprocess_video(video, out, *, audio=None, size: int = 512, fps: int = FPS,
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     encoder = _encoder(audio_encoder, wav2vec2_path, feature_dim)
+    segmenter, seg_settings = _segmenter(foreground, log)
     if not video.is_file():
         raise PreprocessError(f"{video}: no such file")
     detector = DlibDetector() if detector is None else detector
@@ -173,7 +199,7 @@ def preprocess_video(video, out, *, audio=None, size: int = 512, fps: int = FPS,
                    _key(video, audio, size, max_frames, detector, encoder.name), resume, log)
     try:
         path = _run(video, out, work, detector, encoder, audio, size, max_frames, overwrite,
-                    progress, log)
+                    progress, log, segmenter, seg_settings)
     except PreprocessError:
         work.remove()  # bad input: nothing for a re-run to trust
         raise
@@ -182,7 +208,8 @@ def preprocess_video(video, out, *, audio=None, size: int = 512, fps: int = FPS,
     return path
 
 
-def _run(video, out, work, detector, encoder, audio, size, max_frames, overwrite, progress, log):
+def _run(video, out, work, detector, encoder, audio, size, max_frames, overwrite, progress, log,
+         segmenter, seg_settings):
     info = work.load_json("probe")
     if info is None:
         info = probe_video(video).to_dict()
@@ -248,17 +275,23 @@ def _run(video, out, work, detector, encoder, audio, size, max_frames, overwrite
                     template="detector's" if getattr(detector, "template", None) is not None
                     else "generic", probe=info, frames_without_face=int((~det["found"]).sum()),
                     blink_open_ear=float(est["open_ear"]), audio_levels=levels,
-                    foreground_mask="extra file: the person (head, hair, neck, shoulders) drawn from the "
-                                    "landmarks, a geometric prior, not a segmentation; packed as the masks",
+                    foreground_mask=(
+                        "extra file: the person (head, hair, neck, shoulders) drawn from the landmarks, "
+                        "a geometric prior, not a segmentation; packed as the masks" if segmenter is None else
+                        f"extra file: the person, where the segmenter's probability > {THRESHOLD}, and the "
+                        "face mask; packed as the masks"),
+                    segmenter=seg_settings,
                     pose_rms_px_median=float(np.median(est["rms"])))
     with DatasetWriter(out, n, size, num_landmarks=len(LANDMARK_NAMES), overwrite=overwrite) as w:
         bar = _bar(n, "write", progress)
         foreground = np.zeros((n, size, (size + 7) // 8), dtype=np.uint8)
         for s in range(0, n, CHUNK):
             e = min(n, s + CHUNK)
-            w.write_frames(s, np.asarray(crops[s:e]), face_mask=face_masks(lm_crop[s:e], size),
-                           mouth_mask=mouth_masks(lm_crop[s:e], size))
-            foreground[s:e] = pack_mask(foreground_masks(lm_crop[s:e], size))
+            chunk, face = np.asarray(crops[s:e]), face_masks(lm_crop[s:e], size)
+            w.write_frames(s, chunk, face_mask=face, mouth_mask=mouth_masks(lm_crop[s:e], size))
+            fg = (foreground_masks(lm_crop[s:e], size) if segmenter is None
+                  else (segmenter(chunk) > THRESHOLD) | face)  # the face always counts
+            foreground[s:e] = pack_mask(fg)
             bar.update(e - s)
         bar.close()
         w.add_extra("foreground_mask", foreground)
