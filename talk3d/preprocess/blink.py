@@ -15,9 +15,12 @@ __all__ = ["eye_aspect_ratio", "blink_au45", "OPEN_PERCENTILE", "CLOSED_EAR_RATI
 
 #: Percentile of the clip's EAR taken as the open eye (eyes are open > 90 % of the time).
 OPEN_PERCENTILE = 90.0
-#: dlib's landmarks of a shut eye keep an EAR of ~15 % of the open one (the lids' contour has
-#: thickness), so that is where the scale reaches "closed".
-CLOSED_EAR_RATIO = 0.15
+#: dlib's landmarks of a shut eye keep an EAR of about half the open one on real video (the lids'
+#: contour has thickness, and the eyes are ~30 px wide in a webcam frame): 0.48-0.52 at the most
+#: closed frames of two real clips of a man speaking (tests/test_preprocess_talking.py), so that is
+#: where the scale reaches "closed". (The synthetic head's drawn lids close further and read 2.5+.
+#: This was 0.15 before real talking heads were at hand: a real closed eye then read only ~1.1.)
+CLOSED_EAR_RATIO = 0.5
 #: AU45 intensity of a closed eye (OpenFace's AU45_r peaks at 2-3 in a blink).
 CLOSED_AU45 = 2.0
 
