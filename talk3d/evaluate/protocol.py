@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from ..audio.features import SAMPLES_PER_FRAME, read_wav
 from ..data import TalkingHeadDataset, load_manifest
@@ -288,7 +288,7 @@ def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None
     wave_eval = np.concatenate([wave[f * SAMPLES_PER_FRAME:(f + 1) * SAMPLES_PER_FRAME] for f in frame_ids])
 
     def batches(desc):
-        for s in tqdm(range(0, n, batch), desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
+        for s in progress_bar(range(0, n, batch), desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
             items = [dataset[i] for i in range(s, min(n, s + batch))]
             yield torch.utils.data.default_collate(items)
 

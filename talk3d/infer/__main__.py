@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     import torch
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     from ..train import load_talking_head
 
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = num_frames_for(wave)
-    bar = tqdm(total=n, unit="frame", desc="render", file=sys.stderr)
+    bar = progress_bar(total=n, unit="frame", desc="render", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = None
     try:

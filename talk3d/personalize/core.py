@@ -155,14 +155,14 @@ def _step(opt, loss: torch.Tensor, logs: dict, history: list, bar, **record) -> 
     opt.step()
     logs.update(loss=float(loss.detach()), **record)
     history.append(logs)
-    bar.set_postfix(l1=f"{logs['l1']:.4f}")
+    bar.set_postfix(l1=f"{logs['l1']:.4f}", refresh=False)  # the update redraws, at its pace
     bar.update()
 
 
 def _bar(total: int, desc: str, progress: bool):
-    from tqdm import tqdm
+    from ..progress import progress_bar
     import sys
-    return tqdm(total=total, desc=desc, unit="step", disable=not progress, file=sys.stderr, leave=False)
+    return progress_bar(total=total, desc=desc, unit="step", disable=not progress, file=sys.stderr, leave=False)
 
 
 def invert(gen: TriplaneGenerator, frames: dict, cfg: PersonalizeConfig, *, lpips: nn.Module | None = None,

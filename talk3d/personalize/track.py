@@ -178,7 +178,7 @@ def track_video(gen: TriplaneGenerator, w_id: torch.Tensor, load: Callable[[int,
     """
     import sys
 
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     tcfg.check()
     gen.requires_grad_(False)
@@ -186,7 +186,7 @@ def track_video(gen: TriplaneGenerator, w_id: torch.Tensor, load: Callable[[int,
     settings = {"track": asdict(tcfg), "loss": asdict(cfg)}
     if state is None:
         state = TrackState.fresh(n, gen.num_ws, w_id.shape[-1], settings)
-    bar = tqdm(total=n, initial=state.done, desc="per-frame inversion", unit="frame", disable=not progress,
+    bar = progress_bar(total=n, initial=state.done, desc="per-frame inversion", unit="frame", disable=not progress,
                file=sys.stderr, leave=False)
     for start in range(state.done, n, tcfg.batch):
         stop = min(n, start + tcfg.batch)
@@ -210,7 +210,8 @@ def track_video(gen: TriplaneGenerator, w_id: torch.Tensor, load: Callable[[int,
             state.save(state_path)
         if on_batch is not None:
             on_batch(start, stop, res)
-        bar.set_postfix(loss=f"{float(res['loss_best'].mean()):.4f}", steps=int(res["steps"].max()))
+        bar.set_postfix(loss=f"{float(res['loss_best'].mean()):.4f}", steps=int(res["steps"].max()),
+                        refresh=False)  # the update redraws, at the bar's pace
         bar.update(b)
     bar.close()
     return state

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from ..audio.features import FPS, SAMPLES_PER_FRAME, LogMelEncoder, Wav2Vec2Encoder
 from ..data.format import DatasetWriter, pack_mask
@@ -65,7 +65,7 @@ def _key(video: Path, audio, size: int, max_frames, detector, encoder: str) -> d
 
 
 def _bar(total, desc, progress):
-    return tqdm(total=total, desc=desc, unit="frame", disable=not progress, leave=False,
+    return progress_bar(total=total, desc=desc, unit="frame", disable=not progress, leave=False,
                 file=sys.stderr)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from ..models import TriplaneGenerator
 from ..render import look_at_camera
@@ -57,7 +57,7 @@ def sample_images(gen: TriplaneGenerator, seeds: list[int], *, yaw: float = 0.0,
     cond = _cameras(gen, 0.0, 0.0, device)
     cams = _cameras(gen, yaw, pitch, device)
     out = []
-    for seed in tqdm(seeds, desc="seeds", unit="img"):
+    for seed in progress_bar(seeds, desc="seeds", unit="img"):
         ws = gen.mapping(_latent(gen, seed, device), cond, truncation_psi=truncation)
         img = gen.synthesis(ws, cams, impl=impl, deterministic=True)["image"][0]
         out.append(to_uint8(img))
@@ -71,7 +71,7 @@ def orbit_frames(gen: TriplaneGenerator, seed: int, *, frames: int = 48, yaw_ran
     device = next(gen.parameters()).device
     ws = gen.mapping(_latent(gen, seed, device), _cameras(gen, 0.0, 0.0, device), truncation_psi=truncation)
     out = []
-    for k in tqdm(range(frames), desc=f"orbit seed {seed}", unit="frame"):
+    for k in progress_bar(range(frames), desc=f"orbit seed {seed}", unit="frame"):
         a = 2 * math.pi * k / frames
         cams = _cameras(gen, yaw_range * math.sin(a), pitch_range * math.cos(a), device)
         out.append(to_uint8(gen.synthesis(ws, cams, impl=impl, deterministic=True)["image"][0]))

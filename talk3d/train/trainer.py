@@ -17,6 +17,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
+from ..progress import progress_bar
+
 from ..data import TalkingHeadDataset, load_manifest
 from ..models import DeltaplaneConfig, GeneratorConfig, TalkingHead, TriplaneGenerator
 from .config import TrainConfig
@@ -339,7 +341,7 @@ class Trainer:
             self.log("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
         loader = self._loader()
         batches = iter(loader)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.stage}", unit="step",
+        bar = progress_bar(total=cfg.steps, initial=self.step, desc=f"train {cfg.stage}", unit="step",
                    disable=not self.main, dynamic_ncols=True)
         epoch = 0
         try:
@@ -352,8 +354,10 @@ class Trainer:
                     batches = iter(loader)
                     continue
                 terms = self.train_step(_to(batch, self.device))
+                # refresh=False: the update redraws, at the bar's own pace (progress.py)
+                bar.set_postfix(loss=f"{terms['total']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.1e}",
+                                refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{terms['total']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.1e}")
                 if self.step % cfg.log_every == 0:
                     self._scalars({"step": self.step, "lr": self.scheduler.get_last_lr()[0], **terms})
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
