@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -208,6 +209,20 @@ def test_binomial_filter_is_recognised_once_per_buffer():
     assert not layers._is_binomial(g)
     with torch.inference_mode():  # a model built under inference mode: no version counter
         assert layers._is_binomial(setup_filter())
+
+
+def test_binomial_filter_answer_dies_with_its_tensor():
+    """A new 4x4 tensor at the address of a binomial filter that was checked before is compared
+    afresh. (The answer was once cached by data pointer and version, and CI caught a torch.rand
+    tensor, allocated where a freed filter had lived, taken for the binomial filter.) Here the
+    address is reused on purpose: two tensors over one numpy buffer, rewritten in between."""
+    buf = setup_filter().numpy().copy()
+    first = torch.from_numpy(buf)
+    assert layers._is_binomial(first)
+    buf[:] = np.random.default_rng(0).random((4, 4))
+    second = torch.from_numpy(buf)
+    assert second.data_ptr() == first.data_ptr() and second._version == first._version
+    assert not layers._is_binomial(second)
 
 
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")),

@@ -41,22 +41,23 @@ def _pads(padding) -> tuple[int, int, int, int]:
     return tuple(int(p) for p in padding)  # type: ignore[return-value]
 
 
-# (device, data_ptr, version) of filters already compared with the binomial one: the comparison
-# reads a GPU filter back to the host once, not on every call.
-_binomial_filters: dict[tuple, bool] = {}
-
-
 def _is_binomial(f: torch.Tensor) -> bool:
-    """Whether ``f`` is EG3D's resampling filter, ``setup_filter()`` (the outer product of [1, 3, 3, 1])."""
+    """Whether ``f`` is EG3D's resampling filter, ``setup_filter()`` (the outer product of [1, 3, 3, 1]).
+
+    The answer is kept on the tensor object itself with its version counter, so a GPU filter is
+    read back to the host once, not on every call, and an in-place change is compared again. (It
+    was kept in a table keyed by the data pointer: a new 4x4 tensor allocated where a freed
+    binomial filter had lived was then taken for the binomial filter.)
+    """
     if f.shape != (4, 4):
         return False
-    # (Tensors made under torch.inference_mode have no version counter.)
-    key = (f.device, f.data_ptr(), -1 if f.is_inference() else f._version)
-    if key not in _binomial_filters:
-        if len(_binomial_filters) > 64:  # filters made per call would pile up here
-            _binomial_filters.clear()
-        _binomial_filters[key] = bool(torch.allclose(f.detach().float().cpu(), setup_filter(), rtol=0, atol=1e-7))
-    return _binomial_filters[key]
+    version = -1 if f.is_inference() else f._version  # inference tensors have no version counter
+    known = getattr(f, "_talk3d_binomial", None)
+    if known is not None and known[0] == version:
+        return known[1]
+    result = bool(torch.allclose(f.detach().float().cpu(), setup_filter(), rtol=0, atol=1e-7))
+    f._talk3d_binomial = (version, result)
+    return result
 
 
 def upfirdn2d(x: torch.Tensor, f: torch.Tensor, up: int = 1, down: int = 1, padding=0,
