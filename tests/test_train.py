@@ -1,6 +1,7 @@
 """Training on the built-in synthetic talking head: steps, learning, checkpoints, resume, DDP, errors."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -180,6 +181,27 @@ def test_cli_demo_shape_and_resume(data, tmp_path, capsys):
     with pytest.raises(SystemExit, match="--resume"):  # never silently on top of a finished run
         main(args)
     assert main(["--resume", str(run), "--set", "steps=6"]) == 0
+
+
+def test_cli_presets(data, tmp_path, monkeypatch):
+    """--preset small trains the demo's small model on a given dataset; with a prior it is refused.
+    The full preset on a CPU is told about it before the first step (checked on a run whose
+    training is interrupted at once: building the full-size model is all it does)."""
+    run = tmp_path / "small"
+    assert main(["--data", str(data), "--out", str(run), "--preset", "small", "--set", "steps=2",
+                 "--set", "eval_every=2", "--set", "val_frames=2", "--device", "cpu"]) == 0
+    saved = json.loads((run / "config.json").read_text())["train"]
+    assert saved["generator_size"] == "tiny" and saved["deltaplane_size"] == "tiny" and saved["steps"] == 2
+    assert "--preset small" not in (run / "log.txt").read_text()  # a small model: no hint
+    with pytest.raises(SystemExit, match="--preset small.*prior"):
+        main(["--data", str(data), "--preset", "small", "--prior", str(tmp_path / "p.safetensors")])
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("talk3d.train.trainer.Trainer.fit", interrupted)
+    full = tmp_path / "full"
+    assert main(["--data", str(data), "--out", str(full), "--preset", "full", "--device", "cpu"]) == 130
+    assert "`--preset small` trains the demo's small model" in (full / "log.txt").read_text()
 
 
 def test_bad_configs_and_data_are_refused(data, tmp_path):

@@ -5,6 +5,7 @@ on a 2-core CPU), and prints where the results are. Otherwise:
 
     python -m talk3d.train --data DATASET_DIR [--prior PRIOR.safetensors] [--config run.toml]
                            [--set steps=20000 --set loss.mouth=10] [--out runs/NAME]
+    python -m talk3d.train --data DATASET_DIR --preset small   # the demo's small model: minutes on a CPU
     python -m talk3d.train --resume runs/NAME          # continue an interrupted run
     torchrun --nproc-per-node 2 -m talk3d.train ...    # data-parallel (DDP)
 """
@@ -31,7 +32,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default runs/<data name>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--preset", choices=PRESETS,
+                   help="model and schedule sizes under --config/--set: 'full' (the release's) or 'small' "
+                        "(the CPU demo's tiny model, minutes on 2 cores; no --prior). Default: 'small' for "
+                        "the no-argument demo on a CPU, else 'full'")
     return p
+
+
+#: Sizes a run starts from (before --config and --set).
+PRESETS = ("full", "small")
+#: Above this many trained parameters a CPU run is told about --preset small (the full model's
+#: deltaplane predictor has ~22 M; a step takes ~28 s on a 2-core CPU at the release's sizes).
+CPU_HINT_PARAMS = 5_000_000
 
 
 def _demo_data(root: Path, log) -> Path:
@@ -62,7 +74,13 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg, saved["data"], run, prior=saved["prior"], device=args.device, resume=True)
     else:
         demo = args.data is None
-        base = demo_config(device_type) if demo and args.config is None else None
+        if args.preset == "small" and args.prior:
+            raise SystemExit("--preset small is the demo's tiny generator, which cannot load a prior: "
+                             "drop --prior, or use --preset full")
+        if args.preset is not None:
+            base = demo_config("cpu") if args.preset == "small" else None
+        else:
+            base = demo_config(device_type) if demo and args.config is None else None
         cfg = load_config(args.config, args.set, base=base)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         if demo:
@@ -74,6 +92,10 @@ def main(argv=None) -> int:
         if (run / "checkpoints" / "latest.pt").exists():
             raise SystemExit(f"{run} already holds a run: use --resume {run}, or another --out")
         trainer = Trainer(cfg, data, run, prior=args.prior, device=args.device)
+        if trainer.main and trainer.device.type == "cpu" and trainer.trained_parameters > CPU_HINT_PARAMS:
+            trainer.log(f"note: {trainer.trained_parameters / 1e6:.1f} M trained parameters on a CPU: tens of "
+                        "seconds a step at the release's sizes (the bar shows the ETA); `--preset small` "
+                        "trains the demo's small model in minutes")
     try:
         result = trainer.fit()
     except KeyboardInterrupt:

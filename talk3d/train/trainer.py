@@ -153,6 +153,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         n_train = sum(p.numel() for p in params)
+        self.trained_parameters = n_train
         self.log(f"run {self.run_dir}: stage {cfg.stage}, {len(self.train_set)} train / {len(self.val_set)} val frames, "
                  f"{n_train / 1e6:.2f} M trained parameters, device {self.device}, {self.world} process(es)")
         sr_size = self.model.generator.cfg.sr_resolution
