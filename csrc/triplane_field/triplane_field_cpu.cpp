@@ -330,12 +330,11 @@ void backward_impl(const Dims d, const FieldInputs& in, const scalar_t* gsigma,
         for (int64_t i = c0; i < c1; ++i) {
           scalar_t q[3];
           field::scale_point(xyz + 3 * i, inv_half_box, q);
-          // Most points have no tap row in this band: make_taps' row coordinate (clamped to
-          // [-2, H + 1] as there; NaN goes to -2), with a row's margin for rounding, skips them
-          // before the full taps are made.
-          const scalar_t iy = t3d_clamp(((q[iv] + scalar_t(1)) * scalar_t(g.H) - scalar_t(1)) * scalar_t(0.5),
-                                        scalar_t(-2), scalar_t(g.H + 1));
-          if (!(iy >= scalar_t(y_lo - 3) && iy < scalar_t(y_hi + 2))) continue;
+          // Most points have no tap row in this band: make_taps' own row coordinate skips them
+          // before the rest of the taps is made (rows y0 = floor(iy) and y0 + 1; the owner test
+          // below also takes y0 in [-2, -1] for the first band and [H, H + 1] for the last).
+          const scalar_t iy = field::pixel_coord(q[iv], g.H);
+          if (!(iy >= scalar_t(y_lo - 2) && iy < scalar_t(y_hi + 2))) continue;
           const field::Taps<scalar_t> t = field::make_taps<scalar_t>(q[iu], q[iv], g, plane);
           // The coordinate share's owner: the band of the first tap row (clamped into the plane,
           // so a point whose taps all miss it still gets its zero share written once).
@@ -474,7 +473,7 @@ FieldGrads backward_cpu(const at::Tensor& grad_sigma, const at::Tensor& grad_fea
   at::Tensor d_planes = !need.planes ? grad_placeholder(planes)
                         : empty      ? at::zeros({in.B, 3, in.H, in.W, in.C}, opts)
                                      : at::empty({in.B, 3, in.H, in.W, in.C}, opts);
-  at::Tensor d_xyz = need.xyz ? at::zeros({in.B, in.N, 3}, opts) : grad_placeholder(xyz);
+  at::Tensor d_xyz = need.xyz ? at::empty({in.B, in.N, 3}, opts) : grad_placeholder(xyz);  // all written
   at::Tensor d_w1 = need.w1 ? at::zeros_like(in.w1) : grad_placeholder(w1);
   at::Tensor d_b1 = need.b1 ? at::zeros_like(in.b1) : grad_placeholder(b1);
   at::Tensor d_w2 = need.w2 ? at::zeros_like(in.w2) : grad_placeholder(w2);

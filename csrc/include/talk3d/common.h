@@ -34,12 +34,10 @@ T3D_HD float t3d_clamp(float x, float lo, float hi) { return fminf(fmaxf(x, lo),
 T3D_HD double t3d_clamp(double x, double lo, double hi) { return fmin(fmax(x, lo), hi); }
 #else
 template <typename T>
-inline T t3d_clamp_select(T x, T lo, T hi) {
+inline T t3d_clamp(T x, T lo, T hi) {
   x = x > lo ? x : lo;  // false for NaN: lo, as fmax gives
   return x < hi ? x : hi;
 }
-inline float t3d_clamp(float x, float lo, float hi) { return t3d_clamp_select(x, lo, hi); }
-inline double t3d_clamp(double x, double lo, double hi) { return t3d_clamp_select(x, lo, hi); }
 #endif
 
 #if !defined(__CUDA_ARCH__)

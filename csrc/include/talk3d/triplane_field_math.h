@@ -72,15 +72,18 @@ struct Taps {
   }
 };
 
+// grid_sample's un-normalisation for align_corners=False: u in [-1, 1] -> pixel coordinate along an
+// axis of `size` pixels. The clamp keeps NaN (-> -2) or huge points from overflowing the int
+// conversion; beyond [-2, size+1] every tap is outside anyway, so the value and the gradient (both
+// 0) are unchanged.
+template <typename acc_t>
+T3D_HD acc_t pixel_coord(acc_t u, int size) {
+  return t3d_clamp(((u + acc_t(1)) * acc_t(size) - acc_t(1)) * acc_t(0.5), acc_t(-2), acc_t(size + 1));
+}
+
 template <typename acc_t>
 T3D_HD Taps<acc_t> make_taps(acc_t u, acc_t v, const PlaneGeom& g, int plane) {
-  // grid_sample's un-normalisation for align_corners=False. The clamp keeps NaN or huge points
-  // from overflowing the int conversion; beyond [-2, size+1] every tap is outside anyway, so the
-  // value and the gradient (both 0) are unchanged.
-  acc_t ix = ((u + acc_t(1)) * acc_t(g.W) - acc_t(1)) * acc_t(0.5);
-  acc_t iy = ((v + acc_t(1)) * acc_t(g.H) - acc_t(1)) * acc_t(0.5);
-  ix = t3d_clamp(ix, acc_t(-2), acc_t(g.W + 1));
-  iy = t3d_clamp(iy, acc_t(-2), acc_t(g.H + 1));
+  const acc_t ix = pixel_coord(u, g.W), iy = pixel_coord(v, g.H);
   const acc_t fx = t3d_floor(ix), fy = t3d_floor(iy);
   const int x0 = int(fx), y0 = int(fy);
   Taps<acc_t> t;
