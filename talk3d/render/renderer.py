@@ -22,7 +22,7 @@ from torch import nn
 
 from ..ops import composite, composite_weights, triplane_field
 from ..ops.layout import channels_last_buffer, planes_view
-from ..ops.reference.composite import TRANSMITTANCE_EPS, interval_weights
+from ..ops.reference.composite import TRANSMITTANCE_EPS, interval_alpha, interval_weights, transmittance_before
 from .cameras import generate_rays, ray_box_limits
 from .occupancy_grid import OccupancyGrid
 from .sampling import importance_depths, stratified_depths
@@ -317,24 +317,11 @@ def _eval_selected(planes, decoder, o, d, t, select, cfg, impl) -> _Samples:
     return _Samples(b * R + r, j, tt, sigma[b, slot], feat[b, slot])
 
 
-def _interval_passes(sigma, t, valid):
-    """Share of light each valid interval lets through, ``1 - alpha + eps`` (1 where not valid):
-    ``[B, R, S - 1]``. sigma, t ``[B, R, S, 1]``, valid ``[B, R, S - 1]``."""
-    delta = t[..., 1:, 0] - t[..., :-1, 0]
-    density = torch.nn.functional.softplus((sigma[..., :-1, 0] + sigma[..., 1:, 0]) / 2 - 1)
-    alpha = 1 - torch.exp(-density * delta)
-    return torch.where(valid, 1 - alpha + TRANSMITTANCE_EPS, torch.ones_like(alpha))
-
-
 def _transmittance(sigma, t, valid):
-    """Transmittance after all valid intervals: ``[B, R]``."""
-    return _interval_passes(sigma, t, valid).prod(dim=-1)
-
-
-def _transmittance_before(sigma, t, valid):
-    """Transmittance at the start of each interval: ``[B, R, S - 1]``."""
-    q = _interval_passes(sigma, t, valid)
-    return torch.cumprod(torch.cat([torch.ones_like(q[..., :1]), q[..., :-1]], dim=-1), dim=-1)
+    """Transmittance after all valid intervals: ``[B, R]``. sigma, t ``[B, R, S, 1]``, valid
+    ``[B, R, S - 1]`` (the others let all light through, as in :func:`interval_weights`)."""
+    alpha = interval_alpha(sigma, t, valid[..., None])
+    return (1 - alpha + TRANSMITTANCE_EPS).prod(dim=-2)[..., 0]
 
 
 def _render_skipping(planes, decoder, o, d, t_c, u, cfg, impl, deterministic, grid, early_stop, chunk):
@@ -369,15 +356,16 @@ def _render_skipping(planes, decoder, o, d, t_c, u, cfg, impl, deterministic, gr
     if Si > 0:
         # The dense path's pdf (skipped intervals only lose their ~0 weight), so the importance
         # depths land where the dense render puts them; those in skipped intervals are dropped.
-        w_c = interval_weights(sigma_c.view(B, R, Sc, 1).to(t_c.dtype), t_c, interval_live[..., None])
+        alpha = interval_alpha(sigma_c.view(B, R, Sc, 1).to(t_c.dtype), t_c, interval_live[..., None])
+        t_before = transmittance_before(alpha)  # [B, R, Sc - 1, 1]
+        w_c = alpha * t_before  # interval_weights, with the transmittance kept for early_stop
         t_f = importance_depths(t_c, w_c, Si, u=u, deterministic=deterministic)
         k = torch.searchsorted(t_c[..., 0].contiguous(), t_f[..., 0].contiguous(), right=True) - 1
         inside = (k >= 0) & (k <= Sc - 2)
         k = k.clamp(0, Sc - 2)
         sel_f = inside & interval_live.gather(2, k)
         if early_stop > 0:  # none past the depth where the coarse transmittance falls under it
-            t_before = _transmittance_before(sigma_c.view(B, R, Sc, 1).to(t_c.dtype), t_c, interval_live)
-            sel_f &= t_before.gather(2, k) >= early_stop
+            sel_f &= t_before[..., 0].gather(2, k) >= early_stop
         parts.append(_eval_selected(planes, decoder, o, d, t_f, sel_f, cfg, f_impl))
     # Merge: by depth within each ray (two stable sorts: depth, then ray; ties keep the coarse
     # sample first, as the dense path's stable sort of [coarse, importance] does).

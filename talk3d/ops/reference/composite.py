@@ -13,6 +13,25 @@ import torch.nn.functional as F
 TRANSMITTANCE_EPS = 1e-10
 
 
+def interval_alpha(sigma: torch.Tensor, t: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Opacity ``alpha = 1 - exp(-softplus(sigma_mid - 1) * delta)`` of the intervals between
+    neighbouring samples: ``[..., S - 1, 1]`` from sigma, t ``[..., S, 1]``; intervals marked False
+    in ``valid`` (``[..., S - 1, 1]`` bool) get 0."""
+    delta = t[..., 1:, :] - t[..., :-1, :]
+    density = F.softplus((sigma[..., :-1, :] + sigma[..., 1:, :]) / 2 - 1)
+    alpha = 1 - torch.exp(-density * delta)
+    if valid is not None:
+        alpha = torch.where(valid, alpha, torch.zeros_like(alpha))
+    return alpha
+
+
+def transmittance_before(alpha: torch.Tensor) -> torch.Tensor:
+    """Transmittance at the start of each interval: the exclusive cumulative product of
+    ``1 - alpha + eps`` along the samples, ``[..., S - 1, 1]``."""
+    shifted = torch.cat([torch.ones_like(alpha[..., :1, :]), 1 - alpha + TRANSMITTANCE_EPS], dim=-2)
+    return torch.cumprod(shifted, dim=-2)[..., :-1, :]
+
+
 def interval_weights(sigma: torch.Tensor, t: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Weights of the intervals between neighbouring samples (EG3D's ``weights``).
 
@@ -24,13 +43,8 @@ def interval_weights(sigma: torch.Tensor, t: torch.Tensor, valid: torch.Tensor |
     Returns:
         ``[..., S - 1, 1]`` weights ``alpha_i * T_i``.
     """
-    delta = t[..., 1:, :] - t[..., :-1, :]
-    density = F.softplus((sigma[..., :-1, :] + sigma[..., 1:, :]) / 2 - 1)
-    alpha = 1 - torch.exp(-density * delta)
-    if valid is not None:
-        alpha = torch.where(valid, alpha, torch.zeros_like(alpha))
-    shifted = torch.cat([torch.ones_like(alpha[..., :1, :]), 1 - alpha + TRANSMITTANCE_EPS], dim=-2)
-    return alpha * torch.cumprod(shifted, dim=-2)[..., :-1, :]
+    alpha = interval_alpha(sigma, t, valid)
+    return alpha * transmittance_before(alpha)
 
 
 def _depth(w, t):
