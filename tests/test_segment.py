@@ -116,7 +116,6 @@ def test_pipeline_foreground_modes(tmp_path, monkeypatch):
     video.write_bytes(b"")  # never opened: the checks come first
     with pytest.raises(ValueError, match="--foreground"):
         preprocess_video(video, tmp_path / "a", foreground="paint", progress=False, log=lambda s: None)
-    monkeypatch.setattr(segment, "load_segmenter", lambda: (None, "no model here"))
     monkeypatch.setattr("talk3d.preprocess.pipeline.load_segmenter", lambda: (None, "no model here"))
     with pytest.raises(PreprocessError, match="--foreground segmentation: no model here"):
         preprocess_video(video, tmp_path / "b", foreground="segmentation", progress=False, log=lambda s: None)
