@@ -280,6 +280,56 @@ def test_fp16_modulated_conv_prenormalisation():
         torch.testing.assert_close(half.double(), ref, atol=FP16_MODCONV_ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("up", [1, 2])
+@pytest.mark.parametrize("demodulate", [True, False])
+def test_shared_style_equals_per_sample_styles(up, demodulate):
+    # One style row for the batch folds into the weight: same output and gradients as the batch of
+    # equal rows, by either per-sample path.
+    B, I, O, H = 3, 4, 5, 6
+    x = torch.randn(B, I, H, H, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(O, I, 3, 3, dtype=torch.float64, requires_grad=True)
+    style = torch.randn(1, I, dtype=torch.float64, requires_grad=True)
+    f = setup_filter().double()
+    kw = dict(up=up, padding=1, resample_filter=f, demodulate=demodulate)
+    shared = modulated_conv2d(x, weight, style, **kw)
+    gy = torch.randn_like(shared)
+    got = torch.autograd.grad(shared, (x, weight, style), gy)
+    for fused in (True, False):
+        rows = modulated_conv2d(x, weight, style.expand(B, -1).contiguous(), fused=fused, **kw)
+        torch.testing.assert_close(shared, rows, atol=FP32_ATOL, rtol=0)
+        for a, b in zip(got, torch.autograd.grad(rows, (x, weight, style), gy)):
+            torch.testing.assert_close(a, b, atol=FP32_ATOL, rtol=0)
+    with pytest.raises(ValueError, match="styles"):
+        modulated_conv2d(x, weight, torch.randn(2, I, dtype=torch.float64), **kw)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_super_resolution_with_an_expanded_latent(training):
+    # TalkingHead conditions every frame on one latent (w_ID.expand): the layers see stride-0 rows
+    # and take the shared-style path. It must agree with a batch of equal but separate latents
+    # (fused grouped conv at inference, scaled activations in training), gradient to w_ID included.
+    G = _generator().train(training)
+    B = 3
+    rgb, feat = torch.randn(B, 3, 8, 8), torch.randn(B, G.cfg.decoder_features, 8, 8)
+    w_id = torch.randn(1, G.num_ws, G.cfg.w_dim, requires_grad=True)
+    calls = []
+    hook = layers._shared_rows
+    layers._shared_rows = lambda w: calls.append(w.stride(0)) or hook(w)
+    try:
+        shared = G.superresolution(rgb, feat, w_id.expand(B, -1, -1))
+    finally:
+        layers._shared_rows = hook
+    assert calls and all(stride == 0 for stride in calls)
+    separate = G.superresolution(rgb, feat, w_id.repeat(B, 1, 1))
+    torch.testing.assert_close(shared, separate, atol=FP32_ATOL, rtol=0)
+    gy = torch.randn_like(shared)
+    g_shared, = torch.autograd.grad(shared, w_id, gy)
+    g_separate, = torch.autograd.grad(separate, w_id, gy)
+    # float32 sums over every pixel of both SR blocks, in different orders: relative to the scale.
+    scale = g_separate.abs().max().item()
+    torch.testing.assert_close(g_shared, g_separate, atol=FP32_ATOL * scale, rtol=0)
+
+
 # --- config -----------------------------------------------------------------------------------------
 
 

@@ -196,23 +196,37 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
     """StyleGAN2's modulated convolution.
 
     Args:
-        x: ``[B, I, H, W]``. weight: ``[O, I, k, k]`` (already scaled as wanted). styles: ``[B, I]``.
+        x: ``[B, I, H, W]``. weight: ``[O, I, k, k]`` (already scaled as wanted).
+        styles: ``[B, I]``, or ``[1, I]``: one style for every sample (see below).
         noise: optional, broadcastable to the output ``[B, O, H*up, W*up]``.
         up: 1 or 2 (then ``resample_filter`` ``[K, K]`` is needed).
         demodulate: rescale each output channel's per-sample weights to unit norm.
         fused: one grouped convolution with per-sample weights (fast at inference); else the
             activations are scaled before and after a shared-weight convolution (fast in training).
+            Ignored for a shared style: then styles and demodulation fold into the one weight, and a
+            plain convolution over the batch does the rest (Talk3D conditions the super-resolution
+            on one identity latent for every frame).
 
     Returns:
         ``[B, O, H*up, W*up]`` in x's dtype.
     """
     B, I = x.shape[:2]
     O, _, kh, kw = weight.shape
+    if styles.dim() != 2 or styles.shape[0] not in (1, B) or styles.shape[1] != I:
+        raise ValueError(f"modulated_conv2d: styles must be [{B}, {I}] or [1, {I}], got {list(styles.shape)}")
     if x.dtype == torch.float16 and demodulate:
         # fp16 activations overflow past 65504; demodulation cancels any per-(sample, output channel)
         # scale, so shrinking weights and styles to unit max norm first changes nothing else.
         weight = weight * (1 / math.sqrt(I * kh * kw) / weight.norm(float("inf"), dim=[1, 2, 3], keepdim=True))
         styles = styles / styles.norm(float("inf"), dim=1, keepdim=True)
+    if styles.shape[0] == 1:
+        # One modulated weight for the whole batch: no grouped convolution (slow kernels on a GPU)
+        # and no activation-sized scaling passes (nor the copies autograd saves of them).
+        w = weight * styles.reshape(1, I, 1, 1)  # [O, I, k, k]
+        if demodulate:
+            w = w * (w.square().sum(dim=[1, 2, 3], keepdim=True) + DEMOD_EPS).rsqrt()
+        y = _conv(x, w.to(x.dtype), up, padding, resample_filter, groups=1)
+        return y if noise is None else y + noise.to(y.dtype)
     w = weight[None] * styles.reshape(B, 1, I, 1, 1)  # [B, O, I, k, k]
     dcoefs = (w.square().sum(dim=[2, 3, 4]) + DEMOD_EPS).rsqrt() if demodulate else None  # [B, O]
     if fused:
@@ -228,6 +242,16 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
     if noise is not None:
         y = y + noise.to(y.dtype)
     return y
+
+
+def _shared_rows(w: torch.Tensor) -> torch.Tensor:
+    """w ``[B, w_dim]`` -> ``[1, w_dim]`` when every sample holds the same latent, else w unchanged.
+
+    "The same" is read off the layout, not the values: a batch expanded from one latent (stride 0
+    along the batch, as :class:`talk3d.models.TalkingHead` conditions every frame on ``w_ID``), or
+    a batch of one. Comparing values would cost a device-to-host sync per layer.
+    """
+    return w[:1] if w.shape[0] == 1 or w.stride(0) == 0 else w
 
 
 def _use_fused(mode: str, training: bool) -> bool:
@@ -262,7 +286,7 @@ class SynthesisLayer(nn.Module):
         """x ``[B, I, res/up, res/up]``, w ``[B, w_dim]`` -> ``[B, O, res, res]``."""
         if noise_mode not in ("random", "const", "none"):
             raise ValueError(f"SynthesisLayer: noise_mode must be 'random', 'const' or 'none', got {noise_mode!r}")
-        styles = self.affine(w)  # [B, I]
+        styles = self.affine(_shared_rows(w))  # [B, I] or [1, I]
         noise = None
         if self.use_noise and noise_mode == "random":
             noise = torch.randn(x.shape[0], 1, self.resolution, self.resolution, device=x.device,
@@ -296,7 +320,7 @@ class ToRGBLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x ``[B, I, H, W]``, w ``[B, w_dim]`` -> ``[B, O, H, W]``."""
-        styles = self.affine(w) * self.weight_gain  # no demodulation: the gain goes on the styles
+        styles = self.affine(_shared_rows(w)) * self.weight_gain  # no demodulation: the gain goes on the styles
         x = modulated_conv2d(x, self.weight, styles, demodulate=False,
                              fused=_use_fused(self.fused_modconv, self.training))
         return bias_act(x, self.bias, clamp=self.conv_clamp)
