@@ -1,4 +1,5 @@
-"""The rendering CUDA kernels (compositing, occupancy marching), emulated on the CPU, against the CPU ops.
+"""The rendering CUDA kernels (compositing, occupancy marching) and the super-resolution's FIR, emulated
+on the CPU, against the CPU ops.
 
 No GPU is needed: tests/cuda_emu/emu_render.cpp mocks the CUDA runtime calls the launchers make and
 runs every CUDA thread as a std::thread, after the kernel launches are rewritten into emulator calls
@@ -29,7 +30,8 @@ from talk3d.ops.reference.composite import finish_depth
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {"composite": ROOT / "kernels" / "composite" / "composite.cu",
-           "occupancy": ROOT / "kernels" / "occupancy" / "occupancy.cu"}
+           "occupancy": ROOT / "kernels" / "occupancy" / "occupancy.cu",
+           "fir": ROOT / "kernels" / "binomial_filter" / "binomial_filter.cu"}
 CXX = shutil.which("g++")
 NVCC = shutil.which("nvcc")
 
@@ -454,3 +456,49 @@ def test_occupancy_kernel_in_emulation(emulator, tmp_path, name):
         assert (got[..., 0] == 0).all() and (got[..., 1] == c["S"] - 2).all()
     if c["grid"] == "random" and not c["outside"]:
         assert ((got[..., 0] >= 0).float().mean() > 0.3), "too few rays hit the grid: the case tests little"
+
+
+# --- binomial_filter2d --------------------------------------------------------------------------
+
+FIR_DTYPES = {"f32": (0, torch.float32), "f16": (1, torch.float16), "bf16": (2, torch.bfloat16), "f64": (3, torch.float64)}
+# Same per-strip code as the CPU op, up to the compilers' FMA contraction over 16 taps (fp32: a
+# few ulps of the output's scale); half outputs are fp32 sums rounded once, so they may round to
+# either neighbour (ROUNDING_RTOL).
+FIR_SAME_CODE_ATOL = {"f32": 1e-6, "f64": 1e-14, "f16": 1e-6, "bf16": 1e-6}
+
+# 16 taps of O(1) values with weights summing to the gain: a few fp32 ulps of the output's scale.
+FIR_FP32_TOL_OF_SCALE = 1e-5
+
+FIR_CASES = {
+    # name: (dtype, N, C, H, W, (left, right, top, bottom), channels_last, sms)
+    "nchw-f32": ("f32", 2, 3, 9, 14, (2, 1, 2, 1), False, 2),
+    "nhwc-f32": ("f32", 2, 5, 9, 13, (2, 1, 2, 1), True, 2),
+    "nhwc-crop-f64": ("f64", 1, 7, 8, 11, (-1, 2, 3, -2), True, 2),
+    "nhwc-bf16": ("bf16", 2, 6, 7, 10, (1, 1, 1, 1), True, 2),
+    "nchw-f16": ("f16", 1, 4, 6, 9, (3, 3, 3, 3), False, 2),
+    "nhwc-grid-stride": ("f32", 3, 9, 12, 17, (2, 1, 2, 1), True, 1),  # more strips than one SM's grid
+}
+
+
+@pytest.mark.parametrize("name", list(FIR_CASES))
+def test_binomial_filter_kernel_in_emulation(emulator, tmp_path, name):
+    dtype_name, N, C, H, W, (left, right, top, bottom), nhwc, sms = FIR_CASES[name]
+    code, dtype = FIR_DTYPES[dtype_name]
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    x = torch.randn(N, C, H, W).to(dtype).to(memory_format=fmt)
+    out_h, out_w = H + top + bottom - 3, W + left + right - 3
+    # _raw writes NCHW order; the kernel reads the tensor's own memory.
+    memory = x.permute(0, 2, 3, 1) if nhwc else x
+    (tmp_path / "x.bin").write_bytes(_raw(memory))
+    meta = [code, N, C, H, W, out_h, out_w, top, left, int(nhwc), 4.0, sms]
+    (tmp_path / "meta.txt").write_text(" ".join(map(str, meta)))
+    out = _run(emulator, "fir", tmp_path)
+    assert "fir: err=0" in out, out
+    got = _load(tmp_path / "out.bin", dtype, (N, out_h, out_w, C) if nhwc else (N, C, out_h, out_w))
+    if nhwc:
+        got = got.permute(0, 3, 1, 2)
+    want = torch.ops.talk3d.binomial_filter2d(x, top, left, out_h, out_w, 4.0)
+    _assert_close("y", got.double(), want.double(), FIR_SAME_CODE_ATOL[dtype_name], ROUNDING_RTOL[dtype_name])
+    ref = reference.binomial_filter2d(x.double(), (left, right, top, bottom), 4.0)
+    # and against float64 on the same (rounded) input: the fp32 sum's error, plus one rounding
+    _assert_close("y vs float64", got.double(), ref, FIR_FP32_TOL_OF_SCALE, ROUNDING_RTOL[dtype_name])

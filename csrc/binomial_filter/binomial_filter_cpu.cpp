@@ -21,34 +21,65 @@ void check_binomial_filter_inputs(const char* who, const at::Tensor& x, int64_t 
                     " input)");
 }
 
+at::Tensor binomial_filter_dense_input(const at::Tensor& x) {
+  if (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast)) return x;
+  return x.contiguous();
+}
+
+bool binomial_filter_nhwc(const at::Tensor& src) { return !src.is_contiguous(); }
+
+at::Tensor binomial_filter_output(const at::Tensor& src, int64_t out_h, int64_t out_w) {
+  const auto format = binomial_filter_nhwc(src) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  return at::empty({src.size(0), src.size(1), out_h, out_w}, src.options().memory_format(format));
+}
+
 at::Tensor binomial_filter2d_cpu(const at::Tensor& x, int64_t top, int64_t left, int64_t out_h,
                                  int64_t out_w, double gain) {
   check_binomial_filter_inputs("binomial_filter2d (cpu)", x, out_h, out_w);
   TORCH_CHECK_VALUE(x.device().is_cpu(), "binomial_filter2d (cpu): x must be on the CPU");
-  const at::Tensor src = x.contiguous();
-  const int64_t P = src.size(0) * src.size(1), H = src.size(2), W = src.size(3);
-  at::Tensor out = at::empty({src.size(0), src.size(1), out_h, out_w}, src.options());
+  const at::Tensor src = binomial_filter_dense_input(x);
+  const bool nhwc = binomial_filter_nhwc(src);
+  const int64_t N = src.size(0), C = src.size(1), H = src.size(2), W = src.size(3);
+  at::Tensor out = binomial_filter_output(src, out_h, out_w);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "binomial_filter2d_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* xs = src.data_ptr<scalar_t>();
     scalar_t* ys = out.data_ptr<scalar_t>();
+    // (r, col) of one channel plane sits at plane[r * x_row + col * step] in either layout; the
+    // strip's outputs go to row[s * step].
+    const auto filter = [&](const scalar_t* plane, int64_t x_row, int64_t step, scalar_t* row, int64_t i,
+                            int64_t j) {
+      const auto load = [plane, x_row, step](int64_t r, int64_t col) {
+        return static_cast<acc_t>(plane[r * x_row + col * step]);
+      };
+      acc_t v[fir::kStrip];
+      fir::filter_strip<acc_t>(load, H, W, i - top, j - left, acc_t(gain), v);
+      const int n = static_cast<int>(std::min<int64_t>(fir::kStrip, out_w - j));
+      for (int s = 0; s < n; ++s) row[s * step] = static_cast<scalar_t>(v[s]);
+    };
     // ~16 rows of a 256-wide plane per task: enough work to amortise the scheduling.
-    const int64_t grain = std::max<int64_t>(1, 4096 / out_w);
-    at::parallel_for(0, P * out_h, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t pr = begin; pr < end; ++pr) {
-        const int64_t p = pr / out_h, i = pr - p * out_h;
-        const scalar_t* plane = xs + p * H * W;
-        const auto load = [plane, W](int64_t r, int64_t c) { return static_cast<acc_t>(plane[r * W + c]); };
-        scalar_t* row = ys + pr * out_w;
-        acc_t v[fir::kStrip];
-        for (int64_t j = 0; j < out_w; j += fir::kStrip) {
-          fir::filter_strip<acc_t>(load, H, W, i - top, j - left, acc_t(gain), v);
-          const int n = static_cast<int>(std::min<int64_t>(fir::kStrip, out_w - j));
-          for (int s = 0; s < n; ++s) row[j + s] = static_cast<scalar_t>(v[s]);
+    const int64_t grain = std::max<int64_t>(1, 4096 / (out_w * (nhwc ? C : 1)));
+    if (nhwc) {
+      // A task is an output row of every channel, a strip at a time with the channel innermost:
+      // neighbouring channels' loads and stores share cache lines.
+      at::parallel_for(0, N * out_h, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t ni = begin; ni < end; ++ni) {
+          const int64_t n = ni / out_h, i = ni - n * out_h;
+          const scalar_t* image = xs + n * H * W * C;
+          scalar_t* row = ys + ni * out_w * C;
+          for (int64_t j = 0; j < out_w; j += fir::kStrip)
+            for (int64_t c = 0; c < C; ++c) filter(image + c, W * C, C, row + j * C + c, i, j);
         }
-      }
-    });
+      });
+    } else {
+      at::parallel_for(0, N * C * out_h, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t pr = begin; pr < end; ++pr) {
+          const int64_t p = pr / out_h, i = pr - p * out_h;
+          for (int64_t j = 0; j < out_w; j += fir::kStrip) filter(xs + p * H * W, W, 1, ys + pr * out_w + j, i, j);
+        }
+      });
+    }
   });
   return out;
 }

@@ -29,13 +29,15 @@ at::Tensor binomial_filter2d_cuda(const at::Tensor& x, int64_t top, int64_t left
   check_binomial_filter_inputs("binomial_filter2d (cuda)", x, out_h, out_w);
   TORCH_CHECK_VALUE(x.is_cuda(), "binomial_filter2d (cuda): x must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor src = x.contiguous();
-  at::Tensor out = at::empty({src.size(0), src.size(1), out_h, out_w}, src.options());
+  const at::Tensor src = binomial_filter_dense_input(x);
+  at::Tensor out = binomial_filter_output(src, out_h, out_w);
   cuda::FirProblem p;
   p.dtype = fir_dtype(src.scalar_type());
   p.x = src.data_ptr();
   p.y = out.data_ptr();
-  p.P = src.size(0) * src.size(1);
+  p.N = src.size(0);
+  p.C = src.size(1);
+  p.channels_last = binomial_filter_nhwc(src);
   p.H = src.size(2);
   p.W = src.size(3);
   p.out_h = out_h;

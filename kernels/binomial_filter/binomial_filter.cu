@@ -1,12 +1,13 @@
 // CUDA kernel of binomial_filter2d: one thread per strip of fir::kStrip neighbouring outputs of a
-// row, around talk3d/binomial_filter_math.h (which the CPU kernel shares). Consecutive threads take
-// consecutive strips, so a warp's loads of an input row are contiguous; the strips' overlapping
-// columns and the four rows' reuse across neighbouring output rows come from L1/L2.
+// row, around talk3d/binomial_filter_math.h (which the CPU kernel shares). In NCHW consecutive
+// threads take consecutive strips of a row; in NHWC consecutive channels of one strip. Either way a
+// warp's loads of an input row and its stores are contiguous; the strips' overlapping columns and
+// the four rows' reuse across neighbouring output rows come from L1/L2.
 //
 // Why it exists: PyTorch runs the super-resolution's 4 x 4 FIR (a depthwise convolution, one
 // channel per group) with slow kernels on a GPU (1.7 ms a call at batch 8 at inference, cuDNN's
 // grouped direct kernel 4.4 ms in training; H200, 2026-12-04), where one pass at memory speed
-// suffices.
+// suffices. NHWC lets the super-resolution stay channels-last between its convolutions.
 #include "binomial_filter_cuda.h"
 
 #include "common/dispatch_storage.cuh"
@@ -22,26 +23,52 @@ constexpr int kFirThreads = 256;
 // Grid: this many resident blocks per SM; a grid-stride loop takes the rest.
 constexpr int kFirBlocksPerSM = 8;
 
-template <typename S>
+// Thread t -> (n, c, output row i, first column j of its strip); kNHWC picks which index runs fastest.
+template <bool kNHWC>
+struct StripIndex {
+  int64_t n, c, i, j;
+  __device__ StripIndex(int64_t t, int64_t C, int64_t out_h, int64_t strips) {
+    int64_t rest;
+    if (kNHWC) {  // t = ((n * out_h + i) * strips + strip) * C + c
+      c = t % C;
+      rest = t / C;
+      j = (rest % strips) * fir::kStrip;
+      rest /= strips;
+      i = rest % out_h;
+      n = rest / out_h;
+    } else {  // t = ((n * C + c) * out_h + i) * strips + strip
+      j = (t % strips) * fir::kStrip;
+      rest = t / strips;
+      i = rest % out_h;
+      rest /= out_h;
+      c = rest % C;
+      n = rest / C;
+    }
+  }
+};
+
+template <typename S, bool kNHWC>
 __global__ void __launch_bounds__(kFirThreads)
-    binomial_filter2d_kernel(const S* __restrict__ x, S* __restrict__ y, int64_t P, int64_t H, int64_t W,
-                             int64_t out_h, int64_t out_w, int64_t top, int64_t left, double gain) {
+    binomial_filter2d_kernel(const S* __restrict__ x, S* __restrict__ y, int64_t N, int64_t C, int64_t H,
+                             int64_t W, int64_t out_h, int64_t out_w, int64_t top, int64_t left, double gain) {
   using acc_t = typename AccOf<S>::type;
   const int64_t strips = (out_w + fir::kStrip - 1) / fir::kStrip;
-  const int64_t total = P * out_h * strips;
+  const int64_t total = N * C * out_h * strips;
+  // Element (r, col) of channel c in image n sits at base + r * row + col * step, in either layout.
+  const int64_t step = kNHWC ? C : 1, x_row = W * step, y_row = out_w * step;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += stride) {
-    const int64_t pr = t / strips;  // plane * out_h + row
-    const int64_t j = (t - pr * strips) * fir::kStrip;
-    const int64_t p = pr / out_h, i = pr - p * out_h;
-    const S* plane = x + p * H * W;
-    const auto load = [plane, W](int64_t r, int64_t c) { return static_cast<acc_t>(plane[r * W + c]); };
+    const StripIndex<kNHWC> s(t, C, out_h, strips);
+    const S* plane = x + (kNHWC ? s.n * H * W * C + s.c : (s.n * C + s.c) * H * W);
+    const auto load = [plane, x_row, step](int64_t r, int64_t c) {
+      return static_cast<acc_t>(plane[r * x_row + c * step]);
+    };
     acc_t v[fir::kStrip];
-    fir::filter_strip<acc_t>(load, H, W, i - top, j - left, acc_t(gain), v);
-    S* row = y + pr * out_w;
+    fir::filter_strip<acc_t>(load, H, W, s.i - top, s.j - left, acc_t(gain), v);
+    S* row = y + (kNHWC ? s.n * out_h * out_w * C + s.c : (s.n * C + s.c) * out_h * out_w) + s.i * y_row;
 #pragma unroll
-    for (int s = 0; s < fir::kStrip; ++s)
-      if (j + s < out_w) row[j + s] = static_cast<S>(v[s]);
+    for (int k = 0; k < fir::kStrip; ++k)
+      if (s.j + k < out_w) row[(s.j + k) * step] = static_cast<S>(v[k]);
   }
 }
 
@@ -49,19 +76,20 @@ template <typename S>
 cudaError_t launch(const FirProblem& p, cudaStream_t stream) {
   const int64_t strips = (p.out_w + fir::kStrip - 1) / fir::kStrip;
   int blocks = 0;
-  const cudaError_t err = grid_stride_blocks(p.P * p.out_h * strips, kFirThreads, kFirBlocksPerSM, blocks);
+  const cudaError_t err = grid_stride_blocks(p.N * p.C * p.out_h * strips, kFirThreads, kFirBlocksPerSM, blocks);
   if (err != cudaSuccess) return err;
-  binomial_filter2d_kernel<S><<<blocks, kFirThreads, 0, stream>>>(
-      static_cast<const S*>(p.x), static_cast<S*>(p.y), p.P, p.H, p.W, p.out_h, p.out_w, p.top, p.left,
-      p.gain);
+  const auto* x = static_cast<const S*>(p.x);
+  auto* y = static_cast<S*>(p.y);
+  const auto kernel = p.channels_last ? binomial_filter2d_kernel<S, true> : binomial_filter2d_kernel<S, false>;
+  kernel<<<blocks, kFirThreads, 0, stream>>>(x, y, p.N, p.C, p.H, p.W, p.out_h, p.out_w, p.top, p.left, p.gain);
   return cudaGetLastError();
 }
 
 }  // namespace
 
 cudaError_t binomial_filter2d(const FirProblem& p, cudaStream_t stream) {
-  if (p.P < 0 || p.H < 0 || p.W < 0 || p.out_h < 0 || p.out_w < 0) return cudaErrorInvalidValue;
-  if (p.P == 0 || p.out_h == 0 || p.out_w == 0) return cudaSuccess;
+  if (p.N < 0 || p.C < 0 || p.H < 0 || p.W < 0 || p.out_h < 0 || p.out_w < 0) return cudaErrorInvalidValue;
+  if (p.N == 0 || p.C == 0 || p.out_h == 0 || p.out_w == 0) return cudaSuccess;
   if (!p.x || !p.y) return cudaErrorInvalidValue;
   return dispatch_storage<Half16, BFloat16>(p.dtype, [&](auto s) { return launch<decltype(s)>(p, stream); });
 }

@@ -11,14 +11,16 @@ namespace cuda {
 // Storage type of x and y (float accumulation, double for kF64).
 enum class FirDType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
 
-// P planes x [P, H, W] -> y [P, out_h, out_w], both contiguous:
+// x [N, C, H, W] -> y [N, C, out_h, out_w], each channel plane filtered:
 // y[i, j] = gain * sum_{a, b < 4} k_a k_b x[i + a - top, j + b - left], k = [1, 3, 3, 1] / 8, x zero
-// outside its H x W.
+// outside its H x W. Both dense in one layout: NCHW (`channels_last` false) or NHWC (true: memory
+// [N, H, W, C], the convolutions' preferred layout on tensor cores).
 struct FirProblem {
   FirDType dtype;
   const void* x;
   void* y;
-  int64_t P, H, W, out_h, out_w, top, left;
+  int64_t N, C, H, W, out_h, out_w, top, left;
+  bool channels_last;
   double gain;
 };
 

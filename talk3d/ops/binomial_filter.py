@@ -43,7 +43,7 @@ class _BinomialFilter2d(torch.autograd.Function):
         top, left, H, W, gain = ctx.geometry
         # dx[p, q] = gain * sum_{a, b} k_a k_b dy[p + top - a, q + left - b]; with k_a = k_{3-a} that
         # is the filter again, its window starting at dy[p - (3 - top), q - (3 - left)].
-        dx = _BinomialFilter2d.apply(grad.contiguous(), _TAPS - 1 - top, _TAPS - 1 - left, H, W, gain)
+        dx = _BinomialFilter2d.apply(grad, _TAPS - 1 - top, _TAPS - 1 - left, H, W, gain)
         return dx, None, None, None, None, None
 
 
@@ -79,7 +79,12 @@ def binomial_filter2d(x: torch.Tensor, padding=(0, 0, 0, 0), gain: float = 1.0, 
 
 
 def _fake(x, top, left, out_h, out_w, gain):
-    return x.new_empty(x.shape[0], x.shape[1], out_h, out_w)
+    # The kernels write NHWC for a dense channels-last input, else NCHW
+    # (csrc/binomial_filter: binomial_filter_output).
+    out = x.new_empty(x.shape[0], x.shape[1], out_h, out_w)
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 if extension.available():

@@ -1,5 +1,5 @@
 // CPU emulation of the rendering CUDA kernels (kernels/composite/composite.cu and
-// kernels/occupancy/occupancy.cu), so their indexing, layouts, grid-stride loops, storage types and
+// kernels/occupancy/occupancy.cu) and of the super-resolution's FIR (kernels/binomial_filter), so their indexing, layouts, grid-stride loops, storage types and
 // null-output handling are checked against the CPU ops on machines without a GPU.
 //
 // Like emu_main.cpp (the field kernels): one std::thread per CUDA thread, blocks one after another,
@@ -8,7 +8,7 @@
 // asking for shared memory fails the run. tests/test_cuda_emulation_render.py builds this with g++
 // after rewriting `k<<<grid, block, smem, s>>>(...)` launches into emu_launch(...) calls.
 //
-// Usage: emu_render composite|weights|occupancy CASE_DIR
+// Usage: emu_render composite|weights|occupancy|fir CASE_DIR
 //   CASE_DIR holds meta.txt and the input .bin files; the outputs are written there.
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -67,6 +67,7 @@ void emu_launch(K kernel, int blocks, int T, size_t smem_bytes, const A&... args
 
 #include "composite_emu.cu"
 #include "occupancy_emu.cu"
+#include "fir_emu.cu"
 
 using namespace talk3d::cuda;
 
@@ -190,17 +191,39 @@ int run_occupancy(const std::string& dir) {
   return 0;
 }
 
+// binomial_filter2d. meta.txt: dtype N C H W out_h out_w top left channels_last gain sms; dtype is
+// FirDType. The output starts as 0xFF bytes (NaN in every float type).
+int run_fir(const std::string& dir) {
+  std::ifstream m(dir + "/meta.txt");
+  int dtype, channels_last;
+  FirProblem p;
+  m >> dtype >> p.N >> p.C >> p.H >> p.W >> p.out_h >> p.out_w >> p.top >> p.left >> channels_last >> p.gain >> g_sms;
+  const size_t es = dtype == 0 ? 4 : (dtype == 3 ? 8 : 2);
+  const auto x = readb(dir + "/x.bin");
+  std::vector<unsigned char> y(size_t(p.N * p.C * p.out_h * p.out_w) * es, 0xFF);
+  p.dtype = FirDType(dtype);
+  p.channels_last = channels_last != 0;
+  p.x = x.data();
+  p.y = y.data();
+  g_last_blocks = g_last_T = 0;
+  const cudaError_t e = binomial_filter2d(p, nullptr);
+  printf("fir: err=%d blocks=%d T=%d\n", int(e), g_last_blocks, g_last_T);
+  writeb(dir + "/out.bin", y);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc != 3) {
-    fprintf(stderr, "usage: %s composite|weights|occupancy CASE_DIR\n", argv[0]);
+    fprintf(stderr, "usage: %s composite|weights|occupancy|fir CASE_DIR\n", argv[0]);
     return 2;
   }
   const std::string mode = argv[1];
   if (mode == "composite") return run_composite(argv[2]);
   if (mode == "weights") return run_weights(argv[2]);
   if (mode == "occupancy") return run_occupancy(argv[2]);
+  if (mode == "fir") return run_fir(argv[2]);
   fprintf(stderr, "unknown mode %s\n", mode.c_str());
   return 2;
 }
