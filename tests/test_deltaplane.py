@@ -169,6 +169,35 @@ def test_rollout_reads_other_planes_only_through_the_shared_axis(axes):
 
 
 @pytest.mark.parametrize("axes", ["fixed", "eg3d"])
+@pytest.mark.parametrize("R", [1, 2, 5])
+def test_rolled_conv_equals_conv_of_rollout(axes, R):
+    # The factored convolution (own channels + 1-D convolutions of the broadcast parts, padding
+    # rows/columns corrected) against building the roll-out and convolving it: float64, forward
+    # and every gradient. R = 1 and 2: the first and last rows/columns coincide or touch.
+    from talk3d.models.deltaplane import RolledConv, plane_conv
+
+    torch.manual_seed(R)
+    cin, cout = 3, 4
+    conv = plane_conv(3 * cin, cout).double()
+    x = torch.randn(2, 3 * cin, R, R, dtype=torch.float64, requires_grad=True)
+    got = RolledConv(axes)(x, conv)
+    want = conv(RollOut(axes)(x))
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    gy = torch.randn_like(want)
+    params = (x, conv.weight, conv.bias)
+    for a, b in zip(torch.autograd.grad(got, params, gy), torch.autograd.grad(want, params, gy)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_rolled_conv_keeps_the_checkpoint_keys():
+    # The factored roll-out holds no state: a block's keys are those of RollOut + conv1.
+    from talk3d.models.deltaplane import PlaneBlock
+
+    keys = set(PlaneBlock(4, 8, 2, "fixed", rollout=True).state_dict())
+    assert keys == {f"{m}.{p}" for m in ("conv1", "norm1", "conv2", "norm2", "skip") for p in ("weight", "bias")}
+
+
+@pytest.mark.parametrize("axes", ["fixed", "eg3d"])
 def test_planes_meet_only_through_rollout(axes):
     planes, batch = _planes(DeltaplaneConfig.tiny(), 1), _batch(DeltaplaneConfig.tiny(), 1)
     bumped = planes.clone()

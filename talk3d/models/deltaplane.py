@@ -104,6 +104,65 @@ class RollOut(nn.Module):
         return torch.cat(out, dim=1)
 
 
+class RolledConv(nn.Module):
+    """``conv(RollOut(x))`` for a per-plane 3x3 convolution ``conv``, without building the roll-out.
+
+    Each plane's input is ``[own c, from k1, from k2]`` and the convolution is linear, so it splits
+    into a convolution of the plane's own channels plus the convolution of each broadcast part. A
+    part is a vector ``v`` repeated along one image axis, and so is its convolution, but for the
+    zero padding: laid along the width, output row ``h`` sums the kernel rows ``dy`` that land
+    inside the image, ``sum_dy [0 <= h + dy - 1 < H] conv1d_w(v, K[dy])``. That is the full sum
+    (every ``dy``) broadcast along the height, minus ``K[0]``'s term on the first row and ``K[2]``'s
+    on the last; likewise along the height with ``dx`` and columns.
+
+    What that saves: the roll-out triples the convolution's input (``3 c`` channels a plane), so the
+    ``[B, 9c, H, W]`` concatenation (302 MB at the decoder's 256^2 level, batch 2, fp32), its copy
+    saved for the backward, and 2/3 of the convolution's work go; the broadcast parts cost 1-D
+    convolutions of length R. ``conv`` is the block's own ``plane_conv(3 cin, cout)`` (weight
+    ``[3 cout, 3 cin, 3, 3]``), so the parameters and checkpoints are those of ``RollOut`` + conv.
+    """
+
+    def __init__(self, axes: str):
+        super().__init__()
+        # The broadcast parts of every plane j: (j, source plane k, the part's slot in j's input (1 or
+        # 2), the axis k is averaged over, the axis of j the vector is laid along).
+        self.links = [(j, k, slot, pool, lay) for j, sources in enumerate(rollout_plan(axes))
+                      for slot, (k, links) in enumerate(sources, start=1) for pool, lay in links]
+        for lay, name in ((W_AXIS, "rows"), (H_AXIS, "cols")):
+            n = [i for i, link in enumerate(self.links) if link[4] == lay]
+            self.register_buffer(f"_{name}_links", torch.tensor(n, dtype=torch.long), persistent=False)
+            self.register_buffer(f"_{name}_planes", torch.tensor([self.links[i][0] for i in n], dtype=torch.long),
+                                 persistent=False)
+
+    def forward(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        """x ``[B, 3 * cin, R, R]`` -> ``[B, 3 * cout, R, R]``, equal to ``conv(RollOut(x))``."""
+        B, _, H, W = x.shape
+        co, ci, L = conv.weight.shape[0] // 3, conv.weight.shape[1] // 3, len(self.links)
+        weight = conv.weight.view(3, co, 3, ci, 3, 3)  # [plane j, out, slot, in, dy, dx]
+        own = F.conv2d(x, weight[:, :, 0].reshape(3 * co, ci, 3, 3), conv.bias, padding=1, groups=3)
+        planes = x.view(B, 3, ci, H, W)
+        means = [(planes[:, k].mean(dim=-2), planes[:, k].mean(dim=-1)) for k in range(3)]  # over H, over W
+        vecs = torch.cat([means[k][pool] for _, k, _, pool, _ in self.links], dim=1)  # [B, L * ci, R]
+        # Laid along the width, a part convolves along w with one row of taps per dy; along the
+        # height, along h with one column per dx. taps [L, 3 (dy or dx), co, ci, 3 (along the vector)].
+        taps = torch.stack([weight[j, :, slot].permute(2, 0, 1, 3) if lay == W_AXIS
+                            else weight[j, :, slot].permute(3, 0, 1, 2) for j, _, slot, _, lay in self.links])
+        g = F.conv1d(vecs, taps.reshape(L * 3 * co, ci, 3).to(vecs.dtype), padding=1, groups=L)
+        g = g.view(B, L, 3, co, -1)  # [B, L, 3, co, R]
+        # Per plane, the parts laid along the width (rows: [B, 3, 3 (dy), co, W]) and along the height
+        # (cols: [B, 3, 3 (dx), co, H]), each summed.
+        rows = g.new_zeros(B, 3, 3, co, W).index_add_(1, self._rows_planes, g[:, self._rows_links])
+        cols = g.new_zeros(B, 3, 3, co, H).index_add_(1, self._cols_planes, g[:, self._cols_links])
+        out = own.view(B, 3, co, H, W) + rows.sum(dim=2)[..., None, :] + cols.sum(dim=2)[..., :, None]
+        # Taps that fall on the zero padding: dy = 0 above the first row, dy = 2 below the last one
+        # (both on a 1-row plane), dx likewise at the first and last columns.
+        out[..., 0, :] -= rows[:, :, 0]
+        out[..., H - 1, :] -= rows[:, :, 2]
+        out[..., :, 0] -= cols[:, :, 0]
+        out[..., :, W - 1] -= cols[:, :, 2]
+        return out.view(B, 3 * co, H, W)
+
+
 def plane_conv(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Conv2d:
     """Per-plane convolution ``[B, 3 * cin, H, W] -> [B, 3 * cout, H / stride, W / stride]`` (groups = 3)."""
     return nn.Conv2d(3 * cin, 3 * cout, kernel, stride=stride, padding=kernel // 2, groups=3)
@@ -125,7 +184,7 @@ class PlaneBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, norm_groups: int, axes: str, rollout: bool):
         super().__init__()
-        self.rollout = RollOut(axes) if rollout else None
+        self.rollout = RolledConv(axes) if rollout else None  # applied with conv1: conv1(RollOut(x))
         self.conv1 = plane_conv(3 * cin if rollout else cin, cout)
         self.norm1 = plane_norm(cout, norm_groups)
         self.conv2 = plane_conv(cout, cout)
@@ -134,8 +193,8 @@ class PlaneBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[B, 3 * cin, H, W]`` -> ``[B, 3 * cout, H, W]``."""
-        h = self.rollout(x) if self.rollout is not None else x
-        h = F.silu(self.norm1(self.conv1(h)))
+        h = self.rollout(x, self.conv1) if self.rollout is not None else self.conv1(x)
+        h = F.silu(self.norm1(h))
         return F.silu(self.norm2(self.conv2(h)) + self.skip(x))
 
 
