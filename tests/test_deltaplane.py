@@ -180,8 +180,50 @@ def test_rolled_conv_equals_conv_of_rollout(axes, R):
     cin, cout = 3, 4
     conv = plane_conv(3 * cin, cout).double()
     x = torch.randn(2, 3 * cin, R, R, dtype=torch.float64, requires_grad=True)
-    got = RolledConv(axes)(x, conv)
+    got = RolledConv(axes)(x, conv.weight, conv.bias)
     want = conv(RollOut(axes)(x))
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    gy = torch.randn_like(want)
+    params = (x, conv.weight, conv.bias)
+    for a, b in zip(torch.autograd.grad(got, params, gy), torch.autograd.grad(want, params, gy)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("rollout", [True, False])
+@pytest.mark.parametrize("skip_batch", [2, 1])
+def test_plane_block_with_a_skip_equals_the_block_of_the_concatenation(rollout, skip_batch):
+    # A decoder block convolves the upsampled features and the encoder's skip separately (the skip
+    # of batch 1 at inference, broadcast) instead of concatenating them: same output and gradients.
+    from talk3d.models.deltaplane import PlaneBlock, cat_planes
+
+    torch.manual_seed(skip_batch)
+    block = PlaneBlock(2 * 3, 3, 1, "eg3d", rollout).double()
+    x = torch.randn(2, 9, 5, 5, dtype=torch.float64, requires_grad=True)
+    skip = torch.randn(skip_batch, 9, 5, 5, dtype=torch.float64, requires_grad=True)
+    got = block(x, skip)
+    want = block(cat_planes(x, skip.expand(2, -1, -1, -1)))
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    gy = torch.randn_like(want)
+    params = (x, skip, *block.parameters())
+    for a, b in zip(torch.autograd.grad(got, params, gy), torch.autograd.grad(want, params, gy)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="add up"):
+        block(x, skip[:, :6])
+
+
+@pytest.mark.parametrize("H, W", [(1, 1), (2, 3), (5, 4)])
+def test_upsample_conv_equals_conv_of_nearest_upsampling(H, W):
+    # Four 2x2 phase convolutions of the low-resolution input against the 3x3 convolution of the
+    # 2x nearest upsampling, forward and every gradient, in float64.
+    import torch.nn.functional as F
+
+    from talk3d.models.deltaplane import plane_conv, upsample_conv
+
+    torch.manual_seed(H * W)
+    conv = plane_conv(3, 4).double()
+    x = torch.randn(2, 9, H, W, dtype=torch.float64, requires_grad=True)
+    got = upsample_conv(x, conv)
+    want = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
     gy = torch.randn_like(want)
     params = (x, conv.weight, conv.bias)

@@ -105,7 +105,7 @@ class RollOut(nn.Module):
 
 
 class RolledConv(nn.Module):
-    """``conv(RollOut(x))`` for a per-plane 3x3 convolution ``conv``, without building the roll-out.
+    """``conv(RollOut(x))`` for a per-plane 3x3 convolution, without building the roll-out.
 
     Each plane's input is ``[own c, from k1, from k2]`` and the convolution is linear, so it splits
     into a convolution of the plane's own channels plus the convolution of each broadcast part. A
@@ -118,8 +118,8 @@ class RolledConv(nn.Module):
     What that saves: the roll-out triples the convolution's input (``3 c`` channels a plane), so the
     ``[B, 9c, H, W]`` concatenation (302 MB at the decoder's 256^2 level, batch 2, fp32), its copy
     saved for the backward, and 2/3 of the convolution's work go; the broadcast parts cost 1-D
-    convolutions of length R. ``conv`` is the block's own ``plane_conv(3 cin, cout)`` (weight
-    ``[3 cout, 3 cin, 3, 3]``), so the parameters and checkpoints are those of ``RollOut`` + conv.
+    convolutions of length R. The weight is the block's own ``plane_conv(3 cin, cout)``'s (or a
+    slice of it), so the parameters and checkpoints are those of ``RollOut`` + conv.
     """
 
     def __init__(self, axes: str):
@@ -134,12 +134,13 @@ class RolledConv(nn.Module):
             self.register_buffer(f"_{name}_planes", torch.tensor([self.links[i][0] for i in n], dtype=torch.long),
                                  persistent=False)
 
-    def forward(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-        """x ``[B, 3 * cin, R, R]`` -> ``[B, 3 * cout, R, R]``, equal to ``conv(RollOut(x))``."""
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x ``[B, 3 * cin, R, R]``, the convolution's weight ``[3 * cout, 3 * cin, 3, 3]`` (groups = 3)
+        and bias ``[3 * cout]`` -> ``[B, 3 * cout, R, R]``, equal to ``conv2d(RollOut(x), weight, bias)``."""
         B, _, H, W = x.shape
-        co, ci, L = conv.weight.shape[0] // 3, conv.weight.shape[1] // 3, len(self.links)
-        weight = conv.weight.view(3, co, 3, ci, 3, 3)  # [plane j, out, slot, in, dy, dx]
-        own = F.conv2d(x, weight[:, :, 0].reshape(3 * co, ci, 3, 3), conv.bias, padding=1, groups=3)
+        co, ci, L = weight.shape[0] // 3, weight.shape[1] // 3, len(self.links)
+        weight = weight.view(3, co, 3, ci, 3, 3)  # [plane j, out, slot, in, dy, dx]
+        own = F.conv2d(x, weight[:, :, 0].reshape(3 * co, ci, 3, 3), bias, padding=1, groups=3)
         planes = x.view(B, 3, ci, H, W)
         means = [(planes[:, k].mean(dim=-2), planes[:, k].mean(dim=-1)) for k in range(3)]  # over H, over W
         vecs = torch.cat([means[k][pool] for _, k, _, pool, _ in self.links], dim=1)  # [B, L * ci, R]
@@ -168,6 +169,40 @@ def plane_conv(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Conv
     return nn.Conv2d(3 * cin, 3 * cout, kernel, stride=stride, padding=kernel // 2, groups=3)
 
 
+def _phase_taps(k: torch.Tensor, dim: int) -> torch.Tensor:
+    """3 taps along ``dim`` of ``k`` -> ``[2 (phase), ..., 2 (taps), ...]``: after a 2x nearest
+    upsampling, output phase 0 reads the low-resolution rows (i - 1, i) with taps (k0, k1 + k2), and
+    phase 1 the rows (i, i + 1) with taps (k0 + k1, k2)."""
+    k0, k1, k2 = k.unbind(dim)
+    return torch.stack([torch.stack([k0, k1 + k2], dim), torch.stack([k0 + k1, k2], dim)])
+
+
+def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(interpolate(x, scale_factor=2, mode="nearest"))`` for a 3x3, padding-1 ``conv`` (any groups).
+
+    x ``[B, Cin, H, W]`` -> ``[B, Cout, 2H, 2W]``. Each of the four output phases ``(a, b)`` (row
+    parity, column parity) sees every low-resolution pixel twice along each axis, so it is a 2x2
+    convolution of ``x`` whose taps are sums of the 3x3 kernel's (:func:`_phase_taps`). All four run as
+    one 2x2 convolution with ``4 Cout`` outputs over ``x`` padded by one, phase ``(a, b)`` read at offset
+    ``(a, b)``: 16 multiply-adds an input pixel and output channel instead of 36, and no 4x-sized
+    upsampled copy of the input.
+    """
+    B, _, H, W = x.shape
+    g = conv.groups
+    O, I = conv.weight.shape[0] // g, conv.weight.shape[1]
+    k = conv.weight.view(g, O, I, 3, 3)
+    k2 = _phase_taps(_phase_taps(k, -2), -1)  # [b, a, g, O, I, 2, 2]: phase (a, b)'s 2x2 kernel
+    k2 = k2.permute(2, 1, 0, 3, 4, 5, 6).reshape(g * 4 * O, I, 2, 2)  # output channels (g, a, b, O)
+    bias = None if conv.bias is None else conv.bias.view(g, 1, O).expand(g, 4, O).reshape(-1)
+    y = F.conv2d(x, k2.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=1, groups=g)
+    y = y.view(B, g, 2, 2, O, H + 1, W + 1)
+    out = y.new_empty(B, g, O, H, 2, W, 2)
+    for a in (0, 1):
+        for b in (0, 1):
+            out[:, :, :, :, a, :, b] = y[:, :, a, b, :, a:a + H, b:b + W]
+    return out.view(B, g * O, 2 * H, 2 * W)
+
+
 def plane_norm(channels: int, groups: int) -> nn.GroupNorm:
     """GroupNorm over ``[B, 3 * channels, H, W]`` whose groups stay within one plane."""
     return nn.GroupNorm(3 * groups, 3 * channels)
@@ -180,7 +215,14 @@ def cat_planes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class PlaneBlock(nn.Module):
-    """Residual block per plane: [roll-out] -> conv -> GN -> SiLU -> conv -> GN, + skip, -> SiLU."""
+    """Residual block per plane: [roll-out] -> conv -> GN -> SiLU -> conv -> GN, + skip, -> SiLU.
+
+    A decoder block's input is the per-plane concatenation of the upsampled features and the
+    encoder's skip (:func:`cat_planes`). It is never built: the first convolution and the 1x1 skip
+    convolution are linear in their input, so each part is convolved with its slice of the weights
+    and the results added. At inference the encoder's skip is one ``[1, ...]`` tensor for every
+    frame, so its share is computed once at batch 1 and broadcast.
+    """
 
     def __init__(self, cin: int, cout: int, norm_groups: int, axes: str, rollout: bool):
         super().__init__()
@@ -191,11 +233,38 @@ class PlaneBlock(nn.Module):
         self.norm2 = plane_norm(cout, norm_groups)
         self.skip = nn.Identity() if cin == cout else plane_conv(cin, cout, kernel=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x ``[B, 3 * cin, H, W]`` -> ``[B, 3 * cout, H, W]``."""
-        h = self.rollout(x, self.conv1) if self.rollout is not None else self.conv1(x)
+    @staticmethod
+    def _split(weight: torch.Tensor, widths: list[int], slots: int) -> list[torch.Tensor]:
+        """A per-plane conv weight ``[3 cout, slots * sum(widths), k, k]`` (its per-plane input:
+        ``slots`` copies of the parts' channels) -> one weight ``[3 cout, slots * w, k, k]`` per part."""
+        co3, _, kh, kw = weight.shape
+        w = weight.view(co3, slots, sum(widths), kh, kw)
+        return [t.reshape(co3, slots * t.shape[2], kh, kw) for t in w.split(widths, dim=2)]
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """x ``[B, 3 * cx, H, W]``, skip ``[B or 1, 3 * cs, H, W]`` or None (then cx = cin, else
+        cx + cs = cin: the block reads ``cat_planes(x, skip)``) -> ``[B, 3 * cout, H, W]``."""
+        parts = [x] if skip is None else [x, skip]
+        widths = [p.shape[1] // 3 for p in parts]
+        slots = 3 if self.rollout is not None else 1  # the roll-out adds two planes' worth of channels
+        if sum(widths) * slots != self.conv1.weight.shape[1]:
+            raise ValueError(f"PlaneBlock: inputs of {widths} channels a plane do not add up to the block's "
+                             f"{self.conv1.weight.shape[1] // slots}")
+        h = None
+        for n, (part, weight) in enumerate(zip(parts, self._split(self.conv1.weight, widths, slots))):
+            bias = self.conv1.bias if n == 0 else None
+            y = self.rollout(part, weight, bias) if self.rollout is not None else \
+                F.conv2d(part, weight, bias, padding=1, groups=3)
+            h = y if h is None else h + y
         h = F.silu(self.norm1(h))
-        return F.silu(self.norm2(self.conv2(h)) + self.skip(x))
+        if isinstance(self.skip, nn.Identity):
+            residual = x if skip is None else cat_planes(x, skip.expand(x.shape[0], -1, -1, -1))
+        else:
+            residual = None
+            for n, (part, weight) in enumerate(zip(parts, self._split(self.skip.weight, widths, 1))):
+                y = F.conv2d(part, weight, self.skip.bias if n == 0 else None, groups=3)
+                residual = y if residual is None else residual + y
+        return F.silu(self.norm2(self.conv2(h)) + residual)
 
 
 class DeltaplanePredictor(nn.Module):
@@ -279,9 +348,8 @@ class DeltaplanePredictor(nn.Module):
         x = seq.transpose(2, 3).reshape(B, C3, r, r)
         skips = list(skips)
         for up, block in zip(self.up, self.dec):
-            x = up(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-            skip = skips.pop()
-            x = block(cat_planes(x, skip.expand(B, -1, -1, -1)))
+            x = upsample_conv(x, up)  # = up(nearest 2x upsampling of x)
+            x = block(x, skips.pop())  # the block of cat_planes(x, skip); a batch-1 skip is broadcast
         return self.out_conv(F.silu(self.out_norm(x)))  # [B, 3C, R, R]
 
     def forward(self, planes: torch.Tensor, tokens: torch.Tensor,
