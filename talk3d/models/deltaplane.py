@@ -128,11 +128,12 @@ class RolledConv(nn.Module):
         # 2), the axis k is averaged over, the axis of j the vector is laid along).
         self.links = [(j, k, slot, pool, lay) for j, sources in enumerate(rollout_plan(axes))
                       for slot, (k, links) in enumerate(sources, start=1) for pool, lay in links]
-        for lay, name in ((W_AXIS, "rows"), (H_AXIS, "cols")):
-            n = [i for i, link in enumerate(self.links) if link[4] == lay]
-            self.register_buffer(f"_{name}_links", torch.tensor(n, dtype=torch.long), persistent=False)
-            self.register_buffer(f"_{name}_planes", torch.tensor([self.links[i][0] for i in n], dtype=torch.long),
-                                 persistent=False)
+        # Which links each plane sums, by the axis they are laid along: [2 (W_AXIS, H_AXIS), 3, L] of 0/1.
+        # (A product with it, not index_add_: that is atomic, so run-to-run nondeterministic, on CUDA.)
+        gather = torch.zeros(2, 3, len(self.links))
+        for n, (j, _, _, _, lay) in enumerate(self.links):
+            gather[0 if lay == W_AXIS else 1, j, n] = 1.0
+        self.register_buffer("_plane_sums", gather, persistent=False)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x ``[B, 3 * cin, R, R]``, the convolution's weight ``[3 * cout, 3 * cin, 3, 3]`` (groups = 3)
@@ -152,8 +153,7 @@ class RolledConv(nn.Module):
         g = g.view(B, L, 3, co, -1)  # [B, L, 3, co, R]
         # Per plane, the parts laid along the width (rows: [B, 3, 3 (dy), co, W]) and along the height
         # (cols: [B, 3, 3 (dx), co, H]), each summed.
-        rows = g.new_zeros(B, 3, 3, co, W).index_add_(1, self._rows_planes, g[:, self._rows_links])
-        cols = g.new_zeros(B, 3, 3, co, H).index_add_(1, self._cols_planes, g[:, self._cols_links])
+        rows, cols = torch.einsum("apl,bldor->abpdor", self._plane_sums.to(g.dtype), g).unbind(0)
         out = own.view(B, 3, co, H, W) + rows.sum(dim=2)[..., None, :] + cols.sum(dim=2)[..., :, None]
         # Taps that fall on the zero padding: dy = 0 above the first row, dy = 2 below the last one
         # (both on a 1-row plane), dx likewise at the first and last columns.
