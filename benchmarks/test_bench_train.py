@@ -36,10 +36,10 @@ def _batch(model, B: int) -> dict:
     return {k: v.to(DEVICE) for k, v in batch.items()}
 
 
-def make_train_step(impl: str, *, fused_adam: bool = True):
-    """One training step at the benchmark's sizes (a fresh model, batch and Adam), as the trainer runs
-    it; returns the step function (it does not synchronise) and the model."""
-    cfg = _config()
+def make_train_step(impl: str, *, fused_adam: bool = True, cfg: TrainConfig | None = None):
+    """One training step at the benchmark's sizes (or ``cfg``'s: a fresh model, batch and Adam), as
+    the trainer runs it; returns the step function (it does not synchronise) and the model."""
+    cfg = cfg or _config()
     torch.manual_seed(0)
     model = build_model(cfg, AUDIO_DIM, prior=None, log=lambda m: None).to(DEVICE)
     batch = _batch(model, cfg.batch_size)

@@ -231,6 +231,30 @@ def test_upsample_conv_equals_conv_of_nearest_upsampling(H, W):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
+def test_expanded_identity_planes_are_encoded_once():
+    # One P_ID expanded along the batch (as TalkingHead trains) is encoded at batch 1 and broadcast:
+    # same deltaplane and the same gradients (P_ID's and every parameter's) as B separate copies.
+    # float64, so that summing the frames' weight gradients in another order shows as nothing.
+    cfg = DeltaplaneConfig.tiny()
+    model = _perturbed(cfg).train().double()
+    torch.manual_seed(0)
+    p_id = _planes(cfg, 1).double().requires_grad_()
+    batch = {k: v.double() for k, v in _batch(cfg, 3).items()}
+    seen = []
+    encode = model.predictor.encode
+    model.predictor.encode = lambda x: seen.append(x.shape[0]) or encode(x)
+    torch.manual_seed(1)  # the same training-mode eye noise in both calls
+    shared = model(p_id.expand(3, -1, -1, -1, -1), batch)
+    torch.manual_seed(1)
+    copies = model(p_id.repeat(3, 1, 1, 1, 1), batch)
+    assert seen == [1, 3]
+    torch.testing.assert_close(shared, copies, atol=1e-12, rtol=0)
+    gy = torch.randn_like(shared)
+    params = (p_id, *model.parameters())
+    for a, b in zip(torch.autograd.grad(shared, params, gy), torch.autograd.grad(copies, params, gy)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
 def test_rolled_conv_keeps_the_checkpoint_keys():
     # The factored roll-out holds no state: a block's keys are those of RollOut + conv1.
     from talk3d.models.deltaplane import PlaneBlock

@@ -132,6 +132,18 @@ def test_one_step_reduces_the_loss_on_a_fixed_batch(data, tmp_path):
     assert after < before
 
 
+def test_training_encodes_the_identity_triplane_once_per_step(data, tmp_path):
+    # Every frame of a batch shares P_ID: the U-Net encoder runs on it at batch 1, in training too.
+    t = Trainer(_cfg(), data, tmp_path / "run")
+    batch = torch.utils.data.default_collate([t.train_set[i] for i in (0, 7)])
+    predictor = t.model.deltaplane.predictor
+    seen = []
+    encode = predictor.encode
+    predictor.encode = lambda x: seen.append(x.shape[0]) or encode(x)
+    t.train_step(batch)
+    assert seen == [1]
+
+
 #: A compiled U-Net step against the eager one: the same float32 ops, possibly re-associated
 #: (measured with aot_eager on the CPU VM: identical losses).
 COMPILE_RTOL = 1e-5

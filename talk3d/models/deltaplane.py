@@ -358,7 +358,8 @@ class DeltaplanePredictor(nn.Module):
         """Predict the deltaplane.
 
         Args:
-            planes: ``[B, 3, C, R, R]`` or ``[B, 3 * C, R, R]`` identity triplane P_ID.
+            planes: ``[B, 3, C, R, R]`` or ``[B, 3 * C, R, R]`` identity triplane P_ID (one P_ID
+                expanded along the batch is encoded once).
             tokens: ``[B, T, token_dim]`` condition tokens (:class:`ConditionEncoder`).
             key_padding_mask: optional ``[B, T]`` bool, True for tokens to ignore.
             encoded: :meth:`encode` of these planes (batch B or 1), computed earlier; skips the encoder.
@@ -368,7 +369,11 @@ class DeltaplanePredictor(nn.Module):
         self._check(planes, tokens, key_padding_mask)
         B, R = planes.shape[0], self.cfg.plane_resolution
         if encoded is None:
-            encoded = self.encode(planes.reshape(B, -1, R, R))
+            flat = planes.reshape(B, -1, R, R)
+            # Talk3D feeds every frame the same P_ID, expanded (stride 0 along the batch): the encoder
+            # sees it once and the decoder broadcasts it, in training too (autograd sums the frames'
+            # gradients through the broadcast, as it would over B copies).
+            encoded = self.encode(flat[:1] if B > 1 and flat.stride(0) == 0 else flat)
         delta = self.decode(*encoded, tokens, key_padding_mask)
         return delta.view(planes.shape)
 
