@@ -330,6 +330,29 @@ def test_super_resolution_with_an_expanded_latent(training):
     torch.testing.assert_close(g_shared, g_separate, atol=FP32_ATOL * scale, rtol=0)
 
 
+def test_autocast_keeps_the_blocks_half_precision_activations():
+    # Under autocast a block's input stays in the previous block's bf16 (no fp32 copy for the
+    # convolution to round straight back); the result is bit-identical to widening it first.
+    G = _generator().train()
+    B = 2
+    rgb, feat = torch.randn(B, 3, 8, 8), torch.randn(B, G.cfg.decoder_features, 8, 8, requires_grad=True)
+    ws = torch.randn(1, G.num_ws, G.cfg.w_dim).expand(B, -1, -1)
+    block1 = G.superresolution.block1
+    seen = []
+    hook = block1.conv0.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = G.superresolution(rgb, feat, ws)
+    hook.remove()
+    assert seen == [torch.bfloat16]
+    (g_got,) = torch.autograd.grad(got.sum(), feat)
+    hook = block1.conv0.register_forward_pre_hook(lambda m, args: (args[0].float(), *args[1:]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = G.superresolution(rgb, feat, ws)
+    hook.remove()
+    (g_want,) = torch.autograd.grad(want.sum(), feat)
+    assert torch.equal(got, want) and torch.equal(g_got, g_want)
+
+
 # --- config -----------------------------------------------------------------------------------------
 
 

@@ -48,7 +48,12 @@ class SynthesisBlock(nn.Module):
             x = self.const.to(dtype)[None].expand(ws.shape[0], -1, -1, -1)
             x = self.conv1(x, w[0], noise_mode)
         else:
-            x = self.conv0(x.to(dtype), w[0], noise_mode)
+            # Under autocast the convolutions pick their dtype themselves: widening the previous
+            # block's bf16 output to the fp32 weights' dtype would only make a copy (twice the
+            # activation's size) that the convolution rounds straight back, and its gradient twice.
+            if not torch.is_autocast_enabled(x.device.type):
+                x = x.to(dtype)
+            x = self.conv0(x, w[0], noise_mode)
             x = self.conv1(x, w[1], noise_mode)
         if img is not None and self.up > 1:
             img = upsample2d(img, self.resample_filter, self.up)
