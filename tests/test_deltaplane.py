@@ -453,21 +453,22 @@ def test_inference_caches_the_encoder_of_the_identity_planes():
     assert head._encoding is None
 
 
-def test_inference_under_autocast_renders_half_precision_planes():
-    # The fast path's render reads bf16 planes under autocast at inference; with gradients on
-    # (training) the planes stay fp32.
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_inference_under_autocast_renders_half_precision_planes_on_a_gpu(device):
+    # The fast path's render reads bf16 planes under autocast at inference on a GPU; with gradients
+    # on (training), and on the CPU (whose kernels take fp32), the planes stay fp32.
     from talk3d.render import look_at_camera
 
-    head = _talking_head()
+    head = _talking_head().to(device)
     batch = {**_batch(head.deltaplane.cfg, 2), "camera": look_at_camera(torch.tensor([0.1, -0.1]), torch.zeros(2))}
+    batch = {k: v.to(device) for k, v in batch.items()}
     seen = []
     synthesis = head.generator.synthesis
     head.generator.synthesis = lambda ws, c, planes, **kw: seen.append(planes.dtype) or synthesis(ws, c, planes=planes, **kw)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = head(batch, impl="torch", deterministic=True)
-    with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16):
+        out = head(batch, impl="auto" if device == "cuda" else "torch", deterministic=True)
+    with torch.enable_grad(), torch.autocast(device, dtype=torch.bfloat16):
         head(batch, impl="torch", deterministic=True)
-    with torch.inference_mode():
-        head(batch, impl="torch", deterministic=True)
-    assert seen == [torch.bfloat16, torch.float32, torch.float32]
+    half = torch.bfloat16 if device == "cuda" else torch.float32
+    assert seen == [half, torch.float32]
     assert out["image"].dtype == torch.float32 and torch.isfinite(out["image"]).all()

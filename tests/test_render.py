@@ -330,3 +330,45 @@ def test_render_ignores_autocast():
         auto = render(planes, dec, cams, cfg, impl="torch", randoms=rnd)
     assert auto.feature_image.dtype == torch.float32
     torch.testing.assert_close(auto.feature_image, plain.feature_image, rtol=0, atol=0)
+
+
+# bf16 planes and decoder weights against fp32 ones holding the same (rounded) values: the field's
+# bf16 outputs (sigma, features) carry ~2^-9 relative rounding into the image. Measured on the CPU:
+# see the printout; a render whose depths were rounded to bf16 (0.016 apart near t = 3, coarser
+# than the samples) falls far below this.
+HALF_PLANES_MIN_PSNR = 35.0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_half_precision_planes_render_in_fp32_depths(device, monkeypatch):
+    """The fast path's bf16 planes: dense and skipping renders close to fp32 planes of the same
+    values, with the compositing done on fp32 depths (the compositing ops take one dtype)."""
+    from talk3d.render import renderer as renderer_module
+
+    planes, dec, cams, cfg = _scene(res=24, B=2)
+    dev = torch.device(device)
+    # On the CPU "auto" picks Triton for bf16, which the tests run in its (slow) interpreter.
+    impl = "auto" if device == "cuda" else "torch"
+    p16 = planes.to(dev, torch.bfloat16)
+    d16 = DecoderWeights(*[x.to(dev, torch.bfloat16) for x in dec])
+    p32, d32 = p16.float(), DecoderWeights(*[x.float() for x in d16])
+    cams = cams.to(dev)
+    seen = []
+    for name in ("composite", "composite_weights"):
+        real = getattr(renderer_module, name)
+        monkeypatch.setattr(renderer_module, name, lambda sigma, *a, _real=real, **k: seen.append(a[-1].dtype) or
+                            _real(sigma, *a, **k))
+    grid = OccupancyGrid(32).to(dev)
+    for step in range(4):
+        grid.update(step, Renderer(cfg).density(p32, d32), cfg.coarse_step)
+    lines = []
+    for kw in ({}, dict(grid=grid, early_stop=1e-3)):
+        half = render(p16, d16, cams, cfg, impl=impl, deterministic=True, **kw)
+        full = render(p32, d32, cams, cfg, impl=impl, deterministic=True, **kw)
+        value = psnr(half.feature_image[:, :3].float(), full.feature_image[:, :3])
+        lines.append(f"{'skipping' if kw else 'dense'} {value:.1f} dB")
+        assert value >= HALF_PLANES_MIN_PSNR, lines
+        hit = full.weight_sum > 0.5
+        assert (half.depth.float()[hit] - full.depth[hit]).abs().max() < 0.02
+    assert seen and all(dtype == torch.float32 for dtype in seen), seen
+    print(f"{device}: bf16 planes against fp32: " + ", ".join(lines))

@@ -138,12 +138,12 @@ class TalkingHead(nn.Module):
         """
         cams = batch["camera"]
         planes, delta = self._planes_and_delta(batch)
-        device = planes.device.type
-        if torch.is_autocast_enabled(device) and not torch.is_grad_enabled():
-            # Inference under autocast renders the planes in its half dtype (the kernels accumulate
-            # in fp32): the field's texel gathers, its largest memory traffic, halve. Training keeps
-            # fp32 planes, whose gradients bf16 would round away.
-            planes = planes.to(torch.get_autocast_dtype(device))
+        if planes.is_cuda and torch.is_autocast_enabled("cuda") and not torch.is_grad_enabled():
+            # Inference under autocast on a GPU renders the planes in its half dtype (the CUDA field
+            # kernel accumulates in fp32): its texel gathers, the largest memory traffic, halve.
+            # Training keeps fp32 planes, whose gradients bf16 would round away; the CPU kernels take
+            # fp32 only (half planes would go to the reference or be widened back).
+            planes = planes.to(torch.get_autocast_dtype("cuda"))
         ws = self.w_id.expand(cams.shape[0], -1, -1)
         out = self.generator.synthesis(ws, cams, impl=impl, deterministic=deterministic, planes=planes,
                                        neural_rendering_resolution=resolution, grid=grid, early_stop=early_stop)

@@ -259,7 +259,7 @@ def _composite_unmerged(sigma_c, feat_c, sigma_f, feat_f, t, order, impl):
     """
     Sc = sigma_c.shape[2]
     (sigma,) = _take_along_rays(order, torch.cat([sigma_c, sigma_f], dim=2))
-    sigma = _cpu_widened(sigma)
+    sigma = _widened(sigma)  # the depths go in sigma's dtype: fp32 (see _widened)
     # t comes out of torch.sort: no sortedness check (on a GPU it would stall every frame on a sync).
     omega_sorted, depth, wsum = composite_weights(sigma, t.to(sigma.dtype), impl=impl, check_sorted=False)
     omega = torch.zeros_like(omega_sorted).scatter(2, order, omega_sorted)  # [B, R, S, 1] in the passes' order
@@ -269,14 +269,24 @@ def _composite_unmerged(sigma_c, feat_c, sigma_f, feat_f, t, order, impl):
     return C[:, :, 0] * 2 - 1, depth, wsum
 
 
+def _widened(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision field outputs -> fp32, for compositing on any device.
+
+    The compositing ops take sigma, features and depths in one dtype, and depths cannot be half:
+    bf16 spaces numbers near EG3D's depths (2.25-3.3) 0.016 apart, coarser than the samples
+    themselves (0.022 apart in the coarse pass, closer in the fine one), and fp16 0.002 apart.
+    """
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _cpu_widened(x: torch.Tensor) -> torch.Tensor:
-    """The CPU compositing kernels take fp32/fp64: half-precision field outputs are widened there."""
-    return x.float() if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16) else x
+    """The CPU's batched matrix products are slow in half precision: features are widened there."""
+    return _widened(x) if x.device.type == "cpu" else x
 
 
 def _composite_dtype(sigma, feat, t):
-    """sigma and feat as the compositing kernels take them, t in sigma's dtype."""
-    sigma, feat = _cpu_widened(sigma), _cpu_widened(feat)
+    """sigma, feat and t as the compositing kernels take them: one dtype, at least fp32."""
+    sigma, feat = _widened(sigma), _widened(feat)
     return sigma, feat, t.to(sigma.dtype)
 
 
