@@ -3,6 +3,7 @@
 #include <torch/library.h>
 #include <torch/extension.h>
 
+#include "bias_act/bias_act.h"
 #include "binomial_filter/binomial_filter.h"
 #include "composite/composite.h"
 #include "layout/layout.h"
@@ -57,6 +58,10 @@ TORCH_LIBRARY(talk3d, m) {
   // x [N, C, H, W] -> [N, C, out_h, out_w]: EG3D's 4 x 4 binomial FIR (outer product of [1, 3, 3, 1] / 8)
   // times gain, the window of output (i, j) starting at x[i - top, j - left], zero outside x.
   m.def("binomial_filter2d(Tensor x, int top, int left, int out_h, int out_w, float gain) -> Tensor");
+  // x [N, C, ...], b [C] or None -> clamp(lrelu_slope(x + b) * gain, -clamp, clamp) (clamp < 0: none),
+  // in x's dtype and layout; the backward takes the output y (gain > 0).
+  m.def("bias_act_fwd(Tensor x, Tensor? b, float slope, float gain, float clamp) -> Tensor");
+  m.def("bias_act_bwd(Tensor grad, Tensor y, float slope, float gain, float clamp) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(talk3d, CPU, m) {
@@ -71,6 +76,8 @@ TORCH_LIBRARY_IMPL(talk3d, CPU, m) {
   m.impl("occupied_intervals", &talk3d::occupied_intervals_cpu);
   m.impl("transpose_inner", &talk3d::transpose_inner_cpu);
   m.impl("binomial_filter2d", &talk3d::binomial_filter2d_cpu);
+  m.impl("bias_act_fwd", &talk3d::bias_act_fwd_cpu);
+  m.impl("bias_act_bwd", &talk3d::bias_act_bwd_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,5 +1,5 @@
-"""The rendering CUDA kernels (compositing, occupancy marching) and the super-resolution's FIR, emulated
-on the CPU, against the CPU ops.
+"""The rendering CUDA kernels (compositing, occupancy marching) and the super-resolution's FIR and
+bias_act, emulated on the CPU, against the CPU ops.
 
 No GPU is needed: tests/cuda_emu/emu_render.cpp mocks the CUDA runtime calls the launchers make and
 runs every CUDA thread as a std::thread, after the kernel launches are rewritten into emulator calls
@@ -31,7 +31,8 @@ from talk3d.ops.reference.composite import finish_depth
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {"composite": ROOT / "kernels" / "composite" / "composite.cu",
            "occupancy": ROOT / "kernels" / "occupancy" / "occupancy.cu",
-           "fir": ROOT / "kernels" / "binomial_filter" / "binomial_filter.cu"}
+           "fir": ROOT / "kernels" / "binomial_filter" / "binomial_filter.cu",
+           "bias_act": ROOT / "kernels" / "bias_act" / "bias_act.cu"}
 CXX = shutil.which("g++")
 NVCC = shutil.which("nvcc")
 
@@ -502,3 +503,45 @@ def test_binomial_filter_kernel_in_emulation(emulator, tmp_path, name):
     ref = reference.binomial_filter2d(x.double(), (left, right, top, bottom), 4.0)
     # and against float64 on the same (rounded) input: the fp32 sum's error, plus one rounding
     _assert_close("y vs float64", got.double(), ref, FIR_FP32_TOL_OF_SCALE, ROUNDING_RTOL[dtype_name])
+
+
+# --- bias_act ------------------------------------------------------------------------------------
+
+BIAS_ACT_CASES = {
+    # name: (dtype, shape, channels_last, (slope, gain, clamp), has_bias, sms)
+    "nchw-f32-lrelu-clamp": ("f32", (2, 5, 7, 9), False, (0.2, 2**0.5, 0.8), True, 2),
+    "nhwc-f32-lrelu": ("f32", (2, 6, 5, 7), True, (0.2, 2**0.5, -1.0), True, 2),
+    "nhwc-bf16-linear-clamp": ("bf16", (2, 4, 6, 5), True, (1.0, 1.0, 1.5), True, 2),
+    "nchw-f16-relu-nobias": ("f16", (3, 3, 4, 4), False, (0.0, 2**0.5, -1.0), False, 2),
+    "rank2-f64": ("f64", (7, 9), False, (0.2, 1.3, 2.0), True, 2),
+    "grid-stride": ("f32", (2, 8, 16, 12), True, (0.2, 2**0.5, 1.0), True, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(BIAS_ACT_CASES))
+def test_bias_act_kernels_in_emulation(emulator, tmp_path, name):
+    dtype_name, shape, nhwc, (slope, gain, clamp), has_bias, sms = BIAS_ACT_CASES[name]
+    code, dtype = FIR_DTYPES[dtype_name]
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    x = (2 * torch.randn(*shape)).to(dtype).to(memory_format=fmt)
+    dy = torch.randn(*shape).to(dtype).to(memory_format=fmt)
+    b = torch.randn(shape[1], dtype=torch.float64 if dtype_name == "f64" else torch.float32)
+    memory = (lambda t: t.permute(0, 2, 3, 1)) if nhwc else (lambda t: t)  # _raw writes logical order
+    (tmp_path / "x.bin").write_bytes(_raw(memory(x)))
+    (tmp_path / "dy.bin").write_bytes(_raw(memory(dy)))
+    (tmp_path / "b.bin").write_bytes(b.numpy().tobytes())
+    inner = 1 if nhwc else int(torch.tensor(shape[2:]).prod()) if len(shape) > 2 else 1
+    meta = [code, x.numel(), shape[1], inner, repr(slope), repr(gain), repr(clamp), int(has_bias), sms]
+    (tmp_path / "meta.txt").write_text(" ".join(map(str, meta)))
+    out = _run(emulator, "bias_act", tmp_path)
+    assert "forward: err=0" in out and "backward: err=0" in out, out
+    logical = (shape[0], *shape[2:], shape[1]) if nhwc else shape
+    unperm = (lambda t: t.permute(0, 3, 1, 2)) if nhwc else (lambda t: t)
+    y = unperm(_load(tmp_path / "y.bin", dtype, logical))
+    dx = unperm(_load(tmp_path / "dx.bin", dtype, logical))
+    args = (slope, gain, clamp)
+    want_y = torch.ops.talk3d.bias_act_fwd(x, b if has_bias else None, *args)
+    want_dx = torch.ops.talk3d.bias_act_bwd(dy, want_y, *args)
+    # The same per-element code as the CPU op: equal up to FMA contraction, then one rounding.
+    _assert_close("y", y.double(), want_y.double(), FIR_SAME_CODE_ATOL[dtype_name], ROUNDING_RTOL[dtype_name])
+    _assert_close("dx", dx.double(), want_dx.double(), FIR_SAME_CODE_ATOL[dtype_name], ROUNDING_RTOL[dtype_name])

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.bias_act import bias_act as fused_bias_act
 from ..ops.binomial_filter import binomial_filter2d
 
 #: StyleGAN2's default activation: leaky ReLU, slope 0.2, output gain sqrt(2) (variance-preserving).
@@ -112,9 +113,21 @@ def downsample2d(x: torch.Tensor, f: torch.Tensor, down: int = 2) -> torch.Tenso
     return upfirdn2d(x, f, down=down, padding=(p0, p1, p0, p1))
 
 
+#: Slope below zero of each activation, as :func:`talk3d.ops.bias_act` takes it.
+ACT_SLOPES = {"linear": 1.0, "lrelu": LRELU_SLOPE, "relu": 0.0}
+
+
 def bias_act(x: torch.Tensor, b: torch.Tensor | None, act: str = "linear", gain: float = 1.0,
              clamp: float | None = None, dim: int = 1) -> torch.Tensor:
-    """``clamp(act(x + b) * gain)`` with ``b`` broadcast along ``dim`` of ``x``."""
+    """``clamp(act(x + b) * gain)`` with ``b`` broadcast along ``dim`` of ``x``.
+
+    Along the channel axis (``dim`` 1) this is :func:`talk3d.ops.bias_act`: one pass each way with
+    the compiled kernels (PyTorch's four operations where there are none).
+    """
+    if act not in ACT_SLOPES:
+        raise ValueError(f"bias_act: unknown activation {act!r}")
+    if dim == 1 and x.dim() >= 2:
+        return fused_bias_act(x, b, slope=ACT_SLOPES[act], gain=gain, clamp=clamp)
     if b is not None:
         shape = [1] * x.dim()
         shape[dim] = -1
@@ -123,8 +136,6 @@ def bias_act(x: torch.Tensor, b: torch.Tensor | None, act: str = "linear", gain:
         x = F.leaky_relu(x, LRELU_SLOPE)
     elif act == "relu":
         x = F.relu(x)
-    elif act != "linear":
-        raise ValueError(f"bias_act: unknown activation {act!r}")
     if gain != 1:
         x = x * gain
     if clamp is not None:

@@ -1,5 +1,6 @@
 // CPU emulation of the rendering CUDA kernels (kernels/composite/composite.cu and
-// kernels/occupancy/occupancy.cu) and of the super-resolution's FIR (kernels/binomial_filter), so their indexing, layouts, grid-stride loops, storage types and
+// kernels/occupancy/occupancy.cu) and of the super-resolution's FIR and bias_act (kernels/binomial_filter,
+// kernels/bias_act), so their indexing, layouts, grid-stride loops, storage types and
 // null-output handling are checked against the CPU ops on machines without a GPU.
 //
 // Like emu_main.cpp (the field kernels): one std::thread per CUDA thread, blocks one after another,
@@ -8,7 +9,7 @@
 // asking for shared memory fails the run. tests/test_cuda_emulation_render.py builds this with g++
 // after rewriting `k<<<grid, block, smem, s>>>(...)` launches into emu_launch(...) calls.
 //
-// Usage: emu_render composite|weights|occupancy|fir CASE_DIR
+// Usage: emu_render composite|weights|occupancy|fir|bias_act CASE_DIR
 //   CASE_DIR holds meta.txt and the input .bin files; the outputs are written there.
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -68,6 +69,7 @@ void emu_launch(K kernel, int blocks, int T, size_t smem_bytes, const A&... args
 #include "composite_emu.cu"
 #include "occupancy_emu.cu"
 #include "fir_emu.cu"
+#include "bias_act_emu.cu"
 
 using namespace talk3d::cuda;
 
@@ -212,11 +214,33 @@ int run_fir(const std::string& dir) {
   return 0;
 }
 
+// bias_act. meta.txt: dtype n C inner slope gain clamp has_bias sms; dtype is BiasActDType. x.bin,
+// b.bin (float, double for f64), dy.bin; y.bin and dx.bin come out, starting as 0xFF bytes.
+int run_bias_act(const std::string& dir) {
+  std::ifstream m(dir + "/meta.txt");
+  int dtype, has_bias;
+  BiasActProblem p;
+  m >> dtype >> p.n >> p.C >> p.inner >> p.slope >> p.gain >> p.clamp >> has_bias >> g_sms;
+  p.dtype = BiasActDType(dtype);
+  const size_t es = dtype == 0 ? 4 : (dtype == 3 ? 8 : 2);
+  const auto x = readb(dir + "/x.bin"), b = readb(dir + "/b.bin"), dy = readb(dir + "/dy.bin");
+  std::vector<unsigned char> y(size_t(p.n) * es, 0xFF), dx(size_t(p.n) * es, 0xFF);
+  g_last_blocks = g_last_T = 0;
+  cudaError_t e = bias_act_forward(p, x.data(), has_bias ? b.data() : nullptr, y.data(), nullptr);
+  printf("forward: err=%d blocks=%d T=%d\n", int(e), g_last_blocks, g_last_T);
+  writeb(dir + "/y.bin", y);
+  if (e != cudaSuccess) return 0;
+  e = bias_act_backward(p, dy.data(), y.data(), dx.data(), nullptr);
+  printf("backward: err=%d blocks=%d T=%d\n", int(e), g_last_blocks, g_last_T);
+  writeb(dir + "/dx.bin", dx);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc != 3) {
-    fprintf(stderr, "usage: %s composite|weights|occupancy|fir CASE_DIR\n", argv[0]);
+    fprintf(stderr, "usage: %s composite|weights|occupancy|fir|bias_act CASE_DIR\n", argv[0]);
     return 2;
   }
   const std::string mode = argv[1];
@@ -224,6 +248,7 @@ int main(int argc, char** argv) {
   if (mode == "weights") return run_weights(argv[2]);
   if (mode == "occupancy") return run_occupancy(argv[2]);
   if (mode == "fir") return run_fir(argv[2]);
+  if (mode == "bias_act") return run_bias_act(argv[2]);
   fprintf(stderr, "unknown mode %s\n", mode.c_str());
   return 2;
 }
