@@ -255,6 +255,21 @@ def test_expanded_identity_planes_are_encoded_once():
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("axes", ["fixed", "eg3d"])
+def test_decode_with_precomputed_skip_shares(axes):
+    # Inference computes each decoder block's share of its (fixed) encoder skip once: decoding with
+    # the shares equals decoding with the skips, in float64.
+    cfg = DeltaplaneConfig.tiny(axes=axes)
+    model = _perturbed(cfg).double()
+    pred = model.predictor
+    with torch.no_grad():
+        x, skips = pred.encode(_planes(cfg, 1).double().reshape(1, -1, cfg.plane_resolution, cfg.plane_resolution))
+        tokens = model.condition({k: v.double() for k, v in _batch(cfg, 3).items()})
+        want = pred.decode(x, skips, tokens)
+        got = pred.decode(x, skips, tokens, shares=pred.skip_shares(skips))
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
 def test_rolled_conv_keeps_the_checkpoint_keys():
     # The factored roll-out holds no state: a block's keys are those of RollOut + conv1.
     from talk3d.models.deltaplane import PlaneBlock
@@ -448,6 +463,11 @@ def test_inference_caches_the_encoder_of_the_identity_planes():
         head.identity_planes.mul_(1.5)
         d = head(batch, **kw)["delta"]
     assert len(calls) == 4 and not torch.equal(c, b) and not torch.equal(d, c)
+    # So does one on a decoder block: the cache holds its share of the encoder's skip.
+    with torch.no_grad():
+        head.deltaplane.predictor.dec[0].conv1.weight.add_(0.01)
+        e = head(batch, **kw)["delta"]
+    assert len(calls) == 5 and not torch.equal(e, d)
     # Training mode never uses (and drops) the cache.
     head.train()
     assert head._encoding is None

@@ -241,29 +241,63 @@ class PlaneBlock(nn.Module):
         w = weight.view(co3, slots, sum(widths), kh, kw)
         return [t.reshape(co3, slots * t.shape[2], kh, kw) for t in w.split(widths, dim=2)]
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        """x ``[B, 3 * cx, H, W]``, skip ``[B or 1, 3 * cs, H, W]`` or None (then cx = cin, else
-        cx + cs = cin: the block reads ``cat_planes(x, skip)``) -> ``[B, 3 * cout, H, W]``."""
-        parts = [x] if skip is None else [x, skip]
-        widths = [p.shape[1] // 3 for p in parts]
+    def _widths(self, cx: int) -> list[int]:
+        """Channels a plane of the block's two inputs, for an upsampled input of ``cx``."""
         slots = 3 if self.rollout is not None else 1  # the roll-out adds two planes' worth of channels
-        if sum(widths) * slots != self.conv1.weight.shape[1]:
-            raise ValueError(f"PlaneBlock: inputs of {widths} channels a plane do not add up to the block's "
-                             f"{self.conv1.weight.shape[1] // slots}")
-        h = None
-        for n, (part, weight) in enumerate(zip(parts, self._split(self.conv1.weight, widths, slots))):
-            bias = self.conv1.bias if n == 0 else None
-            y = self.rollout(part, weight, bias) if self.rollout is not None else \
-                F.conv2d(part, weight, bias, padding=1, groups=3)
-            h = y if h is None else h + y
-        h = F.silu(self.norm1(h))
+        return [cx, self.conv1.weight.shape[1] // slots - cx]
+
+    def _share(self, part: torch.Tensor, n: int, widths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input ``n``'s share of the first convolution's output and of the 1x1 skip convolution's
+        (the biases go with input 0)."""
+        slots = 3 if self.rollout is not None else 1
+        weight = self._split(self.conv1.weight, widths, slots)[n]
+        bias = self.conv1.bias if n == 0 else None
+        h = self.rollout(part, weight, bias) if self.rollout is not None else \
+            F.conv2d(part, weight, bias, padding=1, groups=3)
+        r = F.conv2d(part, self._split(self.skip.weight, widths, 1)[n], self.skip.bias if n == 0 else None, groups=3)
+        return h, r
+
+    def skip_share(self, x_channels: int, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder skip's share of a decoder block (see :meth:`forward`'s ``share``), for an
+        upsampled input of ``x_channels`` channels a plane: two ``[1 or B, 3 * cout, H, W]``."""
         if isinstance(self.skip, nn.Identity):
+            raise ValueError("PlaneBlock: a block without a skip convolution has no separable skip share")
+        return self._share(skip, 1, self._widths(x_channels))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None,
+                share: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x ``[B, 3 * cx, H, W]``, skip ``[B or 1, 3 * cs, H, W]`` or None (then cx = cin, else
+        cx + cs = cin: the block reads ``cat_planes(x, skip)``) -> ``[B, 3 * cout, H, W]``.
+
+        ``share``: :meth:`skip_share` of the skip, computed earlier (inference computes it once for
+        every frame), in place of ``skip``.
+        """
+        if skip is None and share is None:
+            widths = [x.shape[1] // 3]
+        else:
+            widths = self._widths(x.shape[1] // 3)
+        slots = 3 if self.rollout is not None else 1
+        expected = self.conv1.weight.shape[1] // slots
+        if (skip is None and share is None and widths[0] != expected) or widths[-1] < 1 or (
+                skip is not None and widths[1] != skip.shape[1] // 3):
+            got = [x.shape[1] // 3] + ([] if skip is None else [skip.shape[1] // 3])
+            raise ValueError(f"PlaneBlock: inputs of {got} channels a plane do not add up to the block's {expected}")
+        if isinstance(self.skip, nn.Identity):
+            if share is not None:
+                raise ValueError("PlaneBlock: a block without a skip convolution takes no skip share")
+            parts = [x] if skip is None else [x, skip]
+            h = None
+            for n, (part, weight) in enumerate(zip(parts, self._split(self.conv1.weight, widths, slots))):
+                y = self.rollout(part, weight, self.conv1.bias if n == 0 else None) if self.rollout is not None \
+                    else F.conv2d(part, weight, self.conv1.bias if n == 0 else None, padding=1, groups=3)
+                h = y if h is None else h + y
             residual = x if skip is None else cat_planes(x, skip.expand(x.shape[0], -1, -1, -1))
         else:
-            residual = None
-            for n, (part, weight) in enumerate(zip(parts, self._split(self.skip.weight, widths, 1))):
-                y = F.conv2d(part, weight, self.skip.bias if n == 0 else None, groups=3)
-                residual = y if residual is None else residual + y
+            h, residual = self._share(x, 0, widths)
+            if skip is not None or share is not None:
+                hs, rs = share if share is not None else self._share(skip, 1, widths)
+                h, residual = h + hs, residual + rs
+        h = F.silu(self.norm1(h))
         return F.silu(self.norm2(self.conv2(h)) + residual)
 
 
@@ -332,12 +366,22 @@ class DeltaplanePredictor(nn.Module):
         skips.pop()  # the bottleneck has no skip of its own
         return x, skips
 
+    def skip_shares(self, skips: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each decoder block's share of its encoder skip (:meth:`PlaneBlock.skip_share`), in the
+        decoder's order: what :meth:`decode` takes as ``shares`` when the skips are fixed (inference
+        on one P_ID), so each block convolves only the upsampled features per frame."""
+        ch = self.cfg.channels
+        return [block.skip_share(ch[i], skip) for block, i, skip in
+                zip(self.dec, reversed(range(len(ch) - 1)), reversed(skips))]
+
     def decode(self, x: torch.Tensor, skips: list[torch.Tensor], tokens: torch.Tensor,
-               key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+               key_padding_mask: torch.Tensor | None = None,
+               shares: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         """Attention at the bottleneck (where the tokens enter) and the decoder.
 
         x, skips: :meth:`encode`'s output with batch B or 1 (broadcast over the tokens' B);
-        tokens ``[B, T, token_dim]`` -> ΔP ``[B, 3C, R, R]``.
+        tokens ``[B, T, token_dim]`` -> ΔP ``[B, 3C, R, R]``. ``shares``: :meth:`skip_shares` of
+        ``skips``, when computed earlier.
         """
         B = tokens.shape[0]
         x = x.expand(B, -1, -1, -1)
@@ -347,9 +391,11 @@ class DeltaplanePredictor(nn.Module):
             seq = block(seq, tokens, key_padding_mask)
         x = seq.transpose(2, 3).reshape(B, C3, r, r)
         skips = list(skips)
-        for up, block in zip(self.up, self.dec):
+        for n, (up, block) in enumerate(zip(self.up, self.dec)):
             x = upsample_conv(x, up)  # = up(nearest 2x upsampling of x)
-            x = block(x, skips.pop())  # the block of cat_planes(x, skip); a batch-1 skip is broadcast
+            skip = skips.pop()
+            # the block of cat_planes(x, skip); a batch-1 skip (or its share) is broadcast
+            x = block(x, share=shares[n]) if shares is not None else block(x, skip)
         return self.out_conv(F.silu(self.out_norm(x)))  # [B, 3C, R, R]
 
     def forward(self, planes: torch.Tensor, tokens: torch.Tensor,
@@ -362,7 +408,8 @@ class DeltaplanePredictor(nn.Module):
                 expanded along the batch is encoded once).
             tokens: ``[B, T, token_dim]`` condition tokens (:class:`ConditionEncoder`).
             key_padding_mask: optional ``[B, T]`` bool, True for tokens to ignore.
-            encoded: :meth:`encode` of these planes (batch B or 1), computed earlier; skips the encoder.
+            encoded: :meth:`encode` of these planes (batch B or 1), computed earlier, optionally
+                with :meth:`skip_shares` of its skips as a third item; skips the encoder.
         Returns:
             ΔP, the same shape as ``planes``.
         """
@@ -374,7 +421,8 @@ class DeltaplanePredictor(nn.Module):
             # sees it once and the decoder broadcasts it, in training too (autograd sums the frames'
             # gradients through the broadcast, as it would over B copies).
             encoded = self.encode(flat[:1] if B > 1 and flat.stride(0) == 0 else flat)
-        delta = self.decode(*encoded, tokens, key_padding_mask)
+        delta = self.decode(encoded[0], encoded[1], tokens, key_padding_mask,
+                            shares=encoded[2] if len(encoded) > 2 else None)
         return delta.view(planes.shape)
 
 
