@@ -241,28 +241,36 @@ class PlaneBlock(nn.Module):
         w = weight.view(co3, slots, sum(widths), kh, kw)
         return [t.reshape(co3, slots * t.shape[2], kh, kw) for t in w.split(widths, dim=2)]
 
-    def _widths(self, cx: int) -> list[int]:
-        """Channels a plane of the block's two inputs, for an upsampled input of ``cx``."""
+    def _conv1_part(self, part: torch.Tensor, n: int, widths: list[int]) -> torch.Tensor:
+        """Input ``n``'s share of the first convolution (with the roll-out; the bias goes with input 0)."""
         slots = 3 if self.rollout is not None else 1  # the roll-out adds two planes' worth of channels
-        return [cx, self.conv1.weight.shape[1] // slots - cx]
-
-    def _share(self, part: torch.Tensor, n: int, widths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Input ``n``'s share of the first convolution's output and of the 1x1 skip convolution's
-        (the biases go with input 0)."""
-        slots = 3 if self.rollout is not None else 1
         weight = self._split(self.conv1.weight, widths, slots)[n]
         bias = self.conv1.bias if n == 0 else None
-        h = self.rollout(part, weight, bias) if self.rollout is not None else \
-            F.conv2d(part, weight, bias, padding=1, groups=3)
-        r = F.conv2d(part, self._split(self.skip.weight, widths, 1)[n], self.skip.bias if n == 0 else None, groups=3)
-        return h, r
+        if self.rollout is not None:
+            return self.rollout(part, weight, bias)
+        return F.conv2d(part, weight, bias, padding=1, groups=3)
+
+    def _skip_part(self, part: torch.Tensor, n: int, widths: list[int]) -> torch.Tensor:
+        """Input ``n``'s share of the 1x1 skip convolution (the bias goes with input 0)."""
+        weight = self._split(self.skip.weight, widths, 1)[n]
+        return F.conv2d(part, weight, self.skip.bias if n == 0 else None, groups=3)
+
+    def _widths(self, cx: int, skip: torch.Tensor | None, with_skip: bool) -> list[int]:
+        """Channels a plane of the block's inputs (the upsampled features, then the skip's, if any)."""
+        cin = self.conv1.weight.shape[1] // (3 if self.rollout is not None else 1)
+        widths = [cx, cin - cx] if with_skip else [cx]
+        if widths[-1] < 1 or (not with_skip and cx != cin) or (skip is not None and skip.shape[1] // 3 != widths[1]):
+            got = [cx] + ([] if skip is None else [skip.shape[1] // 3])
+            raise ValueError(f"PlaneBlock: inputs of {got} channels a plane do not add up to the block's {cin}")
+        return widths
 
     def skip_share(self, x_channels: int, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The encoder skip's share of a decoder block (see :meth:`forward`'s ``share``), for an
         upsampled input of ``x_channels`` channels a plane: two ``[1 or B, 3 * cout, H, W]``."""
         if isinstance(self.skip, nn.Identity):
             raise ValueError("PlaneBlock: a block without a skip convolution has no separable skip share")
-        return self._share(skip, 1, self._widths(x_channels))
+        widths = self._widths(x_channels, skip, True)
+        return self._conv1_part(skip, 1, widths), self._skip_part(skip, 1, widths)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None,
                 share: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -272,31 +280,21 @@ class PlaneBlock(nn.Module):
         ``share``: :meth:`skip_share` of the skip, computed earlier (inference computes it once for
         every frame), in place of ``skip``.
         """
-        if skip is None and share is None:
-            widths = [x.shape[1] // 3]
-        else:
-            widths = self._widths(x.shape[1] // 3)
-        slots = 3 if self.rollout is not None else 1
-        expected = self.conv1.weight.shape[1] // slots
-        if (skip is None and share is None and widths[0] != expected) or widths[-1] < 1 or (
-                skip is not None and widths[1] != skip.shape[1] // 3):
-            got = [x.shape[1] // 3] + ([] if skip is None else [skip.shape[1] // 3])
-            raise ValueError(f"PlaneBlock: inputs of {got} channels a plane do not add up to the block's {expected}")
+        widths = self._widths(x.shape[1] // 3, skip, skip is not None or share is not None)
+        h = self._conv1_part(x, 0, widths)
         if isinstance(self.skip, nn.Identity):
             if share is not None:
                 raise ValueError("PlaneBlock: a block without a skip convolution takes no skip share")
-            parts = [x] if skip is None else [x, skip]
-            h = None
-            for n, (part, weight) in enumerate(zip(parts, self._split(self.conv1.weight, widths, slots))):
-                y = self.rollout(part, weight, self.conv1.bias if n == 0 else None) if self.rollout is not None \
-                    else F.conv2d(part, weight, self.conv1.bias if n == 0 else None, padding=1, groups=3)
-                h = y if h is None else h + y
-            residual = x if skip is None else cat_planes(x, skip.expand(x.shape[0], -1, -1, -1))
+            residual = x
+            if skip is not None:
+                h = h + self._conv1_part(skip, 1, widths)
+                residual = cat_planes(x, skip.expand(x.shape[0], -1, -1, -1))
         else:
-            h, residual = self._share(x, 0, widths)
-            if skip is not None or share is not None:
-                hs, rs = share if share is not None else self._share(skip, 1, widths)
-                h, residual = h + hs, residual + rs
+            residual = self._skip_part(x, 0, widths)
+            if share is None and skip is not None:
+                share = (self._conv1_part(skip, 1, widths), self._skip_part(skip, 1, widths))
+            if share is not None:
+                h, residual = h + share[0], residual + share[1]
         h = F.silu(self.norm1(h))
         return F.silu(self.norm2(self.conv2(h)) + residual)
 
