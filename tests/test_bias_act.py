@@ -70,6 +70,18 @@ def test_other_ranks_no_bias_and_float64(impl):
 
 
 @pytest.mark.parametrize("impl", BACKENDS)
+def test_empty_inputs(impl):
+    dev = device_of(impl)
+    for shape in ((0, 3, 4, 4), (2, 0, 4, 4), (2, 3, 0, 5)):
+        x = torch.randn(shape, device=dev, requires_grad=True)
+        b = torch.randn(shape[1], device=dev, requires_grad=True)
+        y = bias_act(x, b, impl=impl)
+        assert y.shape == x.shape
+        dx, db = torch.autograd.grad(y, (x, b), torch.ones_like(y))
+        assert dx.shape == x.shape and db.shape == b.shape and not db.any()
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
 def test_non_dense_input(impl):
     x = torch.randn(2, 8, 12, 10, device=device_of(impl))[:, ::2].transpose(2, 3)
     b = torch.randn(4, device=device_of(impl))

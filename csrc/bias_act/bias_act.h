@@ -14,6 +14,14 @@ void check_bias_act_inputs(const char* who, const at::Tensor& x, const c10::opti
 // x itself when dense in its layout (contiguous, or 4-D channels-last), else a contiguous copy.
 at::Tensor bias_act_dense(const at::Tensor& x);
 
+// The backward's operands, checked (`who` names the caller): y dense (bias_act_dense) and the
+// gradient in y's layout, so the two are walked element by element.
+struct BiasActBackwardOperands {
+  at::Tensor y, grad;
+};
+BiasActBackwardOperands bias_act_backward_operands(const char* who, const at::Tensor& grad, const at::Tensor& y,
+                                                   double gain);
+
 // The channel layout of a dense x: element i is channel (i / inner) % C.
 struct BiasActLayout {
   int64_t C, inner;

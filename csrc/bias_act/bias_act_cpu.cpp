@@ -34,6 +34,18 @@ at::Tensor bias_act_dense(const at::Tensor& x) {
   return x.contiguous();
 }
 
+BiasActBackwardOperands bias_act_backward_operands(const char* who, const at::Tensor& grad, const at::Tensor& y,
+                                                   double gain) {
+  check_bias_act_inputs(who, y, c10::nullopt, gain);
+  TORCH_CHECK_VALUE(grad.sizes() == y.sizes() && grad.scalar_type() == y.scalar_type(), who,
+                    ": grad must match y's shape and dtype, got ", grad.sizes(), " ", grad.scalar_type(), " for ",
+                    y.sizes(), " ", y.scalar_type());
+  TORCH_CHECK_VALUE(grad.device() == y.device(), who, ": grad is on ", grad.device(), " but y is on ", y.device());
+  const at::Tensor ys = bias_act_dense(y);
+  const auto format = ys.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
+  return {ys, grad.contiguous(format)};
+}
+
 BiasActLayout bias_act_layout(const at::Tensor& dense) {
   if (!dense.is_contiguous()) return {dense.size(1), 1};  // channels-last: the channel runs fastest
   int64_t inner = 1;
@@ -92,14 +104,9 @@ at::Tensor bias_act_fwd_cpu(const at::Tensor& x, const c10::optional<at::Tensor>
 }
 
 at::Tensor bias_act_bwd_cpu(const at::Tensor& grad, const at::Tensor& y, double slope, double gain, double clamp) {
-  check_bias_act_inputs("bias_act backward (cpu)", y, c10::nullopt, gain);
-  TORCH_CHECK_VALUE(grad.sizes() == y.sizes() && grad.scalar_type() == y.scalar_type(),
-                    "bias_act backward (cpu): grad must match y's shape and dtype, got ", grad.sizes(), " ",
-                    grad.scalar_type(), " for ", y.sizes(), " ", y.scalar_type());
-  TORCH_CHECK_VALUE(y.device().is_cpu() && grad.device().is_cpu(), "bias_act backward (cpu): tensors must be on the CPU");
-  const at::Tensor ys = bias_act_dense(y);
-  // The gradient in y's layout, so the two are walked element by element.
-  const at::Tensor gs = grad.contiguous(ys.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast);
+  const BiasActBackwardOperands ops = bias_act_backward_operands("bias_act backward (cpu)", grad, y, gain);
+  const at::Tensor &ys = ops.y, &gs = ops.grad;
+  TORCH_CHECK_VALUE(ys.device().is_cpu(), "bias_act backward (cpu): tensors must be on the CPU");
   at::Tensor dx = at::empty_like(ys);
   const int64_t n = ys.numel();
   if (n == 0) return dx;

@@ -53,15 +53,10 @@ at::Tensor bias_act_fwd_cuda(const at::Tensor& x, const c10::optional<at::Tensor
 }
 
 at::Tensor bias_act_bwd_cuda(const at::Tensor& grad, const at::Tensor& y, double slope, double gain, double clamp) {
-  check_bias_act_inputs("bias_act backward (cuda)", y, c10::nullopt, gain);
-  TORCH_CHECK_VALUE(grad.sizes() == y.sizes() && grad.scalar_type() == y.scalar_type(),
-                    "bias_act backward (cuda): grad must match y's shape and dtype, got ", grad.sizes(), " ",
-                    grad.scalar_type(), " for ", y.sizes(), " ", y.scalar_type());
-  TORCH_CHECK_VALUE(y.is_cuda() && grad.device() == y.device(),
-                    "bias_act backward (cuda): grad and y must be on the same CUDA device");
+  TORCH_CHECK_VALUE(y.is_cuda(), "bias_act backward (cuda): y must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(y.device());
-  const at::Tensor ys = bias_act_dense(y);
-  const at::Tensor gs = grad.contiguous(ys.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast);
+  const BiasActBackwardOperands ops = bias_act_backward_operands("bias_act backward (cuda)", grad, y, gain);
+  const at::Tensor &ys = ops.y, &gs = ops.grad;
   at::Tensor dx = at::empty_like(ys);
   const cudaError_t err = cuda::bias_act_backward(problem(ys, slope, gain, clamp), gs.data_ptr(), ys.data_ptr(),
                                                   dx.data_ptr(), c10::cuda::getCurrentCUDAStream());

@@ -42,6 +42,7 @@ __global__ void __launch_bounds__(kBiasActThreads)
                                                     acc_t(p.slope), acc_t(p.gain), acc_t(p.clamp)));
 }
 
+// A problem with elements must have channels and a positive gain (the backward reads signs off y).
 cudaError_t check(const BiasActProblem& p) {
   if (p.n < 0 || p.C < 1 || p.inner < 1 || !(p.gain > 0)) return cudaErrorInvalidValue;
   return cudaSuccess;
@@ -50,9 +51,8 @@ cudaError_t check(const BiasActProblem& p) {
 }  // namespace
 
 cudaError_t bias_act_forward(const BiasActProblem& p, const void* x, const void* b, void* y, cudaStream_t stream) {
-  if (check(p) != cudaSuccess) return cudaErrorInvalidValue;
   if (p.n == 0) return cudaSuccess;
-  if (!x || !y) return cudaErrorInvalidValue;
+  if (check(p) != cudaSuccess || !x || !y) return cudaErrorInvalidValue;
   int blocks = 0;
   const cudaError_t err = grid_stride_blocks(p.n, kBiasActThreads, kBiasActBlocksPerSM, blocks);
   if (err != cudaSuccess) return err;
@@ -67,9 +67,8 @@ cudaError_t bias_act_forward(const BiasActProblem& p, const void* x, const void*
 }
 
 cudaError_t bias_act_backward(const BiasActProblem& p, const void* dy, const void* y, void* dx, cudaStream_t stream) {
-  if (check(p) != cudaSuccess) return cudaErrorInvalidValue;
   if (p.n == 0) return cudaSuccess;
-  if (!dy || !y || !dx) return cudaErrorInvalidValue;
+  if (check(p) != cudaSuccess || !dy || !y || !dx) return cudaErrorInvalidValue;
   int blocks = 0;
   const cudaError_t err = grid_stride_blocks(p.n, kBiasActThreads, kBiasActBlocksPerSM, blocks);
   if (err != cudaSuccess) return err;
