@@ -29,6 +29,8 @@ height", ``->W`` for "lay along plane j's width":
 
 Each block's input for plane ``j`` is then ``[own c channels, from k1, from k2]`` (``k1 < k2`` the other
 two planes), ``3 * c`` channels, so every plane's branch has the same shape under both conventions.
+:class:`RollOut` builds it; the blocks never do: :class:`RolledConv` computes the block's first
+convolution of it from the plane's own channels and 1-D convolutions of the pooled vectors.
 """
 from __future__ import annotations
 
