@@ -191,7 +191,7 @@ def test_rolled_conv_equals_conv_of_rollout(axes, R):
 
 @pytest.mark.parametrize("rollout", [True, False])
 @pytest.mark.parametrize("skip_batch", [2, 1])
-def test_plane_block_with_a_skip_equals_the_block_of_the_concatenation(rollout, skip_batch):
+def test_plane_block_with_a_skip_equals_the_block_of_the_concatenation(rollout, skip_batch, few_ops):
     # A decoder block convolves the upsampled features and the encoder's skip separately (the skip
     # of batch 1 at inference, broadcast) instead of concatenating them: same output and gradients.
     from talk3d.models.deltaplane import PlaneBlock, cat_planes
@@ -211,8 +211,18 @@ def test_plane_block_with_a_skip_equals_the_block_of_the_concatenation(rollout, 
         block(x, skip[:, :6])
 
 
+@pytest.fixture(params=[False, True], ids=["cpu-form", "gpu-form"])
+def few_ops(request, monkeypatch):
+    """Run a test with each of the U-Net's two exact forms: fewer multiply-adds (the CPU's) and fewer
+    operations (a GPU's, :func:`talk3d.models.deltaplane.few_ops`)."""
+    from talk3d.models import deltaplane
+
+    monkeypatch.setattr(deltaplane, "few_ops", lambda x: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("H, W", [(1, 1), (2, 3), (5, 4)])
-def test_upsample_conv_equals_conv_of_nearest_upsampling(H, W):
+def test_upsample_conv_equals_conv_of_nearest_upsampling(H, W, few_ops):
     # Four 2x2 phase convolutions of the low-resolution input against the 3x3 convolution of the
     # 2x nearest upsampling, forward and every gradient, in float64.
     import torch.nn.functional as F
@@ -231,7 +241,7 @@ def test_upsample_conv_equals_conv_of_nearest_upsampling(H, W):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-def test_expanded_identity_planes_are_encoded_once():
+def test_expanded_identity_planes_are_encoded_once(few_ops):
     # One P_ID expanded along the batch (as TalkingHead trains) is encoded at batch 1 and broadcast:
     # same deltaplane and the same gradients (P_ID's and every parameter's) as B separate copies.
     # float64, so that summing the frames' weight gradients in another order shows as nothing.

@@ -130,12 +130,37 @@ class RolledConv(nn.Module):
         # 2), the axis k is averaged over, the axis of j the vector is laid along).
         self.links = [(j, k, slot, pool, lay) for j, sources in enumerate(rollout_plan(axes))
                       for slot, (k, links) in enumerate(sources, start=1) for pool, lay in links]
-        # Which links each plane sums, by the axis they are laid along: [2 (W_AXIS, H_AXIS), 3, L] of 0/1.
-        # (A product with it, not index_add_: that is atomic, so run-to-run nondeterministic, on CUDA.)
-        gather = torch.zeros(2, 3, len(self.links))
-        for n, (j, _, _, _, lay) in enumerate(self.links):
-            gather[0 if lay == W_AXIS else 1, j, n] = 1.0
-        self.register_buffer("_plane_sums", gather, persistent=False)
+        L = len(self.links)
+        # Gathers and sums as products with 0/1 matrices: a handful of operations (the training step
+        # is partly host-bound on a GPU), and deterministic (index_add_, the backward of a gather,
+        # is atomic on CUDA).
+        #   pick_vec [L, 6]: link n's vector among (pool axis, plane k);
+        #   pick_taps [L, 18]: its kernel slice among (lay axis, plane j, slot);
+        #   plane_sums [6, L]: which links each (lay axis, plane j) adds up.
+        pick_vec, pick_taps, plane_sums = torch.zeros(L, 6), torch.zeros(L, 18), torch.zeros(6, L)
+        for n, (j, k, slot, pool, lay) in enumerate(self.links):
+            lay_i = 0 if lay == W_AXIS else 1
+            pick_vec[n, (0 if pool == H_AXIS else 1) * 3 + k] = 1.0
+            pick_taps[n, lay_i * 9 + j * 3 + slot] = 1.0
+            plane_sums[lay_i * 3 + j, n] = 1.0
+        for name, t in (("_pick_vec", pick_vec), ("_pick_taps", pick_taps), ("_plane_sums", plane_sums)):
+            self.register_buffer(name, t, persistent=False)
+        self._masks: dict = {}
+
+    def _padding_masks(self, H: int, W: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[H, 3]`` and ``[3, W]`` of 0/1: whether kernel row dy (column dx) lands inside the image
+        for output row h (column w), i.e. ``0 <= h + dy - 1 < H``. Cached per size, device, dtype."""
+        key = (H, W, like.device, like.dtype)
+        if key not in self._masks:
+            def mask(n):
+                m = torch.ones(n, 3)
+                m[0, 0] = 0.0
+                m[n - 1, 2] = 0.0
+                return m.to(like.device, like.dtype)
+            # Plain tensors even when first made under inference_mode, so that training can use them.
+            with torch.inference_mode(False):
+                self._masks[key] = (mask(H), mask(W).t().contiguous())
+        return self._masks[key]
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x ``[B, 3 * cin, R, R]``, the convolution's weight ``[3 * cout, 3 * cin, 3, 3]`` (groups = 3)
@@ -145,30 +170,40 @@ class RolledConv(nn.Module):
         weight = weight.view(3, co, 3, ci, 3, 3)  # [plane j, out, slot, in, dy, dx]
         own = F.conv2d(x, weight[:, :, 0].reshape(3 * co, ci, 3, 3), bias, padding=1, groups=3)
         planes = x.view(B, 3, ci, H, W)
-        means = [(planes[:, k].mean(dim=-2), planes[:, k].mean(dim=-1)) for k in range(3)]  # over H, over W
-        vecs = torch.cat([means[k][pool] for _, k, _, pool, _ in self.links], dim=1)  # [B, L * ci, R]
+        # Every plane's two pooled vectors, [B, 6 (pool axis, plane), ci * R], then each link's.
+        means = torch.stack([planes.mean(dim=-2), planes.mean(dim=-1)], dim=1).reshape(B, 6, -1)
+        vecs = torch.matmul(self._pick_vec.to(x.dtype), means).view(B, L * ci, -1)  # [B, L * ci, R]
         # Laid along the width, a part convolves along w with one row of taps per dy; along the
-        # height, along h with one column per dx. taps [L, 3 (dy or dx), co, ci, 3 (along the vector)].
-        taps = torch.stack([weight[j, :, slot].permute(2, 0, 1, 3) if lay == W_AXIS
-                            else weight[j, :, slot].permute(3, 0, 1, 2) for j, _, slot, _, lay in self.links])
-        g = F.conv1d(vecs, taps.reshape(L * 3 * co, ci, 3).to(vecs.dtype), padding=1, groups=L)
-        g = g.view(B, L, 3, co, -1)  # [B, L, 3, co, R]
-        # Per plane, the parts laid along the width (rows: [B, 3, 3 (dy), co, W]) and along the height
-        # (cols: [B, 3, 3 (dx), co, H]), each summed.
-        rows, cols = torch.einsum("apl,bldor->abpdor", self._plane_sums.to(g.dtype), g).unbind(0)
-        out = own.view(B, 3, co, H, W) + rows.sum(dim=2)[..., None, :] + cols.sum(dim=2)[..., :, None]
-        # Taps that fall on the zero padding: dy = 0 above the first row, dy = 2 below the last one
-        # (both on a 1-row plane), dx likewise at the first and last columns.
-        out[..., 0, :] -= rows[:, :, 0]
-        out[..., H - 1, :] -= rows[:, :, 2]
-        out[..., :, 0] -= cols[:, :, 0]
-        out[..., :, W - 1] -= cols[:, :, 2]
-        return out.view(B, 3 * co, H, W)
+        # height, along h with one column per dx: [2 (lay axis), j, slot, 3 (dy | dx), co, ci, 3].
+        taps = torch.stack([weight.permute(0, 2, 4, 1, 3, 5), weight.permute(0, 2, 5, 1, 3, 4)])
+        taps = torch.matmul(self._pick_taps.to(weight.dtype), taps.reshape(18, -1))  # [L, 3 * co * ci * 3]
+        g = F.conv1d(vecs, taps.view(L * 3 * co, ci, 3).to(vecs.dtype), padding=1, groups=L)  # [B, L * 3 * co, R]
+        # Each plane's parts laid along the width (rows) and along the height (cols), summed:
+        # [B, 6 (lay axis, plane), 3 (dy | dx) * co * R].
+        sums = torch.matmul(self._plane_sums.to(g.dtype), g.view(B, L, -1)).view(B, 2, 3, 3, co, -1)
+        mh, mw = self._padding_masks(H, W, g)
+        # Row h of a width-laid part sums the dy whose kernel row lands inside the image (mh), and
+        # column w of a height-laid one the dx (mw).
+        rows = torch.matmul(mh, sums[:, 0].permute(0, 1, 3, 2, 4))  # [B, 3, co, H, W]
+        cols = torch.matmul(sums[:, 1].permute(0, 1, 3, 4, 2), mw)  # [B, 3, co, H, W]
+        return (own.view(B, 3, co, H, W) + rows + cols).view(B, 3 * co, H, W)
 
 
 def plane_conv(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Conv2d:
     """Per-plane convolution ``[B, 3 * cin, H, W] -> [B, 3 * cout, H / stride, W / stride]`` (groups = 3)."""
     return nn.Conv2d(3 * cin, 3 * cout, kernel, stride=stride, padding=kernel // 2, groups=3)
+
+
+def few_ops(x: torch.Tensor) -> bool:
+    """Whether to prefer fewer PyTorch operations over fewer multiply-adds: on a GPU.
+
+    The release-size training step on an H200 was partly host-bound (55 ms of device time in 64,
+    2026-12-04), each operation costing host time whatever its size; the CPU is compute-bound.
+    Where a cheaper form needs more operations (the phase-split upsampling convolution, the
+    decoder's skip convolved apart in training), the GPU keeps the plain one. Both forms are exact
+    and tested; which is faster on a GPU is still to be measured.
+    """
+    return x.is_cuda
 
 
 def _phase_taps(k: torch.Tensor, dim: int) -> torch.Tensor:
@@ -187,8 +222,11 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     convolution of ``x`` whose taps are sums of the 3x3 kernel's (:func:`_phase_taps`). All four run as
     one 2x2 convolution with ``4 Cout`` outputs over ``x`` padded by one, phase ``(a, b)`` read at offset
     ``(a, b)``: 16 multiply-adds an input pixel and output channel instead of 36, and no 4x-sized
-    upsampled copy of the input.
+    upsampled copy of the input. On a GPU (:func:`few_ops`) the plain form: 11 operations forward and
+    backward against 78.
     """
+    if few_ops(x):
+        return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
     B, _, H, W = x.shape
     g = conv.groups
     O, I = conv.weight.shape[0] // g, conv.weight.shape[1]
@@ -198,11 +236,10 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     bias = None if conv.bias is None else conv.bias.view(g, 1, O).expand(g, 4, O).reshape(-1)
     y = F.conv2d(x, k2.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=1, groups=g)
     y = y.view(B, g, 2, 2, O, H + 1, W + 1)
-    out = y.new_empty(B, g, O, H, 2, W, 2)
-    for a in (0, 1):
-        for b in (0, 1):
-            out[:, :, :, :, a, :, b] = y[:, :, a, b, :, a:a + H, b:b + W]
-    return out.view(B, g * O, 2 * H, 2 * W)
+    # Interleave: output (2i + a, 2j + b) is phase (a, b) at (i + a, j + b). [B, g, O, H, 2 (a), W, 2 (b)]
+    out = torch.stack([torch.stack([y[:, :, a, b, :, a:a + H, b:b + W] for b in (0, 1)], dim=-1) for a in (0, 1)],
+                      dim=-3)
+    return out.reshape(B, g * O, 2 * H, 2 * W)
 
 
 def plane_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -282,6 +319,11 @@ class PlaneBlock(nn.Module):
         ``share``: :meth:`skip_share` of the skip, computed earlier (inference computes it once for
         every frame), in place of ``skip``.
         """
+        if skip is not None and (skip.shape[0] == x.shape[0] or (few_ops(x) and torch.is_grad_enabled())):
+            # A skip of the batch's size, or training on a GPU: one convolution of the concatenation,
+            # half the operations of convolving the parts apart (the batch-1 skip's share, computed
+            # once, is what inference caches).
+            x, skip = cat_planes(x, skip.expand(x.shape[0], -1, -1, -1)), None
         widths = self._widths(x.shape[1] // 3, skip, skip is not None or share is not None)
         h = self._conv1_part(x, 0, widths)
         if isinstance(self.skip, nn.Identity):
