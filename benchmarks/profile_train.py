@@ -5,13 +5,16 @@
 The ``train-step`` benchmark's step (deltaplane stage at the release's sizes on a GPU, the demo's on a
 CPU; batch 2; L1 + mouth L1; backward; gradient clipping; Adam) timed with each combination of
 cuDNN autotuning (``torch.backends.cudnn.benchmark``, GPU only) and Adam's fused kernel (``fused=True``),
-then a torch.profiler table of one variant's top operators by device time. Writes
+then the aten operations a step dispatches (host time on a GPU; ``TALK3D_FEW_OPS=0|1`` picks the
+U-Net's form, see ``talk3d.models.deltaplane.few_ops``) and a torch.profiler table of one variant's
+top operators by device time. Writes
 ``profile_train.md`` (and ``profile_train_ops.txt``) under ``--out``. A measuring tool, not a test.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import sys
 import time
@@ -27,6 +30,23 @@ from test_bench_train import HAS_CUDA, _config, make_train_step  # noqa: E402
 def sync():
     if HAS_CUDA:
         torch.cuda.synchronize()
+
+
+def count_ops(fn) -> int:
+    """aten operations ``fn()`` dispatches (views and in-place updates included)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    sync()
+    return Count.n
 
 
 def time_step(step, steps: int) -> float:
@@ -62,6 +82,9 @@ def main() -> None:
     torch.backends.cudnn.benchmark = bench
     step = make_train_step(fused_impl(), fused_adam=fused)[0]
     time_step(step, 2)
+    # Host-side cost: every aten operation a step dispatches (the GPU step was partly host-bound).
+    lines.append(f"\naten operations a step: {count_ops(step)} (TALK3D_FEW_OPS={os.environ.get('TALK3D_FEW_OPS', '')!r})")
+    print(lines[-1], flush=True)
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if HAS_CUDA else [])
     with profile(activities=activities) as prof:

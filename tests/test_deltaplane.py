@@ -502,3 +502,15 @@ def test_inference_under_autocast_renders_half_precision_planes_on_a_gpu(device)
     half = torch.bfloat16 if device == "cuda" else torch.float32
     assert seen == [half, torch.float32]
     assert out["image"].dtype == torch.float32 and torch.isfinite(out["image"]).all()
+
+
+def test_few_ops_follows_the_device_unless_forced(monkeypatch):
+    from talk3d.models import deltaplane
+
+    x = torch.zeros(1)
+    monkeypatch.setattr(deltaplane, "FEW_OPS_ENV", "")
+    assert deltaplane.few_ops(x) is False  # the CPU: fewer multiply-adds
+    monkeypatch.setattr(deltaplane, "FEW_OPS_ENV", "1")
+    assert deltaplane.few_ops(x) is True
+    monkeypatch.setattr(deltaplane, "FEW_OPS_ENV", "0")
+    assert deltaplane.few_ops(x) is False

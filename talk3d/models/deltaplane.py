@@ -34,6 +34,7 @@ convolution of it from the plane's own channels and 1-D convolutions of the pool
 """
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 import torch
@@ -194,6 +195,10 @@ def plane_conv(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Conv
     return nn.Conv2d(3 * cin, 3 * cout, kernel, stride=stride, padding=kernel // 2, groups=3)
 
 
+#: ``TALK3D_FEW_OPS=1`` / ``0`` forces :func:`few_ops` either way (to time both forms on one machine).
+FEW_OPS_ENV = os.environ.get("TALK3D_FEW_OPS", "")
+
+
 def few_ops(x: torch.Tensor) -> bool:
     """Whether to prefer fewer PyTorch operations over fewer multiply-adds: on a GPU.
 
@@ -201,8 +206,10 @@ def few_ops(x: torch.Tensor) -> bool:
     2026-12-04), each operation costing host time whatever its size; the CPU is compute-bound.
     Where a cheaper form needs more operations (the phase-split upsampling convolution, the
     decoder's skip convolved apart in training), the GPU keeps the plain one. Both forms are exact
-    and tested; which is faster on a GPU is still to be measured.
+    and tested; which is faster on a GPU is still to be measured (``TALK3D_FEW_OPS``).
     """
+    if FEW_OPS_ENV in ("0", "1"):
+        return FEW_OPS_ENV == "1"
     return x.is_cuda
 
 
