@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "binomial_filter.h"
 #include "talk3d/binomial_filter_math.h"
@@ -46,37 +47,52 @@ at::Tensor binomial_filter2d_cpu(const at::Tensor& x, int64_t top, int64_t left,
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* xs = src.data_ptr<scalar_t>();
     scalar_t* ys = out.data_ptr<scalar_t>();
-    // (r, col) of one channel plane sits at plane[r * x_row + col * step] in either layout; the
-    // strip's outputs go to row[s * step].
-    const auto filter = [&](const scalar_t* plane, int64_t x_row, int64_t step, scalar_t* row, int64_t i,
-                            int64_t j) {
-      const auto load = [plane, x_row, step](int64_t r, int64_t col) {
-        return static_cast<acc_t>(plane[r * x_row + col * step]);
-      };
-      acc_t v[fir::kStrip];
-      fir::filter_strip<acc_t>(load, H, W, i - top, j - left, acc_t(gain), v);
-      const int n = static_cast<int>(std::min<int64_t>(fir::kStrip, out_w - j));
-      for (int s = 0; s < n; ++s) row[s * step] = static_cast<scalar_t>(v[s]);
-    };
     // ~16 rows of a 256-wide plane per task: enough work to amortise the scheduling.
     const int64_t grain = std::max<int64_t>(1, 4096 / (out_w * (nhwc ? C : 1)));
     if (nhwc) {
-      // A task is an output row of every channel, a strip at a time with the channel innermost:
-      // neighbouring channels' loads and stores share cache lines.
+      // A task is an output row; each output pixel sums its 4 x 4 input pixels a whole channel
+      // vector at a time (the same association as filter_strip: row_taps, then k_a, then the
+      // gain), so the channel loop vectorises. Columns outside the image read a row of zeros.
+      const std::vector<scalar_t> zeros(C, scalar_t(0));
       at::parallel_for(0, N * out_h, grain, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> acc(C);
         for (int64_t ni = begin; ni < end; ++ni) {
           const int64_t n = ni / out_h, i = ni - n * out_h;
           const scalar_t* image = xs + n * H * W * C;
           scalar_t* row = ys + ni * out_w * C;
-          for (int64_t j = 0; j < out_w; j += fir::kStrip)
-            for (int64_t c = 0; c < C; ++c) filter(image + c, W * C, C, row + j * C + c, i, j);
+          for (int64_t j = 0; j < out_w; ++j) {
+            std::fill(acc.begin(), acc.end(), acc_t(0));
+            for (int a = 0; a < fir::kTaps; ++a) {
+              const int64_t r = i - top + a;
+              if (r < 0 || r >= H) continue;
+              const scalar_t* p[fir::kTaps];
+              for (int b = 0; b < fir::kTaps; ++b) {
+                const int64_t col = j - left + b;
+                p[b] = (col >= 0 && col < W) ? image + (r * W + col) * C : zeros.data();
+              }
+              const acc_t ka = fir::tap<acc_t>(a);
+              for (int64_t c = 0; c < C; ++c)
+                acc[c] += ka * fir::row_taps<acc_t>(static_cast<acc_t>(p[0][c]), static_cast<acc_t>(p[1][c]),
+                                                    static_cast<acc_t>(p[2][c]), static_cast<acc_t>(p[3][c]));
+            }
+            scalar_t* o = row + j * C;
+            for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(acc_t(gain) * acc[c]);
+          }
         }
       });
-    } else {
+    } else {  // NCHW: a task is a run of output rows of channel planes, a strip at a time
       at::parallel_for(0, N * C * out_h, grain, [&](int64_t begin, int64_t end) {
         for (int64_t pr = begin; pr < end; ++pr) {
           const int64_t p = pr / out_h, i = pr - p * out_h;
-          for (int64_t j = 0; j < out_w; j += fir::kStrip) filter(xs + p * H * W, W, 1, ys + pr * out_w + j, i, j);
+          const scalar_t* plane = xs + p * H * W;
+          const auto load = [plane, W](int64_t r, int64_t col) { return static_cast<acc_t>(plane[r * W + col]); };
+          scalar_t* row = ys + pr * out_w;
+          acc_t v[fir::kStrip];
+          for (int64_t j = 0; j < out_w; j += fir::kStrip) {
+            fir::filter_strip<acc_t>(load, H, W, i - top, j - left, acc_t(gain), v);
+            const int n = static_cast<int>(std::min<int64_t>(fir::kStrip, out_w - j));
+            for (int s = 0; s < n; ++s) row[j + s] = static_cast<scalar_t>(v[s]);
+          }
         }
       });
     }

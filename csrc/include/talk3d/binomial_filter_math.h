@@ -21,6 +21,12 @@ T3D_HD Acc tap(int a) {
   return (a == 0 || a == kTaps - 1) ? Acc(0.125) : Acc(0.375);
 }
 
+// One input row's contribution before its row tap k_a: sum_b k_b v_b, symmetric pairs first.
+template <typename Acc>
+T3D_HD Acc row_taps(Acc v0, Acc v1, Acc v2, Acc v3) {
+  return Acc(0.125) * (v0 + v3) + Acc(0.375) * (v1 + v2);
+}
+
 // out[s] = gain * sum_{a, b < 4} k_a k_b x(y0 + a, x0 + s + b) for s < kStrip, x zero outside
 // [0, H) x [0, W). load(r, c) returns x(r, c) as Acc and is called only in range.
 template <typename Acc, typename Load>
@@ -41,8 +47,7 @@ T3D_HD void filter_strip(const Load& load, int64_t H, int64_t W, int64_t y0, int
     }
     const Acc ka = tap<Acc>(a);
     T3D_UNROLL
-    for (int s = 0; s < kStrip; ++s)  // the row's 4 taps, symmetric pairs first
-      acc[s] += ka * (Acc(0.125) * (v[s] + v[s + 3]) + Acc(0.375) * (v[s + 1] + v[s + 2]));
+    for (int s = 0; s < kStrip; ++s) acc[s] += ka * row_taps(v[s], v[s + 1], v[s + 2], v[s + 3]);
   }
   T3D_UNROLL
   for (int s = 0; s < kStrip; ++s) out[s] = gain * acc[s];
