@@ -326,26 +326,21 @@ class PlaneBlock(nn.Module):
         ``share``: :meth:`skip_share` of the skip, computed earlier (inference computes it once for
         every frame), in place of ``skip``.
         """
-        if skip is not None and (skip.shape[0] == x.shape[0] or (few_ops(x) and torch.is_grad_enabled())):
-            # A skip of the batch's size, or training on a GPU: one convolution of the concatenation,
-            # half the operations of convolving the parts apart (the batch-1 skip's share, computed
-            # once, is what inference caches).
+        identity = isinstance(self.skip, nn.Identity)
+        if skip is not None and (identity or skip.shape[0] == x.shape[0] or (few_ops(x) and torch.is_grad_enabled())):
+            # A skip of the batch's size, training on a GPU, or a block whose residual is its input:
+            # one convolution of the concatenation (half the operations of convolving the parts
+            # apart; the batch-1 skip's share, computed once, is what inference caches).
             x, skip = cat_planes(x, skip.expand(x.shape[0], -1, -1, -1)), None
-        widths = self._widths(x.shape[1] // 3, skip, skip is not None or share is not None)
+        if skip is not None:
+            share = self.skip_share(x.shape[1] // 3, skip)
+        if share is not None and identity:
+            raise ValueError("PlaneBlock: a block without a skip convolution takes no skip share")
+        widths = self._widths(x.shape[1] // 3, None, share is not None)
         h = self._conv1_part(x, 0, widths)
-        if isinstance(self.skip, nn.Identity):
-            if share is not None:
-                raise ValueError("PlaneBlock: a block without a skip convolution takes no skip share")
-            residual = x
-            if skip is not None:
-                h = h + self._conv1_part(skip, 1, widths)
-                residual = cat_planes(x, skip.expand(x.shape[0], -1, -1, -1))
-        else:
-            residual = self._skip_part(x, 0, widths)
-            if share is None and skip is not None:
-                share = (self._conv1_part(skip, 1, widths), self._skip_part(skip, 1, widths))
-            if share is not None:
-                h, residual = h + share[0], residual + share[1]
+        residual = x if identity else self._skip_part(x, 0, widths)
+        if share is not None:
+            h, residual = h + share[0], residual + share[1]
         h = F.silu(self.norm1(h))
         return F.silu(self.norm2(self.conv2(h)) + residual)
 
