@@ -55,7 +55,7 @@ BiasActLayout bias_act_layout(const at::Tensor& dense) {
 
 namespace {
 
-template <typename scalar_t, typename F>
+template <typename F>
 void for_runs(int64_t n, int64_t run, F&& body) {
   // Runs of `run` elements; ~16K elements per task amortise the scheduling.
   const int64_t runs = n / run;
@@ -76,27 +76,27 @@ at::Tensor bias_act_fwd_cpu(const at::Tensor& x, const c10::optional<at::Tensor>
   const int64_t n = src.numel();
   if (n == 0) return out;
   const BiasActLayout L = bias_act_layout(src);
-  const bool has_b = b.has_value() && b->defined();
-  const at::Tensor bias = has_b ? b->contiguous() : at::Tensor();
+  // No bias: a zero one, so that every layout takes the same two loops.
+  const at::Tensor bias = (b.has_value() && b->defined())
+                              ? b->contiguous()
+                              : at::zeros({L.C}, src.options().dtype(src.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "bias_act_fwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* xs = src.data_ptr<scalar_t>();
     scalar_t* ys = out.data_ptr<scalar_t>();
-    const acc_t* bs = has_b ? bias.data_ptr<acc_t>() : nullptr;
+    const acc_t* bs = bias.data_ptr<acc_t>();
     const acc_t s = acc_t(slope), g = acc_t(gain), c = acc_t(clamp);
-    if (L.inner > 1 || !has_b) {  // runs of one channel (NCHW rows; or no bias at all)
-      const int64_t run = has_b ? L.inner : std::min<int64_t>(n, 4096);
-      for_runs<scalar_t>(n - n % run, run, [&](int64_t r, int64_t i0) {
-        const acc_t bias_r = has_b ? bs[r % L.C] : acc_t(0);
-        for (int64_t k = 0; k < run; ++k)
-          ys[i0 + k] = static_cast<scalar_t>(bias_act::forward<acc_t>(static_cast<acc_t>(xs[i0 + k]), bias_r, s, g, c));
+    const auto f = [&](int64_t i, acc_t bias_i) {
+      ys[i] = static_cast<scalar_t>(bias_act::forward<acc_t>(static_cast<acc_t>(xs[i]), bias_i, s, g, c));
+    };
+    if (L.inner > 1) {  // runs of one channel: contiguous [N, C, ...] rows, one bias each
+      for_runs(n, L.inner, [&](int64_t r, int64_t i0) {
+        const acc_t bias_r = bs[r % L.C];
+        for (int64_t k = 0; k < L.inner; ++k) f(i0 + k, bias_r);
       });
-      for (int64_t i = n - n % run; i < n; ++i)  // a last partial run (no bias only)
-        ys[i] = static_cast<scalar_t>(bias_act::forward<acc_t>(static_cast<acc_t>(xs[i]), acc_t(0), s, g, c));
-    } else {  // channels-last: each run holds every channel once
-      for_runs<scalar_t>(n, L.C, [&](int64_t, int64_t i0) {
-        for (int64_t k = 0; k < L.C; ++k)
-          ys[i0 + k] = static_cast<scalar_t>(bias_act::forward<acc_t>(static_cast<acc_t>(xs[i0 + k]), bs[k], s, g, c));
+    } else {  // channels-last (or [N, C]): each run holds every channel once
+      for_runs(n, L.C, [&](int64_t, int64_t i0) {
+        for (int64_t k = 0; k < L.C; ++k) f(i0 + k, bs[k]);
       });
     }
   });

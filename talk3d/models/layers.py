@@ -118,29 +118,13 @@ ACT_SLOPES = {"linear": 1.0, "lrelu": LRELU_SLOPE, "relu": 0.0}
 
 
 def bias_act(x: torch.Tensor, b: torch.Tensor | None, act: str = "linear", gain: float = 1.0,
-             clamp: float | None = None, dim: int = 1) -> torch.Tensor:
-    """``clamp(act(x + b) * gain)`` with ``b`` broadcast along ``dim`` of ``x``.
-
-    Along the channel axis (``dim`` 1) this is :func:`talk3d.ops.bias_act`: one pass each way with
-    the compiled kernels (PyTorch's four operations where there are none).
-    """
+             clamp: float | None = None) -> torch.Tensor:
+    """``clamp(act(x + b) * gain)`` with ``b`` ``[C]`` along dim 1 of ``x`` ``[N, C, ...]``: StyleGAN2's
+    activation by name, run by :func:`talk3d.ops.bias_act` (one pass each way with the compiled
+    kernels, PyTorch's four operations where there are none)."""
     if act not in ACT_SLOPES:
         raise ValueError(f"bias_act: unknown activation {act!r}")
-    if dim == 1 and x.dim() >= 2:
-        return fused_bias_act(x, b, slope=ACT_SLOPES[act], gain=gain, clamp=clamp)
-    if b is not None:
-        shape = [1] * x.dim()
-        shape[dim] = -1
-        x = x + b.to(x.dtype).reshape(shape)
-    if act == "lrelu":
-        x = F.leaky_relu(x, LRELU_SLOPE)
-    elif act == "relu":
-        x = F.relu(x)
-    if gain != 1:
-        x = x * gain
-    if clamp is not None:
-        x = x.clamp(-clamp, clamp)
-    return x
+    return fused_bias_act(x, b, slope=ACT_SLOPES[act], gain=gain, clamp=clamp)
 
 
 class FullyConnected(nn.Module):
