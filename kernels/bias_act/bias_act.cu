@@ -18,48 +18,55 @@ namespace {
 constexpr int kBiasActThreads = 256;
 constexpr int kBiasActBlocksPerSM = 8;
 
-template <typename S>
+// Element indices in I: int32_t where the tensor allows it. A 64-bit division costs tens of
+// instructions a thread on a GPU, in a kernel that should be bound by memory.
+template <typename S, typename I>
 __global__ void __launch_bounds__(kBiasActThreads)
     bias_act_forward_kernel(const S* __restrict__ x, const typename AccOf<S>::type* __restrict__ b,
                             S* __restrict__ y, BiasActProblem p) {
   using acc_t = typename AccOf<S>::type;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n; i += stride) {
-    const acc_t bias = b ? b[(i / p.inner) % p.C] : acc_t(0);
+  const I n = I(p.n), C = I(p.C), inner = I(p.inner), stride = I(gridDim.x) * I(blockDim.x);
+  for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < n; i += stride) {
+    const acc_t bias = b ? b[(inner == 1 ? i : i / inner) % C] : acc_t(0);
     y[i] = static_cast<S>(bias_act::forward<acc_t>(static_cast<acc_t>(x[i]), bias, acc_t(p.slope),
                                                   acc_t(p.gain), acc_t(p.clamp)));
   }
 }
 
-template <typename S>
+template <typename S, typename I>
 __global__ void __launch_bounds__(kBiasActThreads)
     bias_act_backward_kernel(const S* __restrict__ dy, const S* __restrict__ y, S* __restrict__ dx,
                              BiasActProblem p) {
   using acc_t = typename AccOf<S>::type;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n; i += stride)
+  const I n = I(p.n), stride = I(gridDim.x) * I(blockDim.x);
+  for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < n; i += stride)
     dx[i] = static_cast<S>(bias_act::backward<acc_t>(static_cast<acc_t>(dy[i]), static_cast<acc_t>(y[i]),
                                                     acc_t(p.slope), acc_t(p.gain), acc_t(p.clamp)));
 }
 
-// A problem with elements must have channels and a positive gain (the backward reads signs off y).
-cudaError_t check(const BiasActProblem& p) {
-  if (p.n < 0 || p.C < 1 || p.inner < 1 || !(p.gain > 0)) return cudaErrorInvalidValue;
-  return cudaSuccess;
+// Checks p (a problem with elements has channels and a positive gain: the backward reads signs off
+// y) and sizes the grid; `launch(S{}, I{}, blocks)` then runs the kernel for the storage type S and
+// the index type I (int32_t while the last grid-stride step cannot overflow it).
+template <typename Launch>
+cudaError_t run(const BiasActProblem& p, bool pointers_ok, Launch&& launch) {
+  if (p.n == 0) return cudaSuccess;
+  if (p.n < 0 || p.C < 1 || p.inner < 1 || !(p.gain > 0) || !pointers_ok) return cudaErrorInvalidValue;
+  int blocks = 0;
+  const cudaError_t err = grid_stride_blocks(p.n, kBiasActThreads, kBiasActBlocksPerSM, blocks);
+  if (err != cudaSuccess) return err;
+  const bool narrow = p.n + int64_t(blocks) * kBiasActThreads <= INT32_MAX;
+  return dispatch_storage<Half16, BFloat16>(p.dtype, [&](auto s) {
+    return narrow ? launch(s, int32_t{}, blocks) : launch(s, int64_t{}, blocks);
+  });
 }
 
 }  // namespace
 
 cudaError_t bias_act_forward(const BiasActProblem& p, const void* x, const void* b, void* y, cudaStream_t stream) {
-  if (p.n == 0) return cudaSuccess;
-  if (check(p) != cudaSuccess || !x || !y) return cudaErrorInvalidValue;
-  int blocks = 0;
-  const cudaError_t err = grid_stride_blocks(p.n, kBiasActThreads, kBiasActBlocksPerSM, blocks);
-  if (err != cudaSuccess) return err;
-  return dispatch_storage<Half16, BFloat16>(p.dtype, [&](auto s) {
+  return run(p, x && y, [&](auto s, auto index, int blocks) {
     using S = decltype(s);
     using acc_t = typename AccOf<S>::type;
-    const auto kernel = bias_act_forward_kernel<S>;
+    const auto kernel = bias_act_forward_kernel<S, decltype(index)>;
     kernel<<<blocks, kBiasActThreads, 0, stream>>>(static_cast<const S*>(x), static_cast<const acc_t*>(b),
                                                    static_cast<S*>(y), p);
     return cudaGetLastError();
@@ -67,14 +74,9 @@ cudaError_t bias_act_forward(const BiasActProblem& p, const void* x, const void*
 }
 
 cudaError_t bias_act_backward(const BiasActProblem& p, const void* dy, const void* y, void* dx, cudaStream_t stream) {
-  if (p.n == 0) return cudaSuccess;
-  if (check(p) != cudaSuccess || !dy || !y || !dx) return cudaErrorInvalidValue;
-  int blocks = 0;
-  const cudaError_t err = grid_stride_blocks(p.n, kBiasActThreads, kBiasActBlocksPerSM, blocks);
-  if (err != cudaSuccess) return err;
-  return dispatch_storage<Half16, BFloat16>(p.dtype, [&](auto s) {
+  return run(p, dy && y && dx, [&](auto s, auto index, int blocks) {
     using S = decltype(s);
-    const auto kernel = bias_act_backward_kernel<S>;
+    const auto kernel = bias_act_backward_kernel<S, decltype(index)>;
     kernel<<<blocks, kBiasActThreads, 0, stream>>>(static_cast<const S*>(dy), static_cast<const S*>(y),
                                                    static_cast<S*>(dx), p);
     return cudaGetLastError();
