@@ -508,19 +508,23 @@ def test_binomial_filter_kernel_in_emulation(emulator, tmp_path, name):
 # --- bias_act ------------------------------------------------------------------------------------
 
 BIAS_ACT_CASES = {
-    # name: (dtype, shape, channels_last, (slope, gain, clamp), has_bias, sms)
-    "nchw-f32-lrelu-clamp": ("f32", (2, 5, 7, 9), False, (0.2, 2**0.5, 0.8), True, 2),
-    "nhwc-f32-lrelu": ("f32", (2, 6, 5, 7), True, (0.2, 2**0.5, -1.0), True, 2),
-    "nhwc-bf16-linear-clamp": ("bf16", (2, 4, 6, 5), True, (1.0, 1.0, 1.5), True, 2),
-    "nchw-f16-relu-nobias": ("f16", (3, 3, 4, 4), False, (0.0, 2**0.5, -1.0), False, 2),
-    "rank2-f64": ("f64", (7, 9), False, (0.2, 1.3, 2.0), True, 2),
-    "grid-stride": ("f32", (2, 8, 16, 12), True, (0.2, 2**0.5, 1.0), True, 1),
+    # name: (dtype, shape, channels_last, (slope, gain, clamp), has_bias, sms, int64 indices)
+    "nchw-f32-lrelu-clamp": ("f32", (2, 5, 7, 9), False, (0.2, 2**0.5, 0.8), True, 2, False),
+    "nhwc-f32-lrelu": ("f32", (2, 6, 5, 7), True, (0.2, 2**0.5, -1.0), True, 2, False),
+    "nhwc-bf16-linear-clamp": ("bf16", (2, 4, 6, 5), True, (1.0, 1.0, 1.5), True, 2, False),
+    "nchw-f16-relu-nobias": ("f16", (3, 3, 4, 4), False, (0.0, 2**0.5, -1.0), False, 2, False),
+    "rank2-f64": ("f64", (7, 9), False, (0.2, 1.3, 2.0), True, 2, False),
+    "grid-stride": ("f32", (2, 8, 16, 12), True, (0.2, 2**0.5, 1.0), True, 1, False),
+    # The int64-index kernels (tensors past 2^31 elements), on small tensors: the emulator lowers
+    # the launchers' int32 limit to 0.
+    "int64-nchw-grid-stride": ("f32", (2, 5, 16, 12), False, (0.2, 2**0.5, 0.8), True, 1, True),
+    "int64-nhwc-bf16": ("bf16", (2, 6, 5, 7), True, (0.2, 2**0.5, -1.0), True, 2, True),
 }
 
 
 @pytest.mark.parametrize("name", list(BIAS_ACT_CASES))
 def test_bias_act_kernels_in_emulation(emulator, tmp_path, name):
-    dtype_name, shape, nhwc, (slope, gain, clamp), has_bias, sms = BIAS_ACT_CASES[name]
+    dtype_name, shape, nhwc, (slope, gain, clamp), has_bias, sms, wide = BIAS_ACT_CASES[name]
     code, dtype = FIR_DTYPES[dtype_name]
     fmt = torch.channels_last if nhwc else torch.contiguous_format
     x = (2 * torch.randn(*shape)).to(dtype).to(memory_format=fmt)
@@ -531,7 +535,7 @@ def test_bias_act_kernels_in_emulation(emulator, tmp_path, name):
     (tmp_path / "dy.bin").write_bytes(_raw(memory(dy)))
     (tmp_path / "b.bin").write_bytes(b.numpy().tobytes())
     inner = 1 if nhwc else int(torch.tensor(shape[2:]).prod()) if len(shape) > 2 else 1
-    meta = [code, x.numel(), shape[1], inner, repr(slope), repr(gain), repr(clamp), int(has_bias), sms]
+    meta = [code, x.numel(), shape[1], inner, repr(slope), repr(gain), repr(clamp), int(has_bias), sms, int(wide)]
     (tmp_path / "meta.txt").write_text(" ".join(map(str, meta)))
     out = _run(emulator, "bias_act", tmp_path)
     assert "forward: err=0" in out and "backward: err=0" in out, out

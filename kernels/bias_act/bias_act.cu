@@ -18,6 +18,12 @@ namespace {
 constexpr int kBiasActThreads = 256;
 constexpr int kBiasActBlocksPerSM = 8;
 
+// The largest element index the int32 kernels may reach. The CPU emulator's tests lower it to run
+// the int64 kernels on small tensors (no test machine holds 2^31 elements).
+#ifndef TALK3D_BIAS_ACT_NARROW_LIMIT
+#define TALK3D_BIAS_ACT_NARROW_LIMIT INT32_MAX
+#endif
+
 // Element indices in I: int32_t where the tensor allows it. A 64-bit division costs tens of
 // instructions a thread on a GPU, in a kernel that should be bound by memory.
 template <typename S, typename I>
@@ -54,7 +60,7 @@ cudaError_t run(const BiasActProblem& p, bool pointers_ok, Launch&& launch) {
   int blocks = 0;
   const cudaError_t err = grid_stride_blocks(p.n, kBiasActThreads, kBiasActBlocksPerSM, blocks);
   if (err != cudaSuccess) return err;
-  const bool narrow = p.n + int64_t(blocks) * kBiasActThreads <= INT32_MAX;
+  const bool narrow = p.n + int64_t(blocks) * kBiasActThreads <= int64_t(TALK3D_BIAS_ACT_NARROW_LIMIT);
   return dispatch_storage<Half16, BFloat16>(p.dtype, [&](auto s) {
     return narrow ? launch(s, int32_t{}, blocks) : launch(s, int64_t{}, blocks);
   });

@@ -69,6 +69,9 @@ void emu_launch(K kernel, int blocks, int T, size_t smem_bytes, const A&... args
 #include "composite_emu.cu"
 #include "occupancy_emu.cu"
 #include "fir_emu.cu"
+// meta.txt's `wide` flag sets this to 0, so the launchers pick the int64-index kernels.
+int64_t g_bias_act_narrow_limit = INT32_MAX;
+#define TALK3D_BIAS_ACT_NARROW_LIMIT g_bias_act_narrow_limit
 #include "bias_act_emu.cu"
 
 using namespace talk3d::cuda;
@@ -214,13 +217,16 @@ int run_fir(const std::string& dir) {
   return 0;
 }
 
-// bias_act. meta.txt: dtype n C inner slope gain clamp has_bias sms; dtype is BiasActDType. x.bin,
+// bias_act. meta.txt: dtype n C inner slope gain clamp has_bias sms wide; dtype is BiasActDType and
+// wide=1 forces the int64-index kernels. x.bin,
 // b.bin (float, double for f64), dy.bin; y.bin and dx.bin come out, starting as 0xFF bytes.
 int run_bias_act(const std::string& dir) {
   std::ifstream m(dir + "/meta.txt");
-  int dtype, has_bias;
+  int dtype, has_bias, wide;
   BiasActProblem p;
-  m >> dtype >> p.n >> p.C >> p.inner >> p.slope >> p.gain >> p.clamp >> has_bias >> g_sms;
+  m >> dtype >> p.n >> p.C >> p.inner >> p.slope >> p.gain >> p.clamp >> has_bias >> g_sms >> wide;
+  if (!m) { fprintf(stderr, "bad meta.txt\n"); return 2; }
+  g_bias_act_narrow_limit = wide ? 0 : INT32_MAX;
   p.dtype = BiasActDType(dtype);
   const size_t es = dtype == 0 ? 4 : (dtype == 3 ? 8 : 2);
   const auto x = readb(dir + "/x.bin"), b = readb(dir + "/b.bin"), dy = readb(dir + "/dy.bin");
