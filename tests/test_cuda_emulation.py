@@ -92,13 +92,20 @@ CASES = {
     # the frozen-decoder case (planes and xyz only: no rows, one launch) and one chunk for all points.
     "eg3d_bf16_frozen_decoder": dict(dtype="bf16", mask=1 | 2, B=3, N=211),
     "eg3d_f32_one_chunk": dict(chunk=0, N=257),
+    # The streaming forward writes features through shared memory a tile of points at a time: one
+    # block walking every tile (the last one partial), fewer points than a tile, and each output
+    # alone (the other pointer null).
+    "eg3d_f32_one_block_many_tiles": dict(B=3, N=250, sms=1),
+    "eg3d_bf16_fewer_points_than_a_tile": dict(dtype="bf16", B=1, N=50),
+    "eg3d_f32_sigma_only": dict(omask=1, N=170),
+    "eg3d_f16_features_only": dict(dtype="f16", omask=2, N=170),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_cuda_kernels_in_emulation(emulator, tmp_path, name):
     c = dict(dtype="f32", B=2, H=16, W=16, C=32, N=300, HID=64, OUT=33, axes=0, box=1.0, pad=(0, 0, 0, 0),
-             optin=232448, sms=2, per_sm=1, mask=63, gmask=3, chunk=128)
+             optin=232448, sms=2, per_sm=1, mask=63, gmask=3, chunk=128, omask=3)
     c.update(CASES[name])
     code, sdt, pdt = DTYPES[c["dtype"]]
     B, H, W, C, N, HID, OUT = (c[k] for k in ("B", "H", "W", "C", "N", "HID", "OUT"))
@@ -120,7 +127,7 @@ def test_cuda_kernels_in_emulation(emulator, tmp_path, name):
     gf = torch.randn(B, N, OUT - 1, dtype=torch.float64).to(sdt)
     for fn, t in [("planes", buf), ("xyz", xyz), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("gsigma", gs), ("gfeat", gf)]:
         (tmp_path / f"{fn}.bin").write_bytes(_raw(t))
-    meta = [code, B, H, W, C, N, HID, OUT, c["axes"], c["box"], sb, sp, sy, sx, c["optin"], c["sms"], c["per_sm"], c["mask"], c["gmask"], c["chunk"]]
+    meta = [code, B, H, W, C, N, HID, OUT, c["axes"], c["box"], sb, sp, sy, sx, c["optin"], c["sms"], c["per_sm"], c["mask"], c["gmask"], c["chunk"], c["omask"]]
     (tmp_path / "meta.txt").write_text(" ".join(map(str, meta)))
     proc = subprocess.run([str(emulator), str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -136,9 +143,12 @@ def test_cuda_kernels_in_emulation(emulator, tmp_path, name):
     loss = (sigma * gs.double()).sum() * (c["gmask"] & 1) + (feat * gf.double()).sum() * ((c["gmask"] >> 1) & 1)
     loss.backward()
     acc = torch.float64 if c["dtype"] == "f64" else torch.float32
+    # A forward output not asked for (null pointer) stays as the emulator allocated it: zeros.
     results = {
-        "sigma": (_load(tmp_path / "out_sigma.bin", sdt, sigma.shape), sigma.detach(), OUTPUT_RTOL),
-        "feat": (_load(tmp_path / "out_feat.bin", sdt, feat.shape), feat.detach(), OUTPUT_RTOL),
+        "sigma": (_load(tmp_path / "out_sigma.bin", sdt, sigma.shape),
+                  sigma.detach() if c["omask"] & 1 else torch.zeros_like(sigma), OUTPUT_RTOL),
+        "feat": (_load(tmp_path / "out_feat.bin", sdt, feat.shape),
+                 feat.detach() if c["omask"] & 2 else torch.zeros_like(feat), OUTPUT_RTOL),
     }
     refs = [P.grad.permute(0, 1, 3, 4, 2), X.grad] + [w.grad for w in Ws]
     for bit, (nm, r) in enumerate(zip(["dplanes", "dxyz", "dw1", "db1", "dw2", "db2"], refs)):

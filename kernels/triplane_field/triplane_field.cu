@@ -5,8 +5,9 @@
 // memory, atomics for the plane gradients, and the reduction of the weight gradients.
 //
 // Forward: one thread per point (grid-stride), only sigma and feat are written. The EG3D size with
-// float accumulation runs the decoder one hidden unit at a time (field_forward_streaming_kernel);
-// other sizes and fp64 run the header's mlp_forward.
+// float accumulation runs the decoder one hidden unit at a time (field_forward_streaming_kernel) and
+// writes the features through shared memory, a block's tile of points as one contiguous run; other
+// sizes and fp64 run the header's mlp_forward.
 // Backward: the forward is recomputed per point. Plane gradients go through atomicAdd into the
 // contiguous d_planes; d_xyz is written per point.
 // - EG3D size with float accumulation (field_backward_streaming_kernel): the decoder backward runs one
@@ -316,6 +317,14 @@ struct StreamingLayout {  // offsets in floats; all multiples of 4 (16-byte alig
   static constexpr int elems = b2 + kOut4;
 };
 
+// The forward's shared memory: the weights above, then the features of one tile of kThreads points,
+// a row of kStageRow floats per thread (odd: thread t's k-th write and the write-out's reads of a row
+// fall in distinct banks).
+struct ForwardStage {
+  static constexpr int kF = StreamingLayout::kOut - 1, kStageRow = kF + 1;
+  static constexpr int offset = StreamingLayout::elems, elems = offset + kThreads * kStageRow;
+};
+
 // Stages the decoder weights as StreamingLayout (float) in shared memory; the caller synchronises.
 template <typename S>
 __device__ void load_streaming_weights(const S* w1, const S* b1, const S* w2, const S* b2, float* sm) {
@@ -333,23 +342,39 @@ template <typename S, bool kVec4Taps>
 __global__ void __launch_bounds__(kThreads)
     field_forward_streaming_kernel(const FwdArgs<S> a, const EG3DDims d) {
   using L = StreamingLayout;
+  using G = ForwardStage;
+  constexpr int F = G::kF;
   float* sm = smem_base<float>();
   load_streaming_weights(a.w1, a.b1, a.w2, a.b2, sm);
   __syncthreads();
-  constexpr int F = L::kOut - 1;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.total; i += stride) {
-    const int64_t b = i / a.N;
-    float q[3];
-    field::scale_point(a.xyz + 3 * i, a.inv_half_box, q);
-    float f[L::kC], o[L::kOut];
-    field::sample_mean<kVec4Taps>(d, a.planes + b * a.s_batch, a.geom, a.axes, q, f);
-    field::mlp_forward_streaming(d, sm + L::w1, sm + L::b1, sm + L::w2t, sm + L::b2, f, o);
-    if (a.sigma) a.sigma[i] = Storage<S>::from_acc(o[0]);
-    if (a.feat) {
-      S* out = a.feat + i * F;
+  float* stage = sm + G::offset;
+  // The block walks tiles of blockDim.x consecutive points; every thread takes the same number of
+  // steps (the barriers below), a thread past the end computing nothing. A thread's 32 features are
+  // staged in shared memory and the block writes the tile's features out as one contiguous run:
+  // written straight from the thread, each store instruction of a warp touched 32 cache lines
+  // 128 bytes apart (one 32-byte sector each, 4 bytes used) instead of one.
+  const int64_t step = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t base = int64_t(blockIdx.x) * blockDim.x; base < a.total; base += step) {
+    const int64_t i = base + threadIdx.x;
+    if (i < a.total) {
+      const int64_t b = i / a.N;
+      float q[3];
+      field::scale_point(a.xyz + 3 * i, a.inv_half_box, q);
+      float f[L::kC], o[L::kOut];
+      field::sample_mean<kVec4Taps>(d, a.planes + b * a.s_batch, a.geom, a.axes, q, f);
+      field::mlp_forward_streaming(d, sm + L::w1, sm + L::b1, sm + L::w2t, sm + L::b2, f, o);
+      if (a.sigma) a.sigma[i] = Storage<S>::from_acc(o[0]);
+      float* row = stage + threadIdx.x * G::kStageRow;
 #pragma unroll
-      for (int k = 1; k < L::kOut; ++k) out[k - 1] = Storage<S>::from_acc(field::feature_activation(o[k]));
+      for (int k = 0; k < F; ++k) row[k] = field::feature_activation(o[k + 1]);
+    }
+    if (a.feat) {  // the same for the whole block
+      __syncthreads();
+      const int n = int(a.total - base < int64_t(blockDim.x) ? a.total - base : int64_t(blockDim.x)) * F;
+      S* out = a.feat + base * F;
+      for (int e = threadIdx.x; e < n; e += blockDim.x)
+        out[e] = Storage<S>::from_acc(stage[(e / F) * G::kStageRow + e % F]);
+      __syncthreads();  // the next tile overwrites the stage
     }
   }
 }
@@ -764,7 +789,7 @@ cudaError_t forward_dims(const FieldProblem& p, const Dims& d, void* sigma, void
   const int T = kThreads;
   int blocks = 0;
   if constexpr (kIsEG3D<Dims> && std::is_same<acc_t, float>::value) {
-    const size_t bytes = size_t(StreamingLayout::elems) * sizeof(float);
+    const size_t bytes = size_t(ForwardStage::elems) * sizeof(float);
     if (bytes <= size_t(info.smem_optin)) {
       auto kernel = vec4_taps<S>(p) ? field_forward_streaming_kernel<S, true> : field_forward_streaming_kernel<S, false>;
       err = prepare_launch(kernel, T, bytes, a.total, info, blocks);

@@ -151,7 +151,9 @@ int main(int argc, char** argv) {
   int dtype, B, H, W, C, HID, OUT, axes, mask, gmask;
   long long N, sb, sp, sy, sx, chunk;
   double box;
-  m >> dtype >> B >> H >> W >> C >> N >> HID >> OUT >> axes >> box >> sb >> sp >> sy >> sx >> g_optin >> g_sms >> g_per_sm >> mask >> gmask >> chunk;
+  int omask;  // forward outputs wanted: 1 sigma, 2 feat (a null pointer for the other)
+  m >> dtype >> B >> H >> W >> C >> N >> HID >> OUT >> axes >> box >> sb >> sp >> sy >> sx >> g_optin >> g_sms >> g_per_sm >> mask >> gmask >> chunk >> omask;
+  if (!m) { fprintf(stderr, "bad meta.txt\n"); return 2; }
   const size_t es = (dtype == 0) ? 4 : (dtype == 3 ? 8 : 2);   // storage size
   const size_t as = dtype == 3 ? 8 : 4;                        // accumulation size
   auto planes = readf<unsigned char>(dir + "/planes.bin");
@@ -170,7 +172,7 @@ int main(int argc, char** argv) {
   p.HID = HID; p.OUT = OUT; p.box_warp = box; p.axes = axes;
   const size_t P = size_t(B) * N, F = OUT - 1;
   std::vector<unsigned char> sigma(P * es), feat(P * F * es);
-  cudaError_t e = field_forward(p, sigma.data(), feat.data(), nullptr);
+  cudaError_t e = field_forward(p, (omask & 1) ? sigma.data() : nullptr, (omask & 2) ? feat.data() : nullptr, nullptr);
   printf("forward: err=%d T=%d blocks=%d smem=%zu\n", int(e), g_last_T, g_last_blocks, g_last_bytes);
   writef(dir + "/out_sigma.bin", sigma); writef(dir + "/out_feat.bin", feat);
   std::vector<unsigned char> dpl(size_t(B) * 3 * H * W * C * as, 0), dxyz(P * 3 * as, 0), dw1(size_t(HID) * C * as, 0),
