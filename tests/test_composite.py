@@ -117,13 +117,13 @@ def test_noncontiguous_inputs(impl):
     check(impl, [sigma, feat_nc, t])
 
 
-@pytest.mark.parametrize("impl", ["torch", BACKENDS[0]])
+@pytest.mark.parametrize("impl", ["torch", *BACKENDS])
 def test_gradcheck_float64(impl):
     """Analytic gradients against finite differences, dense and packed (empty rays included)."""
     case = CompositeCase(B=1, R=3, S=6, F=2)
-    ins = [x.requires_grad_() for x in make_dense(case, torch.float64)]
+    ins = [x.requires_grad_() for x in make_dense(case, torch.float64, device_of(impl))]
     assert torch.autograd.gradcheck(lambda s, f, t: composite(s, f, t, impl=impl), ins)
-    *pins, pi = make_packed(CompositeCase(R=5, S=5, F=2), torch.float64)
+    *pins, pi = make_packed(CompositeCase(R=5, S=5, F=2), torch.float64, device_of(impl))
     pins = [x.requires_grad_() for x in pins]
     assert torch.autograd.gradcheck(lambda s, f, t: composite(s, f, t, packed_info=pi, impl=impl), pins)
 

@@ -77,9 +77,9 @@ def test_noncontiguous_inputs(impl):
         torch.testing.assert_close(a, e, atol=FP64_ATOL, rtol=FP64_RTOL, equal_nan=True)
 
 
-@pytest.mark.parametrize("impl", ["torch", BACKENDS[0]])
+@pytest.mark.parametrize("impl", ["torch", *BACKENDS])
 def test_gradcheck_float64(impl):
-    sigma, _, t = make_dense(CompositeCase(B=1, R=3, S=6, F=1), torch.float64)
+    sigma, _, t = make_dense(CompositeCase(B=1, R=3, S=6, F=1), torch.float64, _device(impl))
     ins = [sigma.requires_grad_(), t.requires_grad_()]
     assert torch.autograd.gradcheck(lambda s, tt: composite_weights(s, tt, impl=impl), ins)
 

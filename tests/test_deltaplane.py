@@ -410,15 +410,55 @@ def test_training_steps_reduce_loss():
     assert losses[-1] < 0.95 * losses[0]
 
 
+def _expected_parameter_counts(cfg: DeltaplaneConfig) -> tuple[int, int]:
+    """(U-Net, condition encoder) parameter counts worked out from the architecture the issue and the
+    paper describe, independently of the modules: every plane has its own weights (grouped
+    convolutions, 3 groups); a block's first convolution sees its input rolled out (the plane's own
+    channels plus the two other planes' pooled ones: 3x the input channels)."""
+    P, c_in, (c0, c1, c2, c3) = 3, cfg.plane_channels, cfg.channels
+
+    def conv(cin, cout, k=3, rollout=False):  # per-plane weights and biases
+        return P * (cout * cin * (3 if rollout else 1) * k * k + cout)
+
+    def norm(c):
+        return 2 * P * c
+
+    def block(cin, cout):  # roll-out conv, norm, conv, norm, 1x1 skip when the width changes
+        return (conv(cin, cout, rollout=True) + norm(cout) + conv(cout, cout) + norm(cout)
+                + (conv(cin, cout, k=1) if cin != cout else 0))
+
+    d, t, ff = c3, cfg.token_dim, cfg.ff_mult * c3
+    attention = (3 * 2 * d                           # three layer norms
+                 + 4 * d * d + d                     # self-attention q, k, v, out (+ out bias)
+                 + 2 * d * d + 2 * d * t + d         # cross-attention q, out over d; k, v from tokens
+                 + d * 2 * ff + 2 * ff + ff * d + d)  # GEGLU: in to 2 x ff (gate), out
+    unet = (block(c_in, c0) + block(c0, c1) + block(c1, c2) + block(c2, c3)     # encoder
+            + conv(c0, c0) + conv(c1, c1) + conv(c2, c2)                     # strided downsampling
+            + cfg.attention_blocks * attention
+            + conv(c3, c2) + conv(c2, c1) + conv(c1, c0)                     # upsampling convolutions
+            + block(2 * c2, c2) + block(2 * c1, c1) + block(2 * c0, c0)      # decoder (with skips)
+            + norm(c0) + conv(c0, c_in))                                     # output
+    D, H, nf = cfg.token_dim, cfg.token_hidden, cfg.scalar_freqs
+
+    def mlp(n_in):  # sinusoidal encoding (x, sin, cos at nf frequencies) -> H -> D, layer norm
+        return n_in * (1 + 2 * nf) * H + H + H * D + D + 2 * D
+
+    audio = (cfg.audio_window * D + cfg.audio_tokens * D                     # positions, queries
+             + cfg.audio_dim * cfg.audio_steps * H + H + H * D + D + 2 * D  # per-frame MLP, norm
+             + 4 * D * D + D + 2 * D)                                        # attention pool, norm
+    tokens = D + audio + mlp(1) + mlp(3) + mlp(2 * cfg.num_landmarks)        # null, audio, eye, pose, landmarks
+    return unet, tokens
+
+
 def test_release_size_parameter_count():
-    # Guards the release sizes against silent drift; recount when the architecture changes on purpose.
+    cfg = DeltaplaneConfig.release()
     with torch.device("meta"):
-        predictor = DeltaplanePredictor(DeltaplaneConfig.release())
-        encoder = ConditionEncoder(DeltaplaneConfig.release())
+        predictor = DeltaplanePredictor(cfg)
+        encoder = ConditionEncoder(cfg)
     n_pred = sum(p.numel() for p in predictor.parameters())
     n_enc = sum(p.numel() for p in encoder.parameters())
-    assert (n_pred, n_enc) == (14_458_304, 78_656), (n_pred, n_enc)
-
+    assert (n_pred, n_enc) == _expected_parameter_counts(cfg)
+    assert (n_pred, n_enc) == (14_458_304, 78_656)  # 14.5 M + 79 k at the release sizes
 
 
 # --- the encoder cache of inference ------------------------------------------------------------------

@@ -105,6 +105,7 @@ def test_real_segmenter_from_wheel_file_and_folder(tmp_path, monkeypatch):
         outs.append(seg(grey))
     assert outs[0].shape == (2, 96, 96) and outs[0].dtype == np.float32
     assert 0.0 <= outs[0].min() and outs[0].max() <= 1.0 and (outs[0] > 0.5).mean() < 0.05
+    np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])
     with pytest.raises(ValueError, match=r"\[B, S, S, 3\]"):
         seg(grey[0])

@@ -136,7 +136,12 @@ def test_module_prefix_and_optimizer_state(tmp_path, state):
 def test_bare_state_dict_without_step_counters(tmp_path, state):
     sd = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     torch.save(sd, tmp_path / "old.pth")
-    load_syncnet(tmp_path / "old.pth")
+    loaded = load_syncnet(tmp_path / "old.pth")
+    for k, v in sd.items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    faces = torch.rand(1, 15, 48, 96)
+    torch.testing.assert_close(loaded(faces, torch.rand(1, 1, 80, 16))[1],
+                               reference_encoder(faces, state, "face_encoder", FACE), atol=EMB_TOL, rtol=0)
 
 
 def test_wrong_keys_and_shapes(tmp_path, state):

@@ -17,6 +17,7 @@ from talk3d.audio import SAMPLE_RATE, SAMPLES_PER_FRAME, AudioEncoder, LogMelEnc
 from talk3d.data import make_synthetic_dataset
 from talk3d.infer import InferenceError, Talker, camera_track, num_frames_for
 from talk3d.infer.talker import STREAM_ORBIT_PERIOD, _StreamingFeatures
+from talk3d.render.cameras import look_at_camera, rotation_to_euler, split_camera_label
 from talk3d.train import TrainConfig, Trainer
 
 try:
@@ -32,6 +33,9 @@ SECONDS = 1.3  # 33 frames (+ 17 samples: the last frame is a partial one)
 # the CPU: features at most one ulp apart (9.5e-7), images 1.2e-6 on [-1, 1], at most one uint8 level.
 FEATURE_ATOL = 1e-5
 IMAGE_ATOL = 1e-5
+#: Degrees: the orbit's yaw/pitch read back from its cameras. The round trip through a look-at
+#: camera is exact up to float32 rounding; 250 samples of a sine come within 0.1 deg of its peaks.
+ORBIT_ANGLE_TOL_DEG = 0.2
 
 
 def _cfg() -> TrainConfig:
@@ -299,6 +303,18 @@ def test_stream_cameras_and_neutral_sources(run, tmp_path):
     assert torch.equal(torch.stack([c["camera"] for c in conds]), want[:n])
     rows = torch.arange(300) % STREAM_ORBIT_PERIOD
     assert torch.equal(t._cameras[rows], want[rows])
+    # What the orbit is, checked on the cameras themselves: head turns (the rotation taking the
+    # rig's frontal camera to each one, about the pivot) that start frontal, stay within the
+    # paper's novel views (yaw +-30, pitch +-20 degrees) and reach their ends over one period.
+    rot, _ = split_camera_label(t._cameras[:STREAM_ORBIT_PERIOD].double())
+    front, _ = split_camera_label(look_at_camera(0.0, 0.0, rig=t.clip.rig).double())
+    head = (rot[:, :3, :3] @ front[:, :3, :3].transpose(1, 2)).transpose(1, 2)
+    yaw, pitch, roll = (np.degrees(a.numpy()) for a in rotation_to_euler(head))
+    assert np.abs(roll).max() < ORBIT_ANGLE_TOL_DEG
+    assert abs(yaw[0]) < ORBIT_ANGLE_TOL_DEG and abs(pitch[0]) < ORBIT_ANGLE_TOL_DEG
+    assert np.abs(yaw).max() <= 30 + ORBIT_ANGLE_TOL_DEG and np.abs(pitch).max() <= 20 + ORBIT_ANGLE_TOL_DEG
+    assert yaw.max() > 30 - ORBIT_ANGLE_TOL_DEG and yaw.min() < -30 + ORBIT_ANGLE_TOL_DEG
+    assert pitch.max() > 20 - ORBIT_ANGLE_TOL_DEG and pitch.min() < -20 + ORBIT_ANGLE_TOL_DEG
 
 
 @pytest.mark.parametrize("encoder", [LogMelEncoder(32), LogMelEncoder(16, n_fft=1024, win_length=1024),

@@ -48,8 +48,9 @@ def backend_device(impl: str) -> str:
     return "cpu"
 
 
+needs_extension = pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")
 BACKENDS = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")),
+    pytest.param("cpu", marks=needs_extension),
     pytest.param("cuda", marks=pytest.mark.cuda),
     pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")]),
 ]
@@ -152,10 +153,12 @@ def test_only_one_output_used(impl):
         assert_close(f"d{name}", g, w.double().cpu(), FP32_ATOL, FP32_RTOL)
 
 
+@needs_extension
 def test_cpu_float64():
     check_against_reference("cpu", FieldCase(C=32, hidden=64, out=33), "fixed", dtype=torch.float64)
 
 
+@needs_extension
 @pytest.mark.parametrize("case", [FieldCase(B=2, N=20_001, C=32, hidden=64, out=33, H=16, W=16),
                                   FieldCase(B=2, N=20_001, H=16, W=12, spread=1.4)], ids=["eg3d", "generic"])
 @pytest.mark.parametrize("needs", [(True,) * 6, (False, True, False, False, False, False)], ids=["all", "xyz"])
@@ -166,7 +169,7 @@ def test_cpu_backward_over_several_chunks(case, needs):
     check_against_reference("cpu", case, "eg3d", needs=needs)
 
 
-@pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")
+@needs_extension
 @pytest.mark.parametrize("size", ["eg3d", "generic"])
 def test_cpu_extreme_preactivations_stay_normal(size):
     """Pre-activations far past +-87 and feature logits far under -40 (as the synthetic head's
@@ -285,6 +288,7 @@ def _gradcheck(impl, device, axes):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@needs_extension
 @pytest.mark.parametrize("axes", ["fixed", "eg3d"])
 def test_gradcheck_cpu(axes):
     _gradcheck("cpu", "cpu", axes)
@@ -302,7 +306,7 @@ def test_gradcheck_reference():
 # --- torch.library integration -------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")
+@needs_extension
 def test_opcheck_forward_and_backward():
     case = FieldCase(B=2, N=40, C=8, hidden=16, out=5, H=6, W=7)
     inputs = [t.requires_grad_() for t in make_field_inputs(case, planes_layout="channels_last")]
@@ -313,7 +317,7 @@ def test_opcheck_forward_and_backward():
         torch.library.opcheck(torch.ops.talk3d.triplane_field_bwd.default, (gs, gf, *plain, 2.0, 1, needs))
 
 
-@pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")
+@needs_extension
 def test_opcheck_training_pair():
     """The CPU training forward (which also returns the saved activations) and its backward."""
     case = FieldCase(B=2, N=40, C=8, hidden=16, out=5, H=6, W=7)
@@ -328,7 +332,7 @@ def test_opcheck_training_pair():
                               (gs, gf, *plain, saved, feat, 2.0, 1, needs))
 
 
-@pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")
+@needs_extension
 @pytest.mark.parametrize("case", [FieldCase(), FieldCase(B=2, N=190, C=32, hidden=64, out=33, H=9, W=14, spread=1.6)],
                          ids=lambda c: c.id())
 def test_cpu_backward_from_saved_matches_recompute(case):
@@ -351,7 +355,7 @@ def test_cpu_backward_from_saved_matches_recompute(case):
         torch.ops.talk3d.triplane_field_bwd_saved(gs, gf, *args, saved[..., 1:], feat, 1.0, 1, needs)
 
 
-@pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")
+@needs_extension
 def test_cpu_activation_store_is_bounded(monkeypatch):
     """Past SAVE_LIMIT_BYTES the CPU path keeps no activations and its backward recomputes them;
     the gradients stay those of the reference either way."""
@@ -374,7 +378,7 @@ def test_cpu_activation_store_is_bounded(monkeypatch):
             assert_close(f"d{name}", g, w, FP32_ATOL, FP32_RTOL)
 
 
-@pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")
+@needs_extension
 def test_torch_compile_smoke():
     case = FieldCase(B=1, N=64)
     inputs = [t.requires_grad_() for t in make_field_inputs(case)]
@@ -454,7 +458,7 @@ def test_impl_unavailable_for_device_or_dtype():
             triplane_field(**half, impl="cpu")
 
 
-@pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")
+@needs_extension
 def test_compiled_op_checks_its_own_inputs():
     """torch.ops.talk3d.* can be called directly: the C++ side validates too."""
     planes, xyz, w1, b1, w2, b2 = make_field_inputs(FieldCase(N=10))
