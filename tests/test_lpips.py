@@ -165,6 +165,43 @@ def test_identity_symmetry_positivity(model):
     assert (d_xy > 0).all()
 
 
+#: The module and the functional definition below run the same float32 convolutions; only the order
+#: of the final sums differs.
+FUNCTIONAL_RTOL = 1e-5
+
+
+def functional_lpips_alex(x, y, backbone: dict, heads: dict) -> torch.Tensor:
+    """LPIPS v0.1 (AlexNet) written out from its definition (Zhang et al. 2018 and the lpips
+    package), independently of talk3d's module: scale the inputs with lpips' ScalingLayer, tap the
+    five ReLUs of torchvision's AlexNet features, unit-normalise each tap over channels, weight the
+    squared differences with the 1x1 'lin' heads and average over space; sum over taps."""
+    import torch.nn.functional as F
+
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+
+    def taps(img):
+        w = lambda i: (backbone[f"features.{i}.weight"], backbone[f"features.{i}.bias"])  # noqa: E731
+        h1 = F.relu(F.conv2d((img - shift) / scale, *w(0), stride=4, padding=2))
+        h2 = F.relu(F.conv2d(F.max_pool2d(h1, 3, 2), *w(3), padding=2))
+        h3 = F.relu(F.conv2d(F.max_pool2d(h2, 3, 2), *w(6), padding=1))
+        h4 = F.relu(F.conv2d(h3, *w(8), padding=1))
+        h5 = F.relu(F.conv2d(h4, *w(10), padding=1))
+        return h1, h2, h3, h4, h5
+
+    total = 0
+    for k, (a, b) in enumerate(zip(taps(x), taps(y))):
+        a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        total = total + F.conv2d((a - b) ** 2, heads[f"lin{k}.model.1.weight"]).mean(dim=(1, 2, 3))
+    return total
+
+
+def test_matches_the_functional_definition(model, alex_weights):
+    x, y = images(3, seed=5)
+    torch.testing.assert_close(model(x, y), functional_lpips_alex(x, y, *alex_weights), rtol=FUNCTIONAL_RTOL, atol=0)
+
+
 def test_normalize_flag_maps_unit_range_to_lpips_range(model):
     x, y = images()
     torch.testing.assert_close(model((x + 1) / 2, (y + 1) / 2, normalize=True), model(x, y))

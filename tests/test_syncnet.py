@@ -281,7 +281,12 @@ def test_faces_from_frames_layout():
     assert lit.tolist() == [1.0 if c == 3 * 2 + 2 else 0.0 for c in range(15)]  # BGR: red is last
 
 
-def test_sync_loss_gradients(net):
+#: -log of a cosine built from embeddings within EMB_TOL of each other: cosines are ~0.5-1 here, so
+#: the loss moves by about EMB_TOL / cos.
+SYNC_LOSS_TOL = 1e-3
+
+
+def test_sync_loss_gradients(net, state):
     loss_fn = SyncLoss(net)
     frames = (torch.rand(2, 5, 3, 64, 64) * 2 - 1).requires_grad_(True)
     wave = torch.randn(2, 3200) * 0.1
@@ -290,7 +295,12 @@ def test_sync_loss_gradients(net):
     loss.sum().backward()
     assert frames.grad is not None and frames.grad.abs().sum() > 0
     mels = mel_windows(wav2lip_mel(wave[0]), [0])
-    assert loss_fn(frames[:1].detach(), mels).shape == (1,)
+    got = loss_fn(frames[:1].detach(), mels)
+    assert got.shape == (1,)
+    # Wav2Lip's expert loss: BCE against "in sync", -log cos(audio embedding, face embedding).
+    v = reference_encoder(faces_from_frames(frames[:1].detach()), state, "face_encoder", FACE)
+    a = reference_encoder(mels, state, "audio_encoder", AUDIO)
+    torch.testing.assert_close(got, -torch.log(F.cosine_similarity(a, v, dim=1)), atol=SYNC_LOSS_TOL, rtol=0)
     assert all(p.grad is None for p in net.parameters())
 
 

@@ -199,6 +199,8 @@ def test_cli_demo_shape_and_resume(data, tmp_path, capsys):
     with pytest.raises(SystemExit, match="--resume"):  # never silently on top of a finished run
         main(args)
     assert main(["--resume", str(run), "--set", "steps=6"]) == 0
+    state = torch.load(run / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
+    assert state["step"] == 6  # steps 5 and 6 ran on top of the first run's 4
 
 
 def test_cli_presets(data, tmp_path, monkeypatch):
