@@ -2,7 +2,8 @@
 
 Groups ``field-forward`` and ``field-forward-backward``; one benchmark per back end on the same
 inputs, at the CPU size (1 x 32^2 rays x 48 samples, planes 3 x 32 x 256 x 256) and the GPU size
-(4 x 128^2 rays x 96 samples). ``extra_info`` records points, peak memory and the device.
+(4 x 128^2 rays x 96 samples); ``field-forward-bf16`` (GPU only) at the GPU size in bf16.
+``extra_info`` records points, peak memory and the device.
 """
 from __future__ import annotations
 
@@ -109,6 +110,30 @@ def test_field_forward_backward(benchmark, impl, size, layout):
         grads = torch.autograd.grad((sigma, feat), inputs, (g_sigma, g_feat))
         _sync(device)
         return grads
+
+    _record(benchmark, impl, case, device, run)
+    benchmark(run)
+
+
+@pytest.mark.benchmark(group="field-forward-bf16")
+@pytest.mark.parametrize("impl", ["torch", "cuda", "triton"])
+def test_field_forward_bf16(benchmark, impl):
+    """The inference path's precision (issue 3's "under 1 ms in bf16"): bf16 planes and weights,
+    fp32 points and accumulation, channels-last planes, at the GPU size. Triton's decoder runs its
+    two layers as bf16 tensor-core dots; the CUDA kernel's on fp32 FMAs (which is faster is what
+    this group measures)."""
+    if reason := _skip_reason(impl, "gpu_size"):
+        pytest.skip(reason)
+    case, rays_side, samples = SIZES["gpu_size"]
+    device = torch.device("cuda")
+    inputs = list(make_field_inputs(case, dtype=torch.bfloat16, device=device, planes_layout="channels_last"))
+    inputs[1] = make_ray_points(case.B, rays_side, samples, device=device)
+
+    def run():
+        with torch.no_grad():
+            out = triplane_field(*inputs, impl=impl)
+        _sync(device)
+        return out
 
     _record(benchmark, impl, case, device, run)
     benchmark(run)
