@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from talk3d.data import make_synthetic_dataset
-from talk3d.train import TrainConfig, Trainer, load_config
+from talk3d.train import TrainConfig, Trainer, load_config, load_talking_head
 from talk3d.train.__main__ import main
 
 # A reloaded model without gradients may pick other CPU conv kernels: float32 rounding only.
@@ -196,14 +198,15 @@ def test_cli_demo_shape_and_resume(data, tmp_path, capsys):
             "--set", "generator.importance_samples=6", "--set", "impl=\"torch\""]
     assert main(args) == 0
     assert "validation L1 of the render" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--resume"):  # never silently on top of a finished run
+    with pytest.raises(SystemExit):  # never silently on top of a finished run
         main(args)
+    assert "holds a run: continue it with --resume" in capsys.readouterr().err
     assert main(["--resume", str(run), "--set", "steps=6"]) == 0
     state = torch.load(run / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
     assert state["step"] == 6  # steps 5 and 6 ran on top of the first run's 4
 
 
-def test_cli_presets(data, tmp_path, monkeypatch):
+def test_cli_presets(data, tmp_path, monkeypatch, capsys):
     """--preset small trains the demo's small model on a given dataset; with a prior it is refused.
     The full preset on a CPU is told about it before the first step (checked on a run whose
     training is interrupted at once: building the full-size model is all it does)."""
@@ -213,8 +216,9 @@ def test_cli_presets(data, tmp_path, monkeypatch):
     saved = json.loads((run / "config.json").read_text())["train"]
     assert saved["generator_size"] == "tiny" and saved["deltaplane_size"] == "tiny" and saved["steps"] == 2
     assert "--preset small" not in (run / "log.txt").read_text()  # a small model: no hint
-    with pytest.raises(SystemExit, match="--preset small.*prior"):
+    with pytest.raises(SystemExit):
         main(["--data", str(data), "--preset", "small", "--prior", str(tmp_path / "p.safetensors")])
+    assert "--preset small is the demo's tiny generator" in capsys.readouterr().err
     def interrupted(self):
         raise KeyboardInterrupt
 
@@ -241,6 +245,76 @@ def test_bad_configs_and_data_are_refused(data, tmp_path):
     assert (cfg.steps, cfg.loss.mouth, cfg.loss.l1_sr) == (7, 3.0, 2.0)
     with pytest.raises(ValueError):
         Trainer(_cfg(), tmp_path, tmp_path / "run")  # not a dataset folder
+    assert not (tmp_path / "run").exists()  # checked before the run folder is made
+    # Values of the wrong type are named, not met later as a TypeError deep in the model.
+    for override, said in [("steps=2.7", "steps must be a whole number"), ("lr=\"fast\"", "lr must be a number"),
+                           ("loss=5", "loss must be a table"), ("loss.mouth=\"x\"", "[loss]: mouth must be a number"),
+                           ("grad_clip=-1", "grad_clip"), ("generator.plane_res=8", "unknown [generator] keys"),
+                           ("impl=\"cpp\"", "impl must be one of")]:
+        with pytest.raises(ValueError, match=re.escape(said)):
+            load_config(None, [override])
+    assert load_config(None, ["steps=3.0", "lr=1"]).steps == 3 and isinstance(load_config(None, ["lr=1"]).lr, float)
+
+
+def test_cli_errors_are_messages_and_touch_nothing(data, tmp_path, capsys):
+    """Mistakes on the command line end in one 'error:' line (exit 2), before anything is written;
+    a user's folder is never written into."""
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+
+    def refused(args, said):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and said in err and "Traceback" not in err, err
+
+    tiny = ["--set", "steps=1", "--device", "cpu"]
+    refused(["--data", str(data), "--out", str(user), *tiny], "is not empty")
+    assert sorted(p.name for p in user.iterdir()) == ["notes.txt"]
+    refused(["--data", str(data), "--out", str(data), *tiny], "is the dataset folder")
+    refused(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r1"), *tiny], "nowhere")
+    assert not (tmp_path / "r1").exists()
+    refused(["--data", str(data), "--out", str(tmp_path / "r2"), "--set", "steps=abc"], "steps must be a whole number")
+    refused(["--data", str(data), "--out", str(tmp_path / "r3"), "--device", "gpu"], "not a device name")
+    refused(["--data", str(data), "--prior", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "r4")],
+            "no such file")
+    refused(["--resume", str(user)], "no config.json")
+    refused(["--resume", str(user), "--data", str(data)], "--data cannot change them")
+    for p in ("r2", "r3", "r4"):
+        assert not (tmp_path / p).exists()
+
+
+def test_corrupt_checkpoint_is_named_with_the_others(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    t = Trainer(_cfg(steps=1), data, run)
+    t.save()  # step_0000000.pt and latest.pt
+    (run / "checkpoints" / "latest.pt").write_bytes(os.urandom(1000))
+    with pytest.raises(SystemExit):
+        main(["--resume", str(run)])
+    err = capsys.readouterr().err
+    assert "not a readable talk3d checkpoint" in err and "step_0000000.pt" in err and "weights_only=False" not in err
+    (run / "checkpoints" / "latest.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty file"):
+        load_talking_head(run)
+
+
+def test_sigterm_saves_a_checkpoint_after_the_step(data, tmp_path):
+    t = Trainer(_cfg(steps=50, eval_every=100, checkpoint_every=100), data, tmp_path / "run")
+    step = t.train_step
+
+    def step_then_sigterm(batch):
+        out = step(batch)
+        if t.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    t.train_step = step_then_sigterm
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    assert torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=True)["step"] == 2
+    assert "terminated (SIGTERM) at step 2" in (tmp_path / "run" / "log.txt").read_text()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the trainer's only while it trains
 
 
 def _free_port() -> int:

@@ -56,46 +56,87 @@ def _demo_data(root: Path, log) -> Path:
     return data
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+def _device(text: str | None) -> str | None:
+    """--device checked before any work: a name torch knows, on a device this machine has."""
+    if text is None:
+        return None
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text!r}: not a device name (cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {text}: this torch build sees no CUDA device (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {text}: only cpu and cuda devices train")
+    return text
+
+
+#: What a resumed run takes from its own folder; giving these with --resume would be ignored.
+RESUME_FIXED = ("data", "prior", "config", "out", "preset")
+
+
+def _trainer(args, log):
+    """The Trainer the arguments ask for; ValueError (DatasetError among them) / FileNotFoundError
+    name what is wrong."""
     from .config import demo_config, load_config
     from .trainer import Trainer
 
+    device = _device(args.device)
+    device_type = "cuda" if torch.cuda.is_available() and (device or "cuda").startswith("cuda") else "cpu"
+    if args.resume:
+        given = [f"--{k}" for k in RESUME_FIXED if getattr(args, k) is not None]
+        if given:
+            raise ValueError(f"--resume continues a run with the dataset, prior and settings saved in it: "
+                             f"{', '.join(given)} cannot change them (--set can, e.g. --set steps=N)")
+        run = Path(args.resume)
+        if not (run / "config.json").is_file():
+            raise ValueError(f"--resume {run}: no config.json there (not a talk3d run folder)")
+        try:
+            saved = json.loads((run / "config.json").read_text())
+            train, data, prior = saved["train"], saved["data"], saved["prior"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"--resume {run}: config.json is not a talk3d run config ({e})") from None
+        cfg = load_config(None, args.set, base=train)
+        return Trainer(cfg, data, run, prior=prior, device=device, resume=True)
+    demo = args.data is None
+    if args.preset == "small" and args.prior:
+        raise ValueError("--preset small is the demo's tiny generator, which cannot load a prior: "
+                         "drop --prior, or use --preset full")
+    if args.preset is not None:
+        base = demo_config("cpu") if args.preset == "small" else None
+    else:
+        base = demo_config(device_type) if demo and args.config is None else None
+    cfg = load_config(args.config, args.set, base=base)
+    if args.prior is not None and not Path(args.prior).is_file():
+        raise ValueError(f"--prior {args.prior}: no such file (python -m talk3d.prior convert writes one)")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if demo:
+        data = _demo_data(Path("runs") / "demo", log)
+        run = Path(args.out or f"runs/demo/run-{stamp}")
+    else:
+        data = Path(args.data)
+        run = Path(args.out or f"runs/{data.name}-{stamp}")
+    trainer = Trainer(cfg, data, run, prior=args.prior, device=device)
+    if trainer.main and trainer.device.type == "cpu" and trainer.trained_parameters > CPU_HINT_PARAMS:
+        trainer.log(f"note: {trainer.trained_parameters / 1e6:.1f} M trained parameters on a CPU: tens of "
+                    "seconds a step at the release's sizes (the bar shows the ETA); `--preset small` "
+                    "trains the demo's small model in minutes")
+    return trainer
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    device_type = "cuda" if torch.cuda.is_available() and (args.device or "cuda").startswith("cuda") else "cpu"
-    if args.resume:
-        run = Path(args.resume)
-        saved = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else None
-        if saved is None:
-            raise SystemExit(f"--resume {run}: no config.json there (not a talk3d run folder)")
-        cfg = load_config(None, args.set, base=saved["train"])
-        trainer = Trainer(cfg, saved["data"], run, prior=saved["prior"], device=args.device, resume=True)
-    else:
-        demo = args.data is None
-        if args.preset == "small" and args.prior:
-            raise SystemExit("--preset small is the demo's tiny generator, which cannot load a prior: "
-                             "drop --prior, or use --preset full")
-        if args.preset is not None:
-            base = demo_config("cpu") if args.preset == "small" else None
-        else:
-            base = demo_config(device_type) if demo and args.config is None else None
-        cfg = load_config(args.config, args.set, base=base)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        if demo:
-            data = _demo_data(Path("runs") / "demo", log)
-            run = Path(args.out or f"runs/demo/run-{stamp}")
-        else:
-            data = Path(args.data)
-            run = Path(args.out or f"runs/{data.name}-{stamp}")
-        if (run / "checkpoints" / "latest.pt").exists():
-            raise SystemExit(f"{run} already holds a run: use --resume {run}, or another --out")
-        trainer = Trainer(cfg, data, run, prior=args.prior, device=args.device)
-        if trainer.main and trainer.device.type == "cpu" and trainer.trained_parameters > CPU_HINT_PARAMS:
-            trainer.log(f"note: {trainer.trained_parameters / 1e6:.1f} M trained parameters on a CPU: tens of "
-                        "seconds a step at the release's sizes (the bar shows the ETA); `--preset small` "
-                        "trains the demo's small model in minutes")
+    try:
+        trainer = _trainer(args, log)
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     try:
         result = trainer.fit()
     except KeyboardInterrupt:

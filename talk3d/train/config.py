@@ -64,7 +64,12 @@ class TrainConfig:
 
     def __post_init__(self):
         if isinstance(self.loss, dict):
-            self.loss = LossWeights(**self.loss)
+            self.loss = LossWeights(**_checked("loss", LossWeights, self.loss))
+        elif not isinstance(self.loss, LossWeights):
+            raise ValueError(f"train config: loss must be a table of loss weights, got {self.loss!r}")
+        for k, v in _checked(None, TrainConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                                 if f.name != "loss"}).items():
+            setattr(self, k, v)
         if self.stage not in STAGES:
             raise ValueError(f"train config: stage must be one of {STAGES}, got {self.stage!r}")
         if self.amp not in ("auto", "bf16", "off"):
@@ -76,6 +81,22 @@ class TrainConfig:
                 raise ValueError(f"train config: {name} must be >= 1, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise ValueError(f"train config: lr must be positive, got {self.lr!r}")
+        if not self.grad_clip > 0:
+            raise ValueError(f"train config: grad_clip (the gradient norm's bound) must be positive, "
+                             f"got {self.grad_clip!r}")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"train config: lr_decay must be in (0, 1], got {self.lr_decay!r}")
+        for name, allowed in (("generator_size", ("ffhq", "tiny")), ("deltaplane_size", ("release", "tiny")),
+                              ("impl", ("auto", "torch", "cpu", "cuda", "triton"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"train config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        from ..models import DeltaplaneConfig, GeneratorConfig
+
+        for name, cls in (("generator", GeneratorConfig), ("deltaplane", DeltaplaneConfig)):
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(getattr(self, name)) - known)
+            if unknown:
+                raise ValueError(f"train config: unknown [{name}] keys {unknown}; known: {sorted(known)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,6 +114,42 @@ class TrainConfig:
             if bad:
                 raise ValueError(f"train config: unknown loss keys {bad}; known: {sorted(lnames)}")
         return cls(**data)
+
+
+def _checked(section: str | None, cls, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` checked against the field types of dataclass ``cls`` (as written in its
+    annotations): ints must be whole numbers (2.0 is taken as 2, 2.7 and true are refused), floats
+    any number, strings strings, tables tables; ``None`` only where the type allows it. Returns the
+    values with ints and floats normalised, so a TOML ``lr = 1`` trains like ``lr = 1.0``."""
+    out = dict(values)
+    where = "train config" + (f" [{section}]" if section else "")
+    for f in dataclasses.fields(cls):
+        if f.name not in out:
+            continue
+        v, kinds = out[f.name], str(f.type).replace(" ", "").split("|")
+        if v is None and "None" in kinds:
+            continue
+        ok = False
+        if "bool" in kinds:
+            ok = isinstance(v, bool)
+        elif "int" in kinds and isinstance(v, (int, float)) and not isinstance(v, bool):
+            ok = float(v).is_integer()
+            v = int(v) if ok else v
+        elif "float" in kinds and isinstance(v, (int, float)) and not isinstance(v, bool):
+            ok, v = True, float(v)
+        elif "str" in kinds:
+            ok = isinstance(v, str)
+        elif any(k.startswith("dict") for k in kinds):
+            ok = isinstance(v, dict)
+        if not ok:
+            want = next(k for k in kinds if k != "None")
+            raise ValueError(f"{where}: {f.name} must be {_KIND_WORDS.get(want.split('[')[0], want)}, got {v!r}")
+        out[f.name] = v
+    return out
+
+
+_KIND_WORDS = {"int": "a whole number", "float": "a number", "str": "a string", "bool": "true or false",
+               "dict": "a table"}
 
 
 def _parse_value(text: str) -> Any:

@@ -7,7 +7,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -101,6 +103,65 @@ def _image_grid(rows: list[list[torch.Tensor]]) -> np.ndarray:
     return ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
+def _check_new_run_dir(run_dir: Path, data_dir: Path) -> None:
+    """A new run writes config.json, log.txt, scalars.csv, checkpoints/ and previews/ into run_dir:
+    only into a folder that does not exist yet or is empty, never over what a user keeps there."""
+    if run_dir.resolve() == data_dir.resolve():
+        raise ValueError(f"run folder {run_dir} is the dataset folder: choose another --out")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run folder {run_dir} is a file: choose another --out")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        what = ("holds a run: continue it with --resume, or choose another --out"
+                if (run_dir / "config.json").exists() else "is not empty: choose another --out (a run never "
+                "writes over files it did not make)")
+        raise ValueError(f"run folder {run_dir} {what}")
+
+
+class _TerminationRequest:
+    """Notes a SIGTERM while training instead of dying at once, so that the loop saves a checkpoint
+    after the current step (as Ctrl-C does). Only the main thread can handle signals; elsewhere (a
+    trainer driven from another thread) SIGTERM keeps its default action."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._note)
+
+    def _note(self, signum, frame) -> None:
+        self.requested = True
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+def checkpoint_error(path: Path, reason: str) -> str:
+    """The message for a checkpoint that cannot be used, naming the others in its folder."""
+    others = sorted(p.name for p in path.parent.glob("*.pt") if p != path)
+    hint = f"; other checkpoints there: {', '.join(others[-3:])}" if others else ""
+    return f"{path}: {reason}{hint}"
+
+
+def _read_checkpoint(path: Path, map_location) -> dict:
+    """torch.load of a checkpoint this code wrote, as plain data only (weights_only), with one clear
+    error for every way a file can be damaged (empty, truncated, not a checkpoint at all)."""
+    if path.stat().st_size == 0:
+        raise ValueError(checkpoint_error(path, "empty file (0 bytes)"))
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types (pickle, zip, EOF) for a damaged file
+        # torch's own text suggests weights_only=False, which would run arbitrary code from the file:
+        # only its first line is kept.
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(checkpoint_error(path, f"not a readable talk3d checkpoint (damaged or another "
+                                                f"kind of file: {first})")) from None
+    if not isinstance(state, dict):
+        raise ValueError(checkpoint_error(path, "not a talk3d checkpoint (no state dictionary inside)"))
+    return state
+
+
 class Trainer:
     """Trains a :class:`TalkingHead` on a preprocessed dataset. See ``python -m talk3d.train --help``."""
 
@@ -112,16 +173,20 @@ class Trainer:
         if device is None:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        # The dataset is checked before anything is written: a wrong --data leaves no run folder.
+        manifest = load_manifest(self.data_dir)
+        self.audio_encoder = manifest["audio"]["encoder"]
+        self.train_set = TalkingHeadDataset(self.data_dir, "train")
+        self.val_set = TalkingHeadDataset(self.data_dir, "val")
+        if not resume:
+            _check_new_run_dir(self.run_dir, self.data_dir)
+            if self.world > 1:  # every rank has looked before rank 0 creates it
+                dist.barrier()
         if self.main:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             (self.run_dir / "previews").mkdir(exist_ok=True)
         self.log = RunLog(self.run_dir / "log.txt") if self.main else (lambda msg: None)
         torch.manual_seed(cfg.seed + self.rank)
-
-        manifest = load_manifest(self.data_dir)
-        self.audio_encoder = manifest["audio"]["encoder"]
-        self.train_set = TalkingHeadDataset(self.data_dir, "train")
-        self.val_set = TalkingHeadDataset(self.data_dir, "val")
         self.model = build_model(cfg, int(manifest["audio"]["feature_dim"]), prior=prior, log=self.log).to(self.device)
         gcfg = self.model.generator.cfg
         self.resolution = cfg.render_resolution or gcfg.neural_rendering_resolution
@@ -230,13 +295,11 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         if not path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
-            raise ValueError(f"{path}: not a readable talk3d training checkpoint ({e})") from None
-        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{path}: not a talk3d training checkpoint of version {CHECKPOINT_VERSION}")
+            raise FileNotFoundError(f"--resume: no checkpoint at {path} (the run stopped before its first "
+                                    "checkpoint: start it again)")
+        state = _read_checkpoint(path, self.device)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(checkpoint_error(path, f"not a talk3d training checkpoint of version {CHECKPOINT_VERSION}"))
         if state["audio_encoder"] != self.audio_encoder:
             raise ValueError(f"{path} was trained on audio features {state['audio_encoder']!r}, but {self.data_dir} "
                              f"has {self.audio_encoder!r}")
@@ -345,6 +408,7 @@ class Trainer:
         bar = progress_bar(total=cfg.steps, initial=self.step, desc=f"train {cfg.stage}", unit="step",
                    disable=not self.main, dynamic_ncols=True)
         epoch = 0
+        stop = _TerminationRequest()
         try:
             while self.step < cfg.steps:
                 try:
@@ -368,11 +432,15 @@ class Trainer:
                     self.log(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
                 if self.step % cfg.checkpoint_every == 0:
                     self.save()
+                if stop.requested:  # SIGTERM (kill, timeout, a scheduler's pre-emption): stop between steps
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             path = self.save()
-            self.log(f"interrupted at step {self.step}; saved {path}; continue with --resume {self.run_dir}")
+            why = "terminated (SIGTERM)" if stop.requested else "interrupted"
+            self.log(f"{why} at step {self.step}; saved {path}; continue with --resume {self.run_dir}")
             raise
         finally:
+            stop.close()
             bar.close()
         path = self.save()
         first, last = self.history[0], self.history[-1]
@@ -403,9 +471,13 @@ def load_talking_head(run_dir, *, checkpoint: str = "latest.pt", device="cpu") -
     path = run_dir / "checkpoints" / checkpoint
     if not path.exists():
         raise FileNotFoundError(f"{run_dir}: no checkpoint {path.name} (train first, or name one in checkpoints/)")
+    state = _read_checkpoint(path, "cpu")
+    if "model" not in state:
+        raise ValueError(checkpoint_error(path, "not a talk3d training checkpoint (no model weights inside)"))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
-    except (KeyError, RuntimeError, EOFError, OSError) as e:  # damaged file or another model's
-        raise ValueError(f"{path}: not a checkpoint of this run's model ({e})") from None
+    except RuntimeError as e:  # another model's weights: torch lists every key and shape
+        lines = str(e).strip().splitlines()
+        raise ValueError(checkpoint_error(path, "holds weights of another model than this run's config.json "
+                                                f"({' '.join(lines[1:2]).strip()[:300]} ...)")) from None
     return model.to(device).eval().requires_grad_(False), info
