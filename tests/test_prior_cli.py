@@ -122,8 +122,9 @@ def test_cli_convert_and_sample(tmp_path, capsys):
     ckpt = tmp_path / "prior.safetensors"
     assert main(["convert", str(pkl), str(ckpt)]) == 0
     assert "plane convention 'fixed'" in capsys.readouterr().out  # guessed from the file name
-    with pytest.raises(FileExistsError):
+    with pytest.raises(SystemExit):
         main(["convert", str(pkl), str(ckpt)])
+    assert "already exists; pass overwrite" in capsys.readouterr().err
     out = tmp_path / "samples"
     assert main(["sample", "--ckpt", str(ckpt), "--seeds", "0-1", "--yaw", "20", "--orbit", "3",
                  "--impl", "torch", "--device", "cpu", "--out", str(out)]) == 0
@@ -137,9 +138,10 @@ def test_cli_convert_and_sample(tmp_path, capsys):
 
     with av.open(str(out / "orbit_seed0000.mp4")) as video:  # PyAV is a dev dependency: mp4, not GIF
         assert sum(1 for _ in video.decode(video=0)) == 3
-    with pytest.raises(FileExistsError, match="--overwrite"):  # the user's files are kept
+    with pytest.raises(SystemExit):  # the user's files are kept
         main(["sample", "--ckpt", str(ckpt), "--seeds", "0", "--orbit", "0", "--impl", "torch",
               "--device", "cpu", "--out", str(out), "--yaw", "20"])
+    assert "--overwrite" in capsys.readouterr().err
 
 
 def test_sample_without_weights_says_so(tmp_path, capsys):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..infer.render import IMPLS
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m talk3d.evaluate", description=__doc__.splitlines()[0])
@@ -16,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for the report")
     p.add_argument("--split", default="val", choices=("val", "train", "all"), help="frames to score (default val)")
     p.add_argument("--max-frames", type=int, default=None, help="score only the first N frames of the split")
-    p.add_argument("--impl", default="auto", help="field op back end: auto, torch, cpp, cuda, triton")
+    p.add_argument("--impl", default="auto", choices=IMPLS, help="field op back end (default auto: the fastest here)")
     p.add_argument("--lpips-weights", default=None, help="folder with LPIPS weights (see talk3d.losses)")
     p.add_argument("--face-id-weights", default=None, help="dlib face network file for IDSIM (see talk3d.losses)")
     p.add_argument("--syncnet-weights", default=None, help="Wav2Lip lipsync_expert.pth for the Sync metric")

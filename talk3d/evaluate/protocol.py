@@ -156,7 +156,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise EvaluationError(f"--out {out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise EvaluationError(f"--out {out}: not empty; pass --overwrite to replace its contents")
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def _frame_metrics(acc: _Accumulator, pred, target, mouth_mask, *, lpips: M.LPIPSMetric, detector,
@@ -244,11 +243,14 @@ def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None
     from ..infer.render import load_training_clip
     from ..train import load_talking_head
 
+    from ..devices import resolve_device
+
     plugins = plugins or Plugins()
+    device = resolve_device(device, "device")
     out = Path(out_dir)
     _check_out(out, overwrite)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, info = load_talking_head(run_dir, checkpoint=checkpoint, device=device)
+    out.mkdir(parents=True, exist_ok=True)  # once the run has loaded: a bad --run leaves nothing behind
     data = Path(info["data"])
     manifest = load_manifest(data)
     synthetic = manifest.get("source") == "synthetic"

@@ -11,12 +11,14 @@ as it comes out (to the mp4, or raw RGB24 to stdout with ``--out -``) and report
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 from ..audio.features import SAMPLE_RATE
-from .render import PRECISIONS, SIZES, SOURCES, InferenceError, load_training_clip, num_frames_for, read_speech, \
+from ..devices import resolve_device
+from .render import IMPLS, PRECISIONS, SIZES, SOURCES, InferenceError, load_training_clip, num_frames_for, read_speech, \
     render_speech
 from .video import StreamingVideoWriter
 
@@ -36,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eye", choices=SOURCES, default="train", help="blinks: the training clip's, or none")
     p.add_argument("--pose", choices=SOURCES, default="train",
                    help="pose/landmark conditions: the training clip's, or frontal/mean")
-    p.add_argument("--impl", default="auto", help="field op back end: auto, torch, cpp, cuda, triton")
+    p.add_argument("--impl", default="auto", choices=IMPLS, help="field op back end (default auto: the fastest here)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--skip-empty", action="store_true",
                    help="skip empty space (occupancy grid of the render's frames) and stop opaque rays early")
@@ -54,6 +56,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Containers the H.264 writer can fill (PyAV picks the muxer from the name).
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv")
+
+
+def _check_out(out: Path, overwrite: bool) -> str | None:
+    """Why ``out`` cannot take the video, checked before the model loads; None when it can."""
+    if out.is_dir():
+        return f"--out {out} is a folder; name the video file, e.g. {out / 'talk.mp4'}"
+    if out.suffix.lower() not in VIDEO_SUFFIXES:
+        return f"--out {out}: the video needs one of the suffixes {', '.join(VIDEO_SUFFIXES)} (H.264 with audio)"
+    if out.exists() and not overwrite:
+        return f"{out} exists; pass --overwrite to replace it"
+    parent = next((p for p in [out.parent, *out.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        return f"--out {out}: {parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--out {out}: cannot write into {parent}"
+    return None
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     import torch
@@ -67,12 +89,12 @@ def main(argv=None) -> int:
         print("error: --audio - and --out - need --stream", file=sys.stderr)
         return 2
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
+    if problem := _check_out(out, args.overwrite):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     try:
+        device = resolve_device(args.device)
         wave = read_speech(args.audio)
         model, info = load_talking_head(args.run, checkpoint=args.checkpoint, device=device)
         if args.compile:
@@ -117,8 +139,8 @@ def _main_stream(args) -> int:
 
     to_stdout = args.out == "-"
     out = None if to_stdout else Path(args.out)
-    if out is not None and out.exists() and not args.overwrite:
-        print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
+    if out is not None and (problem := _check_out(out, args.overwrite)):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.realtime and args.audio == "-":
         print("error: --realtime paces a WAV file; audio from stdin arrives at its own pace", file=sys.stderr)

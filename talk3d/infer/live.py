@@ -94,6 +94,10 @@ def pcm_chunks(stream: BinaryIO, chunk: int, log: ArrivalLog,
         data = stream.read(chunk * PCM_BYTES - len(carry))
         if not data:
             break
+        if total == 0 and not carry and data[:4] == b"RIFF":
+            # A WAV file piped in: its 44-byte header would play as a click and its rate may not be 16 kHz.
+            raise InferenceError("stdin holds a WAV file (it starts with RIFF), not raw PCM: pass it as --audio FILE, "
+                                 "or strip the header: `ffmpeg -i IN -f s16le -ac 1 -ar 16000 -`")
         data = carry + data
         whole = len(data) - len(data) % PCM_BYTES
         carry = data[whole:]

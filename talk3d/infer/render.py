@@ -101,6 +101,14 @@ def load_training_clip(info: dict) -> TrainingClip:
         ) from None
     files = manifest["files"]
     arrays = {k: np.load(data / files[k]) for k in ("cameras", "pose", "blink", "landmarks")}
+    cams = arrays["cameras"]
+    if cams.ndim != 2 or cams.shape[1] != LABEL_SIZE or cams.shape[0] == 0:
+        raise InferenceError(f"{data / files['cameras']}: expected [N, {LABEL_SIZE}] camera labels, got {list(cams.shape)}")
+    bad = ~np.isfinite(cams).all(axis=1)
+    if bad.any():
+        raise InferenceError(f"{data / files['cameras']}: {int(bad.sum())} of {cams.shape[0]} training cameras hold "
+                             f"NaN or inf (first: frame {int(np.flatnonzero(bad)[0])}); the gt camera track and "
+                             "the eye/pose signals come from this file: preprocess the clip again")
     # Same normalisation as TalkingHeadDataset: crop pixels -> [-1, 1] (align_corners=False edges).
     landmarks = arrays["landmarks"].astype(np.float32) / float(manifest["image_size"]) * 2 - 1
     rig = dataset_rig(manifest)
@@ -236,6 +244,30 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
+#: Back ends of the field op (``impl=``).
+IMPLS = ("auto", "torch", "cpu", "cuda", "triton")
+
+
+def check_speech(wave, what: str) -> np.ndarray:
+    """Speech handed over as an array -> [T] float32, or InferenceError naming ``what``: samples must
+    be floating point in [-1, 1] (PCM16 integers would play 32768x too loud), one channel (a [T, 2]
+    array flattened would interleave the channels) and finite."""
+    try:
+        arr = np.asarray(wave)
+    except Exception as e:  # noqa: BLE001 (anything np.asarray refuses)
+        raise InferenceError(f"{what} is not an array of samples ({e})") from None
+    if not np.issubdtype(arr.dtype, np.floating):
+        hint = " (PCM16 integers: divide by 32768 first)" if np.issubdtype(arr.dtype, np.integer) else ""
+        raise InferenceError(f"{what} has dtype {arr.dtype}; expected floating-point samples in [-1, 1] at 16 kHz{hint}")
+    if arr.ndim != 1:
+        raise InferenceError(f"{what} has shape {list(arr.shape)}; expected a 1-D array of 16-kHz mono samples "
+                             "(average the channels and resample first)")
+    arr = arr.astype(np.float32, copy=False)
+    if not np.isfinite(arr).all():
+        raise InferenceError(f"{what} contains NaN or inf")
+    return arr
+
+
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise InferenceError(f"{name} must be one of {tuple(choices)}, got {value!r}")
@@ -260,7 +292,7 @@ def render_speech(model, info: dict, wave16k, *, camera: str = "gt", size: str =
         eye: 'train' (the training clip's blinks, cycled) or 'neutral' (blink 0).
         pose: 'train' (the training clip's pose and landmarks, cycled) or 'neutral' (pose 0,
             landmarks the clip's mean).
-        impl: the field op's back end ('auto', 'torch', 'cpp', 'cuda', 'triton').
+        impl: the field op's back end ('auto', 'torch', 'cpu', 'cuda', 'triton').
         clip: the training clip, when already loaded (default: ``load_training_clip(info)``).
         skip_empty: skip empty space with an occupancy grid of this render's frames (the union
             over ``GRID_FRAMES`` of them, dilated by a cell; :meth:`TalkingHead.occupancy_grid`)
@@ -274,10 +306,11 @@ def render_speech(model, info: dict, wave16k, *, camera: str = "gt", size: str =
     _check_choice("precision", precision, PRECISIONS)
     _check_choice("eye", eye, SOURCES)
     _check_choice("pose", pose, SOURCES)
+    _check_choice("impl", impl, IMPLS)
     if int(batch) < 1:
         raise InferenceError(f"batch must be >= 1, got {batch}")
     batch = int(batch)
-    wave = np.asarray(wave16k, dtype=np.float32).reshape(-1)
+    wave = check_speech(wave16k, "render_speech: the audio")
     if wave.size == 0:
         raise InferenceError("render_speech: the audio is empty (zero samples)")
     clip = clip if clip is not None else load_training_clip(info)

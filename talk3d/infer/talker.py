@@ -75,8 +75,9 @@ import torch
 
 from ..audio.features import (FEATURES_PER_FRAME, HOP, SAMPLE_RATE, SAMPLES_PER_FRAME, AudioEncoder, LogMelEncoder,
                               Wav2Vec2Encoder, windows)
-from .render import (DEFAULT_AUDIO_WINDOW, PRECISIONS, SIZES, SOURCES, InferenceError, TrainingClip,
-                     _check_choice, _cycle, _novel_view_cameras, _orbit_angles, _to_uint8, camera_track,
+from ..devices import resolve_device
+from .render import (DEFAULT_AUDIO_WINDOW, IMPLS, PRECISIONS, SIZES, SOURCES, InferenceError, TrainingClip,
+                     _check_choice, check_speech, _cycle, _novel_view_cameras, _orbit_angles, _to_uint8, camera_track,
                      load_training_clip, render_speech)
 
 __all__ = ["Talker", "STREAM_ORBIT_PERIOD", "WAV2VEC2_CONTEXT_S", "WAV2VEC2_LOOKAHEAD_S"]
@@ -172,21 +173,7 @@ class _StreamingFeatures:
 
 def _check_chunk(index: int, chunk) -> np.ndarray:
     """One chunk of the stream -> [t] float32, or InferenceError naming the chunk."""
-    try:
-        arr = np.asarray(chunk)
-    except Exception as e:  # noqa: BLE001 (anything np.asarray refuses)
-        raise InferenceError(f"stream: audio chunk {index} is not an array of samples ({e})") from None
-    if not np.issubdtype(arr.dtype, np.floating):
-        hint = " (PCM16 integers: divide by 32768 first)" if np.issubdtype(arr.dtype, np.integer) else ""
-        raise InferenceError(f"stream: audio chunk {index} has dtype {arr.dtype}; expected floating-point samples "
-                             f"in [-1, 1] at 16 kHz{hint}")
-    if arr.ndim != 1:
-        raise InferenceError(f"stream: audio chunk {index} has shape {list(arr.shape)}; expected a 1-D array of "
-                             "16-kHz mono samples (average the channels and resample first)")
-    arr = arr.astype(np.float32, copy=False)
-    if not np.isfinite(arr).all():
-        raise InferenceError(f"stream: audio chunk {index} contains NaN or inf")
-    return arr
+    return check_speech(chunk, f"stream: audio chunk {index}")
 
 
 class Talker:
@@ -202,7 +189,7 @@ class Talker:
             'fixed:YAW,PITCH' or a JSON file (see :func:`talk3d.infer.camera_track`).
         eye, pose: 'train' or 'neutral' (see :func:`talk3d.infer.render_speech`).
         size: 'sr' (super-resolved) or 'raw' (the volume render).
-        impl: the field op's back end ('auto', 'torch', 'cpp', 'cuda', 'triton').
+        impl: the field op's back end ('auto', 'torch', 'cpu', 'cuda', 'triton').
         batch: at most this many frames per forward pass; a stream renders the frames that are
             ready, up to ``batch`` at a time, and never waits to fill a batch.
         checkpoint: file in ``run_dir/checkpoints`` (default ``latest.pt``).
@@ -222,13 +209,17 @@ class Talker:
         _check_choice("precision", precision, PRECISIONS)
         _check_choice("eye", eye, SOURCES)
         _check_choice("pose", pose, SOURCES)
+        _check_choice("impl", impl, IMPLS)
         if isinstance(batch, bool) or int(batch) != batch or int(batch) < 1:
             raise InferenceError(f"batch must be an integer >= 1, got {batch!r}")
         self.precision, self.camera, self.eye, self.pose, self.size, self.impl = precision, str(camera), eye, pose, \
             size, impl
         self.batch = int(batch)
         self.run_dir = Path(run_dir)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            self.device = resolve_device(device, "device")
+        except ValueError as e:
+            raise InferenceError(str(e)) from None
         self.model, self.info = load_talking_head(run_dir, checkpoint=checkpoint, device=self.device)
         self.clip: TrainingClip = load_training_clip(self.info)
         trained = self.info.get("audio_encoder", self.clip.manifest["audio"]["encoder"])

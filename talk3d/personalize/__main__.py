@@ -330,7 +330,9 @@ def run(args, log=print) -> dict:
     outs = _outputs(args.out)
     _check_args(args, outs)
     log = _logged(log, outs["log_txt"])
-    device = torch.device(args.device)
+    from ..devices import resolve_device
+
+    device = resolve_device(args.device)
     if device.type == "cpu":
         # Inversion gradients underflow to denormals, which slow CPU kernels by 10x or more.
         torch.set_flush_denormal(True)

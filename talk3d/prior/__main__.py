@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,15 +35,24 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--truncation", type=float, default=0.7)
     s.add_argument("--orbit", type=int, default=48,
                    help="frames of the orbit video of the first seed (mp4 with PyAV, else GIF; 0: none)")
-    s.add_argument("--impl", default="auto", help="render back end: auto, torch, cpu, cuda, triton")
-    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--impl", default="auto", choices=("auto", "torch", "cpu", "cuda", "triton"),
+                   help="render back end (default auto: the fastest here)")
+    s.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--overwrite", action="store_true")
     return p
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:  # the messages name the file and the problem
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+
+
+def _run(args) -> int:
     if args.command == "convert":
         from .convert import convert_release
 
@@ -55,6 +63,9 @@ def main(argv=None) -> int:
     from .convert import load_generator
     from .sample import orbit_frames, parse_seeds, sample_images, write_outputs
 
+    from ..devices import resolve_device
+
+    args.device = str(resolve_device(args.device))
     seeds = parse_seeds(args.seeds)
     if args.ckpt:
         gen = load_generator(args.ckpt, device=args.device)

@@ -56,24 +56,6 @@ def _demo_data(root: Path, log) -> Path:
     return data
 
 
-def _device(text: str | None) -> str | None:
-    """--device checked before any work: a name torch knows, on a device this machine has."""
-    if text is None:
-        return None
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise ValueError(f"--device {text!r}: not a device name (cpu, cuda, cuda:1)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {text}: this torch build sees no CUDA device (torch {torch.__version__})")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise ValueError(f"--device {text}: only cpu and cuda devices train")
-    return text
-
-
 #: What a resumed run takes from its own folder; giving these with --resume would be ignored.
 RESUME_FIXED = ("data", "prior", "config", "out", "preset")
 
@@ -84,7 +66,9 @@ def _trainer(args, log):
     from .config import demo_config, load_config
     from .trainer import Trainer
 
-    device = _device(args.device)
+    from ..devices import resolve_device
+
+    device = None if args.device is None else str(resolve_device(args.device))
     device_type = "cuda" if torch.cuda.is_available() and (device or "cuda").startswith("cuda") else "cpu"
     if args.resume:
         given = [f"--{k}" for k in RESUME_FIXED if getattr(args, k) is not None]

@@ -456,6 +456,8 @@ def load_talking_head(run_dir, *, checkpoint: str = "latest.pt", device="cpu") -
     ``model`` with ``render_resolution``, ...). Needs neither the prior file nor the dataset.
     """
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is a file; a run is the folder python -m talk3d.train wrote")
     try:
         info = json.loads((run_dir / "config.json").read_text())
         spec = info["model"]

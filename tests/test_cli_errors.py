@@ -1,0 +1,159 @@
+"""What a user gets back for the usual mistakes with a trained run: a damaged checkpoint, a file
+where the run folder should be, a back end or device that does not exist, an output that cannot
+hold a video, NaN cameras in the training data, audio of the wrong kind. Each is one message that
+names the problem (exit 2 for the CLIs), raised before any work, and nothing is written."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from talk3d.audio import SAMPLE_RATE, write_wav
+from talk3d.data import make_synthetic_dataset
+from talk3d.evaluate.__main__ import main as evaluate_main
+from talk3d.infer import InferenceError, Talker, render_speech
+from talk3d.infer.__main__ import main as infer_main
+from talk3d.train import TrainConfig, Trainer, load_talking_head
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_errors")
+    make_synthetic_dataset(root / "data", seconds=2, size=32, seed=0)
+    cfg = TrainConfig.from_dict(dict(
+        steps=1, batch_size=2, eval_every=100, checkpoint_every=1000, val_frames=2, generator_size="tiny",
+        deltaplane_size="tiny", impl="torch",
+        generator=dict(plane_resolution=16, plane_channels=4, neural_rendering_resolution=16, sr_resolution=32,
+                       sr_channels=[8, 8], coarse_samples=4, importance_samples=4)))
+    Trainer(cfg, root / "data", root / "run").fit()
+    return root / "run"
+
+
+@pytest.fixture
+def wav(tmp_path):
+    path = tmp_path / "speech.wav"
+    write_wav(path, (0.3 * np.sin(np.linspace(0, 200, SAMPLE_RATE // 5))).astype(np.float32))
+    return path
+
+
+def _copy(run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+def _cli_refuses(main, args, said, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err
+
+
+def test_damaged_checkpoints(run, tmp_path, wav, capsys):
+    broken = _copy(run, tmp_path)
+    latest = broken / "checkpoints" / "latest.pt"
+    latest.write_bytes(os.urandom(1000))
+    for main, extra in ((infer_main, ["--audio", str(wav), "--out", str(tmp_path / "a.mp4")]),
+                        (evaluate_main, ["--out", str(tmp_path / "eval")])):
+        assert main(["--run", str(broken), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "not a readable talk3d checkpoint" in err and str(latest) in err
+        assert "weights_only=False" not in err  # torch's advice would run code from the file
+    assert not (tmp_path / "a.mp4").exists() and not (tmp_path / "eval").exists()
+    with pytest.raises(ValueError, match="not a readable talk3d checkpoint"):
+        Talker(broken)
+    latest.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty file \(0 bytes\)"):
+        load_talking_head(broken)
+    # Another file posing as a checkpoint: named, without a listing of every key.
+    _cli_refuses(infer_main, ["--run", str(run), "--checkpoint", "../config.json", "--audio", str(wav),
+                              "--out", str(tmp_path / "b.mp4")], "not a readable talk3d checkpoint", capsys)
+
+
+def test_run_that_is_a_file(wav, tmp_path, capsys):
+    _cli_refuses(infer_main, ["--run", str(wav), "--audio", str(wav), "--out", str(tmp_path / "a.mp4")],
+                 "is a file", capsys)
+    _cli_refuses(evaluate_main, ["--run", str(wav), "--out", str(tmp_path / "eval")], "is a file", capsys)
+    with pytest.raises(FileNotFoundError, match="is a file"):
+        Talker(wav)
+
+
+def test_back_end_and_device_are_checked_up_front(run, tmp_path, wav, capsys):
+    with pytest.raises(SystemExit):  # argparse: not one of the choices ('cpp' was once in the help)
+        infer_main(["--run", str(run), "--audio", str(wav), "--out", str(tmp_path / "a.mp4"), "--impl", "cpp"])
+    assert "invalid choice: 'cpp'" in capsys.readouterr().err
+    with pytest.raises(InferenceError, match="impl must be one of"):
+        Talker(run, impl="bogus")
+    with pytest.raises(InferenceError, match="not a device name"):
+        Talker(run, device="gpu")
+    _cli_refuses(infer_main, ["--run", str(run), "--audio", str(wav), "--out", str(tmp_path / "a.mp4"),
+                              "--device", "gpu"], "not a device name", capsys)
+    _cli_refuses(evaluate_main, ["--run", str(run), "--out", str(tmp_path / "eval"), "--device", "tpu"],
+                 "not a device name", capsys)
+    assert not (tmp_path / "a.mp4").exists() and not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("out, said", [("x.txt", "suffixes .mp4"), ("noext", "suffixes .mp4"),
+                                       ("folder", "is a folder"), ("file.wav/x.mp4", "is a file, not a folder")])
+@pytest.mark.parametrize("stream", [False, True], ids=["offline", "stream"])
+def test_outputs_that_cannot_hold_a_video(run, tmp_path, wav, capsys, out, said, stream):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.wav").write_bytes(b"RIFF")
+    args = ["--run", str(run), "--audio", str(wav), "--out", str(tmp_path / out), "--overwrite"]
+    _cli_refuses(infer_main, args + (["--stream"] if stream else []), said, capsys)
+
+
+def test_nan_training_cameras_name_the_file(run, tmp_path, wav, capsys):
+    broken = _copy(run, tmp_path)
+    data = tmp_path / "data"
+    shutil.copytree(json.loads((run / "config.json").read_text())["data"], data)
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["data"] = str(data)
+    (broken / "config.json").write_text(json.dumps(cfg))
+    cams = np.load(data / "cameras.npy")
+    cams[3] = np.nan
+    np.save(data / "cameras.npy", cams)
+    _cli_refuses(infer_main, ["--run", str(broken), "--audio", str(wav), "--out", str(tmp_path / "a.mp4")],
+                 f"cameras.npy: 1 of {cams.shape[0]} training cameras hold NaN or inf (first: frame 3)", capsys)
+
+
+def test_arrays_of_the_wrong_kind_of_audio(run):
+    talker = Talker(run, impl="torch")
+    wave = (0.3 * np.sin(np.linspace(0, 100, 4000))).astype(np.float32)
+    for bad, said in [((wave * 32767).astype(np.int16), "divide by 32768"),
+                      (np.stack([wave, wave], axis=1), "expected a 1-D array"),
+                      (np.full(100, np.nan, np.float32), "NaN or inf")]:
+        with pytest.raises(InferenceError, match=said):
+            talker.render(bad)
+        with pytest.raises(InferenceError, match=said):
+            render_speech(talker.model, talker.info, bad, clip=talker.clip, impl="torch")
+
+
+def test_a_wav_file_piped_as_raw_pcm(run, wav, tmp_path, monkeypatch, capsys):
+    class Stdin:
+        buffer = io.BytesIO(wav.read_bytes())
+
+    monkeypatch.setattr(sys, "stdin", Stdin())
+    _cli_refuses(infer_main, ["--run", str(run), "--audio", "-", "--out", str(tmp_path / "a.mp4"), "--stream"],
+                 "stdin holds a WAV file", capsys)
+    assert not (tmp_path / "a.mp4").exists()
+
+
+def test_prior_cli_errors_are_messages(tmp_path, capsys):
+    from talk3d.prior.__main__ import main as prior_main
+
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(os.urandom(500))
+    for args, said in [(["sample", "--ckpt", str(garbage), "--out", str(tmp_path / "s")], "not a readable safetensors"),
+                       (["convert", str(tmp_path / "nope.pkl"), str(tmp_path / "o.safetensors")], "not found"),
+                       (["sample", "--random-init", "tiny", "--device", "gpu", "--out", str(tmp_path / "s")],
+                        "not a device name")]:
+        with pytest.raises(SystemExit) as e:
+            prior_main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and said in err and "Traceback" not in err, err
+    assert not (tmp_path / "s").exists()
