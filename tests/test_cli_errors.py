@@ -131,6 +131,8 @@ def test_arrays_of_the_wrong_kind_of_audio(run):
             talker.render(bad)
         with pytest.raises(InferenceError, match=said):
             render_speech(talker.model, talker.info, bad, clip=talker.clip, impl="torch")
+    with pytest.raises(InferenceError, match=r"for a whole wave pass \[wave\]"):
+        list(talker.stream(wave))  # the wave itself instead of chunks of it
 
 
 def test_a_wav_file_piped_as_raw_pcm(run, wav, tmp_path, monkeypatch, capsys):

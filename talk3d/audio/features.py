@@ -42,8 +42,39 @@ _RESAMPLE_CHUNK = 1 << 16
 # --------------------------------------------------------------------------------------------
 
 
+#: WAV format tags: integer PCM, IEEE float, and WAVE_FORMAT_EXTENSIBLE (whose sub-format GUID
+#: starts with one of the other two tags).
+_WAV_PCM, _WAV_FLOAT, _WAV_EXTENSIBLE = 1, 3, 0xFFFE
+
+
+def _wav_chunks(path: Path) -> tuple[bytes, bytes]:
+    """The ``fmt `` and ``data`` chunks of a RIFF/WAVE file (other chunks skipped). Python's
+    ``wave`` module is not used: before 3.12 it refuses IEEE-float and WAVE_FORMAT_EXTENSIBLE files,
+    which Audacity, ffmpeg (more than two channels, 24-bit) and most DAWs write."""
+    raw = path.read_bytes()
+    if len(raw) < 12 or raw[:4] != b"RIFF" or raw[8:12] != b"WAVE":
+        raise ValueError(f"read_wav: {path} is not a WAV file (no RIFF/WAVE header)")
+    fmt = data = None
+    pos = 12
+    while pos + 8 <= len(raw):
+        cid, size = raw[pos:pos + 4], int.from_bytes(raw[pos + 4:pos + 8], "little")
+        body = raw[pos + 8:pos + 8 + size]
+        if cid == b"fmt ":
+            fmt = body
+        elif cid == b"data":
+            data = body  # a data chunk cut short (a truncated file) keeps what is there
+            break
+        pos += 8 + size + (size & 1)  # chunks are padded to even sizes
+    if fmt is None or len(fmt) < 16:
+        raise ValueError(f"read_wav: {path} has no valid 'fmt ' chunk (truncated or not a WAV file)")
+    if data is None:
+        raise ValueError(f"read_wav: {path} has no 'data' chunk (truncated or not a WAV file)")
+    return fmt, data
+
+
 def read_wav(path, *, sample_rate: int | None = SAMPLE_RATE) -> tuple[np.ndarray, int]:
-    """Read a PCM WAV file (8/16/24/32-bit) as mono float32 in [-1, 1].
+    """Read a WAV file (integer PCM of 8/16/24/32 bits or 32/64-bit float, plain or
+    WAVE_FORMAT_EXTENSIBLE) as mono float32 in [-1, 1].
 
     Channels are averaged. With ``sample_rate`` set (16 kHz by default) the wave is resampled
     to it; ``None`` keeps the file's rate.
@@ -54,13 +85,21 @@ def read_wav(path, *, sample_rate: int | None = SAMPLE_RATE) -> tuple[np.ndarray
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"read_wav: no such file: {path}")
-    try:
-        with _wave.open(str(path), "rb") as f:
-            channels, width, rate = f.getnchannels(), f.getsampwidth(), f.getframerate()
-            raw = f.readframes(f.getnframes())
-    except _wave.Error as e:
-        raise ValueError(f"read_wav: {path} is not a PCM WAV file ({e})") from None
-    if width == 1:  # 8-bit WAV is unsigned
+    fmt, raw = _wav_chunks(path)
+    tag, channels, rate = (int.from_bytes(fmt[a:b], "little") for a, b in ((0, 2), (2, 4), (4, 8)))
+    bits = int.from_bytes(fmt[14:16], "little")
+    if tag == _WAV_EXTENSIBLE and len(fmt) >= 26:
+        tag = int.from_bytes(fmt[24:26], "little")  # the sub-format GUID's first two bytes
+    if channels < 1 or rate < 1:
+        raise ValueError(f"read_wav: {path} declares {channels} channels at {rate} Hz")
+    width = (bits + 7) // 8
+    raw = raw[:len(raw) - len(raw) % (width * channels)] if width else raw
+    if tag == _WAV_FLOAT and width in (4, 8):
+        data = np.frombuffer(raw, "<f4" if width == 4 else "<f8").astype(np.float32)
+    elif tag != _WAV_PCM:
+        raise ValueError(f"read_wav: {path} holds audio of WAV format {tag:#x}, not PCM or float "
+                         "(convert it, e.g. `ffmpeg -i IN -ac 1 -ar 16000 OUT.wav`)")
+    elif width == 1:  # 8-bit WAV is unsigned
         data = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
     elif width == 2:
         data = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0

@@ -26,7 +26,7 @@ from .video import StreamingVideoWriter
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m talk3d.infer", description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="run folder of python -m talk3d.train")
-    p.add_argument("--audio", required=True, help="speech, a PCM WAV file (any rate, any channels)")
+    p.add_argument("--audio", required=True, help="speech, a WAV file (integer PCM or float; any rate, any channels)")
     p.add_argument("--out", required=True, help="output video (.mp4)")
     p.add_argument("--checkpoint", default="latest.pt", help="file in RUN/checkpoints (default latest.pt)")
     p.add_argument("--camera", default="gt",

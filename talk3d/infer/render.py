@@ -135,7 +135,7 @@ def _cycle(num_frames: int, period: int) -> np.ndarray:
 
 
 def read_speech(path) -> np.ndarray:
-    """A PCM WAV file (any rate, any channel count) -> [T] float32 16-kHz mono.
+    """A WAV file (integer PCM or float; any rate, any channel count) -> [T] float32 16-kHz mono.
 
     Raises InferenceError (not a WAV, unreadable, or no samples) with the path in the message.
     """
@@ -145,7 +145,7 @@ def read_speech(path) -> np.ndarray:
     try:
         wave, _ = read_wav(path, sample_rate=SAMPLE_RATE)
     except (ValueError, EOFError) as e:
-        raise InferenceError(f"--audio {path}: cannot read it as a PCM WAV file ({e}); convert it first, "
+        raise InferenceError(f"--audio {path}: cannot read it as a WAV file ({e}); convert it first, "
                              "e.g. `ffmpeg -i IN -ac 1 -ar 16000 OUT.wav`") from None
     if wave.size == 0:
         raise InferenceError(f"--audio {path}: the WAV file holds no samples (zero-length audio)")

@@ -173,6 +173,9 @@ class _StreamingFeatures:
 
 def _check_chunk(index: int, chunk) -> np.ndarray:
     """One chunk of the stream -> [t] float32, or InferenceError naming the chunk."""
+    if isinstance(chunk, (float, np.floating)):
+        raise InferenceError(f"stream: audio chunk {index} is a single sample: stream() takes an iterable of "
+                             "chunks (arrays of samples); for a whole wave pass [wave]")
     return check_speech(chunk, f"stream: audio chunk {index}")
 
 

@@ -197,10 +197,15 @@ def load_audio_file(path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise PreprocessError(f"--audio {path}: no such file")
+    wave = None
     if path.suffix.lower() == ".wav":
         try:
-            return read_wav(path)[0]
+            wave = read_wav(path)[0]
         except ValueError:
-            pass  # e.g. float or compressed WAV: let FFmpeg read it
-    return read_audio_track(path)
+            pass  # e.g. a compressed WAV (ADPCM, mu-law): let FFmpeg read it
+    if wave is None:
+        wave = read_audio_track(path)
+    if wave.size == 0:
+        raise PreprocessError(f"--audio {path}: the file holds no samples (zero-length audio)")
+    return wave
 
