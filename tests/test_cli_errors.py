@@ -159,3 +159,14 @@ def test_prior_cli_errors_are_messages(tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and said in err and "Traceback" not in err, err
     assert not (tmp_path / "s").exists()
+
+
+def test_fixed_camera_angles_out_of_range(run):
+    from talk3d.infer import camera_track
+    from talk3d.infer.render import load_training_clip
+
+    clip = load_training_clip(json.loads((run / "config.json").read_text()))
+    for spec in ("fixed:720,400", "fixed:1e308,0", "fixed:0,90"):
+        with pytest.raises(InferenceError, match="yaw must be within"):
+            camera_track(spec, 3, clip)
+    assert camera_track("fixed:-180,89", 3, clip).shape == (3, 25)

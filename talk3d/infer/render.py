@@ -226,6 +226,9 @@ def camera_track(spec: str, num_frames: int, clip: TrainingClip) -> torch.Tensor
             raise InferenceError(f"--camera {spec!r}: expected fixed:YAW,PITCH in degrees, e.g. fixed:20,-5") from None
         if not (math.isfinite(yaw) and math.isfinite(pitch)):
             raise InferenceError(f"--camera {spec!r}: angles must be finite")
+        if abs(yaw) > 180 or abs(pitch) >= 90:  # past these the head turns away or over (degrees, not radians)
+            raise InferenceError(f"--camera {spec!r}: yaw must be within +-180 and pitch within +-90 degrees "
+                                 "(the paper's novel views span yaw +-30, pitch +-20)")
         return _novel_view_cameras(np.tile([[yaw, pitch]], (num_frames, 1)), clip.rig)
     path = Path(spec)
     if path.is_file():
