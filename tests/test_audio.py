@@ -11,10 +11,23 @@ from talk3d.audio import (FEATURES_PER_FRAME, SAMPLE_RATE, SAMPLES_PER_FRAME, Lo
                           Wav2Vec2Encoder, read_wav, resample, windows, write_wav)
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
-# PCM16 quantisation: half a step of 1/32767.
+# PCM16 round trip: write_wav rounds to steps of 1/32767 (half a step off at most), read_wav divides
+# by 32768 (another 1/32768 of relative scale on values up to 1): one step bounds both.
 PCM16_TOL = 1.0 / 32767
 # Frequency resolution of the FFT peak test: one bin of a 1-s signal is 1 Hz.
 FREQ_TOL_HZ = 1.0
+# 44.1 -> 16 kHz, a 0.5-amplitude 440-Hz tone away from the edges: the windowed sinc's pass-band
+# gain and where the samples fall on the peaks. Measured 1.0e-5 off 0.5 (CPU VM).
+RESAMPLE_AMPLITUDE_TOL = 0.01
+# A 10-kHz tone (amplitude 0.5) resampled to 16 kHz: what leaks through the stop band; aliasing would
+# leave a 6-kHz tone of 0.5. Measured 4.3e-5 (-81 dB against the tone; CPU VM).
+STOPBAND_MAX = 0.01
+# Log-mel of a tone at 10x the amplitude: log(mel + eps) rises by log(100) but for the eps = 1e-6
+# floor, negligible next to a tone's band power. Measured 4.1e-7 off log(100) (CPU VM).
+LOUDNESS_LOG_TOL = 0.1
+# A 40-ms 1-kHz burst in silence: the features reading it rise from log(eps) = -13.8 by this much at
+# least. Measured 8.6 (features 10, 11; 9 and 12, whose STFT windows overlap it, 8.4; CPU VM).
+BURST_MIN_RISE = 5.0
 
 
 def tone(freq, seconds, rate, amp=0.5):
@@ -55,13 +68,13 @@ def test_resample_keeps_frequency(tmp_path):
     assert abs(peak_frequency(out, SAMPLE_RATE) - 440) <= FREQ_TOL_HZ
     # Amplitude is preserved away from the zero-padded edges.
     mid = out[2000:-2000]
-    assert abs(np.abs(mid).max() - 0.5) < 0.01
+    assert abs(np.abs(mid).max() - 0.5) < RESAMPLE_AMPLITUDE_TOL
 
 
 def test_resample_removes_frequencies_above_new_nyquist():
     # 10 kHz cannot exist at 16 kHz (Nyquist 8 kHz): it must be filtered, not aliased to 6 kHz.
     out = resample(tone(10000, 1.0, 44100), 44100, SAMPLE_RATE)
-    assert np.abs(out[1000:-1000]).max() < 0.01
+    assert np.abs(out[1000:-1000]).max() < STOPBAND_MAX
 
 
 def test_logmel_shape_and_determinism():
@@ -82,7 +95,7 @@ def test_logmel_responds_to_loudness_and_frequency():
     fq, fl = enc.encode(quiet), enc.encode(loud)
     # Power scales by 100, so log-mel rises by log(100) in the bands holding the tone.
     band = fl.mean(0).argmax()
-    assert abs((fl[:, band] - fq[:, band]).mean() - np.log(100)) < 0.1
+    assert abs((fl[:, band] - fq[:, band]).mean() - np.log(100)) < LOUDNESS_LOG_TOL
     high = enc.encode(tone(3000, 0.4, SAMPLE_RATE, 0.5))
     assert high.mean(0).argmax() > band
 
@@ -92,7 +105,7 @@ def test_logmel_is_local_in_time():
     wave = np.zeros(SAMPLES_PER_FRAME * 10, np.float32)
     wave[5 * SAMPLES_PER_FRAME:6 * SAMPLES_PER_FRAME] = tone(1000, 0.04, SAMPLE_RATE)
     f = LogMelEncoder(32).encode(wave).mean(1)
-    assert f[10] > f[0] + 5 and f[11] > f[0] + 5
+    assert f[10] > f[0] + BURST_MIN_RISE and f[11] > f[0] + BURST_MIN_RISE
     assert f[6] == pytest.approx(f[0]) and f[15] == pytest.approx(f[0])
 
 

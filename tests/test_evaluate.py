@@ -23,6 +23,15 @@ MIN_PSNR_GAIN_DB = 1.0
 # FID of a feature set against itself, relative to the trace of its covariance: measured 1.9e-6 to
 # 4.8e-6 (the matrix square root's rounding on rank-3 covariances in 2048-D); 4x margin.
 FID_SELF_RTOL = 2e-5
+# SSIM of two constant images against its closed form, float64: E[x^2] - mu^2 leaves ~1e-16 of
+# rounding next to C2 = 3.6e-3 in the variance term. Measured 2.3e-14 relative (CPU VM).
+SSIM_CLOSED_FORM_RTOL = 1e-9
+# Frechet distance of a full-rank 3-D Gaussian fit against itself, float64: the two matrix square
+# roots (eigh) cancel to rounding of tr(S) ~ 3. Measured 8.9e-16 (CPU VM).
+FID_SELF_3D_ATOL = 1e-8
+# A pure mean shift of (2, 0, 0): float32 f + 2 rounds each value by <= 2.4e-7, which moves the mean
+# shift, and 4 = its square relatively, by at most that (averaged: ~1e-8). Measured 1.9e-9 (CPU VM).
+FID_SHIFT_RTOL = 1e-6
 
 
 # ---- metrics on hand-made cases ----------------------------------------------------------------
@@ -49,7 +58,7 @@ def test_ssim_identity_noise_and_constant_patches():
     c1 = (SSIM_K1 * 2) ** 2
     want = (2 * a * b + c1) / (a * a + b * b + c1)
     got = ssim(torch.full((1, 1, 11, 11), a), torch.full((1, 1, 11, 11), b))
-    assert got.item() == pytest.approx(want, rel=1e-9)
+    assert got.item() == pytest.approx(want, rel=SSIM_CLOSED_FORM_RTOL)
     assert SSIM_K2 == 0.03
 
 
@@ -76,8 +85,9 @@ def test_identity_frechet_and_pearson():
     e = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     assert identity_similarity(e, torch.tensor([[2.0, 0.0], [-1.0, -1.0]])).tolist() == pytest.approx([1.0, -1.0])
     f = torch.randn(200, 3, generator=torch.Generator().manual_seed(1))
-    assert frechet_distance(f, f) == pytest.approx(0.0, abs=1e-8)
-    assert frechet_distance(f, f + torch.tensor([2.0, 0.0, 0.0])) == pytest.approx(4.0, rel=1e-6)  # mean shift only
+    assert frechet_distance(f, f) == pytest.approx(0.0, abs=FID_SELF_3D_ATOL)
+    shifted = f + torch.tensor([2.0, 0.0, 0.0])  # mean shift only
+    assert frechet_distance(f, shifted) == pytest.approx(4.0, rel=FID_SHIFT_RTOL)
     assert pearson([1, 2, 3], [2, 4, 6.5]) > 0.99 and pearson([1, 1, 1], [1, 2, 3]) is None
 
 

@@ -24,8 +24,13 @@ FAST_PATH_PSNR_TOL_DB = 0.5
 # Streamed and offline frames on CUDA: the same kernels on the same inputs, batched differently
 # (bf16 autocast rounds with the batch's layout): mean |diff| in uint8 levels. Not a measured
 # figure: the one H200 run passed it without keeping the printed difference (on the CPU, in fp32,
-# streaming equals offline to 1e-5; see test_talker). Tighten it from the printout of a GPU run.
+# streaming equals offline to 1e-5; see test_talker). It bounds only the mean: nearly every value one
+# level off, or a few pixels far off, would both pass; nothing bounds the max. Tighten it from the
+# printout of a GPU run.
 STREAM_MEAN_TOL = 1.0
+# Training on the device must cut the held-out render L1 to this share of step 0's in 60 steps.
+# Measured on the CPU VM: 1.224 -> 0.184 (0.15); the CUDA run (bf16 autocast) is not measured here.
+VAL_L1_MAX_RATIO = 0.7
 STEPS = 60
 KEYS = ("camera", "audio", "blink", "pose", "landmarks")
 
@@ -60,7 +65,7 @@ def test_training_on_the_device_learns(trained):
     device, _, result = trained
     first, last = result["first"], result["last"]
     print(f"{device}: val L1 (render) {first['val_l1_raw']:.3f} -> {last['val_l1_raw']:.3f}")
-    assert last["val_l1_raw"] < 0.7 * first["val_l1_raw"]
+    assert last["val_l1_raw"] < VAL_L1_MAX_RATIO * first["val_l1_raw"]
 
 
 def _held_out(data, device, window: int):

@@ -12,6 +12,11 @@ BACKENDS = [
     pytest.param("cpu", marks=pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")),
     pytest.param("cuda", marks=pytest.mark.cuda),
 ]
+# Rays (of 600 per case) on which the compiled cell walk and the torch box test may disagree: only
+# rays grazing a cell edge within float rounding can, which random rays do not in float64. Measured on
+# the CPU VM: 0 mismatches over 30 seeds of every case (the CUDA walk is not measured here).
+FP32_MAX_MISMATCHED_RAYS = 2
+FP64_MAX_MISMATCHED_RAYS = 0
 
 
 def rays(B, R, S, dtype, device, spread=0.8):
@@ -40,7 +45,8 @@ def test_matches_reference(impl, dtype, fill, outside):
     assert got.dtype == torch.int32 and got.shape == (2, 300, 2)
     # The walk and the box test agree exactly but for rays grazing a cell edge within float rounding.
     mismatched = (got.cpu() != ref).any(-1).sum().item()
-    assert mismatched <= (2 if dtype == torch.float32 else 0), f"{mismatched} rays differ"
+    limit = FP32_MAX_MISMATCHED_RAYS if dtype == torch.float32 else FP64_MAX_MISMATCHED_RAYS
+    assert mismatched <= limit, f"{mismatched} rays differ"
     if fill == 1.0 and outside:
         assert bool((ref[..., 0] == 0).all() and (ref[..., 1] == 22).all())
     if fill == 0.0 and not outside:
