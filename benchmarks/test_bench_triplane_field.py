@@ -85,7 +85,10 @@ def _record(benchmark, impl, case, device, fn):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_field_forward(benchmark, impl, size, layout):
     case, device, inputs = _setup(impl, size, requires_grad=False, layout=layout)
+    _bench_forward(benchmark, impl, case, device, inputs)
 
+
+def _bench_forward(benchmark, impl, case, device, inputs):
     def run():
         with torch.no_grad():
             out = triplane_field(*inputs, impl=impl)
@@ -128,15 +131,7 @@ def test_field_forward_bf16(benchmark, impl):
     device = torch.device("cuda")
     inputs = list(make_field_inputs(case, dtype=torch.bfloat16, device=device, planes_layout="channels_last"))
     inputs[1] = make_ray_points(case.B, rays_side, samples, device=device)
-
-    def run():
-        with torch.no_grad():
-            out = triplane_field(*inputs, impl=impl)
-        _sync(device)
-        return out
-
-    _record(benchmark, impl, case, device, run)
-    benchmark(run)
+    _bench_forward(benchmark, impl, case, device, inputs)
 
 
 @pytest.mark.benchmark(group="field-forward")
