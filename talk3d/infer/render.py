@@ -28,6 +28,7 @@ import torch
 
 from ..audio.features import SAMPLE_RATE, SAMPLES_PER_FRAME, encoder_from_manifest, read_wav, windows
 from ..data.format import DatasetError, dataset_rig, load_manifest
+from ..ops.backends import check_impl
 from ..render.cameras import LABEL_SIZE, CameraRig, check_cameras
 
 __all__ = ["InferenceError", "TrainingClip", "load_training_clip", "read_speech", "num_frames_for",
@@ -310,6 +311,10 @@ def render_speech(model, info: dict, wave16k, *, camera: str = "gt", size: str =
     _check_choice("eye", eye, SOURCES)
     _check_choice("pose", pose, SOURCES)
     _check_choice("impl", impl, IMPLS)
+    try:
+        check_impl(impl, next(model.parameters()).device)
+    except ValueError as e:
+        raise InferenceError(str(e)) from None
     if int(batch) < 1:
         raise InferenceError(f"batch must be >= 1, got {batch}")
     batch = int(batch)

@@ -76,6 +76,7 @@ import torch
 from ..audio.features import (FEATURES_PER_FRAME, HOP, SAMPLE_RATE, SAMPLES_PER_FRAME, AudioEncoder, LogMelEncoder,
                               Wav2Vec2Encoder, windows)
 from ..devices import resolve_device
+from ..ops.backends import check_impl
 from .render import (DEFAULT_AUDIO_WINDOW, IMPLS, PRECISIONS, SIZES, SOURCES, InferenceError, TrainingClip,
                      _check_choice, check_speech, _cycle, _novel_view_cameras, _orbit_angles, _to_uint8, camera_track,
                      load_training_clip, render_speech)
@@ -221,6 +222,7 @@ class Talker:
         self.run_dir = Path(run_dir)
         try:
             self.device = resolve_device(device, "device")
+            check_impl(impl, self.device)
         except ValueError as e:
             raise InferenceError(str(e)) from None
         self.model, self.info = load_talking_head(run_dir, checkpoint=checkpoint, device=self.device)

@@ -61,3 +61,14 @@ def resolve_impl(op: str, impl: str, like: torch.Tensor, dtypes: dict[str, tuple
     if like.dtype not in dtypes[impl]:
         raise TypeError(f"{op}: impl={impl!r} does not take {like.dtype} inputs (it takes {dtypes[impl]})")
     return impl
+
+
+def check_impl(impl: str, device: torch.device | str, what: str = "impl") -> None:
+    """ValueError unless ``impl`` (a user's choice of back end) can run on ``device`` here; for the
+    CLIs and the Talker, which would otherwise fail at the first frame or training step."""
+    device = torch.device(device)
+    here = available_impls(device)
+    if impl != "auto" and impl not in here:
+        hint = " (it runs on CUDA tensors: pass --device cuda on a GPU machine)" if impl in ("cuda", "triton") \
+            and device.type != "cuda" else ""
+        raise ValueError(f"{what} {impl!r} cannot run on {device} here{hint}; available: {['auto', *here]}")

@@ -117,6 +117,13 @@ def _check_args(args, outs: dict) -> None:
         raise FileNotFoundError(f"prior checkpoint not found: {args.prior}")
     if not os.path.isdir(args.data):
         raise FileNotFoundError(f"dataset folder not found: {args.data}")
+    if args.track and not args.overwrite:  # the tracking step would refuse only after inversion and tuning
+        from ..data import load_manifest
+        from .cameras import is_refined
+
+        if is_refined(load_manifest(args.data)):
+            raise FileExistsError(f"{args.data} already has refined cameras; pass --overwrite to replace them "
+                                  "(or --no-track to skip this step)")
     for name in ("track_steps", "track_first_steps", "track_batch", "scratch_steps", "scratch_batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

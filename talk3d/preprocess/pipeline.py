@@ -190,10 +190,12 @@ def preprocess_video(video, out, *, audio=None, size: int = 512, fps: int = FPS,
         raise ValueError(f"--max-frames {max_frames}: must be >= 1")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    encoder = _encoder(audio_encoder, wav2vec2_path, feature_dim)
-    segmenter, seg_settings = _segmenter(foreground, log)
     if not video.is_file():
         raise PreprocessError(f"{video}: no such file")
+    if audio is not None and not Path(audio).is_file():
+        raise PreprocessError(f"--audio {audio}: no such file")
+    encoder = _encoder(audio_encoder, wav2vec2_path, feature_dim)
+    segmenter, seg_settings = _segmenter(foreground, log)
     detector = DlibDetector() if detector is None else detector
     work = WorkDir(out.parent / f"{out.name}.work",
                    _key(video, audio, size, max_frames, detector, encoder.name), resume, log)

@@ -173,6 +173,14 @@ class Trainer:
         if device is None:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        from ..ops.backends import check_impl
+
+        check_impl(cfg.impl, self.device, "train config: impl")
+        for name in ("lpips_weights", "face_id_weights", "syncnet_weights"):  # named by the user: must exist
+            given = getattr(cfg, name)
+            if given is not None and not Path(given).exists():
+                raise FileNotFoundError(f"train config: {name} {given}: no such file or folder (leave it unset to "
+                                        "train without that loss; the log then says how to enable it)")
         # The dataset is checked before anything is written: a wrong --data leaves no run folder.
         manifest = load_manifest(self.data_dir)
         self.audio_encoder = manifest["audio"]["encoder"]
