@@ -76,7 +76,8 @@ CASES = {
     "eg3d_f32": {},
     "eg3d_f32_strided_eg3d_axes": dict(pad=(3, 5, 7, 11), axes=1, box=1.3, B=3, N=170),
     "eg3d_f64": dict(dtype="f64"),
-    "eg3d_f16": dict(dtype="f16", pad=(1, 0, 2, 0)),
+    "eg3d_f16": dict(dtype="f16", pad=(1, 0, 2, 0)),  # texels not 16-byte aligned: channel by channel
+    "eg3d_f16_aligned": dict(dtype="f16", pad=(8, 0, 16, 8)),  # 16-byte loads of eight halves
     "eg3d_bf16": dict(dtype="bf16"),
     "generic_f32": dict(C=5, HID=7, OUT=4, H=9, W=13, pad=(2, 1, 0, 3)),
     "generic_f64_no_features": dict(dtype="f64", C=3, HID=10, OUT=1, H=5, W=4),

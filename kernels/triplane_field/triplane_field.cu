@@ -310,7 +310,7 @@ __global__ void __launch_bounds__(kThreads) field_forward_kernel(const FwdArgs<S
 // runs one hidden unit at a time (mlp_forward_streaming), so a thread keeps only its point's 32
 // features and 33 outputs live. The weights sit in shared memory as W1 rows and zero-padded W2^T rows,
 // read four at a time; every thread of a warp reads the same address (a broadcast).
-// kVec4Taps: fp32 planes whose texels start 16-byte aligned are read four channels per load.
+// kVecTaps: planes whose texels start 16-byte aligned are read 16 bytes of channels per load.
 struct StreamingLayout {  // offsets in floats; all multiples of 4 (16-byte aligned rows)
   static constexpr int kC = 32, kHid = 64, kOut = 33, kOut4 = 36;
   static constexpr int w1 = 0, b1 = w1 + kHid * kC, w2t = b1 + kHid, b2 = w2t + kHid * kOut4;
@@ -338,7 +338,7 @@ __device__ void load_streaming_weights(const S* w1, const S* b1, const S* w2, co
   for (int k = threadIdx.x; k < L::kOut4; k += blockDim.x) sm[L::b2 + k] = k < L::kOut ? Storage<S>::to_acc(b2[k]) : 0.0f;
 }
 
-template <typename S, bool kVec4Taps>
+template <typename S, bool kVecTaps>
 __global__ void __launch_bounds__(kThreads)
     field_forward_streaming_kernel(const FwdArgs<S> a, const EG3DDims d) {
   using L = StreamingLayout;
@@ -361,7 +361,7 @@ __global__ void __launch_bounds__(kThreads)
       float q[3];
       field::scale_point(a.xyz + 3 * i, a.inv_half_box, q);
       float f[L::kC], o[L::kOut];
-      field::sample_mean<kVec4Taps>(d, a.planes + b * a.s_batch, a.geom, a.axes, q, f);
+      field::sample_mean<kVecTaps>(d, a.planes + b * a.s_batch, a.geom, a.axes, q, f);
       field::mlp_forward_streaming(d, sm + L::w1, sm + L::b1, sm + L::w2t, sm + L::b2, f, o);
       if (a.sigma) a.sigma[i] = Storage<S>::from_acc(o[0]);
       float* row = stage + threadIdx.x * G::kStageRow;
@@ -618,7 +618,7 @@ __global__ void __launch_bounds__(kThreads) field_backward_kernel(const BwdArgs<
 // reduced here: with kRows each point writes the factors they are sums of into `rows`, feature-major
 // (column r = point begin + r, row stride ld; coalesced across a warp), and the caller reduces them
 // with two GEMMs (layout: BackwardRows in triplane_field_cuda.h).
-template <typename S, bool kVec4Taps, bool kRows>
+template <typename S, bool kVecTaps, bool kRows>
 __global__ void __launch_bounds__(kThreads)
     field_backward_streaming_kernel(const BwdArgs<S> a, const EG3DDims d, int64_t begin, int64_t count,
                                     float* rows, int64_t ld) {
@@ -634,7 +634,7 @@ __global__ void __launch_bounds__(kThreads)
     float q[3];
     field::scale_point(a.xyz + 3 * i, a.inv_half_box, q);
     float f[L::kC], o[L::kOut], dout[L::kOut4];
-    field::sample_mean<kVec4Taps>(d, a.planes + b * a.s_batch, a.geom, a.axes, q, f);
+    field::sample_mean<kVecTaps>(d, a.planes + b * a.s_batch, a.geom, a.axes, q, f);
     // With kRows, this point's column of the rows: h as the recompute makes it (not a second
     // softplus), dpre as the backward makes it, then f, dout and the bias columns' ones.
     float* const col = kRows ? rows + r : nullptr;
@@ -766,11 +766,13 @@ void fill_backward(const FieldProblem& p, const void* grad_sigma, const void* gr
                 reinterpret_cast<uintptr_t>(d_planes) % 16 == 0;
 }
 
-// fp32 planes whose texels all start 16-byte aligned: four channels per load.
+// Planes whose texels all start 16-byte aligned: 16 bytes of channels per load (4 floats or 8 halves).
 template <typename S>
-bool vec4_taps(const FieldProblem& p) {
-  return std::is_same<S, float>::value && reinterpret_cast<uintptr_t>(p.planes) % 16 == 0 && p.s_batch % 4 == 0 &&
-         p.s_plane % 4 == 0 && p.s_y % 4 == 0 && p.s_x % 4 == 0;
+bool vec_taps(const FieldProblem& p) {
+  using load_t = typename Storage<S>::load;
+  constexpr int64_t kV = 16 / int64_t(sizeof(load_t));
+  return (std::is_same<S, float>::value || sizeof(load_t) == 2) && reinterpret_cast<uintptr_t>(p.planes) % 16 == 0 &&
+         p.C % kV == 0 && p.s_batch % kV == 0 && p.s_plane % kV == 0 && p.s_y % kV == 0 && p.s_x % kV == 0;
 }
 
 template <typename S, typename Dims>
@@ -791,7 +793,7 @@ cudaError_t forward_dims(const FieldProblem& p, const Dims& d, void* sigma, void
   if constexpr (kIsEG3D<Dims> && std::is_same<acc_t, float>::value) {
     const size_t bytes = size_t(ForwardStage::elems) * sizeof(float);
     if (bytes <= size_t(info.smem_optin)) {
-      auto kernel = vec4_taps<S>(p) ? field_forward_streaming_kernel<S, true> : field_forward_streaming_kernel<S, false>;
+      auto kernel = vec_taps<S>(p) ? field_forward_streaming_kernel<S, true> : field_forward_streaming_kernel<S, false>;
       err = prepare_launch(kernel, T, bytes, a.total, info, blocks);
       if (err != cudaSuccess) return err;
       kernel<<<blocks, T, bytes, stream>>>(a, d);
@@ -915,11 +917,11 @@ cudaError_t backward_streaming_typed(const FieldProblem& p, int64_t begin, int64
   if (err != cudaSuccess) return err;
   BwdArgs<S> a;
   fill_backward<S>(p, grad_sigma, grad_feat, d_planes, d_xyz, nullptr, nullptr, nullptr, nullptr, a);
-  const bool vec4 = vec4_taps<S>(p);
-  auto kernel = rows ? (vec4 ? field_backward_streaming_kernel<S, true, true>
-                             : field_backward_streaming_kernel<S, false, true>)
-                     : (vec4 ? field_backward_streaming_kernel<S, true, false>
-                             : field_backward_streaming_kernel<S, false, false>);
+  const bool vec = vec_taps<S>(p);
+  auto kernel = rows ? (vec ? field_backward_streaming_kernel<S, true, true>
+                            : field_backward_streaming_kernel<S, false, true>)
+                     : (vec ? field_backward_streaming_kernel<S, true, false>
+                            : field_backward_streaming_kernel<S, false, false>);
   const size_t bytes = size_t(StreamingLayout::elems) * sizeof(float);
   int blocks = 0;
   err = prepare_launch(kernel, kThreads, bytes, count, info, blocks);

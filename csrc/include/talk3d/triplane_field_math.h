@@ -134,10 +134,41 @@ T3D_HD void load4(const float* p, float v[4]) {
 #endif
 }
 
+// Eight consecutive 2-byte values (half, bfloat16 or their wrappers) from a 16-byte aligned address:
+// one 16-byte load where the CUDA vector types exist, split into its eight little-endian halves
+// (eight 2-byte loads otherwise; on the GPU those were four times the load instructions of fp32
+// planes, for half the bytes).
+template <typename T>
+T3D_HD void load8(const T* p, T v[8]) {
+  static_assert(sizeof(T) == 2, "2-byte storage");
+#if defined(__CUDACC__) || defined(__VECTOR_TYPES_H__)
+  const uint4 x = *reinterpret_cast<const uint4*>(p);
+  const unsigned int w[4] = {x.x, x.y, x.z, x.w};
+  T3D_UNROLL
+  for (int i = 0; i < 8; ++i) {
+    const unsigned short bits = static_cast<unsigned short>(w[i >> 1] >> ((i & 1) * 16));
+    memcpy(&v[i], &bits, 2);
+  }
+#else
+  for (int i = 0; i < 8; ++i) v[i] = p[i];
+#endif
+}
+
+// 16 bytes of channels: four floats or eight 2-byte values.
+template <typename T>
+T3D_HD void load16(const T* p, T* v) {
+  if constexpr (sizeof(T) == 4) {
+    load4(p, v);
+  } else {
+    load8(p, v);
+  }
+}
+
 // f[c] = mean over the three planes of the bilinear sample. `planes` points at one batch element.
-// kVec4: every texel starts 16-byte aligned and C % 4 == 0 (compile-time C), so channels are read
-// four at a time (float planes only).
-template <bool kVec4 = false, typename Dims, typename acc_t, typename scalar_t, typename FArr>
+// kVec: every texel starts 16-byte aligned and C is a multiple of the channels a 16-byte load holds
+// (4 floats, 8 halves; compile-time C), so channels are read 16 bytes at a time (float and 2-byte
+// planes). The sums are the same, in the same order, as channel by channel.
+template <bool kVec = false, typename Dims, typename acc_t, typename scalar_t, typename FArr>
 T3D_HD void sample_mean(const Dims& d, const scalar_t* __restrict__ planes, const PlaneGeom& g,
                         int axes, const acc_t q[3], FArr& f) {
   // Sums go to a local array: the compiler keeps it in registers, which it cannot do for the
@@ -151,13 +182,15 @@ T3D_HD void sample_mean(const Dims& d, const scalar_t* __restrict__ planes, cons
     for (int k = 0; k < 4; ++k) {
       if (t.off[k] < 0) continue;
       const scalar_t* src = planes + t.off[k];
-      if constexpr (kVec4) {
-        static_assert(Dims::kMaxC % 4 == 0, "four channels per load");
+      if constexpr (kVec) {
+        static_assert(sizeof(scalar_t) == 4 || sizeof(scalar_t) == 2, "float or 2-byte planes");
+        constexpr int kV = 16 / int(sizeof(scalar_t));
+        static_assert(Dims::kMaxC % kV == 0, "whole 16-byte loads per texel");
         T3D_UNROLL
-        for (int c = 0; c < Dims::kMaxC; c += 4) {
-          scalar_t v[4];
-          load4(src + c, v);
-          for (int i = 0; i < 4; ++i) sum[c + i] += t.w[k] * acc_t(v[i]);
+        for (int c = 0; c < Dims::kMaxC; c += kV) {
+          scalar_t v[kV];
+          load16(src + c, v);
+          for (int i = 0; i < kV; ++i) sum[c + i] += t.w[k] * acc_t(v[i]);
         }
       } else {
         T3D_UNROLL
