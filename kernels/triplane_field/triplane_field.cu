@@ -206,6 +206,7 @@ struct BwdArgs {
   const S* grad_feat;
   acc_t *d_planes, *d_xyz, *d_w1, *d_b1, *d_w2, *d_b2;
   bool vec4_grad;  // d_planes rows 16-byte aligned, C % 4 == 0, float: four channels per atomic
+  bool vec_gfeat;  // grad_feat rows start 16-byte aligned: read 16 bytes a load (the streaming backward)
 };
 
 // Four consecutive plane-gradient channels (16-byte aligned): one vector atomic on Hopper and later
@@ -421,6 +422,28 @@ __device__ __forceinline__ void output_grads(const BwdArgs<S>& a, int64_t i, int
   for (int k = 1; k < OUT; ++k) {
     const acc_t g = a.grad_feat ? Storage<S>::to_acc(a.grad_feat[i * F + (k - 1)]) : acc_t(0);
     dout[k] = field::feature_activation_grad(o[k], g);
+  }
+}
+
+// output_grads at the EG3D size, reading the row of grad_feat 16 bytes a load when it is aligned
+// (a.vec_gfeat): each thread reads its own 128-byte (fp32) or 64-byte (half) row, so a warp's scalar
+// loads each touched 32 cache lines; the vector loads take a quarter (fp32) or an eighth of them.
+template <typename S, typename OArr, typename DArr>
+__device__ __forceinline__ void output_grads_streaming(const BwdArgs<S>& a, int64_t i, const OArr& o, DArr& dout) {
+  constexpr int F = StreamingLayout::kOut - 1;
+  if (!a.grad_feat || !a.vec_gfeat) {
+    output_grads(a, i, F + 1, o, dout);
+    return;
+  }
+  dout[0] = a.grad_sigma ? Storage<S>::to_acc(a.grad_sigma[i]) : 0.0f;
+  constexpr int kV = 16 / int(sizeof(S));
+  const S* row = a.grad_feat + i * F;
+  T3D_UNROLL
+  for (int c = 0; c < F; c += kV) {
+    S v[kV];
+    field::load16(row + c, v);
+    T3D_UNROLL
+    for (int j = 0; j < kV; ++j) dout[1 + c + j] = field::feature_activation_grad(o[1 + c + j], Storage<S>::to_acc(v[j]));
   }
 }
 
@@ -641,7 +664,7 @@ __global__ void __launch_bounds__(kThreads)
     field::mlp_forward_streaming(d, sm + L::w1, sm + L::b1, sm + L::w2t, sm + L::b2, f, o, [=](int j, float h) {
       if constexpr (kRows) col[(R::h + j) * ld] = h;
     });
-    output_grads(a, i, L::kOut, o, dout);
+    output_grads_streaming(a, i, o, dout);
     T3D_UNROLL
     for (int k = L::kOut; k < L::kOut4; ++k) dout[k] = 0.0f;
     float df[L::kC];
@@ -764,6 +787,8 @@ void fill_backward(const FieldProblem& p, const void* grad_sigma, const void* gr
   a.d_b2 = static_cast<acc_t*>(d_b2);
   a.vec4_grad = std::is_same<acc_t, float>::value && p.C % 4 == 0 &&
                 reinterpret_cast<uintptr_t>(d_planes) % 16 == 0;
+  a.vec_gfeat = !std::is_same<S, double>::value && reinterpret_cast<uintptr_t>(grad_feat) % 16 == 0 &&
+                (int64_t(p.OUT - 1) * int64_t(sizeof(S))) % 16 == 0;
 }
 
 // Planes whose texels all start 16-byte aligned: 16 bytes of channels per load (4 floats or 8 halves).
