@@ -93,6 +93,9 @@ CASES = {
     # the frozen-decoder case (planes and xyz only: no rows, one launch) and one chunk for all points.
     "eg3d_bf16_frozen_decoder": dict(dtype="bf16", mask=1 | 2, B=3, N=211),
     "eg3d_f32_one_chunk": dict(chunk=0, N=257),
+    # Chunks of whole waves (2 SMs x 2 blocks x 128 threads = 512 points) under a cap of 1100: one of
+    # 1024 and a last of 76, as the adapter sizes them from field_backward_streaming_wave.
+    "eg3d_f32_wave_chunks": dict(chunk=-1100, per_sm=2, B=2, N=550),
     # The streaming forward writes features through shared memory a tile of points at a time: one
     # block walking every tile (the last one partial), fewer points than a tile, and each output
     # alone (the other pointer null).
@@ -135,6 +138,8 @@ def test_cuda_kernels_in_emulation(emulator, tmp_path, name):
     assert "forward: err=0" in proc.stdout and "backward: err=0" in proc.stdout, proc.stdout
     streaming = (C, HID, OUT) == (32, 64, 33) and c["dtype"] != "f64"  # what the CUDA adapter runs
     assert ("streaming backward" in proc.stdout) == streaming, proc.stdout
+    if c["chunk"] < 0:
+        assert f"wave={c['per_sm'] * c['sms'] * 128} " in proc.stdout, proc.stdout
 
     # Reference in float64 on the same (rounded) values.
     P = master.to(torch.float64).permute(0, 1, 4, 2, 3).contiguous().requires_grad_()

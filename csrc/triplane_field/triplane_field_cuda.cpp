@@ -76,9 +76,12 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& planes, const at::
   return {sigma, feat};
 }
 
-// Points per chunk of the streaming backward when the decoder's weight gradients are wanted: the
-// chunk's factor rows take BackwardRows::count x 4 B x 2^18 = 204 MB, and one chunk (2^18 threads)
-// still fills an H100/H200 at the kernel's three blocks of 128 threads per SM.
+// Points per chunk of the streaming backward when the decoder's weight gradients are wanted, at most:
+// the chunk's factor rows take BackwardRows::count x 4 B x 2^18 = 204 MB, and one chunk (2^18 threads)
+// still fills an H100/H200 at the kernel's three blocks of 128 threads per SM. The chunk is rounded
+// down to whole waves of the kernel's resident threads (cuda::field_backward_streaming_wave): 2^18
+// points are 5.17 waves on an H100 (3 x 132 x 128 threads), and the sixth, 17 % full, repeated in
+// every chunk.
 // (Splitting each chunk's GEMMs into 64 batched slices, to give cuBLAS more than a 64 x 33 output to
 // spread, was not faster on an H200: the whole backward at the GPU size took 28.4 ms with it and
 // 26.8 ms without, in two calls' runs of benchmarks/profile_field.py.)
@@ -93,7 +96,12 @@ void backward_streaming(const cuda::FieldProblem& p, const at::Tensor& gs, const
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t total = int64_t(p.B) * p.N;
   const bool want_w = needs[2] || needs[3] || needs[4] || needs[5];
-  const int64_t chunk = want_w ? std::min(total, kRowsChunk) : total;
+  int64_t chunk = total;
+  if (want_w) {
+    int64_t wave = 0;
+    check_launch(cuda::field_backward_streaming_wave(p, wave), "backward");
+    chunk = std::min(total, wave > 0 && wave <= kRowsChunk ? kRowsChunk / wave * wave : kRowsChunk);
+  }
   const auto f32 = gs.options().dtype(at::kFloat);
   at::Tensor rows = want_w ? at::empty({Rows::count, chunk}, f32) : at::Tensor();
   at::Tensor g1 = want_w ? at::zeros({Rows::HID, Rows::C + 1}, f32) : at::Tensor();    // [dW1 | db1]

@@ -933,6 +933,16 @@ cudaError_t backward_typed(const FieldProblem& p, const void* grad_sigma, const 
                           d_w1, d_b1, d_w2, d_b2, stream);
 }
 
+// The streaming backward kernel instance for p's storage and alignment, with or without rows.
+template <typename S>
+auto backward_streaming_kernel(const FieldProblem& p, bool rows) {
+  const bool vec = vec_taps<S>(p);
+  return rows ? (vec ? field_backward_streaming_kernel<S, true, true>
+                     : field_backward_streaming_kernel<S, false, true>)
+              : (vec ? field_backward_streaming_kernel<S, true, false>
+                     : field_backward_streaming_kernel<S, false, false>);
+}
+
 template <typename S>
 cudaError_t backward_streaming_typed(const FieldProblem& p, int64_t begin, int64_t count,
                                      const void* grad_sigma, const void* grad_feat, void* d_planes,
@@ -942,11 +952,7 @@ cudaError_t backward_streaming_typed(const FieldProblem& p, int64_t begin, int64
   if (err != cudaSuccess) return err;
   BwdArgs<S> a;
   fill_backward<S>(p, grad_sigma, grad_feat, d_planes, d_xyz, nullptr, nullptr, nullptr, nullptr, a);
-  const bool vec = vec_taps<S>(p);
-  auto kernel = rows ? (vec ? field_backward_streaming_kernel<S, true, true>
-                            : field_backward_streaming_kernel<S, false, true>)
-                     : (vec ? field_backward_streaming_kernel<S, true, false>
-                            : field_backward_streaming_kernel<S, false, false>);
+  auto kernel = backward_streaming_kernel<S>(p, rows != nullptr);
   const size_t bytes = size_t(StreamingLayout::elems) * sizeof(float);
   int blocks = 0;
   err = prepare_launch(kernel, kThreads, bytes, count, info, blocks);
@@ -1005,6 +1011,27 @@ cudaError_t field_backward_streaming(const FieldProblem& p, int64_t begin, int64
       return cudaErrorInvalidValue;  // (excluded by applies() above)
     } else {
       return backward_streaming_typed<S>(p, begin, count, grad_sigma, grad_feat, d_planes, d_xyz, rows, ld, stream);
+    }
+  });
+}
+
+cudaError_t field_backward_streaming_wave(const FieldProblem& p, int64_t& points) {
+  points = 0;
+  if (!field_backward_streaming_applies(p)) return cudaErrorInvalidValue;
+  return dispatch_storage<__half, __nv_bfloat16>(p.dtype, [&](auto s) -> cudaError_t {
+    using S = decltype(s);
+    if constexpr (std::is_same<S, double>::value) {
+      return cudaErrorInvalidValue;  // (excluded by applies() above)
+    } else {
+      DeviceInfo info;
+      cudaError_t err = device_info(info);
+      if (err != cudaSuccess) return err;
+      int per_sm = 0;
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, backward_streaming_kernel<S>(p, true), kThreads,
+                                                          size_t(StreamingLayout::elems) * sizeof(float));
+      if (err != cudaSuccess) return err;
+      points = int64_t(per_sm > 0 ? per_sm : 1) * (info.sms > 0 ? info.sms : 1) * kThreads;
+      return cudaSuccess;
     }
   });
 }

@@ -50,6 +50,11 @@ cudaError_t field_backward_streaming(const FieldProblem& p, int64_t begin, int64
                                      const void* grad_sigma, const void* grad_feat, void* d_planes,
                                      void* d_xyz, float* rows, int64_t ld, cudaStream_t stream);
 
+// Points one launch of the streaming backward (with rows) runs at once on the current device: its
+// resident blocks times their threads. Chunks that are a multiple of it leave no partly filled last
+// round in the kernel's grid-stride loop.
+cudaError_t field_backward_streaming_wave(const FieldProblem& p, int64_t& points);
+
 // Rows of the streaming backward's weight-gradient factors, feature-major [count][ld] fp32, column r
 // for point begin + r:  [f | 1] (C + 1 rows), [h | 1] (HID + 1), dpre (HID), dout (OUT), with
 // h = softplus(pre) and dpre, dout the gradients of pre and of the raw outputs. Over the points:

@@ -117,6 +117,13 @@ cudaError_t streaming_backward(const FieldProblem& p, long long chunk, const voi
   using R = BackwardRows;
   const long long total = (long long)p.B * p.N;
   const bool want_w = mask & (4 | 8 | 16 | 32);
+  if (want_w && chunk < 0) {  // the adapter's rule: whole waves of the kernel's resident threads
+    int64_t wave = 0;
+    cudaError_t e = field_backward_streaming_wave(p, wave);
+    if (e != cudaSuccess) return e;
+    printf("wave=%lld ", (long long)wave);
+    chunk = -chunk / wave * wave;
+  }
   if (!want_w || chunk <= 0 || chunk > total) chunk = total;
   const long long ld = chunk + 3;
   std::vector<float> rows(want_w ? size_t(R::count) * ld : 0);
