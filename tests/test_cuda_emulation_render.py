@@ -519,6 +519,10 @@ BIAS_ACT_CASES = {
     # the launchers' int32 limit to 0.
     "int64-nchw-grid-stride": ("f32", (2, 5, 16, 12), False, (0.2, 2**0.5, 0.8), True, 1, True),
     "int64-nhwc-bf16": ("bf16", (2, 6, 5, 7), True, (0.2, 2**0.5, -1.0), True, 2, True),
+    # NCHW with several grid-stride steps (one block of 2048 threads): the channel and the offset in
+    # its run advance by the stride's share; 2048 = 58 x 35 + 18 wraps the offset on some steps.
+    "nchw-grid-stride-steps": ("f32", (10, 7, 5, 7), False, (0.2, 2**0.5, 1.0), True, 1, False),
+    "int64-nchw-grid-stride-steps": ("bf16", (2, 6, 20, 20), False, (0.2, 2**0.5, -1.0), True, 1, True),
 }
 
 
