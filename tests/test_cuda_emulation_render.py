@@ -471,19 +471,23 @@ FIR_SAME_CODE_ATOL = {"f32": 1e-6, "f64": 1e-14, "f16": 1e-6, "bf16": 1e-6}
 FIR_FP32_TOL_OF_SCALE = 1e-5
 
 FIR_CASES = {
-    # name: (dtype, N, C, H, W, (left, right, top, bottom), channels_last, sms)
-    "nchw-f32": ("f32", 2, 3, 9, 14, (2, 1, 2, 1), False, 2),
-    "nhwc-f32": ("f32", 2, 5, 9, 13, (2, 1, 2, 1), True, 2),
-    "nhwc-crop-f64": ("f64", 1, 7, 8, 11, (-1, 2, 3, -2), True, 2),
-    "nhwc-bf16": ("bf16", 2, 6, 7, 10, (1, 1, 1, 1), True, 2),
-    "nchw-f16": ("f16", 1, 4, 6, 9, (3, 3, 3, 3), False, 2),
-    "nhwc-grid-stride": ("f32", 3, 9, 12, 17, (2, 1, 2, 1), True, 1),  # more strips than one SM's grid
+    # name: (dtype, N, C, H, W, (left, right, top, bottom), channels_last, sms, int64 indices)
+    "nchw-f32": ("f32", 2, 3, 9, 14, (2, 1, 2, 1), False, 2, False),
+    "nhwc-f32": ("f32", 2, 5, 9, 13, (2, 1, 2, 1), True, 2, False),
+    "nhwc-crop-f64": ("f64", 1, 7, 8, 11, (-1, 2, 3, -2), True, 2, False),
+    "nhwc-bf16": ("bf16", 2, 6, 7, 10, (1, 1, 1, 1), True, 2, False),
+    "nchw-f16": ("f16", 1, 4, 6, 9, (3, 3, 3, 3), False, 2, False),
+    "nhwc-grid-stride": ("f32", 3, 9, 12, 17, (2, 1, 2, 1), True, 1, False),  # more strips than one SM's grid
+    # The int64-index kernels (tensors past 2^31 elements), on small tensors: the emulator lowers
+    # the launcher's int32 limit to 0.
+    "int64-nchw-crop": ("f32", 2, 3, 9, 14, (-1, 2, 3, -2), False, 2, True),
+    "int64-nhwc-grid-stride-bf16": ("bf16", 3, 9, 12, 17, (2, 1, 2, 1), True, 1, True),
 }
 
 
 @pytest.mark.parametrize("name", list(FIR_CASES))
 def test_binomial_filter_kernel_in_emulation(emulator, tmp_path, name):
-    dtype_name, N, C, H, W, (left, right, top, bottom), nhwc, sms = FIR_CASES[name]
+    dtype_name, N, C, H, W, (left, right, top, bottom), nhwc, sms, wide = FIR_CASES[name]
     code, dtype = FIR_DTYPES[dtype_name]
     fmt = torch.channels_last if nhwc else torch.contiguous_format
     x = torch.randn(N, C, H, W).to(dtype).to(memory_format=fmt)
@@ -491,7 +495,7 @@ def test_binomial_filter_kernel_in_emulation(emulator, tmp_path, name):
     # _raw writes NCHW order; the kernel reads the tensor's own memory.
     memory = x.permute(0, 2, 3, 1) if nhwc else x
     (tmp_path / "x.bin").write_bytes(_raw(memory))
-    meta = [code, N, C, H, W, out_h, out_w, top, left, int(nhwc), 4.0, sms]
+    meta = [code, N, C, H, W, out_h, out_w, top, left, int(nhwc), 4.0, sms, int(wide)]
     (tmp_path / "meta.txt").write_text(" ".join(map(str, meta)))
     out = _run(emulator, "fir", tmp_path)
     assert "fir: err=0" in out, out

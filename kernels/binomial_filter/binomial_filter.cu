@@ -10,6 +10,10 @@
 // suffices. NHWC lets the super-resolution stay channels-last between its convolutions.
 #include "binomial_filter_cuda.h"
 
+#include <stdint.h>
+
+#include <algorithm>
+
 #include "common/dispatch_storage.cuh"
 #include "common/grid.cuh"
 #include "common/half_types.cuh"
@@ -23,12 +27,20 @@ constexpr int kFirThreads = 256;
 // Grid: this many resident blocks per SM; a grid-stride loop takes the rest.
 constexpr int kFirBlocksPerSM = 8;
 
+// The largest index the int32 kernels may reach (elements of x or y, or strips plus one grid step).
+// The CPU emulator's tests lower it to run the int64 kernels on small tensors.
+#ifndef TALK3D_FIR_NARROW_LIMIT
+#define TALK3D_FIR_NARROW_LIMIT INT32_MAX
+#endif
+
 // Thread t -> (n, c, output row i, first column j of its strip); kNHWC picks which index runs fastest.
-template <bool kNHWC>
+// I: the index type, int32_t while the tensors allow it (each 64-bit division or modulo is tens of
+// instructions on a GPU, and there are four a strip).
+template <bool kNHWC, typename I>
 struct StripIndex {
-  int64_t n, c, i, j;
-  __device__ StripIndex(int64_t t, int64_t C, int64_t out_h, int64_t strips) {
-    int64_t rest;
+  I n, c, i, j;
+  __device__ StripIndex(I t, I C, I out_h, I strips) {
+    I rest;
     if (kNHWC) {  // t = ((n * out_h + i) * strips + strip) * C + c
       c = t % C;
       rest = t / C;
@@ -47,20 +59,20 @@ struct StripIndex {
   }
 };
 
-template <typename S, bool kNHWC>
+template <typename S, bool kNHWC, typename I>
 __global__ void __launch_bounds__(kFirThreads)
-    binomial_filter2d_kernel(const S* __restrict__ x, S* __restrict__ y, int64_t N, int64_t C, int64_t H,
-                             int64_t W, int64_t out_h, int64_t out_w, int64_t top, int64_t left, double gain) {
+    binomial_filter2d_kernel(const S* __restrict__ x, S* __restrict__ y, I N, I C, I H, I W, I out_h, I out_w,
+                             I top, I left, double gain) {
   using acc_t = typename AccOf<S>::type;
-  const int64_t strips = (out_w + fir::kStrip - 1) / fir::kStrip;
-  const int64_t total = N * C * out_h * strips;
+  const I strips = (out_w + fir::kStrip - 1) / fir::kStrip;
+  const I total = N * C * out_h * strips;
   // Element (r, col) of channel c in image n sits at base + r * row + col * step, in either layout.
-  const int64_t step = kNHWC ? C : 1, x_row = W * step, y_row = out_w * step;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += stride) {
-    const StripIndex<kNHWC> s(t, C, out_h, strips);
+  const I step = kNHWC ? C : I(1), x_row = W * step, y_row = out_w * step;
+  const I stride = I(gridDim.x) * I(blockDim.x);
+  for (I t = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); t < total; t += stride) {
+    const StripIndex<kNHWC, I> s(t, C, out_h, strips);
     const S* plane = x + (kNHWC ? s.n * H * W * C + s.c : (s.n * C + s.c) * H * W);
-    const auto load = [plane, x_row, step](int64_t r, int64_t c) {
+    const auto load = [plane, x_row, step](I r, I c) {
       return static_cast<acc_t>(plane[r * x_row + c * step]);
     };
     acc_t v[fir::kStrip];
@@ -72,17 +84,29 @@ __global__ void __launch_bounds__(kFirThreads)
   }
 }
 
+template <typename S, typename I>
+cudaError_t launch_indexed(const FirProblem& p, int blocks, cudaStream_t stream) {
+  const auto* x = static_cast<const S*>(p.x);
+  auto* y = static_cast<S*>(p.y);
+  const auto kernel = p.channels_last ? binomial_filter2d_kernel<S, true, I> : binomial_filter2d_kernel<S, false, I>;
+  kernel<<<blocks, kFirThreads, 0, stream>>>(x, y, I(p.N), I(p.C), I(p.H), I(p.W), I(p.out_h), I(p.out_w), I(p.top),
+                                             I(p.left), p.gain);
+  return cudaGetLastError();
+}
+
 template <typename S>
 cudaError_t launch(const FirProblem& p, cudaStream_t stream) {
   const int64_t strips = (p.out_w + fir::kStrip - 1) / fir::kStrip;
+  const int64_t total = p.N * p.C * p.out_h * strips;
   int blocks = 0;
-  const cudaError_t err = grid_stride_blocks(p.N * p.C * p.out_h * strips, kFirThreads, kFirBlocksPerSM, blocks);
+  const cudaError_t err = grid_stride_blocks(total, kFirThreads, kFirBlocksPerSM, blocks);
   if (err != cudaSuccess) return err;
-  const auto* x = static_cast<const S*>(p.x);
-  auto* y = static_cast<S*>(p.y);
-  const auto kernel = p.channels_last ? binomial_filter2d_kernel<S, true> : binomial_filter2d_kernel<S, false>;
-  kernel<<<blocks, kFirThreads, 0, stream>>>(x, y, p.N, p.C, p.H, p.W, p.out_h, p.out_w, p.top, p.left, p.gain);
-  return cudaGetLastError();
+  // Every index the kernel forms stays below these (an element of x or y, a strip plus a grid step;
+  // the padding offsets are at most a few elements past a row).
+  const int64_t biggest = std::max({p.N * p.C * (p.H + 4) * (p.W + 4), p.N * p.C * p.out_h * p.out_w,
+                                    total + int64_t(blocks) * kFirThreads});
+  return biggest <= int64_t(TALK3D_FIR_NARROW_LIMIT) ? launch_indexed<S, int32_t>(p, blocks, stream)
+                                                      : launch_indexed<S, int64_t>(p, blocks, stream);
 }
 
 }  // namespace

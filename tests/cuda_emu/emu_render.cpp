@@ -68,8 +68,10 @@ void emu_launch(K kernel, int blocks, int T, size_t smem_bytes, const A&... args
 
 #include "composite_emu.cu"
 #include "occupancy_emu.cu"
+// meta.txt's `wide` flags set these to 0, so the launchers pick the int64-index kernels.
+int64_t g_fir_narrow_limit = INT32_MAX;
+#define TALK3D_FIR_NARROW_LIMIT g_fir_narrow_limit
 #include "fir_emu.cu"
-// meta.txt's `wide` flag sets this to 0, so the launchers pick the int64-index kernels.
 int64_t g_bias_act_narrow_limit = INT32_MAX;
 #define TALK3D_BIAS_ACT_NARROW_LIMIT g_bias_act_narrow_limit
 #include "bias_act_emu.cu"
@@ -200,9 +202,11 @@ int run_occupancy(const std::string& dir) {
 // FirDType. The output starts as 0xFF bytes (NaN in every float type).
 int run_fir(const std::string& dir) {
   std::ifstream m(dir + "/meta.txt");
-  int dtype, channels_last;
+  int dtype, channels_last, wide;
   FirProblem p;
-  m >> dtype >> p.N >> p.C >> p.H >> p.W >> p.out_h >> p.out_w >> p.top >> p.left >> channels_last >> p.gain >> g_sms;
+  m >> dtype >> p.N >> p.C >> p.H >> p.W >> p.out_h >> p.out_w >> p.top >> p.left >> channels_last >> p.gain >> g_sms >> wide;
+  if (!m) { fprintf(stderr, "bad meta.txt\n"); return 2; }
+  g_fir_narrow_limit = wide ? 0 : INT32_MAX;
   const size_t es = dtype == 0 ? 4 : (dtype == 3 ? 8 : 2);
   const auto x = readb(dir + "/x.bin");
   std::vector<unsigned char> y(size_t(p.N * p.C * p.out_h * p.out_w) * es, 0xFF);

@@ -28,21 +28,21 @@ T3D_HD Acc row_taps(Acc v0, Acc v1, Acc v2, Acc v3) {
 }
 
 // out[s] = gain * sum_{a, b < 4} k_a k_b x(y0 + a, x0 + s + b) for s < kStrip, x zero outside
-// [0, H) x [0, W). load(r, c) returns x(r, c) as Acc and is called only in range.
-template <typename Acc, typename Load>
-T3D_HD void filter_strip(const Load& load, int64_t H, int64_t W, int64_t y0, int64_t x0, Acc gain,
-                         Acc out[kStrip]) {
+// [0, H) x [0, W). load(r, c) returns x(r, c) as Acc and is called only in range. Idx: the index type
+// (the CUDA kernel's int32_t while the tensor allows it, else int64_t).
+template <typename Acc, typename Load, typename Idx>
+T3D_HD void filter_strip(const Load& load, Idx H, Idx W, Idx y0, Idx x0, Acc gain, Acc out[kStrip]) {
   Acc acc[kStrip];
   T3D_UNROLL
   for (int s = 0; s < kStrip; ++s) acc[s] = Acc(0);
   T3D_UNROLL
   for (int a = 0; a < kTaps; ++a) {
-    const int64_t r = y0 + a;
+    const Idx r = y0 + a;
     if (r < 0 || r >= H) continue;
     Acc v[kSpan];
     T3D_UNROLL
     for (int c = 0; c < kSpan; ++c) {
-      const int64_t col = x0 + c;
+      const Idx col = x0 + c;
       v[c] = (col >= 0 && col < W) ? load(r, col) : Acc(0);
     }
     const Acc ka = tap<Acc>(a);
