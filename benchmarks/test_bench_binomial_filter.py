@@ -2,7 +2,8 @@
 
 The size is the super-resolution's largest filtering: after the 512^2 block's stride-2 transposed
 convolution, [B, 64, 513, 513] padded by 1 (GPU: batch 8 in bf16, as the fast inference path; CPU:
-batch 1 in fp32). Forward, and forward + backward (training).
+batch 1 in fp32). Forward, and forward + backward (training); NCHW, and NHWC (channels-last, the
+layout the super-resolution runs in; on a GPU in bf16 the kernel filters eight channels a thread).
 """
 from __future__ import annotations
 
@@ -28,11 +29,15 @@ def _sync():
         torch.cuda.synchronize()
 
 
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
 @pytest.mark.benchmark(group="binomial-filter")
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("path", ["reference", "fused"])
-def test_binomial_filter_forward(benchmark, path):
+def test_binomial_filter_forward(benchmark, path, layout):
     impl = _impl(path)
-    x = torch.randn(SHAPE, device=DEVICE, dtype=DTYPE)
+    x = torch.randn(SHAPE, device=DEVICE, dtype=DTYPE).to(memory_format=LAYOUTS[layout])
 
     def run():
         y = binomial_filter2d(x, PAD, 4.0, impl=impl)
@@ -40,16 +45,18 @@ def test_binomial_filter_forward(benchmark, path):
         return y
 
     run()
-    benchmark.extra_info.update(device=str(DEVICE), shape=list(SHAPE), dtype=str(DTYPE))
+    benchmark.extra_info.update(device=str(DEVICE), shape=list(SHAPE), dtype=str(DTYPE), layout=layout)
     benchmark(run)
 
 
 @pytest.mark.benchmark(group="binomial-filter")
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("path", ["reference", "fused"])
-def test_binomial_filter_forward_backward(benchmark, path):
+def test_binomial_filter_forward_backward(benchmark, path, layout):
     impl = _impl(path)
-    x = torch.randn(SHAPE, device=DEVICE, dtype=DTYPE, requires_grad=True)
-    gy = torch.randn(*SHAPE[:2], SHAPE[2] - 1, SHAPE[3] - 1, device=DEVICE, dtype=DTYPE)  # the output's
+    fmt = LAYOUTS[layout]
+    x = torch.randn(SHAPE, device=DEVICE, dtype=DTYPE).to(memory_format=fmt).requires_grad_()
+    gy = torch.randn(*SHAPE[:2], SHAPE[2] - 1, SHAPE[3] - 1, device=DEVICE, dtype=DTYPE).to(memory_format=fmt)
 
     def run():
         (gx,) = torch.autograd.grad(binomial_filter2d(x, PAD, 4.0, impl=impl), x, gy)
@@ -57,5 +64,5 @@ def test_binomial_filter_forward_backward(benchmark, path):
         return gx
 
     run()
-    benchmark.extra_info.update(device=str(DEVICE), shape=list(SHAPE), dtype=str(DTYPE))
+    benchmark.extra_info.update(device=str(DEVICE), shape=list(SHAPE), dtype=str(DTYPE), layout=layout)
     benchmark(run)

@@ -482,6 +482,10 @@ FIR_CASES = {
     # the launcher's int32 limit to 0.
     "int64-nchw-crop": ("f32", 2, 3, 9, 14, (-1, 2, 3, -2), False, 2, True),
     "int64-nhwc-grid-stride-bf16": ("bf16", 3, 9, 12, 17, (2, 1, 2, 1), True, 1, True),
+    # NHWC, 2-byte storage, C % 8 == 0: eight channels a thread, 16-byte loads and stores.
+    "lanes-nhwc-bf16": ("bf16", 2, 16, 9, 13, (2, 1, 2, 1), True, 2, False),
+    "lanes-nhwc-crop-f16": ("f16", 1, 8, 8, 11, (-1, 2, 3, -2), True, 2, False),
+    "lanes-int64-nhwc-grid-stride-f16": ("f16", 3, 24, 12, 17, (2, 1, 2, 1), True, 1, True),
 }
 
 

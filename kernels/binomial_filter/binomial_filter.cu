@@ -12,7 +12,10 @@
 
 #include <stdint.h>
 
+#include <string.h>
+
 #include <algorithm>
+#include <type_traits>
 
 #include "common/dispatch_storage.cuh"
 #include "common/grid.cuh"
@@ -59,36 +62,86 @@ struct StripIndex {
   }
 };
 
-template <typename S, bool kNHWC, typename I>
+// Eight 2-byte values (Half16 / BFloat16) from or to a 16-byte aligned address, as lanes of floats.
+template <typename S>
+__device__ __forceinline__ fir::Lanes<float, 8> load8(const S* p) {
+  const uint4 x = *reinterpret_cast<const uint4*>(p);
+  const unsigned int w[4] = {x.x, x.y, x.z, x.w};
+  fir::Lanes<float, 8> out;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const unsigned short bits = static_cast<unsigned short>(w[i >> 1] >> ((i & 1) * 16));  // little-endian
+    S s;
+    memcpy(&s, &bits, 2);
+    out.v[i] = static_cast<float>(s);
+  }
+  return out;
+}
+
+template <typename S>
+__device__ __forceinline__ void store8(S* p, const fir::Lanes<float, 8>& v) {
+  unsigned int w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const S s = static_cast<S>(v.v[i]);
+    unsigned short bits;
+    memcpy(&bits, &s, 2);
+    w[i >> 1] |= static_cast<unsigned int>(bits) << ((i & 1) * 16);
+  }
+  *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// kV: channels a thread filters together. 1: one channel (any layout and type). 8: NHWC with 2-byte
+// storage, C % 8 == 0 and 16-byte aligned tensors: eight channels per 16-byte load and store, so a
+// warp's access to an input or output position covers 256 contiguous bytes instead of 64 (and a
+// thread issues an eighth of the loads).
+template <typename S, bool kNHWC, typename I, int kV>
 __global__ void __launch_bounds__(kFirThreads)
     binomial_filter2d_kernel(const S* __restrict__ x, S* __restrict__ y, I N, I C, I H, I W, I out_h, I out_w,
                              I top, I left, double gain) {
+  static_assert(kV == 1 || (kV == 8 && kNHWC && sizeof(S) == 2), "eight lanes: NHWC, 2-byte storage");
   using acc_t = typename AccOf<S>::type;
+  using lanes_t = typename std::conditional<kV == 1, acc_t, fir::Lanes<float, kV>>::type;
   const I strips = (out_w + fir::kStrip - 1) / fir::kStrip;
-  const I total = N * C * out_h * strips;
+  const I groups = C / kV;  // threads per strip (NHWC) or channels (kV == 1)
+  const I total = N * groups * out_h * strips;
   // Element (r, col) of channel c in image n sits at base + r * row + col * step, in either layout.
   const I step = kNHWC ? C : I(1), x_row = W * step, y_row = out_w * step;
   const I stride = I(gridDim.x) * I(blockDim.x);
   for (I t = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); t < total; t += stride) {
-    const StripIndex<kNHWC, I> s(t, C, out_h, strips);
-    const S* plane = x + (kNHWC ? s.n * H * W * C + s.c : (s.n * C + s.c) * H * W);
-    const auto load = [plane, x_row, step](I r, I c) {
-      return static_cast<acc_t>(plane[r * x_row + c * step]);
+    const StripIndex<kNHWC, I> s(t, groups, out_h, strips);
+    const I c = s.c * kV;  // first channel of the thread's group
+    const S* plane = x + (kNHWC ? s.n * H * W * C + c : (s.n * C + c) * H * W);
+    const auto load = [plane, x_row, step](I r, I col) {
+      if constexpr (kV == 1) {
+        return static_cast<acc_t>(plane[r * x_row + col * step]);
+      } else {
+        return load8(plane + r * x_row + col * step);
+      }
     };
-    acc_t v[fir::kStrip];
-    fir::filter_strip<acc_t>(load, H, W, s.i - top, s.j - left, acc_t(gain), v);
-    S* row = y + (kNHWC ? s.n * out_h * out_w * C + s.c : (s.n * C + s.c) * out_h * out_w) + s.i * y_row;
+    lanes_t v[fir::kStrip];
+    fir::filter_strip<lanes_t>(load, H, W, s.i - top, s.j - left, lanes_t(gain), v);
+    S* row = y + (kNHWC ? s.n * out_h * out_w * C + c : (s.n * C + c) * out_h * out_w) + s.i * y_row;
 #pragma unroll
-    for (int k = 0; k < fir::kStrip; ++k)
-      if (s.j + k < out_w) row[(s.j + k) * step] = static_cast<S>(v[k]);
+    for (int k = 0; k < fir::kStrip; ++k) {
+      if (s.j + k >= out_w) continue;
+      if constexpr (kV == 1) {
+        row[(s.j + k) * step] = static_cast<S>(v[k]);
+      } else {
+        store8(row + (s.j + k) * step, v[k]);
+      }
+    }
   }
 }
 
-template <typename S, typename I>
+template <typename S, typename I, int kV>
 cudaError_t launch_indexed(const FirProblem& p, int blocks, cudaStream_t stream) {
   const auto* x = static_cast<const S*>(p.x);
   auto* y = static_cast<S*>(p.y);
-  const auto kernel = p.channels_last ? binomial_filter2d_kernel<S, true, I> : binomial_filter2d_kernel<S, false, I>;
+  auto kernel = binomial_filter2d_kernel<S, true, I, kV>;  // eight lanes: NHWC only
+  if constexpr (kV == 1) {
+    if (!p.channels_last) kernel = binomial_filter2d_kernel<S, false, I, kV>;
+  }
   kernel<<<blocks, kFirThreads, 0, stream>>>(x, y, I(p.N), I(p.C), I(p.H), I(p.W), I(p.out_h), I(p.out_w), I(p.top),
                                              I(p.left), p.gain);
   return cudaGetLastError();
@@ -97,7 +150,10 @@ cudaError_t launch_indexed(const FirProblem& p, int blocks, cudaStream_t stream)
 template <typename S>
 cudaError_t launch(const FirProblem& p, cudaStream_t stream) {
   const int64_t strips = (p.out_w + fir::kStrip - 1) / fir::kStrip;
-  const int64_t total = p.N * p.C * p.out_h * strips;
+  // Eight channels a thread: NHWC, 2-byte storage, whole 16-byte groups of channels at aligned addresses.
+  const bool lanes = p.channels_last && sizeof(S) == 2 && p.C % 8 == 0 &&
+                     reinterpret_cast<uintptr_t>(p.x) % 16 == 0 && reinterpret_cast<uintptr_t>(p.y) % 16 == 0;
+  const int64_t total = p.N * (lanes ? p.C / 8 : p.C) * p.out_h * strips;
   int blocks = 0;
   const cudaError_t err = grid_stride_blocks(total, kFirThreads, kFirBlocksPerSM, blocks);
   if (err != cudaSuccess) return err;
@@ -105,8 +161,12 @@ cudaError_t launch(const FirProblem& p, cudaStream_t stream) {
   // the padding offsets are at most a few elements past a row).
   const int64_t biggest = std::max({p.N * p.C * (p.H + 4) * (p.W + 4), p.N * p.C * p.out_h * p.out_w,
                                     total + int64_t(blocks) * kFirThreads});
-  return biggest <= int64_t(TALK3D_FIR_NARROW_LIMIT) ? launch_indexed<S, int32_t>(p, blocks, stream)
-                                                      : launch_indexed<S, int64_t>(p, blocks, stream);
+  const bool narrow = biggest <= int64_t(TALK3D_FIR_NARROW_LIMIT);
+  if constexpr (sizeof(S) == 2) {
+    if (lanes) return narrow ? launch_indexed<S, int32_t, 8>(p, blocks, stream)
+                             : launch_indexed<S, int64_t, 8>(p, blocks, stream);
+  }
+  return narrow ? launch_indexed<S, int32_t, 1>(p, blocks, stream) : launch_indexed<S, int64_t, 1>(p, blocks, stream);
 }
 
 }  // namespace

@@ -15,6 +15,27 @@ constexpr int kTaps = 4;
 constexpr int kStrip = 4;
 constexpr int kSpan = kStrip + kTaps - 1;  // input columns one strip reads
 
+// N channels filtered together (the CUDA kernel's eight half-precision channels per 16-byte load in
+// NHWC): filter_strip's arithmetic with Acc = Lanes<float, N> runs lane by lane, the same operations
+// in the same order as with Acc = float.
+template <typename T, int N>
+struct Lanes {
+  T v[N];
+  Lanes() = default;
+  T3D_HD explicit Lanes(T x) {
+    for (int i = 0; i < N; ++i) v[i] = x;
+  }
+  T3D_HD Lanes& operator+=(const Lanes& o) {
+    for (int i = 0; i < N; ++i) v[i] += o.v[i];
+    return *this;
+  }
+  T3D_HD friend Lanes operator+(Lanes a, const Lanes& b) { return a += b; }
+  T3D_HD friend Lanes operator*(Lanes a, const Lanes& b) {
+    for (int i = 0; i < N; ++i) a.v[i] *= b.v[i];
+    return a;
+  }
+};
+
 // k_a of [1, 3, 3, 1] / 8.
 template <typename Acc>
 T3D_HD Acc tap(int a) {
