@@ -124,7 +124,7 @@ def test_cli_convert_and_sample(tmp_path, capsys):
     assert "plane convention 'fixed'" in capsys.readouterr().out  # guessed from the file name
     with pytest.raises(SystemExit):
         main(["convert", str(pkl), str(ckpt)])
-    assert "already exists; pass overwrite" in capsys.readouterr().err
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
     out = tmp_path / "samples"
     assert main(["sample", "--ckpt", str(ckpt), "--seeds", "0-1", "--yaw", "20", "--orbit", "3",
                  "--impl", "torch", "--device", "cpu", "--out", str(out)]) == 0

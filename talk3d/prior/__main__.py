@@ -54,6 +54,10 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     if args.command == "convert":
+        from pathlib import Path
+
+        if Path(args.output).exists() and not args.overwrite:  # checked before reading the pickle
+            raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it")
         from .convert import convert_release
 
         convert_release(args.input, args.output, axes=args.axes, key=args.key,
