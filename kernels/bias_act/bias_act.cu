@@ -18,14 +18,7 @@ namespace {
 constexpr int kBiasActThreads = 256;
 constexpr int kBiasActBlocksPerSM = 8;
 
-// The largest element index the int32 kernels may reach. The CPU emulator's tests lower it to run
-// the int64 kernels on small tensors (no test machine holds 2^31 elements).
-#ifndef TALK3D_BIAS_ACT_NARROW_LIMIT
-#define TALK3D_BIAS_ACT_NARROW_LIMIT INT32_MAX
-#endif
-
-// Element indices in I: int32_t where the tensor allows it (64-bit arithmetic costs several
-// instructions per operation on a GPU).
+// Element indices in I: int32_t where the tensor allows it (with_index_type, common/grid.cuh).
 template <typename S, typename I>
 __global__ void __launch_bounds__(kBiasActThreads)
     bias_act_forward_kernel(const S* __restrict__ x, const typename AccOf<S>::type* __restrict__ b,
@@ -71,9 +64,9 @@ cudaError_t run(const BiasActProblem& p, bool pointers_ok, Launch&& launch) {
   int blocks = 0;
   const cudaError_t err = grid_stride_blocks(p.n, kBiasActThreads, kBiasActBlocksPerSM, blocks);
   if (err != cudaSuccess) return err;
-  const bool narrow = p.n + int64_t(blocks) * kBiasActThreads <= int64_t(TALK3D_BIAS_ACT_NARROW_LIMIT);
   return dispatch_storage<Half16, BFloat16>(p.dtype, [&](auto s) {
-    return narrow ? launch(s, int32_t{}, blocks) : launch(s, int64_t{}, blocks);
+    // The last grid-stride step goes at most one grid past n.
+    return with_index_type(p.n + int64_t(blocks) * kBiasActThreads, [&](auto index) { return launch(s, index, blocks); });
   });
 }
 

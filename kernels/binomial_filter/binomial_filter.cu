@@ -30,15 +30,9 @@ constexpr int kFirThreads = 256;
 // Grid: this many resident blocks per SM; a grid-stride loop takes the rest.
 constexpr int kFirBlocksPerSM = 8;
 
-// The largest index the int32 kernels may reach (elements of x or y, or strips plus one grid step).
-// The CPU emulator's tests lower it to run the int64 kernels on small tensors.
-#ifndef TALK3D_FIR_NARROW_LIMIT
-#define TALK3D_FIR_NARROW_LIMIT INT32_MAX
-#endif
-
 // Thread t -> (n, c, output row i, first column j of its strip); kNHWC picks which index runs fastest.
-// I: the index type, int32_t while the tensors allow it (each 64-bit division or modulo is tens of
-// instructions on a GPU, and there are four a strip).
+// I: the index type, int32_t while the tensors allow it (with_index_type; there are four divisions
+// or modulos a strip).
 template <bool kNHWC, typename I>
 struct StripIndex {
   I n, c, i, j;
@@ -64,22 +58,17 @@ struct StripIndex {
 
 // Eight 2-byte values (Half16 / BFloat16) from or to a 16-byte aligned address, as lanes of floats.
 template <typename S>
-__device__ __forceinline__ fir::Lanes<float, 8> load8(const S* p) {
-  const uint4 x = *reinterpret_cast<const uint4*>(p);
-  const unsigned int w[4] = {x.x, x.y, x.z, x.w};
+__device__ __forceinline__ fir::Lanes<float, 8> load_lanes(const S* p) {
+  S raw[8];
+  talk3d::load8(p, raw);  // one 16-byte load (common.h)
   fir::Lanes<float, 8> out;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const unsigned short bits = static_cast<unsigned short>(w[i >> 1] >> ((i & 1) * 16));  // little-endian
-    S s;
-    memcpy(&s, &bits, 2);
-    out.v[i] = static_cast<float>(s);
-  }
+  for (int i = 0; i < 8; ++i) out.v[i] = static_cast<float>(raw[i]);
   return out;
 }
 
 template <typename S>
-__device__ __forceinline__ void store8(S* p, const fir::Lanes<float, 8>& v) {
+__device__ __forceinline__ void store_lanes(S* p, const fir::Lanes<float, 8>& v) {
   unsigned int w[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
@@ -116,7 +105,7 @@ __global__ void __launch_bounds__(kFirThreads)
       if constexpr (kV == 1) {
         return static_cast<acc_t>(plane[r * x_row + col * step]);
       } else {
-        return load8(plane + r * x_row + col * step);
+        return load_lanes(plane + r * x_row + col * step);
       }
     };
     lanes_t v[fir::kStrip];
@@ -128,7 +117,7 @@ __global__ void __launch_bounds__(kFirThreads)
       if constexpr (kV == 1) {
         row[(s.j + k) * step] = static_cast<S>(v[k]);
       } else {
-        store8(row + (s.j + k) * step, v[k]);
+        store_lanes(row + (s.j + k) * step, v[k]);
       }
     }
   }
@@ -161,12 +150,13 @@ cudaError_t launch(const FirProblem& p, cudaStream_t stream) {
   // the padding offsets are at most a few elements past a row).
   const int64_t biggest = std::max({p.N * p.C * (p.H + 4) * (p.W + 4), p.N * p.C * p.out_h * p.out_w,
                                     total + int64_t(blocks) * kFirThreads});
-  const bool narrow = biggest <= int64_t(TALK3D_FIR_NARROW_LIMIT);
-  if constexpr (sizeof(S) == 2) {
-    if (lanes) return narrow ? launch_indexed<S, int32_t, 8>(p, blocks, stream)
-                             : launch_indexed<S, int64_t, 8>(p, blocks, stream);
-  }
-  return narrow ? launch_indexed<S, int32_t, 1>(p, blocks, stream) : launch_indexed<S, int64_t, 1>(p, blocks, stream);
+  return with_index_type(biggest, [&](auto index) {
+    using I = decltype(index);
+    if constexpr (sizeof(S) == 2) {
+      if (lanes) return launch_indexed<S, I, 8>(p, blocks, stream);
+    }
+    return launch_indexed<S, I, 1>(p, blocks, stream);
+  });
 }
 
 }  // namespace

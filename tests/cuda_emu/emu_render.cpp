@@ -66,14 +66,13 @@ void emu_launch(K kernel, int blocks, int T, size_t smem_bytes, const A&... args
   }
 }
 
+// meta.txt's `wide` flag sets this to 0, so the launchers pick the int64-index kernels
+// (with_index_type, common/grid.cuh; defined before the kernels include it).
+int64_t g_narrow_limit = INT32_MAX;
+#define TALK3D_NARROW_INDEX_LIMIT g_narrow_limit
 #include "composite_emu.cu"
 #include "occupancy_emu.cu"
-// meta.txt's `wide` flags set these to 0, so the launchers pick the int64-index kernels.
-int64_t g_fir_narrow_limit = INT32_MAX;
-#define TALK3D_FIR_NARROW_LIMIT g_fir_narrow_limit
 #include "fir_emu.cu"
-int64_t g_bias_act_narrow_limit = INT32_MAX;
-#define TALK3D_BIAS_ACT_NARROW_LIMIT g_bias_act_narrow_limit
 #include "bias_act_emu.cu"
 
 using namespace talk3d::cuda;
@@ -206,7 +205,7 @@ int run_fir(const std::string& dir) {
   FirProblem p;
   m >> dtype >> p.N >> p.C >> p.H >> p.W >> p.out_h >> p.out_w >> p.top >> p.left >> channels_last >> p.gain >> g_sms >> wide;
   if (!m) { fprintf(stderr, "bad meta.txt\n"); return 2; }
-  g_fir_narrow_limit = wide ? 0 : INT32_MAX;
+  g_narrow_limit = wide ? 0 : INT32_MAX;
   const size_t es = dtype == 0 ? 4 : (dtype == 3 ? 8 : 2);
   const auto x = readb(dir + "/x.bin");
   std::vector<unsigned char> y(size_t(p.N * p.C * p.out_h * p.out_w) * es, 0xFF);
@@ -230,7 +229,7 @@ int run_bias_act(const std::string& dir) {
   BiasActProblem p;
   m >> dtype >> p.n >> p.C >> p.inner >> p.slope >> p.gain >> p.clamp >> has_bias >> g_sms >> wide;
   if (!m) { fprintf(stderr, "bad meta.txt\n"); return 2; }
-  g_bias_act_narrow_limit = wide ? 0 : INT32_MAX;
+  g_narrow_limit = wide ? 0 : INT32_MAX;
   p.dtype = BiasActDType(dtype);
   const size_t es = dtype == 0 ? 4 : (dtype == 3 ? 8 : 2);
   const auto x = readb(dir + "/x.bin"), b = readb(dir + "/b.bin"), dy = readb(dir + "/dy.bin");

@@ -24,6 +24,25 @@ namespace talk3d {
 
 // Overloads instead of templates on <cmath>: `expf` and friends exist both on the host (C library)
 // and on the device (CUDA math API), so one spelling compiles everywhere.
+// Eight consecutive 2-byte values (half, bfloat16 or their wrappers) from a 16-byte aligned address:
+// one 16-byte load where the CUDA vector types exist (the GPU, and the CPU emulation of the CUDA
+// kernels), split into its eight little-endian halves; eight 2-byte loads otherwise.
+template <typename T>
+T3D_HD void load8(const T* p, T v[8]) {
+  static_assert(sizeof(T) == 2, "2-byte storage");
+#if defined(__CUDACC__) || defined(__VECTOR_TYPES_H__)
+  const uint4 x = *reinterpret_cast<const uint4*>(p);
+  const unsigned int w[4] = {x.x, x.y, x.z, x.w};
+  T3D_UNROLL
+  for (int i = 0; i < 8; ++i) {
+    const unsigned short bits = static_cast<unsigned short>(w[i >> 1] >> ((i & 1) * 16));
+    memcpy(&v[i], &bits, 2);
+  }
+#else
+  for (int i = 0; i < 8; ++i) v[i] = p[i];
+#endif
+}
+
 T3D_HD float t3d_floor(float x) { return floorf(x); }
 T3D_HD double t3d_floor(double x) { return floor(x); }
 T3D_HD float t3d_exp(float x) { return expf(x); }

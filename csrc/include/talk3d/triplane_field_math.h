@@ -134,26 +134,6 @@ T3D_HD void load4(const float* p, float v[4]) {
 #endif
 }
 
-// Eight consecutive 2-byte values (half, bfloat16 or their wrappers) from a 16-byte aligned address:
-// one 16-byte load where the CUDA vector types exist, split into its eight little-endian halves
-// (eight 2-byte loads otherwise; on the GPU those were four times the load instructions of fp32
-// planes, for half the bytes).
-template <typename T>
-T3D_HD void load8(const T* p, T v[8]) {
-  static_assert(sizeof(T) == 2, "2-byte storage");
-#if defined(__CUDACC__) || defined(__VECTOR_TYPES_H__)
-  const uint4 x = *reinterpret_cast<const uint4*>(p);
-  const unsigned int w[4] = {x.x, x.y, x.z, x.w};
-  T3D_UNROLL
-  for (int i = 0; i < 8; ++i) {
-    const unsigned short bits = static_cast<unsigned short>(w[i >> 1] >> ((i & 1) * 16));
-    memcpy(&v[i], &bits, 2);
-  }
-#else
-  for (int i = 0; i < 8; ++i) v[i] = p[i];
-#endif
-}
-
 // 16 bytes of channels: four floats or eight 2-byte values.
 template <typename T>
 T3D_HD void load16(const T* p, T* v) {
