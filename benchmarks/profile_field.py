@@ -72,6 +72,17 @@ def profile(impl: str, size: str, rounds: int) -> dict[str, float]:
     return rows
 
 
+def print_table(title: str, header: list[str], rows: list[list[str]], out: Path | None, name: str) -> None:
+    """Prints a Markdown table and, with ``out``, writes it to ``out/name``."""
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="gpu_size" if torch.cuda.is_available() else "cpu_size",
@@ -83,15 +94,9 @@ def main() -> None:
     impls = args.impls or (["cuda", "torch"] if torch.cuda.is_available() else ["cpu", "torch"])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results = {impl: profile(impl, args.size, args.rounds) for impl in impls}
-    lines = [f"# Triplane field by part ({args.size}, {device}, ms, median of {args.rounds})", "",
-             "| part | " + " | ".join(impls) + " |", "|---|" + "---|" * len(impls)]
-    for part in next(iter(results.values())):
-        lines.append(f"| {part} | " + " | ".join(f"{results[i][part]:.2f}" for i in impls) + " |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "profile_field.md").write_text(text + "\n")
+    rows = [[part, *(f"{results[i][part]:.2f}" for i in impls)] for part in next(iter(results.values()))]
+    print_table(f"Triplane field by part ({args.size}, {device}, ms, median of {args.rounds})", ["part", *impls], rows,
+                args.out, "profile_field.md")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from profile_field import _median_ms  # noqa: E402
+from profile_field import _median_ms, print_table  # noqa: E402
 from test_bench_triplane_field import SIZES  # noqa: E402
 
 from field_cases import make_field_inputs, make_ray_points  # noqa: E402
@@ -40,9 +40,6 @@ def main() -> None:
 
     case, rays_side, samples = SIZES["gpu_size"]
     device = torch.device("cuda")
-    lines = [f"# Field forward by back end and launch setting ({torch.cuda.get_device_name()}, "
-             f"{case.B * case.N / 1e6:.1f} M points, ms, median of {args.rounds})", "",
-             "| back end | fp32 | bf16 |", "|---|---|---|"]
     timings: dict[str, dict[str, float]] = {}
     for dtype in (torch.float32, torch.bfloat16):
         inputs = list(make_field_inputs(case, dtype=dtype, device=device, planes_layout="channels_last"))
@@ -62,13 +59,10 @@ def main() -> None:
                     print(f"{name} {dtype}: {type(e).__name__}: {str(e)[:200]}")
                     ms = float("nan")
                 timings.setdefault(name, {})[str(dtype)] = ms
-    for name, row in timings.items():
-        lines.append(f"| {name} | {row[str(torch.float32)]:.2f} | {row[str(torch.bfloat16)]:.2f} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "sweep_field_forward.md").write_text(text + "\n")
+    rows = [[name, f"{row[str(torch.float32)]:.2f}", f"{row[str(torch.bfloat16)]:.2f}"] for name, row in timings.items()]
+    print_table(f"Field forward by back end and launch setting ({torch.cuda.get_device_name()}, "
+                f"{case.B * case.N / 1e6:.1f} M points, ms, median of {args.rounds})",
+                ["back end", "fp32", "bf16"], rows, args.out, "sweep_field_forward.md")
 
 
 if __name__ == "__main__":
