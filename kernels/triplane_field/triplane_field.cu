@@ -365,9 +365,11 @@ __global__ void __launch_bounds__(kThreads)
       field::sample_mean<kVecTaps>(d, a.planes + b * a.s_batch, a.geom, a.axes, q, f);
       field::mlp_forward_streaming(d, sm + L::w1, sm + L::b1, sm + L::w2t, sm + L::b2, f, o);
       if (a.sigma) a.sigma[i] = Storage<S>::from_acc(o[0]);
-      float* row = stage + threadIdx.x * G::kStageRow;
+      if (a.feat) {  // (a density-only call, as the occupancy grid's, skips the 32 sigmoids)
+        float* row = stage + threadIdx.x * G::kStageRow;
 #pragma unroll
-      for (int k = 0; k < F; ++k) row[k] = field::feature_activation(o[k + 1]);
+        for (int k = 0; k < F; ++k) row[k] = field::feature_activation(o[k + 1]);
+      }
     }
     if (a.feat) {  // the same for the whole block
       __syncthreads();
@@ -1026,12 +1028,12 @@ cudaError_t field_backward_streaming_wave(const FieldProblem& p, int64_t& points
       DeviceInfo info;
       cudaError_t err = device_info(info);
       if (err != cudaSuccess) return err;
-      int per_sm = 0;
-      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, backward_streaming_kernel<S>(p, true), kThreads,
-                                                          size_t(StreamingLayout::elems) * sizeof(float));
-      if (err != cudaSuccess) return err;
-      points = int64_t(per_sm > 0 ? per_sm : 1) * (info.sms > 0 ? info.sms : 1) * kThreads;
-      return cudaSuccess;
+      // The grid backward_streaming_typed launches for more points than fit at once: every resident block.
+      int blocks = 0;
+      err = prepare_launch(backward_streaming_kernel<S>(p, true), kThreads,
+                           size_t(StreamingLayout::elems) * sizeof(float), int64_t(1) << 40, info, blocks);
+      points = int64_t(blocks) * kThreads;
+      return err;
     }
   });
 }
