@@ -5,16 +5,83 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <map>
+#include <mutex>
+#include <tuple>
+
 namespace talk3d {
 namespace cuda {
+
+// Launch queries, answered once per device (and kernel): a rendered frame makes dozens of launches,
+// and at one 128² frame (a few hundred microseconds of GPU work) a few microseconds of runtime
+// queries before each is not negligible. The answers cannot change while the process runs (torch
+// never resets a device), so a mutex-guarded map is the whole cache; the lock is uncontended.
+namespace launch_cache {
+
+struct Key {
+  const void* kernel;  // null for a device attribute
+  int device, a, b;    // attribute: (attr, 0); occupancy: (threads, bytes)
+  bool operator<(const Key& o) const {
+    return std::tie(kernel, device, a, b) < std::tie(o.kernel, o.device, o.a, o.b);
+  }
+};
+
+inline std::mutex& mutex() {
+  static std::mutex m;
+  return m;
+}
+inline std::map<Key, int>& values() {
+  static std::map<Key, int> v;
+  return v;
+}
+
+// `query()` (which sets `value`) on the first call for `key`, the remembered value afterwards. A
+// failed query is not remembered.
+template <typename Query>
+cudaError_t lookup(const Key& key, int& value, Query&& query) {
+  std::lock_guard<std::mutex> lock(mutex());
+  auto it = values().find(key);
+  if (it != values().end()) {
+    value = it->second;
+    return cudaSuccess;
+  }
+  const cudaError_t err = query(value);
+  if (err == cudaSuccess) values().emplace(key, value);
+  return err;
+}
+
+}  // namespace launch_cache
+
+// `attr` of the current device (returned in `device` too).
+inline cudaError_t device_attribute(cudaDeviceAttr attr, int& device, int& value) {
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const int dev = device;
+  return launch_cache::lookup({nullptr, dev, int(attr), 0}, value,
+                              [&](int& v) { return cudaDeviceGetAttribute(&v, attr, dev); });
+}
+
+// Resident blocks per SM of `kernel` at `threads` threads and `bytes` of dynamic shared memory on the
+// current device. Above the default 48 KB, the kernel is first opted in to `bytes` (an attribute of
+// the kernel on this device, so it too is set once).
+inline cudaError_t blocks_per_sm(const void* kernel, int threads, size_t bytes, int& per_sm) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  return launch_cache::lookup({kernel, device, threads, int(bytes)}, per_sm, [&](int& v) {
+    if (bytes > 48 * 1024) {
+      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+      if (e != cudaSuccess) return e;
+    }
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, kernel, threads, bytes);
+  });
+}
 
 // Enough blocks of `threads` to cover `work` items once, at most `blocks_per_sm` per SM of the current
 // device; a grid-stride loop in the kernel takes the items beyond that.
 inline cudaError_t grid_stride_blocks(int64_t work, int threads, int blocks_per_sm, int& blocks) {
   int dev = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const cudaError_t err = device_attribute(cudaDevAttrMultiProcessorCount, dev, sms);
   if (err != cudaSuccess) return err;
   const int64_t needed = (work + threads - 1) / threads;
   const int64_t cap = int64_t(sms > 0 ? sms : 1) * blocks_per_sm;

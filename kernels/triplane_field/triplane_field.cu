@@ -39,6 +39,7 @@
 #include <type_traits>
 
 #include "common/dispatch_storage.cuh"
+#include "common/grid.cuh"
 #include "common/half_types.cuh"
 #include "talk3d/triplane_field_math.h"
 
@@ -705,25 +706,19 @@ struct DeviceInfo {
 
 cudaError_t device_info(DeviceInfo& info) {
   int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  cudaError_t err = device_attribute(cudaDevAttrMultiProcessorCount, dev, info.sms);
   if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err != cudaSuccess) return err;
-  return cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, dev, info.smem_optin);
 }
 
 // Opts the kernel in to `bytes` of dynamic shared memory and returns how many blocks to launch:
 // enough to fill the device once (grid-stride loops take the rest), at most one per `T` points.
+// Both queries are answered once per device and kernel (common/grid.cuh).
 template <typename Kernel>
 cudaError_t prepare_launch(Kernel kernel, int T, size_t bytes, int64_t total, const DeviceInfo& info,
                            int& blocks) {
-  cudaError_t err;
-  if (bytes > 48 * 1024) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-    if (err != cudaSuccess) return err;
-  }
   int per_sm = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, T, bytes);
+  const cudaError_t err = blocks_per_sm(reinterpret_cast<const void*>(kernel), T, bytes, per_sm);
   if (err != cudaSuccess) return err;
   if (per_sm < 1) per_sm = 1;  // the launch itself will report what does not fit
   const int64_t needed = (total + T - 1) / T;
