@@ -8,8 +8,9 @@ Two paths produce the same image:
   cells are evaluated (all in one field call, or in chunks of ``chunk`` depths so a ray stops
   once its transmittance falls under ``early_stop``); importance depths come from the same pdf as
   the dense path's and only those inside evaluated intervals, before the ray's transmittance
-  falls under ``early_stop``, are kept; the merged samples are composited packed. With a full
-  grid and ``early_stop=0`` it equals the dense render.
+  falls under ``early_stop``, are kept; the evaluated samples are composited in depth order
+  without merging their features (``_composite_selected``). With a full grid and
+  ``early_stop=0`` it equals the dense render.
 """
 from __future__ import annotations
 
@@ -269,6 +270,50 @@ def _composite_unmerged(sigma_c, feat_c, sigma_f, feat_f, t, order, impl):
     return C[:, :, 0] * 2 - 1, depth, wsum
 
 
+# Density given to samples left out of a composite (never evaluated): far enough below zero that
+# softplus(mid - 1) of any interval touching one is exactly 0 in fp32, so the interval takes no
+# light, whatever its length.
+_LEFT_OUT_SIGMA = -1e30
+
+
+def _composite_selected(sigma, t, selected, parts, offsets, impl):
+    """Composite only the ``selected`` samples of each ray, in depth order, as if packed.
+
+    sigma ``[B, R, S, 1]`` (the evaluated densities at their depth slots, anything elsewhere), t
+    ``[B, R, S, 1]`` (each slot's depth; slots need not be sorted), selected ``[B, R, S]``; parts:
+    :class:`_Samples` whose rows are the selected slots, part i's ``index`` counting from slot
+    ``offsets[i]``; together they hold each selected slot once.
+
+    Equal to :func:`composite` of the selected samples merged and packed by depth, without
+    merging any feature row: left-out slots move past the last depth with a density that takes no
+    light (``_LEFT_OUT_SIGMA``), so one sort of the depths and ``composite_weights`` give each
+    selected sample its weight, and each part's features are summed ray by ray with those weights
+    (``segment_reduce``: in order, no atomics, so deterministic on a GPU too). The packed merge it
+    replaces sorted every sample twice (by depth, then by ray), gathered every feature row, and
+    counted the rays' samples with ``bincount`` (a host sync on a GPU).
+
+    Returns the feature image ``[B, R, F]``, depth and weight sum ``[B, R, 1]``; depth as
+    ``composite``'s, clamped to the range of the selected depths.
+    """
+    B, R, S, _ = t.shape
+    keep = selected[..., None]
+    t_real = torch.where(keep, t, t.new_tensor(float("-inf"))).amax()
+    t_real_min = torch.where(keep, t, t.new_tensor(float("inf"))).amin()
+    t = torch.where(keep, t, t_real + 1)
+    sigma = torch.where(keep, _widened(sigma), _LEFT_OUT_SIGMA)
+    t, order = torch.sort(t, dim=2, stable=True)
+    sigma = sigma.gather(2, order)
+    omega_sorted, depth, wsum = composite_weights(sigma, t.to(sigma.dtype), impl=impl, check_sorted=False)
+    depth = depth.clamp(t_real_min.to(depth.dtype), t_real.to(depth.dtype))  # not to the moved depths
+    omega = torch.zeros_like(omega_sorted).scatter(2, order, omega_sorted).view(B * R, S)  # slots' order
+    C = None
+    for part, first in zip(parts, offsets):
+        weighted = omega[part.ray, first + part.index][:, None] * _cpu_widened(part.feat)  # [M_i, F], fp32
+        sums = torch.segment_reduce(weighted, "sum", lengths=part.count, unsafe=True)  # [B * R, F]
+        C = sums if C is None else C + sums
+    return (C * 2 - 1).view(B, R, -1), depth, wsum
+
+
 def _widened(x: torch.Tensor) -> torch.Tensor:
     """Half-precision field outputs -> fp32, for compositing on any device.
 
@@ -292,13 +337,14 @@ def _composite_dtype(sigma, feat, t):
 
 
 class _Samples(NamedTuple):
-    """Evaluated samples, packed: ray ``[M]`` (b * R + r), index ``[M]`` (along the ray's depths),
-    t ``[M, 1]``, sigma ``[M, 1]``, feat ``[M, F]``."""
+    """Evaluated samples, packed ray by ray (rows ``b * R + r`` ascending): ray ``[M]`` (b * R + r),
+    index ``[M]`` (along the ray's depths), sigma ``[M, 1]``, feat ``[M, F]``, and count ``[B * R]``
+    (samples of each ray, so the rows of ray i are the count[i] after those of rays < i)."""
     ray: torch.Tensor
     index: torch.Tensor
-    t: torch.Tensor
     sigma: torch.Tensor
     feat: torch.Tensor
+    count: torch.Tensor
 
 
 def _eval_selected(planes, decoder, o, d, t, select, cfg, impl) -> _Samples:
@@ -312,20 +358,20 @@ def _eval_selected(planes, decoder, o, d, t, select, cfg, impl) -> _Samples:
     """
     B, R, S, _ = t.shape
     F = decoder.w2.shape[0] - 1
+    count = select.reshape(B * R, S).sum(dim=1)
     flat = select.reshape(B, R * S)
     n_max = int(flat.sum(dim=1).max())
     if n_max == 0:
         empty = torch.zeros(0, dtype=torch.long, device=t.device)
         none = dict(dtype=planes.dtype, device=t.device)
-        return _Samples(empty, empty, t.new_zeros(0, 1), torch.zeros(0, 1, **none), torch.zeros(0, F, **none))
+        return _Samples(empty, empty, torch.zeros(0, 1, **none), torch.zeros(0, F, **none), count)
     b, k = flat.nonzero(as_tuple=True)
     slot = flat.cumsum(dim=1).sub_(1)[b, k]  # position of each selected sample within its row
     r, j = k // S, k % S
-    tt = t[b, r, j]
     xyz = torch.zeros(B, n_max, 3, dtype=o.dtype, device=o.device)
-    xyz[b, slot] = o[b, r] + d[b, r] * tt
+    xyz[b, slot] = o[b, r] + d[b, r] * t[b, r, j]
     sigma, feat = _field(planes, decoder, xyz, cfg, impl)
-    return _Samples(b * R + r, j, tt, sigma[b, slot], feat[b, slot])
+    return _Samples(b * R + r, j, sigma[b, slot], feat[b, slot], count)
 
 
 def _transmittance(sigma, t, valid):
@@ -378,26 +424,29 @@ def _render_skipping(planes, decoder, o, d, t_c, u, cfg, impl, deterministic, gr
         if early_stop > 0:  # none past the depth where the coarse transmittance falls under it
             sel_f &= t_before[..., 0].gather(2, k) >= early_stop
         parts.append(_eval_selected(planes, decoder, o, d, t_f, sel_f, cfg, f_impl))
-    # Merge: by depth within each ray (two stable sorts: depth, then ray; ties keep the coarse
-    # sample first, as the dense path's stable sort of [coarse, importance] does).
-    ray, t, sigma, feat = (torch.cat([getattr(p, name) for p in parts]) for name in ("ray", "t", "sigma", "feat"))
-    order = torch.argsort(t[:, 0], stable=True)
-    order = order[torch.argsort(ray[order], stable=True)]
-    ray, t, sigma, feat = ray[order], t[order], sigma[order], feat[order]
-    count = torch.bincount(ray, minlength=B * R)
-    packed_info = torch.stack([torch.cumsum(count, 0) - count, count], dim=-1)
-    F = feat.shape[-1]
-    if ray.numel() == 0:  # nothing occupied on any ray: an empty image
-        img = feat.new_zeros(B * R, F)
-        depth, wsum = t.new_zeros(B * R, 1), t.new_zeros(B * R, 1)
+    # Composite the evaluated samples (coarse parts, then the fine one) as if packed in depth order,
+    # without merging them: see _composite_selected.
+    S_all = Sc + Si
+    sel_all = evaluated if Si == 0 else torch.cat([evaluated, sel_f], dim=2)  # [B, R, S_all]
+    t_all = t_c if Si == 0 else torch.cat([t_c, t_f], dim=2)  # [B, R, S_all, 1]
+    sigma_all = torch.zeros(B * R, S_all, 1, dtype=sigma_c.dtype, device=t_c.device)
+    sigma_all[:, :Sc] = sigma_c
+    if Si > 0:
+        sigma_all[parts[-1].ray, Sc + parts[-1].index] = parts[-1].sigma
+    offsets = [0] * (len(parts) - (Si > 0)) + [Sc] * (Si > 0)  # each part's first depth slot
+    M = sum(p.ray.numel() for p in parts)
+    if M == 0:  # nothing occupied on any ray: an empty image
+        F = decoder.w2.shape[0] - 1
+        img = t_c.new_zeros(B * R, F)
+        depth, wsum = t_c.new_zeros(B * R, 1), t_c.new_zeros(B * R, 1)
     else:
-        sigma, feat, t = _composite_dtype(sigma, feat, t)
-        img, depth, wsum = composite(sigma, feat, t, packed_info=packed_info, impl=c_impl)
+        img, depth, wsum = _composite_selected(sigma_all.view(B, R, S_all, 1), t_all, sel_all, parts, offsets, c_impl)
+        img, depth, wsum = img.reshape(B * R, -1), depth.reshape(B * R, 1), wsum.reshape(B * R, 1)
     # Rays with no weight: the dense path's clamp sends their depth to the far end of all samples.
     depth = torch.where(wsum > 0, depth, t_c.max().to(depth.dtype))
     res = cfg.resolution
     shape = lambda x: _to_image(x.reshape(B, R, -1), res)  # noqa: E731
-    return RenderOutput(shape(img), shape(depth), shape(wsum), ray.numel() / (B * R))
+    return RenderOutput(shape(img), shape(depth), shape(wsum), M / (B * R))
 
 
 class Renderer(nn.Module):
