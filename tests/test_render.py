@@ -1,6 +1,8 @@
 """The renderer: two-pass sampling against independent code, fused vs reference, occupancy skipping."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -270,6 +272,27 @@ def test_empty_grid_renders_nothing(impl):
     assert not out.feature_image.any() and not out.weight_sum.any()
     far = out.depth.flatten()[0]  # one far end (the last coarse depth) for every ray
     assert torch.all(out.depth == far) and far >= dense.depth.max() - FAR_END_TOL
+
+
+def test_grid_outside_flag_follows_every_change():
+    """The grid reads ``outside`` from its buffer once (on a GPU, reading it waits for the device)
+    and again whenever the buffer changes: fill, set_occupied, load_state_dict, a copy of the grid."""
+    o = torch.tensor([[[0.0, 0.0, -3.0]]])
+    d = torch.tensor([[[0.0, 0.0, 1.0]]])
+    t = torch.linspace(0.0, 0.5, 6)[None, None]  # never reaches the cube [-0.8, 0.8]^3: outside only
+    grid = OccupancyGrid(8)
+    hits = lambda g: bool((g.occupied_intervals(o, d, t, impl="torch") >= 0).all())  # noqa: E731
+    assert hits(grid)  # default: the outside is occupied
+    grid.fill(False)
+    assert not hits(grid)
+    grid.set_occupied(torch.zeros(8, 8, 8, dtype=torch.bool), outside=True)
+    assert hits(grid)
+    empty = OccupancyGrid(8).fill(False)
+    grid.load_state_dict(empty.state_dict())
+    assert not hits(grid)
+    grid.outside.fill_(True)  # written in place by hand
+    assert hits(grid) and not hits(empty)
+    assert hits(copy.deepcopy(grid)) and not hits(copy.deepcopy(empty))
 
 
 def test_grid_update_follows_nerfacc_rules():

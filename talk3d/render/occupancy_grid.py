@@ -125,7 +125,18 @@ class OccupancyGrid(nn.Module):
                            impl: str = "auto") -> torch.Tensor:
         """``[B, R, 2]`` first/last interval of each ray through occupied space (see the op)."""
         return occupied_intervals(origins, dirs, t, self.bits, self.resolution, self.box,
-                                  bool(self.outside), impl=impl)
+                                  self._outside_flag(), impl=impl)
+
+    def _outside_flag(self) -> bool:
+        """``outside`` as a Python bool, read from the device only when the buffer has changed
+        (another tensor after ``.to()``, or written in place: fill, set_occupied, load_state_dict).
+        Reading a GPU tensor's value waits for the device; a render would wait once a frame."""
+        key = (self.outside, self.outside._version)
+        cached = getattr(self, "_outside_cache", None)
+        if cached is None or cached[0] is not key[0] or cached[1] != key[1]:
+            cached = (*key, bool(self.outside))
+            object.__setattr__(self, "_outside_cache", cached)  # not a module attribute or buffer
+        return cached[2]
 
 
 #: Bounds of :func:`grid_resolution_for` (cells per side).
