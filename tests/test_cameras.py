@@ -297,6 +297,37 @@ def test_bad_camera_message_counts_repeat_offenders():
         check_cameras(cameras)
 
 
+def test_bad_camera_reports_the_first_failed_check_in_order():
+    """Every check runs before any is read back; the message is still the first check's, in the
+    order a person would fix them (NaN before the rotation that NaN also spoils)."""
+    cameras = frontal().repeat(3, 1)
+    cameras[2, 5] = math.nan  # camera 2: NaN (and so a non-orthonormal rotation)
+    cameras[1, 16] = 0.0  # camera 1: zero focal, a later check
+    with pytest.raises(ValueError, match=r"camera 2 contains NaN"):
+        check_cameras(cameras)
+
+
+def test_valid_cameras_are_checked_without_reading_scalars():
+    """A render validates its cameras every frame. Each read of a device tensor's value (bool(),
+    int(), float()) waits for the GPU; the checks are read back together in one transfer, so
+    validating good cameras reads no scalar off any tensor (each check used to read one)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ScalarReads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                ScalarReads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    cameras = look_at_camera(torch.tensor([0.3, -0.2, 0.0]), torch.tensor([0.1, 0.0, -0.2]))
+    with ScalarReads():
+        check_cameras(cameras)
+        generate_rays(cameras, 4)
+    assert ScalarReads.count == 0
+
+
 @pytest.mark.parametrize("shape", [(1, 24), (25,), (1, 1, 25)])
 def test_wrong_shape_raises(shape):
     with pytest.raises(ValueError, match=r"cameras must have shape \[B, 25\], got"):

@@ -104,6 +104,30 @@ def _raise_first(caller: str, what: str, bad: Tensor, describe: Callable[[int], 
     raise ValueError(f"{caller}: {what} {index} {describe(index)}{also}")
 
 
+class _Checks:
+    """Per-item checks whose results are read back from the device together: one wait for a GPU
+    per validation, not one per check (a render validates its cameras every frame).
+
+    ``add`` takes what :func:`_raise_first` takes, each ``bad`` ``[B]`` bool of one batch;
+    ``raise_first`` raises for the first check (in the order added) that flags an item.
+    """
+
+    def __init__(self, caller: str):
+        self.caller = caller
+        self.items: list[tuple[str, Tensor, Callable[[int], str]]] = []
+
+    def add(self, what: str, bad: Tensor, describe: Callable[[int], str]) -> None:
+        self.items.append((what, bad, describe))
+
+    def raise_first(self) -> None:
+        if not self.items:
+            return
+        flagged = torch.stack([bad for _, bad, _ in self.items]).any(dim=1).tolist()  # the one wait
+        for (what, bad, describe), failed in zip(self.items, flagged):
+            if failed:
+                _raise_first(self.caller, what, bad, describe)
+
+
 def _rotation_errors(rotation: Tensor) -> tuple[Tensor, Tensor]:
     """Per-matrix orthonormality error and determinant.
 
@@ -118,27 +142,31 @@ def _rotation_errors(rotation: Tensor) -> tuple[Tensor, Tensor]:
     return ortho_err, det
 
 
-def _check_rotations(caller: str, what: str, rotation: Tensor, tol: float) -> None:
+def _check_rotations(caller: str, what: str, rotation: Tensor, tol: float, checks: _Checks | None = None) -> None:
     """ValueError for any rotation block that is scaled, sheared or a reflection.
 
-    rotation: [B, 3, 3].
+    rotation: [B, 3, 3]. With ``checks``, the checks are added to it and raised by its owner.
     """
+    own = checks is None
+    checks = _Checks(caller) if own else checks
     ortho_err, det = _rotation_errors(rotation)
-    _raise_first(
-        caller, what, ortho_err > tol,
+    checks.add(
+        what, ortho_err > tol,
         lambda i: (
             f"has a rotation block that is not orthonormal: max |R^T R - I| = "
             f"{float(ortho_err[i]):.3g} > ROTATION_TOL = {tol:g} (scaled or sheared rotation)"
         ),
     )
     # Once R^T R ~ I, det is ~+1 or ~-1; the sign is what distinguishes a reflection.
-    _raise_first(
-        caller, what, det <= 0,
+    checks.add(
+        what, det <= 0,
         lambda i: (
             f"has a rotation block with det = {float(det[i]):.4g}, it must be +1 "
             "(a reflection: the camera axes are left-handed)"
         ),
     )
+    if own:
+        checks.raise_first()
 
 
 def _fmt_row(row: Tensor) -> str:
@@ -146,48 +174,51 @@ def _fmt_row(row: Tensor) -> str:
 
 
 def _check_cameras(caller: str, cameras, rotation_tol: float = ROTATION_TOL) -> None:
-    """Every check of :func:`check_cameras`, with errors prefixed by ``caller``."""
+    """Every check of :func:`check_cameras`, with errors prefixed by ``caller``; the device is
+    waited on once (:class:`_Checks`)."""
     _check_float_tensor(caller, "cameras", cameras)
     _check_shape(caller, "cameras", cameras, (LABEL_SIZE,), f"[B, {LABEL_SIZE}]")
+    checks = _Checks(caller)
     finite = torch.isfinite(cameras)
-    _raise_first(
-        caller, "camera", ~finite.all(dim=-1),
+    checks.add(
+        "camera", ~finite.all(dim=-1),
         lambda i: f"contains NaN or inf at label entries "
         f"{finite[i].logical_not().nonzero().flatten().tolist()}",
     )
     cam2world, intrinsics = _split(cameras)
-    _check_cam2world(caller, cam2world, rotation_tol)
-    _check_intrinsics(caller, intrinsics)
+    _check_cam2world(checks, cam2world, rotation_tol)
+    _check_intrinsics(checks, intrinsics)
+    checks.raise_first()
 
 
-def _check_cam2world(caller: str, cam2world: Tensor, rotation_tol: float) -> None:
-    """cam2world: [B, 4, 4] finite. Last row (0, 0, 0, 1), rotation block a proper rotation."""
+def _check_cam2world(checks: _Checks, cam2world: Tensor, rotation_tol: float) -> None:
+    """cam2world: [B, 4, 4]. Last row (0, 0, 0, 1), rotation block a proper rotation."""
     last = cam2world[:, 3, :]
     expected = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=last.dtype, device=last.device)
-    _raise_first(
-        caller, "camera", (last - expected).abs().amax(dim=-1) > ROW_TOL,
+    checks.add(
+        "camera", (last - expected).abs().amax(dim=-1) > ROW_TOL,
         lambda i: f"has cam2world last row {_fmt_row(last[i])}, it must be (0, 0, 0, 1)",
     )
-    _check_rotations(caller, "camera", cam2world[:, :3, :3], rotation_tol)
+    _check_rotations(checks.caller, "camera", cam2world[:, :3, :3], rotation_tol, checks)
 
 
-def _check_intrinsics(caller: str, intrinsics: Tensor) -> None:
-    """intrinsics: [B, 3, 3] finite. Upper triangular, last row (0, 0, 1), fx > 0, fy > 0."""
+def _check_intrinsics(checks: _Checks, intrinsics: Tensor) -> None:
+    """intrinsics: [B, 3, 3]. Upper triangular, last row (0, 0, 1), fx > 0, fy > 0."""
     last = intrinsics[:, 2, :]
     expected = torch.tensor([0.0, 0.0, 1.0], dtype=last.dtype, device=last.device)
-    _raise_first(
-        caller, "camera", (last - expected).abs().amax(dim=-1) > ROW_TOL,
+    checks.add(
+        "camera", (last - expected).abs().amax(dim=-1) > ROW_TOL,
         lambda i: f"has intrinsics last row {_fmt_row(last[i])}, it must be (0, 0, 1)",
     )
     # The unprojection in generate_rays assumes K = [[fx, skew, cx], [0, fy, cy], [0, 0, 1]].
     k10 = intrinsics[:, 1, 0]
-    _raise_first(
-        caller, "camera", k10.abs() > ROW_TOL,
+    checks.add(
+        "camera", k10.abs() > ROW_TOL,
         lambda i: f"has intrinsics K[1, 0] = {float(k10[i]):.4g}, it must be 0",
     )
     for name, value in (("fx", intrinsics[:, 0, 0]), ("fy", intrinsics[:, 1, 1])):
-        _raise_first(
-            caller, "camera", value <= 0,
+        checks.add(
+            "camera", value <= 0,
             lambda i, name=name, value=value: (
                 f"has focal length {name} = {float(value[i]):.4g}, it must be > 0"
             ),
