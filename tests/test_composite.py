@@ -251,3 +251,22 @@ def test_bad_inputs_raise(match, make):
     s, f, tt, pi = make(sigma, feat, t)
     with pytest.raises((ValueError, TypeError), match=match):
         composite(s, f, tt, packed_info=pi)
+
+
+def test_unchecked_order_skips_only_the_sortedness_check():
+    """check_sorted=False (the renderer's: its depths come out of torch.sort) reads nothing back
+    from the device; shapes and packed ranges are still checked."""
+    sigma, feat, t = make_dense(CompositeCase(B=1, R=3, S=6, F=2))
+    flipped = t.flip(2)
+    img, _, _ = composite(sigma, feat, flipped, impl="torch", check_sorted=False)  # no error
+    assert img.shape == (1, 3, 2)
+    with pytest.raises(ValueError, match="sorted"):
+        composite(sigma, feat, flipped, impl="torch")
+    with pytest.raises(ValueError, match="t must be"):
+        composite(sigma, feat, t[:, :, :-1], check_sorted=False)
+    s, f, tt = sigma[0, 0], feat[0, 0], flipped[0, 0]  # packed: one ray of 6 samples, out of order
+    composite(s, f, tt, packed_info=torch.tensor([[0, 6]]), impl="torch", check_sorted=False)
+    with pytest.raises(ValueError, match="sorted"):
+        composite(s, f, tt, packed_info=torch.tensor([[0, 6]]), impl="torch")
+    with pytest.raises(ValueError, match="outside"):
+        composite(s, f, tt, packed_info=torch.tensor([[2, 7]]), check_sorted=False)

@@ -116,7 +116,7 @@ def test_sync_loss_joins_after_its_epoch_with_wav2lip_format_weights(data, tmp_p
     assert "sync" not in t.train_step(batch)  # epoch 0: not yet
     t.step = t.steps_per_epoch
     terms = t.train_step(batch)
-    assert 0 <= terms["sync"] < 100 and terms["total"] > terms["l1_raw"]
+    assert 0 <= float(terms["sync"]) < 100 and float(terms["total"]) > float(terms["l1_raw"])
     # Without weights: off, and the log says how to get them.
     Trainer(_cfg(steps=1), data, tmp_path / "none")
     assert "lip-sync loss off: no SyncNet weights" in (tmp_path / "none" / "log.txt").read_text()
@@ -138,6 +138,30 @@ def test_one_step_reduces_the_loss_on_a_fixed_batch(data, tmp_path):
     before = loss()
     t.train_step(batch)
     assert loss() < before
+
+
+def test_train_step_reads_no_value_off_a_tensor(data, tmp_path):
+    """On a GPU, reading a tensor's value (float(), bool(), .item()) waits for the device to finish
+    everything queued; a training step that read its losses stalled the queue once a step, the
+    host idle while the step ran and the device idle while the next one was launched. The step
+    returns device tensors, and fit reads them on logging steps only."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ScalarReads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                ScalarReads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    t = Trainer(_cfg(), data, tmp_path / "run")
+    batch = torch.utils.data.default_collate([t.train_set[i] for i in (0, 7)])
+    t.train_step(batch)  # the first step builds the optimizer state
+    with ScalarReads():
+        terms = t.train_step(batch)
+    assert ScalarReads.count == 0
+    assert all(torch.is_tensor(v) and v.dim() == 0 for v in terms.values()) and "grad_norm" in terms
 
 
 def test_training_encodes_the_identity_triplane_once_per_step(data, tmp_path):
@@ -165,7 +189,7 @@ def test_compiled_unet_trains_like_the_eager_one(data, tmp_path):
         torch.manual_seed(0)
         t = Trainer(_cfg(compile=mode, compile_backend="aot_eager"), data, tmp_path / mode)
         batch = torch.utils.data.default_collate([t.train_set[i] for i in (3, 9)])
-        losses[mode] = [t.train_step(batch)["total"] for _ in range(2)]
+        losses[mode] = [float(t.train_step(batch)["total"]) for _ in range(2)]
     print(f"compiled vs eager losses: {losses['unet']} vs {losses['off']}")
     assert losses["unet"] == pytest.approx(losses["off"], rel=COMPILE_RTOL)
     with pytest.raises(ValueError, match="compile must be"):
@@ -183,7 +207,7 @@ def test_resume_gives_the_same_next_step(data, tmp_path):
     b = Trainer(_cfg(), data, tmp_path / "a", resume=True)
     assert b.step == 3
     got = b.train_step(batch)
-    assert got["total"] == pytest.approx(expected["total"], rel=1e-6)
+    assert float(got["total"]) == pytest.approx(float(expected["total"]), rel=1e-6)
     for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=n)
 

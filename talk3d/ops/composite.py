@@ -76,11 +76,12 @@ def _validate(sigma, feat, t, packed_info, check_sorted: bool = True) -> None:
         start, count = packed_info[:, 0], packed_info[:, 1]
         if packed_info.shape[0] and bool(((start < 0) | (count < 0) | (start + count > sigma.shape[0])).any()):
             _fail(f"packed_info addresses samples outside [0, {sigma.shape[0]})")
-        # Depth order within each ray: every sample but a ray's last against its successor.
-        local = torch.arange(int(count.sum()), device=sigma.device) - torch.repeat_interleave(count.cumsum(0) - count, count)
-        first = torch.repeat_interleave(start, count) + local
-        i = first[local < torch.repeat_interleave(count, count) - 1]
-        sorted_ok = bool((t[i + 1, 0] >= t[i, 0]).all())
+        sorted_ok = True
+        if check_sorted:  # depth order within each ray: every sample but a ray's last against its successor
+            local = torch.arange(int(count.sum()), device=sigma.device) - torch.repeat_interleave(count.cumsum(0) - count, count)
+            first = torch.repeat_interleave(start, count) + local
+            i = first[local < torch.repeat_interleave(count, count) - 1]
+            sorted_ok = bool((t[i + 1, 0] >= t[i, 0]).all())
     if feat is not None and feat.shape[-1] == 0:
         _fail("feat has no channels (F == 0)")
     if not sorted_ok:
@@ -94,6 +95,7 @@ def composite(
     *,
     packed_info: torch.Tensor | None = None,
     impl: str = "auto",
+    check_sorted: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Composite samples along rays with EG3D's MipRayMarcher2 semantics, fused.
 
@@ -105,6 +107,8 @@ def composite(
             ray for a variable number of samples per ray; a ray's samples are contiguous and rays
             do not overlap (nerfacc's packed layout).
         impl: ``"auto"``, ``"torch"``, ``"cpu"`` or ``"cuda"``.
+        check_sorted: verify that ``t`` is sorted along each ray (a device-to-host sync on a GPU;
+            as :func:`composite_weights`'). The packed ranges are checked either way.
 
     Returns:
         ``(feat_img, depth, weight_sum)``: ``[B, R, F]`` (``sum w f_mid`` mapped by ``x * 2 - 1``),
@@ -118,7 +122,7 @@ def composite(
         >>> img.shape, depth.shape, acc.shape
         (torch.Size([1, 4, 3]), torch.Size([1, 4, 1]), torch.Size([1, 4, 1]))
     """
-    _validate(sigma, feat, t, packed_info)
+    _validate(sigma, feat, t, packed_info, check_sorted)
     impl = backends.resolve_impl("composite", impl, sigma, _IMPL_DTYPES)
     if impl == "torch":
         return _reference(sigma, feat, t, packed_info=packed_info)

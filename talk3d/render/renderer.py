@@ -239,7 +239,8 @@ def _render_dense(planes, decoder, o, d, t_c, u, cfg, impl, deterministic):
     else:
         t, sigma, feat = t_c, sigma_c, feat_c
     sigma, feat, t = _composite_dtype(sigma, feat, t)
-    img, depth, wsum = composite(sigma, feat, t, impl=c_impl)
+    # t is the stratified depths, or out of torch.sort: no sortedness check (a host sync a frame).
+    img, depth, wsum = composite(sigma, feat, t, impl=c_impl, check_sorted=False)
     res = cfg.resolution
     return RenderOutput(_to_image(img, res), _to_image(depth, res), _to_image(wsum, res), float(Sc + Si))
 

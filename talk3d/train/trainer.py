@@ -357,8 +357,11 @@ class Trainer:
         sampler = (DistributedSampler(self.train_set, seed=self.cfg.seed) if self.world > 1 else
                    RandomSampler(self.train_set, replacement=True, num_samples=10**9,
                                  generator=torch.Generator().manual_seed(self.cfg.seed + self.step)))
+        # Pinned batches: a copy from pageable memory waits for the GPU's queue to drain (one stall a
+        # step); from pinned memory, non_blocking copies are queued behind the running step.
         return DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0)
+                          num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0,
+                          pin_memory=self.device.type == "cuda")
 
     def _sync_term(self) -> torch.Tensor:
         """Wav2Lip's expert sync loss on 5 consecutive training frames rendered with their audio.
@@ -377,7 +380,11 @@ class Trainer:
         wave = torch.nn.functional.pad(wave, (0, SYNC_FRAMES * SAMPLES_PER_FRAME - wave.shape[0]))
         return self.sync(frames[None], wave[None].to(self.device)).mean()
 
-    def train_step(self, batch) -> dict[str, float]:
+    def train_step(self, batch) -> dict[str, torch.Tensor]:
+        """One optimisation step on ``batch`` (on the device). Returns the loss terms and the
+        gradient norm as detached 0-d tensors on the device: reading one (``float()``) waits for
+        the step to finish on a GPU, and with nothing to wait on the host queues the next step
+        while this one runs, so :meth:`fit` reads them only on the steps it logs."""
         self.model.train()
         out = self._forward(batch)
         terms = reconstruction_losses(out, batch, self.cfg.loss, self.lpips, self.identity)
@@ -391,7 +398,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return {**{k: float(v.detach()) for k, v in terms.items()}, "grad_norm": float(gnorm)}
+        return {**{k: v.detach() for k, v in terms.items()}, "grad_norm": gnorm.detach()}
 
     def _scalars(self, row: dict) -> None:
         if not self.main:
@@ -427,12 +434,13 @@ class Trainer:
                     batches = iter(loader)
                     continue
                 terms = self.train_step(_to(batch, self.device))
-                # refresh=False: the update redraws, at the bar's own pace (progress.py)
-                bar.set_postfix(loss=f"{terms['total']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.1e}",
-                                refresh=False)
+                if self.step % cfg.log_every == 0:  # the only steps whose values are read (train_step)
+                    values = {k: float(v) for k, v in terms.items()}
+                    self._scalars({"step": self.step, "lr": self.scheduler.get_last_lr()[0], **values})
+                    # refresh=False: the update redraws, at the bar's own pace (progress.py)
+                    bar.set_postfix(loss=f"{values['total']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.1e}",
+                                    refresh=False)
                 bar.update(1)
-                if self.step % cfg.log_every == 0:
-                    self._scalars({"step": self.step, "lr": self.scheduler.get_last_lr()[0], **terms})
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     scores = self.evaluate()
                     self.history.append({"step": self.step, **scores})
