@@ -275,8 +275,9 @@ def test_empty_grid_renders_nothing(impl):
 
 
 def test_grid_outside_flag_follows_every_change():
-    """The grid reads ``outside`` from its buffer once (on a GPU, reading it waits for the device)
-    and again whenever the buffer changes: fill, set_occupied, load_state_dict, a copy of the grid."""
+    """The grid keeps ``outside`` on the host (on a GPU, reading the buffer waits for the device)
+    and in its buffer (for state_dict), and every way of setting it changes both: fill,
+    set_occupied, outside_occupied, load_state_dict; copies and grids built in inference mode too."""
     o = torch.tensor([[[0.0, 0.0, -3.0]]])
     d = torch.tensor([[[0.0, 0.0, 1.0]]])
     t = torch.linspace(0.0, 0.5, 6)[None, None]  # never reaches the cube [-0.8, 0.8]^3: outside only
@@ -290,9 +291,15 @@ def test_grid_outside_flag_follows_every_change():
     empty = OccupancyGrid(8).fill(False)
     grid.load_state_dict(empty.state_dict())
     assert not hits(grid)
-    grid.outside.fill_(True)  # written in place by hand
-    assert hits(grid) and not hits(empty)
+    grid.outside_occupied = True
+    assert hits(grid) and not hits(empty) and bool(grid.outside)
     assert hits(copy.deepcopy(grid)) and not hits(copy.deepcopy(empty))
+    with torch.inference_mode():
+        built = OccupancyGrid(8).fill(False)
+        assert not hits(built) and not built.outside_occupied
+    fresh = OccupancyGrid(8)
+    fresh.load_state_dict(built.state_dict())
+    assert not hits(fresh)
 
 
 def test_grid_update_follows_nerfacc_rules():

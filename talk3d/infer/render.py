@@ -242,10 +242,42 @@ def camera_track(spec: str, num_frames: int, clip: TrainingClip) -> torch.Tensor
 # --------------------------------------------------------------------------------------------
 
 
+class _HostFrames:
+    """A batch of frames on its way to the host as [B, S, S, 3] uint8 (converted on the device, a
+    quarter of the float bytes). On a GPU the copy is queued (into pinned memory) behind the
+    batch's work and :meth:`numpy` waits for it alone, so the caller can queue the next batch
+    first and encode this one while the GPU renders the next."""
+
+    def __init__(self, images: torch.Tensor):  # [B, 3, S, S] in [-1, 1], any float dtype
+        x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        x = x.permute(0, 2, 3, 1).contiguous()
+        self.event = None
+        if x.device.type == "cuda":
+            self.host = x.to("cpu", non_blocking=True)  # a pinned destination
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = x.cpu()
+
+    def numpy(self) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.numpy()
+
+
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
     """images [B, 3, S, S] in [-1, 1] (any float dtype) -> [B, S, S, 3] uint8."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return _HostFrames(images).numpy()
+
+
+def _to_device(cond: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Host condition tensors -> float32 on ``device``. To a GPU through pinned memory with
+    non-blocking copies: a copy from pageable memory first waits for the GPU to finish all the
+    work already queued, so the next batch could not be queued while one renders."""
+    cond = {k: v.to(torch.float32) for k, v in cond.items()}
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in cond.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in cond.items()}
 
 
 #: Back ends of the field op (``impl=``).
@@ -350,7 +382,7 @@ def render_speech(model, info: dict, wave16k, *, camera: str = "gt", size: str =
             pose=torch.from_numpy(np.ascontiguousarray(poses[ids])),
             landmarks=torch.from_numpy(np.ascontiguousarray(landmarks[ids])),
         )
-        return {k: v.to(device=device, dtype=torch.float32) for k, v in cond.items()}
+        return _to_device(cond, device)
 
     def frames() -> Iterator[np.ndarray]:
         amp = (torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext())
@@ -360,10 +392,16 @@ def render_speech(model, info: dict, wave16k, *, camera: str = "gt", size: str =
             with torch.inference_mode():
                 grid = model.occupancy_grid([conditions(sample[i:i + batch]) for i in range(0, len(sample), batch)])
             skip = dict(grid=grid, early_stop=EARLY_STOP)
+        previous = None  # the batch before, still on its way to the host
         for s in range(0, n, batch):
             with torch.inference_mode(), amp:
                 out = model(conditions(range(s, min(n, s + batch))), impl=impl, deterministic=True,
                             resolution=resolution, **skip)[key]
-            yield from _to_uint8(out)
+            current = _HostFrames(out)  # queued; the previous batch's frames are handed out meanwhile
+            if previous is not None:
+                yield from previous.numpy()
+            previous = current
+        if previous is not None:
+            yield from previous.numpy()
 
     return frames()

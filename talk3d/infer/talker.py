@@ -78,8 +78,8 @@ from ..audio.features import (FEATURES_PER_FRAME, HOP, SAMPLE_RATE, SAMPLES_PER_
 from ..devices import resolve_device
 from ..ops.backends import check_impl
 from .render import (DEFAULT_AUDIO_WINDOW, IMPLS, PRECISIONS, SIZES, SOURCES, InferenceError, TrainingClip,
-                     _check_choice, check_speech, _cycle, _novel_view_cameras, _orbit_angles, _to_uint8, camera_track,
-                     load_training_clip, render_speech)
+                     _check_choice, check_speech, _cycle, _novel_view_cameras, _orbit_angles, _to_device, _to_uint8,
+                     camera_track, load_training_clip, render_speech)
 
 __all__ = ["Talker", "STREAM_ORBIT_PERIOD", "WAV2VEC2_CONTEXT_S", "WAV2VEC2_LOOKAHEAD_S"]
 
@@ -299,7 +299,7 @@ class Talker:
             pose=torch.from_numpy(np.ascontiguousarray(poses)),
             landmarks=torch.from_numpy(np.ascontiguousarray(landmarks)),
         )
-        return {k: v.to(device=self.device, dtype=torch.float32) for k, v in cond.items()}
+        return _to_device(cond, self.device)
 
     def _render_frames(self, start: int, stop: int, features: np.ndarray, first: int) -> Iterator[np.ndarray]:
         """Frames [start, stop), ``batch`` per forward pass (the context managers never span a yield)."""

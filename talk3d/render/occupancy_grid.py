@@ -51,6 +51,7 @@ class OccupancyGrid(nn.Module):
         self.register_buffer("opacity", torch.zeros(n))
         self.register_buffer("bits", torch.zeros((n + 7) // 8, dtype=torch.uint8))
         self.register_buffer("outside", torch.ones((), dtype=torch.bool))
+        self._outside = True  # the buffer's value, kept on the host (_outside_flag)
 
     # --- state ------------------------------------------------------------------------------
 
@@ -65,7 +66,7 @@ class OccupancyGrid(nn.Module):
     def fill(self, occupied: bool = True) -> "OccupancyGrid":
         """Mark every cell and the outside occupied (or empty): a full grid renders exactly dense."""
         self.bits.fill_(0xFF if occupied else 0)
-        self.outside.fill_(occupied)
+        self._set_outside(bool(occupied))
         return self
 
     def set_occupied(self, occupied: torch.Tensor, outside: bool = True) -> "OccupancyGrid":
@@ -74,7 +75,7 @@ class OccupancyGrid(nn.Module):
         if occupied.shape != (r, r, r):
             raise ValueError(f"OccupancyGrid.set_occupied: expected [{r}, {r}, {r}], got {tuple(occupied.shape)}")
         self.bits.copy_(pack_bits(occupied.to(self.bits.device).bool()))
-        self.outside.fill_(bool(outside))
+        self._set_outside(bool(outside))
         return self
 
     # --- updates ----------------------------------------------------------------------------
@@ -128,15 +129,28 @@ class OccupancyGrid(nn.Module):
                                   self._outside_flag(), impl=impl)
 
     def _outside_flag(self) -> bool:
-        """``outside`` as a Python bool, read from the device only when the buffer has changed
-        (another tensor after ``.to()``, or written in place: fill, set_occupied, load_state_dict).
-        Reading a GPU tensor's value waits for the device; a render would wait once a frame."""
-        key = (self.outside, self.outside._version)
-        cached = getattr(self, "_outside_cache", None)
-        if cached is None or cached[0] is not key[0] or cached[1] != key[1]:
-            cached = (*key, bool(self.outside))
-            object.__setattr__(self, "_outside_cache", cached)  # not a module attribute or buffer
-        return cached[2]
+        """``outside`` as a Python bool, without reading the buffer: reading a GPU tensor's value
+        waits for the device, and a render would wait once a frame. The bool is the truth, the
+        buffer its copy for ``state_dict``; both change together (fill, set_occupied,
+        ``outside_occupied =``, load_state_dict)."""
+        return self._outside
+
+    @property
+    def outside_occupied(self) -> bool:
+        """Whether space outside the grid's cube counts as occupied."""
+        return self._outside
+
+    @outside_occupied.setter
+    def outside_occupied(self, value: bool) -> None:
+        self._set_outside(bool(value))
+
+    def _set_outside(self, value: bool) -> None:
+        self.outside.fill_(value)
+        object.__setattr__(self, "_outside", value)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        object.__setattr__(self, "_outside", bool(self.outside))  # once, at load
 
 
 #: Bounds of :func:`grid_resolution_for` (cells per side).
