@@ -307,6 +307,15 @@ def test_bad_camera_reports_the_first_failed_check_in_order():
         check_cameras(cameras)
 
 
+def test_cameras_are_checked_in_their_own_precision_under_autocast():
+    """A model checks its cameras under the caller's autocast: a bf16 R^T R is 4e-3 off I, which
+    failed valid cameras (ROTATION_TOL 1e-3)."""
+    cameras = look_at_camera(torch.tensor([0.3, -0.2, 0.5]), torch.tensor([0.1, 0.0, -0.2]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        check_cameras(cameras)
+        generate_rays(cameras, 4)
+
+
 def test_valid_cameras_are_checked_without_reading_scalars():
     """A render validates its cameras every frame. Each read of a device tensor's value (bool(),
     int(), float()) waits for the GPU; the checks are read back together in one transfer, so

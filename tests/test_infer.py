@@ -12,7 +12,9 @@ import torch
 
 from talk3d.audio import SAMPLE_RATE, write_wav
 from talk3d.data import make_synthetic_dataset
+from talk3d.audio.features import windows
 from talk3d.infer import (InferenceError, load_training_clip, num_frames_for, read_speech, render_speech)
+from talk3d.infer.render import camera_track
 from talk3d.infer.__main__ import main
 from talk3d.train import TrainConfig, Trainer, load_talking_head
 
@@ -110,6 +112,9 @@ def test_cli_writes_a_valid_mp4_with_the_speech(run, tmp_path, capsys):
 #: Compiled and eager frames differ by float32 re-association at most (a uint8 level on a rare
 #: pixel), which H.264 then spreads a little. Measured on the CPU VM: identical videos (0.0).
 COMPILED_VIDEO_MEAN_TOL = 0.05
+#: aot_eager runs the same float32 operations the eager model runs (measured: identical frames, CPU
+#: VM); inductor would fuse and re-associate them (2.9e-6 measured on the demo's model).
+COMPILED_FORWARD_ATOL = 1e-5
 
 
 def test_cli_compiled_unet_renders_the_same_video(run, tmp_path):
@@ -117,12 +122,38 @@ def test_cli_compiled_unet_renders_the_same_video(run, tmp_path):
     write_wav(wav, _speech()[:, 0])
     base = ["--run", str(run), "--audio", str(wav), "--impl", "torch", "--batch", "3"]
     assert main(base + ["--out", str(tmp_path / "eager.mp4")]) == 0
-    # aot_eager traces the U-Net like inductor does, without inductor's minute of CPU code generation.
-    assert main(base + ["--out", str(tmp_path / "compiled.mp4"), "--compile", "--compile-backend", "aot_eager"]) == 0
+    # aot_eager traces like inductor does, without inductor's minute of CPU code generation.
+    # Dense: the whole per-frame forward compiled; --skip-empty: the U-Net alone.
+    for name, extra in (("compiled", []), ("compiled_skip", ["--skip-empty"])):
+        assert main(base + ["--out", str(tmp_path / f"{name}.mp4"), "--compile", "--compile-backend", "aot_eager",
+                            *extra]) == 0
     eager, compiled = (np.stack(_probe(tmp_path / f)["frames"]).astype(np.float64) for f in ("eager.mp4", "compiled.mp4"))
     assert eager.shape == compiled.shape
     print(f"compiled vs eager video: mean |diff| {np.abs(eager - compiled).mean():.4f} uint8 levels")
     assert np.abs(eager - compiled).mean() < COMPILED_VIDEO_MEAN_TOL
+    assert len(_probe(tmp_path / "compiled_skip.mp4")["frames"]) == len(eager)
+
+
+def test_whole_model_compiles_into_one_graph(loaded):
+    """The per-frame forward is one graph: the cameras' check and the cache lookup run before it
+    (the prologue, outside the graph), the SR's filter test reads a flag refreshed there, and the
+    dense render reads nothing back. A graph break would split the CUDA graphs of reduce-overhead
+    mode and put a host sync between them. The compiled model renders what the eager one does."""
+    model, info, clip = loaded
+    wave = _speech()[:16000 // 2, 0]
+    features = clip.encoder().encode(wave, 4)
+    window = int(info["model"]["deltaplane"]["audio_window"])
+    cond = dict(camera=camera_track("orbit", 4, clip), audio=torch.from_numpy(np.stack([windows(features, i, window)
+                for i in range(4)])), blink=torch.zeros(4, 1), pose=torch.zeros(4, 3),
+                landmarks=torch.from_numpy(np.repeat(clip.landmarks[:1], 4, axis=0)))
+    cond = {k: v.float() for k, v in cond.items()}
+    kw = dict(impl="torch", deterministic=True, resolution=int(info["model"]["render_resolution"]))
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(model)(cond, **kw)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+        eager = model(cond, **kw)["image"]
+        compiled = torch.compile(model, backend="aot_eager")(cond, **kw)["image"]
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=COMPILED_FORWARD_ATOL)
 
 
 def test_cli_refuses_to_overwrite(run, tmp_path, capsys):

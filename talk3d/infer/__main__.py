@@ -18,8 +18,8 @@ from pathlib import Path
 
 from ..audio.features import SAMPLE_RATE
 from ..devices import resolve_device
-from .render import IMPLS, PRECISIONS, SIZES, SOURCES, InferenceError, load_training_clip, num_frames_for, read_speech, \
-    render_speech
+from .render import IMPLS, PRECISIONS, SIZES, SOURCES, InferenceError, compile_for_inference, load_training_clip, \
+    num_frames_for, read_speech, render_speech
 from .video import StreamingVideoWriter
 
 
@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-empty", action="store_true",
                    help="skip empty space (occupancy grid of the render's frames) and stop opaque rays early")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the per-frame U-Net (on CUDA in reduce-overhead mode, i.e. with CUDA graphs)")
+                   help="torch.compile the per-frame work: U-Net, render and SR in one graph (with --skip-empty, "
+                        "whose sample counts vary, the U-Net alone); on CUDA in reduce-overhead mode, i.e. CUDA "
+                        "graphs")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     live = p.add_argument_group("live rendering")
@@ -78,7 +80,6 @@ def _check_out(out: Path, overwrite: bool) -> str | None:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    import torch
     from ..progress import progress_bar
 
     from ..train import load_talking_head
@@ -98,14 +99,11 @@ def main(argv=None) -> int:
         wave = read_speech(args.audio)
         model, info = load_talking_head(args.run, checkpoint=args.checkpoint, device=device)
         if args.compile:
-            # The U-Net's attention + decoder is the per-frame network work (its encoder is cached):
-            # compiled in place; CUDA graphs remove its many small launches on a GPU.
-            mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
-            model.deltaplane.predictor.compile(backend=args.compile_backend, mode=mode)
+            compile_for_inference(model, backend=args.compile_backend, skip_empty=args.skip_empty)
         clip = load_training_clip(info)
         frames = render_speech(model, info, wave, camera=args.camera, size=args.size, precision=args.precision,
                                batch=args.batch, eye=args.eye, pose=args.pose, impl=args.impl, clip=clip,
-                               skip_empty=args.skip_empty)
+                               skip_empty=args.skip_empty, whole_batches=args.compile)
     except (InferenceError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

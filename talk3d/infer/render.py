@@ -237,6 +237,16 @@ def camera_track(spec: str, num_frames: int, clip: TrainingClip) -> torch.Tensor
     raise InferenceError(f"--camera {spec!r}: not 'gt', 'orbit', 'fixed:YAW,PITCH' or an existing JSON file")
 
 
+def _checked_track(cameras: torch.Tensor, spec: str) -> torch.Tensor:
+    """The whole camera track checked once, on the host, so no frame checks its cameras on the
+    device (a read-back each, which waits for the GPU)."""
+    try:
+        check_cameras(cameras)
+    except ValueError as e:
+        raise InferenceError(f"--camera {spec}: {e}") from None
+    return cameras
+
+
 # --------------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------------
@@ -309,9 +319,27 @@ def _check_choice(name: str, value, choices) -> None:
         raise InferenceError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
+def compile_for_inference(model, *, backend: str = "inductor", skip_empty: bool = False) -> None:
+    """``torch.compile`` a :class:`talk3d.models.TalkingHead` in place for :func:`render_speech`.
+
+    The whole per-frame forward (U-Net, render, SR) becomes one graph: every step of the dense
+    render has a fixed shape and reads nothing back (the cameras are checked before the graph, in
+    the model's prologue, or once per track by :func:`render_speech`). On CUDA it runs in
+    reduce-overhead mode, so each batch replays one CUDA graph instead of launching each of its
+    thousands of operations from Python. With ``skip_empty`` the render's sample counts depend on
+    the data, so only the U-Net's per-frame part (attention and decoder; the encoder is cached)
+    is compiled. Pair with ``whole_batches=True``: a last, shorter batch would compile again.
+    """
+    device = next(model.parameters()).device
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    target = model.deltaplane.predictor if skip_empty else model
+    target.compile(backend=backend, mode=mode)
+
+
 def render_speech(model, info: dict, wave16k, *, camera: str = "gt", size: str = "sr", precision: str = "fp32",
                   batch: int = 4, eye: str = "train", pose: str = "train", impl: str = "auto",
-                  clip: TrainingClip | None = None, skip_empty: bool = False) -> Iterator[np.ndarray]:
+                  clip: TrainingClip | None = None, skip_empty: bool = False,
+                  whole_batches: bool = False) -> Iterator[np.ndarray]:
     """Frames of ``model`` saying ``wave16k``, rendered ``batch`` at a time and yielded one by one.
 
     Args:
@@ -333,6 +361,9 @@ def render_speech(model, info: dict, wave16k, *, camera: str = "gt", size: str =
         skip_empty: skip empty space with an occupancy grid of this render's frames (the union
             over ``GRID_FRAMES`` of them, dilated by a cell; :meth:`TalkingHead.occupancy_grid`)
             and stop rays at transmittance ``EARLY_STOP``. Close to the dense render, not equal.
+        whole_batches: render the last batch at full size too (its extra frames repeat the last
+            one and are dropped): a compiled model (:func:`compile_for_inference`) then runs one
+            shape only.
 
     Returns:
         An iterator of [S, S, 3] uint8 RGB frames. Everything is checked (and the audio encoded)
@@ -360,7 +391,7 @@ def render_speech(model, info: dict, wave16k, *, camera: str = "gt", size: str =
     n = num_frames_for(wave)
     features = clip.encoder().encode(wave, n)  # [2 n, D]
     window = int(info["model"].get("deltaplane", {}).get("audio_window", DEFAULT_AUDIO_WINDOW))
-    cameras = camera_track(camera, n, clip)  # [n, 25]
+    cameras = _checked_track(camera_track(camera, n, clip), camera)  # [n, 25]
     idx = _cycle(n, clip.num_frames)
     blinks = clip.blink[idx] if eye == "train" else np.zeros(n, np.float32)  # [n]
     if pose == "train":
@@ -394,10 +425,14 @@ def render_speech(model, info: dict, wave16k, *, camera: str = "gt", size: str =
             skip = dict(grid=grid, early_stop=EARLY_STOP)
         previous = None  # the batch before, still on its way to the host
         for s in range(0, n, batch):
+            ids = list(range(s, min(n, s + batch)))
+            real = len(ids)
+            if whole_batches:
+                ids += [n - 1] * (batch - real)
             with torch.inference_mode(), amp:
-                out = model(conditions(range(s, min(n, s + batch))), impl=impl, deterministic=True,
-                            resolution=resolution, **skip)[key]
-            current = _HostFrames(out)  # queued; the previous batch's frames are handed out meanwhile
+                out = model(conditions(ids), impl=impl, deterministic=True, resolution=resolution,
+                            check_cameras=False, **skip)[key]  # the track was checked (_checked_track)
+            current = _HostFrames(out[:real])  # queued; the previous batch's frames are handed out meanwhile
             if previous is not None:
                 yield from previous.numpy()
             previous = current

@@ -78,8 +78,8 @@ from ..audio.features import (FEATURES_PER_FRAME, HOP, SAMPLE_RATE, SAMPLES_PER_
 from ..devices import resolve_device
 from ..ops.backends import check_impl
 from .render import (DEFAULT_AUDIO_WINDOW, IMPLS, PRECISIONS, SIZES, SOURCES, InferenceError, TrainingClip,
-                     _check_choice, check_speech, _cycle, _novel_view_cameras, _orbit_angles, _to_device, _to_uint8,
-                     camera_track, load_training_clip, render_speech)
+                     _check_choice, _checked_track, check_speech, _cycle, _novel_view_cameras, _orbit_angles,
+                     _to_device, _to_uint8, camera_track, load_training_clip, render_speech)
 
 __all__ = ["Talker", "STREAM_ORBIT_PERIOD", "WAV2VEC2_CONTEXT_S", "WAV2VEC2_LOOKAHEAD_S"]
 
@@ -238,7 +238,8 @@ class Talker:
         self.window = int(self.info["model"].get("deltaplane", {}).get("audio_window", DEFAULT_AUDIO_WINDOW))
         self._resolution = int(self.info["model"]["render_resolution"])
         self._key = "image" if size == "sr" else "image_raw"
-        self._cameras = self._camera_table()  # [P, 25]: frame n's camera is row n % P
+        # [P, 25]: frame n's camera is row n % P; checked once here, not per frame on the device
+        self._cameras = _checked_track(self._camera_table(), self.camera)
         period = self.clip.num_frames
         self._clip_cycle = _cycle(max(1, 2 * period - 2), period)  # frame n -> clip row _clip_cycle[n % len]
         self._mean_landmarks = self.clip.landmarks.mean(axis=0)
@@ -308,7 +309,8 @@ class Talker:
             cond = self._conditions(np.arange(s, min(stop, s + self.batch)), features, first)
             amp = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
             with torch.inference_mode(), amp:
-                out = self.model(cond, impl=self.impl, deterministic=True, resolution=self._resolution)[self._key]
+                out = self.model(cond, impl=self.impl, deterministic=True, resolution=self._resolution,
+                                 check_cameras=False)[self._key]  # checked once (_checked_track)
             yield from _to_uint8(out)
 
     # ---------------------------------------------------------------------------------------------

@@ -82,7 +82,8 @@ class TriplaneGenerator(nn.Module):
     def synthesis(self, ws: torch.Tensor, c: torch.Tensor, *, impl: str = "auto",
                   neural_rendering_resolution: int | None = None, noise_mode: str = "const",
                   randoms: RenderRandoms | None = None, deterministic: bool = False,
-                  planes: torch.Tensor | None = None, grid=None, early_stop: float = 0.0) -> dict[str, torch.Tensor]:
+                  planes: torch.Tensor | None = None, grid=None, early_stop: float = 0.0,
+                  check_cameras: bool = True) -> dict[str, torch.Tensor]:
         """Render ws ``[B, num_ws, w_dim]`` from cameras c ``[B, 25]``.
 
         Args:
@@ -95,6 +96,7 @@ class TriplaneGenerator(nn.Module):
                 identity planes plus a predicted delta).
             grid, early_stop: inference only: an :class:`talk3d.render.OccupancyGrid` whose empty
                 cells the render skips, and the transmittance under which a ray stops.
+            check_cameras: False when the caller has checked ``c`` (see :func:`talk3d.render.render`).
 
         Returns:
             dict with ``image`` ``[B, 3, S, S]`` (S = sr_resolution, roughly in [-1, 1]),
@@ -105,7 +107,8 @@ class TriplaneGenerator(nn.Module):
             planes = self.planes(ws, noise_mode)
         res = neural_rendering_resolution or self.neural_rendering_resolution
         out = render(planes, self.decoder.effective_weights(planes.dtype), c[:, :25], self.cfg.render_config(res),
-                     impl=impl, randoms=randoms, deterministic=deterministic, grid=grid, early_stop=early_stop)
+                     impl=impl, randoms=randoms, deterministic=deterministic, grid=grid, early_stop=early_stop,
+                     check_cameras=check_cameras)
         feature_image = out.feature_image
         rgb = feature_image[:, :3]
         image = self.superresolution(rgb, feature_image, ws, noise_mode=self.cfg.sr_noise_mode)

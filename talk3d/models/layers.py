@@ -52,13 +52,27 @@ def _is_binomial(f: torch.Tensor) -> bool:
     """
     if f.shape != (4, 4):
         return False
-    version = -1 if f.is_inference() else f._version  # inference tensors have no version counter
     known = getattr(f, "_talk3d_binomial", None)
+    if known is not None and torch.compiler.is_compiling():
+        # A graph cannot read the version counter; the answer was refreshed before the graph ran
+        # (refresh_binomial_flags, from TalkingHead's prologue).
+        return known[1]
+    version = -1 if f.is_inference() else f._version  # inference tensors have no version counter
     if known is not None and known[0] == version:
         return known[1]
     result = bool(torch.allclose(f.detach().float().cpu(), setup_filter(), rtol=0, atol=1e-7))
     f._talk3d_binomial = (version, result)
     return result
+
+
+def refresh_binomial_flags(module: nn.Module) -> None:
+    """Bring :func:`_is_binomial`'s answer up to date on every ``resample_filter`` buffer of
+    ``module``, eagerly (a version comparison each, once computed), so that a compiled graph, which
+    reads the answer but cannot check it, finds it current."""
+    for m in module.modules():
+        f = m._buffers.get("resample_filter")
+        if f is not None:
+            _is_binomial(f)
 
 
 def upfirdn2d(x: torch.Tensor, f: torch.Tensor, up: int = 1, down: int = 1, padding=0,

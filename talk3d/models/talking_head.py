@@ -10,8 +10,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..render.cameras import check_cameras as check_cameras_fn
 from .deltaplane import DeltaplaneModel
 from .generator import TriplaneGenerator
+from .layers import refresh_binomial_flags
 from .unet_config import DeltaplaneConfig
 
 __all__ = ["TalkingHead"]
@@ -119,7 +121,7 @@ class TalkingHead(nn.Module):
         grid = OccupancyGrid(resolution, box, ema_decay=1.0).to(self.identity_planes.device)  # decay 1: the max
         decoder = self.generator.decoder.effective_weights(torch.float32)
         for batch in batches:
-            planes = self._planes_and_delta(batch)[0].float()
+            planes = self._planes_and_delta(batch, self._cached_encoding())[0].float()
             grid.update(0, Renderer(cfg).density(planes, decoder), cfg.coarse_step)  # step 0: every cell, max
         occ = grid.occupied[None, None].float()  # [1, 1, r, r, r]
         if dilation > 0:
@@ -127,23 +129,39 @@ class TalkingHead(nn.Module):
         self.train(was)
         return grid.set_occupied(occ[0, 0] > 0)
 
-    def _planes_and_delta(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The frames' triplanes ``P_ID + ΔP`` and ``ΔP``, both ``[B, 3, C, R, R]``."""
+    def _planes_and_delta(self, batch: Mapping[str, torch.Tensor], encoded) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frames' triplanes ``P_ID + ΔP`` and ``ΔP``, both ``[B, 3, C, R, R]``; ``encoded``:
+        :meth:`_cached_encoding`'s features of P_ID, or None to encode it."""
         B = batch["audio"].shape[0]
         base = self.identity_planes.expand(B, -1, -1, -1, -1)
-        delta = self.deltaplane(base, batch, encoded=self._cached_encoding())
+        delta = self.deltaplane(base, batch, encoded=encoded)
         return base + delta.to(base.dtype), delta
 
+    @torch.compiler.disable
+    def _prologue(self, cams: torch.Tensor, check_cameras: bool):
+        """What a call does before its tensor work, outside any ``torch.compile`` graph: checks the
+        cameras (one read-back from the device), refreshes the SR's filter flags
+        (:func:`talk3d.models.layers.refresh_binomial_flags`) and looks up the cached encoding.
+        Compiled, :meth:`forward` is one graph after this (CUDA graphs under reduce-overhead)."""
+        if check_cameras:
+            check_cameras_fn(cams)
+        refresh_binomial_flags(self.generator.superresolution)
+        return self._cached_encoding()
+
     def forward(self, batch: Mapping[str, torch.Tensor], *, impl: str = "auto", deterministic: bool = False,
-                resolution: int | None = None, grid=None, early_stop: float = 0.0) -> dict[str, torch.Tensor]:
+                resolution: int | None = None, grid=None, early_stop: float = 0.0,
+                check_cameras: bool = True) -> dict[str, torch.Tensor]:
         """batch: the dataset's dict (``camera`` ``[B, 25]``, ``audio``, ``blink``, ``pose``, ``landmarks``).
         ``grid``, ``early_stop``: inference only, see :meth:`occupancy_grid` and :func:`talk3d.render.render`.
+        ``check_cameras``: False for cameras checked already (a dataset's, when it loaded; a camera
+        track, once on the host): on a GPU the check reads its result back, waiting for the device.
 
         Returns the generator's synthesis dict (``image`` ``[B, 3, S, S]``, ``image_raw``
         ``[B, 3, h, h]``, ...) plus ``delta`` ``[B, 3, C, R, R]``.
         """
         cams = batch["camera"]
-        planes, delta = self._planes_and_delta(batch)
+        encoded = self._prologue(cams, check_cameras)
+        planes, delta = self._planes_and_delta(batch, encoded)
         if planes.is_cuda and torch.is_autocast_enabled("cuda") and not torch.is_grad_enabled():
             # Inference under autocast on a GPU renders the planes in its half dtype (the CUDA field
             # kernel accumulates in fp32): its texel gathers, the largest memory traffic, halve.
@@ -152,6 +170,7 @@ class TalkingHead(nn.Module):
             planes = planes.to(torch.get_autocast_dtype("cuda"))
         ws = self.w_id.expand(cams.shape[0], -1, -1)
         out = self.generator.synthesis(ws, cams, impl=impl, deterministic=deterministic, planes=planes,
-                                       neural_rendering_resolution=resolution, grid=grid, early_stop=early_stop)
+                                       neural_rendering_resolution=resolution, grid=grid, early_stop=early_stop,
+                                       check_cameras=False)  # checked in the prologue
         out["delta"] = delta
         return out

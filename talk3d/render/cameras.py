@@ -178,6 +178,13 @@ def _check_cameras(caller: str, cameras, rotation_tol: float = ROTATION_TOL) -> 
     waited on once (:class:`_Checks`)."""
     _check_float_tensor(caller, "cameras", cameras)
     _check_shape(caller, "cameras", cameras, (LABEL_SIZE,), f"[B, {LABEL_SIZE}]")
+    # In the cameras' own precision: under a caller's bf16 autocast, R^T R would be off by 4e-3.
+    with torch.autocast(cameras.device.type, enabled=False):
+        _camera_checks(caller, cameras, rotation_tol).raise_first()
+
+
+def _camera_checks(caller: str, cameras: Tensor, rotation_tol: float) -> _Checks:
+    """Every camera check, computed and not yet read back."""
     checks = _Checks(caller)
     finite = torch.isfinite(cameras)
     checks.add(
@@ -188,7 +195,7 @@ def _check_cameras(caller: str, cameras, rotation_tol: float = ROTATION_TOL) -> 
     cam2world, intrinsics = _split(cameras)
     _check_cam2world(checks, cam2world, rotation_tol)
     _check_intrinsics(checks, intrinsics)
-    checks.raise_first()
+    return checks
 
 
 def _check_cam2world(checks: _Checks, cam2world: Tensor, rotation_tol: float) -> None:
@@ -659,7 +666,7 @@ def _check_resolution(caller: str, resolution) -> int:
     return int(resolution)
 
 
-def generate_rays(cameras, resolution: int) -> tuple[Tensor, Tensor]:
+def generate_rays(cameras, resolution: int, *, check: bool = True) -> tuple[Tensor, Tensor]:
     """One ray through the centre of every pixel of a ``resolution`` x ``resolution`` image.
 
     Pixel (row, col) sits at normalised image coordinates u = (col + 0.5) / res,
@@ -670,6 +677,9 @@ def generate_rays(cameras, resolution: int) -> tuple[Tensor, Tensor]:
     Args:
         cameras: [B, 25] labels, checked by :func:`check_cameras`.
         resolution: image side in pixels, >= 1.
+        check: False skips :func:`check_cameras`, for callers that checked these cameras already
+            (reading the checks back from a GPU waits for it; inside ``torch.compile`` it would
+            split the graph).
 
     Returns:
         (origins [B, R, 3], directions [B, R, 3]) with R = resolution^2 and ray index
@@ -677,7 +687,11 @@ def generate_rays(cameras, resolution: int) -> tuple[Tensor, Tensor]:
         both in the cameras' dtype and on their device.
     """
     caller = "generate_rays"
-    _check_cameras(caller, cameras)
+    if check:
+        _check_cameras(caller, cameras)
+    else:  # the cheap host-side checks stay
+        _check_float_tensor(caller, "cameras", cameras)
+        _check_shape(caller, "cameras", cameras, (LABEL_SIZE,), f"[B, {LABEL_SIZE}]")
     res = _check_resolution(caller, resolution)
     cam2world, intrinsics = _split(cameras)
     batch = cameras.shape[0]

@@ -145,6 +145,7 @@ def render(
     grid: OccupancyGrid | None = None,
     early_stop: float = 0.0,
     chunk: int | None = None,
+    check_cameras: bool = True,
 ) -> RenderOutput:
     """Render feature images of triplanes from cameras.
 
@@ -167,6 +168,9 @@ def render(
             samples a ray against 26.3 in chunks of 8, and takes 45 ms against 51 on the CPU; on
             a GPU, where the chunked path was host-bound (9.4 ms against 3.4 dense on an H200),
             the saving in syncs should count for more (not yet measured there).
+        check_cameras: False skips the cameras' checks (:func:`generate_rays`'s ``check``), for
+            callers that made them already: :class:`talk3d.models.TalkingHead` checks once per call
+            before any GPU work, the trainer's dataset when it loaded.
 
     Returns:
         :class:`RenderOutput`.
@@ -175,12 +179,14 @@ def render(
     # rotation check and moves samples by centimetres): the render follows the planes' dtype, never
     # autocast's.
     with torch.autocast(planes.device.type, enabled=False):
-        return _render(planes, decoder, cameras, config, impl, randoms, deterministic, grid, early_stop, chunk)
+        return _render(planes, decoder, cameras, config, impl, randoms, deterministic, grid, early_stop, chunk,
+                       check_cameras)
 
 
-def _render(planes, decoder, cameras, config, impl, randoms, deterministic, grid, early_stop, chunk):
+def _render(planes, decoder, cameras, config, impl, randoms, deterministic, grid, early_stop, chunk, check_cameras):
     decoder = _check_inputs(planes, decoder, cameras)
-    o, d = generate_rays(cameras.float() if cameras.dtype != torch.float64 else cameras, config.resolution)
+    o, d = generate_rays(cameras.float() if cameras.dtype != torch.float64 else cameras, config.resolution,
+                         check=check_cameras)
     B, R = o.shape[:2]
     Sc, Si = config.coarse_samples, config.importance_samples
     if randoms is not None:

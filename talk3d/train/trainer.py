@@ -277,7 +277,10 @@ class Trainer:
         dt = self.amp_dtype
         ctx = torch.autocast(self.device.type, dtype=dt) if dt else torch.autocast(self.device.type, enabled=False)
         with ctx:
-            return self.net(batch, impl=self.cfg.impl, deterministic=deterministic, resolution=self.resolution)
+            # The dataset's cameras were all checked when it loaded (validate_dataset): no per-step
+            # check, whose read-back would stall a GPU's queue once a step.
+            return self.net(batch, impl=self.cfg.impl, deterministic=deterministic, resolution=self.resolution,
+                            check_cameras=False)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _state(self) -> dict:
