@@ -18,7 +18,7 @@ from memory import peak_memory_bytes
 from talk3d.ops import composite
 from backends import fused_impl
 
-from talk3d.render import OccupancyGrid, RenderConfig, Renderer, look_at_camera, render
+from talk3d.render import OccupancyGrid, RenderConfig, Renderer, check_cameras, look_at_camera, render
 from talk3d.render.synthetic import head_scene
 
 HAS_CUDA = torch.cuda.is_available()
@@ -81,25 +81,39 @@ def _frame(dtype=torch.float32):
     return planes, dec, cams.to(DEVICE), RenderConfig(resolution=RES)
 
 
+# Modes: the reference; the fused engine dense and skipping; in bf16 (issue 3's precision: planes
+# and decoder in bf16, fp32 accumulation; GPU only, the CPU kernels are fp32); and the bf16 dense
+# frame captured as CUDA graphs (torch.compile's cudagraphs backend): at one 128^2 frame the eager
+# render is dozens of small launches, each a few microseconds of host time.
+RENDER_MODES = ["reference", "fused", "fused-skipping", "fused-bf16", "fused-bf16-skipping", "fused-bf16-graphs"]
+
+
 @pytest.mark.benchmark(group="render-frame")
-@pytest.mark.parametrize("mode", ["reference", "fused", "fused-skipping"])
+@pytest.mark.parametrize("mode", RENDER_MODES)
 def test_render_frame_forward(benchmark, mode):
-    planes, dec, cams, cfg = _frame()
+    if "bf16" in mode and not HAS_CUDA:
+        pytest.skip("bf16 planes run on the GPU kernels")
+    planes, dec, cams, cfg = _frame(torch.bfloat16 if "bf16" in mode else torch.float32)
     impl = "torch" if mode == "reference" else fused_impl()
     grid = None
-    if mode == "fused-skipping":
+    if "skipping" in mode:
         grid = OccupancyGrid(128).to(DEVICE)
         for step in range(4):
             grid.update(step, Renderer(cfg).density(planes, dec), cfg.coarse_step)
     out = {}
+    run = render
+    if mode.endswith("graphs"):
+        run = torch.compile(render, backend="cudagraphs")
+        check_cameras(cams)  # once: the compiled frames skip the check (a read-back would split the graph)
 
     def frame():
         with torch.no_grad():
-            out["r"] = render(planes, dec, cams, cfg, impl=impl, deterministic=True, grid=grid,
-                              early_stop=1e-4 if grid is not None else 0.0)
+            out["r"] = run(planes, dec, cams, cfg, impl=impl, deterministic=True, grid=grid,
+                           early_stop=1e-4 if grid is not None else 0.0, check_cameras=not mode.endswith("graphs"))
         _sync()
 
     frame()
+    frame()  # (cudagraph trees record on the second call)
     benchmark.extra_info.update(resolution=RES, samples_per_ray=out["r"].samples_per_ray, device=str(DEVICE),
                                 peak_memory_mb=peak_memory_bytes(frame, DEVICE) / 2**20)
     benchmark(frame)

@@ -331,7 +331,9 @@ def compile_for_inference(model, *, backend: str = "inductor", skip_empty: bool 
     is compiled. Pair with ``whole_batches=True``: a last, shorter batch would compile again.
     """
     device = next(model.parameters()).device
-    mode = "reduce-overhead" if device.type == "cuda" else None
+    # (backend="cudagraphs" captures CUDA graphs without inductor's code generation; modes are
+    # inductor's alone.)
+    mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
     target = model.deltaplane.predictor if skip_empty else model
     target.compile(backend=backend, mode=mode)
 
