@@ -1,13 +1,14 @@
 """Where a training step's time goes, and what the step's switches are worth.
 
-    python benchmarks/profile_train.py [--steps 10] [--out DIR]
+    python benchmarks/profile_train.py [--steps 10] [--out DIR] [--compile BACKEND]
 
 The ``train-step`` benchmark's step (deltaplane stage at the release's sizes on a GPU, the demo's on a
 CPU; batch 2; L1 + mouth L1; backward; gradient clipping; Adam) timed with each combination of
 cuDNN autotuning (``torch.backends.cudnn.benchmark``, GPU only) and Adam's fused kernel (``fused=True``),
 then the aten operations a step dispatches (host time on a GPU; ``TALK3D_FEW_OPS=0|1`` picks the
 U-Net's form, see ``talk3d.models.deltaplane.few_ops``) and a torch.profiler table of one variant's
-top operators by device time. Writes
+top operators by device time. ``--compile inductor`` also times the step with the whole model
+compiled (the trainer's ``compile = "model"``; inductor's code generation takes minutes). Writes
 ``profile_train.md`` (and ``profile_train_ops.txt``) under ``--out``. A measuring tool, not a test.
 """
 from __future__ import annotations
@@ -66,6 +67,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--compile", default=None, metavar="BACKEND",
+                        help="also time the step with the model compiled by this torch.compile backend")
     args = parser.parse_args()
     device = torch.cuda.get_device_name() if HAS_CUDA else "cpu"
     lines = [f"# Train step ({device}, batch {_config().batch_size}, median of {args.steps} steps)", "",
@@ -80,6 +83,16 @@ def main() -> None:
             best = (ms, bench, fused)
     _, bench, fused = best
     torch.backends.cudnn.benchmark = bench
+    if args.compile:
+        t0 = time.perf_counter()
+        compiled = make_train_step(fused_impl(), fused_adam=fused, compile_backend=args.compile)[0]
+        compiled()
+        sync()
+        first = time.perf_counter() - t0
+        ms = time_step(compiled, args.steps)
+        lines.append(f"| {bench} | {fused} + model compiled ({args.compile}; first step {first:.0f} s) | {ms:.1f} "
+                     f"| {1e3 / ms:.1f} |")
+        print(lines[-1], flush=True)
     step = make_train_step(fused_impl(), fused_adam=fused)[0]
     time_step(step, 2)
     # Host-side cost: every aten operation a step dispatches (the GPU step was partly host-bound).

@@ -36,12 +36,16 @@ def _batch(model, B: int) -> dict:
     return {k: v.to(DEVICE) for k, v in batch.items()}
 
 
-def make_train_step(impl: str, *, fused_adam: bool = True, cfg: TrainConfig | None = None):
+def make_train_step(impl: str, *, fused_adam: bool = True, cfg: TrainConfig | None = None,
+                    compile_backend: str | None = None):
     """One training step at the benchmark's sizes (or ``cfg``'s: a fresh model, batch and Adam), as
-    the trainer runs it; returns the step function (it does not synchronise) and the model."""
+    the trainer runs it (``compile_backend``: the trainer's ``compile = "model"`` with that
+    backend); returns the step function (it does not synchronise) and the model."""
     cfg = cfg or _config()
     torch.manual_seed(0)
     model = build_model(cfg, AUDIO_DIM, prior=None, log=lambda m: None).to(DEVICE)
+    if compile_backend:
+        model.compile(backend=compile_backend)
     batch = _batch(model, cfg.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, fused=True if fused_adam else None)
@@ -49,7 +53,7 @@ def make_train_step(impl: str, *, fused_adam: bool = True, cfg: TrainConfig | No
 
     def step():
         with amp:
-            out = model(batch, impl=impl)
+            out = model(batch, impl=impl, check_cameras=False)  # as the trainer: cameras checked at load
         loss = reconstruction_losses(out, batch, cfg.loss)["total"]
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -176,22 +176,23 @@ def test_training_encodes_the_identity_triplane_once_per_step(data, tmp_path):
     assert seen == [1]
 
 
-#: A compiled U-Net step against the eager one: the same float32 ops, possibly re-associated
+#: A compiled step (U-Net or whole model) against the eager one: the same float32 ops, possibly re-associated
 #: (measured with aot_eager on the CPU VM: identical losses).
 COMPILE_RTOL = 1e-5
 
 
-def test_compiled_unet_trains_like_the_eager_one(data, tmp_path):
+def test_compiled_unet_and_model_train_like_the_eager_one(data, tmp_path):
     # aot_eager traces forward and backward through AOTAutograd like inductor does, without its
     # minute-long CPU code generation; inductor itself is the default for real runs.
     losses = {}
-    for mode in ("off", "unet"):
+    for mode in ("off", "unet", "model"):
         torch.manual_seed(0)
         t = Trainer(_cfg(compile=mode, compile_backend="aot_eager"), data, tmp_path / mode)
         batch = torch.utils.data.default_collate([t.train_set[i] for i in (3, 9)])
         losses[mode] = [float(t.train_step(batch)["total"]) for _ in range(2)]
-    print(f"compiled vs eager losses: {losses['unet']} vs {losses['off']}")
+    print(f"compiled vs eager losses: {losses['unet']} (U-Net), {losses['model']} (model) vs {losses['off']}")
     assert losses["unet"] == pytest.approx(losses["off"], rel=COMPILE_RTOL)
+    assert losses["model"] == pytest.approx(losses["off"], rel=COMPILE_RTOL)
     with pytest.raises(ValueError, match="compile must be"):
         _cfg(compile="yes")
 

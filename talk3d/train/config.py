@@ -39,7 +39,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     amp: str = "auto"               # "auto" (bf16 on CUDA, off on CPU), "bf16", "off"
     impl: str = "auto"              # render back end; "torch" is the reference renderer
-    compile: str = "off"            # "unet": torch.compile the deltaplane U-Net; "off": eager
+    compile: str = "off"            # "unet": torch.compile the deltaplane U-Net; "model": the whole forward; "off"
     compile_backend: str = "inductor"  # torch.compile backend ("inductor"; "aot_eager" to debug)
     coarse_samples: int | None = None       # None: the generator config's
     importance_samples: int | None = None
@@ -74,8 +74,8 @@ class TrainConfig:
             raise ValueError(f"train config: stage must be one of {STAGES}, got {self.stage!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"train config: amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
-        if self.compile not in ("off", "unet"):
-            raise ValueError(f"train config: compile must be 'off' or 'unet', got {self.compile!r}")
+        if self.compile not in ("off", "unet", "model"):
+            raise ValueError(f"train config: compile must be 'off', 'unet' or 'model', got {self.compile!r}")
         for name in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"train config: {name} must be >= 1, got {getattr(self, name)!r}")

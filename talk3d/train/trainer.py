@@ -207,6 +207,11 @@ class Trainer:
             # In place (nn.Module.compile): parameter names, checkpoints and DDP are unchanged. The
             # renderer is left eager: its hot path is already our fused kernels.
             self.model.deltaplane.predictor.compile(backend=cfg.compile_backend)
+        elif cfg.compile == "model":
+            # The whole forward (U-Net, render around the fused kernels, SR) and its backward: the
+            # elementwise work between the kernels (dtype and layout copies, scalings) fuses. One
+            # graph behind the model's prologue (tests/test_train.py).
+            self.model.compile(backend=cfg.compile_backend)
         params = [p for p in self.model.parameters() if p.requires_grad]
         # Adam's fused kernel (one pass over all parameters; CUDA and CPU), and on a GPU cuDNN
         # autotuning (every step has the same shapes). On an H200 at the release's sizes: 76.3 ms a
