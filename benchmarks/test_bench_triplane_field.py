@@ -119,12 +119,15 @@ def test_field_forward_backward(benchmark, impl, size, layout):
 
 
 @pytest.mark.benchmark(group="field-forward-bf16")
-@pytest.mark.parametrize("impl", ["torch", "cuda", "triton"])
-def test_field_forward_bf16(benchmark, impl):
+@pytest.mark.parametrize("impl", ["torch", "cuda", "cuda-mma", "triton"])
+def test_field_forward_bf16(benchmark, impl, monkeypatch):
     """The inference path's precision (issue 3's "under 1 ms in bf16"): bf16 planes and weights,
     fp32 points and accumulation, channels-last planes, at the GPU size. Triton's decoder runs its
-    two layers as bf16 tensor-core dots; the CUDA kernel's on fp32 FMAs (which is faster is what
-    this group measures)."""
+    two layers as bf16 tensor-core dots; the CUDA kernel's on fp32 FMAs, or (``cuda-mma``,
+    TALK3D_FIELD_MMA=1) as mma.sync products (which is fastest is what this group measures)."""
+    if impl == "cuda-mma":
+        monkeypatch.setenv("TALK3D_FIELD_MMA", "1")
+        impl = "cuda"
     if reason := _skip_reason(impl, "gpu_size"):
         pytest.skip(reason)
     case, rays_side, samples = SIZES["gpu_size"]

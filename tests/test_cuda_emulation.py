@@ -103,13 +103,28 @@ CASES = {
     "eg3d_bf16_fewer_points_than_a_tile": dict(dtype="bf16", B=1, N=50),
     "eg3d_f32_sigma_only": dict(omask=1, N=170),
     "eg3d_f16_features_only": dict(dtype="f16", omask=2, N=170),
+    # The tensor-core forward (FieldProblem::mlp = 1, fp16/bf16 storage): warps of 32 points, the
+    # decoder as two mma.sync products whose fragments the emulator gathers with warp shuffles.
+    # Aligned and unaligned texels, a partial last warp tile, one block walking many tiles, each
+    # output alone, and a pre-sm_80 device (the FMA kernel runs instead).
+    "eg3d_f16_tensor_cores": dict(dtype="f16", mlp=1, pad=(8, 0, 16, 8), N=150),
+    "eg3d_bf16_tensor_cores": dict(dtype="bf16", mlp=1, B=3, N=77, sms=1),
+    "eg3d_bf16_tensor_cores_unaligned": dict(dtype="bf16", mlp=1, pad=(1, 0, 2, 0), N=45),
+    "eg3d_f16_tensor_cores_features_only": dict(dtype="f16", mlp=1, omask=2, N=40),
+    "eg3d_bf16_tensor_cores_sigma_only": dict(dtype="bf16", mlp=1, omask=1, N=40),
+    "eg3d_f16_tensor_cores_sm75": dict(dtype="f16", mlp=1, cc=7, N=40),
 }
+# The tensor-core forward rounds the 32 features and 64 hidden units to the storage type before
+# each product (PyTorch's half-precision decoder does the same): a few more roundings of 2^-11
+# (fp16) / 2^-8 (bf16) relative, through sums of 32 and 64 terms, still within OUTPUT_RTOL.
+# Measured (CPU emulator): fp16 under 1e-3, bf16 5.1e-3 of the largest output.
+MMA_OUTPUT_RTOL = {"f16": OUTPUT_RTOL["f16"], "bf16": OUTPUT_RTOL["bf16"]}
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_cuda_kernels_in_emulation(emulator, tmp_path, name):
     c = dict(dtype="f32", B=2, H=16, W=16, C=32, N=300, HID=64, OUT=33, axes=0, box=1.0, pad=(0, 0, 0, 0),
-             optin=232448, sms=2, per_sm=1, mask=63, gmask=3, chunk=128, omask=3)
+             optin=232448, sms=2, per_sm=1, mask=63, gmask=3, chunk=128, omask=3, mlp=0, cc=9)
     c.update(CASES[name])
     code, sdt, pdt = DTYPES[c["dtype"]]
     B, H, W, C, N, HID, OUT = (c[k] for k in ("B", "H", "W", "C", "N", "HID", "OUT"))
@@ -131,7 +146,7 @@ def test_cuda_kernels_in_emulation(emulator, tmp_path, name):
     gf = torch.randn(B, N, OUT - 1, dtype=torch.float64).to(sdt)
     for fn, t in [("planes", buf), ("xyz", xyz), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("gsigma", gs), ("gfeat", gf)]:
         (tmp_path / f"{fn}.bin").write_bytes(_raw(t))
-    meta = [code, B, H, W, C, N, HID, OUT, c["axes"], c["box"], sb, sp, sy, sx, c["optin"], c["sms"], c["per_sm"], c["mask"], c["gmask"], c["chunk"], c["omask"]]
+    meta = [code, B, H, W, C, N, HID, OUT, c["axes"], c["box"], sb, sp, sy, sx, c["optin"], c["sms"], c["per_sm"], c["mask"], c["gmask"], c["chunk"], c["omask"], c["mlp"], c["cc"]]
     (tmp_path / "meta.txt").write_text(" ".join(map(str, meta)))
     proc = subprocess.run([str(emulator), str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -140,6 +155,11 @@ def test_cuda_kernels_in_emulation(emulator, tmp_path, name):
     assert ("streaming backward" in proc.stdout) == streaming, proc.stdout
     if c["chunk"] < 0:
         assert f"wave={c['per_sm'] * c['sms'] * 128} " in proc.stdout, proc.stdout
+    smem = int(re.search(r"forward smem bytes (\d+) \(tensor cores: (\d+)\)", proc.stdout).group(1))
+    tensor_cores = c["mlp"] == 1 and c["cc"] >= 8 and (C, HID, OUT) == (32, 64, 33) and c["dtype"] in ("f16", "bf16")
+    mma_bytes = int(re.search(r"tensor cores: (\d+)", proc.stdout).group(1))
+    assert (smem == mma_bytes) == tensor_cores, proc.stdout  # the kernel that ran, by its shared memory
+    out_rtol = MMA_OUTPUT_RTOL if tensor_cores else OUTPUT_RTOL
 
     # Reference in float64 on the same (rounded) values.
     P = master.to(torch.float64).permute(0, 1, 4, 2, 3).contiguous().requires_grad_()
@@ -152,9 +172,9 @@ def test_cuda_kernels_in_emulation(emulator, tmp_path, name):
     # A forward output not asked for (null pointer) stays as the emulator allocated it: zeros.
     results = {
         "sigma": (_load(tmp_path / "out_sigma.bin", sdt, sigma.shape),
-                  sigma.detach() if c["omask"] & 1 else torch.zeros_like(sigma), OUTPUT_RTOL),
+                  sigma.detach() if c["omask"] & 1 else torch.zeros_like(sigma), out_rtol),
         "feat": (_load(tmp_path / "out_feat.bin", sdt, feat.shape),
-                 feat.detach() if c["omask"] & 2 else torch.zeros_like(feat), OUTPUT_RTOL),
+                 feat.detach() if c["omask"] & 2 else torch.zeros_like(feat), out_rtol),
     }
     refs = [P.grad.permute(0, 1, 3, 4, 2), X.grad] + [w.grad for w in Ws]
     for bit, (nm, r) in enumerate(zip(["dplanes", "dxyz", "dw1", "db1", "dw2", "db2"], refs)):

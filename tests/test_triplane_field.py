@@ -258,6 +258,33 @@ def test_half_precision_forward(impl, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+def test_cuda_tensor_core_forward(dtype, aligned, monkeypatch):
+    """TALK3D_FIELD_MMA=1: the decoder of fp16/bf16 planes on tensor cores (sm_80+; elsewhere the
+    FMA kernel runs), held to the same bound as the other half-precision kernels, on planes whose
+    texels are 16-byte aligned (channels-last view) and not (a channel-padded buffer); a point
+    count that leaves a partial warp tile."""
+    monkeypatch.setenv("TALK3D_FIELD_MMA", "1")
+    case = FieldCase(B=2, N=1000 + 13, C=32, hidden=64, out=33, H=24, W=20)
+    inputs = make_field_inputs(case, dtype=torch.float32, device="cuda")
+    low = [t if i == 1 else t.to(dtype) for i, t in enumerate(inputs)]
+    if not aligned:  # a channels-last view whose texels are 33 channels apart: most not 16-byte aligned
+        B, _, C, H, W = low[0].shape
+        wide = torch.zeros(B, 3, H, W, C + 1, dtype=dtype, device="cuda")
+        wide[..., 1:] = low[0].permute(0, 1, 3, 4, 2)
+        low[0] = wide[..., 1:].permute(0, 1, 4, 2, 3)
+    exact = reference.triplane_field(*[t.double().cpu() for t in low])
+    torch_low = reference.triplane_field(*low)
+    got = triplane_field(*low, impl="cuda")
+    for name, g, t, e in zip(("sigma", "feat"), got, torch_low, exact):
+        kernel_err = (g.double().cpu() - e).abs().max().item()
+        torch_err = (t.double().cpu() - e).abs().max().item()
+        assert kernel_err <= HALF_ERR_FACTOR * torch_err, (
+            f"{name}: tensor-core {dtype} error {kernel_err:.3g} vs PyTorch's {torch_err:.3g}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cuda_half_precision_backward(dtype):
     """Gradients with half-precision planes and weights (the streaming backward's fp16/bf16
     instances), held to HALF_ERR_FACTOR times the error of PyTorch's own backward in that dtype."""

@@ -1,6 +1,8 @@
 // CUDA implementation of the triplane field ops: validates, allocates, and calls the torch-free
 // launchers in kernels/triplane_field. Compiled only when the installed torch has CUDA.
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -21,6 +23,15 @@ cuda::FieldDType storage_dtype(at::ScalarType t) {
     case at::kDouble: return cuda::FieldDType::kF64;
     default: TORCH_CHECK_TYPE(false, "triplane_field (cuda): unsupported dtype ", t);
   }
+}
+
+// TALK3D_FIELD_MMA=1: the forward of fp16/bf16 planes at the EG3D size runs its decoder on tensor
+// cores (kernels/triplane_field/field_mma.cuh; sm_80+). Opt-in until it has been timed against the
+// FMA kernel on a GPU (benchmarks: field-forward-bf16, cuda-mma). Read at every call, so a process
+// can compare both.
+bool tensor_cores_requested() {
+  const char* v = std::getenv("TALK3D_FIELD_MMA");
+  return v != nullptr && std::string(v) == "1";
 }
 
 cuda::FieldProblem make_problem(const FieldInputs& in) {
@@ -50,6 +61,7 @@ cuda::FieldProblem make_problem(const FieldInputs& in) {
   p.OUT = static_cast<int>(in.OUT);
   p.box_warp = in.box_warp;
   p.axes = in.axes;
+  p.mlp = tensor_cores_requested() ? cuda::kMlpTensorCores : cuda::kMlpFma;
   return p;
 }
 

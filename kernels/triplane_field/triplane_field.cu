@@ -41,6 +41,7 @@
 #include "common/dispatch_storage.cuh"
 #include "common/grid.cuh"
 #include "common/half_types.cuh"
+#include "field_mma.cuh"
 #include "talk3d/triplane_field_math.h"
 
 namespace talk3d {
@@ -383,6 +384,142 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Forward of the EG3D decoder size with half-precision storage (fp16, bf16) on tensor cores
+// (sm_80+, FieldProblem::mlp = kMlpTensorCores): a thread per point gathers its 32 features in fp32
+// as the streaming kernel does; each warp then rounds its 32 points' features to the storage type and
+// runs the decoder as two matrix products with mma.sync (common shapes of field_mma.cuh):
+//   hidden [32 x 64] = features [32 x 32] W1^T + b1,   outputs [32 x 40] = softplus(hidden) W2^T + b2
+// (W2 padded from 33 to 40 rows with zeros), fp32 accumulation, the softplus applied to the first
+// product's accumulators and rounded straight into the second's A fragments. The per-point FMA form
+// does 4352 FMAs and ~1100 shared-memory weight loads a point; here a warp's 32 points take 72
+// mma instructions. Numerics: the features and hidden units are rounded to the storage type, as
+// PyTorch's own half-precision decoder rounds them (tests hold both to the same bound).
+struct MmaLayout {
+  static constexpr int kC = 32, kHid = 64, kOut = 33, kOutPad = 40;
+  // Row strides in 2-byte elements. A fragment read touches rows r..r+7 at words 4 apart; strides of
+  // 20 and 36 words put the 32 lanes' words in 32 distinct banks.
+  static constexpr int kLdW1 = 40, kLdW2 = 72, kLdTile = 40;
+  static constexpr int kLdStage = kOut;  // floats per staged output row
+  // Byte offsets, 16-byte aligned.
+  static constexpr int w1 = 0;                                // [kHid][kLdW1] storage bits
+  static constexpr int w2 = w1 + kHid * kLdW1 * 2;            // [kOutPad][kLdW2], rows >= kOut zero
+  static constexpr int b1 = w2 + kOutPad * kLdW2 * 2;         // [kHid] float
+  static constexpr int b2 = b1 + kHid * 4;                    // [kOutPad] float, zero padded
+  static constexpr int warps = b2 + kOutPad * 4;
+  // Per warp: the features tile [32][kLdTile] (2-byte), then, reusing it, the outputs [32][kLdStage] float.
+  static constexpr int kWarpBytes = (32 * kLdStage * 4 + 15) / 16 * 16;
+  static constexpr int bytes = warps + (kThreads / 32) * kWarpBytes;
+  static_assert(32 * kLdTile * 2 <= kWarpBytes, "the features tile fits the warp's region");
+  static_assert(w2 % 16 == 0 && b1 % 16 == 0 && b2 % 16 == 0 && warps % 16 == 0, "aligned regions");
+};
+
+template <typename S, bool kVecTaps>
+__global__ void __launch_bounds__(kThreads)
+    field_forward_mma_kernel(const FwdArgs<S> a, const EG3DDims d) {
+  using M = MmaLayout;
+  unsigned char* sm = smem_base<unsigned char>();
+  uint16_t* w1s = reinterpret_cast<uint16_t*>(sm + M::w1);
+  uint16_t* w2s = reinterpret_cast<uint16_t*>(sm + M::w2);
+  float* b1s = reinterpret_cast<float*>(sm + M::b1);
+  float* b2s = reinterpret_cast<float*>(sm + M::b2);
+  for (int e = threadIdx.x; e < M::kHid * M::kC; e += blockDim.x)
+    w1s[(e / M::kC) * M::kLdW1 + e % M::kC] = static_cast<uint16_t>(mma::half_bits(a.w1[e]));
+  for (int e = threadIdx.x; e < M::kOutPad * M::kHid; e += blockDim.x) {
+    const int o = e / M::kHid, j = e % M::kHid;
+    w2s[o * M::kLdW2 + j] = o < M::kOut ? static_cast<uint16_t>(mma::half_bits(a.w2[o * M::kHid + j])) : 0;
+  }
+  for (int j = threadIdx.x; j < M::kHid; j += blockDim.x) b1s[j] = Storage<S>::to_acc(a.b1[j]);
+  for (int o = threadIdx.x; o < M::kOutPad; o += blockDim.x) b2s[o] = o < M::kOut ? Storage<S>::to_acc(a.b2[o]) : 0.0f;
+  __syncthreads();
+
+  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
+  const int g = lane / 4, t = lane % 4;
+  unsigned char* mine = sm + M::warps + warp * M::kWarpBytes;
+  uint16_t* tile = reinterpret_cast<uint16_t*>(mine);
+  float* stage = reinterpret_cast<float*>(mine);
+  const int64_t step = int64_t(gridDim.x) * blockDim.x;
+  // Warps walk tiles of 32 consecutive points on their own (only __syncwarp below).
+  for (int64_t base = int64_t(blockIdx.x) * blockDim.x + warp * 32; base < a.total; base += step) {
+    const int64_t i = base + lane;
+    float f[M::kC];
+#pragma unroll
+    for (int c = 0; c < M::kC; ++c) f[c] = 0.0f;
+    if (i < a.total) {  // a lane past the end contributes a zero row
+      float q[3];
+      field::scale_point(a.xyz + 3 * i, a.inv_half_box, q);
+      field::sample_mean<kVecTaps>(d, a.planes + (i / a.N) * a.s_batch, a.geom, a.axes, q, f);
+    }
+    uint32_t* row = reinterpret_cast<uint32_t*>(tile + lane * M::kLdTile);
+#pragma unroll
+    for (int c = 0; c < M::kC; c += 2) row[c / 2] = mma::pack2<S>(f[c], f[c + 1]);
+    __syncwarp();
+    uint32_t afr[2][2][4];  // [16-point half][16-channel block][register]
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int kb = 0; kb < 2; ++kb)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int r = mt * 16 + g + 8 * (j & 1), k = kb * 16 + 8 * (j >> 1) + 2 * t;
+          afr[mt][kb][j] = *reinterpret_cast<const uint32_t*>(tile + r * M::kLdTile + k);
+        }
+    __syncwarp();  // the outputs below overwrite the tile
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      float acc[M::kHid / 8][4];
+#pragma unroll
+      for (int nt = 0; nt < M::kHid / 8; ++nt) {
+        const int col = nt * 8 + 2 * t;
+        acc[nt][0] = acc[nt][2] = b1s[col];
+        acc[nt][1] = acc[nt][3] = b1s[col + 1];
+#pragma unroll
+        for (int kb = 0; kb < 2; ++kb) {
+          const uint16_t* w = w1s + (nt * 8 + g) * M::kLdW1 + kb * 16 + 2 * t;
+          const uint32_t bfr[2] = {*reinterpret_cast<const uint32_t*>(w), *reinterpret_cast<const uint32_t*>(w + 8)};
+          mma::mma_16816<S>(acc[nt], afr[mt][kb], bfr);
+        }
+      }
+      // softplus, rounded into the second product's A fragments: k-block kb2 of the hidden units is
+      // accumulator tiles 2 kb2 (registers 0, 1) and 2 kb2 + 1 (registers 2, 3).
+      uint32_t hfr[M::kHid / 16][4];
+#pragma unroll
+      for (int kb2 = 0; kb2 < M::kHid / 16; ++kb2)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const float* c = acc[2 * kb2 + half];
+          hfr[kb2][2 * half] = mma::pack2<S>(field::softplus(c[0]), field::softplus(c[1]));
+          hfr[kb2][2 * half + 1] = mma::pack2<S>(field::softplus(c[2]), field::softplus(c[3]));
+        }
+#pragma unroll
+      for (int nt = 0; nt < M::kOutPad / 8; ++nt) {
+        const int col = nt * 8 + 2 * t;
+        float out[4] = {b2s[col], b2s[col + 1], b2s[col], b2s[col + 1]};
+#pragma unroll
+        for (int kb2 = 0; kb2 < M::kHid / 16; ++kb2) {
+          const uint16_t* w = w2s + (nt * 8 + g) * M::kLdW2 + kb2 * 16 + 2 * t;
+          const uint32_t bfr[2] = {*reinterpret_cast<const uint32_t*>(w), *reinterpret_cast<const uint32_t*>(w + 8)};
+          mma::mma_16816<S>(out, hfr[kb2], bfr);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = mt * 16 + g + 8 * (e >> 1), o = col + (e & 1);
+          if (o < M::kOut) stage[r * M::kLdStage + o] = o == 0 ? out[e] : field::feature_activation(out[e]);
+        }
+      }
+    }
+    __syncwarp();
+    // The warp's outputs, coalesced: sigma a point a lane, features as one run of n * 32 values.
+    const int n = static_cast<int>(a.total - base < 32 ? a.total - base : 32);
+    if (a.sigma && lane < n) a.sigma[base + lane] = Storage<S>::from_acc(stage[lane * M::kLdStage]);
+    if (a.feat) {
+      S* out = a.feat + base * (M::kOut - 1);
+      for (int e = lane; e < n * (M::kOut - 1); e += 32)
+        out[e] = Storage<S>::from_acc(stage[(e / (M::kOut - 1)) * M::kLdStage + 1 + e % (M::kOut - 1)]);
+    }
+    __syncwarp();  // the next tile overwrites the stage
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Backward.
 // ------------------------------------------------------------------------------------------------
@@ -711,6 +848,14 @@ cudaError_t device_info(DeviceInfo& info) {
   return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, dev, info.smem_optin);
 }
 
+// Whether the current device has the mma.sync shapes of field_mma.cuh (compute capability 8.0+).
+cudaError_t tensor_cores_available(bool& yes) {
+  int dev = 0, major = 0;
+  const cudaError_t err = device_attribute(cudaDevAttrComputeCapabilityMajor, dev, major);
+  yes = err == cudaSuccess && major >= 8;
+  return err;
+}
+
 // Opts the kernel in to `bytes` of dynamic shared memory and returns how many blocks to launch:
 // enough to fill the device once (grid-stride loops take the rest), at most one per `T` points.
 // Both queries are answered once per device and kernel (common/grid.cuh).
@@ -812,6 +957,21 @@ cudaError_t forward_dims(const FieldProblem& p, const Dims& d, void* sigma, void
 
   const int T = kThreads;
   int blocks = 0;
+  if constexpr (kIsEG3D<Dims> && (std::is_same<S, __half>::value || std::is_same<S, __nv_bfloat16>::value)) {
+    bool tensor_cores = false;
+    if (p.mlp == kMlpTensorCores) {
+      err = tensor_cores_available(tensor_cores);
+      if (err != cudaSuccess) return err;
+    }
+    if (tensor_cores && size_t(MmaLayout::bytes) <= size_t(info.smem_optin)) {
+      auto kernel = vec_taps<S>(p) ? field_forward_mma_kernel<S, true> : field_forward_mma_kernel<S, false>;
+      const size_t bytes = MmaLayout::bytes;
+      err = prepare_launch(kernel, T, bytes, a.total, info, blocks);
+      if (err != cudaSuccess) return err;
+      kernel<<<blocks, T, bytes, stream>>>(a, d);
+      return cudaGetLastError();
+    }
+  }
   if constexpr (kIsEG3D<Dims> && std::is_same<acc_t, float>::value) {
     const size_t bytes = size_t(ForwardStage::elems) * sizeof(float);
     if (bytes <= size_t(info.smem_optin)) {

@@ -26,7 +26,13 @@ struct FieldProblem {
   int HID, OUT;        // OUT = 1 + F
   double box_warp;
   int axes;            // 0 = fixed, 1 = eg3d
+  // Forward decoder of the EG3D size with fp16/bf16 storage: kMlpFma (per-point fp32 FMAs) or
+  // kMlpTensorCores (mma.sync on sm_80+, features and hidden units rounded to the storage type;
+  // elsewhere, and for other sizes and dtypes, the FMA kernels run).
+  int mlp = 0;
 };
+
+constexpr int kMlpFma = 0, kMlpTensorCores = 1;
 
 // sigma: [B, N, 1], feat: [B, N, OUT - 1], contiguous, dtype of the planes.
 cudaError_t field_forward(const FieldProblem& p, void* sigma, void* feat, cudaStream_t stream);

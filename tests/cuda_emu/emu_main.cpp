@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <fstream>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -42,11 +43,30 @@ thread_local uint3 blockIdx;
 dim3 blockDim, gridDim;
 std::barrier<>* g_bar = nullptr;
 inline void __syncthreads() { g_bar->arrive_and_wait(); }
+// Warp-level primitives of the tensor-core forward's fallback product (field_mma.cuh): a barrier per
+// warp of the running block, and one exchange slot per lane.
+std::vector<std::unique_ptr<std::barrier<>>> g_warp_bars;
+std::vector<uint64_t> g_warp_slots;
+inline void __syncwarp(unsigned = 0xffffffffu) { g_warp_bars[threadIdx.x / 32]->arrive_and_wait(); }
+template <class T>
+T __shfl_sync(unsigned, T v, int src) {
+  static_assert(sizeof(T) <= 8, "a register");
+  const int w = threadIdx.x / 32;
+  uint64_t bits = 0;
+  memcpy(&bits, &v, sizeof(T));
+  g_warp_slots[w * 32 + threadIdx.x % 32] = bits;
+  __syncwarp();
+  const uint64_t got = g_warp_slots[w * 32 + (src & 31)];
+  __syncwarp();  // every lane has read before any writes again
+  T out;
+  memcpy(&out, &got, sizeof(T));
+  return out;
+}
 std::mutex g_mu;
 inline float atomicAdd(float* p, float v) { std::lock_guard<std::mutex> l(g_mu); float o = *p; *p = o + v; return o; }
 inline double atomicAdd(double* p, double v) { std::lock_guard<std::mutex> l(g_mu); double o = *p; *p = o + v; return o; }
 
-int g_sms = 2, g_optin = 232448, g_per_sm = 1;
+int g_sms = 2, g_optin = 232448, g_per_sm = 1, g_cc_major = 9;
 size_t g_last_bytes = 0; int g_last_T = 0, g_last_blocks = 0;
 extern "C" {
 cudaError_t CUDARTAPI cudaGetLastError(void) { return cudaSuccess; }
@@ -54,6 +74,7 @@ cudaError_t CUDARTAPI cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 cudaError_t CUDARTAPI cudaDeviceGetAttribute(int* v, enum cudaDeviceAttr a, int) {
   if (a == cudaDevAttrMultiProcessorCount) *v = g_sms;
   else if (a == cudaDevAttrMaxSharedMemoryPerBlockOptin) *v = g_optin;
+  else if (a == cudaDevAttrComputeCapabilityMajor) *v = g_cc_major;
   else return cudaErrorInvalidValue;
   return cudaSuccess;
 }
@@ -82,6 +103,9 @@ void emu_launch(K kernel, int blocks, int T, size_t bytes, const A&... args) {
     memcpy(talk3d::cuda::t3d_field_smem, poison.data(), bytes);
     std::barrier<> bar(T);
     g_bar = &bar;
+    g_warp_bars.clear();
+    for (int w = 0; w * 32 < T; ++w) g_warp_bars.push_back(std::make_unique<std::barrier<>>(std::min(32, T - 32 * w)));
+    g_warp_slots.assign(size_t((T + 31) / 32) * 32, 0);
     std::vector<std::thread> th;
     for (int t = 0; t < T; ++t)
       th.emplace_back([&, t, b] { threadIdx = make_uint3(t, 0, 0); blockIdx = make_uint3(b, 0, 0); kernel(args...); });
@@ -159,7 +183,8 @@ int main(int argc, char** argv) {
   long long N, sb, sp, sy, sx, chunk;
   double box;
   int omask;  // forward outputs wanted: 1 sigma, 2 feat (a null pointer for the other)
-  m >> dtype >> B >> H >> W >> C >> N >> HID >> OUT >> axes >> box >> sb >> sp >> sy >> sx >> g_optin >> g_sms >> g_per_sm >> mask >> gmask >> chunk >> omask;
+  int mlp;    // FieldProblem::mlp (1: the tensor-core forward, where it applies)
+  m >> dtype >> B >> H >> W >> C >> N >> HID >> OUT >> axes >> box >> sb >> sp >> sy >> sx >> g_optin >> g_sms >> g_per_sm >> mask >> gmask >> chunk >> omask >> mlp >> g_cc_major;
   if (!m) { fprintf(stderr, "bad meta.txt\n"); return 2; }
   const size_t es = (dtype == 0) ? 4 : (dtype == 3 ? 8 : 2);   // storage size
   const size_t as = dtype == 3 ? 8 : 4;                        // accumulation size
@@ -176,11 +201,12 @@ int main(int argc, char** argv) {
   p.planes = planes.data(); p.s_batch = sb; p.s_plane = sp; p.s_y = sy; p.s_x = sx;
   p.B = B; p.H = H; p.W = W; p.C = C; p.xyz = xyz.data(); p.N = N;
   p.w1 = w1.data(); p.b1 = b1.data(); p.w2 = w2.data(); p.b2 = b2.data();
-  p.HID = HID; p.OUT = OUT; p.box_warp = box; p.axes = axes;
+  p.HID = HID; p.OUT = OUT; p.box_warp = box; p.axes = axes; p.mlp = mlp;
   const size_t P = size_t(B) * N, F = OUT - 1;
   std::vector<unsigned char> sigma(P * es), feat(P * F * es);
   cudaError_t e = field_forward(p, (omask & 1) ? sigma.data() : nullptr, (omask & 2) ? feat.data() : nullptr, nullptr);
   printf("forward: err=%d T=%d blocks=%d smem=%zu\n", int(e), g_last_T, g_last_blocks, g_last_bytes);
+  printf("forward smem bytes %zu (tensor cores: %zu)\n", g_last_bytes, size_t(MmaLayout::bytes));
   writef(dir + "/out_sigma.bin", sigma); writef(dir + "/out_feat.bin", feat);
   std::vector<unsigned char> dpl(size_t(B) * 3 * H * W * C * as, 0), dxyz(P * 3 * as, 0), dw1(size_t(HID) * C * as, 0),
       db1(HID * as, 0), dw2(size_t(OUT) * HID * as, 0), db2(OUT * as, 0);
