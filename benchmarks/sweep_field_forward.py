@@ -6,12 +6,13 @@ kernel against the Triton kernel at each (points per program, warps) launch sett
 Same inputs as the ``field-forward`` benchmarks at the GPU size (4 x 128^2 rays x 96 samples, planes
 channels-last). Triton's default launch settings came from compiling for sm_90 with the least
 register spilling, not from timings; its bf16 decoder uses tensor-core dots, the CUDA kernel fp32
-FMAs. The table says which back end ``impl="auto"`` should pick per dtype and which Triton setting
+FMAs, or with TALK3D_FIELD_MMA=1 (bf16) mma.sync products. The table says which back end ``impl="auto"`` should pick per dtype and which Triton setting
 should be its default. A measuring tool (GPU only), not a test.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,17 @@ from field_cases import make_field_inputs, make_ray_points  # noqa: E402
 from talk3d.ops import triplane_field  # noqa: E402
 
 TRITON_SETTINGS = [(32, 4), (32, 8), (64, 4), (64, 8), (128, 4), (128, 8)]
+
+
+def _with_mma(fn):
+    """fn with the CUDA adapter's tensor-core switch on (fp32 planes ignore it: the FMA kernel)."""
+    def run():
+        os.environ["TALK3D_FIELD_MMA"] = "1"
+        try:
+            return fn()
+        finally:
+            os.environ.pop("TALK3D_FIELD_MMA", None)
+    return run
 
 
 def main() -> None:
@@ -46,6 +58,8 @@ def main() -> None:
         inputs[1] = make_ray_points(case.B, rays_side, samples, device=device)
         planes_cl = inputs[0].permute(0, 1, 3, 4, 2)  # the [B, 3, H, W, C] buffer itself
         runs = {"cuda": lambda: triplane_field(*inputs, impl="cuda"),
+                "cuda, tensor-core decoder (TALK3D_FIELD_MMA=1; bf16 only)": _with_mma(
+                    lambda: triplane_field(*inputs, impl="cuda")),
                 "torch (reference)": lambda: triplane_field(*inputs, impl="torch")}
         for block, warps in TRITON_SETTINGS:
             runs[f"triton block {block}, {warps} warps"] = (
