@@ -368,6 +368,21 @@ def test_cuda_render_matches_reference_forward_backward_and_skipping():
     torch.testing.assert_close(skip.feature_image.cpu(), outs[0].feature_image, atol=CUDA_RENDER_ATOL, rtol=0)
 
 
+def test_render_compiles_with_a_symbolic_batch():
+    """torch.compile with dynamic shapes: the batch becomes symbolic and the random jitter and
+    importance numbers are drawn at that size (torch.rand's overload with a generator takes
+    concrete sizes only: a training step compiled after a change of batch size failed to trace).
+    Same random numbers, same frame, eager or compiled."""
+    planes, dec, cams, cfg = _scene(res=6, B=2)
+    compiled = torch.compile(render, backend="aot_eager", dynamic=True)
+    for B in (2, 1):
+        torch.manual_seed(0)
+        eager = render(planes[:B], dec, cams[:B], cfg, impl="torch", check_cameras=False).feature_image
+        torch.manual_seed(0)
+        got = compiled(planes[:B], dec, cams[:B], cfg, impl="torch", check_cameras=False).feature_image
+        torch.testing.assert_close(got, eager, rtol=0, atol=FULL_GRID_REF_ATOL)
+
+
 def test_render_ignores_autocast():
     """Geometry stays fp32 under autocast: the same frame as without it."""
     planes, dec, cams, cfg = _scene(res=8)

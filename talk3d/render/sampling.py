@@ -15,6 +15,13 @@ WEIGHT_FLOOR = 0.01
 PDF_EPS = 1e-5
 
 
+
+def _generator(generator: torch.Generator | None) -> dict:
+    """``generator=`` for torch.rand only when there is one: its overload with a generator takes
+    concrete sizes only, and a compiled batch of symbolic size (torch.compile's dynamic shapes)
+    then fails to trace."""
+    return {} if generator is None else {"generator": generator}
+
 def stratified_depths(
     n: int,
     ray_start,
@@ -53,7 +60,7 @@ def stratified_depths(
     t = start + (end - start) * steps  # [n] or [B, R, n]
     t = t.expand(B, R, n)
     if jitter is None and not deterministic:
-        jitter = torch.rand(B, R, n, device=device, dtype=dtype, generator=generator)
+        jitter = torch.rand(B, R, n, device=device, dtype=dtype, **_generator(generator))
     if jitter is not None:
         if jitter.shape != (B, R, n):
             raise ValueError(f"stratified_depths: jitter must be [B={B}, R={R}, n={n}], got {tuple(jitter.shape)}")
@@ -143,7 +150,7 @@ def importance_depths(
             if deterministic:
                 u = torch.linspace(0, 1, n, device=t.device, dtype=t.dtype).expand(B * R, n)
             else:
-                u = torch.rand(B * R, n, device=t.device, dtype=t.dtype, generator=generator)
+                u = torch.rand(B * R, n, device=t.device, dtype=t.dtype, **_generator(generator))
         elif u.shape != (B, R, n):
             raise ValueError(f"importance_depths: u must be [B={B}, R={R}, n={n}], got {tuple(u.shape)}")
         out = invert_cdf(mids, interior, u.reshape(B * R, n).to(t.dtype))
