@@ -68,8 +68,14 @@ def _is_binomial(f: torch.Tensor) -> bool:
 def refresh_binomial_flags(module: nn.Module) -> None:
     """Bring :func:`_is_binomial`'s answer up to date on every ``resample_filter`` buffer of
     ``module``, eagerly (a version comparison each, once computed), so that a compiled graph, which
-    reads the answer but cannot check it, finds it current."""
-    for m in module.modules():
+    reads the answer but cannot check it, finds it current. The modules holding a filter are found
+    once (a model's structure does not change); the buffers are looked up on every call, as
+    ``.to()`` and ``load_state_dict`` may have replaced them."""
+    holders = module.__dict__.get("_talk3d_filter_holders")
+    if holders is None:
+        holders = [m for m in module.modules() if "resample_filter" in m._buffers]
+        module.__dict__["_talk3d_filter_holders"] = holders
+    for m in holders:
         f = m._buffers.get("resample_filter")
         if f is not None:
             _is_binomial(f)
