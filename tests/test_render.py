@@ -401,15 +401,20 @@ def test_render_ignores_autocast():
 HALF_PLANES_MIN_PSNR = 35.0
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda),
+                                    pytest.param("cuda-mma", marks=pytest.mark.cuda)])
 def test_half_precision_planes_render_in_fp32_depths(device, monkeypatch):
     """The fast path's bf16 planes: dense and skipping renders close to fp32 planes of the same
     values, with the compositing done on fp32 depths (the compositing ops take one dtype).
 
     On the CPU the half outputs were already widened before compositing, so there this checks the
-    numbers only; the CUDA case is the one that fails without the widening."""
+    numbers only; the CUDA case is the one that fails without the widening. ``cuda-mma``: the
+    field's decoder on tensor cores (TALK3D_FIELD_MMA=1; the head scene has the EG3D sizes)."""
     from talk3d.render import renderer as renderer_module
 
+    if device == "cuda-mma":
+        monkeypatch.setenv("TALK3D_FIELD_MMA", "1")
+        device = "cuda"
     planes, dec, cams, cfg = _scene(res=24, B=2)
     dev = torch.device(device)
     # On the CPU "auto" picks Triton for bf16, which the tests run in its (slow) interpreter.
