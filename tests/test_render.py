@@ -276,8 +276,9 @@ def test_empty_grid_renders_nothing(impl):
 
 def test_grid_outside_flag_follows_every_change():
     """The grid keeps ``outside`` on the host (on a GPU, reading the buffer waits for the device)
-    and in its buffer (for state_dict), and every way of setting it changes both: fill,
-    set_occupied, outside_occupied, load_state_dict; copies and grids built in inference mode too."""
+    and in its buffer (for state_dict); every way of setting it is seen: fill, set_occupied,
+    outside_occupied, load_state_dict, in-place writes and reassignment by hand; copies and grids
+    built in inference mode too."""
     o = torch.tensor([[[0.0, 0.0, -3.0]]])
     d = torch.tensor([[[0.0, 0.0, 1.0]]])
     t = torch.linspace(0.0, 0.5, 6)[None, None]  # never reaches the cube [-0.8, 0.8]^3: outside only
@@ -293,6 +294,10 @@ def test_grid_outside_flag_follows_every_change():
     assert not hits(grid)
     grid.outside_occupied = True
     assert hits(grid) and not hits(empty) and bool(grid.outside)
+    grid.outside.fill_(False)  # by hand, in place
+    assert not hits(grid)
+    grid.outside = torch.tensor(True)  # by hand, another tensor
+    assert hits(grid)
     assert hits(copy.deepcopy(grid)) and not hits(copy.deepcopy(empty))
     with torch.inference_mode():
         built = OccupancyGrid(8).fill(False)
@@ -341,6 +346,10 @@ def test_bad_render_inputs_raise():
         RenderConfig(ray_start=3.0, ray_end=2.0)
     with pytest.raises(ValueError, match="randoms"):
         render(planes, dec, cams, cfg, randoms=RenderRandoms(torch.rand(1, 2, 3), torch.rand(1, 2, 3)))
+    # Jitter outside [0, 1) could unsort the depths, which the compositing takes unchecked.
+    rnd = _randoms(1, cfg)
+    with pytest.raises(ValueError, match=r"jitter must lie in \[0, 1\)"):
+        render(planes, dec, cams, cfg, randoms=RenderRandoms(rnd.coarse_jitter + 1.5, rnd.importance_u))
 
 
 @pytest.mark.cuda

@@ -14,13 +14,16 @@ namespace cuda {
 
 // Launch queries, answered once per device (and kernel): a rendered frame makes dozens of launches,
 // and at one 128² frame (a few hundred microseconds of GPU work) a few microseconds of runtime
-// queries before each is not negligible. The answers cannot change while the process runs (torch
-// never resets a device), so a mutex-guarded map is the whole cache; the lock is uncontended.
+// queries before each is not negligible. Device attributes and occupancies cannot change while the
+// process runs (torch never resets a device), so a mutex-guarded map is the whole cache; the lock
+// is uncontended. The shared-memory opt-in is different: it is the kernel's (on a device), the last
+// value set wins, and launches of one kernel may need different amounts, so it is raised whenever a
+// launch needs more than any before and never lowered.
 namespace launch_cache {
 
 struct Key {
   const void* kernel;  // null for a device attribute
-  int device, a, b;    // attribute: (attr, 0); occupancy: (threads, bytes)
+  int device, a, b;    // attribute: (attr, 0); occupancy: (threads, bytes); opt-in: (-1, 0)
   bool operator<(const Key& o) const {
     return std::tie(kernel, device, a, b) < std::tie(o.kernel, o.device, o.a, o.b);
   }
@@ -36,10 +39,9 @@ inline std::map<Key, int>& values() {
 }
 
 // `query()` (which sets `value`) on the first call for `key`, the remembered value afterwards. A
-// failed query is not remembered.
+// failed query is not remembered. The caller holds the lock.
 template <typename Query>
-cudaError_t lookup(const Key& key, int& value, Query&& query) {
-  std::lock_guard<std::mutex> lock(mutex());
+cudaError_t lookup_locked(const Key& key, int& value, Query&& query) {
   auto it = values().find(key);
   if (it != values().end()) {
     value = it->second;
@@ -48,6 +50,12 @@ cudaError_t lookup(const Key& key, int& value, Query&& query) {
   const cudaError_t err = query(value);
   if (err == cudaSuccess) values().emplace(key, value);
   return err;
+}
+
+template <typename Query>
+cudaError_t lookup(const Key& key, int& value, Query&& query) {
+  std::lock_guard<std::mutex> lock(mutex());
+  return lookup_locked(key, value, query);
 }
 
 }  // namespace launch_cache
@@ -62,17 +70,22 @@ inline cudaError_t device_attribute(cudaDeviceAttr attr, int& device, int& value
 }
 
 // Resident blocks per SM of `kernel` at `threads` threads and `bytes` of dynamic shared memory on the
-// current device. Above the default 48 KB, the kernel is first opted in to `bytes` (an attribute of
-// the kernel on this device, so it too is set once).
+// current device. Above the default 48 KB the kernel is first opted in to at least `bytes` (raised
+// when this launch needs more than the kernel's largest opt-in so far on this device).
 inline cudaError_t blocks_per_sm(const void* kernel, int threads, size_t bytes, int& per_sm) {
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  return launch_cache::lookup({kernel, device, threads, int(bytes)}, per_sm, [&](int& v) {
-    if (bytes > 48 * 1024) {
-      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-      if (e != cudaSuccess) return e;
+  std::lock_guard<std::mutex> lock(launch_cache::mutex());
+  if (bytes > 48 * 1024) {
+    auto& opted = launch_cache::values()[{kernel, device, -1, 0}];  // 0 until the first opt-in
+    if (int(bytes) > opted) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+      if (err != cudaSuccess) return err;
+      opted = int(bytes);
     }
+  }
+  return launch_cache::lookup_locked({kernel, device, threads, int(bytes)}, per_sm, [&](int& v) {
     return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, kernel, threads, bytes);
   });
 }

@@ -848,11 +848,20 @@ cudaError_t device_info(DeviceInfo& info) {
   return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, dev, info.smem_optin);
 }
 
-// Whether the current device has the mma.sync shapes of field_mma.cuh (compute capability 8.0+).
-cudaError_t tensor_cores_available(bool& yes) {
-  int dev = 0, major = 0;
-  const cudaError_t err = device_attribute(cudaDevAttrComputeCapabilityMajor, dev, major);
-  yes = err == cudaSuccess && major >= 8;
+// Whether `kernel` runs field_mma.cuh's mma.sync on the current device: the device has them
+// (compute capability 8.0+) and the kernel's code was generated for them (its PTX is sm_80+; a
+// build for older architectures JIT-compiled here would run the slow warp-shuffle form).
+cudaError_t tensor_cores_available(const void* kernel, bool& yes) {
+  int dev = 0, major = 0, ptx = 0;
+  cudaError_t err = device_attribute(cudaDevAttrComputeCapabilityMajor, dev, major);
+  if (err != cudaSuccess) return err;
+  err = launch_cache::lookup({kernel, dev, -2, 0}, ptx, [&](int& v) {
+    cudaFuncAttributes attr;
+    const cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
+    v = attr.ptxVersion;
+    return e;
+  });
+  yes = err == cudaSuccess && major >= 8 && ptx >= 80;
   return err;
 }
 
@@ -958,13 +967,13 @@ cudaError_t forward_dims(const FieldProblem& p, const Dims& d, void* sigma, void
   const int T = kThreads;
   int blocks = 0;
   if constexpr (kIsEG3D<Dims> && (std::is_same<S, __half>::value || std::is_same<S, __nv_bfloat16>::value)) {
+    auto kernel = vec_taps<S>(p) ? field_forward_mma_kernel<S, true> : field_forward_mma_kernel<S, false>;
     bool tensor_cores = false;
     if (p.mlp == kMlpTensorCores) {
-      err = tensor_cores_available(tensor_cores);
+      err = tensor_cores_available(reinterpret_cast<const void*>(kernel), tensor_cores);
       if (err != cudaSuccess) return err;
     }
     if (tensor_cores && size_t(MmaLayout::bytes) <= size_t(info.smem_optin)) {
-      auto kernel = vec_taps<S>(p) ? field_forward_mma_kernel<S, true> : field_forward_mma_kernel<S, false>;
       const size_t bytes = MmaLayout::bytes;
       err = prepare_launch(kernel, T, bytes, a.total, info, blocks);
       if (err != cudaSuccess) return err;

@@ -265,7 +265,8 @@ class _HostFrames:
         if x.device.type == "cuda":
             self.host = x.to("cpu", non_blocking=True)  # a pinned destination
             self.event = torch.cuda.Event()
-            self.event.record()
+            # On the stream the copy went to: x's device's, which need not be the current device.
+            self.event.record(torch.cuda.current_stream(x.device))
         else:
             self.host = x.cpu()
 

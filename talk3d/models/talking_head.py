@@ -143,8 +143,8 @@ class TalkingHead(nn.Module):
         cameras (one read-back from the device), refreshes the SR's filter flags
         (:func:`talk3d.models.layers.refresh_binomial_flags`) and looks up the cached encoding.
         Compiled, :meth:`forward` is one graph after this (CUDA graphs under reduce-overhead)."""
-        if check_cameras:
-            check_cameras_fn(cams)
+        if check_cameras:  # in fp32 at least, as the render uses them
+            check_cameras_fn(cams if cams.dtype == torch.float64 else cams.float())
         refresh_binomial_flags(self.generator.superresolution)
         return self._cached_encoding()
 

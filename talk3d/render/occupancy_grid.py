@@ -51,7 +51,7 @@ class OccupancyGrid(nn.Module):
         self.register_buffer("opacity", torch.zeros(n))
         self.register_buffer("bits", torch.zeros((n + 7) // 8, dtype=torch.uint8))
         self.register_buffer("outside", torch.ones((), dtype=torch.bool))
-        self._outside = True  # the buffer's value, kept on the host (_outside_flag)
+        self._sync_outside(True)  # the buffer's value, kept on the host (_outside_flag)
 
     # --- state ------------------------------------------------------------------------------
 
@@ -129,16 +129,28 @@ class OccupancyGrid(nn.Module):
                                   self._outside_flag(), impl=impl)
 
     def _outside_flag(self) -> bool:
-        """``outside`` as a Python bool, without reading the buffer: reading a GPU tensor's value
-        waits for the device, and a render would wait once a frame. The bool is the truth, the
-        buffer its copy for ``state_dict``; both change together (fill, set_occupied,
-        ``outside_occupied =``, load_state_dict)."""
+        """``outside`` as a Python bool, read from the buffer only after it changed behind the
+        grid's back (reading a GPU tensor's value waits for the device; a render would wait once a
+        frame). The grid's own writers (fill, set_occupied, ``outside_occupied =``,
+        load_state_dict) update both. Other changes are seen by the buffer's identity (``.to()``,
+        reassignment) and version counter (in-place writes); a buffer made in inference mode has
+        no version counter, so in-place writes to it by hand are not seen: use
+        ``outside_occupied``."""
+        buf = self.outside
+        seen = self.__dict__.get("_outside_seen")
+        if seen is None or seen[0] is not buf or (not buf.is_inference() and seen[1] != buf._version):
+            self._sync_outside(bool(buf))
         return self._outside
+
+    def _sync_outside(self, value: bool) -> None:
+        buf = self.outside
+        object.__setattr__(self, "_outside", value)
+        object.__setattr__(self, "_outside_seen", (buf, -1 if buf.is_inference() else buf._version))
 
     @property
     def outside_occupied(self) -> bool:
         """Whether space outside the grid's cube counts as occupied."""
-        return self._outside
+        return self._outside_flag()
 
     @outside_occupied.setter
     def outside_occupied(self, value: bool) -> None:
@@ -146,11 +158,11 @@ class OccupancyGrid(nn.Module):
 
     def _set_outside(self, value: bool) -> None:
         self.outside.fill_(value)
-        object.__setattr__(self, "_outside", value)
+        self._sync_outside(value)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        object.__setattr__(self, "_outside", bool(self.outside))  # once, at load
+        self._sync_outside(bool(self.outside))  # once, at load
 
 
 #: Bounds of :func:`grid_resolution_for` (cells per side).

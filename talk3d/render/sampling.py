@@ -59,11 +59,16 @@ def stratified_depths(
         raise ValueError(f"stratified_depths: ray_start {ray_start} must be < ray_end {ray_end}")
     t = start + (end - start) * steps  # [n] or [B, R, n]
     t = t.expand(B, R, n)
-    if jitter is None and not deterministic:
-        jitter = torch.rand(B, R, n, device=device, dtype=dtype, **_generator(generator))
-    if jitter is not None:
+    if jitter is not None:  # the caller's numbers (tests, reproductions): checked, one read-back
         if jitter.shape != (B, R, n):
             raise ValueError(f"stratified_depths: jitter must be [B={B}, R={R}, n={n}], got {tuple(jitter.shape)}")
+        if not bool(((jitter >= 0) & (jitter < 1)).all()):
+            # Outside [0, 1) the depths could leave their bins and come out unsorted, which the
+            # compositing (fed these depths unchecked) would turn into a wrong image.
+            raise ValueError("stratified_depths: jitter must lie in [0, 1)")
+    elif not deterministic:
+        jitter = torch.rand(B, R, n, device=device, dtype=dtype, **_generator(generator))
+    if jitter is not None:
         t = t + jitter.to(t) * (end - start) / (n - 1)
     return t.unsqueeze(-1).contiguous()
 

@@ -8,6 +8,7 @@
 #include <cstdlib>
 
 int g_device = 0, g_attr_calls = 0, g_occ_calls = 0, g_set_calls = 0, g_fail_next = 0;
+int g_opt_in[4] = {0, 0, 0, 0};  // the shared-memory opt-in of kernel_b per device, as the runtime keeps it
 extern "C" {
 cudaError_t CUDARTAPI cudaGetDevice(int* d) { *d = g_device; return cudaSuccess; }
 cudaError_t CUDARTAPI cudaDeviceGetAttribute(int* v, enum cudaDeviceAttr a, int dev) {
@@ -16,7 +17,11 @@ cudaError_t CUDARTAPI cudaDeviceGetAttribute(int* v, enum cudaDeviceAttr a, int 
   *v = 100 * (dev + 1) + int(a == cudaDevAttrMultiProcessorCount);
   return cudaSuccess;
 }
-cudaError_t CUDARTAPI cudaFuncSetAttribute(const void*, enum cudaFuncAttribute, int) { ++g_set_calls; return cudaSuccess; }
+cudaError_t CUDARTAPI cudaFuncSetAttribute(const void*, enum cudaFuncAttribute, int v) {
+  ++g_set_calls;
+  g_opt_in[g_device] = v;  // the last value set wins
+  return cudaSuccess;
+}
 cudaError_t CUDARTAPI cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, const void*, int threads, size_t) {
   ++g_occ_calls;
   *n = 2048 / threads;
@@ -54,6 +59,12 @@ int main() {
   CHECK(blocks_per_sm(&kernel_b, 128, 64 * 1024, per_sm) == cudaSuccess && g_occ_calls == 3 && g_set_calls == 1);
   g_device = 0;  // the opt-in is per device
   CHECK(blocks_per_sm(&kernel_b, 128, 64 * 1024, per_sm) == cudaSuccess && g_occ_calls == 4 && g_set_calls == 2);
+  // One kernel launched with more, then less, then more again (the fp64 backward with and without
+  // weight gradients): the opt-in must cover every launch, so it is raised, never lowered.
+  CHECK(blocks_per_sm(&kernel_b, 64, 200 * 1024, per_sm) == cudaSuccess && g_opt_in[0] >= 200 * 1024);
+  CHECK(blocks_per_sm(&kernel_b, 128, 67 * 1024, per_sm) == cudaSuccess && g_opt_in[0] >= 200 * 1024);
+  CHECK(blocks_per_sm(&kernel_b, 64, 200 * 1024, per_sm) == cudaSuccess && g_opt_in[0] >= 200 * 1024);
+  CHECK(g_set_calls == 3);
   printf("ok\n");
   return 0;
 }

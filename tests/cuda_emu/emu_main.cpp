@@ -85,6 +85,11 @@ cudaError_t CUDARTAPI cudaFuncSetAttribute(const void*, enum cudaFuncAttribute, 
 cudaError_t CUDARTAPI cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, const void*, int, size_t) {
   *n = g_per_sm; return cudaSuccess;
 }
+cudaError_t CUDARTAPI cudaFuncGetAttributes(cudaFuncAttributes* attr, const void*) {
+  memset(attr, 0, sizeof(*attr));
+  attr->ptxVersion = attr->binaryVersion = 10 * g_cc_major;  // as if built for the device itself
+  return cudaSuccess;
+}
 }
 
 template <class T> cudaError_t cudaFuncSetAttribute(T* f, cudaFuncAttribute a, int v) { return cudaFuncSetAttribute((const void*)f, a, v); }
