@@ -142,13 +142,11 @@ def _rotation_errors(rotation: Tensor) -> tuple[Tensor, Tensor]:
     return ortho_err, det
 
 
-def _check_rotations(caller: str, what: str, rotation: Tensor, tol: float, checks: _Checks | None = None) -> None:
-    """ValueError for any rotation block that is scaled, sheared or a reflection.
+def _check_rotations(checks: _Checks, what: str, rotation: Tensor, tol: float) -> None:
+    """Add the checks that flag rotation blocks that are scaled, sheared or a reflection.
 
-    rotation: [B, 3, 3]. With ``checks``, the checks are added to it and raised by its owner.
+    rotation: [B, 3, 3].
     """
-    own = checks is None
-    checks = _Checks(caller) if own else checks
     ortho_err, det = _rotation_errors(rotation)
     checks.add(
         what, ortho_err > tol,
@@ -165,8 +163,6 @@ def _check_rotations(caller: str, what: str, rotation: Tensor, tol: float, check
             "(a reflection: the camera axes are left-handed)"
         ),
     )
-    if own:
-        checks.raise_first()
 
 
 def _fmt_row(row: Tensor) -> str:
@@ -206,7 +202,7 @@ def _check_cam2world(checks: _Checks, cam2world: Tensor, rotation_tol: float) ->
         "camera", (last - expected).abs().amax(dim=-1) > ROW_TOL,
         lambda i: f"has cam2world last row {_fmt_row(last[i])}, it must be (0, 0, 0, 1)",
     )
-    _check_rotations(checks.caller, "camera", cam2world[:, :3, :3], rotation_tol, checks)
+    _check_rotations(checks, "camera", cam2world[:, :3, :3], rotation_tol)
 
 
 def _check_intrinsics(checks: _Checks, intrinsics: Tensor) -> None:
@@ -634,9 +630,10 @@ def rotation_to_euler(rotation) -> tuple[Tensor, Tensor, Tensor]:
     caller = "rotation_to_euler"
     _check_float_tensor(caller, "rotation", rotation)
     _check_shape(caller, "rotation", rotation, (3, 3), "[B, 3, 3]")
-    finite = torch.isfinite(rotation).flatten(1).all(dim=-1)
-    _raise_first(caller, "rotation", ~finite, lambda i: "contains NaN or inf")
-    _check_rotations(caller, "rotation", rotation, ROTATION_TOL)
+    checks = _Checks(caller)
+    checks.add("rotation", ~torch.isfinite(rotation).flatten(1).all(dim=-1), lambda i: "contains NaN or inf")
+    _check_rotations(checks, "rotation", rotation, ROTATION_TOL)
+    checks.raise_first()
     r = rotation
     cos_pitch = torch.hypot(r[:, 1, 0], r[:, 1, 1])
     # atan2 with the hypot keeps pitch accurate near +-pi/2, where asin(-R[1, 2]) is not.

@@ -236,11 +236,11 @@ def _render_dense(planes, decoder, o, d, t_c, u, cfg, impl, deterministic):
         sigma_f, feat_f = _field(planes, decoder, _points(o, d, t_f), cfg, f_impl)
         sigma_f, feat_f = sigma_f.reshape(B, R, Si, 1), feat_f.reshape(B, R, Si, -1)
         t = torch.cat([t_c, t_f], dim=2)
-        t, order = torch.sort(t, dim=2, stable=True)
         if c_impl != "torch":
-            img, depth, wsum = _composite_unmerged(sigma_c, feat_c, sigma_f, feat_f, t, order, c_impl)
+            img, depth, wsum = _composite_unmerged(sigma_c, feat_c, sigma_f, feat_f, t, c_impl)
             res = cfg.resolution
             return RenderOutput(_to_image(img, res), _to_image(depth, res), _to_image(wsum, res), float(Sc + Si))
+        t, order = torch.sort(t, dim=2, stable=True)
         sigma, feat = _take_along_rays(order, torch.cat([sigma_c, sigma_f], dim=2), torch.cat([feat_c, feat_f], dim=2))
     else:
         t, sigma, feat = t_c, sigma_c, feat_c
@@ -251,26 +251,35 @@ def _render_dense(planes, decoder, o, d, t_c, u, cfg, impl, deterministic):
     return RenderOutput(_to_image(img, res), _to_image(depth, res), _to_image(wsum, res), float(Sc + Si))
 
 
-def _composite_unmerged(sigma_c, feat_c, sigma_f, feat_f, t, order, impl):
+def _slot_weights(sigma, t, impl):
+    """Each sample's weight ``omega`` in the compositing's feature sum, with the samples left where
+    they are: sigma, t ``[B, R, S, 1]`` in any order along each ray. Only the densities are put in
+    depth order (a stable sort: ties keep the earlier slot first); ``composite_weights`` weighs
+    them and the weights go back to the slots. Returns omega ``[B, R, S, 1]`` (slot order), depth
+    and weight sum ``[B, R, 1]``, in sigma's dtype widened to fp32."""
+    t, order = torch.sort(t, dim=2, stable=True)
+    (sigma,) = _take_along_rays(order, sigma)
+    sigma = _widened(sigma)  # the depths go in sigma's dtype: fp32 (see _widened)
+    # t comes out of torch.sort: no sortedness check (on a GPU it would stall every frame on a sync).
+    omega_sorted, depth, wsum = composite_weights(sigma, t.to(sigma.dtype), impl=impl, check_sorted=False)
+    return torch.zeros_like(omega_sorted).scatter(2, order, omega_sorted), depth, wsum
+
+
+def _composite_unmerged(sigma_c, feat_c, sigma_f, feat_f, t, impl):
     """Composite the coarse and fine samples without merging their features by depth.
 
     sigma_c / feat_c ``[B, R, Sc, 1 | F]`` and sigma_f / feat_f ``[B, R, Si, 1 | F]`` as the passes
-    gave them; t ``[B, R, Sc + Si, 1]`` their depths merged and sorted, order ``[B, R, Sc + Si, 1]``
-    where each sorted sample came from (coarse first). Only the densities are put in depth order:
-    :func:`talk3d.ops.composite_weights` gives each sample's weight in the feature sum, scattered
-    back to the passes' order, and each pass's features are summed where they lie (a matrix
-    product a ray). Equal to compositing the merged samples, without copying every feature row
-    twice (concatenated, then gathered into depth order; at the release's sizes on an H200 that
-    gather was 7.6 ms of a batch of 8 frames' 26.5-ms render, the largest cost after the field).
+    gave them; t ``[B, R, Sc + Si, 1]`` their depths, coarse then fine (not sorted). Each sample's
+    weight comes from :func:`_slot_weights` and each pass's features are summed where they lie
+    (a matrix product a ray). Equal to compositing the merged samples, without copying every
+    feature row twice (concatenated, then gathered into depth order; at the release's sizes on an
+    H200 that gather was 7.6 ms of a batch of 8 frames' 26.5-ms render, the largest cost after the
+    field).
 
     Returns the feature image ``[B, R, F]``, depth and weight sum ``[B, R, 1]``.
     """
     Sc = sigma_c.shape[2]
-    (sigma,) = _take_along_rays(order, torch.cat([sigma_c, sigma_f], dim=2))
-    sigma = _widened(sigma)  # the depths go in sigma's dtype: fp32 (see _widened)
-    # t comes out of torch.sort: no sortedness check (on a GPU it would stall every frame on a sync).
-    omega_sorted, depth, wsum = composite_weights(sigma, t.to(sigma.dtype), impl=impl, check_sorted=False)
-    omega = torch.zeros_like(omega_sorted).scatter(2, order, omega_sorted)  # [B, R, S, 1] in the passes' order
+    omega, depth, wsum = _slot_weights(torch.cat([sigma_c, sigma_f], dim=2), t, impl)
     feat_c, feat_f = _cpu_widened(feat_c), _cpu_widened(feat_f)
     omega = omega.to(feat_c.dtype)
     C = omega[:, :, :Sc].transpose(-1, -2) @ feat_c + omega[:, :, Sc:].transpose(-1, -2) @ feat_f  # [B, R, 1, F]
@@ -293,8 +302,8 @@ def _composite_selected(sigma, t, selected, parts, offsets, impl):
 
     Equal to :func:`composite` of the selected samples merged and packed by depth, without
     merging any feature row: left-out slots move past the last depth with a density that takes no
-    light (``_LEFT_OUT_SIGMA``), so one sort of the depths and ``composite_weights`` give each
-    selected sample its weight, and each part's features are summed ray by ray with those weights
+    light (``_LEFT_OUT_SIGMA``), so :func:`_slot_weights` gives each selected sample its weight,
+    and each part's features are summed ray by ray with those weights
     (``segment_reduce``: in order, no atomics, so deterministic on a GPU too). The packed merge it
     replaces sorted every sample twice (by depth, then by ray), gathered every feature row, and
     counted the rays' samples with ``bincount`` (a host sync on a GPU).
@@ -308,11 +317,9 @@ def _composite_selected(sigma, t, selected, parts, offsets, impl):
     t_real_min = torch.where(keep, t, t.new_tensor(float("inf"))).amin()
     t = torch.where(keep, t, t_real + 1)
     sigma = torch.where(keep, _widened(sigma), _LEFT_OUT_SIGMA)
-    t, order = torch.sort(t, dim=2, stable=True)
-    sigma = sigma.gather(2, order)
-    omega_sorted, depth, wsum = composite_weights(sigma, t.to(sigma.dtype), impl=impl, check_sorted=False)
+    omega, depth, wsum = _slot_weights(sigma, t, impl)
     depth = depth.clamp(t_real_min.to(depth.dtype), t_real.to(depth.dtype))  # not to the moved depths
-    omega = torch.zeros_like(omega_sorted).scatter(2, order, omega_sorted).view(B * R, S)  # slots' order
+    omega = omega.view(B * R, S)
     C = None
     for part, first in zip(parts, offsets):
         weighted = omega[part.ray, first + part.index][:, None] * _cpu_widened(part.feat)  # [M_i, F], fp32

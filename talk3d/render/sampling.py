@@ -15,12 +15,12 @@ WEIGHT_FLOOR = 0.01
 PDF_EPS = 1e-5
 
 
-
 def _generator(generator: torch.Generator | None) -> dict:
     """``generator=`` for torch.rand only when there is one: its overload with a generator takes
     concrete sizes only, and a compiled batch of symbolic size (torch.compile's dynamic shapes)
     then fails to trace."""
     return {} if generator is None else {"generator": generator}
+
 
 def stratified_depths(
     n: int,
