@@ -12,8 +12,6 @@
 
 #include <stdint.h>
 
-#include <string.h>
-
 #include <algorithm>
 #include <type_traits>
 
@@ -71,12 +69,7 @@ template <typename S>
 __device__ __forceinline__ void store_lanes(S* p, const fir::Lanes<float, 8>& v) {
   unsigned int w[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const S s = static_cast<S>(v.v[i]);
-    unsigned short bits;
-    memcpy(&bits, &s, 2);
-    w[i >> 1] |= static_cast<unsigned int>(bits) << ((i & 1) * 16);
-  }
+  for (int i = 0; i < 8; ++i) w[i >> 1] |= static_cast<unsigned int>(static_cast<S>(v.v[i]).bits) << ((i & 1) * 16);
   *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
 }
 

@@ -16,57 +16,39 @@
 // emulator checks the kernel's fragment bookkeeping against the reference.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <stdint.h>
-#include <string.h>
 
 #include <type_traits>
+
+#include "common/half_types.cuh"
 
 namespace talk3d {
 namespace cuda {
 namespace mma {
 
-template <typename S>
-__device__ __forceinline__ uint32_t half_bits(S x) {
-  static_assert(sizeof(S) == 2, "fp16 or bf16");
-  uint16_t u;
-  memcpy(&u, &x, 2);
-  return u;
-}
+// W: the 2-byte storage wrapper (Half16 or BFloat16, common/half_types.cuh), whose bits and
+// conversions the fragments use.
 
-template <typename S>
-__device__ __forceinline__ float half_value(uint32_t bits16) {
-  const uint16_t u = static_cast<uint16_t>(bits16);
-  S x;
-  memcpy(&x, &u, 2);
-  if constexpr (std::is_same<S, __half>::value) {
-    return __half2float(x);
-  } else {
-    return __bfloat162float(x);
-  }
-}
-
-template <typename S>
-__device__ __forceinline__ S to_half(float v) {
-  if constexpr (std::is_same<S, __half>::value) {
-    return __float2half_rn(v);
-  } else {
-    return __float2bfloat16_rn(v);
-  }
-}
-
-// Two floats rounded to S, packed as one register: `lo` in the low 16 bits.
-template <typename S>
+// Two floats rounded to W, packed as one register: `lo` in the low 16 bits.
+template <typename W>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  return half_bits(to_half<S>(lo)) | (half_bits(to_half<S>(hi)) << 16);
+  return uint32_t(W(lo).bits) | (uint32_t(W(hi).bits) << 16);
+}
+
+// The value of the 16 bits of W in the low half of `bits16`.
+template <typename W>
+__device__ __forceinline__ float half_value(uint32_t bits16) {
+  W x;
+  x.bits = static_cast<unsigned short>(bits16);
+  return static_cast<float>(x);
 }
 
 // d += A * B for one 16 x 8 x 16 tile (fragments as above). Every lane of the warp must call it.
-template <typename S>
+template <typename W>
 __device__ __forceinline__ void mma_16816(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+  static_assert(std::is_same<W, Half16>::value || std::is_same<W, BFloat16>::value, "fp16 or bf16");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (std::is_same<S, __half>::value) {
+  if constexpr (std::is_same<W, Half16>::value) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
@@ -88,8 +70,8 @@ __device__ __forceinline__ void mma_16816(float d[4], const uint32_t a[4], const
     for (int q = 0; q < 4; ++q) {
       const uint32_t w = __shfl_sync(0xffffffffu, a[j], 4 * g + q);
       const int k = (j >> 1) * 8 + 2 * q;
-      arow[j & 1][k] = half_value<S>(w & 0xffffu);
-      arow[j & 1][k + 1] = half_value<S>(w >> 16);
+      arow[j & 1][k] = half_value<W>(w & 0xffffu);
+      arow[j & 1][k + 1] = half_value<W>(w >> 16);
     }
   }
   for (int j = 0; j < 2; ++j) {
@@ -97,8 +79,8 @@ __device__ __forceinline__ void mma_16816(float d[4], const uint32_t a[4], const
       for (int c = 0; c < 2; ++c) {
         const uint32_t w = __shfl_sync(0xffffffffu, b[j], 4 * (2 * t + c) + q);
         const int k = j * 8 + 2 * q;
-        bcol[c][k] = half_value<S>(w & 0xffffu);
-        bcol[c][k + 1] = half_value<S>(w >> 16);
+        bcol[c][k] = half_value<W>(w & 0xffffu);
+        bcol[c][k + 1] = half_value<W>(w >> 16);
       }
     }
   }

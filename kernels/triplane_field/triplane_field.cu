@@ -417,16 +417,18 @@ template <typename S, bool kVecTaps>
 __global__ void __launch_bounds__(kThreads)
     field_forward_mma_kernel(const FwdArgs<S> a, const EG3DDims d) {
   using M = MmaLayout;
+  using W = typename Storage<S>::load;  // Half16 / BFloat16: the storage bits and their conversions
+  const W* w1 = reinterpret_cast<const W*>(a.w1);
+  const W* w2 = reinterpret_cast<const W*>(a.w2);
   unsigned char* sm = smem_base<unsigned char>();
   uint16_t* w1s = reinterpret_cast<uint16_t*>(sm + M::w1);
   uint16_t* w2s = reinterpret_cast<uint16_t*>(sm + M::w2);
   float* b1s = reinterpret_cast<float*>(sm + M::b1);
   float* b2s = reinterpret_cast<float*>(sm + M::b2);
-  for (int e = threadIdx.x; e < M::kHid * M::kC; e += blockDim.x)
-    w1s[(e / M::kC) * M::kLdW1 + e % M::kC] = static_cast<uint16_t>(mma::half_bits(a.w1[e]));
+  for (int e = threadIdx.x; e < M::kHid * M::kC; e += blockDim.x) w1s[(e / M::kC) * M::kLdW1 + e % M::kC] = w1[e].bits;
   for (int e = threadIdx.x; e < M::kOutPad * M::kHid; e += blockDim.x) {
     const int o = e / M::kHid, j = e % M::kHid;
-    w2s[o * M::kLdW2 + j] = o < M::kOut ? static_cast<uint16_t>(mma::half_bits(a.w2[o * M::kHid + j])) : 0;
+    w2s[o * M::kLdW2 + j] = o < M::kOut ? w2[o * M::kHid + j].bits : 0;
   }
   for (int j = threadIdx.x; j < M::kHid; j += blockDim.x) b1s[j] = Storage<S>::to_acc(a.b1[j]);
   for (int o = threadIdx.x; o < M::kOutPad; o += blockDim.x) b2s[o] = o < M::kOut ? Storage<S>::to_acc(a.b2[o]) : 0.0f;
@@ -451,7 +453,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     uint32_t* row = reinterpret_cast<uint32_t*>(tile + lane * M::kLdTile);
 #pragma unroll
-    for (int c = 0; c < M::kC; c += 2) row[c / 2] = mma::pack2<S>(f[c], f[c + 1]);
+    for (int c = 0; c < M::kC; c += 2) row[c / 2] = mma::pack2<W>(f[c], f[c + 1]);
     __syncwarp();
     uint32_t afr[2][2][4];  // [16-point half][16-channel block][register]
 #pragma unroll
@@ -476,7 +478,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int kb = 0; kb < 2; ++kb) {
           const uint16_t* w = w1s + (nt * 8 + g) * M::kLdW1 + kb * 16 + 2 * t;
           const uint32_t bfr[2] = {*reinterpret_cast<const uint32_t*>(w), *reinterpret_cast<const uint32_t*>(w + 8)};
-          mma::mma_16816<S>(acc[nt], afr[mt][kb], bfr);
+          mma::mma_16816<W>(acc[nt], afr[mt][kb], bfr);
         }
       }
       // softplus, rounded into the second product's A fragments: k-block kb2 of the hidden units is
@@ -487,8 +489,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const float* c = acc[2 * kb2 + half];
-          hfr[kb2][2 * half] = mma::pack2<S>(field::softplus(c[0]), field::softplus(c[1]));
-          hfr[kb2][2 * half + 1] = mma::pack2<S>(field::softplus(c[2]), field::softplus(c[3]));
+          hfr[kb2][2 * half] = mma::pack2<W>(field::softplus(c[0]), field::softplus(c[1]));
+          hfr[kb2][2 * half + 1] = mma::pack2<W>(field::softplus(c[2]), field::softplus(c[3]));
         }
 #pragma unroll
       for (int nt = 0; nt < M::kOutPad / 8; ++nt) {
@@ -498,12 +500,13 @@ __global__ void __launch_bounds__(kThreads)
         for (int kb2 = 0; kb2 < M::kHid / 16; ++kb2) {
           const uint16_t* w = w2s + (nt * 8 + g) * M::kLdW2 + kb2 * 16 + 2 * t;
           const uint32_t bfr[2] = {*reinterpret_cast<const uint32_t*>(w), *reinterpret_cast<const uint32_t*>(w + 8)};
-          mma::mma_16816<S>(out, hfr[kb2], bfr);
+          mma::mma_16816<W>(out, hfr[kb2], bfr);
         }
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
+        for (int e = 0; e < 4; ++e) {  // only the outputs asked for (the occupancy grid's: sigma alone)
           const int r = mt * 16 + g + 8 * (e >> 1), o = col + (e & 1);
-          if (o < M::kOut) stage[r * M::kLdStage + o] = o == 0 ? out[e] : field::feature_activation(out[e]);
+          if (o == 0 && a.sigma) stage[r * M::kLdStage] = out[e];
+          if (o > 0 && o < M::kOut && a.feat) stage[r * M::kLdStage + o] = field::feature_activation(out[e]);
         }
       }
     }
