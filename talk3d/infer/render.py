@@ -326,8 +326,8 @@ def compile_for_inference(model, *, backend: str = "inductor", skip_empty: bool 
     The whole per-frame forward (U-Net, render, SR) becomes one graph: every step of the dense
     render has a fixed shape and reads nothing back (the cameras are checked before the graph, in
     the model's prologue, or once per track by :func:`render_speech`). On CUDA it runs in
-    reduce-overhead mode, so each batch replays one CUDA graph instead of launching each of its
-    thousands of operations from Python. With ``skip_empty`` the render's sample counts depend on
+    reduce-overhead mode, so each batch replays one CUDA graph instead of dispatching each of its
+    operations from Python (813 aten operations a forward at the release's sizes, views included). With ``skip_empty`` the render's sample counts depend on
     the data, so only the U-Net's per-frame part (attention and decoder; the encoder is cached)
     is compiled. Pair with ``whole_batches=True``: a last, shorter batch would compile again.
     """
