@@ -33,11 +33,15 @@ TRITON_SETTINGS = [(32, 4), (32, 8), (64, 4), (64, 8), (128, 4), (128, 8)]
 def _with_mma(fn):
     """fn with the CUDA adapter's tensor-core switch on (fp32 planes ignore it: the FMA kernel)."""
     def run():
+        before = os.environ.get("TALK3D_FIELD_MMA")
         os.environ["TALK3D_FIELD_MMA"] = "1"
         try:
             return fn()
         finally:
-            os.environ.pop("TALK3D_FIELD_MMA", None)
+            if before is None:
+                os.environ.pop("TALK3D_FIELD_MMA")
+            else:
+                os.environ["TALK3D_FIELD_MMA"] = before
     return run
 
 

@@ -23,7 +23,7 @@ namespace launch_cache {
 
 struct Key {
   const void* kernel;  // null for a device attribute
-  int device, a, b;    // attribute: (attr, 0); occupancy: (threads, bytes); opt-in: (-1, 0)
+  int device, a, b;    // attribute: (attr, 0); occupancy: (threads, bytes); opt-in: (-1, 0); PTX version: (-2, 0)
   bool operator<(const Key& o) const {
     return std::tie(kernel, device, a, b) < std::tie(o.kernel, o.device, o.a, o.b);
   }

@@ -11,9 +11,10 @@
 // so two adjacent 8-column accumulator tiles, rounded to half, are an A fragment of a next product
 // (the decoder's hidden layer never leaves the registers).
 //
-// Below sm_80 and in the CPU emulator (tests/cuda_emu, where there is no __CUDA_ARCH__) the product
-// is computed from the same fragments gathered with warp shuffles: slow, but the same layout, so the
-// emulator checks the kernel's fragment bookkeeping against the reference.
+// In the CPU emulator (tests/cuda_emu, where there is no __CUDA_ARCH__) the product is computed from
+// the same fragments gathered with warp shuffles: slow, but the same layout, so the emulator checks
+// the kernel's fragment bookkeeping against the reference. Device code built for targets below
+// sm_80 compiles the same form, but the launcher never runs it there (tensor_cores_available).
 #pragma once
 
 #include <stdint.h>
