@@ -225,6 +225,19 @@ def test_audio_inputs(loaded, tmp_path):
     assert wave.ndim == 1 and abs(wave.shape[0] / SAMPLE_RATE - SPEECH_SECONDS) < RESAMPLED_DURATION_TOL_S
     frames = _render(loaded, wave)
     assert frames.shape[0] == num_frames_for(wave) == 13
+    # The same speech as AAC in an M4A (FFmpeg through PyAV): the same frame count, within the
+    # codec's padding (tests/test_audio_files.py checks the decoded wave itself).
+    m4a = tmp_path / "speech.m4a"
+    with av.open(str(m4a), "w") as c:
+        a = c.add_stream("aac", rate=44100)
+        a.layout = "stereo"
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(_speech(rate=44100, channels=2).T), format="fltp",
+                                           layout="stereo")
+        frame.sample_rate, frame.pts = 44100, 0
+        for packet in [*a.encode(frame), *a.encode(None)]:
+            c.mux(packet)
+    from_m4a = read_speech(m4a)
+    assert abs(from_m4a.shape[0] - wave.shape[0]) / SAMPLE_RATE < AUDIO_DURATION_TOL_S
     # Empty WAV, not a WAV, missing file: errors that say what is wrong.
     empty = tmp_path / "empty.wav"
     write_wav(empty, np.zeros(0))
@@ -232,7 +245,7 @@ def test_audio_inputs(loaded, tmp_path):
         read_speech(empty)
     text = tmp_path / "notes.txt"
     text.write_text("not audio")
-    with pytest.raises(InferenceError, match="cannot read it as a WAV file"):
+    with pytest.raises(InferenceError, match="notes.txt: not a readable audio or video file"):
         read_speech(text)
     with pytest.raises(InferenceError, match="no such file"):
         read_speech(tmp_path / "missing.wav")
@@ -244,7 +257,7 @@ def test_cli_bad_audio_and_missing_training_data(run, tmp_path, capsys):
     text = tmp_path / "speech.mp3"
     text.write_bytes(b"\x00garbage")
     assert main(["--run", str(run), "--audio", str(text), "--out", str(tmp_path / "o.mp4")]) == 2
-    assert "cannot read it as a WAV file" in capsys.readouterr().err
+    assert "speech.mp3: not a readable audio or video file" in capsys.readouterr().err
     assert not (tmp_path / "o.mp4").exists()
     # A copy of the run whose data folder is gone: the error names the folder and why it is needed.
     moved = tmp_path / "run"

@@ -1,9 +1,10 @@
 """``python -m talk3d.infer --run RUN --audio SPEECH.wav --out OUT.mp4``: render new speech.
 
+``SPEECH`` is a WAV or any audio or video file FFmpeg reads (MP3, M4A, FLAC, a video's sound track).
 Prints a progress bar (frames/s) and, at the end, the frame count, the seconds of audio, the wall
 time and the real-time factor (wall time / audio duration: below 1 is faster than real time).
 
-``--stream`` renders live through :class:`talk3d.Talker` as the audio arrives (from the WAV in
+``--stream`` renders live through :class:`talk3d.Talker` as the audio arrives (from the file in
 chunks, in real time with ``--realtime``, or raw PCM on stdin with ``--audio -``), writes each frame
 as it comes out (to the mp4, or raw RGB24 to stdout with ``--out -``) and reports the latency; see
 :mod:`talk3d.infer.live`.
@@ -26,7 +27,8 @@ from .video import StreamingVideoWriter
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m talk3d.infer", description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="run folder of python -m talk3d.train")
-    p.add_argument("--audio", required=True, help="speech, a WAV file (integer PCM or float; any rate, any channels)")
+    p.add_argument("--audio", required=True, help="speech: a WAV, or any audio or video file FFmpeg reads (MP3, M4A, FLAC, a video's sound "
+                        "track; through PyAV); any rate, any channels")
     p.add_argument("--out", required=True, help="output video (.mp4)")
     p.add_argument("--checkpoint", default="latest.pt", help="file in RUN/checkpoints (default latest.pt)")
     p.add_argument("--camera", default="gt",
@@ -53,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="render as the audio arrives (talk3d.Talker) and report the latency; --audio - reads "
                            "raw 16-kHz mono s16le PCM from stdin, --out - writes raw RGB24 frames to stdout")
     live.add_argument("--realtime", action="store_true",
-                      help="with --stream and a WAV: hand the audio over no faster than it would be spoken")
+                      help="with --stream and an audio file: hand the audio over no faster than it would be spoken")
     live.add_argument("--chunk-ms", type=float, default=40.0, help="with --stream: audio chunk length (default 40)")
     return p
 
@@ -141,7 +143,7 @@ def _main_stream(args) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.realtime and args.audio == "-":
-        print("error: --realtime paces a WAV file; audio from stdin arrives at its own pace", file=sys.stderr)
+        print("error: --realtime paces an audio file; audio from stdin arrives at its own pace", file=sys.stderr)
         return 2
     if args.skip_empty or args.compile:
         print("error: --skip-empty and --compile are offline options (a stream renders a few frames at a time)",

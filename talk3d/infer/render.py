@@ -26,7 +26,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..audio.features import SAMPLE_RATE, SAMPLES_PER_FRAME, encoder_from_manifest, read_wav, windows
+from ..audio.features import SAMPLES_PER_FRAME, encoder_from_manifest, windows
+from ..audio.files import AudioFileError, read_audio
 from ..data.format import DatasetError, dataset_rig, load_manifest
 from ..ops.backends import check_impl
 from ..render.cameras import LABEL_SIZE, CameraRig, check_cameras
@@ -136,20 +137,21 @@ def _cycle(num_frames: int, period: int) -> np.ndarray:
 
 
 def read_speech(path) -> np.ndarray:
-    """A WAV file (integer PCM or float; any rate, any channel count) -> [T] float32 16-kHz mono.
+    """Speech from a WAV (integer PCM or float) or any audio or video file FFmpeg decodes (MP3,
+    M4A/AAC, FLAC, Opus, a video's sound track; through PyAV), any rate and channel count ->
+    [T] float32 16-kHz mono (:func:`talk3d.audio.read_audio`).
 
-    Raises InferenceError (not a WAV, unreadable, or no samples) with the path in the message.
+    Raises InferenceError (missing, unreadable, no audio stream, no samples, NaN) with the path in
+    the message.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InferenceError(f"--audio {path}: no such file")
     try:
-        wave, _ = read_wav(path, sample_rate=SAMPLE_RATE)
-    except (ValueError, EOFError) as e:
-        raise InferenceError(f"--audio {path}: cannot read it as a WAV file ({e}); convert it first, "
+        wave = read_audio(path)
+    except AudioFileError as e:
+        raise InferenceError(f"--audio {e}; if it is audio, convert it to a WAV first, "
                              "e.g. `ffmpeg -i IN -ac 1 -ar 16000 OUT.wav`") from None
     if wave.size == 0:
-        raise InferenceError(f"--audio {path}: the WAV file holds no samples (zero-length audio)")
+        raise InferenceError(f"--audio {path}: the file holds no samples (zero-length audio)")
     if not np.isfinite(wave).all():
         raise InferenceError(f"--audio {path}: the audio contains NaN or inf")
     return wave

@@ -220,7 +220,7 @@ def _run(video, out, work, detector, encoder, audio, size, max_frames, overwrite
                                   f"{MIN_SECONDS:g} s of video are needed")
         if audio is None and not info["has_audio"]:
             raise PreprocessError(f"{video}: the file has no audio stream; pass the sound "
-                                  "track with --audio WAV")
+                                  "track with --audio FILE (a WAV or any audio file)")
         work.save_json("probe", info)
 
     cached = work.load("audio")
@@ -247,7 +247,7 @@ def _run(video, out, work, detector, encoder, audio, size, max_frames, overwrite
         log(f"warning: the sound track is {'silent' if levels['peak_dbfs'] <= -200 else 'nearly silent'} "
             f"(loud frames at {levels['loud_dbfs']:.0f} dBFS, peak {levels['peak_dbfs']:.0f} dBFS; speech "
             f"is above {QUIET_DBFS:.0f}): a model trained on it learns no lip sync. The dataset is "
-            "still written (for the 3-D head); pass the speech with --audio WAV if it was recorded apart")
+            "still written (for the 3-D head); pass the speech with --audio FILE if it was recorded apart")
 
     track = work.load("track")
     if track is None:

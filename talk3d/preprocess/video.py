@@ -111,28 +111,15 @@ def iter_frames(path, fps: int = 25, max_frames: int | None = None) -> Iterator[
 def read_audio_track(path, start_time: float = 0.0) -> np.ndarray:
     """The first audio stream of ``path`` as [T] float32 16-kHz mono, sample 0 at ``start_time``
     (the video's first timestamp, seconds). PreprocessError when there is no audio stream."""
-    import av
+    from ..audio.files import AudioFileError, decode_audio_stream
 
-    with _open(path) as c:
-        if not c.streams.audio:
-            raise PreprocessError(f"{path}: the file has no audio stream; pass the sound track "
-                                  "with --audio WAV")
-        stream = c.streams.audio[0]
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        chunks, first = [], None
-        try:
-            for frame in c.decode(stream):
-                if first is None and frame.time is not None:
-                    first = frame.time
-                for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
-            for out in resampler.resample(None):  # flush
-                chunks.append(out.to_ndarray().reshape(-1))
-        except av.error.FFmpegError as e:
-            raise PreprocessError(f"{path}: audio decoding failed ({e})") from None
-    if not chunks:
+    try:
+        wave, first = decode_audio_stream(path)
+    except AudioFileError as e:
+        hint = "; pass the sound track with --audio FILE" if "no audio stream" in str(e) else ""
+        raise PreprocessError(f"{e}{hint}") from None
+    if wave.size == 0:
         raise PreprocessError(f"{path}: the audio stream has no decodable samples")
-    wave = np.concatenate(chunks).astype(np.float32)
     # Align to the video: audio that starts later is padded, earlier is cut.
     shift = int(round(((first or 0.0) - start_time) * SAMPLE_RATE))
     if shift > 0:
@@ -191,21 +178,13 @@ def fit_audio(wave, num_frames: int, samples_per_frame: int) -> np.ndarray:
 
 
 def load_audio_file(path) -> np.ndarray:
-    """--audio: a WAV (read_wav) or any file PyAV decodes -> [T] float32 16-kHz mono."""
-    from ..audio.features import read_wav
+    """--audio: a WAV or any file PyAV decodes -> [T] float32 16-kHz mono (:func:`talk3d.audio.read_audio`)."""
+    from ..audio.files import AudioFileError, read_audio
 
-    path = Path(path)
-    if not path.is_file():
-        raise PreprocessError(f"--audio {path}: no such file")
-    wave = None
-    if path.suffix.lower() == ".wav":
-        try:
-            wave = read_wav(path)[0]
-        except ValueError:
-            pass  # e.g. a compressed WAV (ADPCM, mu-law): let FFmpeg read it
-    if wave is None:
-        wave = read_audio_track(path)
+    try:
+        wave = read_audio(path)
+    except AudioFileError as e:
+        raise PreprocessError(f"--audio {e}") from None
     if wave.size == 0:
         raise PreprocessError(f"--audio {path}: the file holds no samples (zero-length audio)")
     return wave
-
