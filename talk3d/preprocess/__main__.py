@@ -1,4 +1,4 @@
-"""``python -m talk3d.preprocess VIDEO --out DIR [--audio WAV] [--size 512] [--max-frames N]
+"""``python -m talk3d.preprocess VIDEO --out DIR [--audio FILE] [--size 512] [--max-frames N]
 [--resume] [--audio-encoder logmel|wav2vec2 --wav2vec2-path P] [--foreground auto|segmentation|landmarks]``: a video of one talking person
 -> a talk3d dataset folder (see talk3d.data.format), plus DIR/contact_sheet.png to check by eye."""
 from __future__ import annotations
