@@ -1,4 +1,5 @@
-"""Audio I/O (WAV, and any audio or video file through PyAV) and per-frame audio features (50 features/s = 2 per 25-fps video frame)."""
+"""Audio I/O (WAV, and any audio or video file through PyAV) and per-frame audio features
+(50 features/s = 2 per 25-fps video frame)."""
 from .features import (FEATURES_PER_FRAME, FPS, HOP, SAMPLE_RATE, SAMPLES_PER_FRAME, AudioEncoder,
                        LogMelEncoder, Wav2Vec2Encoder, encoder_from_manifest, read_wav, resample,
                        windows, write_wav)

@@ -27,7 +27,8 @@ from .video import StreamingVideoWriter
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m talk3d.infer", description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="run folder of python -m talk3d.train")
-    p.add_argument("--audio", required=True, help="speech: a WAV, or any audio or video file FFmpeg reads (MP3, M4A, FLAC, a video's sound "
+    p.add_argument("--audio", required=True,
+                   help="speech: a WAV, or any audio or video file FFmpeg reads (MP3, M4A, FLAC, a video's sound "
                         "track; through PyAV); any rate, any channels")
     p.add_argument("--out", required=True, help="output video (.mp4)")
     p.add_argument("--checkpoint", default="latest.pt", help="file in RUN/checkpoints (default latest.pt)")

@@ -145,6 +145,8 @@ def read_speech(path) -> np.ndarray:
     the message.
     """
     path = Path(path)
+    if not path.is_file():
+        raise InferenceError(f"--audio {path}: no such file")
     try:
         wave = read_audio(path)
     except AudioFileError as e:
