@@ -13,15 +13,18 @@ from talk3d.infer import InferenceError, read_speech  # noqa: E402
 SECONDS = 1.0
 TONE_HZ = 440.0
 # Lossy codecs pad and trim at the ends (encoder delay, frame sizes): decoded durations within this.
+# Measured (CPU VM, PyAV's FFmpeg): MP3 and Opus 0, M4A 2.7 ms, the mp4's AAC track 21.7 ms.
 LOSSY_DURATION_TOL_S = 0.08
-# FLAC of PCM16 decodes to the same integers: float32 within one 16-bit step of what was encoded.
-LOSSLESS_TOL = 1.0 / 32768 + 1e-7
-# Lossy codecs keep a tone's level: its RMS within this share.
-LEVEL_RTOL = 0.05
-# mu-law keeps ~8 bits of a 0.3-amplitude tone (steps up to ~1/64 of full scale near the peaks).
+# Lossy codecs move a tone's level; the RMS within this share. Measured: MP3 at PyAV's default bit
+# rate -5.0 % (on each channel, mono too), AAC -0.7 %, Opus -0.04 %. What it guards against,
+# FFmpeg's own stereo downmix ((L + R) / sqrt(2)) instead of the mean, is +41 %.
+LEVEL_RTOL = 0.15
+# mu-law keeps ~8 bits of a 0.3-amplitude tone (steps up to ~1/64 of full scale near the peaks);
+# measured largest difference 7.9e-3.
 MULAW_TOL = 0.02
 # What is left of a tone after a lossy codec: the share of its energy at the tone's frequency (a
 # 1-Hz-resolution spectrum, +-3 bins). A wrong sample rate or channel mix moves or spreads the peak.
+# Measured: at least 0.997.
 TONE_ENERGY_SHARE = 0.9
 
 
@@ -90,9 +93,8 @@ def test_compressed_audio_decodes_to_16k_mono(tmp_path, name, codec, rate, chann
     amplitude = 0.3 * (1.0 + 0.75) / 2 if channels == 2 else 0.3
     middle = wave[SAMPLE_RATE // 10:-SAMPLE_RATE // 10]
     assert abs(np.sqrt(np.mean(middle ** 2)) - amplitude / np.sqrt(2)) < LEVEL_RTOL * amplitude / np.sqrt(2)
-    if codec == "flac":  # lossless: what our WAV reader reads from the same samples
-        reference = read_audio(_write_reference(tmp_path, rate, channels))
-        np.testing.assert_allclose(wave, reference, atol=LOSSLESS_TOL)
+    if codec == "flac":  # lossless, 16-bit samples to float as our WAV reader does: identical
+        np.testing.assert_array_equal(wave, read_audio(_write_reference(tmp_path, rate, channels)))
 
 
 def _write_reference(tmp_path, rate, channels):
@@ -147,7 +149,7 @@ def test_unreadable_files_say_what_is_wrong(tmp_path):
     with pytest.raises(AudioFileError, match="not a WAV file our reader takes.*FFmpeg cannot read it either"):
         read_audio(broken)
     # Through inference's entry point: InferenceError, with the file and a way out.
-    with pytest.raises(InferenceError, match="--audio .*speech.mp3: not a readable audio or video file.*ffmpeg"):
+    with pytest.raises(InferenceError, match="--audio .*speech.mp3: not a readable audio or video file"):
         read_speech(garbage)
     empty = tmp_path / "empty.wav"
     write_wav(empty, np.zeros(0))

@@ -145,13 +145,10 @@ def read_speech(path) -> np.ndarray:
     the message.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InferenceError(f"--audio {path}: no such file")
     try:
         wave = read_audio(path)
-    except AudioFileError as e:
-        raise InferenceError(f"--audio {e}; if it is audio, convert it to a WAV first, "
-                             "e.g. `ffmpeg -i IN -ac 1 -ar 16000 OUT.wav`") from None
+    except AudioFileError as e:  # (what FFmpeg cannot decode, no conversion by FFmpeg would help)
+        raise InferenceError(f"--audio {e}") from None
     if wave.size == 0:
         raise InferenceError(f"--audio {path}: the file holds no samples (zero-length audio)")
     if not np.isfinite(wave).all():
@@ -331,9 +328,9 @@ def compile_for_inference(model, *, backend: str = "inductor", skip_empty: bool 
     render has a fixed shape and reads nothing back (the cameras are checked before the graph, in
     the model's prologue, or once per track by :func:`render_speech`). On CUDA it runs in
     reduce-overhead mode, so each batch replays one CUDA graph instead of dispatching each of its
-    operations from Python (813 aten operations a forward at the release's sizes, views included). With ``skip_empty`` the render's sample counts depend on
-    the data, so only the U-Net's per-frame part (attention and decoder; the encoder is cached)
-    is compiled. Pair with ``whole_batches=True``: a last, shorter batch would compile again.
+    operations from Python (813 aten operations a forward at the release's sizes, views
+    included). With ``skip_empty`` the render's sample counts depend on the data, so only the
+    U-Net's per-frame part (attention and decoder; the encoder is cached) is compiled. Pair with ``whole_batches=True``: a last, shorter batch would compile again.
     """
     device = next(model.parameters()).device
     # (backend="cudagraphs" captures CUDA graphs without inductor's code generation; modes are
