@@ -389,7 +389,7 @@ def test_render_compiles_with_a_symbolic_batch():
         eager = render(planes[:B], dec, cams[:B], cfg, impl="torch", check_cameras=False).feature_image
         torch.manual_seed(0)
         got = compiled(planes[:B], dec, cams[:B], cfg, impl="torch", check_cameras=False).feature_image
-        torch.testing.assert_close(got, eager, rtol=0, atol=FULL_GRID_REF_ATOL)
+        torch.testing.assert_close(got, eager, rtol=0, atol=0)  # aot_eager runs the same ops
 
 
 def test_render_ignores_autocast():

@@ -861,7 +861,7 @@ cudaError_t tensor_cores_available(const void* kernel, bool& yes) {
   err = launch_cache::lookup({kernel, dev, -2, 0}, ptx, [&](int& v) {
     cudaFuncAttributes attr;
     const cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
-    v = attr.ptxVersion;
+    if (e == cudaSuccess) v = attr.ptxVersion;  // attr is unset when the query fails
     return e;
   });
   yes = err == cudaSuccess && major >= 8 && ptx >= 80;
