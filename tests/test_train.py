@@ -245,6 +245,25 @@ def test_cli_presets(data, tmp_path, monkeypatch, capsys):
     assert "`--preset small` trains the demo's small model" in (full / "log.txt").read_text()
 
 
+def test_a_render_larger_than_the_sr_input_is_reported_and_the_demo_has_none(data, tmp_path):
+    """The SR resizes the render to its input size first: a larger render loses its detail there.
+    The log says so; the CPU demo's config renders at exactly the SR's input size."""
+    from talk3d.models import GeneratorConfig
+    from talk3d.train.config import demo_config
+
+    gen = dict(plane_resolution=16, plane_channels=4, neural_rendering_resolution=16, sr_resolution=32,
+               coarse_samples=6, importance_samples=6)
+    Trainer(_cfg(generator=dict(gen, sr_channels=[8, 8])), data, tmp_path / "two_blocks")  # SR input 8^2
+    log = (tmp_path / "two_blocks" / "log.txt").read_text()
+    assert "the render (16^2) is larger than the super-resolution's input (8^2" in log
+    Trainer(_cfg(generator=dict(gen, sr_channels=[8])), data, tmp_path / "one_block")  # SR input 16^2
+    assert "super-resolution's input" not in (tmp_path / "one_block" / "log.txt").read_text()
+
+    demo = TrainConfig.from_dict(demo_config("cpu"))
+    gcfg = GeneratorConfig.tiny(**demo.generator)
+    assert gcfg.neural_rendering_resolution == gcfg.sr_input_resolution == 32
+
+
 def test_bad_configs_and_data_are_refused(data, tmp_path):
     with pytest.raises(ValueError, match="unknown keys"):
         TrainConfig.from_dict({"stepz": 3})

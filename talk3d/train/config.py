@@ -203,7 +203,8 @@ def demo_config(device_type: str) -> dict[str, Any]:
     return TrainConfig(
         steps=2000, batch_size=4, lr=2e-3, lr_decay_epochs=20, eval_every=250,
         checkpoint_every=500, log_every=10, val_frames=16, generator_size="tiny", deltaplane_size="tiny",
+        # One SR block, 32^2 -> 64^2: its input is the render's size (see sr_input_note).
         generator=dict(plane_resolution=32, plane_channels=8, neural_rendering_resolution=32, sr_resolution=64,
-                       coarse_samples=12, importance_samples=12),
+                       sr_channels=[16], coarse_samples=12, importance_samples=12),
         deltaplane=dict(channels=[16, 32, 64], norm_groups=4, token_dim=32, token_hidden=32, head_dim=16),
     ).to_dict()

@@ -92,6 +92,18 @@ def build_model(cfg: TrainConfig, audio_dim: int, *, prior: str | None, log) -> 
     return TalkingHead(gen, dcfg, planes, w_id, learn_identity=learn)
 
 
+def sr_input_note(resolution: int, gcfg) -> str:
+    """The log line for a render larger than the super-resolution's input. The SR first resizes the
+    render to its input size (EG3D's design, so that the render's size can change during training),
+    so whatever the render holds beyond that size is computed and then averaged away. (The CPU demo
+    rendered 32^2 into a 16^2 SR input until 2026-12-06: its renders showed the eyes, its outputs not.)"""
+    sr_in = gcfg.sr_input_resolution
+    return (f"note: the render ({resolution}^2) is larger than the super-resolution's input ({sr_in}^2 = "
+            f"sr_resolution {gcfg.sr_resolution} / 2^{len(gcfg.sr_channels)} blocks): the SR shrinks it first, "
+            f"losing its finer detail. Render at {sr_in}^2, or give the SR an input of {resolution}^2 "
+            f"(generator.sr_resolution = {resolution} * 2^len(generator.sr_channels))")
+
+
 def _to(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
@@ -203,6 +215,8 @@ class Trainer:
                 gcfg, coarse_samples=cfg.coarse_samples or gcfg.coarse_samples,
                 importance_samples=cfg.importance_samples if cfg.importance_samples is not None else gcfg.importance_samples)
         self._set_stage()
+        if self.resolution > gcfg.sr_input_resolution:
+            self.log(sr_input_note(self.resolution, gcfg))
         if cfg.compile == "unet":
             # In place (nn.Module.compile): parameter names, checkpoints and DDP are unchanged. The
             # renderer is left eager: its hot path is already our fused kernels.
