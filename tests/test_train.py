@@ -264,6 +264,63 @@ def test_a_render_larger_than_the_sr_input_is_reported_and_the_demo_has_none(dat
     assert gcfg.neural_rendering_resolution == gcfg.sr_input_resolution == 32
 
 
+def test_stage_sr_fine_tunes_only_the_sr_of_a_deltaplane_run(data, tmp_path, capsys):
+    """--from RUN: a new run (stage sr, the release's 1k steps at lr 2e-4 unless --set) that starts
+    from RUN's trained model and changes its super-resolution alone, with L1 + LPIPS on the output."""
+    src = tmp_path / "deltaplane"
+    Trainer(_cfg(steps=4, eval_every=4), data, src).fit()
+    before = torch.load(src / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)["model"]
+    sr = tmp_path / "sr"
+    assert main(["--from", str(src), "--out", str(sr), "--set", "steps=3", "--set", "eval_every=3"]) == 0
+    assert "validation L1 of the SR output" in capsys.readouterr().out
+    saved = json.loads((sr / "config.json").read_text())
+    assert saved["train"]["stage"] == "sr" and saved["train"]["lr"] == 2e-4 and saved["train"]["init_from"] == str(src)
+    assert saved["model"] == json.loads((src / "config.json").read_text())["model"]
+    after = torch.load(sr / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)["model"]
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("generator.superresolution.") for k in changed), sorted(changed)[:5]
+    assert "stage sr: losses L1 x16 + LPIPS x1 on the SR output" in (sr / "log.txt").read_text()
+    # The step's losses are the SR output's alone (the render's cannot reach the SR).
+    t = Trainer(TrainConfig.from_dict({**saved["train"], "steps": 1}), data, tmp_path / "sr_step")
+    batch = torch.utils.data.default_collate([t.train_set[i] for i in range(2)])
+    terms = t.train_step(batch)
+    assert "l1_sr" in terms and set(terms) <= {"l1_sr", "lpips_sr", "total", "grad_norm"}, sorted(terms)
+    # Resumed, the run rebuilds its model from its own checkpoint.
+    assert main(["--resume", str(sr), "--set", "steps=4"]) == 0
+    assert torch.load(sr / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)["step"] == 4
+    # Refused, each with the way to do it.
+    with pytest.raises(SystemExit):
+        main(["--resume", str(src), "--set", "stage=\"sr\""])
+    assert f"a run's stage cannot change (it is deltaplane); fine-tune the super-resolution of a finished " \
+           f"deltaplane run with --from {src}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--from", str(sr)])
+    assert "a stage sr run; stage sr starts from a deltaplane run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--from", str(tmp_path / "nothing")])
+    assert "no config.json there" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="stage sr fine-tunes the super-resolution of a trained talking head"):
+        TrainConfig(stage="sr")
+    with pytest.raises(ValueError, match="init_from .* is for stage sr only"):
+        TrainConfig(init_from=str(src))
+
+
+def test_eye_noise_audio_window_and_sample_counts_reach_the_model(data, tmp_path):
+    """Settings that each reach the model as given: the AU45 noise (the release's 0.05 unless set,
+    in one place only), a non-default audio window, and 0 importance samples on their own."""
+    t = Trainer(_cfg(deltaplane={"audio_window": 4}, importance_samples=0), data, tmp_path / "a")
+    assert t.model.deltaplane.cfg.eye_noise_std == 0.05
+    assert t.train_set[0]["audio"].shape[0] == 4 and t.model.deltaplane.cfg.audio_window == 4
+    assert t.model.generator.cfg.importance_samples == 0 and t.model.generator.cfg.coarse_samples == 6
+    t.train_step(torch.utils.data.default_collate([t.train_set[i] for i in range(2)]))
+    b = Trainer(_cfg(blink_noise=0.2), data, tmp_path / "b")
+    assert b.model.deltaplane.cfg.eye_noise_std == 0.2
+    e = Trainer(_cfg(deltaplane={"eye_noise_std": 0.3}), data, tmp_path / "e")
+    assert e.model.deltaplane.cfg.eye_noise_std == 0.3
+    with pytest.raises(ValueError, match="both set the AU45 input's noise"):
+        _cfg(blink_noise=0.1, deltaplane={"eye_noise_std": 0.3})
+
+
 def test_bad_configs_and_data_are_refused(data, tmp_path):
     with pytest.raises(ValueError, match="unknown keys"):
         TrainConfig.from_dict({"stepz": 3})

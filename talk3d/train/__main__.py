@@ -7,11 +7,13 @@ on a 2-core CPU), and prints where the results are. Otherwise:
                            [--set steps=20000 --set loss.mouth=10] [--out runs/NAME]
     python -m talk3d.train --data DATASET_DIR --preset small   # the demo's small model: minutes on a CPU
     python -m talk3d.train --resume runs/NAME          # continue an interrupted run
+    python -m talk3d.train --from runs/NAME            # then fine-tune its super-resolution (stage sr)
     torchrun --nproc-per-node 2 -m talk3d.train ...    # data-parallel (DDP)
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -31,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. steps=100")
     p.add_argument("--out", help="run folder (default runs/<data name>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--from", dest="init_from", metavar="RUN_DIR",
+                   help="stage sr: a new run that fine-tunes the super-resolution of the trained deltaplane run "
+                        "RUN_DIR (its settings and data unless given; 1000 steps at lr 2e-4, as the release)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--preset", choices=PRESETS,
                    help="model and schedule sizes under --config/--set: 'full' (the release's) or 'small' "
@@ -57,13 +62,13 @@ def _demo_data(root: Path, log) -> Path:
 
 
 #: What a resumed run takes from its own folder; giving these with --resume would be ignored.
-RESUME_FIXED = ("data", "prior", "config", "out", "preset")
+RESUME_FIXED = ("data", "prior", "config", "out", "preset", "init_from")
 
 
 def _trainer(args, log):
     """The Trainer the arguments ask for; ValueError (DatasetError among them) / FileNotFoundError
     name what is wrong."""
-    from .config import demo_config, load_config
+    from .config import apply_overrides, demo_config, load_config
     from .trainer import Trainer
 
     from ..devices import resolve_device
@@ -83,8 +88,14 @@ def _trainer(args, log):
             train, data, prior = saved["train"], saved["data"], saved["prior"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"--resume {run}: config.json is not a talk3d run config ({e})") from None
+        stage = train.get("stage", "deltaplane")
+        if apply_overrides(copy.deepcopy(train), list(args.set)).get("stage") != stage:
+            raise ValueError(f"--resume {run}: a run's stage cannot change (it is {stage}); fine-tune the "
+                             f"super-resolution of a finished deltaplane run with --from {run}")
         cfg = load_config(None, args.set, base=train)
         return Trainer(cfg, data, run, prior=prior, device=device, resume=True)
+    if args.init_from is not None:
+        return _sr_stage_trainer(args, device, log)
     demo = args.data is None
     if args.preset == "small" and args.prior:
         raise ValueError("--preset small is the demo's tiny generator, which cannot load a prior: "
@@ -111,6 +122,33 @@ def _trainer(args, log):
     return trainer
 
 
+def _sr_stage_trainer(args, device, log):
+    """``--from RUN_DIR``: stage sr on top of a deltaplane run, with its settings (the model must be
+    the same), SR_STAGE's schedule, then --config and --set."""
+    from .config import SR_STAGE, load_config
+    from .trainer import Trainer
+
+    source = Path(args.init_from)
+    if args.prior is not None or args.preset is not None:
+        raise ValueError(f"--from {source} starts from that run's whole model and settings: --prior and --preset "
+                         "do not apply")
+    try:
+        saved = json.loads((source / "config.json").read_text())
+        train, data = saved["train"], saved["data"]
+    except FileNotFoundError:
+        raise ValueError(f"--from {source}: no config.json there (not a talk3d run folder)") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"--from {source}: config.json is not a talk3d run config ({e})") from None
+    if train.get("stage") != "deltaplane":
+        raise ValueError(f"--from {source}: a stage {train.get('stage')} run; stage sr starts from a deltaplane run")
+    cfg = load_config(args.config, args.set, base={**train, **SR_STAGE, "init_from": str(source)})
+    data = Path(args.data or data)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run = Path(args.out or f"{source}-sr-{stamp}")
+    log(f"stage sr from {source}: {cfg.steps} steps at lr {cfg.lr:g} on {data}")
+    return Trainer(cfg, data, run, device=device)
+
+
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -128,8 +166,8 @@ def main(argv=None) -> int:
     if trainer.main:
         print(f"results in {trainer.run_dir}: log.txt, scalars.csv, previews/ (target | output | render), "
               f"checkpoints/latest.pt")
-        first, last = result["first"]["val_l1_raw"], result["last"]["val_l1_raw"]
-        print(f"validation L1 of the render: {first:.4f} -> {last:.4f}")
+        key, what = trainer.headline
+        print(f"validation L1 of the {what}: {result['first'][key]:.4f} -> {result['last'][key]:.4f}")
     return 0
 
 

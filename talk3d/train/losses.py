@@ -84,9 +84,10 @@ def loss_status(weights: LossWeights, lpips_dir: str | None = None, face_id_path
 
 
 def reconstruction_losses(out: dict, batch: dict, weights: LossWeights, lpips=None,
-                          identity=None) -> dict[str, torch.Tensor]:
+                          identity=None, *, sr_only: bool = False) -> dict[str, torch.Tensor]:
     """L1 (and LPIPS, given the network) on the render and the SR output, L1 in the mouth region on
-    the render, and the identity loss on the SR output (given the network).
+    the render, and the identity loss on the SR output (given the network). ``sr_only`` (stage sr):
+    L1 and LPIPS on the SR output alone.
 
     out: the model's dict (``image_raw`` ``[B, 3, h, h]``, ``image`` ``[B, 3, S, S]``); batch: the
     dataset's (``image`` ``[B, 3, S', S']`` in [-1, 1], ``mouth_mask`` ``[B, 1, S', S']``).
@@ -94,6 +95,14 @@ def reconstruction_losses(out: dict, batch: dict, weights: LossWeights, lpips=No
     raw, sr = out["image_raw"].float(), out["image"].float()
     target = batch["image"]
     tgt_sr = target if target.shape[-1] == sr.shape[-1] else F.interpolate(target, size=sr.shape[-2:], mode="area")
+    if sr_only:
+        terms = {"l1_sr": (sr - tgt_sr).abs().mean()}
+        total = weights.l1_sr * terms["l1_sr"]
+        if lpips is not None:
+            terms["lpips_sr"] = lpips(sr, tgt_sr).mean()
+            total = total + weights.lpips_sr * terms["lpips_sr"]
+        terms["total"] = total
+        return terms
     tgt_raw = F.interpolate(target, size=raw.shape[-2:], mode="area")
     mouth = F.interpolate(batch["mouth_mask"], size=raw.shape[-2:], mode="area")
     terms = {

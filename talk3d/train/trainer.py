@@ -85,11 +85,34 @@ def build_model(cfg: TrainConfig, audio_dim: int, *, prior: str | None, log) -> 
         log("no prior given: the identity triplane, decoder and super-resolution are learned from scratch "
             "with the deltaplane predictor")
     gcfg = gen.cfg
-    base = DeltaplaneConfig.tiny() if cfg.deltaplane_size == "tiny" else DeltaplaneConfig.release()
-    dcfg = dataclasses.replace(base, **{**cfg.deltaplane, "plane_channels": gcfg.plane_channels,
-                                        "plane_resolution": gcfg.plane_resolution, "axes": gcfg.axes,
-                                        "audio_dim": audio_dim, "eye_noise_std": cfg.blink_noise})
+    dcfg = dataclasses.replace(_deltaplane_base(cfg), plane_channels=gcfg.plane_channels,
+                               plane_resolution=gcfg.plane_resolution, axes=gcfg.axes, audio_dim=audio_dim)
     return TalkingHead(gen, dcfg, planes, w_id, learn_identity=learn)
+
+
+def _sr_stage_model(source: Path, audio_encoder: str, prior: str | None, log) -> tuple[TalkingHead, dict]:
+    """Stage sr's starting point: the trained :class:`TalkingHead` of the deltaplane run ``source``
+    (its latest checkpoint, frozen; :meth:`Trainer._set_stage` unfreezes the SR) and its model spec."""
+    if prior is not None:
+        raise ValueError(f"stage sr starts from the whole trained model of {source}: a prior ({prior}) has no "
+                         "place there")
+    model, info = load_talking_head(source)
+    if info.get("audio_encoder") != audio_encoder:
+        raise ValueError(f"init_from {source} was trained on audio features {info.get('audio_encoder')!r}, but "
+                         f"this run's data has {audio_encoder!r}")
+    log(f"stage sr: the model of {source} (checkpoints/latest.pt); its super-resolution is fine-tuned, the rest "
+        "stays as trained")
+    return model, info["model"]
+
+
+def _deltaplane_base(cfg: TrainConfig) -> DeltaplaneConfig:
+    """The deltaplane config the run asks for, before the generator's and the data's sizes are
+    filled in: the preset, its ``[deltaplane]`` overrides, and ``blink_noise`` when given."""
+    base = DeltaplaneConfig.tiny() if cfg.deltaplane_size == "tiny" else DeltaplaneConfig.release()
+    over = dict(cfg.deltaplane)
+    if cfg.blink_noise is not None:
+        over["eye_noise_std"] = cfg.blink_noise
+    return dataclasses.replace(base, **over)
 
 
 def sr_input_note(resolution: int, gcfg) -> str:
@@ -196,8 +219,9 @@ class Trainer:
         # The dataset is checked before anything is written: a wrong --data leaves no run folder.
         manifest = load_manifest(self.data_dir)
         self.audio_encoder = manifest["audio"]["encoder"]
-        self.train_set = TalkingHeadDataset(self.data_dir, "train")
-        self.val_set = TalkingHeadDataset(self.data_dir, "val")
+        window = _deltaplane_base(cfg).audio_window  # the frames of audio each item carries
+        self.train_set = TalkingHeadDataset(self.data_dir, "train", audio_window=window)
+        self.val_set = TalkingHeadDataset(self.data_dir, "val", audio_window=window)
         if not resume:
             _check_new_run_dir(self.run_dir, self.data_dir)
             if self.world > 1:  # every rank has looked before rank 0 creates it
@@ -207,10 +231,18 @@ class Trainer:
             (self.run_dir / "previews").mkdir(exist_ok=True)
         self.log = RunLog(self.run_dir / "log.txt") if self.main else (lambda msg: None)
         torch.manual_seed(cfg.seed + self.rank)
-        self.model = build_model(cfg, int(manifest["audio"]["feature_dim"]), prior=prior, log=self.log).to(self.device)
+        if cfg.stage == "sr":  # the trained model of init_from (of this run itself when resuming)
+            source = self.run_dir if resume else Path(cfg.init_from)  # resumed: its own checkpoint
+            self.model, spec = _sr_stage_model(source, self.audio_encoder, prior, self.log)
+            self.model.to(self.device).train()
+            default_resolution = int(spec["render_resolution"])
+        else:
+            self.model = build_model(cfg, int(manifest["audio"]["feature_dim"]), prior=prior, log=self.log)
+            self.model.to(self.device)
+            default_resolution = self.model.generator.cfg.neural_rendering_resolution
         gcfg = self.model.generator.cfg
-        self.resolution = cfg.render_resolution or gcfg.neural_rendering_resolution
-        if cfg.coarse_samples or cfg.importance_samples:
+        self.resolution = cfg.render_resolution or default_resolution
+        if cfg.coarse_samples is not None or cfg.importance_samples is not None:  # 0 importance samples is a choice
             self.model.generator.cfg = dataclasses.replace(
                 gcfg, coarse_samples=cfg.coarse_samples or gcfg.coarse_samples,
                 importance_samples=cfg.importance_samples if cfg.importance_samples is not None else gcfg.importance_samples)
@@ -249,11 +281,17 @@ class Trainer:
         self.log(f"run {self.run_dir}: stage {cfg.stage}, {len(self.train_set)} train / {len(self.val_set)} val frames, "
                  f"{n_train / 1e6:.2f} M trained parameters, device {self.device}, {self.world} process(es)")
         sr_size = self.model.generator.cfg.sr_resolution
-        for line in loss_status(cfg.loss, cfg.lpips_weights, cfg.face_id_weights, sr_size, cfg.syncnet_weights):
+        # Stage sr trains with L1 + LPIPS on the SR output alone (the release's SR fine-tuning): the
+        # render's losses cannot reach the SR, and the identity and lip-sync losses are not used.
+        weights = cfg.loss if cfg.stage != "sr" else dataclasses.replace(
+            cfg.loss, l1_raw=0.0, lpips_raw=0.0, mouth=0.0, identity=0.0, sync=0.0)
+        if cfg.stage == "sr":
+            self.log(f"stage sr: losses L1 x{weights.l1_sr:g} + LPIPS x{weights.lpips_sr:g} on the SR output")
+        for line in loss_status(weights, cfg.lpips_weights, cfg.face_id_weights, sr_size, cfg.syncnet_weights):
             self.log(line)
-        self.lpips = perceptual_network(cfg.loss, cfg.lpips_weights, self.device)
-        self.identity = identity_network(cfg.loss, cfg.face_id_weights, sr_size, self.device)
-        self.sync = sync_network(cfg.loss, cfg.syncnet_weights, sr_size, self.device)
+        self.lpips = perceptual_network(weights, cfg.lpips_weights, self.device)
+        self.identity = identity_network(weights, cfg.face_id_weights, sr_size, self.device)
+        self.sync = sync_network(weights, cfg.syncnet_weights, sr_size, self.device)
         self.wave = None
         from ..losses.syncnet import SYNC_FRAMES
 
@@ -285,6 +323,12 @@ class Trainer:
         if self.cfg.stage == "sr":
             self.model.requires_grad_(False)
             self.model.generator.superresolution.requires_grad_(True)
+
+    @property
+    def headline(self) -> tuple[str, str]:
+        """The validation score that says whether the stage learns, and its name: the render's L1
+        (stage deltaplane) or the SR output's (stage sr, where the render does not change)."""
+        return ("val_l1_sr", "SR output") if self.cfg.stage == "sr" else ("val_l1_raw", "render")
 
     @property
     def amp_dtype(self):
@@ -409,7 +453,8 @@ class Trainer:
         while this one runs, so :meth:`fit` reads them only on the steps it logs."""
         self.model.train()
         out = self._forward(batch)
-        terms = reconstruction_losses(out, batch, self.cfg.loss, self.lpips, self.identity)
+        terms = reconstruction_losses(out, batch, self.cfg.loss, self.lpips, self.identity,
+                                      sr_only=self.cfg.stage == "sr")
         if self.sync is not None and self.step // self.steps_per_epoch >= self.cfg.loss.sync_start_epoch:
             terms["sync"] = self._sync_term()
             terms["total"] = terms["total"] + self.cfg.loss.sync * terms["sync"]
@@ -482,7 +527,8 @@ class Trainer:
             bar.close()
         path = self.save()
         first, last = self.history[0], self.history[-1]
-        self.log(f"done: {self.step} steps; val L1 (render) {first['val_l1_raw']:.4f} -> {last['val_l1_raw']:.4f}, "
+        key, what = self.headline
+        self.log(f"done: {self.step} steps; val L1 ({what}) {first[key]:.4f} -> {last[key]:.4f}, "
                  f"mouth {first['val_mouth']:.4f} -> {last['val_mouth']:.4f}; checkpoint {path}")
         return {"first": first, "last": last, "checkpoint": str(path) if path else None}
 
