@@ -321,6 +321,30 @@ def test_eye_noise_audio_window_and_sample_counts_reach_the_model(data, tmp_path
         _cfg(blink_noise=0.1, deltaplane={"eye_noise_std": 0.3})
 
 
+def test_generator_settings_on_a_prior_render_it_or_are_refused(data, tmp_path):
+    """With --prior the architecture is the prior's: [generator] may change how it is rendered
+    (applied, and logged), anything else is refused by name instead of being ignored."""
+    import dataclasses
+
+    from talk3d.models import GeneratorConfig, TriplaneGenerator
+    from talk3d.prior import checkpoint_config, save_checkpoint
+
+    gcfg = dataclasses.replace(GeneratorConfig.tiny(), plane_resolution=16, plane_channels=4,
+                               neural_rendering_resolution=16, sr_resolution=32, sr_channels=(8,),
+                               coarse_samples=6, importance_samples=6)
+    prior = tmp_path / "prior.safetensors"
+    save_checkpoint(prior, TriplaneGenerator(gcfg).state_dict(), checkpoint_config(gcfg))
+    base = dict(steps=1, batch_size=2, eval_every=100, val_frames=2, impl="torch", deltaplane_size="tiny")
+    t = Trainer(TrainConfig.from_dict({**base, "generator": {"coarse_samples": 9, "importance_samples": 0}}), data,
+                tmp_path / "render", prior=str(prior))
+    g = t.model.generator.cfg
+    assert (g.coarse_samples, g.importance_samples, g.plane_resolution) == (9, 0, 16)
+    assert "rendered with coarse_samples 9, importance_samples 0" in (tmp_path / "render" / "log.txt").read_text()
+    with pytest.raises(ValueError, match=r"\[generator\] \['plane_channels'\] cannot change it"):
+        Trainer(TrainConfig.from_dict({**base, "generator": {"plane_channels": 8}}), data, tmp_path / "arch",
+                prior=str(prior))
+
+
 def test_bad_configs_and_data_are_refused(data, tmp_path):
     with pytest.raises(ValueError, match="unknown keys"):
         TrainConfig.from_dict({"stepz": 3})

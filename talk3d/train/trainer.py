@@ -51,6 +51,11 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+#: The [generator] settings a run may change on a prior: how it is rendered, not what it holds.
+PRIOR_RENDER_SETTINGS = ("neural_rendering_resolution", "coarse_samples", "importance_samples", "ray_start",
+                         "ray_end")
+
+
 def build_model(cfg: TrainConfig, audio_dim: int, *, prior: str | None, log) -> TalkingHead:
     """The talking head: from a converted prior (``python -m talk3d.prior convert``) or from scratch."""
     if prior is not None:
@@ -64,6 +69,13 @@ def build_model(cfg: TrainConfig, audio_dim: int, *, prior: str | None, log) -> 
             gen = load_generator(prior)
             w_id = gen.backbone.mapping.w_avg[None, None].expand(1, gen.num_ws, -1).clone()
         gen.requires_grad_(False)
+        if cfg.generator:  # the prior fixes the architecture; how it is rendered can change
+            fixed = sorted(set(cfg.generator) - set(PRIOR_RENDER_SETTINGS))
+            if fixed:
+                raise ValueError(f"train config: with --prior the generator is the prior's: [generator] {fixed} cannot "
+                                 f"change it (what can: {', '.join(PRIOR_RENDER_SETTINGS)})")
+            gen.cfg = dataclasses.replace(gen.cfg, **cfg.generator)
+            log(f"prior {prior}: rendered with " + ", ".join(f"{k} {v}" for k, v in cfg.generator.items()))
         with torch.no_grad():
             planes = gen.planes(w_id)
         # A generic prior's mean face is not the person: its triplane is fine-tuned unless told otherwise.
