@@ -264,6 +264,30 @@ def test_a_render_larger_than_the_sr_input_is_reported_and_the_demo_has_none(dat
     assert gcfg.neural_rendering_resolution == gcfg.sr_input_resolution == 32
 
 
+def test_frames_smaller_than_the_output_are_reported_and_the_demo_writes_them_at_its_size(data, tmp_path,
+                                                                                          monkeypatch):
+    """An SR output larger than the dataset's frames learns from upsampled pixels: the log says so,
+    and the no-argument demo writes its synthetic frames at its output size (512^2 on a GPU)."""
+    import talk3d.data
+    from talk3d.train.__main__ import DEMO_SIZE, _demo_data
+    from talk3d.train.config import demo_config, output_size
+
+    gen = dict(plane_resolution=16, plane_channels=4, neural_rendering_resolution=16, sr_resolution=64,
+               sr_channels=[8, 8], coarse_samples=6, importance_samples=6)
+    Trainer(_cfg(generator=gen), data, tmp_path / "large")  # the fixture's frames are 32^2
+    assert "the dataset's frames are 32^2, smaller than the 64^2 output" in (tmp_path / "large" / "log.txt").read_text()
+    Trainer(_cfg(), data, tmp_path / "same")
+    assert "smaller than the" not in (tmp_path / "same" / "log.txt").read_text()
+
+    assert output_size(TrainConfig.from_dict(demo_config("cuda"))) == 512
+    assert output_size(TrainConfig.from_dict(demo_config("cpu"))) == 64 < DEMO_SIZE
+    written = []
+    monkeypatch.setattr(talk3d.data, "make_synthetic_dataset", lambda d, **kw: written.append((d.name, kw["size"])))
+    _demo_data(tmp_path, 512, lambda m: None)
+    _demo_data(tmp_path, DEMO_SIZE, lambda m: None)
+    assert written == [("data-512", 512), ("data", DEMO_SIZE)]
+
+
 def test_stage_sr_fine_tunes_only_the_sr_of_a_deltaplane_run(data, tmp_path, capsys):
     """--from RUN: a new run (stage sr, the release's 1k steps at lr 2e-4 unless --set) that starts
     from RUN's trained model and changes its super-resolution alone, with L1 + LPIPS on the output."""

@@ -51,14 +51,20 @@ PRESETS = ("full", "small")
 CPU_HINT_PARAMS = 5_000_000
 
 
-def _demo_data(root: Path, log) -> Path:
+def _demo_data(root: Path, size: int, log) -> Path:
+    """The built-in synthetic talking head at ``size``^2 (the SR's output size: smaller frames
+    would train the SR against upsampled pixels), written once under ``root``."""
     from ..data import make_synthetic_dataset
 
-    data = root / "data"
+    data = root / ("data" if size == DEMO_SIZE else f"data-{size}")
     if not (data / "manifest.json").exists():
-        log(f"writing the built-in synthetic talking head to {data} (10 s at 128^2)")
-        make_synthetic_dataset(data, seconds=10, size=128, seed=0)
+        log(f"writing the built-in synthetic talking head to {data} (10 s at {size}^2)")
+        make_synthetic_dataset(data, seconds=10, size=size, seed=0)
     return data
+
+
+#: The CPU demo's frames (its SR output is 64^2; stored larger, they are area-resized like real data).
+DEMO_SIZE = 128
 
 
 #: What a resumed run takes from its own folder; giving these with --resume would be ignored.
@@ -68,7 +74,7 @@ RESUME_FIXED = ("data", "prior", "config", "out", "preset", "init_from")
 def _trainer(args, log):
     """The Trainer the arguments ask for; ValueError (DatasetError among them) / FileNotFoundError
     name what is wrong."""
-    from .config import apply_overrides, demo_config, load_config
+    from .config import apply_overrides, demo_config, load_config, output_size
     from .trainer import Trainer
 
     from ..devices import resolve_device
@@ -109,7 +115,7 @@ def _trainer(args, log):
         raise ValueError(f"--prior {args.prior}: no such file (python -m talk3d.prior convert writes one)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if demo:
-        data = _demo_data(Path("runs") / "demo", log)
+        data = _demo_data(Path("runs") / "demo", max(DEMO_SIZE, output_size(cfg)), log)
         run = Path(args.out or f"runs/demo/run-{stamp}")
     else:
         data = Path(args.data)

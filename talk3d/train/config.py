@@ -209,6 +209,14 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict[s
     return TrainConfig.from_dict(apply_overrides(data, list(overrides)))
 
 
+def output_size(cfg: TrainConfig) -> int:
+    """The SR's output size of the generator ``cfg`` builds without a prior."""
+    from ..models import GeneratorConfig
+
+    base = GeneratorConfig.tiny() if cfg.generator_size == "tiny" else GeneratorConfig.ffhq()
+    return dataclasses.replace(base, **cfg.generator).sr_resolution
+
+
 def demo_config(device_type: str) -> dict[str, Any]:
     """The no-argument run: sized to finish in minutes on 2 CPU cores, the full size on a GPU."""
     if device_type == "cuda":

@@ -261,6 +261,11 @@ class Trainer:
         self._set_stage()
         if self.resolution > gcfg.sr_input_resolution:
             self.log(sr_input_note(self.resolution, gcfg))
+        stored = int(manifest["image_size"])
+        if stored < gcfg.sr_resolution:
+            self.log(f"note: the dataset's frames are {stored}^2, smaller than the {gcfg.sr_resolution}^2 output: the "
+                     f"output is trained against upsampled frames (no detail past {stored}^2). Preprocess the video "
+                     f"at --size {gcfg.sr_resolution}, or train a smaller output (generator.sr_resolution)")
         if cfg.compile == "unet":
             # In place (nn.Module.compile): parameter names, checkpoints and DDP are unchanged. The
             # renderer is left eager: its hot path is already our fused kernels.
