@@ -100,6 +100,33 @@ def test_identity_loss_runs_on_the_real_face_network_when_the_output_is_large_en
     assert 0 < ident < 2  # 1 - cosine of real descriptors
 
 
+def test_identity_loss_sees_the_head_alone():
+    """The identity network compares output and frame inside the face mask (the release's
+    'on the foreground'): a background that differs changes nothing, a face that differs does."""
+    from talk3d.train import TrainConfig
+    from talk3d.train.losses import reconstruction_losses
+
+    seen = []
+
+    def identity(a, b):  # a stand-in network: records its inputs, scores their difference
+        seen.append((a, b))
+        return (a - b).abs().mean(dim=(1, 2, 3))
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[..., 4:12, 4:12] = 1
+    batch = {"image": target, "mouth_mask": mask, "face_mask": mask}
+    other_background = torch.where(mask > 0, target, -target)
+    out = {"image": other_background, "image_raw": target[..., ::2, ::2]}
+    weights = TrainConfig().loss
+    assert float(reconstruction_losses(out, batch, weights, identity=identity)["identity"]) == 0
+    a, b = seen[-1]
+    assert float(a[mask.expand_as(a) == 0].abs().max()) == 0 and float(b[mask.expand_as(b) == 0].abs().max()) == 0
+    other_face = torch.where(mask > 0, -target, target)
+    assert float(reconstruction_losses(dict(out, image=other_face), batch, weights, identity=identity)["identity"]) > 0.1
+
+
 def test_sync_loss_joins_after_its_epoch_with_wav2lip_format_weights(data, tmp_path):
     """A lipsync_expert.pth in Wav2Lip's format (random values: this checks the plumbing, not the metric)."""
     from test_syncnet import save_checkpoint, wav2lip_state

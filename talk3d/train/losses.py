@@ -90,7 +90,8 @@ def reconstruction_losses(out: dict, batch: dict, weights: LossWeights, lpips=No
     L1 and LPIPS on the SR output alone.
 
     out: the model's dict (``image_raw`` ``[B, 3, h, h]``, ``image`` ``[B, 3, S, S]``); batch: the
-    dataset's (``image`` ``[B, 3, S', S']`` in [-1, 1], ``mouth_mask`` ``[B, 1, S', S']``).
+    dataset's (``image`` ``[B, 3, S', S']`` in [-1, 1], ``mouth_mask`` and ``face_mask``
+    ``[B, 1, S', S']``; the identity loss compares the images inside ``face_mask`` only).
     """
     raw, sr = out["image_raw"].float(), out["image"].float()
     target = batch["image"]
@@ -115,8 +116,9 @@ def reconstruction_losses(out: dict, batch: dict, weights: LossWeights, lpips=No
         terms["lpips_raw"] = lpips(_at_least(raw, LPIPS_MIN_SIZE), _at_least(tgt_raw, LPIPS_MIN_SIZE)).mean()
         terms["lpips_sr"] = lpips(sr, tgt_sr).mean()
         total = total + weights.lpips_raw * terms["lpips_raw"] + weights.lpips_sr * terms["lpips_sr"]
-    if identity is not None:
-        terms["identity"] = identity(sr, tgt_sr).mean()
+    if identity is not None:  # on the head alone, as the release: the background says nothing of who it is
+        head = F.interpolate(batch["face_mask"], size=sr.shape[-2:], mode="area")  # [B, 1, S, S]
+        terms["identity"] = identity(sr * head, tgt_sr * head).mean()
         total = total + weights.identity * terms["identity"]
     terms["total"] = total
     return terms
