@@ -256,6 +256,13 @@ def test_personalize_api_checks_frames():
     assert len(res.history) == 4 and res.cameras.shape == (1, 25) and res.w_id.shape == (1, g.num_ws, 8)
     # The prior passed in is left untouched.
     assert all(torch.equal(a, b) for a, b in zip(g.state_dict().values(), tiny_generator().state_dict().values()))
+    # The refined cameras orbit the pivot given (the dataset rig's), the generator's otherwise.
+    for pivot in (None, (0.0, 0.05, 0.2)):
+        res = personalize(g, {"image": torch.rand(1, 3, 32, 32) * 2 - 1, "camera": cams}, invert_steps=3,
+                          tune_steps=1, pivot=pivot)
+        assert float(res.camera_deltas.abs().max()) > 0
+        want = refine_cameras(cams, res.camera_deltas, g.cfg.camera_pivot if pivot is None else pivot)
+        torch.testing.assert_close(res.cameras, want, rtol=0, atol=0)
 
 
 def test_training_starts_from_a_personalised_prior(tmp_path):

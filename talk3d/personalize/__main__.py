@@ -173,6 +173,11 @@ def _with_prior(args, gen, cfg, lpips, device, outs, log) -> tuple:
             raise ValueError(f"--frame-ids must be comma-separated integers, got {args.frame_ids!r}") from None
     frames = load_frames(args.data, frames=args.frames, frame_ids=ids, image_size=gen.cfg.sr_resolution)
     frames = {k: v.to(device) for k, v in frames.items()}
+    # The cameras orbit the dataset rig's pivot when refined, here as in the per-frame tracking.
+    from ..data import load_manifest
+    from ..data.format import dataset_rig
+
+    pivot = dataset_rig(load_manifest(args.data)).pivot
     log(f"frames {frames['index'].tolist()} (yaw/pitch deg: "
         + ", ".join(f"{y:.1f}/{p:.1f}" for y, p in torch.rad2deg(frames['pose'][:, :2]).tolist()) + ")")
     m = frames["image"].shape[0]
@@ -195,13 +200,13 @@ def _with_prior(args, gen, cfg, lpips, device, outs, log) -> tuple:
         torch.save({"frame_ids": frames["index"].tolist(), "w_id": w_id, "offsets": offsets, "deltas": deltas},
                    outs["state"])
         with torch.no_grad():
-            cams = refine_cameras(frames["camera"], deltas, gen.cfg.camera_pivot)
+            cams = refine_cameras(frames["camera"], deltas, pivot)
             img = render_frames(gen, w_id + offsets, cams, impl=args.impl)["image"]
         write_preview(outs["invert_preview"], [frames["image"], prior_avg, img])
         log(f"wrote {outs['invert_preview']} (target | prior at w_avg | inverted)")
 
     res = personalize(gen, frames, invert_steps=cfg.invert_steps, tune_steps=cfg.tune_steps, lpips=lpips,
-                      progress=not args.quiet, log=log, inverted=inverted, on_inverted=save_inversion,
+                      progress=not args.quiet, log=log, inverted=inverted, on_inverted=save_inversion, pivot=pivot,
                       **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("invert_steps", "tune_steps")})
     with torch.no_grad():
         pivots = res.w_id + res.offsets

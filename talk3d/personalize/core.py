@@ -166,11 +166,13 @@ def _bar(total: int, desc: str, progress: bool):
 
 
 def invert(gen: TriplaneGenerator, frames: dict, cfg: PersonalizeConfig, *, lpips: nn.Module | None = None,
-           progress: bool = False, history: list | None = None):
+           progress: bool = False, history: list | None = None, pivot=None):
     """Joint inversion with the generator frozen.
 
     Args:
         frames: ``image`` ``[M, 3, S, S]``, ``camera`` ``[M, 25]``, optional ``face_mask`` ``[M, 1, S, S]``.
+        pivot: the point the cameras' yaw/pitch refinement orbits (the dataset rig's); None: the
+            generator's ``camera_pivot``.
 
     Returns:
         (w_id ``[1, num_ws, w_dim]``, offsets ``[M, num_ws, w_dim]``, deltas ``[M, 2]``), detached.
@@ -187,8 +189,9 @@ def invert(gen: TriplaneGenerator, frames: dict, cfg: PersonalizeConfig, *, lpip
     gen.requires_grad_(False)
     history = [] if history is None else history
     bar = _bar(cfg.invert_steps, "invert", progress)
+    pivot = gen.cfg.camera_pivot if pivot is None else tuple(pivot)
     for step in range(cfg.invert_steps):
-        c = refine_cameras(cams, deltas, gen.cfg.camera_pivot)
+        c = refine_cameras(cams, deltas, pivot)
         out = gen.synthesis(w_id + offsets, c, impl=cfg.impl, deterministic=cfg.deterministic)
         rec, logs = reconstruction_loss(out, target, mask, cfg, lpips)
         # Squared norms per frame: offsets should only hold expression, not identity.
@@ -266,7 +269,7 @@ def pivotal_tune(gen: TriplaneGenerator, frames: dict, pivots: torch.Tensor, cam
 def personalize(generator: TriplaneGenerator, frames: dict, *, invert_steps: int | None = None,
                 tune_steps: int | None = None, lpips: nn.Module | None = None, progress: bool = False,
                 log: Callable[[str], None] | None = None, inverted: tuple | None = None,
-                on_inverted: Callable[[tuple], None] | None = None, **settings) -> PersonalizationResult:
+                on_inverted: Callable[[tuple], None] | None = None, pivot=None, **settings) -> PersonalizationResult:
     """Personalise a prior generator to the M frames of one person.
 
     Args:
@@ -278,6 +281,8 @@ def personalize(generator: TriplaneGenerator, frames: dict, *, invert_steps: int
         inverted: ``(w_id, offsets, deltas)`` of an earlier inversion of the same frames (resuming):
             the inversion is skipped.
         on_inverted: called with ``(w_id, offsets, deltas)`` once the inversion is done (to save it).
+        pivot: the point the per-frame camera refinement orbits: the dataset rig's pivot (None: the
+            generator's ``camera_pivot``, FFHQ's).
         settings: any other :class:`PersonalizeConfig` field.
 
     Returns:
@@ -300,14 +305,14 @@ def personalize(generator: TriplaneGenerator, frames: dict, *, invert_steps: int
     gen = copy.deepcopy(generator).eval()
     history: list = []
     if inverted is None:
-        w_id, offsets, deltas = invert(gen, frames, cfg, lpips=lpips, progress=progress, history=history)
+        w_id, offsets, deltas = invert(gen, frames, cfg, lpips=lpips, progress=progress, history=history, pivot=pivot)
         if on_inverted is not None:
             on_inverted((w_id, offsets, deltas))
     else:
         w_id, offsets, deltas = (t.to(img.device) for t in inverted)
         if log is not None:
             log("inversion: resumed from the saved state")
-    cameras = refine_cameras(frames["camera"], deltas, gen.cfg.camera_pivot).detach()
+    cameras = refine_cameras(frames["camera"], deltas, gen.cfg.camera_pivot if pivot is None else pivot).detach()
     if log is not None and history:
         log(f"inversion: L1 {history[0]['l1']:.4f} -> {history[-1]['l1']:.4f} over {cfg.invert_steps} steps")
     n_inv = len(history)
