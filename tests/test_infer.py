@@ -24,6 +24,12 @@ AUDIO_DURATION_TOL_S = 0.1
 # measured on the tiny run: mean 0.4, max 3.
 BF16_MEAN_TOL = 2.0
 BF16_MAX_TOL = 16
+# The same frames rendered in batches of another size: the CPU's convolution and matrix kernels
+# may block a batch of another size differently, so a float can move by an ulp and a uint8 value
+# that sat on a rounding edge by one level (measured: 1 value of 39936 differed, by 1, at batch 1
+# against 4). A frame out of order or from the wrong audio differs by tens of levels.
+BATCH_MAX_TOL = 1
+BATCH_MAX_DIFFERING = 1e-3  # fraction of values allowed to differ at all
 # Novel views must change the picture: mean absolute uint8 difference from the training cameras.
 MIN_VIEW_CHANGE = 0.5
 SPEECH_SECONDS = 0.5  # 13 frames (ceil(0.5 * 25) = 13 with the one-sample extra below)
@@ -209,9 +215,11 @@ def test_fp32_is_deterministic_and_bf16_is_close(loaded):
     np.testing.assert_array_equal(a, b)
     # Batches are handed out one behind (the next is queued first): every frame, in order, at any
     # batch size, the last partial batch included. Each frame is rendered on its own numbers, so
-    # the frames are the same whatever the batch (measured on the CPU VM: identical).
+    # the frames agree whatever the batch, up to the kernels' rounding (BATCH_MAX_TOL).
     for batch in (1, 3, len(a) + 5):
-        np.testing.assert_array_equal(_render(loaded, wave, batch=batch), a, err_msg=f"batch {batch}")
+        diff = np.abs(_render(loaded, wave, batch=batch).astype(np.int16) - a.astype(np.int16))
+        assert diff.max() <= BATCH_MAX_TOL and (diff > 0).mean() <= BATCH_MAX_DIFFERING, (batch, diff.max(),
+                                                                                           (diff > 0).mean())
     bf = _render(loaded, wave, precision="bf16")
     diff = np.abs(bf.astype(np.int16) - a.astype(np.int16))
     assert diff.mean() < BF16_MEAN_TOL and diff.max() <= BF16_MAX_TOL, (diff.mean(), diff.max())
