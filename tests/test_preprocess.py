@@ -23,7 +23,7 @@ from talk3d.data.synthetic import (BLINK_CLOSED, HEAD, head_cameras, project_poi
                                    synthesize_motion)
 from talk3d.preprocess import PreprocessError, preprocess_video, write_video  # noqa: E402
 from talk3d.preprocess import pipeline  # noqa: E402
-from talk3d.preprocess.align import crop_frames  # noqa: E402
+from talk3d.preprocess.align import crop_frames, rig_framing  # noqa: E402
 from talk3d.preprocess.pose import GENERIC_TEMPLATE, POSE_WEIGHTS, estimate_pose, solve_pnp  # noqa: E402
 
 SIZE = 256  # video frames and crops
@@ -266,7 +266,8 @@ def test_mouth_mask_covers_lips(result):
     assert lips.sum() > 50 * N  # there are lips to cover
     assert cover > MOUTH_COVER_MIN, cover
     assert masks.mean() < 0.08  # and the mask is not the whole image
-    assert (masks & ~face).mean() < 0.002 and face.mean() > 0.25
+    # The head fills 0.19 of the crop (0.26 of FFHQ's square: the rig's crop is 1.18x larger).
+    assert (masks & ~face).mean() < 0.002 and face.mean() > 0.15
 
 
 def test_crops_are_stable_and_centered(result):
@@ -275,7 +276,9 @@ def test_crops_are_stable_and_centered(result):
     eyes = lm5[:, 1:].mean(1)
     assert np.abs(np.diff(eyes, axis=0)).max() < 2.0
     assert np.abs(eyes[:, 0] - SIZE / 2).max() < 0.05 * SIZE
-    assert np.abs(eyes[:, 1] - 0.4 * SIZE).max() < 0.08 * SIZE
+    # FFHQ puts the eyes at 0.4 of the crop's height; the rig's framing moves that (rig_framing).
+    k, (_, sv) = rig_framing(pipeline.RIG)
+    assert np.abs(eyes[:, 1] - (0.5 + k * (0.4 - 0.5) + sv) * SIZE).max() < 0.08 * SIZE
 
 
 def test_crop_frames_identity():
@@ -284,6 +287,41 @@ def test_crop_frames_identity():
     frame = rng.integers(0, 255, (1, 64, 64, 3), dtype=np.uint8)
     out = crop_frames(frame, np.array([[32.0, 32.0]]), np.array([[32.0, 0.0]]), 64)
     assert np.array_equal(out, frame)
+
+
+#: Crop framing against the two rigs' own projections, in shares of the crop side: exact for a
+#: similarity; the rest is perspective (points 0.05 off the pivot's depth) and Talk3D's camera
+#: looking 1.1 deg up at its higher pivot (measured 6.3e-4, 0.3 px at 512).
+FRAMING_TOL = 2e-3
+
+
+def test_crops_are_framed_for_the_rig():
+    """A face where FFHQ's crop puts it (seen by FFHQ's camera) lands in our crop where the rig's
+    camera sees the same points: world points projected by both rigs' frontal cameras
+    (project_points, independent of align.py) agree through ffhq_quads -> rig_quads."""
+    import torch
+
+    from talk3d.preprocess.align import _perp, ffhq_quads, rig_quads, to_crop
+    from talk3d.render import FFHQ_RIG, TALK3D_RIG
+    from talk3d.render.cameras import look_at_camera
+
+    rng = np.random.default_rng(0)
+    lm = rng.normal(size=(3, 68, 2)) * 20 + np.array([300.0, 200.0])  # any faces: the map is tested
+    c, x = ffhq_quads(lm)
+    assert all(np.array_equal(a, b) for a, b in zip(rig_quads(c, x, FFHQ_RIG), (c, x)))
+    c2, x2 = rig_quads(c, x, TALK3D_RIG)
+    grid = np.stack(np.meshgrid(np.linspace(-0.15, 0.15, 5), np.linspace(-0.2, 0.2, 5)), -1).reshape(-1, 2)
+    zero = torch.zeros(1, dtype=torch.float64)
+    for depth in (0.2, 0.25):  # the pivot's depth and nearer the camera (the face's front)
+        pts = np.concatenate([grid, np.full((len(grid), 1), depth)], 1)
+        ffhq = np.asarray(project_points(pts, look_at_camera(zero, zero, rig=FFHQ_RIG), 1)[0])  # [K, 2] in [0, 1]
+        rig = np.asarray(project_points(pts, look_at_camera(zero, zero, rig=TALK3D_RIG), 1)[0])
+        y = _perp(x)
+        image = (c[:, None] - x[:, None] - y[:, None] + 2 * ffhq[None, :, :1] * x[:, None]
+                 + 2 * ffhq[None, :, 1:] * y[:, None])  # FFHQ crop coordinates -> image pixels
+        assert np.abs(to_crop(image, c2, x2, 1) - rig[None]).max() < FRAMING_TOL
+    # Talk3D's lens sees the head at 0.84 of FFHQ's size: the crop is 1.18x larger.
+    assert np.allclose(np.linalg.norm(x2, axis=1) / np.linalg.norm(x, axis=1), 4.2647 / 3.6, rtol=1e-3)
 
 
 def test_dlib_detects_frontal_synthetic_head():

@@ -98,9 +98,10 @@ def test_webcam_clip_becomes_a_dataset(webcam):
 
 
 def test_webcam_crops_are_stable_and_aligned(webcam):
-    """The aligned crop holds the eyes still and level, centred, in FFHQ's place: FFHQ's square is
+    """The aligned crop holds the eyes still and level, centred, in the rig's place: FFHQ's square is
     centred 0.1 eye-to-mouth below the eyes and is about 4 eye distances wide, which puts the eyes
-    at 0.5 - 0.1 / 4 = 0.475 of the height for a face whose eye-to-mouth equals its eye distance."""
+    at 0.5 - 0.1 / 4 = 0.475 of the height for a face whose eye-to-mouth equals its eye distance;
+    the rig's framing scales and shifts that (align.rig_framing: 0.551 for Talk3D's rig)."""
     lm = np.load(webcam["out"] / "landmarks68.npy")  # [N, 68, 2] crop pixels
     corners = lm[:, [36, 39, 42, 45]]
     step = np.linalg.norm(np.diff(corners, axis=0), axis=-1).mean(1) / SIZE
@@ -112,7 +113,11 @@ def test_webcam_crops_are_stable_and_aligned(webcam):
     mid = 0.5 * (eye_l + eye_r)
     assert np.abs(mid[:, 0] - SIZE / 2).max() < EYE_CENTRE_X_TOL * SIZE
     print(f"eye line height / crop: {mid[:, 1].min() / SIZE:.3f}..{mid[:, 1].max() / SIZE:.3f}")
-    assert np.abs(mid[:, 1] - 0.475 * SIZE).max() < EYE_HEIGHT_TOL * SIZE
+    from talk3d.preprocess import pipeline
+    from talk3d.preprocess.align import rig_framing
+
+    k, (_, sv) = rig_framing(pipeline.RIG)
+    assert np.abs(mid[:, 1] - (0.5 + k * (0.475 - 0.5) + sv) * SIZE).max() < EYE_HEIGHT_TOL * SIZE
 
 
 def test_webcam_pose_is_frontal_and_smooth(webcam):

@@ -127,8 +127,9 @@ def test_lips_follow_the_speech(talking):
 
 def test_foreground_is_the_person(talking):
     """With the segmenter (tests/test_segment.py; in CI), the foreground is a person segmentation
-    joined with the face mask: the face, neck and shirt in, the bookshelf behind him out (measured:
-    top corners never, bottom centre always, 50-59 % of the crop, at most 9 % of the outer columns)."""
+    joined with the face mask: the face, neck and shirt in, the bookshelf behind him out (measured
+    with FFHQ's square: top corners never, bottom centre always, 50-59 % of the crop, at most 9 % of
+    the outer columns; in the rig's 1.18x larger crop the person fills 36-43 %)."""
     out, m = talking["out"], talking["manifest"]
     if m["settings"]["segmenter"] is None:
         pytest.skip("no selfie segmenter here: the foreground was drawn from the landmarks")
@@ -138,7 +139,7 @@ def test_foreground_is_the_person(talking):
     assert not (face & ~fg).any()
     assert not fg[:, 0, 0].any() and not fg[:, 0, -1].any() and fg[:, -1, SIZE // 2].all()
     share = fg.mean(axis=(1, 2))
-    assert share.min() > 0.4 and share.max() < 0.7
+    assert share.min() > 0.3 and share.max() < 0.7
     assert fg[:, :, :8].mean() < 0.15 and fg[:, :, -8:].mean() < 0.15
     assert "person segmentation" in talking["log"]
 

@@ -17,7 +17,7 @@ import torch
 
 from .landmarks import gaussian_smooth
 
-__all__ = ["ffhq_quads", "smooth_quads", "crop_frames", "to_crop", "QUAD_SIGMA_FRAMES"]
+__all__ = ["ffhq_quads", "rig_framing", "rig_quads", "smooth_quads", "crop_frames", "to_crop", "QUAD_SIGMA_FRAMES"]
 
 #: Temporal smoothing of the crop's centre and axes, in frames (0.2 s). Larger gives a steadier
 #: crop but lets the face drift in it during fast head motion; 5 frames keeps the drift below
@@ -48,6 +48,45 @@ def ffhq_quads(lm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     half = np.maximum(np.linalg.norm(eye_to_eye, axis=-1) * 2.0,
                       np.linalg.norm(eye_to_mouth, axis=-1) * 1.8)
     return eye_avg + 0.1 * eye_to_mouth, x * half[:, None]
+
+
+def rig_framing(rig) -> tuple[float, np.ndarray]:
+    """How the frontal camera of ``rig`` frames the world, relative to FFHQ's crop.
+
+    FFHQ's crop goes with FFHQ's camera (focal 4.2647, pivot (0, 0, 0.2)): EG3D learned its heads
+    from those crops with those cameras. A rig with another focal, radius or pivot (Talk3D's:
+    focal 3.6, pivot (0, 0.05, 0.2)) sees the same head smaller or larger and shifted, so its crops
+    must be framed accordingly, as the release's own cropping does by aligning every frame to the
+    prior's mean face rendered with its rig. Near the pivot the two frontal views differ by a
+    scale and a shift: crop coordinates q in [0, 1]^2 of FFHQ's framing appear at
+    ``0.5 + k (q - 0.5) + shift`` in the rig's.
+
+    Returns:
+        (k, shift [2] (u, v) in shares of the crop side; v points down the image).
+    """
+    from ..render.cameras import FFHQ_RIG, look_at_camera, split_camera_label
+
+    def project(r, points):  # [K, 3] world -> [K, 2] normalised image coordinates of r's frontal camera
+        cam2world, k = split_camera_label(look_at_camera(torch.zeros(1, dtype=torch.float64),
+                                                         torch.zeros(1, dtype=torch.float64), rig=r))
+        local = (points - cam2world[0, :3, 3]) @ cam2world[0, :3, :3]  # R^T (p - t)
+        uv = local[:, :2] / local[:, 2:3]
+        return uv @ k[0, :2, :2].T + k[0, :2, 2]
+
+    pivot = torch.tensor(FFHQ_RIG.pivot, dtype=torch.float64)
+    pts = pivot + torch.tensor([[0.0, 0.0, 0.0], [0.1, 0.0, 0.0], [0.0, 0.1, 0.0]], dtype=torch.float64)
+    a, b = project(FFHQ_RIG, pts), project(rig, pts)
+    k = float((b[1:] - b[0]).norm(dim=1).mean() / (a[1:] - a[0]).norm(dim=1).mean())
+    return k, (b[0] - 0.5 - k * (a[0] - 0.5)).numpy()
+
+
+def rig_quads(centre: np.ndarray, axis: np.ndarray, rig) -> tuple[np.ndarray, np.ndarray]:
+    """FFHQ crop squares (centre, half-side vector ``[N, 2]``) -> the squares that frame the same
+    faces as ``rig``'s cameras see them (:func:`rig_framing`): ``1 / k`` the size, the centre moved
+    against the shift. For FFHQ's rig itself the squares are unchanged."""
+    k, (su, sv) = rig_framing(rig)
+    axis = axis / k
+    return centre - 2 * su * axis - 2 * sv * _perp(axis), axis
 
 
 def smooth_quads(centre: np.ndarray, axis: np.ndarray, sigma: float = QUAD_SIGMA_FRAMES):

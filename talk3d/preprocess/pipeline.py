@@ -6,7 +6,8 @@ Steps, each cached in ``OUT.work/`` (see :mod:`.cache`) and shown with a progres
 2. audio: 16-kHz mono, aligned to the first video frame.
 3. detect: 68 landmarks on every 25-fps frame (checkpointed every CHECKPOINT_FRAMES frames, so
    an interrupted detection resumes where it stopped).
-4. track: gaps filled, landmarks smoothed; FFHQ crop squares, smoothed; landmarks in the crop.
+4. track: gaps filled, landmarks smoothed; FFHQ crop squares reframed for the rig (align.rig_quads),
+   smoothed; landmarks in the crop.
 5. crop: frames resampled into S x S crops (a memory-mapped cache, also checkpointed).
 6. pose: PnP head pose -> EG3D cameras; blink from the eye aspect ratio.
 7. features: audio features (log-mel by default).
@@ -29,7 +30,8 @@ from ..progress import progress_bar
 from ..audio.features import FPS, SAMPLES_PER_FRAME, LogMelEncoder, Wav2Vec2Encoder
 from ..data.format import DatasetWriter, pack_mask
 from ..data.synthetic import IBUG68_INDICES, LANDMARK_NAMES
-from .align import crop_frames, ffhq_quads, smooth_quads, to_crop
+from ..render import TALK3D_RIG
+from .align import crop_frames, ffhq_quads, rig_quads, smooth_quads, to_crop
 from .blink import blink_au45
 from .cache import WorkDir
 from .errors import PreprocessError
@@ -54,10 +56,19 @@ CHUNK = 32
 FOREGROUND_MODES = ("auto", "segmentation", "landmarks")
 
 
+#: The cameras' rig: Talk3D's (focal 3.6, pivot (0, 0.05, 0.2)), as the dataset reader assumes
+#: (talk3d.data.format.dataset_rig). The crops are framed for it (align.rig_quads).
+RIG = TALK3D_RIG
+#: How crops are framed; in the cache key, so that a cache of crops framed otherwise is redone.
+#: Until 2026-12-06 the crops were FFHQ's squares, framed for FFHQ's camera, not the rig's: a head
+#: the rig renders a head at 0.84 of the size it had in them and 7 % of the crop side lower.
+CROP_FRAMING = "ffhq square reframed for the rig"
+
+
 def _key(video: Path, audio, size: int, max_frames, detector, encoder: str) -> dict:
     st = video.stat()
     key = dict(video=str(video.resolve()), video_bytes=st.st_size, video_mtime_ns=st.st_mtime_ns,
-               size=size, max_frames=max_frames, detector=detector.name, encoder=encoder)
+               size=size, max_frames=max_frames, detector=detector.name, encoder=encoder, framing=CROP_FRAMING)
     if audio is not None:
         a = Path(audio)
         key.update(audio=str(a.resolve()), audio_mtime_ns=a.stat().st_mtime_ns if a.exists() else 0)
@@ -252,7 +263,7 @@ def _run(video, out, work, detector, encoder, audio, size, max_frames, overwrite
     track = work.load("track")
     if track is None:
         lm = fill_and_smooth(det["raw"], det["found"], source=str(video))
-        centre, axis = smooth_quads(*ffhq_quads(lm))
+        centre, axis = smooth_quads(*rig_quads(*ffhq_quads(lm), RIG))
         track = dict(lm=lm, centre=centre, axis=axis, lm_crop=to_crop(lm, centre, axis, size))
         work.save("track", **track)
     lm_crop = track["lm_crop"]
@@ -261,7 +272,7 @@ def _run(video, out, work, detector, encoder, audio, size, max_frames, overwrite
 
     est = work.load("pose")
     if est is None:
-        est = estimate_pose(lm_crop, size, template=getattr(detector, "template", None))
+        est = estimate_pose(lm_crop, size, template=getattr(detector, "template", None), rig=RIG)
         blink, calib = blink_au45(lm_crop)
         est.update(blink=blink, open_ear=np.float64(calib["open_ear"]))
         work.save("pose", **est)
