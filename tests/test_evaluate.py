@@ -143,7 +143,11 @@ def test_cli_writes_the_report_with_reasons_and_synthetic_novel_view_ground_trut
         assert lp["available"] is False and "LPIPS" in lp["reason"]
     else:  # a distance between renders and their targets: positive, finite, below LPIPS' usual ~1
         assert lp["available"] and 0 < lp["mean"] < 1.5, lp
-    assert ad["metrics"]["lmd"]["available"] and "oracle" in ad["metrics"]["lmd"]["detector"]
+    lmd = ad["metrics"]["lmd"]  # the 12-step run may draw no mouth the oracle finds: then it says so
+    if lmd["available"]:
+        assert "oracle" in lmd["detector"] and 0 < lmd["mouth_found"] <= lmd["mouth_of"]
+    else:
+        assert "rendered mouth was found in none" in lmd["reason"] and "oracle" in lmd["reason"], lmd
     # The target frames' mouth follows the exact ground truth (checks the measure itself).
     assert ad["mouth_sync"]["correlations"]["target_vs_ground_truth_opening"] > 0.8
     poses = r["protocols"]["novel_view"]["poses"]
@@ -226,3 +230,39 @@ def test_identity_similarity_needs_outputs_the_face_network_can_read():
             assert out["idsim"]["available"] and len(acc.per_frame["idsim"]) == 2
         else:
             assert not out["idsim"]["available"] and f">= {IDENTITY_MIN_SIZE} px" in out["idsim"]["reason"]
+
+
+def test_lmd_says_how_many_rendered_mouths_were_found():
+    """LMD averages over frames where both mouths were found: a frame whose target shows none is not
+    scored, one whose render lost the mouth is counted as not found, in metrics.json and in the table;
+    with no rendered mouth found at all the metric is unavailable, with the reason."""
+    from talk3d.evaluate.metrics import LPIPSMetric
+    from talk3d.evaluate.protocol import Plugins, _Accumulator, _frame_metrics, _summarise
+    from talk3d.evaluate.report import _cell
+
+    nan = float("nan")
+
+    def detector(images, mask):  # a stand-in: the 'mouth' sits at the image's mean value; NaN marks none
+        pts = images.mean(dim=(1, 2, 3)).view(-1, 1, 1).expand(-1, 5, 2).clone().double()
+        return pts
+
+    # Targets 0..3: frame 3 has no mouth. Predictions: frame 1 lost its mouth (NaN), the others are 0.5 off.
+    target = torch.zeros(4, 3, 8, 8)
+    pred = target + 0.5
+    pred[1] = nan
+    target[3] = nan
+    acc = _Accumulator()
+    lpips = LPIPSMetric(None)
+    _frame_metrics(acc, pred, target, None, lpips=lpips, detector=detector, plugins=Plugins())
+    out = _summarise(acc, full_reference=None, lpips=lpips, detector_reason=None, detector_name="stand-in",
+                     plugins=Plugins(), wave=None, resolution=8)
+    lmd = out["lmd"]
+    assert lmd["available"] and lmd["frames"] == 2 and (lmd["mouth_found"], lmd["mouth_of"]) == (2, 3)
+    assert lmd["mean"] == pytest.approx(0.5 * math.sqrt(2))
+    assert _cell(lmd).endswith("(2/3 mouths found)")
+    none_found = _Accumulator()
+    _frame_metrics(none_found, torch.full_like(pred, nan), target, None, lpips=lpips, detector=detector,
+                   plugins=Plugins())
+    out = _summarise(none_found, full_reference=None, lpips=lpips, detector_reason=None, detector_name="stand-in",
+                     plugins=Plugins(), wave=None, resolution=8)
+    assert not out["lmd"]["available"] and "found in none of the 3 frames" in out["lmd"]["reason"]

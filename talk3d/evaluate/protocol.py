@@ -167,7 +167,13 @@ def _frame_metrics(acc: _Accumulator, pred, target, mouth_mask, *, lpips: M.LPIP
     if lpips.available and pred.shape[-1] >= lpips.min_size():
         acc.add("lpips", lpips(pred, target))
     if detector is not None:
-        acc.add("lmd", M.landmark_distance(detector(pred, mouth_mask), detector(target, mouth_mask)))
+        found_pred, found_target = detector(pred, mouth_mask), detector(target, mouth_mask)  # [B, K, 2], NaN: none
+        acc.add("lmd", M.landmark_distance(found_pred, found_target))
+        # A frame whose target shows no mouth has nothing to score; one whose prediction lost the
+        # mouth is a miss of the model's, counted beside the mean (which covers found mouths only).
+        target_ok = torch.isfinite(found_target).flatten(1).all(1)
+        acc.add("lmd_target_found", target_ok.double())
+        acc.add("lmd_pred_found", (target_ok & torch.isfinite(found_pred).flatten(1).all(1)).double())
 
 
 def _plugin_metrics(acc: _Accumulator, pred, reference, plugins: Plugins) -> None:
@@ -197,7 +203,17 @@ def _summarise(acc: _Accumulator, *, full_reference: str | None, lpips: M.LPIPSM
         else:
             extra = {"unit": "dB"} if key == "psnr" else {}
             if key == "lmd":
-                extra = {"unit": f"pixels at {resolution}x{resolution}", "detector": detector_name}
+                of = int(sum(acc.per_frame.get("lmd_target_found", [])))
+                found = int(sum(acc.per_frame.get("lmd_pred_found", [])))
+                if found == 0:
+                    out[key] = M.Unavailable(
+                        "no mouth found in the target frames" if of == 0 else
+                        f"the rendered mouth was found in none of the {of} frames whose target shows one "
+                        f"({detector_name})").to_json()
+                    continue
+                # The mean covers the frames where both mouths were found: say how many of them.
+                extra = {"unit": f"pixels at {resolution}x{resolution}", "detector": detector_name,
+                         "mouth_found": found, "mouth_of": of}
             out[key] = acc.entry(key, **extra)
     if "idsim" in acc.per_frame:
         out["idsim"] = acc.entry("idsim", network=getattr(plugins.identity_embedder, "name",

@@ -24,7 +24,10 @@ def _cell(entry: dict | None) -> str:
     if not entry or not entry.get("available"):
         return "n/a"
     v = entry.get("mean")
-    return "n/a" if v is None else f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+    text = "n/a" if v is None else f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+    if entry.get("mouth_found", 0) < entry.get("mouth_of", 0):  # LMD over the frames whose mouth was found
+        text += f" ({entry['mouth_found']}/{entry['mouth_of']} mouths found)"
+    return text
 
 
 def markdown_report(result: dict) -> str:
