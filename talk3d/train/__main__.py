@@ -95,7 +95,7 @@ def _trainer(args, log):
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"--resume {run}: config.json is not a talk3d run config ({e})") from None
         stage = train.get("stage", "deltaplane")
-        if apply_overrides(copy.deepcopy(train), list(args.set)).get("stage") != stage:
+        if apply_overrides(copy.deepcopy(train), list(args.set)).get("stage", stage) != stage:
             raise ValueError(f"--resume {run}: a run's stage cannot change (it is {stage}); fine-tune the "
                              f"super-resolution of a finished deltaplane run with --from {run}")
         cfg = load_config(None, args.set, base=train)
