@@ -90,7 +90,8 @@ class TalkingHead(nn.Module):
         return super().train(mode)
 
     @torch.no_grad()
-    def occupancy_grid(self, batches, *, resolution: int | None = None, box: float = 1.6, dilation: int = 1):
+    def occupancy_grid(self, batches, *, resolution: int | None = None, box: float = 1.6, dilation: int = 1,
+                       seed: int = 0):
         """An occupancy grid of the talking head over the conditions of ``batches``, for inference.
 
         The deltaplane moves density (the mouth opens and closes), so no single triplane's grid
@@ -105,6 +106,8 @@ class TalkingHead(nn.Module):
                 EG3D's 48 coarse samples), since finer cells skip little more and cost cubically more
                 field evaluations to build.
             dilation: cells added around every occupied cell.
+            seed: of the generator that draws each cell's probe point: the same frames give the same
+                grid (and so the same skipping render) whatever torch's random state.
 
         Returns:
             an :class:`talk3d.render.OccupancyGrid` on the model's device.
@@ -120,9 +123,11 @@ class TalkingHead(nn.Module):
             resolution = grid_resolution_for(cfg, box)
         grid = OccupancyGrid(resolution, box, ema_decay=1.0).to(self.identity_planes.device)  # decay 1: the max
         decoder = self.generator.decoder.effective_weights(torch.float32)
+        rng = torch.Generator(device=self.identity_planes.device).manual_seed(seed)
         for batch in batches:
             planes = self._planes_and_delta(batch, self._cached_encoding())[0].float()
-            grid.update(0, Renderer(cfg).density(planes, decoder), cfg.coarse_step)  # step 0: every cell, max
+            grid.update(0, Renderer(cfg).density(planes, decoder), cfg.coarse_step,  # step 0: every cell, max
+                        generator=rng)
         occ = grid.occupied[None, None].float()  # [1, 1, r, r, r]
         if dilation > 0:
             occ = F.max_pool3d(occ, 2 * dilation + 1, stride=1, padding=dilation)

@@ -80,17 +80,20 @@ class OccupancyGrid(nn.Module):
 
     # --- updates ----------------------------------------------------------------------------
 
-    def cell_points(self, index: torch.Tensor, jitter: bool = True) -> torch.Tensor:
-        """World points ``[K, 3]`` in the cells ``index [K]`` (random inside each, or centres)."""
+    def cell_points(self, index: torch.Tensor, jitter: bool = True,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """World points ``[K, 3]`` in the cells ``index [K]`` (random inside each, drawn from
+        ``generator`` or torch's global one; or the centres)."""
         r = self.resolution
         x, y, z = index % r, (index // r) % r, index // (r * r)
         ijk = torch.stack([x, y, z], dim=-1).to(self.opacity.dtype)
-        offset = torch.rand_like(ijk) if jitter else torch.full_like(ijk, 0.5)
+        offset = (torch.rand(ijk.shape, generator=generator, dtype=ijk.dtype, device=ijk.device) if jitter
+                  else torch.full_like(ijk, 0.5))
         return (ijk + offset) / r * self.box - self.box / 2
 
     @torch.no_grad()
     def update(self, step: int, density_fn: Callable[[torch.Tensor], torch.Tensor], step_size: float,
-               *, chunk: int = 1 << 18) -> None:
+               *, chunk: int = 1 << 18, generator: torch.Generator | None = None) -> None:
         """Refresh the grid from the field.
 
         Args:
@@ -98,16 +101,18 @@ class OccupancyGrid(nn.Module):
             density_fn: world points ``[K, 3]`` -> activated density ``[K]`` (EG3D:
                 ``softplus(sigma - 1)``).
             step_size: the render's sample spacing; opacity = density * step_size.
+            generator: draws the cells' probe points (and the partial refresh's cells); None:
+                torch's global generator. A seeded one makes the grid a function of the field alone.
         """
         n = self.opacity.numel()
         device = self.opacity.device
         if step < self.warmup_steps:
             index = torch.arange(n, device=device)
         else:
-            uniform = torch.randint(0, n, (n // 4,), device=device)
+            uniform = torch.randint(0, n, (n // 4,), device=device, generator=generator)
             index = torch.cat([uniform, self.occupied.reshape(-1).nonzero()[:, 0]]).unique()
-        new = torch.cat([density_fn(self.cell_points(index[i:i + chunk])).reshape(-1).to(self.opacity)
-                         for i in range(0, index.numel(), chunk)]) * step_size
+        points = (self.cell_points(index[i:i + chunk], generator=generator) for i in range(0, index.numel(), chunk))
+        new = torch.cat([density_fn(p).reshape(-1).to(self.opacity) for p in points]) * step_size
         self.opacity[index] = torch.maximum(self.opacity[index] * self.ema_decay, new)
         thre = min(float(self.opacity.mean()), self.threshold)
         r = self.resolution
