@@ -7,7 +7,8 @@ Same inputs as the ``field-forward`` benchmarks at the GPU size (4 x 128^2 rays 
 channels-last). Triton's default launch settings came from compiling for sm_90 with the least
 register spilling, not from timings; its bf16 decoder uses tensor-core dots, the CUDA kernel fp32
 FMAs, or with TALK3D_FIELD_MMA=1 (bf16) mma.sync products. The table says which back end
-``impl="auto"`` should pick per dtype and which Triton setting should be its default. A measuring tool (GPU only), not a test.
+``impl="auto"`` should pick per dtype and which Triton setting should be its default. A measuring
+tool (GPU only), not a test.
 """
 from __future__ import annotations
 

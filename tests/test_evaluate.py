@@ -243,8 +243,7 @@ def test_lmd_says_how_many_rendered_mouths_were_found():
     nan = float("nan")
 
     def detector(images, mask):  # a stand-in: the 'mouth' sits at the image's mean value; NaN marks none
-        pts = images.mean(dim=(1, 2, 3)).view(-1, 1, 1).expand(-1, 5, 2).clone().double()
-        return pts
+        return images.mean(dim=(1, 2, 3)).view(-1, 1, 1).expand(-1, 5, 2).double()
 
     # Targets 0..3: frame 3 has no mouth. Predictions: frame 1 lost its mouth (NaN), the others are 0.5 off.
     target = torch.zeros(4, 3, 8, 8)

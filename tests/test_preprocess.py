@@ -297,8 +297,9 @@ FRAMING_TOL = 2e-3
 
 def test_crops_are_framed_for_the_rig():
     """A face where FFHQ's crop puts it (seen by FFHQ's camera) lands in our crop where the rig's
-    camera sees the same points: world points projected by both rigs' frontal cameras
-    (project_points, independent of align.py) agree through ffhq_quads -> rig_quads."""
+    camera sees the same points: world points projected by both rigs' frontal cameras agree
+    through ffhq_quads -> rig_quads, on a grid of points and at two depths (rig_framing fits one
+    scale and shift from three points at the pivot)."""
     import torch
 
     from talk3d.preprocess.align import _perp, ffhq_quads, rig_quads, to_crop

@@ -275,8 +275,7 @@ def test_cli_presets(data, tmp_path, monkeypatch, capsys):
 def test_a_render_larger_than_the_sr_input_is_reported_and_the_demo_has_none(data, tmp_path):
     """The SR resizes the render to its input size first: a larger render loses its detail there.
     The log says so; the CPU demo's config renders at exactly the SR's input size."""
-    from talk3d.models import GeneratorConfig
-    from talk3d.train.config import demo_config
+    from talk3d.train.config import demo_config, generator_config
 
     gen = dict(plane_resolution=16, plane_channels=4, neural_rendering_resolution=16, sr_resolution=32,
                coarse_samples=6, importance_samples=6)
@@ -286,8 +285,7 @@ def test_a_render_larger_than_the_sr_input_is_reported_and_the_demo_has_none(dat
     Trainer(_cfg(generator=dict(gen, sr_channels=[8])), data, tmp_path / "one_block")  # SR input 16^2
     assert "super-resolution's input" not in (tmp_path / "one_block" / "log.txt").read_text()
 
-    demo = TrainConfig.from_dict(demo_config("cpu"))
-    gcfg = GeneratorConfig.tiny(**demo.generator)
+    gcfg = generator_config(TrainConfig.from_dict(demo_config("cpu")))
     assert gcfg.neural_rendering_resolution == gcfg.sr_input_resolution == 32
 
 
@@ -297,7 +295,7 @@ def test_frames_smaller_than_the_output_are_reported_and_the_demo_writes_them_at
     and the no-argument demo writes its synthetic frames at its output size (512^2 on a GPU)."""
     import talk3d.data
     from talk3d.train.__main__ import DEMO_SIZE, _demo_data
-    from talk3d.train.config import demo_config, output_size
+    from talk3d.train.config import demo_config, generator_config
 
     gen = dict(plane_resolution=16, plane_channels=4, neural_rendering_resolution=16, sr_resolution=64,
                sr_channels=[8, 8], coarse_samples=6, importance_samples=6)
@@ -306,8 +304,8 @@ def test_frames_smaller_than_the_output_are_reported_and_the_demo_writes_them_at
     Trainer(_cfg(), data, tmp_path / "same")
     assert "smaller than the" not in (tmp_path / "same" / "log.txt").read_text()
 
-    assert output_size(TrainConfig.from_dict(demo_config("cuda"))) == 512
-    assert output_size(TrainConfig.from_dict(demo_config("cpu"))) == 64 < DEMO_SIZE
+    assert generator_config(TrainConfig.from_dict(demo_config("cuda"))).sr_resolution == 512
+    assert generator_config(TrainConfig.from_dict(demo_config("cpu"))).sr_resolution == 64 < DEMO_SIZE
     written = []
     monkeypatch.setattr(talk3d.data, "make_synthetic_dataset", lambda d, **kw: written.append((d.name, kw["size"])))
     _demo_data(tmp_path, 512, lambda m: None)

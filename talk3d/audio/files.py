@@ -13,11 +13,15 @@ import numpy as np
 
 from .features import SAMPLE_RATE, read_wav
 
-__all__ = ["AudioFileError", "decode_audio_stream", "read_audio"]
+__all__ = ["AudioFileError", "NoAudioStreamError", "decode_audio_stream", "read_audio"]
 
 
 class AudioFileError(ValueError):
     """A speech file that cannot be read; the message names the file and what is wrong."""
+
+
+class NoAudioStreamError(AudioFileError):
+    """A readable media file without an audio stream (e.g. a silent video)."""
 
 
 def decode_audio_stream(path) -> tuple[np.ndarray, float | None]:
@@ -44,7 +48,7 @@ def decode_audio_stream(path) -> tuple[np.ndarray, float | None]:
         raise AudioFileError(f"{path}: not a readable audio or video file ({e})") from None
     with container:
         if not container.streams.audio:
-            raise AudioFileError(f"{path}: the file has no audio stream")
+            raise NoAudioStreamError(f"{path}: the file has no audio stream")
         stream = container.streams.audio[0]
         # Planar float at 16 kHz in the stream's own channel layout; the channels are averaged
         # here, as read_wav does, not by FFmpeg's mono downmix ((L + R) / sqrt(2) for stereo):

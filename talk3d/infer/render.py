@@ -330,7 +330,8 @@ def compile_for_inference(model, *, backend: str = "inductor", skip_empty: bool 
     reduce-overhead mode, so each batch replays one CUDA graph instead of dispatching each of its
     operations from Python (813 aten operations a forward at the release's sizes, views
     included). With ``skip_empty`` the render's sample counts depend on the data, so only the
-    U-Net's per-frame part (attention and decoder; the encoder is cached) is compiled. Pair with ``whole_batches=True``: a last, shorter batch would compile again.
+    U-Net's per-frame part (attention and decoder; the encoder is cached) is compiled. Pair with
+    ``whole_batches=True``: a last, shorter batch would compile again.
     """
     device = next(model.parameters()).device
     # (backend="cudagraphs" captures CUDA graphs without inductor's code generation; modes are

@@ -64,14 +64,12 @@ def rig_framing(rig) -> tuple[float, np.ndarray]:
     Returns:
         (k, shift [2] (u, v) in shares of the crop side; v points down the image).
     """
-    from ..render.cameras import FFHQ_RIG, look_at_camera, split_camera_label
+    from ..data.synthetic import project_points
+    from ..render.cameras import FFHQ_RIG, look_at_camera
 
-    def project(r, points):  # [K, 3] world -> [K, 2] normalised image coordinates of r's frontal camera
-        cam2world, k = split_camera_label(look_at_camera(torch.zeros(1, dtype=torch.float64),
-                                                         torch.zeros(1, dtype=torch.float64), rig=r))
-        local = (points - cam2world[0, :3, 3]) @ cam2world[0, :3, :3]  # R^T (p - t)
-        uv = local[:, :2] / local[:, 2:3]
-        return uv @ k[0, :2, :2].T + k[0, :2, 2]
+    def project(r, points):  # [K, 3] world -> [K, 2] in [0, 1]^2 of r's frontal camera's image
+        zero = torch.zeros(1, dtype=torch.float64)
+        return torch.as_tensor(project_points(points, look_at_camera(zero, zero, rig=r), 1)[0])
 
     pivot = torch.tensor(FFHQ_RIG.pivot, dtype=torch.float64)
     pts = pivot + torch.tensor([[0.0, 0.0, 0.0], [0.1, 0.0, 0.0], [0.0, 0.1, 0.0]], dtype=torch.float64)

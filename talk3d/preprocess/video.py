@@ -111,13 +111,14 @@ def iter_frames(path, fps: int = 25, max_frames: int | None = None) -> Iterator[
 def read_audio_track(path, start_time: float = 0.0) -> np.ndarray:
     """The first audio stream of ``path`` as [T] float32 16-kHz mono, sample 0 at ``start_time``
     (the video's first timestamp, seconds). PreprocessError when there is no audio stream."""
-    from ..audio.files import AudioFileError, decode_audio_stream
+    from ..audio.files import AudioFileError, NoAudioStreamError, decode_audio_stream
 
     try:
         wave, first = decode_audio_stream(path)
+    except NoAudioStreamError as e:
+        raise PreprocessError(f"{e}; pass the sound track with --audio FILE") from None
     except AudioFileError as e:
-        hint = "; pass the sound track with --audio FILE" if "no audio stream" in str(e) else ""
-        raise PreprocessError(f"{e}{hint}") from None
+        raise PreprocessError(str(e)) from None
     if wave.size == 0:
         raise PreprocessError(f"{path}: the audio stream has no decodable samples")
     # Align to the video: audio that starts later is padded, earlier is cut.

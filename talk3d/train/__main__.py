@@ -74,7 +74,7 @@ RESUME_FIXED = ("data", "prior", "config", "out", "preset", "init_from")
 def _trainer(args, log):
     """The Trainer the arguments ask for; ValueError (DatasetError among them) / FileNotFoundError
     name what is wrong."""
-    from .config import apply_overrides, demo_config, load_config, output_size
+    from .config import apply_overrides, demo_config, generator_config, load_config
     from .trainer import Trainer
 
     from ..devices import resolve_device
@@ -115,7 +115,7 @@ def _trainer(args, log):
         raise ValueError(f"--prior {args.prior}: no such file (python -m talk3d.prior convert writes one)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if demo:
-        data = _demo_data(Path("runs") / "demo", max(DEMO_SIZE, output_size(cfg)), log)
+        data = _demo_data(Path("runs") / "demo", max(DEMO_SIZE, generator_config(cfg).sr_resolution), log)
         run = Path(args.out or f"runs/demo/run-{stamp}")
     else:
         data = Path(args.data)

@@ -209,12 +209,12 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict[s
     return TrainConfig.from_dict(apply_overrides(data, list(overrides)))
 
 
-def output_size(cfg: TrainConfig) -> int:
-    """The SR's output size of the generator ``cfg`` builds without a prior."""
+def generator_config(cfg: TrainConfig):
+    """The :class:`GeneratorConfig` a run without a prior builds: the preset and its overrides."""
     from ..models import GeneratorConfig
 
     base = GeneratorConfig.tiny() if cfg.generator_size == "tiny" else GeneratorConfig.ffhq()
-    return dataclasses.replace(base, **cfg.generator).sr_resolution
+    return dataclasses.replace(base, **cfg.generator)
 
 
 def demo_config(device_type: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from ..progress import progress_bar
 
 from ..data import TalkingHeadDataset, load_manifest
 from ..models import DeltaplaneConfig, GeneratorConfig, TalkingHead, TriplaneGenerator
-from .config import TrainConfig
+from .config import TrainConfig, generator_config
 from .losses import identity_network, loss_status, perceptual_network, reconstruction_losses, sync_network
 
 __all__ = ["Trainer", "build_model", "load_talking_head"]
@@ -86,8 +86,7 @@ def build_model(cfg: TrainConfig, audio_dim: int, *, prior: str | None, log) -> 
             gen.decoder.requires_grad_(True)
             gen.superresolution.requires_grad_(True)
     else:
-        base = GeneratorConfig.tiny() if cfg.generator_size == "tiny" else GeneratorConfig.ffhq()
-        gcfg = dataclasses.replace(base, **cfg.generator)
+        gcfg = generator_config(cfg)
         gen = TriplaneGenerator(gcfg)
         gen.backbone.requires_grad_(False)  # P_ID is learned directly; the backbone is not used
         g = torch.Generator().manual_seed(cfg.seed)
