@@ -68,6 +68,14 @@ def test_channels_last(impl, padding, dtype):
 
 
 @pytest.mark.parametrize("impl", BACKENDS)
+def test_empty_input_padded_to_an_output_gives_zeros(impl):
+    """H = 0 with enough padding: every tap is padding (on CUDA the empty input has no storage)."""
+    x = torch.empty(1, 2, 0, 5, device=device_of(impl))
+    y = binomial_filter2d(x, (0, 0, 2, 2), impl=impl)
+    assert y.shape == (1, 2, 1, 2) and not y.any()
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
 def test_float64_and_odd_widths(impl):
     # widths that leave partial strips of 1, 2 and 3 outputs at the row's end
     for W in (4, 5, 6, 7):
