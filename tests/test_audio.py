@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from talk3d.audio import (FEATURES_PER_FRAME, SAMPLE_RATE, SAMPLES_PER_FRAME, LogMelEncoder,
-                          Wav2Vec2Encoder, read_wav, resample, windows, write_wav)
+                          Wav2Vec2Encoder, read_wav, resample, window_reach, windows, write_wav)
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 # PCM16 round trip: write_wav rounds to steps of 1/32767 (half a step off at most), read_wav divides
@@ -122,6 +122,28 @@ def test_windows_shape_and_edge_padding():
     np.testing.assert_array_equal(end[:, 1, 0].numpy() // (2 * d), [1, 2, 3, 4, 5, 5, 5, 5])
     with pytest.raises(IndexError):
         windows(feats, n, 8)
+
+
+def test_windows_with_a_context_of_feature_rows_and_their_reach():
+    """steps rows per window frame, centred on the frame (the release's 16 = 320 ms); 2 rows are
+    the frame's own, as before; window_reach bounds exactly what frame n reads (streaming keeps
+    those frames and waits for them)."""
+    n, d = 40, 2
+    feats = np.arange(2 * n * d, dtype=np.float32).reshape(2 * n, d)
+    rows = lambda w: w[..., 0] // d  # noqa: E731  the row each entry came from
+    np.testing.assert_array_equal(rows(windows(feats, 20, 8, 2)), np.arange(32, 48).reshape(8, 2))
+    w = windows(feats, 20, 8, 16)
+    assert w.shape == (8, 16, d)
+    # window frame f = 16 + i: rows 2f - 7 .. 2f + 8, centred on the frame's middle (rows 2f, 2f + 1)
+    np.testing.assert_array_equal(rows(w), (2 * np.arange(16, 24))[:, None] - 7 + np.arange(16))
+    np.testing.assert_array_equal(rows(windows(feats, 0, 8, 16))[0], np.clip(np.arange(-7, 9), 0, None))
+    np.testing.assert_array_equal(rows(windows(feats, n - 1, 8, 16))[-1], np.clip(np.arange(71, 87), None, 79))
+    for steps in (1, 2, 3, 4, 16):
+        back, ahead = window_reach(8, steps)
+        read = np.unique(rows(windows(feats, 20, 8, steps))) // 2  # frames whose rows frame 20 reads
+        assert (read.min(), read.max()) == (20 - back, 20 + ahead), steps
+    with pytest.raises(ValueError, match="steps"):
+        windows(feats, 0, 8, 0)
 
 
 def test_wav2vec2_missing_path_says_how_to_get_it(tmp_path):

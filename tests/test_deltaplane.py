@@ -8,6 +8,7 @@ import torch
 
 from talk3d.models import (ConditionEncoder, DeltaplaneConfig, DeltaplaneModel, DeltaplanePredictor,
                            MultiHeadAttention, RollOut, attention, plane_positional_encoding, plane_positions)
+from talk3d.data.synthetic import LANDMARK_NAMES
 from talk3d.ops.reference.triplane_field import PLANE_AXES
 
 # float32 attention: SDPA vs an explicit softmax over a handful of keys differ by re-association only.
@@ -24,7 +25,7 @@ LAST_LAYER_STD = 0.1
 def _batch(cfg: DeltaplaneConfig, B: int = 2) -> dict[str, torch.Tensor]:
     """Random condition inputs of the documented shapes."""
     return {
-        "audio": torch.randn(B, cfg.audio_window, cfg.audio_steps, cfg.audio_dim),  # [B, 8, 2, A]
+        "audio": torch.randn(B, cfg.audio_window, cfg.audio_steps, cfg.audio_dim),  # [B, 8, 16, A]
         "blink": torch.rand(B, 1) * cfg.eye_max,  # [B, 1]
         "pose": (torch.rand(B, 3) - 0.5) * 0.6,  # [B, 3] radians
         "landmarks": torch.rand(B, cfg.num_landmarks, 2) * 2 - 1,  # [B, 5, 2]
@@ -72,7 +73,7 @@ def test_gradient_reaches_zero_init_last_layer():
 
 
 def test_audio_changes_output_after_one_training_step():
-    cfg = DeltaplaneConfig.tiny(eye_noise_std=0.0)
+    cfg = DeltaplaneConfig.tiny(eye_noise=0.0)
     model = DeltaplaneModel(cfg)
     planes, batch = _planes(cfg), _batch(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -118,12 +119,54 @@ def test_token_order_and_count():
     assert only_null(batch).shape == (2, 1, cfg.token_dim)
 
 
-def test_eye_noise_only_in_training():
+def test_eye_noise_only_in_training_and_uniform_within_its_half_width(monkeypatch):
     cfg = DeltaplaneConfig.tiny(use_audio=False, use_pose=False, use_landmarks=False, use_null=False)
     enc = ConditionEncoder(cfg)
     batch = {"blink": torch.full((2, 1), 0.5)}
     assert not torch.equal(enc.train()(batch), enc(batch))
     assert torch.equal(enc.eval()(batch), enc(batch))
+    seen = []  # the AU45 values the eye token's MLP receives (divided by eye_max)
+    monkeypatch.setattr(enc.eye, "forward", lambda v: seen.append(v) or torch.zeros(v.shape[0], 1, cfg.token_dim))
+    enc.train()({"blink": torch.full((20000, 1), 1.0)})
+    noise = seen[0] * cfg.eye_max - 1.0
+    assert noise.abs().max() <= cfg.eye_noise + 1e-6  # the release's uniform +-0.05, never beyond
+    assert abs(float(noise.std()) - cfg.eye_noise / 3 ** 0.5) < 0.002  # a uniform's std, not 0.05
+
+
+def test_landmark_token_reads_its_points_only():
+    """The release's nose tip and outer eye corners: the inner corners (rows 2 and 3 of the dataset's
+    LANDMARK_NAMES) do not reach the token; a legacy config's token read all five."""
+    cfg = DeltaplaneConfig.tiny(use_audio=False, use_eye=False, use_pose=False, use_null=False)
+    assert cfg.landmark_points == ("nose_tip", "right_eye_outer", "left_eye_outer") and cfg.landmark_index == (0, 1, 4)
+    enc = ConditionEncoder(cfg).eval()
+    lm = torch.rand(2, 5, 2) * 2 - 1
+    for row, read in ((0, True), (1, True), (2, False), (3, False), (4, True)):
+        moved = lm.clone()
+        moved[:, row] += 0.3
+        assert torch.equal(enc({"landmarks": moved}), enc({"landmarks": lm})) != read, LANDMARK_NAMES[row]
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("landmark_points", "per_plane_attention")}
+    legacy = DeltaplaneConfig.from_dict(old)
+    assert legacy.landmark_points == LANDMARK_NAMES and legacy.per_plane_attention is False
+    with pytest.raises(ValueError, match="landmark_points"):
+        DeltaplaneConfig.tiny(landmark_points=("nose_tip", "chin"))
+
+
+# Frame-to-frame spread of the audio token at initialisation, as a fraction of the eye token's, on
+# random audio: measured 0.39-0.45 (seeds 0-2) with the query at the attention's scale, 0.11-0.13
+# with a unit-variance query (which then outweighs the pooled audio in ``query + pool``).
+AUDIO_SPREAD_MIN = 0.3
+
+
+def test_audio_token_starts_driven_by_the_audio():
+    """The learned query starts at the pooled audio's scale, so the audio token varies with the
+    audio from the first step instead of starting as a second null token."""
+    torch.manual_seed(0)
+    cfg = DeltaplaneConfig.release(use_pose=False, use_landmarks=False, use_null=False)
+    enc = ConditionEncoder(cfg).eval()
+    batch = {"audio": torch.randn(64, cfg.audio_window, cfg.audio_steps, cfg.audio_dim),
+             "blink": torch.rand(64, 1) * cfg.eye_max}
+    spread = enc(batch).std(dim=0).norm(dim=-1)  # [2]: frame-to-frame spread of the audio, eye tokens
+    assert spread[0] > AUDIO_SPREAD_MIN * spread[1], spread
 
 
 # --- split convolution and roll-out ----------------------------------------------------------------
@@ -314,6 +357,43 @@ def _naive_attention(q, k, v, pad):
     return scores.softmax(dim=-1) @ v
 
 
+def test_per_plane_block_is_three_shared_blocks_with_each_planes_weights():
+    """The release's block: plane p goes through its own layer norms, self-attention and
+    feed-forward (slice p of each PlaneLinear / PlaneLayerNorm), and the shared cross-attention."""
+    from talk3d.models.attention import TransformerBlock
+
+    torch.manual_seed(0)
+    d, hd, t = 16, 8, 12
+    block = TransformerBlock(d, hd, t, ff_mult=2, per_plane=True)
+    with torch.no_grad():  # non-trivial norms: ones/zeros would hide a plane mix-up
+        for m in (block.norm_sa, block.norm_ca, block.norm_ff):
+            m.weight.normal_(1.0, 0.3), m.bias.normal_(0.0, 0.3)
+    x, ctx = torch.randn(2, 3, 10, d), torch.randn(2, 4, t)
+    out = block(x, ctx)
+    for p in range(3):
+        ref = TransformerBlock(d, hd, t, ff_mult=2, per_plane=False)
+        with torch.no_grad():
+            for name, param in ref.named_parameters():
+                src = dict(block.named_parameters())[name]
+                param.copy_(src if name.startswith("cross_attn") else src[p])
+        torch.testing.assert_close(out[:, p], ref(x, ctx)[:, p], atol=ATTN_ATOL, rtol=0)
+
+
+def test_legacy_config_builds_the_shared_block_model_its_checkpoint_holds():
+    """A deltaplane config saved before per-plane attention, the landmark points and the rename of
+    eye_noise_std loads as it was trained: its state dict loads strictly, and the model runs."""
+    shared = DeltaplaneConfig.tiny(per_plane_attention=False, landmark_points=LANDMARK_NAMES, audio_steps=2)
+    state = DeltaplaneModel(shared).state_dict()
+    old = shared.to_dict()
+    del old["per_plane_attention"], old["landmark_points"]
+    old["eye_noise_std"] = old.pop("eye_noise")
+    cfg = DeltaplaneConfig.from_dict(json.loads(json.dumps(old)))
+    assert cfg == shared
+    model = DeltaplaneModel(cfg).eval()
+    model.load_state_dict(state, strict=True)
+    assert model(_planes(cfg), _batch(cfg)).shape == _planes(cfg).shape
+
+
 def test_attention_matches_naive_softmax():
     q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 6)
     pad = torch.zeros(2, 7, dtype=torch.bool)
@@ -393,7 +473,7 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
 
 
 def test_training_steps_reduce_loss():
-    cfg = DeltaplaneConfig.tiny(eye_noise_std=0.0)
+    cfg = DeltaplaneConfig.tiny(eye_noise=0.0)
     model = DeltaplaneModel(cfg)
     planes, batch = _planes(cfg), _batch(cfg)
     # Toy target: a deltaplane that is a smooth function of the identity planes.
@@ -428,10 +508,11 @@ def _expected_parameter_counts(cfg: DeltaplaneConfig) -> tuple[int, int]:
                 + (conv(cin, cout, k=1) if cin != cout else 0))
 
     d, t, ff = c3, cfg.token_dim, cfg.ff_mult * c3
-    attention = (3 * 2 * d                           # three layer norms
-                 + 4 * d * d + d                     # self-attention q, k, v, out (+ out bias)
-                 + 2 * d * d + 2 * d * t + d         # cross-attention q, out over d; k, v from tokens
-                 + d * 2 * ff + 2 * ff + ff * d + d)  # GEGLU: in to 2 x ff (gate), out
+    copies = P if cfg.per_plane_attention else 1     # the release: one set per plane but the cross-attention
+    attention = (copies * (3 * 2 * d                 # three layer norms
+                           + 4 * d * d + d           # self-attention q, k, v, out (+ out bias)
+                           + d * 2 * ff + 2 * ff + ff * d + d)  # GEGLU: in to 2 x ff (gate), out
+                 + 2 * d * d + 2 * d * t + d)        # cross-attention q, out over d; k, v from tokens
     unet = (block(c_in, c0) + block(c0, c1) + block(c1, c2) + block(c2, c3)     # encoder
             + conv(c0, c0) + conv(c1, c1) + conv(c2, c2)                     # strided downsampling
             + cfg.attention_blocks * attention
@@ -446,7 +527,7 @@ def _expected_parameter_counts(cfg: DeltaplaneConfig) -> tuple[int, int]:
     audio = (cfg.audio_window * D + cfg.audio_tokens * D                     # positions, queries
              + cfg.audio_dim * cfg.audio_steps * H + H + H * D + D + 2 * D  # per-frame MLP, norm
              + 4 * D * D + D + 2 * D)                                        # attention pool, norm
-    tokens = D + audio + mlp(1) + mlp(3) + mlp(2 * cfg.num_landmarks)        # null, audio, eye, pose, landmarks
+    tokens = D + audio + mlp(1) + mlp(3) + mlp(2 * len(cfg.landmark_points))  # null, audio, eye, pose, landmarks
     return unet, tokens
 
 
@@ -458,7 +539,12 @@ def test_release_size_parameter_count():
     n_pred = sum(p.numel() for p in predictor.parameters())
     n_enc = sum(p.numel() for p in encoder.parameters())
     assert (n_pred, n_enc) == _expected_parameter_counts(cfg)
-    assert (n_pred, n_enc) == (14_458_304, 78_656)  # 14.5 M + 79 k at the release sizes
+    assert (n_pred, n_enc) == (18_668_992, 152_896)  # 18.7 M + 153 k at the release sizes
+    shared = DeltaplaneConfig.release(per_plane_attention=False, audio_steps=2, landmark_points=LANDMARK_NAMES)
+    with torch.device("meta"):
+        counts = (sum(p.numel() for p in DeltaplanePredictor(shared).parameters()),
+                  sum(p.numel() for p in ConditionEncoder(shared).parameters()))
+    assert counts == _expected_parameter_counts(shared) == (14_458_304, 78_656)  # the sizes before 2026-12-07
 
 
 # --- the encoder cache of inference ------------------------------------------------------------------

@@ -14,7 +14,7 @@ from talk3d.audio import SAMPLE_RATE, write_wav
 from talk3d.data import make_synthetic_dataset
 from talk3d.audio.features import windows
 from talk3d.infer import (InferenceError, load_training_clip, num_frames_for, read_speech, render_speech)
-from talk3d.infer.render import camera_track
+from talk3d.infer.render import audio_context, camera_track
 from talk3d.infer.__main__ import main
 from talk3d.train import TrainConfig, Trainer, load_talking_head
 
@@ -149,8 +149,8 @@ def test_whole_model_compiles_into_one_graph(loaded):
     model, info, clip = loaded
     wave = _speech()[:16000 // 2, 0]
     features = clip.encoder().encode(wave, 4)
-    window = int(info["model"]["deltaplane"]["audio_window"])
-    cond = dict(camera=camera_track("orbit", 4, clip), audio=torch.from_numpy(np.stack([windows(features, i, window)
+    window, steps = audio_context(info)
+    cond = dict(camera=camera_track("orbit", 4, clip), audio=torch.from_numpy(np.stack([windows(features, i, window, steps)
                 for i in range(4)])), blink=torch.zeros(4, 1), pose=torch.zeros(4, 3),
                 landmarks=torch.from_numpy(np.repeat(clip.landmarks[:1], 4, axis=0)))
     cond = {k: v.float() for k, v in cond.items()}
@@ -311,7 +311,7 @@ def test_empty_space_skipping_stays_close_to_the_dense_render(loaded):
     with torch.no_grad():
         fc.bias[0] -= SPARSE_SIGMA_SHIFT / fc.bias_gain
     d = model.deltaplane.cfg
-    cond = {"audio": torch.randn(2, 8, 2, d.audio_dim), "blink": torch.zeros(2, 1), "pose": torch.zeros(2, 3),
+    cond = {"audio": torch.randn(2, d.audio_window, d.audio_steps, d.audio_dim), "blink": torch.zeros(2, 1), "pose": torch.zeros(2, 3),
             "landmarks": torch.zeros(2, d.num_landmarks, 2), "camera": torch.from_numpy(clip.cameras[:2])}
     with torch.inference_mode():
         grid = model.occupancy_grid([cond], dilation=0)
@@ -367,7 +367,7 @@ def test_cli_stream_writes_the_offline_video(run, tmp_path, capsys):
     assert main(base + ["--out", str(tmp_path / "offline.mp4")]) == 0
     assert main(base + ["--out", str(tmp_path / "live.mp4"), "--stream", "--chunk-ms", "25"]) == 0
     err = capsys.readouterr().err
-    assert "13 frames" in err and "audio look-ahead 130 ms" in err and "render delay" in err
+    assert "13 frames" in err and "audio look-ahead 290 ms" in err and "render delay" in err
     off, live = _probe(tmp_path / "offline.mp4"), _probe(tmp_path / "live.mp4")
     assert len(live["frames"]) == len(off["frames"]) == 13
     assert abs(live["audio_seconds"] - off["audio_seconds"]) < LIVE_AUDIO_DURATION_TOL_S

@@ -26,7 +26,10 @@ try:
 except ImportError:
     HAS_TRANSFORMERS = False
 
-LOGMEL_LATENCY = 3 * SAMPLES_PER_FRAME + 160  # window look-ahead 3 frames + the STFT's 10 ms
+# Window look-ahead of the default 8-frame window of 16-row (320-ms) frames: 7 frames (frame n + 3's
+# rows reach the first of frame n + 7), + the STFT's 10 ms. (3 frames with 2 rows a frame.)
+LOGMEL_LATENCY = 7 * SAMPLES_PER_FRAME + 160
+LATENCY_FRAMES = LOGMEL_LATENCY / SAMPLES_PER_FRAME  # 7.25
 SECONDS = 1.3  # 33 frames (+ 17 samples: the last frame is a partial one)
 # Streaming is exact up to fp32 rounding (see talk3d.infer.talker): MKL rounds a row of the log-mel
 # filterbank product differently with the row count, and the model with the batch size. Measured on
@@ -37,7 +40,7 @@ IMAGE_ATOL = 1e-5
 # Measured on the CPU VM over the 16 comparisons: one level on 2.0e-5 of the values once, 0 elsewhere.
 FRAME_MAX_LEVELS = 1
 FRAME_DIFF_FRACTION = 1e-3
-# latency_s = 2080 / 16000 in float64 rounds to the double nearest 0.13, as the literal does
+# latency_s = 4640 / 16000 in float64 rounds to the double nearest 0.29, as the literal does
 # (measured difference 0); the bound only allows a formula that adds an ulp or two (~1e-17).
 LATENCY_S_TOL = 1e-12
 # wav2vec2 features of a chunked stream against the whole-clip pass (a random tiny model; its
@@ -164,9 +167,9 @@ def test_talker_is_exported_lazily():
 
 def test_latency(talker):
     assert talker.exact and talker.window == 8
-    assert talker.latency_samples == LOGMEL_LATENCY == 2080
-    assert talker.latency_frames == 3.25 and abs(talker.latency_s - 0.13) < LATENCY_S_TOL
-    assert "130 ms" in repr(talker)
+    assert talker.latency_samples == LOGMEL_LATENCY == 4640
+    assert talker.latency_frames == 7.25 and abs(talker.latency_s - 0.29) < LATENCY_S_TOL
+    assert "290 ms" in repr(talker)
 
 
 @pytest.mark.parametrize("chunking", list(CHUNKINGS))
@@ -233,12 +236,12 @@ def test_frames_come_out_as_the_audio_arrives(talker):
     taken = _consumption(talker, chunks)
     assert len(taken) == 50
     assert taken == _expected_consumption(chunks, 50, LOGMEL_LATENCY)
-    # After K seconds of audio, K * 25 - 4 frames are out (floor(K * 25 - latency_frames)); the last 4
-    # come when the stream ends.
+    # After K seconds of audio, floor(K * 25 - latency_frames) frames are out; the last 8 come when
+    # the stream ends.
     for seconds in (0.5, 1, 2):
         out = sum(t is not None and t <= 10 * seconds for t in taken)
-        assert out == int(25 * seconds - 3.25), (seconds, out)
-    assert taken[-4:] == [None] * 4
+        assert out == int(25 * seconds - LATENCY_FRAMES), (seconds, out)
+    assert taken[-8:] == [None] * 8 and taken[-9] is not None
     # Uneven chunks, empty ones included: the same rule.
     chunks = _uneven(wave, seed=3)
     assert _consumption(talker, chunks) == _expected_consumption(chunks, 50, LOGMEL_LATENCY)
@@ -274,7 +277,7 @@ def test_bad_chunks_name_the_chunk(talker, bad, match):
     with pytest.raises(InferenceError, match=match):
         for frame in talker.stream([good, np.zeros(0, np.float32), bad, good]):
             frames.append(frame)
-    assert len(frames) == (SAMPLE_RATE - LOGMEL_LATENCY) // SAMPLES_PER_FRAME == 21  # those before the chunk
+    assert len(frames) == (SAMPLE_RATE - LOGMEL_LATENCY) // SAMPLES_PER_FRAME == 17  # those before the chunk
 
 
 def test_bad_settings(run):

@@ -1,6 +1,7 @@
 """Training on the built-in synthetic talking head: steps, learning, checkpoints, resume, DDP, errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from talk3d.data import make_synthetic_dataset
 from talk3d.train import TrainConfig, Trainer, load_config, load_talking_head
@@ -100,6 +102,42 @@ def test_identity_loss_runs_on_the_real_face_network_when_the_output_is_large_en
     assert 0 < ident < 2  # 1 - cosine of real descriptors
 
 
+def test_lpips_is_summed_over_frames_and_the_mouth_has_its_own():
+    """As the release: LPIPS terms are sums over the batch's frames (L1 terms means), and the mouth
+    region of the render gets an LPIPS term of its own (x15), on both images blacked outside it."""
+    from talk3d.train import TrainConfig
+    from talk3d.train.losses import LPIPS_MIN_SIZE, reconstruction_losses
+
+    calls = []
+
+    def lpips(a, b):  # a stand-in network: records its inputs, one score per frame
+        calls.append((a, b))
+        return (a - b).abs().mean(dim=(1, 2, 3))  # [B]
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(3, 3, 64, 64, generator=g) * 2 - 1
+    mouth = torch.zeros(3, 1, 64, 64)
+    mouth[..., 40:52, 20:44] = 1
+    batch = {"image": target, "mouth_mask": mouth, "face_mask": torch.ones_like(mouth)}
+    pred = target + 0.1 * torch.randn(3, 3, 64, 64, generator=g)
+    out = {"image": pred, "image_raw": F.interpolate(pred, size=(32, 32), mode="area")}
+    weights = TrainConfig().loss
+    assert weights.mouth_lpips == 15.0
+    terms = reconstruction_losses(out, batch, weights, lpips=lpips)
+    (raw_a, raw_b), (sr_a, sr_b), (m_a, m_b) = calls
+    assert float(terms["lpips_sr"]) == pytest.approx(float(lpips(sr_a, sr_b).sum()))
+    assert float(terms["lpips_raw"]) == pytest.approx(float(lpips(raw_a, raw_b).sum()))
+    inside = F.interpolate(F.interpolate(mouth, size=(32, 32), mode="area"), size=m_a.shape[-2:]) > 0
+    assert m_a.shape[-1] >= LPIPS_MIN_SIZE and float(m_a.masked_select(~inside).abs().max()) == 0
+    assert float(m_b.masked_select(~inside).abs().max()) == 0 and float(m_b.abs().max()) > 0.1
+    expected = (16 * (terms["l1_raw"] + terms["l1_sr"]) + 15 * terms["mouth"] + terms["lpips_raw"]
+                + terms["lpips_sr"] + 15 * terms["mouth_lpips"])
+    assert float(terms["total"]) == pytest.approx(float(expected), rel=1e-6)
+    calls.clear()
+    off = reconstruction_losses(out, batch, dataclasses.replace(weights, mouth_lpips=0.0), lpips=lpips)
+    assert "mouth_lpips" not in off and len(calls) == 2
+
+
 def test_identity_loss_sees_the_head_alone():
     """The identity network compares output and frame inside the face mask (the release's
     'on the foreground'): a background that differs changes nothing, a face that differs does."""
@@ -132,8 +170,8 @@ def test_sync_loss_joins_after_its_epoch_with_wav2lip_format_weights(data, tmp_p
     from test_syncnet import save_checkpoint, wav2lip_state
 
     ckpt = save_checkpoint(tmp_path / "lipsync_expert.pth", wav2lip_state())
-    gen = dict(plane_resolution=16, plane_channels=4, neural_rendering_resolution=16, sr_resolution=128,
-               sr_channels=[8, 8, 8], coarse_samples=6, importance_samples=6)
+    gen = dict(plane_resolution=16, plane_channels=4, neural_rendering_resolution=128, sr_resolution=256,
+               sr_channels=[8], coarse_samples=6, importance_samples=6)  # it scores a 128^2 render
     loss = dict(identity=0.0, sync=0.01, sync_start_epoch=1)
     t = Trainer(_cfg(steps=2, eval_every=100, log_every=1, generator=gen, loss=loss, syncnet_weights=str(ckpt)),
                 data, tmp_path / "run")
@@ -356,18 +394,19 @@ def test_stage_sr_fine_tunes_only_the_sr_of_a_deltaplane_run(data, tmp_path, cap
 
 def test_eye_noise_audio_window_and_sample_counts_reach_the_model(data, tmp_path):
     """Settings that each reach the model as given: the AU45 noise (the release's 0.05 unless set,
-    in one place only), a non-default audio window, and 0 importance samples on their own."""
-    t = Trainer(_cfg(deltaplane={"audio_window": 4}, importance_samples=0), data, tmp_path / "a")
-    assert t.model.deltaplane.cfg.eye_noise_std == 0.05
-    assert t.train_set[0]["audio"].shape[0] == 4 and t.model.deltaplane.cfg.audio_window == 4
+    in one place only; a run saved with the key's old name still reads), a non-default audio
+    window and feature rows per frame, and 0 importance samples on their own."""
+    t = Trainer(_cfg(deltaplane={"audio_window": 4, "audio_steps": 6}, importance_samples=0), data, tmp_path / "a")
+    assert t.model.deltaplane.cfg.eye_noise == 0.05
+    assert t.train_set[0]["audio"].shape[:2] == (4, 6) and t.model.deltaplane.cfg.audio_window == 4
     assert t.model.generator.cfg.importance_samples == 0 and t.model.generator.cfg.coarse_samples == 6
     t.train_step(torch.utils.data.default_collate([t.train_set[i] for i in range(2)]))
     b = Trainer(_cfg(blink_noise=0.2), data, tmp_path / "b")
-    assert b.model.deltaplane.cfg.eye_noise_std == 0.2
+    assert b.model.deltaplane.cfg.eye_noise == 0.2
     e = Trainer(_cfg(deltaplane={"eye_noise_std": 0.3}), data, tmp_path / "e")
-    assert e.model.deltaplane.cfg.eye_noise_std == 0.3
+    assert e.model.deltaplane.cfg.eye_noise == 0.3
     with pytest.raises(ValueError, match="both set the AU45 input's noise"):
-        _cfg(blink_noise=0.1, deltaplane={"eye_noise_std": 0.3})
+        _cfg(blink_noise=0.1, deltaplane={"eye_noise": 0.3})
 
 
 def test_generator_settings_on_a_prior_render_it_or_are_refused(data, tmp_path):

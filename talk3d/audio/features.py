@@ -20,7 +20,7 @@ import torch
 __all__ = [
     "SAMPLE_RATE", "FPS", "FEATURES_PER_FRAME", "HOP", "SAMPLES_PER_FRAME", "AudioEncoder",
     "LogMelEncoder", "Wav2Vec2Encoder", "encoder_from_manifest", "read_wav", "write_wav",
-    "resample", "windows",
+    "resample", "windows", "window_reach",
 ]
 
 SAMPLE_RATE = 16000
@@ -360,26 +360,39 @@ def encoder_from_manifest(audio: dict, wav2vec2_path=None) -> AudioEncoder:
 # --------------------------------------------------------------------------------------------
 
 
-def windows(features, frame_index: int, size: int = 8):
+def window_reach(size: int = 8, steps: int = FEATURES_PER_FRAME) -> tuple[int, int]:
+    """(frames before, frames after) frame n whose features :func:`windows` reads for frame n."""
+    return size // 2 + (steps // 2) // 2, size - size // 2 - 1 + (steps - steps // 2) // 2
+
+
+def windows(features, frame_index: int, size: int = 8, steps: int = FEATURES_PER_FRAME):
     """The audio window of one video frame.
 
     Args:
         features: [2 N, D] (numpy or torch).
         frame_index: n in [0, N).
-        size: frames in the window; frames ``n - size//2 .. n + size - size//2 - 1`` (for 8:
-            n-4 .. n+3, as in AD-NeRF/Talk3D), indices clamped to [0, N-1] (edge padding).
+        size: frames in the window: ``n - size//2 .. n + size - size//2 - 1`` (for 8: n-4 .. n+3,
+            as in AD-NeRF/Talk3D).
+        steps: feature rows per window frame f, centred on the frame's middle (the boundary
+            between its rows 2f and 2f + 1): rows ``2f + 1 - steps//2 .. 2f + steps - steps//2``.
+            2 is the frame's own two rows; 16 (the release's, as AD-NeRF's 16 DeepSpeech steps)
+            spans 320 ms. Window frames past either end of the clip are its first or last frame
+            (edge padding), and rows past either end its first or last row.
 
     Returns:
-        [size, 2, D], same type as ``features`` (numpy -> numpy, torch -> torch).
+        [size, steps, D], same type as ``features`` (numpy -> numpy, torch -> torch).
     """
     n_feat = features.shape[0]
     if n_feat % FEATURES_PER_FRAME:
         raise ValueError(f"windows: features have {n_feat} rows, not 2 per frame")
+    if steps < 1:
+        raise ValueError(f"windows: steps must be >= 1, got {steps}")
     n = n_feat // FEATURES_PER_FRAME
     if not 0 <= frame_index < n:
         raise IndexError(f"windows: frame {frame_index} outside [0, {n})")
     frames = np.clip(np.arange(size) + frame_index - size // 2, 0, n - 1)
-    rows = (frames[:, None] * FEATURES_PER_FRAME + np.arange(FEATURES_PER_FRAME)).reshape(-1)
+    rows = frames[:, None] * FEATURES_PER_FRAME + 1 - steps // 2 + np.arange(steps)  # [size, steps]
+    rows = np.clip(rows, 0, n_feat - 1).reshape(-1)
     if isinstance(features, torch.Tensor):
         rows = torch.from_numpy(rows).to(features.device)
-    return features[rows].reshape(size, FEATURES_PER_FRAME, features.shape[1])
+    return features[rows].reshape(size, steps, features.shape[1])

@@ -24,19 +24,20 @@ class TalkingHeadDataset(Dataset):
         split: 'train' (first N - N//11 frames), 'val' (the last N//11) or 'all'.
         image_size: resize images and masks to this side on the fly (None: stored size).
         audio_window: frames per audio window (see :func:`talk3d.audio.windows`).
+        audio_steps: feature rows per window frame, centred on it (the model's ``audio_steps``).
         expected_audio_encoder: refuse a dataset whose features come from another encoder
             (name, e.g. 'logmel32'), since a model's audio layers only fit one.
 
     Items (S = image_size or the stored size, K landmarks, W = audio_window, D feature dim):
         image [3, S, S] float32 in [-1, 1]; camera [25] float32; pose [3] (yaw, pitch, roll rad);
         blink [1] (AU45 scale); landmarks [K, 2] in [-1, 1] (x, y; -1/+1 the image's outer
-        edges, as grid_sample with align_corners=False); audio [W, 2, D] float32 (frames
-        n - W//2 .. n + W - W//2 - 1, edge-padded); mouth_mask, face_mask [1, S, S] float32 in
+        edges, as grid_sample with align_corners=False); audio [W, audio_steps, D] float32
+        (frames n - W//2 .. n + W - W//2 - 1, edge-padded); mouth_mask, face_mask [1, S, S] float32 in
         [0, 1] (fractional only after resizing); index: int, the frame in the clip.
     """
 
     def __init__(self, root, split: str = "train", image_size: int | None = None,
-                 audio_window: int = 8, expected_audio_encoder: str | None = None):
+                 audio_window: int = 8, expected_audio_encoder: str | None = None, audio_steps: int = 16):
         if split not in _SPLITS:
             raise ValueError(f"TalkingHeadDataset: split must be one of {_SPLITS}, got {split!r}")
         self.root = Path(root)
@@ -50,6 +51,7 @@ class TalkingHeadDataset(Dataset):
         lo, hi = (0, n) if split == "all" else self.manifest["split"][split]
         self.frame_indices = np.arange(lo, hi)
         self.split, self.image_size, self.audio_window = split, image_size, int(audio_window)
+        self.audio_steps = int(audio_steps)
         self.stored_size = int(self.manifest["image_size"])
         self.audio_encoder = encoder
         self._arrays: dict | None = None
@@ -93,7 +95,7 @@ class TalkingHeadDataset(Dataset):
             pose=torch.from_numpy(np.array(a["pose"][n])),
             blink=torch.from_numpy(np.array(a["blink"][n : n + 1])),
             landmarks=landmarks,
-            audio=torch.from_numpy(windows(a["audio_features"], n, self.audio_window)),
+            audio=torch.from_numpy(windows(a["audio_features"], n, self.audio_window, self.audio_steps)),
             mouth_mask=masks[0:1],
             face_mask=masks[1:2],
             index=n,

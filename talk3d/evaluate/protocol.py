@@ -26,6 +26,7 @@ from ..progress import progress_bar
 
 from ..audio.features import SAMPLES_PER_FRAME, read_wav
 from ..data import TalkingHeadDataset, load_manifest
+from ..infer.render import audio_context
 from ..train.losses import IDENTITY_MIN_SIZE
 from . import metrics as M
 from .report import finite_or_none, markdown_report, plot_mouth_vs_audio, save_grid
@@ -38,7 +39,6 @@ NOVEL_VIEWS_DEG = ((-30.0, -20.0), (-15.0, -10.0), (15.0, 10.0), (30.0, 20.0))
 MAX_PSNR_DB = 100.0
 #: Frames shown per grid.
 GRID_ROWS = 4
-DEFAULT_AUDIO_WINDOW = 8
 OUTPUT_FILES = ("metrics.json", "metrics.md", "mouth_vs_audio.png")
 
 NO_DETECTOR = ("no mouth landmark detector on real data: pass a LandmarkDetector (e.g. a dlib / FAN model "
@@ -276,8 +276,9 @@ def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None
     data = Path(info["data"])
     manifest = load_manifest(data)
     synthetic = manifest.get("source") == "synthetic"
-    window = int(info["model"].get("deltaplane", {}).get("audio_window", DEFAULT_AUDIO_WINDOW))
-    dataset = TalkingHeadDataset(data, split, audio_window=window, expected_audio_encoder=info.get("audio_encoder"))
+    window, steps = audio_context(info)
+    dataset = TalkingHeadDataset(data, split, audio_window=window, audio_steps=steps,
+                                 expected_audio_encoder=info.get("audio_encoder"))
     n = len(dataset) if max_frames is None else min(len(dataset), int(max_frames))
     if n < 1:
         raise EvaluationError(f"split {split!r} of {data} has no frames to evaluate")

@@ -39,8 +39,15 @@ __all__ = ["InferenceError", "TrainingClip", "load_training_clip", "read_speech"
 # The paper's novel-view range: yaw within +-30 degrees, pitch within +-20 degrees.
 ORBIT_YAW_DEG = 30.0
 ORBIT_PITCH_DEG = 20.0
-# Frames in the audio window when the run's config does not say (AD-NeRF / Talk3D use 8).
-DEFAULT_AUDIO_WINDOW = 8
+
+
+def audio_context(info: dict) -> tuple[int, int]:
+    """(audio_window, audio_steps) of a run's model: the frames of each frame's audio window and the
+    feature rows of each of them (:func:`talk3d.audio.windows`), from its saved deltaplane config."""
+    from ..models import DeltaplaneConfig
+
+    cfg = DeltaplaneConfig.from_dict(info["model"]["deltaplane"])
+    return cfg.audio_window, cfg.audio_steps
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Empty-space skipping: the grid is the union of this many of the render's own frames (evenly
@@ -395,7 +402,7 @@ def render_speech(model, info: dict, wave16k, *, camera: str = "gt", size: str =
                              f"{clip.manifest['audio']['encoder']!r}")
     n = num_frames_for(wave)
     features = clip.encoder().encode(wave, n)  # [2 n, D]
-    window = int(info["model"].get("deltaplane", {}).get("audio_window", DEFAULT_AUDIO_WINDOW))
+    window, steps = audio_context(info)
     cameras = _checked_track(camera_track(camera, n, clip), camera)  # [n, 25]
     idx = _cycle(n, clip.num_frames)
     blinks = clip.blink[idx] if eye == "train" else np.zeros(n, np.float32)  # [n]
@@ -413,7 +420,7 @@ def render_speech(model, info: dict, wave16k, *, camera: str = "gt", size: str =
         ids = np.asarray(ids)
         cond = dict(
             camera=cameras[torch.from_numpy(ids)],
-            audio=torch.from_numpy(np.stack([windows(features, i, window) for i in ids])),
+            audio=torch.from_numpy(np.stack([windows(features, i, window, steps) for i in ids])),
             blink=torch.from_numpy(np.ascontiguousarray(blinks[ids, None])),
             pose=torch.from_numpy(np.ascontiguousarray(poses[ids])),
             landmarks=torch.from_numpy(np.ascontiguousarray(landmarks[ids])),

@@ -5,7 +5,7 @@ Example::
     import talk3d
 
     talker = talk3d.Talker("runs/synth", device="cuda", precision="bf16")   # loads the model once
-    print(talker.latency_s)                      # 0.13: look-ahead audio each frame waits for
+    print(talker.latency_s)                      # 0.29: look-ahead audio each frame waits for
 
     def microphone():                            # any iterable of 1-D float32 16-kHz mono chunks,
         while (chunk := read_from_somewhere()) is not None:   # of any length (empty ones too)
@@ -18,14 +18,16 @@ Example::
 
 When does frame ``n`` come out?
     Frame ``n`` shows the 40 ms of audio ``[640 n, 640 (n + 1))`` (16 kHz, 25 fps). Its audio
-    condition is the window of features of frames ``n - 4 .. n + 3`` (the run's ``audio_window``,
-    8 by default), and the log-mel feature of a 20-ms slot reads its 40-ms STFT window, 10 ms past
-    the slot. So frame ``n`` is yielded as soon as ``640 (n + 1) + latency_samples`` samples have
-    arrived, with ``latency_samples = 3 * 640 + 160 = 2080`` (:attr:`Talker.latency_frames` = 3.25
-    frames, :attr:`Talker.latency_s` = 130 ms) for a log-mel run with the default window: after
-    ``R`` samples, ``max(0, (R - latency_samples) // 640)`` frames have been yielded. That is the
-    audio look-ahead only; add the render time of a frame (and the chunk size of the audio source)
-    for the end-to-end delay. When the iterable ends, the remaining frames are flushed: the audio
+    condition is the window of frames ``n - 4 .. n + 3`` (the run's ``audio_window``, 8 by default),
+    each read as ``audio_steps`` feature rows centred on it (16 by default, 320 ms: the last row is
+    the first of frame ``n + 7``), and the log-mel feature of a 20-ms slot reads its 40-ms STFT
+    window, 10 ms past the slot. So frame ``n`` is yielded as soon as ``640 (n + 1) +
+    latency_samples`` samples have arrived, with ``latency_samples = 7 * 640 + 160 = 4640``
+    (:attr:`Talker.latency_frames` = 7.25 frames, :attr:`Talker.latency_s` = 290 ms) for a log-mel
+    run with the default window; a run trained with ``audio_steps = 2`` (each frame's own 40 ms)
+    waits ``3 * 640 + 160 = 2080`` (130 ms). After ``R`` samples, ``max(0, (R - latency_samples) //
+    640)`` frames have been yielded. That is the audio look-ahead only; add the render time of a
+    frame (and the chunk size of the audio source) for the end-to-end delay. When the iterable ends, the remaining frames are flushed: the audio
     is zero-padded to whole frames and the last frames' windows are clamped, exactly as offline.
 
 Does streaming give the offline frames?
@@ -74,10 +76,10 @@ import numpy as np
 import torch
 
 from ..audio.features import (FEATURES_PER_FRAME, HOP, SAMPLE_RATE, SAMPLES_PER_FRAME, AudioEncoder, LogMelEncoder,
-                              Wav2Vec2Encoder, windows)
+                              Wav2Vec2Encoder, window_reach, windows)
 from ..devices import resolve_device
 from ..ops.backends import check_impl
-from .render import (DEFAULT_AUDIO_WINDOW, IMPLS, PRECISIONS, SIZES, SOURCES, InferenceError, TrainingClip,
+from .render import (IMPLS, PRECISIONS, SIZES, SOURCES, InferenceError, TrainingClip, audio_context,
                      _check_choice, _checked_track, check_speech, _cycle, _novel_view_cameras, _orbit_angles,
                      _to_device, _to_uint8, camera_track, load_training_clip, render_speech)
 
@@ -235,7 +237,9 @@ class Talker:
         self._context_s, self._lookahead_s = float(wav2vec2_context_s), float(wav2vec2_lookahead_s)
         probe = _StreamingFeatures(self.encoder, context_s=self._context_s, lookahead_s=self._lookahead_s)
         self._encoder_ahead, self.exact = probe.ahead, probe.exact
-        self.window = int(self.info["model"].get("deltaplane", {}).get("audio_window", DEFAULT_AUDIO_WINDOW))
+        self.window, self.steps = audio_context(self.info)
+        # window frames before and after frame n whose features frame n reads
+        self._reach_back, self._reach_ahead = window_reach(self.window, self.steps)
         self._resolution = int(self.info["model"]["render_resolution"])
         self._key = "image" if size == "sr" else "image_raw"
         # [P, 25]: frame n's camera is row n % P; checked once here, not per frame on the device
@@ -250,18 +254,19 @@ class Talker:
 
     @property
     def latency_samples(self) -> int:
-        """Samples of audio past the end of frame n's own 640 that frame n waits for (2080 for a
-        log-mel run with an 8-frame window: 3 frames of window look-ahead + 160 samples of STFT)."""
-        return (self.window - self.window // 2 - 1) * SAMPLES_PER_FRAME + self._encoder_ahead
+        """Samples of audio past the end of frame n's own 640 that frame n waits for: whole frames
+        of window look-ahead plus the encoder's. For a log-mel run with an 8-frame window, 4640
+        with 16 feature rows a frame (7 frames + 160 samples of STFT), 2080 with 2 (3 frames)."""
+        return self._reach_ahead * SAMPLES_PER_FRAME + self._encoder_ahead
 
     @property
     def latency_frames(self) -> float:
-        """:attr:`latency_samples` in 25-fps frames (3.25 for a log-mel run)."""
+        """:attr:`latency_samples` in 25-fps frames (7.25 for a log-mel run; 3.25 with 2 rows)."""
         return self.latency_samples / SAMPLES_PER_FRAME
 
     @property
     def latency_s(self) -> float:
-        """:attr:`latency_samples` in seconds (0.13 for a log-mel run)."""
+        """:attr:`latency_samples` in seconds (0.29 for a log-mel run; 0.13 with 2 rows)."""
         return self.latency_samples / SAMPLE_RATE
 
     # ---------------------------------------------------------------------------------------------
@@ -295,7 +300,8 @@ class Talker:
             landmarks = np.repeat(self._mean_landmarks[None], k, axis=0)
         cond = dict(
             camera=cams,
-            audio=torch.from_numpy(np.stack([windows(features, int(i) - first, self.window) for i in frames])),
+            audio=torch.from_numpy(np.stack([windows(features, int(i) - first, self.window, self.steps)
+                                             for i in frames])),
             blink=torch.from_numpy(np.ascontiguousarray(blinks[:, None])),
             pose=torch.from_numpy(np.ascontiguousarray(poses)),
             landmarks=torch.from_numpy(np.ascontiguousarray(landmarks)),
@@ -331,8 +337,7 @@ class Talker:
         numbers, or holds NaN/inf; the frames before it have been yielded by then.
         """
         feats = _StreamingFeatures(self.encoder, context_s=self._context_s, lookahead_s=self._lookahead_s)
-        look = self.window - self.window // 2 - 1  # window frames after n
-        back = self.window // 2  # window frames before n
+        back, look = self._reach_back, self._reach_ahead  # frames before / after n that n reads
         store = np.zeros((0, self.encoder.dim), np.float32)  # features of frames [first, feats.done)
         first = 0
         emitted = 0

@@ -2,10 +2,12 @@
 
 - :func:`attention`: multi-head scaled dot-product attention (``F.scaled_dot_product_attention``) with
   an optional key padding mask.
+- :class:`PlaneLinear` / :class:`PlaneLayerNorm`: one ``Linear`` / ``LayerNorm`` per plane, in one op.
 - :class:`MultiHeadAttention`: self- (``context=None``) or cross-attention with separate q/k/v projections.
 - :class:`GEGLUFeedForward`: ``Linear -> a * GELU(gate) -> Linear`` (Shazeer's GEGLU).
 - :class:`TransformerBlock`: pre-norm residual self-attention within each plane, cross-attention of all
-  plane tokens to the condition tokens, GEGLU feed-forward.
+  plane tokens to the condition tokens, GEGLU feed-forward; the self-attention, norms and
+  feed-forward per plane (the release's) or shared by the planes.
 - :func:`plane_positions` / :func:`plane_positional_encoding`: each plane cell's 3-D world position
   under a plane convention, and its sinusoidal encoding.
 """
@@ -40,40 +42,75 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-class MultiHeadAttention(nn.Module):
-    """Multi-head attention from ``dim``-wide queries to ``context_dim``-wide keys/values (self when None)."""
+class PlaneLinear(nn.Module):
+    """One ``nn.Linear(cin, cout)`` per plane: ``x [B, P, L, cin] -> [B, P, L, cout]``, plane p
+    through ``weight[p]`` (``[P, cout, cin]``), each initialised as ``nn.Linear`` initialises its own."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None):
+    def __init__(self, cin: int, cout: int, bias: bool = True, planes: int = 3):
+        super().__init__()
+        layers = [nn.Linear(cin, cout, bias=bias) for _ in range(planes)]
+        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in layers]))  # [P, cout, cin]
+        self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in layers])) if bias else None  # [P, cout]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.einsum("bplc,poc->bplo", x, self.weight.to(x.dtype))
+        return y if self.bias is None else y + self.bias.to(y.dtype)[:, None]
+
+
+class PlaneLayerNorm(nn.Module):
+    """One ``nn.LayerNorm(dim)`` per plane over ``x [B, P, L, dim]``."""
+
+    def __init__(self, dim: int, planes: int = 3, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(planes, dim))  # [P, dim]
+        self.bias = nn.Parameter(torch.zeros(planes, dim))  # [P, dim]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x, x.shape[-1:], eps=self.eps)
+        return y * self.weight.to(y.dtype)[:, None] + self.bias.to(y.dtype)[:, None]
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention from ``dim``-wide queries to ``context_dim``-wide keys/values (self when None).
+
+    ``linear`` builds the projections: ``nn.Linear``, or :class:`PlaneLinear` for one set of
+    projections per plane (self-attention over ``[B, 3, L, dim]`` plane tokens).
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None, linear=nn.Linear):
         super().__init__()
         inner = heads * head_dim
         self.heads, self.head_dim = heads, head_dim
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
-        self.to_out = nn.Linear(inner, dim)
+        self.to_q = linear(dim, inner, bias=False)
+        self.to_k = linear(context_dim or dim, inner, bias=False)
+        self.to_v = linear(context_dim or dim, inner, bias=False)
+        self.to_out = linear(inner, dim)
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, L, H * d]`` -> ``[B, H, L, d]``."""
-        B, L, _ = x.shape
-        return x.view(B, L, self.heads, self.head_dim).transpose(1, 2)
+        """``[..., L, H * d]`` -> ``[N, H, L, d]`` (the leading axes flattened into N)."""
+        L = x.shape[-2]
+        return x.reshape(-1, L, self.heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x ``[B, L, dim]``, context ``[B, S, context_dim]`` (None: x), mask ``[B, S]`` -> ``[B, L, dim]``."""
+        """x ``[..., L, dim]``, context ``[..., S, context_dim]`` (None: x), mask ``[N, S]`` (N: the
+        leading axes' size) -> ``[..., L, dim]``; each leading index is its own sequence."""
         ctx = x if context is None else context
         out = attention(self._split(self.to_q(x)), self._split(self.to_k(ctx)), self._split(self.to_v(ctx)),
-                        key_padding_mask)  # [B, H, L, d]
-        B, _, L, _ = out.shape
-        return self.to_out(out.transpose(1, 2).reshape(B, L, self.heads * self.head_dim))
+                        key_padding_mask)  # [N, H, L, d]
+        L = out.shape[2]
+        return self.to_out(out.transpose(1, 2).reshape(*x.shape[:-2], L, self.heads * self.head_dim))
 
 
 class GEGLUFeedForward(nn.Module):
-    """``x -> W2 (a * GELU(g))`` with ``[a, g] = W1 x`` (hidden width ``mult * dim``)."""
+    """``x -> W2 (a * GELU(g))`` with ``[a, g] = W1 x`` (hidden width ``mult * dim``); ``linear`` as
+    :class:`MultiHeadAttention`'s."""
 
-    def __init__(self, dim: int, mult: int = 4):
+    def __init__(self, dim: int, mult: int = 4, linear=nn.Linear):
         super().__init__()
-        self.proj_in = nn.Linear(dim, 2 * mult * dim)
-        self.proj_out = nn.Linear(mult * dim, dim)
+        self.proj_in = linear(dim, 2 * mult * dim)
+        self.proj_out = linear(mult * dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[..., dim]`` -> ``[..., dim]``."""
@@ -84,28 +121,29 @@ class GEGLUFeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """One of the paper's N_A attention layers (eq. 4-5), pre-norm residuals.
 
-    Self-attention runs within each plane (weights shared by the three planes, told apart by the 3-D
-    positional encoding); cross-attention lets every plane token read the condition tokens.
+    Self-attention runs within each plane; cross-attention lets every plane token read the
+    condition tokens. ``per_plane`` (the release's): each plane has its own self-attention, layer
+    norms and feed-forward, and the cross-attention is shared; else all are shared by the three
+    planes (told apart by the 3-D positional encoding alone).
     """
 
-    def __init__(self, dim: int, head_dim: int, context_dim: int, ff_mult: int = 4):
+    def __init__(self, dim: int, head_dim: int, context_dim: int, ff_mult: int = 4, per_plane: bool = True):
         super().__init__()
         heads = dim // head_dim
-        self.norm_sa, self.norm_ca, self.norm_ff = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.self_attn = MultiHeadAttention(dim, heads, head_dim)
+        norm, linear = (PlaneLayerNorm, PlaneLinear) if per_plane else (nn.LayerNorm, nn.Linear)
+        self.norm_sa, self.norm_ca, self.norm_ff = norm(dim), norm(dim), norm(dim)
+        self.self_attn = MultiHeadAttention(dim, heads, head_dim, linear=linear)
         self.cross_attn = MultiHeadAttention(dim, heads, head_dim, context_dim=context_dim)
-        self.ff = GEGLUFeedForward(dim, ff_mult)
+        self.ff = GEGLUFeedForward(dim, ff_mult, linear=linear)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x ``[B, 3, L, dim]`` plane tokens, context ``[B, T, context_dim]``, mask ``[B, T]`` -> ``[B, 3, L, dim]``."""
         B, P, L, D = x.shape
-        per_plane = x.reshape(B * P, L, D)  # each plane is its own sequence
-        per_plane = per_plane + self.self_attn(self.norm_sa(per_plane))
-        tokens = per_plane.reshape(B, P * L, D)  # all 3L plane tokens query the same condition tokens
-        tokens = tokens + self.cross_attn(self.norm_ca(tokens), context, key_padding_mask)
-        tokens = tokens + self.ff(self.norm_ff(tokens))
-        return tokens.reshape(B, P, L, D)
+        x = x + self.self_attn(self.norm_sa(x))  # each (sample, plane) is its own sequence
+        # all 3L plane tokens of a sample query the same condition tokens
+        x = x + self.cross_attn(self.norm_ca(x).reshape(B, P * L, D), context, key_padding_mask).view(B, P, L, D)
+        return x + self.ff(self.norm_ff(x))
 
 
 def plane_positions(axes: str, resolution: int) -> torch.Tensor:

@@ -365,7 +365,8 @@ class DeltaplanePredictor(nn.Module):
         for i in range(1, len(ch)):
             self.down.append(plane_conv(ch[i - 1], ch[i - 1], stride=2))
             self.enc.append(PlaneBlock(ch[i - 1], ch[i], g, axes, ro))
-        self.attn = nn.ModuleList([TransformerBlock(ch[-1], cfg.head_dim, cfg.token_dim, cfg.ff_mult)
+        self.attn = nn.ModuleList([TransformerBlock(ch[-1], cfg.head_dim, cfg.token_dim, cfg.ff_mult,
+                                                    per_plane=cfg.per_plane_attention)
                                    for _ in range(cfg.attention_blocks)])
         r = cfg.bottleneck_resolution
         self.register_buffer("pos_enc", plane_positional_encoding(axes, r, ch[-1]), persistent=False)  # [3, r*r, D]

@@ -10,6 +10,7 @@ audio (use_audio)     ``audio_tokens`` (release 1)    ``audio`` ``[B, audio_wind
 eye (use_eye)         1                               ``blink`` ``[B, 1]`` AU45
 pose (use_pose)       1                               ``pose`` ``[B, 3]`` yaw, pitch, roll (radians)
 landmarks (use_...)   1                               ``landmarks`` ``[B, num_landmarks, 2]`` in [-1, 1]
+                                                      (the token reads the ``landmark_points`` rows)
 null (use_null)       1                               none: one learned vector shared by all frames
 ====================  ==============================  ===========================================
 
@@ -50,7 +51,9 @@ class AudioNet(nn.Module):
         self.frame_mlp = nn.Sequential(nn.Linear(frame_in, cfg.token_hidden), nn.LeakyReLU(AUDIO_LEAKY_SLOPE),
                                        nn.Linear(cfg.token_hidden, D))
         self.frame_pos = nn.Parameter(torch.randn(cfg.audio_window, D) * D ** -0.5)  # [W, D]
-        self.queries = nn.Parameter(torch.randn(cfg.audio_tokens, D))  # [Na, D]
+        # At the attention output's scale: a unit-variance query (norm sqrt(D)) would outweigh the
+        # pooled audio in ``query + pool`` and start the token as a second null token.
+        self.queries = nn.Parameter(torch.randn(cfg.audio_tokens, D) * D ** -0.5)  # [Na, D]
         self.norm = nn.LayerNorm(D)
         self.pool = MultiHeadAttention(D, cfg.token_heads, D // cfg.token_heads)
         self.out = nn.LayerNorm(D)
@@ -92,7 +95,8 @@ class ConditionEncoder(nn.Module):
         self.audio = AudioNet(cfg) if cfg.use_audio else None
         self.eye = SinusoidalMLP(1, nf, math.pi, H, D) if cfg.use_eye else None
         self.pose = SinusoidalMLP(3, nf, 1.0, H, D) if cfg.use_pose else None
-        self.landmarks = SinusoidalMLP(2 * cfg.num_landmarks, nf, math.pi, H, D) if cfg.use_landmarks else None
+        self.landmarks = SinusoidalMLP(2 * len(cfg.landmark_points), nf, math.pi, H, D) if cfg.use_landmarks else None
+        self.register_buffer("landmark_index", torch.tensor(cfg.landmark_index), persistent=False)  # [K']
         self.null = nn.Parameter(torch.randn(D)) if cfg.use_null else None  # [D]
 
     @property
@@ -133,7 +137,8 @@ class ConditionEncoder(nn.Module):
 
         Args:
             batch: ``audio`` ``[B, audio_window, audio_steps, audio_dim]``, ``blink`` ``[B, 1]``, ``pose``
-                ``[B, 3]`` (radians), ``landmarks`` ``[B, num_landmarks, 2]``; only the enabled types'
+                ``[B, 3]`` (radians), ``landmarks`` ``[B, num_landmarks, 2]`` (the dataset's
+                ``LANDMARK_NAMES``; the token reads ``landmark_points``); only the enabled types'
                 keys are read (other keys are ignored).
         Returns:
             tokens ``[B, T, token_dim]``, in the order audio, eye, pose, landmarks, null.
@@ -144,14 +149,15 @@ class ConditionEncoder(nn.Module):
             tokens.append(self.audio(batch["audio"]))
         if self.eye is not None:
             blink = batch["blink"].clamp(0.0, cfg.eye_max)
-            if self.training and cfg.eye_noise_std > 0:
-                # Blinks are noisy detector output: jitter them so the token cannot memorise exact values.
-                blink = blink + torch.randn_like(blink) * cfg.eye_noise_std
+            if self.training and cfg.eye_noise > 0:
+                # Blinks are noisy detector output: jitter them so the token cannot memorise exact
+                # values (uniform in +-eye_noise, as the release).
+                blink = blink + (torch.rand_like(blink) * 2 - 1) * cfg.eye_noise
             tokens.append(self.eye(blink / cfg.eye_max))
         if self.pose is not None:
             tokens.append(self.pose(batch["pose"]))
         if self.landmarks is not None:
-            tokens.append(self.landmarks(batch["landmarks"].flatten(1)))
+            tokens.append(self.landmarks(batch["landmarks"][:, self.landmark_index].flatten(1)))
         if self.null is not None:
             dtype = tokens[0].dtype if tokens else self.null.dtype
             tokens.append(self.null.to(dtype).expand(B, 1, -1))

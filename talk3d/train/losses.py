@@ -1,5 +1,10 @@
 """Training losses. Networks with pretrained weights (LPIPS, face identity, SyncNet) never run on
-random weights: when one is not available its loss is off and :func:`loss_status` says so."""
+random weights: when one is not available its loss is off and :func:`loss_status` says so.
+
+As in the Talk3D release, L1 terms are means over pixels and frames and LPIPS terms are summed
+over the batch's frames (its ``LPIPS(...).sum()``): at batch 2 an LPIPS weight of 1 weighs each
+frame's LPIPS twice as heavily, relative to L1, as a mean would.
+"""
 from __future__ import annotations
 
 import torch
@@ -14,6 +19,9 @@ MASK_EPS = 1.0
 # The face network reads 150-pixel chips covering ~0.7 of an FFHQ crop: below 128 pixels of output
 # (the CPU demo's 64) the face is upsampled blur, the loss says nothing and costs most of a step.
 IDENTITY_MIN_SIZE = 128
+# The lip-sync loss scores the render, as the release does at 128^2 (its gradient reaches the
+# deltaplane without passing through the SR); a smaller render's mouth is a few pixels of blur.
+SYNC_MIN_RENDER = 128
 
 
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -27,11 +35,16 @@ def _at_least(x: torch.Tensor, size: int) -> torch.Tensor:
     return x if min(x.shape[-2:]) >= size else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
+def uses_lpips(weights: LossWeights) -> bool:
+    """Whether any LPIPS term has a weight."""
+    return bool(weights.lpips_raw or weights.lpips_sr or weights.mouth_lpips)
+
+
 def perceptual_network(weights: LossWeights, lpips_dir: str | None, device):
     """The frozen LPIPS network when its weights are found and an LPIPS loss is on, else None."""
     from ..losses import LPIPS, find_lpips_weights
 
-    if not (weights.lpips_raw or weights.lpips_sr):
+    if not uses_lpips(weights):
         return None
     found = find_lpips_weights(lpips_dir)
     return None if found is None else LPIPS(found).to(device).eval().requires_grad_(False)
@@ -48,24 +61,25 @@ def identity_network(weights: LossWeights, face_id_path: str | None, image_size:
     return None if found is None else IdentityLoss(found).to(device).eval().requires_grad_(False)
 
 
-def sync_network(weights: LossWeights, syncnet_path: str | None, image_size: int, device):
+def sync_network(weights: LossWeights, syncnet_path: str | None, render_size: int, device):
     """The frozen lip-sync loss (Wav2Lip's expert, the user's weights) when it is on, its weights are
-    found and the output is large enough (``IDENTITY_MIN_SIZE``, as for the face network); else None."""
+    found and the render it scores is large enough (``SYNC_MIN_RENDER``); else None."""
     from ..losses import SyncLoss, find_syncnet_weights
 
-    if not weights.sync or image_size < IDENTITY_MIN_SIZE:
+    if not weights.sync or render_size < SYNC_MIN_RENDER:
         return None
     found = find_syncnet_weights(syncnet_path)
     return None if found is None else SyncLoss.from_file(found, device).eval().requires_grad_(False)
 
 
 def loss_status(weights: LossWeights, lpips_dir: str | None = None, face_id_path: str | None = None,
-                image_size: int | None = None, syncnet_path: str | None = None) -> list[str]:
+                image_size: int | None = None, syncnet_path: str | None = None,
+                render_size: int | None = None) -> list[str]:
     """One line per loss whose network is used or is off for want of weights (never random weights)."""
     from ..losses import face_id_status, lpips_status, syncnet_status
 
     lines = []
-    if weights.lpips_raw or weights.lpips_sr:
+    if uses_lpips(weights):
         lines.append(lpips_status(lpips_dir))
     if weights.identity:
         line = face_id_status(face_id_path)
@@ -75,8 +89,8 @@ def loss_status(weights: LossWeights, lpips_dir: str | None = None, face_id_path
         lines.append(line)
     if weights.sync:
         line = syncnet_status(syncnet_path)
-        if image_size is not None and image_size < IDENTITY_MIN_SIZE and not line.startswith("lip-sync loss off"):
-            line = f"lip-sync loss off: the {image_size}px output is below the {IDENTITY_MIN_SIZE}px it needs"
+        if render_size is not None and render_size < SYNC_MIN_RENDER and not line.startswith("lip-sync loss off"):
+            line = f"lip-sync loss off: the {render_size}px render is below the {SYNC_MIN_RENDER}px it scores"
         elif not line.startswith("lip-sync loss off"):
             line += f" (used from epoch {weights.sync_start_epoch}, x{weights.sync})"
         lines.append(line)
@@ -85,9 +99,9 @@ def loss_status(weights: LossWeights, lpips_dir: str | None = None, face_id_path
 
 def reconstruction_losses(out: dict, batch: dict, weights: LossWeights, lpips=None,
                           identity=None, *, sr_only: bool = False) -> dict[str, torch.Tensor]:
-    """L1 (and LPIPS, given the network) on the render and the SR output, L1 in the mouth region on
-    the render, and the identity loss on the SR output (given the network). ``sr_only`` (stage sr):
-    L1 and LPIPS on the SR output alone.
+    """L1 (and LPIPS, given the network) on the render and the SR output, L1 (and LPIPS) of the
+    mouth region on the render, and the identity loss on the SR output (given the network).
+    ``sr_only`` (stage sr): L1 and LPIPS on the SR output alone. LPIPS is summed over the frames.
 
     out: the model's dict (``image_raw`` ``[B, 3, h, h]``, ``image`` ``[B, 3, S, S]``); batch: the
     dataset's (``image`` ``[B, 3, S', S']`` in [-1, 1], ``mouth_mask`` and ``face_mask``
@@ -100,7 +114,7 @@ def reconstruction_losses(out: dict, batch: dict, weights: LossWeights, lpips=No
         terms = {"l1_sr": (sr - tgt_sr).abs().mean()}
         total = weights.l1_sr * terms["l1_sr"]
         if lpips is not None:
-            terms["lpips_sr"] = lpips(sr, tgt_sr).mean()
+            terms["lpips_sr"] = lpips(sr, tgt_sr).sum()
             total = total + weights.lpips_sr * terms["lpips_sr"]
         terms["total"] = total
         return terms
@@ -113,9 +127,13 @@ def reconstruction_losses(out: dict, batch: dict, weights: LossWeights, lpips=No
     }
     total = weights.l1_raw * terms["l1_raw"] + weights.l1_sr * terms["l1_sr"] + weights.mouth * terms["mouth"]
     if lpips is not None:
-        terms["lpips_raw"] = lpips(_at_least(raw, LPIPS_MIN_SIZE), _at_least(tgt_raw, LPIPS_MIN_SIZE)).mean()
-        terms["lpips_sr"] = lpips(sr, tgt_sr).mean()
+        terms["lpips_raw"] = lpips(_at_least(raw, LPIPS_MIN_SIZE), _at_least(tgt_raw, LPIPS_MIN_SIZE)).sum()
+        terms["lpips_sr"] = lpips(sr, tgt_sr).sum()
         total = total + weights.lpips_raw * terms["lpips_raw"] + weights.lpips_sr * terms["lpips_sr"]
+        if weights.mouth_lpips:  # the release's perceptual loss on the lips: both images outside the mask black
+            terms["mouth_lpips"] = lpips(_at_least(raw * mouth, LPIPS_MIN_SIZE),
+                                         _at_least(tgt_raw * mouth, LPIPS_MIN_SIZE)).sum()
+            total = total + weights.mouth_lpips * terms["mouth_lpips"]
     if identity is not None:  # on the head alone, as the release: the background says nothing of who it is
         head = F.interpolate(batch["face_mask"], size=sr.shape[-2:], mode="area")  # [B, 1, S, S]
         terms["identity"] = identity(sr * head, tgt_sr * head).mean()

@@ -122,7 +122,7 @@ def _deltaplane_base(cfg: TrainConfig) -> DeltaplaneConfig:
     base = DeltaplaneConfig.tiny() if cfg.deltaplane_size == "tiny" else DeltaplaneConfig.release()
     over = dict(cfg.deltaplane)
     if cfg.blink_noise is not None:
-        over["eye_noise_std"] = cfg.blink_noise
+        over["eye_noise"] = cfg.blink_noise
     return dataclasses.replace(base, **over)
 
 
@@ -230,9 +230,10 @@ class Trainer:
         # The dataset is checked before anything is written: a wrong --data leaves no run folder.
         manifest = load_manifest(self.data_dir)
         self.audio_encoder = manifest["audio"]["encoder"]
-        window = _deltaplane_base(cfg).audio_window  # the frames of audio each item carries
-        self.train_set = TalkingHeadDataset(self.data_dir, "train", audio_window=window)
-        self.val_set = TalkingHeadDataset(self.data_dir, "val", audio_window=window)
+        base = _deltaplane_base(cfg)  # the audio window each item carries: frames, feature rows per frame
+        audio = dict(audio_window=base.audio_window, audio_steps=base.audio_steps)
+        self.train_set = TalkingHeadDataset(self.data_dir, "train", **audio)
+        self.val_set = TalkingHeadDataset(self.data_dir, "val", **audio)
         if not resume:
             _check_new_run_dir(self.run_dir, self.data_dir)
             if self.world > 1:  # every rank has looked before rank 0 creates it
@@ -300,14 +301,15 @@ class Trainer:
         # Stage sr trains with L1 + LPIPS on the SR output alone (the release's SR fine-tuning): the
         # render's losses cannot reach the SR, and the identity and lip-sync losses are not used.
         weights = cfg.loss if cfg.stage != "sr" else dataclasses.replace(
-            cfg.loss, l1_raw=0.0, lpips_raw=0.0, mouth=0.0, identity=0.0, sync=0.0)
+            cfg.loss, l1_raw=0.0, lpips_raw=0.0, mouth=0.0, mouth_lpips=0.0, identity=0.0, sync=0.0)
         if cfg.stage == "sr":
             self.log(f"stage sr: losses L1 x{weights.l1_sr:g} + LPIPS x{weights.lpips_sr:g} on the SR output")
-        for line in loss_status(weights, cfg.lpips_weights, cfg.face_id_weights, sr_size, cfg.syncnet_weights):
+        for line in loss_status(weights, cfg.lpips_weights, cfg.face_id_weights, sr_size, cfg.syncnet_weights,
+                                render_size=self.resolution):
             self.log(line)
         self.lpips = perceptual_network(weights, cfg.lpips_weights, self.device)
         self.identity = identity_network(weights, cfg.face_id_weights, sr_size, self.device)
-        self.sync = sync_network(weights, cfg.syncnet_weights, sr_size, self.device)
+        self.sync = sync_network(weights, cfg.syncnet_weights, self.resolution, self.device)
         self.wave = None
         from ..losses.syncnet import SYNC_FRAMES
 
@@ -446,7 +448,8 @@ class Trainer:
                           pin_memory=self.device.type == "cuda")
 
     def _sync_term(self) -> torch.Tensor:
-        """Wav2Lip's expert sync loss on 5 consecutive training frames rendered with their audio.
+        """Wav2Lip's expert sync loss on 5 consecutive training frames rendered with their audio
+        (on the render, as the release: its gradient reaches the deltaplane without the SR).
 
         The lip-sync network scores a window of frames against its 0.2 s of speech, which random
         training batches do not form, so each step past ``sync_start_epoch`` renders one extra window.
@@ -456,7 +459,7 @@ class Trainer:
         start = int(torch.randint(len(self.train_set) - SYNC_FRAMES + 1, (1,)))
         items = [self.train_set[i] for i in range(start, start + SYNC_FRAMES)]
         window = _to(torch.utils.data.default_collate(items), self.device)
-        frames = self._forward(window)["image"].float()  # [5, 3, S, S]
+        frames = self._forward(window)["image_raw"].float()  # [5, 3, s, s]: the render, as the release
         first = int(items[0]["index"]) * SAMPLES_PER_FRAME
         wave = self.wave[first:first + SYNC_FRAMES * SAMPLES_PER_FRAME]
         wave = torch.nn.functional.pad(wave, (0, SYNC_FRAMES * SAMPLES_PER_FRAME - wave.shape[0]))
