@@ -13,6 +13,7 @@ from talk3d.models import GeneratorConfig, TriplaneGenerator
 from talk3d.personalize import (PersonalizeConfig, invert, load_personalized, personalize, pivotal_tune,
                                 read_personalization, refine_cameras, render_frames, select_frames)
 from talk3d.personalize.__main__ import main
+from talk3d.personalize.core import locality_latents
 from talk3d.render import look_at_camera
 
 #: Inversion must cut the frames' image L1 by at least this factor.
@@ -115,15 +116,17 @@ def test_pivotal_tuning_and_locality(problem):
     with torch.no_grad():
         inverted = l1(render_frames(g, pivots, cams)["image"], frames["image"])
     hist_on, hist_off = [], []
-    tuned = pivotal_tune(copy.deepcopy(g), frames, pivots, cams, cfg, history=hist_on)
-    loose = pivotal_tune(copy.deepcopy(g), frames, pivots, cams, dataclasses.replace(cfg, locality_weight=0.0),
-                         history=hist_off)
-    # Off-pivot latents never seen in tuning (other seeds than the regulariser's).
-    gen = torch.Generator().manual_seed(1234)
+    assert cfg.locality_weight == 0  # the release's 1e-4 is in effect off: on request only
+    tuned = pivotal_tune(copy.deepcopy(g), frames, pivots, cams, dataclasses.replace(cfg, locality_weight=1.0),
+                         history=hist_on)
+    loose = pivotal_tune(copy.deepcopy(g), frames, pivots, cams, cfg, history=hist_off)
+    # Off-pivot latents never seen in tuning (another seed than the regulariser's), drawn as it
+    # draws them: a step of locality_step from the pivot towards a truncated random latent.
     with torch.no_grad():
-        wz = g.mapping(torch.randn(4, g.cfg.z_dim, generator=gen), cams[:1].expand(4, -1))
-        ws = torch.lerp(pivots[:1].expand(4, -1, -1), wz, cfg.locality_alpha)
-        c = cams[torch.tensor([0, 1, 2, 0])]
+        ws, c = locality_latents(g, pivots, cams, 4, cfg.locality_step, cfg.locality_psi,
+                                 torch.Generator().manual_seed(1234))
+        dist = (ws[:, None] - pivots[None]).flatten(2).norm(dim=-1)  # [4, M]: each is step from its own pivot
+        assert float((dist - cfg.locality_step).abs().min(dim=1).values.max()) < 1e-5
         ref = render_frames(g, ws, c)["image"]
         drift_on = l1(render_frames(tuned, ws, c)["image"], ref)
         drift_off = l1(render_frames(loose, ws, c)["image"], ref)
@@ -134,6 +137,44 @@ def test_pivotal_tuning_and_locality(problem):
     assert drift_on < drift_off
     assert all("locality" in h for h in hist_on) and not any("locality" in h for h in hist_off)
     assert not any(p.requires_grad for p in tuned.parameters())
+
+
+def test_inversion_is_in_w_unless_asked_and_tuning_keeps_the_super_resolution(problem):
+    """The paper's and release's inversion optimises one w vector (and one offset per frame) for
+    every layer; pivotal tuning changes the backbone and decoder, the SR only on request."""
+    import copy
+
+    g, frames, cfg = problem["g"], problem["frames"], problem["cfg"]
+    w_id, offsets = problem["w_id"], problem["offsets"]
+    assert w_id.shape == (1, g.num_ws, g.cfg.w_dim) and offsets.shape == (3, g.num_ws, g.cfg.w_dim)
+    assert torch.equal(w_id, w_id[:, :1].expand_as(w_id)) and torch.equal(offsets, offsets[:, :1].expand_as(offsets))
+    plus = invert(g, frames, dataclasses.replace(cfg, invert_steps=5, latent_space="w+"))[0]
+    assert not torch.equal(plus, plus[:, :1].expand_as(plus))
+    with pytest.raises(ValueError, match="latent_space"):
+        invert(g, frames, dataclasses.replace(cfg, latent_space="z"))
+    pivots = w_id + offsets
+    sr_before = [p.clone() for p in g.superresolution.parameters()]
+    short = dataclasses.replace(cfg, tune_steps=3)
+    tuned = pivotal_tune(copy.deepcopy(g), frames, pivots, problem["cams"], short)
+    assert all(torch.equal(a, b) for a, b in zip(sr_before, tuned.superresolution.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(g.decoder.parameters(), tuned.decoder.parameters()))
+    with_sr = pivotal_tune(copy.deepcopy(g), frames, pivots, problem["cams"],
+                           dataclasses.replace(short, tune_superresolution=True))
+    assert not all(torch.equal(a, b) for a, b in zip(sr_before, with_sr.superresolution.parameters()))
+
+
+def test_pivotal_tuning_stops_when_the_summed_lpips_is_small(problem):
+    """The release's stop: the frames' LPIPS summed at most 0.006 (a stand-in network here)."""
+    import copy
+
+    g, frames, cfg = problem["g"], problem["frames"], problem["cfg"]
+    pivots = problem["w_id"] + problem["offsets"]
+    for per_frame, steps in ((0.0019, 1), (0.0021, 2)):  # 3 frames: 0.0057 stops, 0.0063 does not
+        hist = []
+        lpips = lambda a, b, v=per_frame: torch.full((a.shape[0],), v) + 0 * a.mean()  # noqa: E731
+        pivotal_tune(copy.deepcopy(g), frames, pivots, problem["cams"], dataclasses.replace(cfg, tune_steps=2),
+                     lpips=lpips, history=hist)
+        assert len(hist) == steps, per_frame
 
 
 def test_pivotal_tuning_stops_at_the_reconstruction_threshold(problem):

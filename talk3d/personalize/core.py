@@ -1,10 +1,12 @@
 """VIVE3D-style personalisation of the triplane generator (Talk3D section 3.2).
 
 1. Joint inversion of M frames: a shared identity latent ``w_ID`` plus per-frame offsets ``o_m``
-   and per-frame yaw/pitch refinements of the cameras, the generator frozen.
-2. Pivotal tuning (PTI): the generator's synthesis backbone, decoder and super-resolution are
-   fine-tuned on the same frames at the fixed pivots ``w_ID + o_m``, with a locality regulariser
-   that keeps renders of latents near the pivots close to the original generator's.
+   (in W, one vector for every layer, as the paper and release; W+ on request) and per-frame
+   yaw/pitch refinements of the cameras, the generator frozen.
+2. Pivotal tuning (PTI): the generator's synthesis backbone and decoder are fine-tuned on the same
+   frames at the fixed pivots ``w_ID + o_m`` (the super-resolution stays the prior's, as in the
+   release), optionally with PTI's locality regulariser (off by default: the release weighs it
+   1e-4, in effect off).
 
 The per-frame inversion of the whole video on the tuned generator (the paper's last step) is in
 :mod:`talk3d.personalize.track`; without a prior, :mod:`talk3d.personalize.scratch` trains the
@@ -35,15 +37,20 @@ class PersonalizeConfig:
     lr_invert: float = 0.01          # Adam on w_ID and the offsets (PTI's inversion rate)
     lr_camera: float = 1e-3          # Adam on the yaw/pitch deltas (radians)
     lr_tune: float = 1e-3            # release: 1e-3
+    latent_space: str = "w"          # "w": one w_dim vector for every layer (the paper's, release's); "w+": per layer
     offset_weight: float = 1.0       # pulls each o_m towards 0 so w_ID carries the identity
     camera_weight: float = 10.0      # keeps refined cameras near the tracked ones (per rad^2)
     raw_weight: float = 1.0          # L1 of the low-res render vs the downsampled target
     lpips_weight: float = 1.0        # used only when an LPIPS module is given
     background_weight: float = 0.25  # loss weight outside the face mask (1: unmasked)
-    locality_weight: float = 1.0     # PTI's locality regulariser (0: off)
-    locality_alpha: float = 0.5      # off-pivot latent = lerp(pivot, w(z), alpha)
+    # PTI's locality regulariser. Off: the release weighs it 1e-4 (in effect off), and at 1 it held a
+    # tiny test's tuning L1 at 0.20 where it fell to 0.12 without (2026-12-07).
+    locality_weight: float = 0.0
+    locality_step: float = 0.1       # off-pivot latent: pivot + step * unit(w(z) - pivot) (the release's 0.1)
+    locality_psi: float = 0.5        # truncation of the random w(z) (the release's)
     locality_samples: int = 1        # random latents per tuning step
-    tune_stop_lpips: float = 0.06    # tuning stops once the frames' LPIPS is below this (PTI's value)
+    tune_superresolution: bool = False  # the release tunes the backbone and decoder; the SR stays the prior's
+    tune_stop_lpips: float = 0.006   # tuning stops once the frames' LPIPS, summed, is at most this (the release's)
     tune_stop_l1: float = 0.0        # ... or their image L1 (0: off; the L1-only fallback's threshold)
     deterministic: bool = True       # fixed render samples: a smooth, reproducible objective
     impl: str = "auto"
@@ -55,7 +62,7 @@ class PersonalizationResult:
     """What :func:`personalize` returns.
 
     generator: the tuned :class:`TriplaneGenerator` (eval mode, gradients off).
-    w_id: ``[1, num_ws, w_dim]`` shared identity latent.
+    w_id: ``[1, num_ws, w_dim]`` shared identity latent (in W: the same vector in every row).
     offsets: ``[M, num_ws, w_dim]`` per-frame offsets (pivots are ``w_id + offsets``).
     cameras: ``[M, 25]`` refined camera labels; ``camera_deltas`` ``[M, 2]`` (yaw, pitch) radians.
     history: one dict of losses per step (``phase`` 'invert' or 'tune').
@@ -175,14 +182,18 @@ def invert(gen: TriplaneGenerator, frames: dict, cfg: PersonalizeConfig, *, lpip
             generator's ``camera_pivot``.
 
     Returns:
-        (w_id ``[1, num_ws, w_dim]``, offsets ``[M, num_ws, w_dim]``, deltas ``[M, 2]``), detached.
+        (w_id ``[1, num_ws, w_dim]``, offsets ``[M, num_ws, w_dim]``, deltas ``[M, 2]``), detached;
+        in W (``cfg.latent_space``) every layer's row is the same vector.
     """
+    if cfg.latent_space not in ("w", "w+"):
+        raise ValueError(f"personalize: latent_space must be 'w' or 'w+', got {cfg.latent_space!r}")
     device = frames["image"].device
     target, cams, mask = frames["image"], frames["camera"], frames.get("face_mask")
     m = target.shape[0]
     w_avg = gen.backbone.mapping.w_avg.detach()
-    w_id = w_avg[None, None].expand(1, gen.num_ws, -1).clone().to(device).requires_grad_(True)
-    offsets = torch.zeros(m, gen.num_ws, w_avg.shape[0], device=device, requires_grad=True)
+    rows = gen.num_ws if cfg.latent_space == "w+" else 1  # a W latent is broadcast to every layer
+    w_id = w_avg[None, None].expand(1, rows, -1).clone().to(device).requires_grad_(True)
+    offsets = torch.zeros(m, rows, w_avg.shape[0], device=device, requires_grad=True)
     deltas = torch.zeros(m, 2, device=device, requires_grad=True)
     opt = torch.optim.Adam([{"params": [w_id, offsets], "lr": cfg.lr_invert},
                             {"params": [deltas], "lr": cfg.lr_camera}])
@@ -192,7 +203,8 @@ def invert(gen: TriplaneGenerator, frames: dict, cfg: PersonalizeConfig, *, lpip
     pivot = gen.cfg.camera_pivot if pivot is None else tuple(pivot)
     for step in range(cfg.invert_steps):
         c = refine_cameras(cams, deltas, pivot)
-        out = gen.synthesis(w_id + offsets, c, impl=cfg.impl, deterministic=cfg.deterministic)
+        ws = (w_id + offsets).expand(-1, gen.num_ws, -1)
+        out = gen.synthesis(ws, c, impl=cfg.impl, deterministic=cfg.deterministic)
         rec, logs = reconstruction_loss(out, target, mask, cfg, lpips)
         # Squared norms per frame: offsets should only hold expression, not identity.
         reg_off = offsets.pow(2).sum(-1).mean()
@@ -201,30 +213,35 @@ def invert(gen: TriplaneGenerator, frames: dict, cfg: PersonalizeConfig, *, lpip
         _step(opt, loss, logs, history, bar, phase="invert", step=step, offset_reg=float(reg_off.detach()),
               camera_reg=float(reg_cam.detach()))
     bar.close()
-    return w_id.detach(), offsets.detach(), deltas.detach()
+    full = (1, gen.num_ws, -1)
+    return w_id.detach().expand(*full).contiguous(), offsets.detach().expand(m, *full[1:]).contiguous(), deltas.detach()
 
 
-def _tunable(gen: TriplaneGenerator) -> list[nn.Parameter]:
-    """The synthesis backbone, decoder and SR (the mapping stays frozen: the pivots are fixed ws)."""
+def _tunable(gen: TriplaneGenerator, superresolution: bool = True) -> list[nn.Parameter]:
+    """The synthesis backbone, decoder and (``superresolution``) SR; the mapping stays frozen (the
+    pivots are fixed ws)."""
     gen.requires_grad_(False)
-    for mod in (gen.backbone.synthesis, gen.decoder, gen.superresolution):
+    for mod in (gen.backbone.synthesis, gen.decoder) + ((gen.superresolution,) if superresolution else ()):
         mod.requires_grad_(True)
     return [p for p in gen.parameters() if p.requires_grad]
 
 
-def locality_latents(gen: TriplaneGenerator, pivots: torch.Tensor, cameras: torch.Tensor, n: int, alpha: float,
-                     rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """PTI's off-pivot latents: ``lerp(pivot, mapping(z), alpha)`` for random z and a random frame.
+def locality_latents(gen: TriplaneGenerator, pivots: torch.Tensor, cameras: torch.Tensor, n: int, step: float,
+                     psi: float, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """PTI's off-pivot latents, as the release draws them: ``pivot + step * unit(w(z) - pivot)`` with
+    ``w(z)`` mapped at truncation ``psi``, for random z and a random frame (and its camera).
 
     pivots ``[M, num_ws, w_dim]``, cameras ``[M, 25]`` -> (ws ``[n, num_ws, w_dim]``, cameras ``[n, 25]``).
     """
     device = pivots.device
-    pick = torch.randint(pivots.shape[0], (n,), generator=rng)
+    pick = torch.randint(pivots.shape[0], (n,), generator=rng).to(device)
     z = torch.randn(n, gen.cfg.z_dim, generator=rng).to(device)
-    c = cameras[pick.to(device)]
+    c = cameras[pick]
     with torch.no_grad():
-        wz = gen.mapping(z, c)
-    return torch.lerp(pivots[pick.to(device)], wz, alpha), c
+        wz = gen.mapping(z, c, truncation_psi=psi)
+    direction = wz - pivots[pick]
+    direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-8)[:, None, None]
+    return pivots[pick] + step * direction, c
 
 
 def pivotal_tune(gen: TriplaneGenerator, frames: dict, pivots: torch.Tensor, cameras: torch.Tensor,
@@ -240,7 +257,7 @@ def pivotal_tune(gen: TriplaneGenerator, frames: dict, pivots: torch.Tensor, cam
         frozen = None
     elif frozen is None:
         frozen = copy.deepcopy(gen).requires_grad_(False)
-    opt = torch.optim.Adam(_tunable(gen), lr=cfg.lr_tune)
+    opt = torch.optim.Adam(_tunable(gen, superresolution=cfg.tune_superresolution), lr=cfg.lr_tune)
     rng = torch.Generator().manual_seed(cfg.seed + 1)
     history = [] if history is None else history
     bar = _bar(cfg.tune_steps, "tune", progress)
@@ -249,7 +266,8 @@ def pivotal_tune(gen: TriplaneGenerator, frames: dict, pivots: torch.Tensor, cam
         rec, logs = reconstruction_loss(out, target, mask, cfg, lpips)
         loss = rec.mean()
         if frozen is not None:
-            ws, c = locality_latents(gen, pivots, cameras, cfg.locality_samples, cfg.locality_alpha, rng)
+            ws, c = locality_latents(gen, pivots, cameras, cfg.locality_samples, cfg.locality_step,
+                                     cfg.locality_psi, rng)
             with torch.no_grad():
                 ref = frozen.synthesis(ws, c, impl=cfg.impl, deterministic=cfg.deterministic)
             cur = gen.synthesis(ws, c, impl=cfg.impl, deterministic=cfg.deterministic)
@@ -259,8 +277,10 @@ def pivotal_tune(gen: TriplaneGenerator, frames: dict, pivots: torch.Tensor, cam
             loss = loss + cfg.locality_weight * loc
             logs["locality"] = float(loc.detach())
         _step(opt, loss, logs, history, bar, phase="tune", step=step)
-        # PTI's early stop: the frames are reconstructed well enough (measured before this step).
-        if logs.get("lpips", float("inf")) < cfg.tune_stop_lpips or logs["l1"] < cfg.tune_stop_l1:
+        # The release's early stop: the frames' LPIPS summed is at most tune_stop_lpips (measured
+        # before this step; so small that it rarely ends the release's 400 steps early).
+        summed = logs.get("lpips", float("inf")) * target.shape[0]
+        if summed <= cfg.tune_stop_lpips or logs["l1"] < cfg.tune_stop_l1:
             break
     bar.close()
     return gen.eval().requires_grad_(False)
