@@ -1,14 +1,17 @@
 """Release pickle -> our checkpoint -> generator, and `python -m talk3d.prior convert/sample`.
 
 The pickles are written in the release's persistent-object record format by the tests themselves
-(fake ``torch_utils.persistence`` only while writing; see test_prior_import.py).
+(fake ``torch_utils.persistence`` only while writing; see test_prior_import.py): most from talk3d's
+own generator (a round trip), one set from an EG3D written apart from it (eg3d_reference.py).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pickle
 import sys
 
+import eg3d_reference as eg3d
 import numpy as np
 import pytest
 import torch
@@ -18,6 +21,16 @@ from talk3d.models import GeneratorConfig, TriplaneGenerator
 from talk3d.prior import config_from_release, convert_release, load_generator
 from talk3d.prior.__main__ import main
 from talk3d.render import look_at_camera
+
+# The converted generator against eg3d_reference.py: max |talk3d - reference| <= TOL * max |reference|
+# (float32 rounding grows with the values summed, so the bound scales with the output; the loud SR
+# input reaches ~3000). Measured: the worst ratio over the six cases of
+# test_converted_release_matches_an_independent_eg3d (2-core CPU); the bounds leave ~10x for other BLAS builds.
+MAPPING_TOL = 2e-6  # 3.3e-7 (<= 7.2e-7 on |w| <= 4.7): the same layers, the products summed in another order
+# 1.1e-6 (<= 6.4e-6 on |planes| <= 8.3): transposed conv vs zero insertion, grouped vs per-sample convs, 7 layers
+PLANES_TOL = 1e-5
+DECODER_TOL = 1e-6  # 0: the same two matrix products
+SR_TOL = 1e-5  # 7.1e-7 (<= 5.3e-6 on |image| <= 8.1; 1.3e-3 on the loud input's ~3100)
 
 SRC = "# EG3D module source would be here; it must never run\nraise SystemExit('executed')\n"
 
@@ -45,8 +58,11 @@ def _release_kwargs(cfg: GeneratorConfig) -> dict:
     return dict(
         z_dim=cfg.z_dim, c_dim=cfg.c_dim, w_dim=cfg.w_dim, img_resolution=cfg.sr_resolution,
         img_channels=cfg.img_channels, channel_base=cfg.channel_base, channel_max=cfg.channel_max,
-        mapping_kwargs=dict(num_layers=cfg.mapping_layers),
+        mapping_kwargs=dict(num_layers=cfg.mapping_layers, lr_multiplier=cfg.mapping_lr_multiplier),
+        conv_clamp=cfg.conv_clamp, sr_num_fp16_res=4 if cfg.sr_conv_clamp == 256 else 0,
         rendering_kwargs=dict(depth_resolution=cfg.coarse_samples, depth_resolution_importance=cfg.importance_samples,
+                              decoder_lr_mul=cfg.decoder_lr_multiplier,
+                              superresolution_module="training.superresolution.SuperresolutionHybrid8XDC",
                               ray_start=cfg.ray_start, ray_end=cfg.ray_end, box_warp=cfg.box_warp,
                               avg_camera_radius=cfg.camera_radius, avg_camera_pivot=list(cfg.camera_pivot),
                               c_scale=cfg.c_scale, superresolution_noise_mode=cfg.sr_noise_mode,
@@ -96,6 +112,107 @@ def test_config_from_release_reads_the_recorded_settings():
     cfg = dataclasses.replace(GeneratorConfig.ffhq(axes="eg3d"), ray_start=2.0, camera_pivot=(0.0, 0.1, 0.2),
                               coarse_samples=64)
     assert config_from_release(_release_kwargs(cfg), {"neural_rendering_resolution": 128}, axes="eg3d") == cfg
+
+
+def test_config_from_release_reads_the_numerics_eg3d_records_and_its_own_defaults():
+    """The settings that change the numbers (gains, clamps, the mapping's camera scale) are read
+    from the release; where it records none, EG3D's own defaults apply, not the FFHQ release's."""
+    cfg = dataclasses.replace(GeneratorConfig.ffhq(axes="eg3d"), decoder_lr_multiplier=0.5, conv_clamp=256.0,
+                              sr_conv_clamp=None, mapping_lr_multiplier=0.02, c_scale=0.5)
+    assert config_from_release(_release_kwargs(cfg), {"neural_rendering_resolution": 128}, axes="eg3d") == cfg
+    kwargs = _release_kwargs(GeneratorConfig.ffhq())
+    del kwargs["rendering_kwargs"]["c_scale"], kwargs["sr_num_fp16_res"]
+    got = config_from_release(kwargs, axes="eg3d")
+    assert got.c_scale == 0.0 and got.sr_conv_clamp is None  # rendering_kwargs.get('c_scale', 0); fp32 SR
+    kwargs["rendering_kwargs"]["superresolution_module"] = "training.superresolution.SuperresolutionHybrid4X"
+    with pytest.raises(ValueError, match="SuperresolutionHybrid4X.*SuperresolutionHybrid8XDC"):
+        config_from_release(kwargs, axes="eg3d")
+
+
+def _planes(gen: TriplaneGenerator, ws, noise_mode="const", training=False) -> torch.Tensor:
+    """``gen.planes`` in training or inference mode (talk3d's modulated convs differ: scaled
+    activations in training, one grouped convolution at inference), leaving ``gen`` in eval mode."""
+    gen.train(training)
+    try:
+        return gen.planes(ws, noise_mode)
+    finally:
+        gen.eval()
+
+
+def _eg3d_comparisons(G: eg3d.TriPlaneGenerator, decoder_features: int):
+    """(what, tolerance, the reference's output, talk3d's as a function of a converted generator),
+    over the parts of the generator with weights. Each reference output is computed once."""
+    g = torch.Generator().manual_seed(1)
+    z, c = torch.randn(2, G.z_dim, generator=g), torch.randn(2, G.c_dim, generator=g)
+    for psi, cutoff in ((1, None), (0.7, None), (0.5, 4)):
+        yield (f"mapping psi={psi} cutoff={cutoff}", MAPPING_TOL, G.mapping(z, c, psi, cutoff),
+               lambda gen, psi=psi, cutoff=cutoff: gen.mapping(z, c, psi, cutoff))
+    ws = G.mapping(z, c, 0.7)
+    one = ws[:1].expand_as(ws)  # one latent for the batch (Talk3D's identity): talk3d's shared-weight conv
+    for training in (False, True):
+        for noise in ("const", "none"):
+            yield (f"planes noise={noise} training={training}", PLANES_TOL, G.planes(ws, noise),
+                   functools.partial(_planes, ws=ws, noise_mode=noise, training=training))
+    yield "planes of one latent", PLANES_TOL, G.planes(one), functools.partial(_planes, ws=one)
+    sampled = 3 * torch.randn(2, 3, 50, G.decoder.net[0].in_features, generator=g)  # [N, planes, M, C]
+    ref = G.decoder(sampled)
+    # talk3d's decoder takes the planes' mean (its renderer averages); EG3D's averages itself.
+    yield "decoder sigma", DECODER_TOL, ref["sigma"], lambda gen: gen.decoder(sampled.mean(1))[0]
+    yield "decoder features", DECODER_TOL, ref["rgb"], lambda gen: gen.decoder(sampled.mean(1))[1]
+    # Each side's own recorded noise mode; the loud input drives activations past 256, where EG3D's
+    # fp16 SR clamps.
+    mode = G.rendering_kwargs["superresolution_noise_mode"]
+    for what, x in (("16^2", torch.randn(2, decoder_features, 16, 16, generator=g)),
+                    ("24^2, resized", torch.randn(2, decoder_features, 24, 24, generator=g)),
+                    ("16^2 loud", 1000 * torch.randn(2, decoder_features, 16, 16, generator=g))):
+        yield (f"superresolution {what}", SR_TOL, G.superresolution(x[:, :3], x, ws, mode),
+               lambda gen, x=x: gen.superresolution(x[:, :3], x, ws, gen.cfg.sr_noise_mode))
+    x = torch.randn(2, decoder_features, 16, 16, generator=g)
+    yield ("superresolution of one latent, noise const", SR_TOL, G.superresolution(x[:, :3], x, one, "const"),
+           lambda gen: gen.superresolution(x[:, :3], x, one, "const"))
+
+
+def _eg3d_mismatches(G: eg3d.TriPlaneGenerator, *gens: TriplaneGenerator) -> list[list[str]]:
+    """For each converted generator, its outputs further from the reference ``G``'s than their tolerance."""
+    bad = [[] for _ in gens]
+    with torch.no_grad():
+        for what, tol, ref, talk3d in _eg3d_comparisons(G, gens[0].cfg.decoder_features):
+            peak = float(ref.abs().max())
+            for gen, found in zip(gens, bad):
+                diff = float((talk3d(gen) - ref).abs().max())
+                if not diff <= tol * peak:
+                    found.append(f"{what}: max |diff| {diff:.2e} > {tol:g} * {peak:.3g}")
+    return bad
+
+
+_NO_C_SCALE = {k: v for k, v in eg3d.ffhq_rendering_kwargs().items() if k != "c_scale"}
+
+
+@pytest.mark.parametrize("release, misread", [
+    # release: what it records (eg3d.tiny_generator's arguments); misread: that setting read wrong,
+    # which must fail the comparison (else the case would pass without the converter reading it).
+    pytest.param({}, dict(sr_conv_clamp=None), id="ffhq-like"),
+    pytest.param(dict(rendering_kwargs=eg3d.ffhq_rendering_kwargs(decoder_lr_mul=0.5)),
+                 dict(decoder_lr_multiplier=1.0), id="decoder_lr_mul"),
+    pytest.param(dict(conv_clamp=0.5), dict(conv_clamp=None), id="conv_clamp"),  # layer outputs reach ~1-3
+    pytest.param(dict(sr_num_fp16_res=0), dict(sr_conv_clamp=256.0), id="sr_fp32"),
+    pytest.param(dict(rendering_kwargs=_NO_C_SCALE), dict(c_scale=1.0), id="no_c_scale"),
+    pytest.param(dict(mapping_lr_multiplier=0.05), dict(mapping_lr_multiplier=0.01), id="mapping_lr_multiplier"),
+])
+def test_converted_release_matches_an_independent_eg3d(tmp_path, release, misread):
+    """A release written from eg3d_reference.py (EG3D's formulas, not talk3d's code), converted and
+    loaded, computes what the reference does: mapping (with truncation), planes, decoder, SR. The
+    same weights under the case's setting misread must not, or the case would not test that setting."""
+    G = eg3d.tiny_generator(**release)
+    eg3d.perturb_(G, torch.Generator().manual_seed(0))
+    eg3d.write_release(tmp_path / "release.pkl", G)
+    convert_release(tmp_path / "release.pkl", tmp_path / "prior.safetensors", axes="eg3d", log=lambda *_: None)
+    gen = load_generator(tmp_path / "prior.safetensors")
+    other = TriplaneGenerator(dataclasses.replace(gen.cfg, **misread)).eval()
+    other.load_state_dict(gen.state_dict())
+    converted, misread_bad = _eg3d_mismatches(G, gen, other)
+    assert converted == []
+    assert misread_bad, f"the case passes with {misread}: it does not test that setting"
 
 
 def test_unmapped_tensor_is_reported_then_allowed(tmp_path):

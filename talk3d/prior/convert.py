@@ -30,6 +30,10 @@ def _get(d: Any, key: str, default=None):
     return d.get(key, default) if isinstance(d, dict) else default
 
 
+#: The super-resolution network talk3d's generator implements (EG3D's, for 512^2 from 128^2).
+SR_MODULE = "SuperresolutionHybrid8XDC"
+
+
 def sizes_from_weights(state_dict) -> dict[str, Any]:
     """The sizes EG3D hard-codes rather than records (triplane, decoder, SR widths), read off tensors."""
     over: dict[str, Any] = {}
@@ -54,7 +58,10 @@ def config_from_release(init_kwargs: dict, attributes: dict | None = None, *, ax
     rendering_kwargs, sr_kwargs`` and the synthesis kwargs (``channel_base``, ``channel_max``, ...),
     as recorded by the release's persistence wrapper. attributes: the network's other recorded
     attributes (``neural_rendering_resolution``). state_dict: the release's tensors, for the sizes
-    EG3D fixes in code (see :func:`sizes_from_weights`). Anything absent keeps the FFHQ default.
+    EG3D fixes in code (see :func:`sizes_from_weights`). Anything absent keeps the FFHQ default,
+    except what EG3D itself defaults otherwise when absent (``c_scale`` 0, the SR's clamp off
+    without ``sr_num_fp16_res``). A super-resolution module other than EG3D's
+    ``SuperresolutionHybrid8XDC`` is refused.
     """
     base = GeneratorConfig.ffhq(axes=axes)
     kw = dict(init_kwargs or {})
@@ -82,7 +89,20 @@ def config_from_release(init_kwargs: dict, attributes: dict | None = None, *, ax
     take("ray_end", _get(rk, "ray_end"), float)
     take("box_warp", _get(rk, "box_warp"), float)
     take("camera_radius", _get(rk, "avg_camera_radius"), float)
-    take("c_scale", _get(rk, "c_scale"), float)
+    # EG3D multiplies the mapping's camera input by rendering_kwargs.get('c_scale', 0): a release
+    # that does not record it conditions on zeros.
+    if isinstance(rk, dict) and rk:
+        over["c_scale"] = float(rk.get("c_scale", 0.0))
+    take("mapping_lr_multiplier", _get(mk, "lr_multiplier"), float)
+    take("decoder_lr_multiplier", _get(rk, "decoder_lr_mul"), float)
+    if "conv_clamp" in kw:  # the backbone's (EG3D: 256 when it runs layers in fp16, else None)
+        over["conv_clamp"] = None if kw["conv_clamp"] is None else float(kw["conv_clamp"])
+    if kw:  # EG3D's SR clamps at 256 when it runs in fp16 (sr_num_fp16_res > 0; default 0), else not at all
+        over["sr_conv_clamp"] = 256.0 if int(kw.get("sr_num_fp16_res") or 0) > 0 else None
+    sr_module = _get(rk, "superresolution_module")
+    if sr_module is not None and not str(sr_module).endswith(SR_MODULE):
+        raise ValueError(f"this release's super-resolution is {sr_module!r}; talk3d builds EG3D's {SR_MODULE} "
+                         "(the FFHQ 512^2 portrait priors' and Talk3D's) only")
     take("c_conditioning_zero", _get(rk, "c_gen_conditioning_zero"), bool)
     take("sr_antialias", _get(rk, "sr_antialias"), bool)
     take("sr_noise_mode", _get(rk, "superresolution_noise_mode"), str)
