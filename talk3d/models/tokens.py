@@ -51,9 +51,10 @@ class AudioNet(nn.Module):
         self.frame_mlp = nn.Sequential(nn.Linear(frame_in, cfg.token_hidden), nn.LeakyReLU(AUDIO_LEAKY_SLOPE),
                                        nn.Linear(cfg.token_hidden, D))
         self.frame_pos = nn.Parameter(torch.randn(cfg.audio_window, D) * D ** -0.5)  # [W, D]
-        # At the attention output's scale: a unit-variance query (norm sqrt(D)) would outweigh the
-        # pooled audio in ``query + pool`` and start the token as a second null token.
-        self.queries = nn.Parameter(torch.randn(cfg.audio_tokens, D) * D ** -0.5)  # [Na, D]
+        # Unit variance: its dot products with the window's frames peak the attention from the first
+        # step. (Scaled to the pooled audio's size instead, the attention starts uniform; on the CPU
+        # demo that learned no faster, 2026-12-07.)
+        self.queries = nn.Parameter(torch.randn(cfg.audio_tokens, D))  # [Na, D]
         self.norm = nn.LayerNorm(D)
         self.pool = MultiHeadAttention(D, cfg.token_heads, D // cfg.token_heads)
         self.out = nn.LayerNorm(D)
