@@ -18,6 +18,10 @@ ATTN_ATOL = 1e-6
 DEPENDENCE_MIN = 1e-4
 # Two positional-encoding rows count as distinct when at least this far apart (L2).
 PE_MIN_DISTANCE = 1e-3
+# After one Adam step (lr 1e-3) from the zero-initialised last layer, ΔP is ~1e-3 and its change
+# with the audio measured 7e-5 to 3e-4 (seeds 0-3; 16 or 2 audio rows, per-plane or shared
+# attention); an input the graph does not read changes it by exactly 0.
+ONE_STEP_DEPENDENCE_MIN = 1e-6
 # Std of the random weights put into the zero-initialised last layer to expose the paths behind it.
 LAST_LAYER_STD = 0.1
 
@@ -82,7 +86,7 @@ def test_audio_changes_output_after_one_training_step():
     opt.step()
     other = dict(batch, audio=torch.randn_like(batch["audio"]))
     with torch.no_grad():
-        assert (model(planes, batch) - model(planes, other)).abs().max() > DEPENDENCE_MIN
+        assert (model(planes, batch) - model(planes, other)).abs().max() > ONE_STEP_DEPENDENCE_MIN
 
 
 # --- conditioning paths ----------------------------------------------------------------------------
