@@ -271,7 +271,7 @@ def test_dataset_item_shapes_and_ranges(clip):
     ds = TalkingHeadDataset(clip, "all", audio_window=8)
     item = ds[20]
     expected = dict(image=(3, SIZE, SIZE), camera=(25,), pose=(3,), blink=(1,), landmarks=(5, 2),
-                    audio=(8, 2, 32), mouth_mask=(1, SIZE, SIZE), face_mask=(1, SIZE, SIZE))
+                    audio=(8, 16, 32), mouth_mask=(1, SIZE, SIZE), face_mask=(1, SIZE, SIZE))
     for key, shape in expected.items():
         assert tuple(item[key].shape) == shape, key
         assert item[key].dtype == torch.float32, key
@@ -283,7 +283,9 @@ def test_dataset_item_shapes_and_ranges(clip):
         assert set(item[key].unique().tolist()) == {0.0, 1.0}
     np.testing.assert_array_equal(item["camera"].numpy(), np.load(clip / "cameras.npy")[20])
     feats = np.load(clip / "audio_features.npy")
-    np.testing.assert_array_equal(item["audio"][4].numpy(), feats[40:42])  # the frame itself
+    np.testing.assert_array_equal(item["audio"][4].numpy(), feats[33:49])  # 16 rows centred on the frame (40, 41)
+    own = TalkingHeadDataset(clip, "all", audio_window=8, audio_steps=2)[20]["audio"]
+    np.testing.assert_array_equal(own[4].numpy(), feats[40:42])  # the frame's own rows
     # Pixel coordinates map to [-1, 1] as x / S * 2 - 1.
     lm = np.load(clip / "landmarks.npy")[20]
     np.testing.assert_allclose(item["landmarks"].numpy(), lm / SIZE * 2 - 1, atol=LANDMARK_NORM_ATOL)

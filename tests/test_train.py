@@ -103,8 +103,9 @@ def test_identity_loss_runs_on_the_real_face_network_when_the_output_is_large_en
 
 
 def test_lpips_is_summed_over_frames_and_the_mouth_has_its_own():
-    """As the release: LPIPS terms are sums over the batch's frames (L1 terms means), and the mouth
-    region of the render gets an LPIPS term of its own (x15), on both images blacked outside it."""
+    """As the release: the objective sums LPIPS over the batch's frames (L1 terms are means), and
+    the mouth region of the render gets an LPIPS term of its own (x15), on both images blacked
+    outside it. The terms reported are per-frame means."""
     from talk3d.train import TrainConfig
     from talk3d.train.losses import LPIPS_MIN_SIZE, reconstruction_losses
 
@@ -125,14 +126,16 @@ def test_lpips_is_summed_over_frames_and_the_mouth_has_its_own():
     assert weights.mouth_lpips == 15.0
     terms = reconstruction_losses(out, batch, weights, lpips=lpips)
     (raw_a, raw_b), (sr_a, sr_b), (m_a, m_b) = calls
-    assert float(terms["lpips_sr"]) == pytest.approx(float(lpips(sr_a, sr_b).sum()))
-    assert float(terms["lpips_raw"]) == pytest.approx(float(lpips(raw_a, raw_b).sum()))
+    assert float(terms["lpips_sr"]) == pytest.approx(float(lpips(sr_a, sr_b).mean()))
+    assert float(terms["lpips_raw"]) == pytest.approx(float(lpips(raw_a, raw_b).mean()))
     inside = F.interpolate(F.interpolate(mouth, size=(32, 32), mode="area"), size=m_a.shape[-2:]) > 0
     assert m_a.shape[-1] >= LPIPS_MIN_SIZE and float(m_a.masked_select(~inside).abs().max()) == 0
     assert float(m_b.masked_select(~inside).abs().max()) == 0 and float(m_b.abs().max()) > 0.1
-    expected = (16 * (terms["l1_raw"] + terms["l1_sr"]) + 15 * terms["mouth"] + terms["lpips_raw"]
-                + terms["lpips_sr"] + 15 * terms["mouth_lpips"])
+    lpips_sum = terms["lpips_raw"] + terms["lpips_sr"] + 15 * terms["mouth_lpips"]  # per frame
+    expected = 16 * (terms["l1_raw"] + terms["l1_sr"]) + 15 * terms["mouth"] + 3 * lpips_sum  # 3 frames
     assert float(terms["total"]) == pytest.approx(float(expected), rel=1e-6)
+    as_batch_of_2 = reconstruction_losses(out, batch, weights, lpips=lpips, lpips_frames=2)["total"]
+    assert float(as_batch_of_2) == pytest.approx(float(expected - lpips_sum), rel=1e-6)
     calls.clear()
     off = reconstruction_losses(out, batch, dataclasses.replace(weights, mouth_lpips=0.0), lpips=lpips)
     assert "mouth_lpips" not in off and len(calls) == 2

@@ -1,9 +1,10 @@
 """Training losses. Networks with pretrained weights (LPIPS, face identity, SyncNet) never run on
 random weights: when one is not available its loss is off and :func:`loss_status` says so.
 
-As in the Talk3D release, L1 terms are means over pixels and frames and LPIPS terms are summed
-over the batch's frames (its ``LPIPS(...).sum()``): at batch 2 an LPIPS weight of 1 weighs each
-frame's LPIPS twice as heavily, relative to L1, as a mean would.
+As in the Talk3D release, the objective takes L1 terms as means over pixels and frames and LPIPS
+terms summed over the batch's frames (its ``LPIPS(...).sum()``): at batch 2 an LPIPS weight of 1
+weighs each frame's LPIPS twice as heavily, relative to L1, as a mean would. The terms reported
+are per-frame means either way.
 """
 from __future__ import annotations
 
@@ -98,10 +99,14 @@ def loss_status(weights: LossWeights, lpips_dir: str | None = None, face_id_path
 
 
 def reconstruction_losses(out: dict, batch: dict, weights: LossWeights, lpips=None,
-                          identity=None, *, sr_only: bool = False) -> dict[str, torch.Tensor]:
+                          identity=None, *, sr_only: bool = False,
+                          lpips_frames: int | None = None) -> dict[str, torch.Tensor]:
     """L1 (and LPIPS, given the network) on the render and the SR output, L1 (and LPIPS) of the
     mouth region on the render, and the identity loss on the SR output (given the network).
-    ``sr_only`` (stage sr): L1 and LPIPS on the SR output alone. LPIPS is summed over the frames.
+    ``sr_only`` (stage sr): L1 and LPIPS on the SR output alone. LPIPS enters ``total`` summed over
+    ``lpips_frames`` frames (default: the batch's, the release's sum; validation passes the
+    training batch size, so that its total is the objective of a training batch); the terms are
+    per-frame means.
 
     out: the model's dict (``image_raw`` ``[B, 3, h, h]``, ``image`` ``[B, 3, S, S]``); batch: the
     dataset's (``image`` ``[B, 3, S', S']`` in [-1, 1], ``mouth_mask`` and ``face_mask``
@@ -109,13 +114,14 @@ def reconstruction_losses(out: dict, batch: dict, weights: LossWeights, lpips=No
     """
     raw, sr = out["image_raw"].float(), out["image"].float()
     target = batch["image"]
+    frames = sr.shape[0] if lpips_frames is None else lpips_frames
     tgt_sr = target if target.shape[-1] == sr.shape[-1] else F.interpolate(target, size=sr.shape[-2:], mode="area")
     if sr_only:
         terms = {"l1_sr": (sr - tgt_sr).abs().mean()}
         total = weights.l1_sr * terms["l1_sr"]
         if lpips is not None:
-            terms["lpips_sr"] = lpips(sr, tgt_sr).sum()
-            total = total + weights.lpips_sr * terms["lpips_sr"]
+            terms["lpips_sr"] = lpips(sr, tgt_sr).mean()
+            total = total + weights.lpips_sr * frames * terms["lpips_sr"]
         terms["total"] = total
         return terms
     tgt_raw = F.interpolate(target, size=raw.shape[-2:], mode="area")
@@ -127,13 +133,13 @@ def reconstruction_losses(out: dict, batch: dict, weights: LossWeights, lpips=No
     }
     total = weights.l1_raw * terms["l1_raw"] + weights.l1_sr * terms["l1_sr"] + weights.mouth * terms["mouth"]
     if lpips is not None:
-        terms["lpips_raw"] = lpips(_at_least(raw, LPIPS_MIN_SIZE), _at_least(tgt_raw, LPIPS_MIN_SIZE)).sum()
-        terms["lpips_sr"] = lpips(sr, tgt_sr).sum()
-        total = total + weights.lpips_raw * terms["lpips_raw"] + weights.lpips_sr * terms["lpips_sr"]
+        terms["lpips_raw"] = lpips(_at_least(raw, LPIPS_MIN_SIZE), _at_least(tgt_raw, LPIPS_MIN_SIZE)).mean()
+        terms["lpips_sr"] = lpips(sr, tgt_sr).mean()
+        total = total + frames * (weights.lpips_raw * terms["lpips_raw"] + weights.lpips_sr * terms["lpips_sr"])
         if weights.mouth_lpips:  # the release's perceptual loss on the lips: both images outside the mask black
             terms["mouth_lpips"] = lpips(_at_least(raw * mouth, LPIPS_MIN_SIZE),
-                                         _at_least(tgt_raw * mouth, LPIPS_MIN_SIZE)).sum()
-            total = total + weights.mouth_lpips * terms["mouth_lpips"]
+                                         _at_least(tgt_raw * mouth, LPIPS_MIN_SIZE)).mean()
+            total = total + weights.mouth_lpips * frames * terms["mouth_lpips"]
     if identity is not None:  # on the head alone, as the release: the background says nothing of who it is
         head = F.interpolate(batch["face_mask"], size=sr.shape[-2:], mode="area")  # [B, 1, S, S]
         terms["identity"] = identity(sr * head, tgt_sr * head).mean()

@@ -411,7 +411,9 @@ class Trainer:
         n = min(self.cfg.val_frames, len(self.val_set))
         batch = _to(torch.utils.data.default_collate([self.val_set[i] for i in range(n)]), self.device)
         out = self._forward(batch, deterministic=True)
-        losses = reconstruction_losses(out, batch, self.cfg.loss, self.lpips, self.identity)
+        # Its total is that of a training batch (LPIPS summed over batch_size frames, as in training).
+        losses = reconstruction_losses(out, batch, self.cfg.loss, self.lpips, self.identity,
+                                       lpips_frames=self.cfg.batch_size)
         terms = {f"val_{k}": float(v) for k, v in losses.items()}
         if "audio" in batch and n > 1:
             # Does the mouth follow the audio? The same frames with each other's audio windows: a
