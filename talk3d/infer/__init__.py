@@ -12,7 +12,7 @@ or, loading the run once and streaming the speech as it arrives (see :mod:`talk3
 
     talker = Talker(run, device="cuda")
     for frame in talker.stream(chunks):                    # 1-D float32 16-kHz chunks of any length
-        ...                                                # frame n: once 640 (n + 1) + 2080 samples are in
+        ...                                                # frame n: once 640 (n + 1) + talker.latency_samples are in
 """
 from .render import (ORBIT_PITCH_DEG, ORBIT_YAW_DEG, PRECISIONS, SIZES, SOURCES, InferenceError, TrainingClip,
                      camera_track, load_training_clip, num_frames_for, read_speech, render_speech)
