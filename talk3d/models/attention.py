@@ -53,7 +53,8 @@ class PlaneLinear(nn.Module):
         self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in layers])) if bias else None  # [P, cout]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.einsum("bplc,poc->bplo", x, self.weight.to(x.dtype))
+        # A batched matrix product broadcast over B (einsum permuted x first: 10-20 % slower on the CPU).
+        y = torch.matmul(x, self.weight.to(x.dtype).transpose(1, 2))  # [B, P, L, cin] @ [P, cin, cout]
         return y if self.bias is None else y + self.bias.to(y.dtype)[:, None]
 
 
