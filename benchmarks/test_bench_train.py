@@ -32,7 +32,8 @@ def _batch(model, B: int) -> dict:
     cams = look_at_camera(torch.rand(B) * 0.4 - 0.2, torch.rand(B) * 0.2 - 0.1, rig=cfg.camera_rig())
     batch = dict(image=torch.rand(B, 3, S, S) * 2 - 1, camera=cams, pose=torch.randn(B, 3) * 0.1,
                  blink=torch.rand(B, 1), landmarks=torch.rand(B, 5, 2) * 2 - 1,
-                 audio=torch.randn(B, d.audio_window, d.audio_steps, AUDIO_DIM), mouth_mask=(torch.rand(B, 1, S, S) > 0.9).float())
+                 audio=torch.randn(B, d.audio_window, d.audio_steps, AUDIO_DIM),
+                 mouth_mask=(torch.rand(B, 1, S, S) > 0.9).float())
     return {k: v.to(DEVICE) for k, v in batch.items()}
 
 

@@ -27,8 +27,9 @@ When does frame ``n`` come out?
     run with the default window; a run trained with ``audio_steps = 2`` (each frame's own 40 ms)
     waits ``3 * 640 + 160 = 2080`` (130 ms). After ``R`` samples, ``max(0, (R - latency_samples) //
     640)`` frames have been yielded. That is the audio look-ahead only; add the render time of a
-    frame (and the chunk size of the audio source) for the end-to-end delay. When the iterable ends, the remaining frames are flushed: the audio
-    is zero-padded to whole frames and the last frames' windows are clamped, exactly as offline.
+    frame (and the chunk size of the audio source) for the end-to-end delay. When the iterable
+    ends, the remaining frames are flushed: the audio is zero-padded to whole frames and the last
+    frames' windows are clamped, exactly as offline.
 
 Does streaming give the offline frames?
     For log-mel runs (what ``talk3d.data`` and ``talk3d.preprocess`` make by default): yes, to fp32

@@ -213,8 +213,10 @@ def invert(gen: TriplaneGenerator, frames: dict, cfg: PersonalizeConfig, *, lpip
         _step(opt, loss, logs, history, bar, phase="invert", step=step, offset_reg=float(reg_off.detach()),
               camera_reg=float(reg_cam.detach()))
     bar.close()
-    full = (1, gen.num_ws, -1)
-    return w_id.detach().expand(*full).contiguous(), offsets.detach().expand(m, *full[1:]).contiguous(), deltas.detach()
+    def every_layer(t):  # [*, rows, w_dim] -> [*, num_ws, w_dim]
+        return t.detach().expand(-1, gen.num_ws, -1).contiguous()
+
+    return every_layer(w_id), every_layer(offsets), deltas.detach()
 
 
 def _tunable(gen: TriplaneGenerator, superresolution: bool = True) -> list[nn.Parameter]:

@@ -31,6 +31,18 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> t
     return diff.sum() / (mask.sum() * pred.shape[1] + MASK_EPS)
 
 
+def render_targets(batch: dict, size) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frame and its mouth mask at the render's size: (``[B, 3, h, h]``, ``[B, 1, h, h]``)."""
+    return (F.interpolate(batch["image"], size=size, mode="area"),
+            F.interpolate(batch["mouth_mask"], size=size, mode="area"))
+
+
+def mouth_l1(image_raw: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The mouth term alone (validation's wrong-audio check): mean |render - frame| inside the mouth
+    mask. image_raw ``[B, 3, h, h]``; batch ``image`` ``[B, 3, S, S]``, ``mouth_mask`` ``[B, 1, S, S]``."""
+    return masked_l1(image_raw.float(), *render_targets(batch, image_raw.shape[-2:]))
+
+
 def _at_least(x: torch.Tensor, size: int) -> torch.Tensor:
     """x ``[B, C, H, W]`` bilinearly upsampled to ``size`` when smaller."""
     return x if min(x.shape[-2:]) >= size else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
@@ -124,8 +136,7 @@ def reconstruction_losses(out: dict, batch: dict, weights: LossWeights, lpips=No
             total = total + weights.lpips_sr * frames * terms["lpips_sr"]
         terms["total"] = total
         return terms
-    tgt_raw = F.interpolate(target, size=raw.shape[-2:], mode="area")
-    mouth = F.interpolate(batch["mouth_mask"], size=raw.shape[-2:], mode="area")
+    tgt_raw, mouth = render_targets(batch, raw.shape[-2:])
     terms = {
         "l1_raw": (raw - tgt_raw).abs().mean(),
         "l1_sr": (sr - tgt_sr).abs().mean(),
