@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 from talk3d.models import (ConditionEncoder, DeltaplaneConfig, DeltaplaneModel, DeltaplanePredictor,
                            MultiHeadAttention, RollOut, attention, plane_positional_encoding, plane_positions)
 from talk3d.data.synthetic import LANDMARK_NAMES
+from talk3d.models.tokens import AUDIO_STEP_ENCODERS, conv_widths
 from talk3d.ops.reference.triplane_field import PLANE_AXES
 
 # float32 attention: SDPA vs an explicit softmax over a handful of keys differ by re-association only.
@@ -122,6 +124,27 @@ def test_token_order_and_count():
     only_null = ConditionEncoder(DeltaplaneConfig.tiny(use_audio=False, use_eye=False, use_pose=False,
                                                       use_landmarks=False))
     assert only_null(batch).shape == (2, 1, cfg.token_dim)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 6, 16])
+@pytest.mark.parametrize("encoder", ["conv", "mlp"])
+def test_audio_frame_encoder_reads_every_step_of_its_frame_only(encoder, steps):
+    """Each window frame's S audio steps reach its vector, the strided convolutions end at length 1
+    for any S, and frames are encoded apart (a frame's audio moves its own vector only)."""
+    torch.manual_seed(2)
+    cfg = DeltaplaneConfig.tiny(audio_steps=steps, audio_encoder=encoder)
+    net = AUDIO_STEP_ENCODERS[encoder](steps, cfg.audio_dim, cfg.token_hidden, cfg.token_dim)
+    audio = torch.randn(3, steps, cfg.audio_dim, requires_grad=True)  # [N, S, A]
+    out = net(audio)
+    assert out.shape == (3, cfg.token_dim)
+    if encoder == "conv":
+        assert net.convs(audio.transpose(1, 2)).shape[-1] == 1
+        assert [m.out_channels for m in net.convs if isinstance(m, torch.nn.Conv1d)] == \
+            conv_widths(steps, cfg.token_dim)
+    out[1].sum().backward()
+    per_step = audio.grad.abs().sum(dim=-1)  # [N, S]
+    assert (per_step[1] > 0).all() and torch.equal(per_step[[0, 2]], torch.zeros(2, steps))
+    assert conv_widths(16, 64) == [32, 32, 64, 64]  # AD-NeRF's audio net for 16 steps and 64-d tokens
 
 
 def test_eye_noise_only_in_training_and_uniform_within_its_half_width(monkeypatch):
@@ -367,12 +390,16 @@ def test_per_plane_block_is_three_shared_blocks_with_each_planes_weights():
 
 
 def test_legacy_config_builds_the_shared_block_model_its_checkpoint_holds():
-    """A deltaplane config saved before per-plane attention, the landmark points and the rename of
-    eye_noise_std loads as it was trained: its state dict loads strictly, and the model runs."""
-    shared = DeltaplaneConfig.tiny(per_plane_attention=False, landmark_points=LANDMARK_NAMES, audio_steps=2)
-    state = DeltaplaneModel(shared).state_dict()
+    """A deltaplane config saved before per-plane attention, the landmark points, the audio net's
+    strided convolutions and the rename of eye_noise_std loads as it was trained: its state dict (with
+    the audio MLP's old key names) loads strictly, and the model runs."""
+    shared = DeltaplaneConfig.tiny(per_plane_attention=False, landmark_points=LANDMARK_NAMES, audio_steps=2,
+                                   audio_encoder="mlp")
+    state = {k.replace("audio.frame_encoder.mlp.", "audio.frame_mlp."): v
+             for k, v in DeltaplaneModel(shared).state_dict().items()}
+    assert any(".frame_mlp." in k for k in state)
     old = shared.to_dict()
-    del old["per_plane_attention"], old["landmark_points"]
+    del old["per_plane_attention"], old["landmark_points"], old["audio_encoder"]
     old["eye_noise_std"] = old.pop("eye_noise")
     cfg = DeltaplaneConfig.from_dict(json.loads(json.dumps(old)))
     assert cfg == shared
@@ -511,8 +538,14 @@ def _expected_parameter_counts(cfg: DeltaplaneConfig) -> tuple[int, int]:
     def mlp(n_in):  # sinusoidal encoding (x, sin, cos at nf frequencies) -> H -> D, layer norm
         return n_in * (1 + 2 * nf) * H + H + H * D + D + 2 * D
 
+    if cfg.audio_encoder == "mlp":
+        per_frame = cfg.audio_dim * cfg.audio_steps * H + H + H * D + D          # one MLP over all steps
+    else:  # ceil(log2 S) kernel-3 convolutions (D / 2 wide for the first half, then D), then the MLP
+        n = max(1, math.ceil(math.log2(cfg.audio_steps)))
+        widths = [D // 2] * (n // 2) + [D] * (n - n // 2)
+        per_frame = sum(3 * c * w + w for c, w in zip([cfg.audio_dim] + widths, widths)) + D * H + H + H * D + D
     audio = (cfg.audio_window * D + cfg.audio_tokens * D                     # positions, queries
-             + cfg.audio_dim * cfg.audio_steps * H + H + H * D + D + 2 * D  # per-frame MLP, norm
+             + per_frame + 2 * D                                             # per-frame encoder, norm
              + 4 * D * D + D + 2 * D)                                        # attention pool, norm
     tokens = D + audio + mlp(1) + mlp(3) + mlp(2 * len(cfg.landmark_points))  # null, audio, eye, pose, landmarks
     return unet, tokens
@@ -526,8 +559,9 @@ def test_release_size_parameter_count():
     n_pred = sum(p.numel() for p in predictor.parameters())
     n_enc = sum(p.numel() for p in encoder.parameters())
     assert (n_pred, n_enc) == _expected_parameter_counts(cfg)
-    assert (n_pred, n_enc) == (18_668_992, 152_896)  # 18.7 M + 153 k at the release sizes
-    shared = DeltaplaneConfig.release(per_plane_attention=False, audio_steps=2, landmark_points=LANDMARK_NAMES)
+    assert (n_pred, n_enc) == (18_668_992, 96_896)  # 18.7 M + 97 k at the release sizes
+    shared = DeltaplaneConfig.release(per_plane_attention=False, audio_steps=2, landmark_points=LANDMARK_NAMES,
+                                      audio_encoder="mlp")
     with torch.device("meta"):
         counts = (sum(p.numel() for p in DeltaplanePredictor(shared).parameters()),
                   sum(p.numel() for p in ConditionEncoder(shared).parameters()))

@@ -36,20 +36,69 @@ def _mlp(cin: int, hidden: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(cin, hidden), nn.SiLU(), nn.Linear(hidden, cout), nn.LayerNorm(cout))
 
 
+def conv_widths(steps: int, dim: int) -> list[int]:
+    """Output channels of :class:`AudioStepsConv`'s layers: ceil(log2(steps)) halvings (at least one),
+    ``dim // 2`` for the first half of them and ``dim`` after (AD-NeRF's 32, 32, 64, 64 for 16 steps)."""
+    n = max(1, math.ceil(math.log2(steps)))
+    return [dim // 2 if i < n // 2 else dim for i in range(n)]
+
+
+class AudioStepsConv(nn.Module):
+    """A frame's ``S`` audio steps -> one vector: stride-2 1-D convolutions over the steps until one is
+    left, then an MLP (the design of AD-NeRF's audio net, which the release's ``AudioNet(44, 64)`` is).
+
+    The convolutions share their weights along time, so a feature that matters at one step is read
+    the same way at the next: with 16 steps a flat MLP over the 16 x A inputs must learn each step
+    apart, and on the CPU demo it had not learned the lip sync by step 2000 (docs/log.md, 2026-12-07).
+    """
+
+    def __init__(self, steps: int, dim_in: int, hidden: int, dim_out: int):
+        super().__init__()
+        layers, c = [], dim_in
+        for w in conv_widths(steps, dim_out):
+            # kernel 3, stride 2, padding 1: length L -> ceil(L / 2), so ceil(log2 S) layers reach 1
+            layers += [nn.Conv1d(c, w, 3, stride=2, padding=1), nn.LeakyReLU(AUDIO_LEAKY_SLOPE)]
+            c = w
+        self.convs = nn.Sequential(*layers)
+        self.mlp = nn.Sequential(nn.Linear(c, hidden), nn.LeakyReLU(AUDIO_LEAKY_SLOPE), nn.Linear(hidden, dim_out))
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        """audio ``[N, S, A]`` -> ``[N, dim_out]``."""
+        return self.mlp(self.convs(audio.transpose(1, 2)).squeeze(-1))  # [N, A, S] -> [N, C, 1] -> [N, D]
+
+
+class AudioStepsMLP(nn.Module):
+    """A frame's ``S`` audio steps -> one vector through one MLP over all ``S x A`` inputs (talk3d's
+    audio net before 2026-12-07; configs saved before then build it)."""
+
+    def __init__(self, steps: int, dim_in: int, hidden: int, dim_out: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(steps * dim_in, hidden), nn.LeakyReLU(AUDIO_LEAKY_SLOPE),
+                                 nn.Linear(hidden, dim_out))
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        """audio ``[N, S, A]`` -> ``[N, dim_out]``."""
+        return self.mlp(audio.flatten(1))
+
+
+#: ``DeltaplaneConfig.audio_encoder`` -> the module that reads one frame's audio steps.
+AUDIO_STEP_ENCODERS = {"conv": AudioStepsConv, "mlp": AudioStepsMLP}
+
+
 class AudioNet(nn.Module):
     """Window of audio features -> ``audio_tokens`` tokens.
 
-    Per frame, the ``audio_steps x audio_dim`` features go through an MLP (a 1-D conv spanning all the
-    frame's steps) to D; a learned embedding marks each frame's place in the window; then learned
-    queries attend over the window (AD-NeRF's attention over neighbouring frames, generalised to
-    several heads and tokens).
+    Per frame, the ``audio_steps x audio_dim`` features go to D through ``cfg.audio_encoder``
+    (:data:`AUDIO_STEP_ENCODERS`: strided convolutions over the steps, or one MLP over them all); a
+    learned embedding marks each frame's place in the window; then learned queries attend over the
+    window (AD-NeRF's attention over neighbouring frames, generalised to several heads and tokens).
     """
 
     def __init__(self, cfg: DeltaplaneConfig):
         super().__init__()
-        D, frame_in = cfg.token_dim, cfg.audio_steps * cfg.audio_dim
-        self.frame_mlp = nn.Sequential(nn.Linear(frame_in, cfg.token_hidden), nn.LeakyReLU(AUDIO_LEAKY_SLOPE),
-                                       nn.Linear(cfg.token_hidden, D))
+        D = cfg.token_dim
+        self.frame_encoder = AUDIO_STEP_ENCODERS[cfg.audio_encoder](cfg.audio_steps, cfg.audio_dim,
+                                                                    cfg.token_hidden, D)
         self.frame_pos = nn.Parameter(torch.randn(cfg.audio_window, D) * D ** -0.5)  # [W, D]
         # Unit variance: its dot products with the window's frames peak the attention from the first
         # step. (Scaled to the pooled audio's size instead, the attention starts uniform; on the CPU
@@ -59,10 +108,17 @@ class AudioNet(nn.Module):
         self.pool = MultiHeadAttention(D, cfg.token_heads, D // cfg.token_heads)
         self.out = nn.LayerNorm(D)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before 2026-12-07 name the MLP encoder's layers ``frame_mlp.{0,2}``.
+        for key in [k for k in state_dict if k.startswith(prefix + "frame_mlp.")]:
+            state_dict[prefix + "frame_encoder.mlp." + key[len(prefix + "frame_mlp."):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         """audio ``[B, W, S, A]`` -> ``[B, audio_tokens, D]``."""
         B, W = audio.shape[:2]
-        frames = self.norm(self.frame_mlp(audio.reshape(B, W, -1)) + self.frame_pos)  # [B, W, D]
+        per_frame = self.frame_encoder(audio.flatten(0, 1)).unflatten(0, (B, W))  # [B, W, D]
+        frames = self.norm(per_frame + self.frame_pos)  # [B, W, D]
         q = self.queries.expand(B, -1, -1)  # [B, Na, D]
         return self.out(q + self.pool(q, frames))
 

@@ -29,7 +29,7 @@ class DeltaplaneConfig(JsonConfig):
     _tuple_fields: ClassVar[tuple[str, ...]] = ("channels", "landmark_points")  # serialised as JSON lists
     #: What a config saved before a field existed meant: a checkpoint of an earlier version loads and
     #: runs as it was trained (the field's default is the release's choice, which it did not make).
-    _legacy: ClassVar[dict] = {"per_plane_attention": False}  # and landmark_points: all the batch's
+    _legacy: ClassVar[dict] = {"per_plane_attention": False, "audio_encoder": "mlp"}  # and landmark_points: all the batch's
     _renamed: ClassVar[dict] = {"eye_noise_std": "eye_noise"}
 
     # Triplane in / deltaplane out.
@@ -59,6 +59,9 @@ class DeltaplaneConfig(JsonConfig):
     # 16 (320 ms, the release's and AD-NeRF's) or 2 (the frame's own 40 ms). More context, more
     # look-ahead: a stream waits 290 ms for a frame's audio with 16, 130 ms with 2 (log-mel).
     audio_steps: int = 16
+    # How a frame's audio steps become one vector: "conv" (stride-2 convolutions over the steps, then
+    # an MLP: AD-NeRF's audio net, as the release) or "mlp" (one MLP over all steps x features).
+    audio_encoder: str = "conv"
     audio_window: int = 8         # video frames in the audio window
     audio_tokens: int = 1         # tokens the audio net emits (learned queries of its window attention)
     num_landmarks: int = 5        # landmarks a batch carries: the dataset's LANDMARK_NAMES
@@ -101,6 +104,8 @@ class DeltaplaneConfig(JsonConfig):
         small = [n for n in positive if getattr(self, n) < (0 if n == "attention_blocks" else 1)]
         if small:
             raise ValueError(f"{name}: {small} must be >= 1 (attention_blocks >= 0)")
+        if self.audio_encoder not in ("conv", "mlp"):
+            raise ValueError(f"{name}: audio_encoder must be 'conv' or 'mlp', got {self.audio_encoder!r}")
         if self.eye_max <= 0 or self.eye_noise < 0:
             raise ValueError(f"{name}: eye_max must be > 0 and eye_noise >= 0")
         names = LANDMARK_NAMES[:self.num_landmarks]
