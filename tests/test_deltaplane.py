@@ -10,7 +10,7 @@ import torch
 from talk3d.models import (ConditionEncoder, DeltaplaneConfig, DeltaplaneModel, DeltaplanePredictor,
                            MultiHeadAttention, RollOut, attention, plane_positional_encoding, plane_positions)
 from talk3d.data.synthetic import LANDMARK_NAMES
-from talk3d.models.tokens import AUDIO_STEP_ENCODERS, conv_widths
+from talk3d.models.tokens import AUDIO_STD_FLOOR, AUDIO_STEP_ENCODERS, conv_widths
 from talk3d.ops.reference.triplane_field import PLANE_AXES
 
 # float32 attention: SDPA vs an explicit softmax over a handful of keys differ by re-association only.
@@ -145,6 +145,32 @@ def test_audio_frame_encoder_reads_every_step_of_its_frame_only(encoder, steps):
     per_step = audio.grad.abs().sum(dim=-1)  # [N, S]
     assert (per_step[1] > 0).all() and torch.equal(per_step[[0, 2]], torch.zeros(2, steps))
     assert conv_widths(16, 64) == [32, 32, 64, 64]  # AD-NeRF's audio net for 16 steps and 64-d tokens
+
+
+def test_audio_net_standardises_its_input_with_the_statistics_it_is_given():
+    """After set_feature_statistics(X), the net reads (audio - mean X) / std X per channel, a channel
+    constant in X is divided by a floor, not by 0, the statistics travel in the state dict, and bad
+    statistics are refused."""
+    torch.manual_seed(3)
+    cfg = DeltaplaneConfig.tiny()
+    net = ConditionEncoder(cfg).audio.eval()
+    feats = torch.randn(100, cfg.audio_dim, dtype=torch.float64) * 3 - 6  # [N, A], log-mel-like
+    feats[:, 1] = 2.0  # a constant channel
+    audio = torch.randn(2, cfg.audio_window, cfg.audio_steps, cfg.audio_dim) * 3 - 6
+    net.set_feature_statistics(feats)
+    floor = AUDIO_STD_FLOOR * float(feats.std(0).mean()) + 1e-6
+    assert float(net.feature_std[1]) == pytest.approx(floor) and float(net.feature_mean[1]) == 2.0
+    expected = (audio - feats.mean(0)) / feats.std(0).clamp_min(floor)
+    fresh = ConditionEncoder(cfg).audio.eval()
+    fresh.load_state_dict({k: v for k, v in net.state_dict().items() if "feature_" not in k}, strict=True)
+    torch.testing.assert_close(net(audio), fresh(expected.float()), atol=ATTN_ATOL, rtol=0)
+    assert not torch.allclose(net(audio), fresh(audio))  # the statistics matter
+    copy = ConditionEncoder(cfg).audio.eval()
+    copy.load_state_dict(net.state_dict(), strict=True)
+    assert torch.equal(copy(audio), net(audio))
+    for bad in (feats[:1], feats[:, :3], torch.full_like(feats, float("nan"))):
+        with pytest.raises(ValueError, match="set_feature_statistics"):
+            net.set_feature_statistics(bad)
 
 
 def test_eye_noise_only_in_training_and_uniform_within_its_half_width(monkeypatch):
@@ -396,8 +422,8 @@ def test_legacy_config_builds_the_shared_block_model_its_checkpoint_holds():
     shared = DeltaplaneConfig.tiny(per_plane_attention=False, landmark_points=LANDMARK_NAMES, audio_steps=2,
                                    audio_encoder="mlp")
     state = {k.replace("audio.frame_encoder.mlp.", "audio.frame_mlp."): v
-             for k, v in DeltaplaneModel(shared).state_dict().items()}
-    assert any(".frame_mlp." in k for k in state)
+             for k, v in DeltaplaneModel(shared).state_dict().items() if not k.endswith(("_mean", "_std"))}
+    assert any(".frame_mlp." in k for k in state) and not any("feature_" in k for k in state)
     old = shared.to_dict()
     del old["per_plane_attention"], old["landmark_points"], old["audio_encoder"]
     old["eye_noise_std"] = old.pop("eye_noise")
@@ -406,6 +432,9 @@ def test_legacy_config_builds_the_shared_block_model_its_checkpoint_holds():
     model = DeltaplaneModel(cfg).eval()
     model.load_state_dict(state, strict=True)
     assert model(_planes(cfg), _batch(cfg)).shape == _planes(cfg).shape
+    audio = model.condition.audio  # fed unstandardised features: the identity statistics
+    assert torch.equal(audio.feature_mean, torch.zeros(cfg.audio_dim)) and torch.equal(audio.feature_std,
+                                                                                       torch.ones(cfg.audio_dim))
 
 
 def test_attention_matches_naive_softmax():

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -404,6 +405,14 @@ def test_eye_noise_audio_window_and_sample_counts_reach_the_model(data, tmp_path
     assert t.train_set[0]["audio"].shape[:2] == (4, 6) and t.model.deltaplane.cfg.audio_window == 4
     assert t.model.generator.cfg.importance_samples == 0 and t.model.generator.cfg.coarse_samples == 6
     t.train_step(torch.utils.data.default_collate([t.train_set[i] for i in range(2)]))
+    # The audio net standardises its input with the statistics of the training frames' audio rows.
+    import numpy as np
+    rows = np.load(Path(data) / "audio_features.npy")[2 * int(t.train_set.frame_indices[0]):
+                                                       2 * (int(t.train_set.frame_indices[-1]) + 1)]
+    audio_net = t.model.deltaplane.condition.audio
+    assert len(rows) == 2 * len(t.train_set) and rows.std(axis=0).min() > 0
+    np.testing.assert_allclose(audio_net.feature_mean.numpy(), rows.mean(axis=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(audio_net.feature_std.numpy(), rows.std(axis=0, ddof=1), rtol=1e-4)
     b = Trainer(_cfg(blink_noise=0.2), data, tmp_path / "b")
     assert b.model.deltaplane.cfg.eye_noise == 0.2
     e = Trainer(_cfg(deltaplane={"eye_noise_std": 0.3}), data, tmp_path / "e")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..audio.features import windows
+from ..audio.features import FEATURES_PER_FRAME, windows
 from .format import FILES, DatasetError, unpack_mask, validate_dataset
 
 __all__ = ["TalkingHeadDataset"]
@@ -64,6 +64,12 @@ class TalkingHeadDataset(Dataset):
             self._arrays = {key: np.load(self.root / files[key], mmap_mode="r")
                             for key in FILES if key != "audio"}
         return self._arrays
+
+    def audio_rows(self) -> np.ndarray:
+        """The audio feature rows of this split's frames (2 a frame), ``[2 len(self), A]`` float32."""
+        lo, hi = int(self.frame_indices[0]), int(self.frame_indices[-1]) + 1
+        return np.array(self._open()["audio_features"][FEATURES_PER_FRAME * lo:FEATURES_PER_FRAME * hi],
+                          dtype=np.float32)
 
     def __getstate__(self):
         state = dict(self.__dict__)

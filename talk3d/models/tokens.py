@@ -29,6 +29,9 @@ from .unet_config import DeltaplaneConfig
 
 #: Negative slope of the audio net's LeakyReLU (AD-NeRF's audio net uses 0.02).
 AUDIO_LEAKY_SLOPE = 0.02
+#: Floor of a feature channel's standard deviation, as a fraction of the mean one: a channel (nearly)
+#: constant in the training audio is not blown up when new audio moves it.
+AUDIO_STD_FLOOR = 0.01
 
 
 def _mlp(cin: int, hidden: int, cout: int) -> nn.Sequential:
@@ -97,6 +100,12 @@ class AudioNet(nn.Module):
     def __init__(self, cfg: DeltaplaneConfig):
         super().__init__()
         D = cfg.token_dim
+        # The features are standardised per channel with the training audio's statistics
+        # (set_feature_statistics; saved in checkpoints). Raw log-mel or CTC logits sit far from 0
+        # (the demo's: mean -6.5, std 3.7) and vary little between frames, so without it the frame
+        # vectors were a large constant plus a small audio-dependent part. Identity until set.
+        self.register_buffer("feature_mean", torch.zeros(cfg.audio_dim))  # [A]
+        self.register_buffer("feature_std", torch.ones(cfg.audio_dim))  # [A]
         self.frame_encoder = AUDIO_STEP_ENCODERS[cfg.audio_encoder](cfg.audio_steps, cfg.audio_dim,
                                                                     cfg.token_hidden, D)
         self.frame_pos = nn.Parameter(torch.randn(cfg.audio_window, D) * D ** -0.5)  # [W, D]
@@ -108,15 +117,33 @@ class AudioNet(nn.Module):
         self.pool = MultiHeadAttention(D, cfg.token_heads, D // cfg.token_heads)
         self.out = nn.LayerNorm(D)
 
+    @torch.no_grad()
+    def set_feature_statistics(self, features: torch.Tensor) -> None:
+        """Standardise inputs with these features' per-channel mean and std (``[N, A]``, N >= 2)."""
+        features = torch.as_tensor(features, dtype=torch.float64)
+        if features.ndim != 2 or features.shape[1] != self.feature_mean.numel() or features.shape[0] < 2:
+            raise ValueError(f"AudioNet.set_feature_statistics: features must be [N >= 2, "
+                             f"{self.feature_mean.numel()}], got {list(features.shape)}")
+        if not torch.isfinite(features).all():
+            raise ValueError("AudioNet.set_feature_statistics: the features hold NaN or inf")
+        std = features.std(dim=0)
+        self.feature_mean.copy_(features.mean(dim=0))
+        self.feature_std.copy_(std.clamp_min(AUDIO_STD_FLOOR * float(std.mean()) + 1e-6))
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints written before 2026-12-07 name the MLP encoder's layers ``frame_mlp.{0,2}``.
+        # Checkpoints written before 2026-12-07 name the MLP encoder's layers ``frame_mlp.{0,2}``
+        # and fed the features unstandardised (the identity statistics).
         for key in [k for k in state_dict if k.startswith(prefix + "frame_mlp.")]:
             state_dict[prefix + "frame_encoder.mlp." + key[len(prefix + "frame_mlp."):]] = state_dict.pop(key)
+        if prefix + "feature_mean" not in state_dict:
+            state_dict[prefix + "feature_mean"] = torch.zeros_like(self.feature_mean)
+            state_dict[prefix + "feature_std"] = torch.ones_like(self.feature_std)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         """audio ``[B, W, S, A]`` -> ``[B, audio_tokens, D]``."""
         B, W = audio.shape[:2]
+        audio = (audio - self.feature_mean.to(audio.dtype)) / self.feature_std.to(audio.dtype)
         per_frame = self.frame_encoder(audio.flatten(0, 1)).unflatten(0, (B, W))  # [B, W, D]
         frames = self.norm(per_frame + self.frame_pos)  # [B, W, D]
         q = self.queries.expand(B, -1, -1)  # [B, Na, D]

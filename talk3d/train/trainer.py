@@ -251,6 +251,8 @@ class Trainer:
             default_resolution = int(spec["render_resolution"])
         else:
             self.model = build_model(cfg, int(manifest["audio"]["feature_dim"]), prior=prior, log=self.log)
+            if self.model.deltaplane.condition.audio is not None:  # (a resumed run's checkpoint holds them)
+                self.model.deltaplane.condition.audio.set_feature_statistics(torch.from_numpy(self.train_set.audio_rows()))
             self.model.to(self.device)
             default_resolution = self.model.generator.cfg.neural_rendering_resolution
         gcfg = self.model.generator.cfg
