@@ -4,7 +4,7 @@
 triplanes of 3 x 32 channels, an encoder 32 -> 64 -> 128 -> 256 channels per plane while the
 resolution goes 256 -> 32, two attention blocks at the 32^2 bottleneck with head dim 64, and 64-d
 condition tokens from 44-d wav2vec2 CTC logits (16 audio steps, 320 ms, centred on each of a window of
-8 frames), the nose tip and the two outer eye corners for the landmark token, and per-plane weights in
+8 frames, read by stride-2 convolutions over the steps), the nose tip and the two outer eye corners for the landmark token, and per-plane weights in
 the bottleneck's self-attention, layer norms and feed-forward.
 :meth:`DeltaplaneConfig.tiny` is the same architecture shrunk for CPU tests.
 """

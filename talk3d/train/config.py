@@ -231,9 +231,11 @@ def demo_config(device_type: str) -> dict[str, Any]:
         # One SR block, 32^2 -> 64^2: its input is the render's size (see sr_input_note).
         generator=dict(plane_resolution=32, plane_channels=8, neural_rendering_resolution=32, sr_resolution=64,
                        sr_channels=[16], coarse_samples=12, importance_samples=12),
-        # Each frame's own 2 audio rows and attention weights shared by the planes: with the
-        # release's 16 rows or per-plane weights, this tiny model had not learned the lip sync by
-        # step 2000 (mouth vs audio r 0.73 and 0.67, 0.43 with both, against 0.98; 2026-12-07).
+        # Each frame's own 2 audio rows and attention weights shared by the planes. With the audio
+        # net's strided convolutions and standardised input, the release's 16 rows and per-plane
+        # weights learn the lip sync here too, but less surely in 2000 steps: mouth vs audio r over
+        # seeds 0/1/2 0.74/0.98/0.85 (16 rows, per plane), 0.74/0.97/0.97 (16 rows, shared);
+        # 2 rows, shared: see docs/log.md (2026-12-07, eighth session).
         deltaplane=dict(channels=[16, 32, 64], norm_groups=4, token_dim=32, token_hidden=32, head_dim=16,
                         audio_steps=2, per_plane_attention=False),
     ).to_dict()
