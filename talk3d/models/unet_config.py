@@ -4,8 +4,9 @@
 triplanes of 3 x 32 channels, an encoder 32 -> 64 -> 128 -> 256 channels per plane while the
 resolution goes 256 -> 32, two attention blocks at the 32^2 bottleneck with head dim 64, and 64-d
 condition tokens from 44-d wav2vec2 CTC logits (16 audio steps, 320 ms, centred on each of a window of
-8 frames, read by stride-2 convolutions over the steps), the nose tip and the two outer eye corners for the landmark token, and per-plane weights in
-the bottleneck's self-attention, layer norms and feed-forward.
+8 frames, read by stride-2 convolutions over the steps), the nose tip and the two outer eye corners
+for the landmark token, and per-plane weights in the bottleneck's self-attention, layer norms and
+feed-forward.
 :meth:`DeltaplaneConfig.tiny` is the same architecture shrunk for CPU tests.
 """
 from __future__ import annotations
@@ -29,7 +30,8 @@ class DeltaplaneConfig(JsonConfig):
     _tuple_fields: ClassVar[tuple[str, ...]] = ("channels", "landmark_points")  # serialised as JSON lists
     #: What a config saved before a field existed meant: a checkpoint of an earlier version loads and
     #: runs as it was trained (the field's default is the release's choice, which it did not make).
-    _legacy: ClassVar[dict] = {"per_plane_attention": False, "audio_encoder": "mlp"}  # and landmark_points: all the batch's
+    #: (and landmark_points: all the batch's landmarks, filled in by from_dict)
+    _legacy: ClassVar[dict] = {"per_plane_attention": False, "audio_encoder": "mlp"}
     _renamed: ClassVar[dict] = {"eye_noise_std": "eye_noise"}
 
     # Triplane in / deltaplane out.

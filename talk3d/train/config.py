@@ -234,8 +234,8 @@ def demo_config(device_type: str) -> dict[str, Any]:
         # Each frame's own 2 audio rows and attention weights shared by the planes. With the audio
         # net's strided convolutions and standardised input, the release's 16 rows and per-plane
         # weights learn the lip sync here too, but less surely in 2000 steps: mouth vs audio r over
-        # seeds 0/1/2 0.74/0.98/0.85 (16 rows, per plane), 0.74/0.97/0.97 (16 rows, shared);
-        # 2 rows, shared: see docs/log.md (2026-12-07, eighth session).
+        # seeds 0/1/2 0.74/0.98/0.85 (16 rows, per plane), 0.74/0.97/0.97 (16 rows, shared),
+        # 0.99/0.96/0.97 (2 rows, shared; docs/log.md, 2026-12-07, eighth session).
         deltaplane=dict(channels=[16, 32, 64], norm_groups=4, token_dim=32, token_hidden=32, head_dim=16,
                         audio_steps=2, per_plane_attention=False),
     ).to_dict()

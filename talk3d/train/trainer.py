@@ -251,8 +251,9 @@ class Trainer:
             default_resolution = int(spec["render_resolution"])
         else:
             self.model = build_model(cfg, int(manifest["audio"]["feature_dim"]), prior=prior, log=self.log)
-            if self.model.deltaplane.condition.audio is not None:  # (a resumed run's checkpoint holds them)
-                self.model.deltaplane.condition.audio.set_feature_statistics(torch.from_numpy(self.train_set.audio_rows()))
+            audio_net = self.model.deltaplane.condition.audio
+            if audio_net is not None:  # the input's statistics (a resumed run's checkpoint then loads its own)
+                audio_net.set_feature_statistics(torch.from_numpy(self.train_set.audio_rows()))
             self.model.to(self.device)
             default_resolution = self.model.generator.cfg.neural_rendering_resolution
         gcfg = self.model.generator.cfg
