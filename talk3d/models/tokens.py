@@ -103,7 +103,9 @@ class AudioNet(nn.Module):
         # The features are standardised per channel with the training audio's statistics
         # (set_feature_statistics; saved in checkpoints). Raw log-mel or CTC logits sit far from 0
         # (the demo's: mean -6.5, std 3.7) and vary little between frames, so without it the frame
-        # vectors were a large constant plus a small audio-dependent part. Identity until set.
+        # vectors were a large constant plus a small audio-dependent part, and in one demo run the
+        # U-Net's cross-attention turned away from that near-constant token for good (docs/log.md,
+        # 2026-12-07, eighth session). Identity until set.
         self.register_buffer("feature_mean", torch.zeros(cfg.audio_dim))  # [A]
         self.register_buffer("feature_std", torch.ones(cfg.audio_dim))  # [A]
         self.frame_encoder = AUDIO_STEP_ENCODERS[cfg.audio_encoder](cfg.audio_steps, cfg.audio_dim,
