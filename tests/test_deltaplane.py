@@ -10,7 +10,7 @@ import torch
 from talk3d.models import (ConditionEncoder, DeltaplaneConfig, DeltaplaneModel, DeltaplanePredictor,
                            MultiHeadAttention, RollOut, attention, plane_positional_encoding, plane_positions)
 from talk3d.data.synthetic import LANDMARK_NAMES
-from talk3d.models.tokens import AUDIO_STD_FLOOR, AUDIO_STEP_ENCODERS, conv_widths
+from talk3d.models.tokens import AUDIO_STD_FLOOR, AUDIO_STEP_ENCODERS
 from talk3d.ops.reference.triplane_field import PLANE_AXES
 
 # float32 attention: SDPA vs an explicit softmax over a handful of keys differ by re-association only.
@@ -137,14 +137,28 @@ def test_audio_frame_encoder_reads_every_step_of_its_frame_only(encoder, steps):
     audio = torch.randn(3, steps, cfg.audio_dim, requires_grad=True)  # [N, S, A]
     out = net(audio)
     assert out.shape == (3, cfg.token_dim)
-    if encoder == "conv":
+    if encoder == "conv":  # the strided convolutions end at one step, whatever S
         assert net.convs(audio.transpose(1, 2)).shape[-1] == 1
-        assert [m.out_channels for m in net.convs if isinstance(m, torch.nn.Conv1d)] == \
-            conv_widths(steps, cfg.token_dim)
     out[1].sum().backward()
     per_step = audio.grad.abs().sum(dim=-1)  # [N, S]
     assert (per_step[1] > 0).all() and torch.equal(per_step[[0, 2]], torch.zeros(2, steps))
-    assert conv_widths(16, 64) == [32, 32, 64, 64]  # AD-NeRF's audio net for 16 steps and 64-d tokens
+
+
+def test_release_audio_encoder_is_ad_nerfs():
+    """At the release's sizes (16 steps of 44 features, 64-d tokens) the convolutions are AD-NeRF's:
+    44 -> 32 -> 32 -> 64 -> 64 channels while the steps go 16 -> 8 -> 4 -> 2 -> 1."""
+    cfg = DeltaplaneConfig.release()
+    net = ConditionEncoder(cfg).audio.frame_encoder
+    convs = [m for m in net.convs if isinstance(m, torch.nn.Conv1d)]
+    assert [(m.in_channels, m.out_channels) for m in convs] == [(44, 32), (32, 32), (32, 64), (64, 64)]
+    assert all(m.kernel_size == (3,) and m.stride == (2,) and m.padding == (1,) for m in convs)
+    lengths = [16]
+    x = torch.randn(1, 44, 16)
+    for m in net.convs:
+        x = m(x)
+        if isinstance(m, torch.nn.Conv1d):
+            lengths.append(x.shape[-1])
+    assert lengths == [16, 8, 4, 2, 1]
 
 
 def test_audio_net_standardises_its_input_with_the_statistics_it_is_given():

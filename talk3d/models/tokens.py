@@ -120,8 +120,9 @@ class AudioNet(nn.Module):
         self.out = nn.LayerNorm(D)
 
     @torch.no_grad()
-    def set_feature_statistics(self, features: torch.Tensor) -> None:
-        """Standardise inputs with these features' per-channel mean and std (``[N, A]``, N >= 2)."""
+    def set_feature_statistics(self, features) -> None:
+        """Standardise inputs with these features' per-channel mean and std (``[N, A]``, N >= 2; a
+        tensor or a numpy array)."""
         features = torch.as_tensor(features, dtype=torch.float64)
         if features.ndim != 2 or features.shape[1] != self.feature_mean.numel() or features.shape[0] < 2:
             raise ValueError(f"AudioNet.set_feature_statistics: features must be [N >= 2, "

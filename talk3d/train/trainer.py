@@ -253,7 +253,7 @@ class Trainer:
             self.model = build_model(cfg, int(manifest["audio"]["feature_dim"]), prior=prior, log=self.log)
             audio_net = self.model.deltaplane.condition.audio
             if audio_net is not None:  # the input's statistics (a resumed run's checkpoint then loads its own)
-                audio_net.set_feature_statistics(torch.from_numpy(self.train_set.audio_rows()))
+                audio_net.set_feature_statistics(self.train_set.audio_rows())
             self.model.to(self.device)
             default_resolution = self.model.generator.cfg.neural_rendering_resolution
         gcfg = self.model.generator.cfg
