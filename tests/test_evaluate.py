@@ -32,6 +32,8 @@ FID_SELF_3D_ATOL = 1e-8
 # A pure mean shift of (2, 0, 0): float32 f + 2 rounds each value by <= 2.4e-7, which moves the mean
 # shift, and 4 = its square relatively, by at most that (averaged: ~1e-8). Measured 1.9e-9 (CPU VM).
 FID_SHIFT_RTOL = 1e-6
+# metrics.md prints 4 significant digits at least (x.xxxx below 10, xx.xx above).
+TABLE_DIGITS = 1e-3
 
 
 # ---- metrics on hand-made cases ----------------------------------------------------------------
@@ -136,6 +138,11 @@ def test_cli_writes_the_report_with_reasons_and_synthetic_novel_view_ground_trut
         assert idsim["available"] is False and f"needs outputs >= {IDENTITY_MIN_SIZE} px" in idsim["reason"]
     else:
         assert idsim["available"] and "dlib" in idsim["network"] and -1 <= idsim["mean"] <= 1
+    from talk3d.evaluate.action_units import find_openface
+
+    if find_openface() is None:  # OpenFace is a C++ build of the user's: here AUE says how to get it
+        aue = ad["metrics"]["aue"]
+        assert aue["available"] is False and "OpenFace" in aue["reason"] and "--openface" in aue["reason"]
     lp = ad["metrics"]["lpips"]
     from talk3d.losses import find_lpips_weights
 
@@ -190,6 +197,57 @@ def test_fid_runs_with_pytorch_fid_format_weights(runs, tmp_path):
         feats = load_fid_inception(path)(torch.rand(4, 3, 32, 32) * 2 - 1).double()
     # Against itself: 0 up to rounding (see FID_SELF_RTOL).
     assert abs(frechet_distance(feats, feats)) < FID_SELF_RTOL * torch.cov(feats.T).trace().item()
+
+
+def test_aue_runs_openface_on_the_scored_frames(runs, tmp_path):
+    """--openface with a stand-in of FeatureExtraction (tests/fake_openface.py; OpenFace itself is a
+    C++ build of the user's): it reads the rendered and the real frames the report writes, and AUE
+    is the error of the two CSVs it wrote; a replaced report does not keep stale frames."""
+    import numpy as np
+    from PIL import Image
+
+    from fake_openface import write_fake_openface
+    from talk3d.evaluate.action_units import action_unit_error, read_openface_csv
+
+    exe = write_fake_openface(tmp_path / "openface")
+    out = tmp_path / "eval"
+    assert _eval(runs, "run_trained", out, "--openface", str(exe)) == 0
+    r = json.loads((out / "metrics.json").read_text())
+    aue = r["protocols"]["audio_driven"]["metrics"]["aue"]
+    folder = out / "action_units"
+    want = action_unit_error(read_openface_csv(folder / "rendered.csv"), read_openface_csv(folder / "target.csv"))
+    assert aue["available"] and aue["mean"] == want["aue"] > 0 and (aue["frames"], aue["of"]) == (4, 4)
+    assert aue["lower_face"] == want["aue_lower"] and aue["upper_face"] == want["aue_upper"]
+    assert "OpenFace" in aue["tool"]
+    # The frames OpenFace read are the scored ones: the grid's rows (target | ours), pixel for pixel.
+    size = r["resolution"]
+    grid = np.asarray(Image.open(out / "grid_audio_driven.png"))  # [4 S, 2 S, 3]
+    for k in range(4):
+        row = grid[k * size:(k + 1) * size]
+        assert (np.asarray(Image.open(folder / "target" / f"{k:06d}.png")) == row[:, :size]).all()
+        assert (np.asarray(Image.open(folder / "rendered" / f"{k:06d}.png")) == row[:, size:]).all()
+    md = (out / "metrics.md").read_text()
+    table2 = md.split("## Audio-driven (Table 2)")[1].split("##")[0]
+    header, _, ours = [line.split(" | ") for line in table2.strip().splitlines()[:3]]
+    assert float(ours[header.index("AUE ↓")]) == pytest.approx(aue["mean"], rel=TABLE_DIGITS)
+    assert "AUE by face half" in md
+    # Replaced with fewer frames: OpenFace must not read the old report's frames.
+    assert main(["--run", str(runs / "run_trained"), "--out", str(out), "--impl", "torch", "--max-frames", "2",
+                 "--openface", str(exe), "--overwrite"]) == 0
+    assert len(list((folder / "rendered").glob("*.png"))) == 2
+    assert json.loads((out / "metrics.json").read_text())["protocols"]["audio_driven"]["metrics"]["aue"]["of"] == 2
+    # OpenFace failing: AUE is unavailable with OpenFace's own words; the other metrics stand.
+    bad = write_fake_openface(tmp_path / "broken", fail=True)
+    out2 = tmp_path / "eval2"
+    assert _eval(runs, "run_trained", out2, "--openface", str(bad)) == 0
+    m = json.loads((out2 / "metrics.json").read_text())["protocols"]["audio_driven"]["metrics"]
+    assert m["aue"]["available"] is False and "HAAR" in m["aue"]["reason"] and m["psnr"]["available"]
+
+
+def test_cli_names_a_missing_openface(runs, tmp_path, capsys):
+    assert _eval(runs, "run_trained", tmp_path / "eval", "--openface", str(tmp_path / "nowhere")) == 2
+    assert "not an executable FeatureExtraction" in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()
 
 
 def test_cli_refuses_to_overwrite(runs, tmp_path, capsys):

@@ -2,7 +2,8 @@
 
 Writes EVAL_DIR/metrics.json (every metric per protocol and pose; ``available: false`` with the
 reason where one could not run), metrics.md (the paper's Tables 2 and 1), grid_<pose>.png
-(target | ours) and mouth_vs_audio.png.
+(target | ours) and mouth_vs_audio.png; with OpenFace (--openface) also action_units/ (the frames
+it read and the CSVs it wrote, for AUE).
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", default=None,
                    help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (file or folder) for FID; "
                         "else $TALK3D_INCEPTION_WEIGHTS or torch hub's cache")
+    p.add_argument("--openface", default=None,
+                   help="OpenFace 2's FeatureExtraction binary (or its folder) for AUE; else $TALK3D_OPENFACE "
+                        "or FeatureExtraction on the PATH")
     p.add_argument("--checkpoint", default="latest.pt", help="file in RUN/checkpoints (default latest.pt)")
     p.add_argument("--batch", type=int, default=4, help="frames per forward pass")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -47,7 +51,7 @@ def main(argv=None) -> int:
                               lpips_weights=args.lpips_weights, batch=args.batch, device=args.device,
                               checkpoint=args.checkpoint, overwrite=args.overwrite,
                               face_id_weights=args.face_id_weights, syncnet_weights=args.syncnet_weights,
-                              inception_weights=args.inception_weights)
+                              inception_weights=args.inception_weights, openface=args.openface)
     except (EvaluationError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

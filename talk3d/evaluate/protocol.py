@@ -15,6 +15,7 @@ import dataclasses
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,6 +30,7 @@ from ..data import TalkingHeadDataset, load_manifest
 from ..infer.render import audio_context
 from ..train.losses import IDENTITY_MIN_SIZE
 from . import metrics as M
+from .action_units import OpenFaceAU, OpenFaceError, action_unit_error, find_openface
 from .report import finite_or_none, markdown_report, plot_mouth_vs_audio, save_grid
 
 __all__ = ["NOVEL_VIEWS_DEG", "EvaluationError", "Plugins", "evaluate_run", "pose_name"]
@@ -50,6 +52,10 @@ NO_FID = ("needs Inception weights: pytorch-fid's pt_inception-2015-12-05-672682
 NO_SYNC = ("needs Wav2Lip's SyncNet weights (lipsync_expert.pth via --syncnet-weights or TALK3D_SYNCNET_WEIGHTS) "
            "or a user-supplied scorer; never run on random weights")
 NO_GT_REAL = "real data has no ground truth at novel views (full-reference metrics need one)"
+NO_OPENFACE = ("needs OpenFace 2's FeatureExtraction (the paper's AU estimator, a C++ tool: build it from "
+               "https://github.com/TadasBaltrusaitis/OpenFace and pass --openface or TALK3D_OPENFACE)")
+#: Folder of the report holding the frames OpenFace reads and the CSVs it writes (AUE).
+AU_FOLDER = "action_units"
 
 
 class EvaluationError(ValueError):
@@ -65,12 +71,15 @@ class Plugins:
     identity_embedder: images [B, 3, S, S] in [-1, 1] -> face embeddings [B, E].
     fid_features: images [B, 3, S, S] in [-1, 1] -> Inception features [B, D].
     sync_scorer: (frames [N, 3, S, S] in [-1, 1], wave [640 N] 16 kHz) -> SyncNet confidence.
+    action_units: (frames_dir, out_dir, name) -> :class:`~talk3d.evaluate.action_units.AUTrack` of
+        the PNG frames in frames_dir (name order); default OpenFace's FeatureExtraction when found.
     """
 
     landmark_detector: Optional[Callable] = None
     identity_embedder: Optional[Callable] = None
     fid_features: Optional[Callable] = None
     sync_scorer: Optional[Callable] = None
+    action_units: Optional[Callable] = None
     extra: dict = field(default_factory=dict)
 
 
@@ -150,6 +159,31 @@ class _Accumulator:
         ok = np.isfinite(vals)
         return {"available": True, "mean": finite_or_none(vals[ok].mean()) if ok.any() else None,
                 "frames": int(ok.sum()), "per_frame": [finite_or_none(v) for v in vals], **extra}
+
+
+def _write_frames(folder: Path, first: int, images: torch.Tensor) -> None:
+    """images [B, 3, S, S] in [-1, 1] -> folder/{first + i:06d}.png (8-bit RGB, as a video shows them)."""
+    from PIL import Image
+
+    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()  # [B, S, S, 3]
+    for i, img in enumerate(pixels):
+        Image.fromarray(img).save(folder / f"{first + i:06d}.png")
+
+
+def _action_unit_error(estimator: Callable, folder: Path) -> dict:
+    """AUE of folder/rendered against folder/target through ``estimator`` (metrics.json entry)."""
+    name = getattr(estimator, "name", type(estimator).__name__)
+    try:
+        r = action_unit_error(estimator(folder / "rendered", folder, "rendered"),
+                              estimator(folder / "target", folder, "target"))
+    except OpenFaceError as e:
+        return M.Unavailable(f"{name} failed: {e}").to_json()
+    if r["frames"] == 0:
+        return M.Unavailable(f"{name} tracked the face in both frames of none of the {r['of']} frame pairs "
+                             "(faces too small or not face-like?)").to_json()
+    return {"available": True, "mean": r["aue"], "lower_face": r["aue_lower"], "upper_face": r["aue_upper"],
+            "frames": r["frames"], "of": r["of"], "per_frame": r["per_frame"], "tool": name,
+            "definition": "sum over OpenFace's 17 AU intensities of the mean squared difference per frame"}
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -249,7 +283,8 @@ def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None
                  lpips_weights: str | None = None, batch: int = 4, device: str | None = None,
                  checkpoint: str = "latest.pt", overwrite: bool = False, plugins: Plugins | None = None,
                  progress: bool = True, face_id_weights: str | None = None,
-                 syncnet_weights: str | None = None, inception_weights: str | None = None) -> dict:
+                 syncnet_weights: str | None = None, inception_weights: str | None = None,
+                 openface: str | None = None) -> dict:
     """Run both protocols on ``run_dir``'s held-out frames and write the report into ``out_dir``.
 
     Writes metrics.json (returned as a dict), metrics.md, grid_<pose>.png (target | ours) for
@@ -257,7 +292,9 @@ def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None
     unless ``overwrite``. IDSIM uses ``plugins.identity_embedder``, else dlib's face network when
     its file is found (``face_id_weights``, see :func:`talk3d.losses.find_face_id_weights`); FID
     uses ``plugins.fid_features``, else pytorch-fid's Inception when its file is found
-    (``inception_weights``, see :func:`talk3d.evaluate.inception.find_inception_weights`).
+    (``inception_weights``, see :func:`talk3d.evaluate.inception.find_inception_weights`); AUE uses
+    ``plugins.action_units``, else OpenFace's FeatureExtraction when found (``openface``, see
+    :func:`talk3d.evaluate.action_units.find_openface`), on frames written to out_dir/action_units.
     """
     from ..data.synthetic import head_cameras, render_frames
     from ..infer.render import load_training_clip
@@ -299,8 +336,16 @@ def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None
         plugins = dataclasses.replace(plugins, sync_scorer=_wav2lip_scorer(syncnet_weights, device))
     if plugins.fid_features is None:
         plugins = dataclasses.replace(plugins, fid_features=_fid_features(inception_weights, device))
+    if plugins.action_units is None:
+        exe = find_openface(openface)
+        plugins = dataclasses.replace(plugins, action_units=OpenFaceAU(exe) if exe is not None else None)
     # Made once the run, its data and every network named have loaded: a mistake leaves nothing behind.
     out.mkdir(parents=True, exist_ok=True)
+    au_dir = out / AU_FOLDER
+    if plugins.action_units is not None:
+        shutil.rmtree(au_dir, ignore_errors=True)  # a replaced report's frames must not be read again
+        for side in ("rendered", "target"):
+            (au_dir / side).mkdir(parents=True)
 
     # Synthetic-only ground truth for the mouth and the novel views.
     files = manifest["files"]
@@ -335,11 +380,15 @@ def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None
     # ---- audio-driven -------------------------------------------------------------------------
     acc = _Accumulator()
     mouth_pred, mouth_target, grid_rows = [], [], []
-    size = None
+    size, written = None, 0
     for b in batches("audio-driven"):
         pred = render(b)  # [B, 3, S, S]
         size = pred.shape[-1]
         target = _resize(b["image"], size)
+        if plugins.action_units is not None:
+            _write_frames(au_dir / "rendered", written, pred)
+            _write_frames(au_dir / "target", written, target)
+            written += pred.shape[0]
         mmask = _resize(b["mouth_mask"], size)  # [B, 1, S, S]
         _frame_metrics(acc, pred, target, mmask, lpips=lpips, detector=detector, plugins=plugins)
         _plugin_metrics(acc, pred, target, plugins)
@@ -347,8 +396,10 @@ def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None
         mouth_target.append(M.mouth_opening_score(target, mmask))
         grid_rows += [(target[i], pred[i]) for i in range(min(len(pred), GRID_ROWS - len(grid_rows)))]
     result["resolution"] = size
-    result["protocols"]["audio_driven"] = {
-        "metrics": _summarise(acc, full_reference=None, resolution=size, **common)}
+    ad_metrics = _summarise(acc, full_reference=None, resolution=size, **common)
+    ad_metrics["aue"] = (_action_unit_error(plugins.action_units, au_dir) if plugins.action_units is not None
+                         else M.Unavailable(NO_OPENFACE).to_json())
+    result["protocols"]["audio_driven"] = {"metrics": ad_metrics}
     save_grid(out / "grid_audio_driven.png", grid_rows)
 
     # Mouth vs audio: does the rendered mouth open when the speech is loud / the true mouth is open?

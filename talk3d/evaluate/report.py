@@ -12,7 +12,7 @@ __all__ = ["TABLE2_COLUMNS", "TABLE1_COLUMNS", "markdown_report", "save_grid", "
 METHOD = "Talk3D (ours)"
 # (metrics.json key, column title): Table 2 (audio-driven) and Table 1 (per novel view).
 TABLE2_COLUMNS = (("psnr", "PSNR ↑"), ("ssim", "SSIM ↑"), ("lpips", "LPIPS ↓"), ("fid", "FID ↓"),
-                  ("lmd", "LMD ↓"), ("sync", "Sync ↑"), ("idsim", "IDSIM ↑"))
+                  ("lmd", "LMD ↓"), ("aue", "AUE ↓"), ("sync", "Sync ↑"), ("idsim", "IDSIM ↑"))
 TABLE1_COLUMNS = (("sync", "Sync ↑"), ("fid", "FID ↓"), ("idsim", "IDSIM ↑"), ("psnr", "PSNR ↑"),
                   ("ssim", "SSIM ↑"), ("lpips", "LPIPS ↓"))
 PLOT_W, PLOT_H, PLOT_MARGIN = 900, 320, 40
@@ -40,6 +40,10 @@ def markdown_report(result: dict) -> str:
     lines += ["| Method | " + " | ".join(t for _, t in TABLE2_COLUMNS) + " |",
               "| --- |" + " --- |" * len(TABLE2_COLUMNS),
               f"| {METHOD} | " + " | ".join(_cell(ad.get(k)) for k, _ in TABLE2_COLUMNS) + " |", ""]
+    aue = ad.get("aue", {})
+    if aue.get("available"):
+        lines += [f"AUE by face half: lower {aue['lower_face']:.4f}, upper {aue['upper_face']:.4f} "
+                  f"({aue['frames']} of {aue['of']} frames tracked on both sides; {aue['tool']}).", ""]
     sync = result["protocols"]["audio_driven"].get("mouth_sync", {})
     if sync.get("available"):
         lines += ["Mouth opening (dark fraction of the mouth region) correlation: "
