@@ -11,7 +11,6 @@ from talk3d.data import make_synthetic_dataset
 from talk3d.evaluate import (MouthMaskOracle, frechet_distance, identity_similarity, landmark_distance,
                              mouth_opening_score, pearson, psnr, ssim)
 from talk3d.evaluate.__main__ import main
-from talk3d.evaluate.metrics import SSIM_K1, SSIM_K2
 from talk3d.train import Trainer
 
 from test_train import _cfg
@@ -35,6 +34,9 @@ FID_SHIFT_RTOL = 1e-6
 # dlib's landmarks follow an image shifted by 3 px to within this (its HOG boxes sit on an 8-px cell
 # grid and the shape regression starts from the box): measured 3.58 px mean over the 20 mouth points.
 DLIB_SHIFT_ATOL_PX = 1.0
+# FID against the 2 x 2 closed form, float64: two eigh square roots vs sqrt/det of 2 x 2 matrices
+# agree to ~1e-15 relative; 1e-10 leaves room for other LAPACKs.
+FID_CLOSED_FORM_RTOL = 1e-10
 # metrics.md prints 4 significant digits at least (x.xxxx below 10, xx.xx above).
 TABLE_DIGITS = 1e-3
 
@@ -58,13 +60,50 @@ def test_ssim_identity_noise_and_constant_patches():
     weak = ssim((x + 0.05 * torch.randn(x.shape, generator=g)).clamp(-1, 1), x)
     strong = ssim((x + 0.5 * torch.randn(x.shape, generator=g)).clamp(-1, 1), x)
     assert (strong < weak).all() and (weak < 1).all()
-    # Constant images a, b: variances and covariance vanish, SSIM = (2ab + C1) / (a^2 + b^2 + C1).
+    # Constant images a, b: variances and covariance vanish, SSIM = (2ab + C1) / (a^2 + b^2 + C1)
+    # on SSIM's scale from 0 (black): [-1, 1] images are scored as [0, 1] ones, C1 = 0.01^2.
     a, b = (float(torch.tensor(v)) for v in (0.3, -0.2))  # the float32 values the images hold
-    c1 = (SSIM_K1 * 2) ** 2
-    want = (2 * a * b + c1) / (a * a + b * b + c1)
+    a01, b01 = (a + 1) / 2, (b + 1) / 2
+    want = (2 * a01 * b01 + 0.01 ** 2) / (a01 ** 2 + b01 ** 2 + 0.01 ** 2)  # 0.893: grey against grey
     got = ssim(torch.full((1, 1, 11, 11), a), torch.full((1, 1, 11, 11), b))
     assert got.item() == pytest.approx(want, rel=SSIM_CLOSED_FORM_RTOL)
-    assert SSIM_K2 == 0.03
+
+
+def _ssim_by_hand(x, y):
+    """Wang et al.'s SSIM written out window by window: x, y [C][H][W] lists in [0, 1], an 11 x 11
+    Gaussian window (sigma 1.5) at every valid position, K1 = 0.01, K2 = 0.03, L = 1."""
+    k, r = 11, 5
+    w = [[math.exp(-((i - r) ** 2 + (j - r) ** 2) / (2 * 1.5 ** 2)) for j in range(k)] for i in range(k)]
+    total = sum(map(sum, w))
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    vals = []
+    for xc, yc in zip(x, y):
+        for top in range(len(xc) - k + 1):
+            for left in range(len(xc[0]) - k + 1):
+                taps = [(w[i][j] / total, xc[top + i][left + j], yc[top + i][left + j])
+                        for i in range(k) for j in range(k)]
+                mx = sum(t * u for t, u, _ in taps)
+                my = sum(t * v for t, _, v in taps)
+                sxx = sum(t * (u - mx) ** 2 for t, u, _ in taps)
+                syy = sum(t * (v - my) ** 2 for t, _, v in taps)
+                sxy = sum(t * (u - mx) * (v - my) for t, u, v in taps)
+                vals.append((2 * mx * my + c1) * (2 * sxy + c2) / ((mx * mx + my * my + c1) * (sxx + syy + c2)))
+    return sum(vals) / len(vals)
+
+
+def test_ssim_against_the_definition_written_out():
+    """Textured images (3 x 2 window positions, 2 channels) against the definition in plain Python,
+    in the model's [-1, 1], in [0, 1] and in 8-bit values."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(1, 2, 13, 12, generator=g, dtype=torch.float64)
+    y = (0.7 * x + 0.3 * torch.rand(x.shape, generator=g, dtype=torch.float64)) ** 1.5  # related, darker
+    want = _ssim_by_hand(x[0].tolist(), y[0].tolist())
+    assert 0.3 < want < 0.95  # a case where every term matters
+    assert ssim(x * 2 - 1, y * 2 - 1).item() == pytest.approx(want, rel=SSIM_CLOSED_FORM_RTOL)
+    assert ssim(x, y, value_range=(0, 1)).item() == pytest.approx(want, rel=SSIM_CLOSED_FORM_RTOL)
+    assert ssim(x * 255, y * 255, value_range=(0, 255)).item() == pytest.approx(want, rel=SSIM_CLOSED_FORM_RTOL)
+    with pytest.raises(ValueError, match="value_range"):
+        ssim(x, y, value_range=(1, 1))
 
 
 def test_landmark_distance_on_hand_placed_points():
@@ -84,6 +123,9 @@ def test_mouth_oracle_finds_a_painted_mouth_and_the_opening_score_counts_dark_pi
     assert pts[1, 0].item() < 5 and pts[2, 0].item() > 11  # corners near the ends of the painted lips
     assert mouth_opening_score(img, mask).item() == pytest.approx(12 / 96)
     assert torch.isnan(MouthMaskOracle()(img, torch.zeros_like(mask))).all()  # nothing found: NaN, not 0
+    # A black frame shows no lips (its green / red ratio is 0 / 0): not found, rather than a mouth
+    # filling the whole region.
+    assert torch.isnan(MouthMaskOracle()(-torch.ones_like(img), mask)).all()
 
 
 def test_identity_frechet_and_pearson():
@@ -94,6 +136,20 @@ def test_identity_frechet_and_pearson():
     shifted = f + torch.tensor([2.0, 0.0, 0.0])  # mean shift only
     assert frechet_distance(f, shifted) == pytest.approx(4.0, rel=FID_SHIFT_RTOL)
     assert pearson([1, 2, 3], [2, 4, 6.5]) > 0.99 and pearson([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_frechet_distance_with_covariances_that_do_not_commute():
+    """2-D Gaussians of different shapes and orientations against the 2 x 2 closed form:
+    tr((A B)^{1/2}) = sqrt(tr(A B) + 2 sqrt(det A det B)) (Cayley-Hamilton for a 2 x 2 square root)."""
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(500, 2, generator=g, dtype=torch.float64) @ torch.tensor([[2.0, 0.0], [1.0, 0.5]], dtype=torch.float64)
+    b = torch.randn(400, 2, generator=g, dtype=torch.float64) @ torch.tensor([[0.3, -1.0], [0.8, 0.4]], dtype=torch.float64)
+    b = b + torch.tensor([1.0, -0.5], dtype=torch.float64)
+    sa, sb = torch.cov(a.T), torch.cov(b.T)
+    assert not torch.allclose(sa @ sb, sb @ sa, atol=0.1)  # the case the square-root route exists for
+    cross = math.sqrt(torch.trace(sa @ sb).item() + 2 * math.sqrt(torch.det(sa).item() * torch.det(sb).item()))
+    want = (a.mean(0) - b.mean(0)).pow(2).sum().item() + torch.trace(sa).item() + torch.trace(sb).item() - 2 * cross
+    assert frechet_distance(a, b) == pytest.approx(want, rel=FID_CLOSED_FORM_RTOL)
 
 
 # ---- the CLI on tiny runs ----------------------------------------------------------------------

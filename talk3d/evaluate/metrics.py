@@ -4,7 +4,7 @@ Images are ``[B, 3, H, W]`` float tensors in [-1, 1] (the model's convention, da
 unless said otherwise; every per-image metric returns ``[B]``.
 
 - :func:`psnr`: 10 log10(range^2 / MSE), MSE over all pixels and channels of one image.
-- :func:`ssim`: Wang et al. 2004 with an 11-tap Gaussian window (sigma 1.5), K1 = 0.01,
+- :func:`ssim`: Wang et al. 2004 on intensities from 0 (the [-1, 1] images as [0, 1]), an 11-tap Gaussian window (sigma 1.5), K1 = 0.01,
   K2 = 0.03, over the "valid" window positions, averaged over channels and positions.
 - :class:`LPIPSMetric`: LPIPS v0.1 (AlexNet) through :mod:`talk3d.losses`, only with real weights.
 - :func:`landmark_distance` (LMD): mean Euclidean distance between corresponding mouth landmarks,
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "SSIM_WINDOW", "SSIM_SIGMA", "SSIM_K1", "SSIM_K2", "DARK_LUMA", "LIP_GREEN_RED_RATIO",
+    "SSIM_WINDOW", "SSIM_SIGMA", "SSIM_K1", "SSIM_K2", "DARK_LUMA", "LIP_MIN_RED", "LIP_GREEN_RED_RATIO",
     "Unavailable", "psnr", "ssim", "gaussian_window", "LPIPSMetric", "LandmarkDetector",
     "MouthMaskOracle", "landmark_distance", "mouth_opening_score", "pearson", "identity_similarity",
     "frechet_distance", "to_unit_range",
@@ -36,6 +36,10 @@ SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
+# Lip and cavity pixels are at least this red (in [0, 1]): the darkest ones of the synthetic head,
+# its shaded cavity, measured 0.137 at 64 px; half of that. Black is not a lip (its green / red
+# ratio is 0 / 0).
+LIP_MIN_RED = 0.07
 # Mouth-region pixels darker than this luma (in [0, 1]) count as open mouth (the synthetic head's
 # cavity has luma ~0.1 under its lighting; its lips ~0.4 and skin ~0.7).
 DARK_LUMA = 0.25
@@ -95,25 +99,33 @@ def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA, dtype=to
     return g / g.sum()
 
 
-def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 2.0, *, window: int = SSIM_WINDOW,
-         sigma: float = SSIM_SIGMA) -> torch.Tensor:
+def ssim(pred: torch.Tensor, target: torch.Tensor, *, value_range: tuple[float, float] = (-1.0, 1.0),
+         window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
     """Structural similarity per image (Wang et al. 2004).
 
+    SSIM's luminance term ``(2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1)`` assumes intensities
+    from 0 (black) up: it is not invariant to a shift. Images in ``value_range`` = (lo, hi) are
+    therefore scored as ``x - lo`` in [0, L], L = hi - lo (for the model's [-1, 1] the same as the
+    usual [0, 1] with L = 1: SSIM is invariant to a common scale of images and L).
     Local means, variances and covariance come from a separable Gaussian window over the valid
     positions (no padding, as the reference implementation); SSIM's map
     ``(2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2))`` with
-    C1 = (K1 L)^2, C2 = (K2 L)^2, L = data_range, is averaged over positions and channels.
-    Images smaller than the window use the largest odd window that fits.
+    C1 = (K1 L)^2, C2 = (K2 L)^2 is averaged over positions and channels. Images smaller than
+    the window use the largest odd window that fits.
 
     Args:
-        pred, target: [B, C, H, W] in a range of width data_range.
+        pred, target: [B, C, H, W] with values in value_range ((0, 255) for 8-bit images).
 
     Returns:
         [B] float64 in [-1, 1]; 1 for identical images.
     """
     if pred.shape != target.shape or pred.dim() != 4:
         raise ValueError(f"ssim: expected two [B, C, H, W] of one shape, got {tuple(pred.shape)}, {tuple(target.shape)}")
-    x, y = pred.double(), target.double()
+    lo, hi = (float(v) for v in value_range)
+    if not hi > lo:
+        raise ValueError(f"ssim: value_range must be (low, high) with high > low, got {value_range}")
+    data_range = hi - lo
+    x, y = pred.double() - lo, target.double() - lo
     c = x.shape[1]
     size = min(window, x.shape[-1], x.shape[-2])
     size -= (size + 1) % 2  # keep it odd so the window has a centre
@@ -193,7 +205,7 @@ class MouthMaskOracle:
 
     Inside the region the lips may cover (the dataset's / synthetic renderer's ``mouth_mask`` for
     that camera, given for the target and used for the prediction too), lip and cavity pixels
-    are the red-dominant ones (green / red < LIP_GREEN_RED_RATIO). Their centroid and the
+    are the red-dominant ones (green / red < LIP_GREEN_RED_RATIO, red >= LIP_MIN_RED). Their centroid and the
     centroid +- sqrt(3) standard deviations along x and y (the ends of a uniform spread: mouth
     corners, upper and lower lip) are the K = 5 landmarks, in the order centre, left, right,
     top, bottom. Moments rather than min/max keep single stray pixels from moving the corners.
@@ -210,7 +222,8 @@ class MouthMaskOracle:
             raise ValueError("MouthMaskOracle needs the mouth region (synthetic data only)")
         rgb = to_unit_range(images).double()  # [B, 3, S, S]
         ratio = rgb[:, 1] / rgb[:, 0].clamp_min(1e-3)  # [B, S, S]
-        w = ((ratio < LIP_GREEN_RED_RATIO) & (mouth_mask[:, 0] >= 0.5)).double()  # [B, S, S]
+        lip = (ratio < LIP_GREEN_RED_RATIO) & (rgb[:, 0] >= LIP_MIN_RED)  # [B, S, S]
+        w = (lip & (mouth_mask[:, 0] >= 0.5)).double()  # [B, S, S]
         b, h, wd = w.shape
         ys = (torch.arange(h, dtype=torch.float64) + 0.5).view(1, h, 1)
         xs = (torch.arange(wd, dtype=torch.float64) + 0.5).view(1, 1, wd)
