@@ -15,8 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = json.loads((ROOT / "csrc" / "sources.json").read_text())
 CU_FILES = sorted((ROOT / "kernels").rglob("*.cu"))
 NVCC = shutil.which("nvcc")
-# The architectures the kernels must compile for: Ampere (sm_80) and Hopper (sm_90, the H100/H200).
+# The architectures the kernels must compile for: Ampere (sm_80) and Hopper (sm_90, the H100/H200);
+# files with __CUDA_ARCH__ branches also for Turing (sm_75: no bf16 mma, no vector atomics).
 NVCC_ARCHES = ("sm_80", "sm_90")
+OLDEST_ARCH = "sm_75"
+ARCH_CASES = [(cu, arch) for cu in CU_FILES for arch in NVCC_ARCHES] + [
+    (cu, OLDEST_ARCH) for cu in CU_FILES
+    if any("__CUDA_ARCH__" in f.read_text() for f in [cu, *cu.parent.glob("*.cuh")])]
 
 
 def test_manifest_lists_every_source():
@@ -33,12 +38,14 @@ def test_cmake_reads_the_same_manifest():
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
-@pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
-@pytest.mark.parametrize("arch", NVCC_ARCHES)
+@pytest.mark.parametrize("cu, arch", ARCH_CASES, ids=[f"{cu.name}-{arch}" for cu, arch in ARCH_CASES])
 def test_cuda_kernels_compile(cu, arch, tmp_path):
     """Compile-only: the kernels are torch-free, so nvcc checks them on machines without a GPU."""
     includes = [f"-I{ROOT / d}" for d in MANIFEST["include_dirs"]]
-    cmd = [NVCC, "-c", f"-arch={arch}", *MANIFEST["nvcc_flags"], *includes, str(cu), "-o", str(tmp_path / "k.o")]
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # what torch's build adds: no implicit half casts
+
+    cmd = [NVCC, "-c", f"-arch={arch}", *COMMON_NVCC_FLAGS, *MANIFEST["nvcc_flags"], *includes, str(cu),
+           "-o", str(tmp_path / "k.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr}"
 

@@ -145,6 +145,11 @@ FieldGrads bwd_cuda(const at::Tensor& grad_sigma, const at::Tensor& grad_feat,
                     "triplane_field backward: grad_sigma must be [B, N, 1], got ", grad_sigma.sizes());
   TORCH_CHECK_VALUE(grad_feat.sizes() == at::IntArrayRef({in.B, in.N, in.OUT - 1}),
                     "triplane_field backward: grad_feat must be [B, N, F], got ", grad_feat.sizes());
+  // Called through torch.ops directly, a gradient on another device would reach the kernel as a
+  // foreign pointer (an illegal access that poisons the CUDA context): refuse it here.
+  TORCH_CHECK_VALUE(grad_sigma.device() == planes.device() && grad_feat.device() == planes.device(),
+                    "triplane_field backward: grad_sigma and grad_feat must be on the planes' device ",
+                    planes.device(), ", got ", grad_sigma.device(), " and ", grad_feat.device());
   const at::Tensor gs = grad_sigma.to(planes.scalar_type()).contiguous();
   const at::Tensor gf = grad_feat.to(planes.scalar_type()).contiguous();
   // Gradients accumulate in fp32 (fp64 for fp64) and are cast to the inputs' dtypes at the end.

@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 
 #include "common/dispatch_storage.cuh"
@@ -140,9 +141,10 @@ cudaError_t launch(const FirProblem& p, cudaStream_t stream) {
   const cudaError_t err = grid_stride_blocks(total, kFirThreads, kFirBlocksPerSM, blocks);
   if (err != cudaSuccess) return err;
   // Every index the kernel forms stays below these (an element of x or y, a strip plus a grid step;
-  // the padding offsets are at most a few elements past a row).
+  // the padding offsets are at most a few elements past a row; the crop offsets themselves).
   const int64_t biggest = std::max({p.N * p.C * (p.H + 4) * (p.W + 4), p.N * p.C * p.out_h * p.out_w,
-                                    total + int64_t(blocks) * kFirThreads});
+                                    total + int64_t(blocks) * kFirThreads, std::abs(p.top) + p.out_h + 4,
+                                    std::abs(p.left) + p.out_w + 4});
   return with_index_type(biggest, [&](auto index) {
     using I = decltype(index);
     if constexpr (sizeof(S) == 2) {

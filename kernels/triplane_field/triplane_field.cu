@@ -399,7 +399,11 @@ struct MmaLayout {
   // Row strides in 2-byte elements. A fragment read touches rows r..r+7 at words 4 apart; strides of
   // 20 and 36 words put the 32 lanes' words in 32 distinct banks.
   static constexpr int kLdW1 = 40, kLdW2 = 72, kLdTile = 40;
-  static constexpr int kLdStage = kOut;  // floats per staged output row
+  // Floats per staged output row. Lane (g, t) stores rows g and g+8 at columns 2t, 2t+1: an odd stride
+  // of 37 keeps those stores at most 2-way bank conflicts (33: up to 4-way) and, being odd, the
+  // per-lane sigma reads (stride apart) conflict-free.
+  static constexpr int kLdStage = 37;
+  static_assert(kLdStage >= kOut && kLdStage % 2 == 1, "a whole output row, odd stride");
   // Byte offsets, 16-byte aligned.
   static constexpr int w1 = 0;                                // [kHid][kLdW1] storage bits
   static constexpr int w2 = w1 + kHid * kLdW1 * 2;            // [kOutPad][kLdW2], rows >= kOut zero
