@@ -546,8 +546,15 @@ def _ddp_worker(rank, world, port, data, run, out):
     try:
         torch.set_num_threads(1)
         t = Trainer(_cfg(steps=2, eval_every=100), data, run)
+        step, drawn = t.train_step, []
+
+        def recording(batch):
+            drawn.append(batch["index"].tolist())
+            return step(batch)
+
+        t.train_step = recording
         t.fit()
-        out[rank] = torch.cat([p.detach().flatten() for p in t.model.parameters()])
+        out[rank] = (torch.cat([p.detach().flatten() for p in t.model.parameters()]), drawn, len(t.train_set))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -557,5 +564,16 @@ def test_ddp_two_processes_on_gloo_stay_in_sync(data, tmp_path):
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(_ddp_worker, args=(world, _free_port(), data, tmp_path / "ddp", out), nprocs=world, join=True)
-        params = [out[r] for r in range(world)]
-    torch.testing.assert_close(params[0], params[1], rtol=0, atol=0)
+        results = [out[r] for r in range(world)]
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    # Each step the ranks' batches are the draws of one step of a single process with twice the
+    # batch (interleaved), not the same frames twice.
+    from talk3d.train.draws import FrameDraws
+
+    batch, n = _cfg().batch_size, results[0][2]
+    single = iter(FrameDraws(n, _cfg().seed))
+    for k in range(2):
+        step_draws = [next(single) for _ in range(world * batch)]
+        assert results[0][1][k] == step_draws[0::2] and results[1][1][k] == step_draws[1::2]
+    logged = (tmp_path / "ddp" / "log.txt").read_text()
+    assert logged.count("done: 2 steps") == 1  # rank 0 alone writes the run's files

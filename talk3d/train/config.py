@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,9 +88,17 @@ class TrainConfig:
             raise ValueError(f"train config: amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
         if self.compile not in ("off", "unet", "model"):
             raise ValueError(f"train config: compile must be 'off', 'unet' or 'model', got {self.compile!r}")
-        for name in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
-            if int(getattr(self, name)) < 1:
+        for name in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "val_frames",
+                     "lr_decay_epochs", "render_resolution", "coarse_samples"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"train config: {name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("num_workers", "importance_samples", "blink_noise"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"train config: {name} must be >= 0, got {getattr(self, name)!r}")
+        for f in dataclasses.fields(LossWeights):  # a negative weight would maximise its loss
+            v = getattr(self.loss, f.name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"train config: loss.{f.name} must be a finite number >= 0, got {v!r}")
         if not self.lr > 0:
             raise ValueError(f"train config: lr must be positive, got {self.lr!r}")
         if not self.grad_clip > 0:
@@ -114,6 +123,8 @@ class TrainConfig:
             unknown = sorted(set(getattr(self, name)) - known)
             if unknown:
                 raise ValueError(f"train config: unknown [{name}] keys {unknown}; known: {sorted(known)}")
+            # Typed like the top level: a switch written `False` or `no` is a string, which is true.
+            setattr(self, name, _checked(name, cls, getattr(self, name)))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -158,15 +169,52 @@ def _checked(section: str | None, cls, values: dict[str, Any]) -> dict[str, Any]
             ok = isinstance(v, str)
         elif any(k.startswith("dict") for k in kinds):
             ok = isinstance(v, dict)
+        elif any(k.startswith(("tuple[", "list[")) for k in kinds):
+            ok, v = _checked_sequence(next(k for k in kinds if k.startswith(("tuple[", "list["))), v)
         if not ok:
             want = next(k for k in kinds if k != "None")
-            raise ValueError(f"{where}: {f.name} must be {_KIND_WORDS.get(want.split('[')[0], want)}, got {v!r}")
+            raise ValueError(f"{where}: {f.name} must be {_kind_words(want)}, got {v!r}")
         out[f.name] = v
     return out
 
 
 _KIND_WORDS = {"int": "a whole number", "float": "a number", "str": "a string", "bool": "true or false",
                "dict": "a table"}
+_PLURAL = {"int": "whole numbers", "float": "numbers", "str": "strings", "bool": "true/false values"}
+
+
+def _sequence_kind(kind: str) -> tuple[str, int | None]:
+    """'tuple[int, ...]' -> ('int', None); 'tuple[float, float, float]' -> ('float', 3); 'list[int]' -> ('int', None)."""
+    items = kind[kind.index("[") + 1:-1].split(",")
+    if kind.startswith("list[") or (len(items) == 2 and items[1] == "..."):
+        return items[0], None
+    return items[0], len(items)
+
+
+def _kind_words(kind: str) -> str:
+    if kind.startswith(("tuple[", "list[")):
+        elem, n = _sequence_kind(kind)
+        return f"a list of {'' if n is None else f'{n} '}{_PLURAL.get(elem, elem)}"
+    return _KIND_WORDS.get(kind.split("[")[0], kind)
+
+
+def _checked_sequence(kind: str, v: Any) -> tuple[bool, Any]:
+    """A list value against 'tuple[T, ...]' / 'tuple[T, T, T]' / 'list[T]': (ok, normalised list)."""
+    elem, n = _sequence_kind(kind)
+    if not isinstance(v, (list, tuple)) or (n is not None and len(v) != n):
+        return False, v
+    out = []
+    for x in v:
+        number = isinstance(x, (int, float)) and not isinstance(x, bool)
+        if elem == "int" and number and float(x).is_integer():
+            out.append(int(x))
+        elif elem == "float" and number:
+            out.append(float(x))
+        elif elem == "str" and isinstance(x, str):
+            out.append(x)
+        else:
+            return False, v
+    return True, out
 
 
 def _parse_value(text: str) -> Any:

@@ -2,7 +2,6 @@
 log, CSV scalars, preview images and checkpoints (every N steps, at the end, and on Ctrl-C)."""
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..progress import progress_bar
@@ -24,6 +23,8 @@ from ..progress import progress_bar
 from ..data import TalkingHeadDataset, load_manifest
 from ..models import DeltaplaneConfig, GeneratorConfig, TalkingHead, TriplaneGenerator
 from .config import TrainConfig, generator_config
+from .draws import FrameDraws
+from .scalars import append_row
 from .losses import (identity_network, loss_status, mouth_l1, perceptual_network, reconstruction_losses,
                      sync_network)
 
@@ -157,31 +158,59 @@ def _check_new_run_dir(run_dir: Path, data_dir: Path) -> None:
         raise ValueError(f"run folder {run_dir} is the dataset folder: choose another --out")
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run folder {run_dir} is a file: choose another --out")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not _never_checkpointed(run_dir):
         what = ("holds a run: continue it with --resume, or choose another --out"
                 if (run_dir / "config.json").exists() else "is not empty: choose another --out (a run never "
                 "writes over files it did not make)")
         raise ValueError(f"run folder {run_dir} {what}")
 
 
-class _TerminationRequest:
-    """Notes a SIGTERM while training instead of dying at once, so that the loop saves a checkpoint
-    after the current step (as Ctrl-C does). Only the main thread can handle signals; elsewhere (a
-    trainer driven from another thread) SIGTERM keeps its default action."""
+#: What a run writes before its first checkpoint (a run stopped then may simply start again).
+RUN_FILES = ("config.json", "log.txt", "scalars.csv", "val_scalars.csv", "checkpoints", "previews")
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
+
+def _never_checkpointed(run_dir: Path) -> bool:
+    """run_dir holds a run that was refused or stopped before its first checkpoint (its empty
+    checkpoints/ and previews/, maybe its log, config, scalars and previews): a new run may start
+    over there, continuing its log. Anything else in the folder, or a config.json that is not a
+    run's, keeps it refused."""
+    names = {p.name for p in run_dir.iterdir()}
+    if not names <= set(RUN_FILES) or any((run_dir / "checkpoints").glob("*")):
+        return False
+    if "config.json" in names:
+        try:
+            return "train" in json.loads((run_dir / "config.json").read_text())
+        except (json.JSONDecodeError, TypeError, OSError):
+            return False
+    return True
+
+
+class _TerminationRequest:
+    """Notes a SIGTERM or a first Ctrl-C (SIGINT) while training instead of stopping at once, so that
+    the loop stops between two steps and saves a checkpoint of a whole step (a KeyboardInterrupt in
+    the middle of one could save weights already updated under the old step count). A second
+    Ctrl-C stops at once, as usual. Only the main thread can handle signals; elsewhere (a trainer
+    driven from another thread) both keep their default actions."""
+
+    def __init__(self, say=None):
+        self.requested = None  # "SIGTERM" / "Ctrl-C" once asked
+        self._say = say or (lambda msg: None)
+        self._previous = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._note)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._note)
 
     def _note(self, signum, frame) -> None:
-        self.requested = True
+        if signum == signal.SIGINT and self.requested == "Ctrl-C":
+            raise KeyboardInterrupt  # the second Ctrl-C: now
+        self.requested = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        if signum == signal.SIGINT:
+            self._say("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to stop now)")
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
 
 def checkpoint_error(path: Path, reason: str) -> str:
@@ -235,14 +264,18 @@ class Trainer:
         audio = dict(audio_window=base.audio_window, audio_steps=base.audio_steps)
         self.train_set = TalkingHeadDataset(self.data_dir, "train", **audio)
         self.val_set = TalkingHeadDataset(self.data_dir, "val", **audio)
+        restarted = False
         if not resume:
             _check_new_run_dir(self.run_dir, self.data_dir)
+            restarted = self.run_dir.is_dir() and any(self.run_dir.iterdir())
             if self.world > 1:  # every rank has looked before rank 0 creates it
                 dist.barrier()
         if self.main:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             (self.run_dir / "previews").mkdir(exist_ok=True)
         self.log = RunLog(self.run_dir / "log.txt") if self.main else (lambda msg: None)
+        if restarted:
+            self.log(f"starting over in {self.run_dir}: the run there stopped before its first checkpoint")
         torch.manual_seed(cfg.seed + self.rank)
         if cfg.stage == "sr":  # the trained model of init_from (of this run itself when resuming)
             source = self.run_dir if resume else Path(cfg.init_from)  # resumed: its own checkpoint
@@ -329,6 +362,11 @@ class Trainer:
         # the loss networks above draws from it (their layers initialise before the weights load).
         if resume:
             self._load(self.run_dir / "checkpoints" / "latest.pt")
+            if self.main:  # the settings it continues with (--set steps, lr, ...), for the next --resume
+                saved = json.loads((self.run_dir / "config.json").read_text())
+                tmp = self.run_dir / "config.json.tmp"
+                tmp.write_text(json.dumps({**saved, "train": cfg.to_dict()}, indent=2))
+                os.replace(tmp, self.run_dir / "config.json")
         elif self.main:
             (self.run_dir / "config.json").write_text(json.dumps(
                 {"train": cfg.to_dict(), "data": str(self.data_dir.resolve()), "prior": prior,
@@ -372,7 +410,14 @@ class Trainer:
         return {"version": CHECKPOINT_VERSION, "step": self.step, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "config": self.cfg.to_dict(), "audio_encoder": self.audio_encoder, "history": self.history,
-                "rng": {"torch": torch.get_rng_state()}}  # render jitter and eye noise: torch's generator
+                "rng": self._rng_state()}
+
+    def _rng_state(self) -> dict:
+        """torch's generators (render jitter, eye and SR noise draw from them): CPU, and the device's."""
+        state = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
 
     def save(self, name: str | None = None) -> Path | None:
         if not self.main:
@@ -399,12 +444,44 @@ class Trainer:
         if state["audio_encoder"] != self.audio_encoder:
             raise ValueError(f"{path} was trained on audio features {state['audio_encoder']!r}, but {self.data_dir} "
                              f"has {self.audio_encoder!r}")
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as e:  # a model setting changed with --set: name it, no traceback
+            raise ValueError(checkpoint_error(path, "its weights do not fit the model this config builds (was a "
+                                                    "model setting changed with --set on --resume?): "
+                                                    + str(e).strip().splitlines()[0][:300])) from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.history = int(state["step"]), list(state["history"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())
+        self._apply_schedule(dict(state.get("config", {})))
+        rng = state["rng"]
+        if self.world == 1:
+            torch.set_rng_state(rng["torch"].cpu())
+            if self.device.type == "cuda" and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
+        else:  # one checkpoint holds rank 0's streams: every rank restarts its own from (seed, rank, step)
+            torch.manual_seed(self.cfg.seed + self.rank + self.world * self.step)
+            self.log("data-parallel resume: the frame order continues exactly; the random streams (render jitter, "
+                     "noise) restart from the seed and the step")
         self.log(f"resumed from {path} at step {self.step}")
+
+    def _apply_schedule(self, saved: dict) -> None:
+        """--set lr / lr_decay / lr_decay_epochs on --resume: the loaded scheduler would keep the old
+        ones; the new schedule applies from the current step on (lr = lr * decay^(step // period))."""
+        keys = ("lr", "lr_decay", "lr_decay_epochs")
+        changed = {k: (saved.get(k), getattr(self.cfg, k)) for k in keys if saved.get(k, getattr(self.cfg, k))
+                   != getattr(self.cfg, k)}
+        if not changed:
+            return
+        sch = self.scheduler
+        sch.base_lrs = [self.cfg.lr for _ in sch.base_lrs]
+        sch.gamma, sch.step_size = self.cfg.lr_decay, self.cfg.lr_decay_epochs * self.steps_per_epoch
+        lr = self.cfg.lr * self.cfg.lr_decay ** (sch.last_epoch // sch.step_size)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sch._last_lr = [lr for _ in self.optimizer.param_groups]
+        self.log("schedule changed on resume: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+                 + f"; lr now {lr:.3g}")
 
     # -- evaluation --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -443,12 +520,16 @@ class Trainer:
 
     # -- training ----------------------------------------------------------------------------------
     def _loader(self):
-        sampler = (DistributedSampler(self.train_set, seed=self.cfg.seed) if self.world > 1 else
-                   RandomSampler(self.train_set, replacement=True, num_samples=10**9,
-                                 generator=torch.Generator().manual_seed(self.cfg.seed + self.step)))
+        # One seeded sequence of draws for the whole run: a resumed run continues it where the
+        # finished steps left it (draws.py); ranks take interleaved draws of the same sequence.
+        sampler = FrameDraws(len(self.train_set), self.cfg.seed, start=self.step * self.cfg.batch_size * self.world,
+                             rank=self.rank, world=self.world)
         # Pinned batches: a copy from pageable memory waits for the GPU's queue to drain (one stall a
         # step); from pinned memory, non_blocking copies are queued behind the running step.
+        # Its own generator: iter(DataLoader) draws the workers' base seed from it, which from torch's
+        # global generator would shift a resumed run's random streams (render jitter, noise) by one.
         return DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=sampler, drop_last=True,
+                          generator=torch.Generator().manual_seed(self.cfg.seed + self.rank),
                           num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0,
                           pin_memory=self.device.type == "cuda")
 
@@ -491,20 +572,19 @@ class Trainer:
         self.step += 1
         return {**{k: v.detach() for k, v in terms.items()}, "grad_norm": gnorm.detach()}
 
-    def _scalars(self, row: dict) -> None:
-        if not self.main:
-            return
-        path = self.run_dir / "scalars.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
+    def _scalars(self, row: dict, file: str = "scalars.csv") -> None:
+        """A row of training (scalars.csv) or validation (val_scalars.csv) values: see scalars.py."""
+        if self.main:
+            append_row(self.run_dir / file, row)
 
     def fit(self) -> dict:
         """Train to ``cfg.steps``; returns the first and last validation scores."""
         cfg = self.cfg
+        if self.step >= cfg.steps and self.history:
+            key, _ = self.headline
+            self.log(f"run already finished: step {self.step} of steps = {cfg.steps}; to train further, resume with "
+                     f"--set steps=N (N > {self.step})")
+            return {"first": self.history[0], "last": self.history[-1], "checkpoint": None}
         if self.step == 0:
             first = self.evaluate()
             self.history.append({"step": 0, **first})
@@ -513,17 +593,10 @@ class Trainer:
         batches = iter(loader)
         bar = progress_bar(total=cfg.steps, initial=self.step, desc=f"train {cfg.stage}", unit="step",
                    disable=not self.main, dynamic_ncols=True)
-        epoch = 0
-        stop = _TerminationRequest()
+        stop = _TerminationRequest(say=self.log if self.main else None)
         try:
             while self.step < cfg.steps:
-                try:
-                    batch = next(batches)
-                except StopIteration:  # a DistributedSampler epoch ended: reshuffle
-                    epoch += 1
-                    loader.sampler.set_epoch(epoch)
-                    batches = iter(loader)
-                    continue
+                batch = next(batches)  # endless (FrameDraws)
                 terms = self.train_step(_to(batch, self.device))
                 if self.step % cfg.log_every == 0:  # the only steps whose values are read (train_step)
                     values = {k: float(v) for k, v in terms.items()}
@@ -535,15 +608,15 @@ class Trainer:
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     scores = self.evaluate()
                     self.history.append({"step": self.step, **scores})
-                    self._scalars({"step": self.step, **scores})
+                    self._scalars({"step": self.step, **scores}, "val_scalars.csv")
                     self.log(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
                 if self.step % cfg.checkpoint_every == 0:
                     self.save()
-                if stop.requested:  # SIGTERM (kill, timeout, a scheduler's pre-emption): stop between steps
+                if stop.requested:  # SIGTERM (kill, timeout, pre-emption) or Ctrl-C: stop between steps
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             path = self.save()
-            why = "terminated (SIGTERM)" if stop.requested else "interrupted"
+            why = {"SIGTERM": "terminated (SIGTERM)", "Ctrl-C": "stopped (Ctrl-C)"}.get(stop.requested, "interrupted")
             self.log(f"{why} at step {self.step}; saved {path}; continue with --resume {self.run_dir}")
             raise
         finally:

@@ -1,0 +1,148 @@
+"""A run's life: the frame order a resume continues, scalars files a CSV reader reads, configs
+checked to the nested keys, runs that start over, change schedule, finish, or stop on Ctrl-C."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from talk3d.train import Trainer
+from talk3d.train.__main__ import main
+from talk3d.train.config import load_config
+from talk3d.train.draws import DRAW_BLOCK, FrameDraws
+from talk3d.train.scalars import append_row, read_rows
+
+from test_train import _cfg, data  # noqa: F401  (the synthetic dataset fixture)
+
+TINY = ["--set", "generator_size=\"tiny\"", "--set", "deltaplane_size=\"tiny\"", "--set", "impl=\"torch\"",
+        "--set", "generator.plane_resolution=16", "--set", "generator.plane_channels=4",
+        "--set", "generator.neural_rendering_resolution=16", "--set", "generator.sr_resolution=32",
+        "--set", "generator.sr_channels=[8,8]", "--set", "generator.coarse_samples=6",
+        "--set", "generator.importance_samples=6", "--set", "eval_every=3", "--set", "log_every=1"]
+
+
+def _take(it, k):
+    return [next(it) for _ in range(k)]
+
+
+def test_frame_draws_continue_across_a_resume_and_interleave_over_ranks():
+    n, seed = 37, 5
+    whole = _take(iter(FrameDraws(n, seed)), 3 * DRAW_BLOCK)
+    assert min(whole) >= 0 and max(whole) < n and len(set(whole)) == n  # uniform over all frames
+    for start in (0, 7, DRAW_BLOCK - 1, DRAW_BLOCK, 2 * DRAW_BLOCK + 3):  # resumed inside or at a block's edge
+        assert _take(iter(FrameDraws(n, seed, start=start)), 50) == whole[start:start + 50]
+    # Two ranks, batch 2 each: step k's four frames are the single process's draws 4k..4k+3.
+    ranks = [_take(iter(FrameDraws(n, seed, start=8, rank=r, world=2)), 6) for r in range(2)]
+    assert ranks[0] == whole[8:20:2] and ranks[1] == whole[9:20:2]
+    assert _take(iter(FrameDraws(n, seed + 1)), 20) != whole[:20]
+    with pytest.raises(ValueError, match="no frames"):
+        FrameDraws(0, seed)
+
+
+def test_scalars_files_keep_one_header_when_columns_appear(tmp_path):
+    path = tmp_path / "scalars.csv"
+    append_row(path, {"step": 1, "total": 0.5})
+    append_row(path, {"step": 2, "total": 0.4})
+    append_row(path, {"step": 3, "total": 0.3, "sync": 0.9})  # the lip-sync term switches on
+    append_row(path, {"step": 4, "sync": 0.8, "total": 0.2})
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
+    assert [r["total"] for r in rows] == ["0.5", "0.4", "0.3", "0.2"] and [r["sync"] for r in rows] == ["", "", "0.9", "0.8"]
+    assert read_rows(tmp_path / "none.csv") == []
+
+
+def test_resume_continues_the_run_bitwise(data, tmp_path):  # noqa: F811
+    """6 steps in one go against 3 steps, a new process-like Trainer, 3 more: the same frames, the
+    same random streams, the same weights to the bit."""
+    cfg = dict(eval_every=3, checkpoint_every=100, log_every=1)
+    torch.manual_seed(123)  # whatever ran before: the trainer seeds itself
+    a = Trainer(_cfg(steps=6, **cfg), data, tmp_path / "a")
+    a.fit()
+    torch.manual_seed(456)
+    b = Trainer(_cfg(steps=3, **cfg), data, tmp_path / "b")
+    b.fit()
+    b = Trainer(_cfg(steps=6, **cfg), data, tmp_path / "b", resume=True)
+    assert b.step == 3
+    b.fit()
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+    ra, rb = read_rows(tmp_path / "a" / "scalars.csv"), read_rows(tmp_path / "b" / "scalars.csv")
+    assert [r["total"] for r in ra] == [r["total"] for r in rb] and len(ra) == 6
+
+
+def test_run_files_are_read_by_a_csv_reader_and_the_config_follows_the_resume(data, tmp_path, capsys):  # noqa: F811
+    run = tmp_path / "run"
+    assert main(["--data", str(data), "--out", str(run), "--set", "steps=3", *TINY]) == 0
+    train, val = read_rows(run / "scalars.csv"), read_rows(run / "val_scalars.csv")
+    assert [r["step"] for r in train] == ["1", "2", "3"] and all(float(r["lr"]) > 0 for r in train)
+    assert [r["step"] for r in val] == ["3"] and float(val[0]["val_l1_raw"]) > 0 and "lr" not in val[0]
+    # A finished run resumed as it is: said, nothing trained.
+    assert main(["--resume", str(run)]) == 0
+    assert "run already finished: step 3 of steps = 3" in (run / "log.txt").read_text()
+    # Resumed with a new length and learning rate: both apply, and config.json says so.
+    assert main(["--resume", str(run), "--set", "steps=5", "--set", "lr=0.01"]) == 0
+    saved = json.loads((run / "config.json").read_text())["train"]
+    assert saved["steps"] == 5 and saved["lr"] == 0.01
+    state = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
+    assert state["step"] == 5 and state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.01)
+    assert "schedule changed on resume: lr" in (run / "log.txt").read_text()
+    # A model setting changed on resume: named, no traceback.
+    with pytest.raises(SystemExit):
+        main(["--resume", str(run), "--set", "steps=6", "--set", "deltaplane.token_dim=24"])
+    assert "do not fit the model this config builds" in capsys.readouterr().err
+
+
+def test_nested_config_values_are_typed_and_bad_values_refused():
+    assert load_config(None, ["deltaplane.use_audio=false"]).deltaplane["use_audio"] is False
+    assert load_config(None, ["deltaplane.channels=[8, 32.0]"]).deltaplane["channels"] == [8, 32]
+    bad = {"deltaplane.use_audio=False": "use_audio must be true or false, got 'False'",  # a string: would be true
+           "deltaplane.use_audio=no": "use_audio must be true or false",
+           'deltaplane.channels="ab"': "channels must be a list of whole numbers",
+           "generator.ray_start=[1]": "must be a number",
+           "val_frames=0": "val_frames must be >= 1", "lr_decay_epochs=0": "lr_decay_epochs must be >= 1",
+           "render_resolution=-4": "render_resolution must be >= 1", "num_workers=-1": "num_workers must be >= 0",
+           "loss.l1_raw=-5": "loss.l1_raw must be a finite number >= 0", "loss.mouth=NaN": "loss.mouth must be"}
+    for override, message in bad.items():
+        with pytest.raises(ValueError, match=message.replace("[", "\\[")):
+            load_config(None, [override])
+
+
+def test_a_refused_run_can_start_over_in_its_folder(data, tmp_path, capsys):  # noqa: F811
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit):  # refused by the model's own checks, after the folder was made
+        main(["--data", str(data), "--out", str(run), "--set", "steps=2", *TINY,
+              "--set", "generator.plane_resolution=-16"])
+    assert "plane_resolution" in capsys.readouterr().err
+    assert main(["--data", str(data), "--out", str(run), "--set", "steps=2", *TINY]) == 0
+    assert "starting over in" in (run / "log.txt").read_text()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "log.txt").write_text("my notes")
+    (tmp_path / "mine" / "notes.md").write_text("keep")
+    with pytest.raises(SystemExit):  # not only a run's files: never touched
+        main(["--data", str(data), "--out", str(tmp_path / "mine"), "--set", "steps=2", *TINY])
+    assert "is not empty" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_after_the_step_and_saves(data, tmp_path):  # noqa: F811
+    t = Trainer(_cfg(steps=50, eval_every=100, checkpoint_every=100), data, tmp_path / "run")
+    step = t.train_step
+
+    def step_then_ctrl_c(batch):
+        out = step(batch)
+        if t.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # handled between steps: the step completes first
+        return out
+
+    t.train_step = step_then_ctrl_c
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    state = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=True)
+    assert state["step"] == 2 and state["scheduler"]["last_epoch"] == 2  # a whole step, counted once
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "Ctrl-C: stopping after this step" in log and "stopped (Ctrl-C) at step 2" in log
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
