@@ -210,3 +210,42 @@ def test_evaluate_with_a_missing_network_file_writes_nothing(run, tmp_path, caps
     _cli_refuses(evaluate_main, ["--run", str(run), "--out", str(tmp_path / "eval"), "--impl", "torch",
                                  "--syncnet-weights", str(tmp_path / "lipsync_expert.pth")], "no such file", capsys)
     assert not (tmp_path / "eval").exists()
+
+
+def test_json_camera_angles_out_of_range(run, tmp_path):
+    from talk3d.infer import camera_track
+    from talk3d.infer.render import load_training_clip
+
+    clip = load_training_clip(json.loads((run / "config.json").read_text()))
+    path = tmp_path / "cams.json"
+    for angles, entry in (([[0, 0], [1e9, 0]], "entry 1"), ([[0, 95]], "entry 0"), ([[0, 0], [3.14, 1.2], [0, -90]], "entry 2")):
+        path.write_text(json.dumps(angles))
+        with pytest.raises(InferenceError, match=f"{entry}: yaw must be within"):
+            camera_track(str(path), 3, clip)
+    path.write_text(json.dumps([[30, 20], [-180, -89]]))
+    assert camera_track(str(path), 3, clip).shape == (3, 25)
+
+
+def test_ckpt_size_and_path_messages(run, tmp_path, wav, capsys):
+    """--ckpt RUN/checkpoints/NAME.pt is that run's checkpoint; --size takes the pixel sizes too;
+    a folder given as audio and a run folder that does not exist are named as such."""
+    out = tmp_path / "a.mp4"
+    assert infer_main(["--ckpt", str(run / "checkpoints" / "latest.pt"), "--audio", str(wav), "--out", str(out),
+                       "--impl", "torch", "--size", "16"]) == 0  # the render: 16 px in this run
+    import av
+
+    with av.open(str(out)) as c:
+        assert (c.streams.video[0].width, c.streams.video[0].height) == (16, 16)
+    _cli_refuses(infer_main, ["--run", str(run), "--audio", str(wav), "--out", str(tmp_path / "b.mp4"),
+                              "--impl", "torch", "--size", "512"], "this run outputs 32x32 (sr", capsys)
+    lone = tmp_path / "latest.pt"
+    shutil.copy(run / "checkpoints" / "latest.pt", lone)
+    _cli_refuses(infer_main, ["--ckpt", str(lone), "--audio", str(wav), "--out", str(tmp_path / "c.mp4")],
+                 "not inside a run folder", capsys)
+    _cli_refuses(infer_main, ["--ckpt", str(run / "checkpoints" / "latest.pt"), "--checkpoint", "x.pt",
+                              "--audio", str(wav), "--out", str(tmp_path / "c.mp4")], "--checkpoint goes with --run",
+                 capsys)
+    _cli_refuses(infer_main, ["--run", str(run), "--audio", str(tmp_path), "--out", str(tmp_path / "d.mp4"),
+                              "--impl", "torch"], "a folder, not an audio file", capsys)
+    _cli_refuses(infer_main, ["--run", str(tmp_path / "nowhere"), "--audio", str(wav),
+                              "--out", str(tmp_path / "e.mp4")], "no such run folder", capsys)

@@ -303,9 +303,14 @@ def test_aue_runs_openface_on_the_scored_frames(runs, tmp_path):
     assert m["aue"]["available"] is False and "HAAR" in m["aue"]["reason"] and m["psnr"]["available"]
 
 
-def test_cli_names_a_missing_openface(runs, tmp_path, capsys):
+def test_cli_names_a_missing_network_file(runs, tmp_path, capsys):
+    """A mistyped path of any network is an error, not a metric silently dropped."""
     assert _eval(runs, "run_trained", tmp_path / "eval", "--openface", str(tmp_path / "nowhere")) == 2
     assert "not an executable FeatureExtraction" in capsys.readouterr().err
+    for flag in ("--face-id-weights", "--lpips-weights", "--inception-weights", "--syncnet-weights"):
+        assert _eval(runs, "run_trained", tmp_path / "eval", flag, str(tmp_path / "nowhere.pth")) == 2, flag
+        err = capsys.readouterr().err
+        assert "nowhere.pth" in err and ("no such file" in err.lower() or "not found" in err.lower()), (flag, err)
     assert not (tmp_path / "eval").exists()
 
 

@@ -506,11 +506,17 @@ def test_corrupt_checkpoint_is_named_with_the_others(data, tmp_path, capsys):
     run = tmp_path / "run"
     t = Trainer(_cfg(steps=1), data, run)
     t.save()  # step_0000000.pt and latest.pt
-    (run / "checkpoints" / "latest.pt").write_bytes(os.urandom(1000))
-    with pytest.raises(SystemExit):
-        main(["--resume", str(run)])
-    err = capsys.readouterr().err
-    assert "not a readable talk3d checkpoint" in err and "step_0000000.pt" in err and "weights_only=False" not in err
+    import pickle
+
+    damaged = {"random bytes": os.urandom(1000), "text": b"not a checkpoint\n" * 20,
+               "a pickle of code objects": pickle.dumps({"model": os.system})}  # torch advises weights_only=False here
+    for what, content in damaged.items():
+        (run / "checkpoints" / "latest.pt").write_bytes(content)
+        with pytest.raises(SystemExit):
+            main(["--resume", str(run)])
+        err = capsys.readouterr().err
+        assert "not a readable talk3d checkpoint" in err and "step_0000000.pt" in err, what
+        assert "weights_only" not in err, what  # torch's advice would run code from the file
     (run / "checkpoints" / "latest.pt").write_bytes(b"")
     with pytest.raises(ValueError, match="empty file"):
         load_talking_head(run)

@@ -35,6 +35,8 @@ def decode_audio_stream(path) -> tuple[np.ndarray, float | None]:
         decoding error.
     """
     path = Path(path)
+    if path.is_dir():
+        raise AudioFileError(f"{path}: a folder, not an audio file")
     if not path.is_file():
         raise AudioFileError(f"{path}: no such file")
     try:
@@ -78,6 +80,8 @@ def read_audio(path) -> np.ndarray:
         AudioFileError: the file cannot be read (see :func:`decode_audio_stream`).
     """
     path = Path(path)
+    if path.is_dir():
+        raise AudioFileError(f"{path}: a folder, not an audio file")
     if not path.is_file():
         raise AudioFileError(f"{path}: no such file")
     wav_error = None

@@ -310,6 +310,9 @@ def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None
     check_impl(impl, device, "--impl")
     out = Path(out_dir)
     _check_out(out, overwrite)
+    for flag, given in (("--lpips-weights", lpips_weights), ("--face-id-weights", face_id_weights)):
+        if given is not None and not Path(given).expanduser().exists():  # a typo must not drop the metric silently
+            raise EvaluationError(f"{flag} {given}: no such file or folder")
     model, info = load_talking_head(run_dir, checkpoint=checkpoint, device=device)
     data = Path(info["data"])
     manifest = load_manifest(data)

@@ -40,6 +40,10 @@ def markdown_report(result: dict) -> str:
     lines += ["| Method | " + " | ".join(t for _, t in TABLE2_COLUMNS) + " |",
               "| --- |" + " --- |" * len(TABLE2_COLUMNS),
               f"| {METHOD} | " + " | ".join(_cell(ad.get(k)) for k, _ in TABLE2_COLUMNS) + " |", ""]
+    sync_entry = ad.get("sync", {})
+    if sync_entry.get("available"):
+        lines += [f"Sync here: {sync_entry['network']}. The paper's Sync is SyncNet's confidence (LSE-C, about "
+                  "9 on real video): the two scales do not compare.", ""]
     aue = ad.get("aue", {})
     if aue.get("available"):
         lines += [f"AUE by face half: lower {aue['lower_face']:.4f}, upper {aue['upper_face']:.4f} "

@@ -19,14 +19,17 @@ from pathlib import Path
 
 from ..audio.features import SAMPLE_RATE
 from ..devices import resolve_device
-from .render import IMPLS, PRECISIONS, SIZES, SOURCES, InferenceError, compile_for_inference, load_training_clip, \
+from .render import IMPLS, PRECISIONS, SOURCES, InferenceError, compile_for_inference, load_training_clip, \
     num_frames_for, read_speech, render_speech
 from .video import StreamingVideoWriter
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m talk3d.infer", description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, help="run folder of python -m talk3d.train")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="run folder of python -m talk3d.train (its checkpoints/latest.pt, or --checkpoint)")
+    which.add_argument("--ckpt", help="a checkpoint file in a run folder (RUN/checkpoints/NAME.pt): that run, that "
+                                      "checkpoint")
     p.add_argument("--audio", required=True,
                    help="speech: a WAV, or any audio or video file FFmpeg reads (MP3, M4A, FLAC, a video's sound "
                         "track; through PyAV); any rate, any channels")
@@ -35,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--camera", default="gt",
                    help="gt (training cameras), orbit (yaw +-30, pitch +-20 deg), fixed:YAW,PITCH (deg), or a "
                         "JSON file with one [yaw, pitch] or 25-number label per frame (default gt)")
-    p.add_argument("--size", choices=SIZES, default="sr", help="sr: super-resolved image; raw: the volume render")
+    p.add_argument("--size", default="sr",
+                   help="sr: the super-resolved image; raw: the volume render; or either's pixel size (512 or 128 "
+                        "at the release's sizes)")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
     p.add_argument("--batch", type=int, default=4, help="frames per forward pass")
     p.add_argument("--eye", choices=SOURCES, default="train", help="blinks: the training clip's, or none")
@@ -81,8 +86,32 @@ def _check_out(out: Path, overwrite: bool) -> str | None:
     return None
 
 
+def run_of_checkpoint(path) -> tuple[Path, str]:
+    """--ckpt RUN/checkpoints/NAME.pt -> (RUN, NAME.pt): a checkpoint is read with its run's
+    config.json (the model's sizes, the training data's place)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt {path}: no such file")
+    run = path.resolve().parent.parent
+    if path.resolve().parent.name != "checkpoints" or not (run / "config.json").is_file():
+        raise FileNotFoundError(f"--ckpt {path}: not inside a run folder (RUN/checkpoints/{path.name} next to "
+                                "RUN/config.json, which holds the model's sizes and where its training data is): "
+                                "keep checkpoints in their run's checkpoints/ folder")
+    return run, path.name
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.ckpt is not None:
+        if args.checkpoint != "latest.pt":
+            print("error: --ckpt names the checkpoint itself; --checkpoint goes with --run", file=sys.stderr)
+            return 2
+        try:
+            run, args.checkpoint = run_of_checkpoint(args.ckpt)
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        args.run = str(run)
     from ..progress import progress_bar
 
     from ..train import load_talking_head

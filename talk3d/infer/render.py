@@ -33,7 +33,7 @@ from ..ops.backends import check_impl
 from ..render.cameras import LABEL_SIZE, CameraRig, check_cameras
 
 __all__ = ["InferenceError", "TrainingClip", "load_training_clip", "read_speech", "num_frames_for",
-           "camera_track", "render_speech", "PRECISIONS", "SIZES", "SOURCES",
+           "camera_track", "render_speech", "resolve_size", "PRECISIONS", "SIZES", "SOURCES",
            "ORBIT_YAW_DEG", "ORBIT_PITCH_DEG"]
 
 # The paper's novel-view range: yaw within +-30 degrees, pitch within +-20 degrees.
@@ -205,6 +205,9 @@ def _cameras_from_json(path: Path, num_frames: int, rig: CameraRig) -> torch.Ten
                              f"camera labels, got shape {list(arr.shape)}")
     if not np.isfinite(arr).all():
         raise InferenceError(f"--camera {path}: NaN or inf in the cameras")
+    if arr.shape[1] == 2:
+        worst = int(np.argmax(np.maximum(np.abs(arr[:, 0]) / MAX_YAW_DEG, np.abs(arr[:, 1]) / MAX_PITCH_DEG)))
+        _check_angles(*arr[worst], f"--camera {path}, entry {worst}")
     arr = arr[_cycle(num_frames, arr.shape[0])]
     if arr.shape[1] == 2:
         return _novel_view_cameras(arr, rig)
@@ -214,6 +217,17 @@ def _cameras_from_json(path: Path, num_frames: int, rig: CameraRig) -> torch.Ten
     except ValueError as e:
         raise InferenceError(f"--camera {path}: {e}") from None
     return labels
+
+
+#: Head angles a camera may take, degrees: past these the head turns away or over.
+MAX_YAW_DEG, MAX_PITCH_DEG = 180.0, 90.0
+
+
+def _check_angles(yaw: float, pitch: float, where: str) -> None:
+    """Refuse angles past MAX_YAW_DEG / MAX_PITCH_DEG (often radians given for degrees)."""
+    if abs(yaw) > MAX_YAW_DEG or abs(pitch) >= MAX_PITCH_DEG:
+        raise InferenceError(f"{where}: yaw must be within +-180 and pitch within +-90 degrees, got "
+                             f"({yaw:g}, {pitch:g}) (the paper's novel views span yaw +-30, pitch +-20)")
 
 
 def camera_track(spec: str, num_frames: int, clip: TrainingClip) -> torch.Tensor:
@@ -235,9 +249,7 @@ def camera_track(spec: str, num_frames: int, clip: TrainingClip) -> torch.Tensor
             raise InferenceError(f"--camera {spec!r}: expected fixed:YAW,PITCH in degrees, e.g. fixed:20,-5") from None
         if not (math.isfinite(yaw) and math.isfinite(pitch)):
             raise InferenceError(f"--camera {spec!r}: angles must be finite")
-        if abs(yaw) > 180 or abs(pitch) >= 90:  # past these the head turns away or over (degrees, not radians)
-            raise InferenceError(f"--camera {spec!r}: yaw must be within +-180 and pitch within +-90 degrees "
-                                 "(the paper's novel views span yaw +-30, pitch +-20)")
+        _check_angles(yaw, pitch, f"--camera {spec!r}")
         return _novel_view_cameras(np.tile([[yaw, pitch]], (num_frames, 1)), clip.rig)
     path = Path(spec)
     if path.is_file():
@@ -323,6 +335,24 @@ def check_speech(wave, what: str) -> np.ndarray:
     return arr
 
 
+def resolve_size(size, info: dict) -> str:
+    """'sr' / 'raw', or the pixel size of one of them for this run (512 -> 'sr', 128 -> 'raw' at the
+    release's sizes)."""
+    if size in SIZES:
+        return size
+    px = {"sr": int(info["model"]["generator"]["sr_resolution"]), "raw": int(info["model"]["render_resolution"])}
+    try:
+        want = int(str(size))
+    except ValueError:
+        raise InferenceError(f"size must be one of {SIZES} or a pixel size ({px['sr']} or {px['raw']} for this "
+                             f"run), got {size!r}") from None
+    for name, value in px.items():
+        if value == want:
+            return name
+    raise InferenceError(f"size {want}: this run outputs {px['sr']}x{px['sr']} (sr, the super-resolved image) and "
+                         f"renders {px['raw']}x{px['raw']} (raw)")
+
+
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise InferenceError(f"{name} must be one of {tuple(choices)}, got {value!r}")
@@ -360,7 +390,8 @@ def render_speech(model, info: dict, wave16k, *, camera: str = "gt", size: str =
         info: the run's config.json (``load_talking_head``'s second result).
         wave16k: [T] float 16-kHz mono speech; gives ``num_frames_for(wave16k)`` frames.
         camera: see :func:`camera_track`.
-        size: 'sr' (the super-resolved image, S = the generator's ``sr_resolution``) or 'raw' (the
+        size: 'sr' (the super-resolved image, S = the generator's ``sr_resolution``; or that S as
+            a number) or 'raw' (the
             volume render at the run's ``render_resolution``).
         precision: 'fp32', 'bf16' or 'fp16' (autocast on the model's device; bf16 on a CPU works
             but is slow).
@@ -381,7 +412,7 @@ def render_speech(model, info: dict, wave16k, *, camera: str = "gt", size: str =
         An iterator of [S, S, 3] uint8 RGB frames. Everything is checked (and the audio encoded)
         before it is returned, so bad inputs fail at the call, not at the first frame.
     """
-    _check_choice("size", size, SIZES)
+    size = resolve_size(size, info)
     _check_choice("precision", precision, PRECISIONS)
     _check_choice("eye", eye, SOURCES)
     _check_choice("pose", pose, SOURCES)

@@ -80,9 +80,9 @@ from ..audio.features import (FEATURES_PER_FRAME, HOP, SAMPLE_RATE, SAMPLES_PER_
                               Wav2Vec2Encoder, window_reach, windows)
 from ..devices import resolve_device
 from ..ops.backends import check_impl
-from .render import (IMPLS, PRECISIONS, SIZES, SOURCES, InferenceError, TrainingClip, audio_context,
+from .render import (IMPLS, PRECISIONS, SOURCES, InferenceError, TrainingClip, audio_context,
                      _check_choice, _checked_track, check_speech, _cycle, _novel_view_cameras, _orbit_angles,
-                     _to_device, _to_uint8, camera_track, load_training_clip, render_speech)
+                     _to_device, _to_uint8, camera_track, load_training_clip, render_speech, resolve_size)
 
 __all__ = ["Talker", "STREAM_ORBIT_PERIOD", "WAV2VEC2_CONTEXT_S", "WAV2VEC2_LOOKAHEAD_S"]
 
@@ -195,7 +195,7 @@ class Talker:
         camera: 'gt', 'orbit' (in a stream: period :data:`STREAM_ORBIT_PERIOD` frames),
             'fixed:YAW,PITCH' or a JSON file (see :func:`talk3d.infer.camera_track`).
         eye, pose: 'train' or 'neutral' (see :func:`talk3d.infer.render_speech`).
-        size: 'sr' (super-resolved) or 'raw' (the volume render).
+        size: 'sr' (super-resolved) or 'raw' (the volume render), or the pixel size of one of them.
         impl: the field op's back end ('auto', 'torch', 'cpu', 'cuda', 'triton').
         batch: at most this many frames per forward pass; a stream renders the frames that are
             ready, up to ``batch`` at a time, and never waits to fill a batch.
@@ -212,7 +212,6 @@ class Talker:
                  wav2vec2_lookahead_s: float = WAV2VEC2_LOOKAHEAD_S):
         from ..train import load_talking_head  # training code: import when a Talker is made
 
-        _check_choice("size", size, SIZES)
         _check_choice("precision", precision, PRECISIONS)
         _check_choice("eye", eye, SOURCES)
         _check_choice("pose", pose, SOURCES)
@@ -229,6 +228,7 @@ class Talker:
         except ValueError as e:
             raise InferenceError(str(e)) from None
         self.model, self.info = load_talking_head(run_dir, checkpoint=checkpoint, device=self.device)
+        self.size = size = resolve_size(size, self.info)
         self.clip: TrainingClip = load_training_clip(self.info)
         trained = self.info.get("audio_encoder", self.clip.manifest["audio"]["encoder"])
         if self.clip.manifest["audio"]["encoder"] != trained:

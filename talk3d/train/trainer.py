@@ -228,9 +228,13 @@ def _read_checkpoint(path: Path, map_location) -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types (pickle, zip, EOF) for a damaged file
-        # torch's own text suggests weights_only=False, which would run arbitrary code from the file:
-        # only its first line is kept.
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        # torch's own text may suggest weights_only=False, which would run arbitrary code from the
+        # file: that advice is never passed on; otherwise its first sentence is.
+        text = str(e).strip()
+        if "weights_only" in text:
+            first = "it holds Python objects a checkpoint does not; refused unread, as loading them could run code"
+        else:
+            first = f"{type(e).__name__}: {text.splitlines()[0].split('. ')[0][:200]}" if text else type(e).__name__
         raise ValueError(checkpoint_error(path, f"not a readable talk3d checkpoint (damaged or another "
                                                 f"kind of file: {first})")) from None
     if not isinstance(state, dict):
@@ -637,7 +641,9 @@ def load_talking_head(run_dir, *, checkpoint: str = "latest.pt", device="cpu") -
     ``model`` with ``render_resolution``, ...). Needs neither the prior file nor the dataset.
     """
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
+    if not run_dir.exists():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
+    if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir} is a file; a run is the folder python -m talk3d.train wrote")
     try:
         info = json.loads((run_dir / "config.json").read_text())
