@@ -13,7 +13,7 @@ import numpy as np
 
 from .features import SAMPLE_RATE, read_wav
 
-__all__ = ["AudioFileError", "NoAudioStreamError", "decode_audio_stream", "read_audio"]
+__all__ = ["AudioFileError", "NoAudioStreamError", "decode_audio_stream", "read_audio", "read_soundtrack"]
 
 
 class AudioFileError(ValueError):
@@ -97,3 +97,40 @@ def read_audio(path) -> np.ndarray:
             raise AudioFileError(f"{path}: not a WAV file our reader takes ({wav_error}), and FFmpeg "
                                  f"cannot read it either ({e})") from None
         raise
+
+
+def read_soundtrack(path, max_channels: int = 2) -> tuple[np.ndarray, int]:
+    """The file's first audio stream as it sounds, for a video's sound track: its own sample rate,
+    its channels (more than ``max_channels`` mixed down by FFmpeg to stereo).
+
+    Returns:
+        (wave [C, T] float32, C = 1 or 2, sample rate). Raises AudioFileError as
+        :func:`decode_audio_stream`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AudioFileError(f"{path}: no such file")
+    try:
+        import av
+    except ImportError:
+        raise AudioFileError(f"{path}: reading a sound track needs PyAV (pip install av)") from None
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, UnicodeDecodeError) as e:
+        raise AudioFileError(f"{path}: not a readable audio or video file ({e})") from None
+    with container:
+        if not container.streams.audio:
+            raise NoAudioStreamError(f"{path}: the file has no audio stream")
+        stream = container.streams.audio[0]
+        rate = int(stream.rate or stream.codec_context.sample_rate)
+        channels = min(max_channels, max(1, stream.codec_context.channels))
+        resampler = av.AudioResampler(format="fltp", layout="mono" if channels == 1 else "stereo", rate=rate)
+        chunks = []
+        try:
+            for frame in container.decode(stream):
+                chunks += [out.to_ndarray() for out in resampler.resample(frame)]
+            chunks += [out.to_ndarray() for out in resampler.resample(None)]
+        except av.error.FFmpegError as e:
+            raise AudioFileError(f"{path}: audio decoding failed ({e})") from None
+    wave = np.concatenate(chunks, axis=1).astype(np.float32) if chunks else np.zeros((channels, 0), np.float32)
+    return wave, rate

@@ -86,6 +86,20 @@ def _check_out(out: Path, overwrite: bool) -> str | None:
     return None
 
 
+def soundtrack(path, wave16k) -> tuple:
+    """The video's sound: the speech file as it sounds (its rate, mono or stereo), or, where PyAV
+    cannot read it, the 16-kHz mono wave the model heard."""
+    from ..audio.files import AudioFileError, read_soundtrack
+
+    try:
+        track, rate = read_soundtrack(path)
+    except AudioFileError:
+        return wave16k, SAMPLE_RATE
+    if track.shape[1] == 0:
+        return wave16k, SAMPLE_RATE
+    return track, rate
+
+
 def run_of_checkpoint(path) -> tuple[Path, str]:
     """--ckpt RUN/checkpoints/NAME.pt -> (RUN, NAME.pt): a checkpoint is read with its run's
     config.json (the model's sizes, the training data's place)."""
@@ -140,13 +154,14 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = num_frames_for(wave)
+    track, track_rate = soundtrack(args.audio, wave)
     bar = progress_bar(total=n, unit="frame", desc="render", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = None
     try:
         for frame in frames:
             if writer is None:  # the size is known from the first frame
-                writer = StreamingVideoWriter(out, frame.shape[1], frame.shape[0], wave, sample_rate=SAMPLE_RATE)
+                writer = StreamingVideoWriter(out, frame.shape[1], frame.shape[0], track, sample_rate=track_rate)
             writer.write(frame)
             bar.update(1)
         writer.close()

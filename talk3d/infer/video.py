@@ -21,6 +21,7 @@ AUDIO_CODEC = "aac"
 PIX_FMT = "yuv420p"  # what players expect; needs even width and height (chroma is halved)
 CRF = 18  # x264 quality: visually near-lossless
 AAC_FRAME = 1024  # samples per AAC frame
+LAYOUTS = {1: "mono", 2: "stereo"}  # channels -> FFmpeg layout
 
 
 class StreamingVideoWriter:
@@ -29,7 +30,8 @@ class StreamingVideoWriter:
     Args:
         path: output file; the container comes from the suffix (.mp4, .mkv, ...).
         width, height: frame size (even: yuv420p).
-        wave: [T] float32 in [-1, 1] mono at ``sample_rate``, or None for a silent video.
+        wave: [T] (mono) or [C, T] (C = 1 or 2: mono or stereo) float32 in [-1, 1] at ``sample_rate``,
+            or None for a silent video.
         fps: frames per second.
         audio_stream: the speech arrives while writing (live rendering): start with no audio and
             hand it over with :meth:`push_audio` as it comes (``wave`` must be None). Only the
@@ -49,8 +51,15 @@ class StreamingVideoWriter:
         self.width, self.height, self.fps, self.sample_rate = int(width), int(height), int(fps), int(sample_rate)
         if audio_stream and wave is not None:
             raise ValueError("StreamingVideoWriter: pass either wave or audio_stream=True, not both")
+        if wave is not None:
+            wave = np.asarray(wave, dtype=np.float32)
+            wave = wave.reshape(1, -1) if wave.ndim == 1 else wave
+            if wave.ndim != 2 or wave.shape[0] not in LAYOUTS:
+                raise ValueError(f"StreamingVideoWriter: wave must be [T] or [C, T] with C in {tuple(LAYOUTS)}, "
+                                 f"got {list(wave.shape)}")
         self._wave = np.zeros((1, 0), np.float32) if audio_stream else (
-            None if wave is None else np.ascontiguousarray(np.asarray(wave, dtype=np.float32).reshape(1, -1)))
+            None if wave is None else np.ascontiguousarray(wave))
+        self._layout = "mono" if self._wave is None else LAYOUTS[self._wave.shape[0]]
         self._wave_start = 0  # sample index of self._wave[:, 0] (a stream drops what is encoded)
         self._audio_stream = bool(audio_stream)
         self._audio_done = 0  # samples of the wave already sent to the encoder
@@ -62,7 +71,7 @@ class StreamingVideoWriter:
         self._a = None
         if self._wave is not None:
             self._a = self._container.add_stream(AUDIO_CODEC, rate=self.sample_rate)
-            self._a.layout = "mono"
+            self._a.layout = self._layout
 
     def __enter__(self):
         return self
@@ -105,7 +114,9 @@ class StreamingVideoWriter:
             # Whole AAC frames where possible: the encoder buffers partial ones itself anyway.
             end = min(until, self._audio_done + AAC_FRAME)
             lo, hi = self._audio_done - self._wave_start, end - self._wave_start
-            f = av.AudioFrame.from_ndarray(np.ascontiguousarray(self._wave[:, lo:hi]), format="flt", layout="mono")
+            # Packed float: [1, T] mono, or [1, 2 T] stereo with the channels interleaved.
+            chunk = np.ascontiguousarray(self._wave[:, lo:hi].T).reshape(1, -1)
+            f = av.AudioFrame.from_ndarray(chunk, format="flt", layout=self._layout)
             f.sample_rate, f.pts = self.sample_rate, self._audio_done
             for packet in self._a.encode(f):
                 self._container.mux(packet)
