@@ -24,6 +24,9 @@ AUDIO_DURATION_TOL_S = 0.1
 # measured on the tiny run: mean 0.4, max 3.
 BF16_MEAN_TOL = 2.0
 BF16_MAX_TOL = 16
+# fp16 autocast against fp32, the same way: measured mean 0.06, max 1 (a helper's run on the CPU VM).
+FP16_MEAN_TOL = 0.5
+FP16_MAX_TOL = 4
 # The same frames rendered in batches of another size: the CPU's convolution and matrix kernels
 # block a batch of another size differently (the demo run's frames, batch 4 against 1 at a time:
 # deltaplane 7.6e-6, output 9.2e-7 apart), so a uint8 value on a rounding edge moves by one level
@@ -249,6 +252,9 @@ def test_fp32_is_deterministic_and_bf16_is_close(loaded):
     bf = _render(loaded, wave, precision="bf16")
     diff = np.abs(bf.astype(np.int16) - a.astype(np.int16))
     assert diff.mean() < BF16_MEAN_TOL and diff.max() <= BF16_MAX_TOL, (diff.mean(), diff.max())
+    half = _render(loaded, wave, precision="fp16")  # 3 more mantissa bits than bf16: closer
+    diff = np.abs(half.astype(np.int16) - a.astype(np.int16))
+    assert diff.mean() < FP16_MEAN_TOL and diff.max() <= FP16_MAX_TOL, (diff.mean(), diff.max())
 
 
 def test_audio_inputs(loaded, tmp_path):
