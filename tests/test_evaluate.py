@@ -236,6 +236,27 @@ def test_sync_metric_runs_with_wav2lip_format_weights(runs, tmp_path):
     assert sync["available"] and 0 <= sync["mean"] <= 1 and "Wav2Lip" in sync["network"]
 
 
+def test_lse_runs_with_syncnet_v2_format_weights(runs, tmp_path):
+    """--lse-weights with a file in syncnet_python's layout (seeded values the test writes; the
+    real file is the user's): LSE-C and LSE-D per protocol, and Table 2's Sync column is LSE-C."""
+    pytest.importorskip("python_speech_features")
+    from test_lse import _weight_file
+
+    path = tmp_path / "syncnet_v2.model"
+    _weight_file(path)
+    out = tmp_path / "eval"
+    assert _eval(runs, "run_trained", out, "--lse-weights", str(path), "--split", "train", "--max-frames", "8") == 0
+    r = json.loads((out / "metrics.json").read_text())
+    ad = r["protocols"]["audio_driven"]["metrics"]
+    assert ad["lse_c"]["available"] and ad["lse_c"]["windows"] == 3 and ad["lse_c"]["mean"] >= 0
+    assert math.isfinite(ad["lse_d"]["mean"]) and "SyncNet v2" in ad["lse_c"]["network"]
+    for pose in r["protocols"]["novel_view"]["poses"].values():
+        assert pose["metrics"]["lse_c"]["available"]
+    table2 = (out / "metrics.md").read_text().split("## Audio-driven (Table 2)")[1].split("##")[0]
+    header, _, ours = [line.split(" | ") for line in table2.strip().splitlines()[:3]]
+    assert float(ours[header.index("Sync ↑")]) == pytest.approx(ad["lse_c"]["mean"], rel=TABLE_DIGITS)
+
+
 def test_fid_runs_with_pytorch_fid_format_weights(runs, tmp_path):
     """--inception-weights with a file in pytorch-fid's layout (seeded random values the test
     writes; the real file is the user's): FID is reported with the network named; the same frames
@@ -307,7 +328,7 @@ def test_cli_names_a_missing_network_file(runs, tmp_path, capsys):
     """A mistyped path of any network is an error, not a metric silently dropped."""
     assert _eval(runs, "run_trained", tmp_path / "eval", "--openface", str(tmp_path / "nowhere")) == 2
     assert "not an executable FeatureExtraction" in capsys.readouterr().err
-    for flag in ("--face-id-weights", "--lpips-weights", "--inception-weights", "--syncnet-weights"):
+    for flag in ("--face-id-weights", "--lpips-weights", "--inception-weights", "--syncnet-weights", "--lse-weights"):
         assert _eval(runs, "run_trained", tmp_path / "eval", flag, str(tmp_path / "nowhere.pth")) == 2, flag
         err = capsys.readouterr().err
         assert "nowhere.pth" in err and ("no such file" in err.lower() or "not found" in err.lower()), (flag, err)

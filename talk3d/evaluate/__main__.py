@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", default=None,
                    help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (file or folder) for FID; "
                         "else $TALK3D_INCEPTION_WEIGHTS or torch hub's cache")
+    p.add_argument("--lse-weights", default=None,
+                   help="syncnet_python's syncnet_v2.model (file or folder) for the paper's Sync (LSE-C, LSE-D); "
+                        "else $TALK3D_SYNCNET_V2_WEIGHTS")
     p.add_argument("--openface", default=None,
                    help="OpenFace 2's FeatureExtraction binary (or its folder) for AUE; else $TALK3D_OPENFACE "
                         "or FeatureExtraction on the PATH")
@@ -51,7 +54,8 @@ def main(argv=None) -> int:
                               lpips_weights=args.lpips_weights, batch=args.batch, device=args.device,
                               checkpoint=args.checkpoint, overwrite=args.overwrite,
                               face_id_weights=args.face_id_weights, syncnet_weights=args.syncnet_weights,
-                              inception_weights=args.inception_weights, openface=args.openface)
+                              inception_weights=args.inception_weights, openface=args.openface,
+                              lse_weights=args.lse_weights)
     except (EvaluationError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

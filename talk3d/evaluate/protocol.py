@@ -52,6 +52,8 @@ NO_FID = ("needs Inception weights: pytorch-fid's pt_inception-2015-12-05-672682
           "--inception-weights or TALK3D_INCEPTION_WEIGHTS (never downloaded, never run on random weights)")
 NO_SYNC = ("needs Wav2Lip's SyncNet weights (lipsync_expert.pth via --syncnet-weights or TALK3D_SYNCNET_WEIGHTS) "
            "or a user-supplied scorer; never run on random weights")
+NO_LSE = ("needs SyncNet's weights (syncnet_python's syncnet_v2.model via --lse-weights or TALK3D_SYNCNET_V2_WEIGHTS) "
+          "and python_speech_features; never run on random weights")
 NO_GT_REAL = "real data has no ground truth at novel views (full-reference metrics need one)"
 NO_OPENFACE = ("needs OpenFace 2's FeatureExtraction (the paper's AU estimator, a C++ tool: build it from "
                "https://github.com/TadasBaltrusaitis/OpenFace and pass --openface or TALK3D_OPENFACE)")
@@ -72,6 +74,8 @@ class Plugins:
     identity_embedder: images [B, 3, S, S] in [-1, 1] -> face embeddings [B, E].
     fid_features: images [B, 3, S, S] in [-1, 1] -> Inception features [B, D].
     sync_scorer: (frames [N, 3, S, S] in [-1, 1], wave [640 N] 16 kHz) -> SyncNet confidence.
+    lse_scorer: (frames [N, 3, S, S] in [-1, 1], wave [640 N] 16 kHz) -> dict with lse_c, lse_d,
+        offset, windows (:class:`talk3d.evaluate.lse.LSEScorer`, the paper's Sync).
     action_units: (frames_dir, out_dir, name) -> :class:`~talk3d.evaluate.action_units.AUTrack` of
         the PNG frames in frames_dir (name order); default OpenFace's FeatureExtraction when found.
     """
@@ -81,6 +85,7 @@ class Plugins:
     fid_features: Optional[Callable] = None
     sync_scorer: Optional[Callable] = None
     action_units: Optional[Callable] = None
+    lse_scorer: Optional[Callable] = None
     extra: dict = field(default_factory=dict)
 
 
@@ -218,8 +223,21 @@ def _plugin_metrics(acc: _Accumulator, pred, reference, plugins: Plugins) -> Non
     if plugins.fid_features is not None:
         acc.feats_pred.append(plugins.fid_features(pred).double().cpu())
         acc.feats_target.append(plugins.fid_features(reference).double().cpu())
-    if plugins.sync_scorer is not None:
+    if plugins.sync_scorer is not None or plugins.lse_scorer is not None:
         acc.frames.append(pred.cpu())
+
+
+def _lse_metrics(acc: _Accumulator, plugins: Plugins, wave) -> dict:
+    """lse_c (the paper's Sync) and lse_d entries from the batches' frames and their speech."""
+    if plugins.lse_scorer is None or not acc.frames:
+        return {k: M.Unavailable(NO_LSE).to_json() for k in ("lse_c", "lse_d")}
+    name = getattr(plugins.lse_scorer, "name", type(plugins.lse_scorer).__name__)
+    try:
+        r = plugins.lse_scorer(torch.cat(acc.frames), wave)
+    except ValueError as e:  # too few frames for one window
+        return {k: M.Unavailable(str(e)).to_json() for k in ("lse_c", "lse_d")}
+    common = {"available": True, "windows": r["windows"], "offset_frames": r["offset"], "network": name}
+    return {"lse_c": {**common, "mean": r["lse_c"]}, "lse_d": {**common, "mean": r["lse_d"]}}
 
 
 def _summarise(acc: _Accumulator, *, full_reference: str | None, lpips: M.LPIPSMetric, detector_reason: str | None,
@@ -267,7 +285,8 @@ def _summarise(acc: _Accumulator, *, full_reference: str | None, lpips: M.LPIPSM
                       "network": getattr(plugins.fid_features, "name", type(plugins.fid_features).__name__)}
     else:
         out["fid"] = M.Unavailable(NO_FID if plugins.fid_features is None else "FID needs at least 2 frames").to_json()
-    if acc.frames:
+    out.update(_lse_metrics(acc, plugins, wave))
+    if acc.frames and plugins.sync_scorer is not None:
         frames = torch.cat(acc.frames)
         if frames.shape[0] < 5:
             out["sync"] = M.Unavailable(f"lip sync scores 5-frame windows; {frames.shape[0]} frames given").to_json()
@@ -285,7 +304,7 @@ def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None
                  checkpoint: str = "latest.pt", overwrite: bool = False, plugins: Plugins | None = None,
                  progress: bool = True, face_id_weights: str | None = None,
                  syncnet_weights: str | None = None, inception_weights: str | None = None,
-                 openface: str | None = None) -> dict:
+                 openface: str | None = None, lse_weights: str | None = None) -> dict:
     """Run both protocols on ``run_dir``'s held-out frames and write the report into ``out_dir``.
 
     Writes metrics.json (returned as a dict), metrics.md, grid_<pose>.png (target | ours) for
@@ -343,6 +362,11 @@ def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None
         plugins = dataclasses.replace(plugins, sync_scorer=_wav2lip_scorer(syncnet_weights, device))
     if plugins.fid_features is None:
         plugins = dataclasses.replace(plugins, fid_features=_fid_features(inception_weights, device))
+    if plugins.lse_scorer is None:
+        from .lse import LSEScorer, find_lse_weights
+
+        found = find_lse_weights(lse_weights)
+        plugins = dataclasses.replace(plugins, lse_scorer=LSEScorer(found, device) if found is not None else None)
     if plugins.action_units is None:
         exe = find_openface(openface)
         plugins = dataclasses.replace(plugins, action_units=OpenFaceAU(exe) if exe is not None else None)

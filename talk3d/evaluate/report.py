@@ -20,6 +20,13 @@ PLOT_COLORS = {"ground-truth mouth opening": (30, 30, 30), "audio energy (RMS)":
                "rendered mouth opening (ours)": (220, 60, 40), "target-frame mouth opening": (40, 160, 80)}
 
 
+def _column(metrics: dict, key: str) -> dict | None:
+    """A table column's entry: 'sync' is the paper's LSE-C where SyncNet ran, else Wav2Lip's score."""
+    if key == "sync" and metrics.get("lse_c", {}).get("available"):
+        return metrics["lse_c"]
+    return metrics.get(key)
+
+
 def _cell(entry: dict | None) -> str:
     if not entry or not entry.get("available"):
         return "n/a"
@@ -39,9 +46,13 @@ def markdown_report(result: dict) -> str:
     ad = result["protocols"]["audio_driven"]["metrics"]
     lines += ["| Method | " + " | ".join(t for _, t in TABLE2_COLUMNS) + " |",
               "| --- |" + " --- |" * len(TABLE2_COLUMNS),
-              f"| {METHOD} | " + " | ".join(_cell(ad.get(k)) for k, _ in TABLE2_COLUMNS) + " |", ""]
+              f"| {METHOD} | " + " | ".join(_cell(_column(ad, k)) for k, _ in TABLE2_COLUMNS) + " |", ""]
     sync_entry = ad.get("sync", {})
-    if sync_entry.get("available"):
+    if ad.get("lse_c", {}).get("available"):
+        lse = ad["lse_c"]
+        lines += [f"Sync is SyncNet's LSE-C ({lse['network']}): LSE-D {ad['lse_d']['mean']:.3f}, audio-video "
+                  f"offset {lse['offset_frames']} frames, {lse['windows']} windows.", ""]
+    elif sync_entry.get("available"):
         lines += [f"Sync here: {sync_entry['network']}. The paper's Sync is SyncNet's confidence (LSE-C, about "
                   "9 on real video): the two scales do not compare.", ""]
     aue = ad.get("aue", {})
@@ -58,7 +69,7 @@ def markdown_report(result: dict) -> str:
               "| Method | " + " | ".join(f"{t} ({p['yaw_deg']:g}°, {p['pitch_deg']:g}°)"
                                          for p in nv.values() for _, t in TABLE1_COLUMNS) + " |",
               "| --- |" + " --- |" * (len(TABLE1_COLUMNS) * len(nv)),
-              f"| {METHOD} | " + " | ".join(_cell(p["metrics"].get(k)) for p in nv.values()
+              f"| {METHOD} | " + " | ".join(_cell(_column(p["metrics"], k)) for p in nv.values()
                                            for k, _ in TABLE1_COLUMNS) + " |", ""]
     reasons = {}
     for where, metrics in [("audio-driven", ad)] + [(name, p["metrics"]) for name, p in nv.items()]:
