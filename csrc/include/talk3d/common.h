@@ -43,6 +43,12 @@ T3D_HD void load8(const T* p, T v[8]) {
 #endif
 }
 
+// a * b + c rounded once. Written out where a result must not depend on how the compiler
+// contracts it: on the host, GCC may build a loop twice (vectorised and scalar) and contract one
+// copy's a * b + c into an FMA but not the other's, and which copy a ray runs in depends on how
+// at::parallel_for splits the work (composite's depth differed by 1 ulp between batch sizes).
+T3D_HD float t3d_fma(float a, float b, float c) { return fmaf(a, b, c); }
+T3D_HD double t3d_fma(double a, double b, double c) { return fma(a, b, c); }
 T3D_HD float t3d_floor(float x) { return floorf(x); }
 T3D_HD double t3d_floor(double x) { return floor(x); }
 T3D_HD float t3d_exp(float x) { return expf(x); }

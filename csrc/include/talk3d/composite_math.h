@@ -87,7 +87,7 @@ T3D_HD void forward_scan(const T* sigma, const T* t, int64_t n, Sink& sink, acc_
       w = iv.alpha * trans;
       trans *= iv.q;
       wsum += w;
-      dnum += w * iv.t_mid;
+      dnum = t3d_fma(w, iv.t_mid, dnum);  // one rounding on every code path (see t3d_fma)
       s_cur = s_next;
       t_cur = t_next;
     }
