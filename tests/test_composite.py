@@ -211,6 +211,13 @@ def test_opcheck():
     p = [x[0, 0] for x in make_dense(CompositeCase(B=1, R=1, S=9, F=3))]
     pi = torch.tensor([[0, 2], [2, 3], [6, 3]])
     torch.library.opcheck(torch.ops.talk3d.composite_fwd.default, (*[x.requires_grad_() for x in p], pi))
+    # The backward op on its own (its fake implementation and schema), dense and packed.
+    for inputs, info in ((args[:3], None), (p, pi)):
+        plain = [x.detach() for x in inputs]
+        outs = torch.ops.talk3d.composite_fwd(*plain, info)
+        grads = [torch.randn_like(o) for o in outs]
+        torch.library.opcheck(torch.ops.talk3d.composite_bwd.default, (*grads, *plain, info, *outs, [True, True, True]))
+        torch.library.opcheck(torch.ops.talk3d.composite_bwd.default, (*grads, *plain, info, *outs, [True, False, True]))
 
 
 @pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")

@@ -99,6 +99,11 @@ def test_opcheck():
     sigma, _, t = make_dense(CompositeCase(B=1, R=6, S=8, F=1), torch.float64)
     torch.library.opcheck(torch.ops.talk3d.composite_weights_fwd.default,
                           (sigma.requires_grad_(), t.requires_grad_()))
+    plain = [sigma.detach(), t.detach()]
+    outs = torch.ops.talk3d.composite_weights_fwd(*plain)
+    grads = [torch.randn_like(o) for o in outs]
+    for needs in ([True, True], [False, True]):
+        torch.library.opcheck(torch.ops.talk3d.composite_weights_bwd.default, (*grads, *plain, *outs, needs))
 
 
 @pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")

@@ -102,3 +102,11 @@ def test_grid_resolution_follows_the_coarse_spacing():
     for n in (6, 20, 48, 64):
         r = grid_resolution_for(RenderConfig(coarse_samples=n))
         assert r % 8 == 0 and 1.6 / r <= RenderConfig(coarse_samples=n).coarse_step or r == 128
+
+
+@pytest.mark.skipif(not extension.available(), reason="talk3d._C not built")
+def test_opcheck():
+    o, d, t = rays(2, 40, 12, torch.float32, "cpu")
+    bits = pack_bits(torch.rand(6, 6, 6, generator=torch.Generator().manual_seed(0)) < 0.3)
+    for outside in (False, True):
+        torch.library.opcheck(torch.ops.talk3d.occupied_intervals.default, (o, d, t, bits, 6, 1.2, outside))

@@ -178,8 +178,9 @@ def test_full_grid_equals_dense():
     dense = render(planes, dec, cams, cfg, impl="cpu", randoms=rnd)
     grid = OccupancyGrid(16).fill()
     skip = render(planes, dec, cams, cfg, impl="cpu", randoms=rnd, grid=grid)
-    for name in ("feature_image", "depth", "weight_sum"):
-        torch.testing.assert_close(getattr(skip, name), getattr(dense, name), atol=FULL_GRID_ATOL, rtol=0)
+    torch.testing.assert_close(skip.feature_image, dense.feature_image, atol=FULL_GRID_ATOL, rtol=0)
+    for name in ("depth", "weight_sum"):  # the same samples and weights: exact
+        assert torch.equal(getattr(skip, name), getattr(dense, name)), name
     assert skip.samples_per_ray == dense.samples_per_ray == 96
 
 
@@ -330,6 +331,39 @@ def test_grid_update_follows_nerfacc_rules():
     changed = grid.opacity != before
     torch.testing.assert_close(grid.opacity[changed], before[changed] * 0.95)  # EMA decay of the max
     assert grid.update_every_n_steps(3, density, 0.1) is False and grid.update_every_n_steps(16, density, 0.1)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0], ids=["mean-below-threshold", "mean-above-threshold"])
+def test_grid_threshold_and_refresh_rules(scale):
+    """Graded opacities: a cell is occupied when its opacity exceeds min(mean opacity, 0.01) (nerfacc's
+    rule; a faint field is thresholded at its mean, a dense one at 0.01), and after warm-up every
+    occupied cell is probed again, besides a random quarter of all cells."""
+    grid = OccupancyGrid(8, box=1.0, warmup_steps=1)
+    g = torch.Generator().manual_seed(0)
+
+    def density(points):  # graded: 0 from radius 0.5 (the box's half-width) out, `scale` / 0.1 at the centre
+        return (1 - 2 * points.norm(dim=-1)).clamp(min=0) * scale / 0.1
+
+    grid.update(0, density, step_size=0.1, generator=g)
+    thre = min(float(grid.opacity.mean()), grid.threshold)
+    assert (thre == grid.threshold) == (scale == 1.0)  # each case exercises one side of the min
+    expected = (grid.opacity > thre).reshape(8, 8, 8)
+    assert 0 < int(expected.sum()) < 8**3 and torch.equal(grid.occupied, expected)
+    occupied = grid.occupied.reshape(-1).clone()
+    probed = []
+
+    def spy(points):
+        probed.append(points)
+        return density(points)
+
+    before = grid.opacity.clone()
+    grid.update(1, spy, step_size=0.1, generator=g)
+    assert sum(p.shape[0] for p in probed) < 8**3
+    # Every occupied cell was probed again: max(decay * old, new probe) changed its opacity (a cell
+    # left alone keeps it exactly).
+    touched = grid.opacity != before
+    assert bool(touched[occupied].all())
+    assert int(touched.sum()) < 8**3  # and not every cell: the rest only by the random quarter
 
 
 def test_bad_render_inputs_raise():

@@ -283,24 +283,26 @@ def test_cuda_tensor_core_forward(dtype, aligned, monkeypatch):
             f"{name}: tensor-core {dtype} error {kernel_err:.3g} vs PyTorch's {torch_err:.3g}")
 
 
-@pytest.mark.cuda
+@pytest.mark.parametrize("impl", HALF_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_cuda_half_precision_backward(dtype):
-    """Gradients with half-precision planes and weights (the streaming backward's fp16/bf16
-    instances), held to HALF_ERR_FACTOR times the error of PyTorch's own backward in that dtype."""
+def test_half_precision_backward(impl, dtype):
+    """Gradients with half-precision planes and weights (CUDA's streaming backward and Triton's
+    backward in fp16/bf16), held to HALF_ERR_FACTOR times the error of PyTorch's own backward in
+    that dtype."""
+    device = backend_device(impl)
     case = FieldCase(B=2, N=300, C=32, hidden=64, out=33, H=16, W=16)
-    inputs = make_field_inputs(case, dtype=torch.float32, device="cuda")
+    inputs = make_field_inputs(case, dtype=torch.float32, device=device)
     low = [t if i == 1 else t.to(dtype) for i, t in enumerate(inputs)]  # xyz stays fp32
-    gos = [torch.randn(case.B, case.N, 1, device="cuda"), torch.randn(case.B, case.N, case.out - 1, device="cuda")]
+    gos = [torch.randn(case.B, case.N, 1, device=device), torch.randn(case.B, case.N, case.out - 1, device=device)]
     exact = run_with_grads(reference.triplane_field, [t.double().cpu() for t in low], [g.double().cpu() for g in gos])
     torch_low = run_with_grads(reference.triplane_field, low, [g.to(dtype) for g in gos])
-    got = run_with_grads(lambda *a: triplane_field(*a, impl="cuda"), low, [g.to(dtype) for g in gos])
+    got = run_with_grads(lambda *a: triplane_field(*a, impl=impl), low, [g.to(dtype) for g in gos])
     for name, g, t, e in zip(ARG_NAMES, got[2], torch_low[2], exact[2]):
         assert g.dtype == low[ARG_NAMES.index(name)].dtype, f"d{name} dtype {g.dtype}"
         kernel_err = (g.double().cpu() - e).abs().max().item()
         torch_err = (t.double().cpu() - e).abs().max().item()
         assert kernel_err <= HALF_ERR_FACTOR * torch_err, (
-            f"d{name}: cuda {dtype} error {kernel_err:.3g} vs PyTorch's {torch_err:.3g}")
+            f"d{name}: {impl} {dtype} error {kernel_err:.3g} vs PyTorch's {torch_err:.3g}")
 
 
 # --- float64 gradcheck ----------------------------------------------------------------------------
