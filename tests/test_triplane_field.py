@@ -122,10 +122,22 @@ def test_noncontiguous_points_and_weights(impl):
     xyz_nc = xyz.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strides (3N, 1, N)
     w1_nc = w1.t().contiguous().t()
     assert not xyz_nc.is_contiguous() and not w1_nc.is_contiguous()
+    w2_nc = w2.t().contiguous().t()
+    b2_nc = torch.stack([b2, b2], dim=1)[:, 0]  # stride 2
+    assert not w2_nc.is_contiguous() and not b2_nc.is_contiguous()
     got = triplane_field(planes, xyz_nc, w1_nc, b1, w2, b2, impl=impl)
     want = reference.triplane_field(planes, xyz, w1, b1, w2, b2)
     for g, w in zip(got, want):
         assert_close("output", g, w.double().cpu(), FP32_ATOL, FP32_RTOL)
+    # Gradients with respect to the strided inputs themselves, against float64 on the same values.
+    gos = [torch.randn(case.B, case.N, 1, device=device), torch.randn(case.B, case.N, case.out - 1, device=device)]
+    inputs = [planes, xyz_nc, w1_nc, b1, w2_nc, b2_nc]
+    fn = lambda *a: triplane_field(*a, impl=impl)  # noqa: E731
+    _, _, grads = run_with_grads(fn, inputs, gos, (True,) * 6)
+    _, _, want_grads = reference64(inputs, gos, 1.0, "fixed", (True,) * 6)
+    for name, g, w in zip(ARG_NAMES, grads, want_grads):
+        assert g.shape == inputs[ARG_NAMES.index(name)].shape, name
+        assert_close(f"d{name}", g, w, FP32_ATOL, FP32_RTOL)
 
 
 @pytest.mark.parametrize("impl", BACKENDS)
