@@ -139,10 +139,17 @@ def test_ctrl_c_stops_after_the_step_and_saves(data, tmp_path):  # noqa: F811
         return out
 
     t.train_step = step_then_ctrl_c
-    with pytest.raises(KeyboardInterrupt):
-        t.fit()
+    # A background job (nohup, `&`) starts with SIGINT ignored, which the trainer leaves alone:
+    # here Ctrl-C has Python's usual handler, as in a terminal.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            t.fit()
+        restored = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, outer)
     state = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=True)
     assert state["step"] == 2 and state["scheduler"]["last_epoch"] == 2  # a whole step, counted once
     log = (tmp_path / "run" / "log.txt").read_text()
     assert "Ctrl-C: stopping after this step" in log and "stopped (Ctrl-C) at step 2" in log
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert restored is signal.default_int_handler

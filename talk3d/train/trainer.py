@@ -198,6 +198,8 @@ class _TerminationRequest:
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
+                if signal.getsignal(sig) is signal.SIG_IGN:  # e.g. SIGINT of a background job: ignored, as asked
+                    continue
                 self._previous[sig] = signal.signal(sig, self._note)
 
     def _note(self, signum, frame) -> None:
