@@ -26,6 +26,10 @@ FP64_ATOL, FP64_RTOL = 1e-10, 1e-10
 # (That baseline also rounds the sampling coordinates to half, which the kernels do not; measured
 # kernel errors sit 2-7x under it, so the bound is not the binding one for a correct kernel.)
 HALF_ERR_FACTOR = 2.0
+# Weight gradients summed over 40,002 points of zero-mean terms (the several-chunks test): the sum
+# of |terms| is hundreds of times the result, and float32 partial sums leave ~6e-8 of that sum.
+# Measured relative to the result's scale: up to 4.7e-5 (db2, one seed in 13), 1e-5 or less otherwise.
+MANY_POINT_SUM_RTOL = 1e-4
 # fp32 on ill-conditioned sums (decoder terms in the hundreds, outputs in the thousands): judged the
 # same way, against PyTorch's own fp32 reference's error.
 ILL_CONDITIONED_ERR_FACTOR = 2.0
@@ -80,7 +84,8 @@ def assert_close(name, actual, expected, atol, rtol):
     assert err <= atol + rtol * scale, f"{name}: max error {err:.3g} > {atol} + {rtol} * {scale:.3g}"
 
 
-def check_against_reference(impl, case, axes, dtype=torch.float32, planes_layout="api", needs=(True,) * 6):
+def check_against_reference(impl, case, axes, dtype=torch.float32, planes_layout="api", needs=(True,) * 6,
+                            grad_rtol=None):
     device = backend_device(impl)
     inputs = make_field_inputs(case, dtype=dtype, device=device, planes_layout=planes_layout)
     F = case.out - 1
@@ -98,7 +103,7 @@ def check_against_reference(impl, case, axes, dtype=torch.float32, planes_layout
             assert g is None, f"d{name} was not asked for"
             continue
         assert g.dtype == inputs[ARG_NAMES.index(name)].dtype, f"d{name} dtype {g.dtype}"
-        assert_close(f"d{name}", g, rg, atol, rtol)
+        assert_close(f"d{name}", g, rg, atol, rtol if grad_rtol is None else grad_rtol)
 
 
 @pytest.mark.parametrize("impl", BACKENDS)
@@ -178,7 +183,7 @@ def test_cpu_backward_over_several_chunks(case, needs):
     """More points than one chunk of the CPU backward (2^14 points), the last partial, one crossing
     the batch boundary: the plane gradient's zeroing (first chunk only), the per-chunk coordinate
     gradient shares and the weight sums all see every chunk, with or without the plane gradient."""
-    check_against_reference("cpu", case, "eg3d", needs=needs)
+    check_against_reference("cpu", case, "eg3d", needs=needs, grad_rtol=MANY_POINT_SUM_RTOL)
 
 
 @needs_extension
