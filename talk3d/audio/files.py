@@ -24,6 +24,27 @@ class NoAudioStreamError(AudioFileError):
     """A readable media file without an audio stream (e.g. a silent video)."""
 
 
+def _open_audio(path: Path, no_pyav: str):
+    """(av, the open container, its first audio stream) of ``path``; AudioFileError (the file's
+    name and what is wrong) for a folder, a missing file, no PyAV, a non-media file or no audio."""
+    if path.is_dir():
+        raise AudioFileError(f"{path}: a folder, not an audio file")
+    if not path.is_file():
+        raise AudioFileError(f"{path}: no such file")
+    try:
+        import av
+    except ImportError:
+        raise AudioFileError(f"{path}: {no_pyav}") from None
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, UnicodeDecodeError) as e:
+        raise AudioFileError(f"{path}: not a readable audio or video file ({e})") from None
+    if not container.streams.audio:
+        container.close()
+        raise NoAudioStreamError(f"{path}: the file has no audio stream")
+    return av, container, container.streams.audio[0]
+
+
 def decode_audio_stream(path) -> tuple[np.ndarray, float | None]:
     """The first audio stream of any file FFmpeg reads (audio or video container).
 
@@ -35,23 +56,9 @@ def decode_audio_stream(path) -> tuple[np.ndarray, float | None]:
         decoding error.
     """
     path = Path(path)
-    if path.is_dir():
-        raise AudioFileError(f"{path}: a folder, not an audio file")
-    if not path.is_file():
-        raise AudioFileError(f"{path}: no such file")
-    try:
-        import av
-    except ImportError:
-        raise AudioFileError(f"{path}: reading audio other than WAV needs PyAV (pip install av), "
-                             "or convert it: `ffmpeg -i IN -ac 1 -ar 16000 OUT.wav`") from None
-    try:
-        container = av.open(str(path))
-    except (av.error.FFmpegError, UnicodeDecodeError) as e:
-        raise AudioFileError(f"{path}: not a readable audio or video file ({e})") from None
+    av, container, stream = _open_audio(path, "reading audio other than WAV needs PyAV (pip install av), or "
+                                              "convert it: `ffmpeg -i IN -ac 1 -ar 16000 OUT.wav`")
     with container:
-        if not container.streams.audio:
-            raise NoAudioStreamError(f"{path}: the file has no audio stream")
-        stream = container.streams.audio[0]
         # Planar float at 16 kHz in the stream's own channel layout; the channels are averaged
         # here, as read_wav does, not by FFmpeg's mono downmix ((L + R) / sqrt(2) for stereo):
         # the same speech from a video and from a WAV must reach the audio encoder at one level.
@@ -108,20 +115,8 @@ def read_soundtrack(path, max_channels: int = 2) -> tuple[np.ndarray, int]:
         :func:`decode_audio_stream`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise AudioFileError(f"{path}: no such file")
-    try:
-        import av
-    except ImportError:
-        raise AudioFileError(f"{path}: reading a sound track needs PyAV (pip install av)") from None
-    try:
-        container = av.open(str(path))
-    except (av.error.FFmpegError, UnicodeDecodeError) as e:
-        raise AudioFileError(f"{path}: not a readable audio or video file ({e})") from None
+    av, container, stream = _open_audio(path, "reading a sound track needs PyAV (pip install av)")
     with container:
-        if not container.streams.audio:
-            raise NoAudioStreamError(f"{path}: the file has no audio stream")
-        stream = container.streams.audio[0]
         rate = int(stream.rate or stream.codec_context.sample_rate)
         channels = min(max_channels, max(1, stream.codec_context.channels))
         resampler = av.AudioResampler(format="fltp", layout="mono" if channels == 1 else "stereo", rate=rate)
