@@ -126,6 +126,14 @@ def test_mouth_oracle_finds_a_painted_mouth_and_the_opening_score_counts_dark_pi
     # A black frame shows no lips (its green / red ratio is 0 / 0): not found, rather than a mouth
     # filling the whole region.
     assert torch.isnan(MouthMaskOracle()(-torch.ones_like(img), mask)).all()
+    # A mouth drawn 3 px below the region: in the region grown for the prediction, found whole.
+    from talk3d.evaluate.metrics import grow_region
+
+    low = torch.roll(img, 3, dims=2)  # lips rows 9-12, the region rows 4-11
+    cut = MouthMaskOracle()(low, mask)[0]
+    found = MouthMaskOracle()(low, grow_region(mask, 2))[0]
+    assert found[0].tolist() == pytest.approx([8.0, 11.0]) and cut[0, 1].item() < 11.0  # cut off: too high
+    assert torch.equal(grow_region(mask, 0), mask) and grow_region(mask, 2).sum() == 12 * 16
 
 
 def test_identity_frechet_and_pearson():

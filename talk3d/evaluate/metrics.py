@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "SSIM_WINDOW", "SSIM_SIGMA", "SSIM_K1", "SSIM_K2", "DARK_LUMA", "LIP_MIN_RED", "LIP_GREEN_RED_RATIO",
-    "Unavailable", "psnr", "ssim", "gaussian_window", "LPIPSMetric", "LandmarkDetector",
+    "Unavailable", "psnr", "ssim", "gaussian_window", "grow_region", "PRED_SEARCH_MARGIN", "LPIPSMetric", "LandmarkDetector",
     "MouthMaskOracle", "landmark_distance", "mouth_opening_score", "pearson", "identity_similarity",
     "frechet_distance", "to_unit_range",
 ]
@@ -237,6 +237,19 @@ class MouthMaskOracle:
                            torch.stack([cx, cy - sy], -1), torch.stack([cx, cy + sy], -1)], dim=1)  # [B, 5, 2]
         pts[n == 0] = math.nan
         return pts
+
+
+#: The rendered frame's mouth is searched in the target's mouth region grown by this fraction of
+#: the image side (4 px at 64^2): a mouth drawn a little off its place is found, and measured.
+PRED_SEARCH_MARGIN = 1 / 16
+
+
+def grow_region(mask: torch.Tensor, pixels: int) -> torch.Tensor:
+    """mask [B, 1, H, W] (>= 0.5 inside) grown by ``pixels`` in every direction (a square dilation)."""
+    if pixels <= 0:
+        return mask
+    inside = (mask >= 0.5).float()
+    return F.max_pool2d(inside, kernel_size=2 * pixels + 1, stride=1, padding=pixels)
 
 
 def landmark_distance(pred_points: torch.Tensor, target_points: torch.Tensor) -> torch.Tensor:

@@ -207,7 +207,10 @@ def _frame_metrics(acc: _Accumulator, pred, target, mouth_mask, *, lpips: M.LPIP
     if lpips.available and pred.shape[-1] >= lpips.min_size():
         acc.add("lpips", lpips(pred, target))
     if detector is not None:
-        found_pred, found_target = detector(pred, mouth_mask), detector(target, mouth_mask)  # [B, K, 2], NaN: none
+        # The prediction's mouth is searched a little beyond the target's mouth region (a mouth drawn
+        # off its place is then found, and its distance counted, rather than cut off at the edge).
+        wider = None if mouth_mask is None else M.grow_region(mouth_mask, math.ceil(pred.shape[-1] * M.PRED_SEARCH_MARGIN))
+        found_pred, found_target = detector(pred, wider), detector(target, mouth_mask)  # [B, K, 2], NaN: none
         acc.add("lmd", M.landmark_distance(found_pred, found_target))
         # A frame whose target shows no mouth has nothing to score; one whose prediction lost the
         # mouth is a miss of the model's, counted beside the mean (which covers found mouths only).
