@@ -31,8 +31,10 @@ HALF_ERR_FACTOR = 2.0
 # Measured relative to the result's scale: up to 4.7e-5 (db2, one seed in 13), 1e-5 or less otherwise.
 MANY_POINT_SUM_RTOL = 1e-4
 # fp32 on ill-conditioned sums (decoder terms in the hundreds, outputs in the thousands): judged the
-# same way, against PyTorch's own fp32 reference's error.
-ILL_CONDITIONED_ERR_FACTOR = 2.0
+# same way, against PyTorch's own fp32 reference's error. Two fp32 errors of sums in other orders
+# have a ratio that varies with the inputs: over 30 seeds ours / PyTorch's was 1.1-2.1, and 4.6 once
+# (dxyz, the generic case); 2 failed one seed in six of TALK3D_TEST_SEED.
+ILL_CONDITIONED_ERR_FACTOR = 6.0
 
 CASES = [
     FieldCase(),  # generic sizes, non-square planes, some points outside the box
