@@ -485,3 +485,32 @@ def test_half_precision_planes_render_in_fp32_depths(device, monkeypatch):
         assert (half.depth.float()[hit] - full.depth[hit]).abs().max() < HIT_DEPTH_TOL
     assert seen and all(dtype == torch.float32 for dtype in seen), seen
     print(f"{device}: bf16 planes against fp32: " + ", ".join(lines))
+
+
+@needs_ext
+def test_skipping_evaluates_no_sample_outside_the_occupied_intervals(monkeypatch):
+    """A grid whose only occupied cells form a cube: every point the skipping render hands to the
+    field (coarse and importance samples) lies within that cube, up to the one coarse step by which
+    an interval's end sample may stand outside it; the dense render's points spread far beyond."""
+    import talk3d.render.renderer as R
+
+    planes, dec, cams, cfg = _scene(res=12)
+    grid = OccupancyGrid(16)  # the default 1.6 box: cells 0.1 wide
+    cube = torch.zeros(16, 16, 16, dtype=torch.bool)
+    cube[6:10, 6:10, 6:10] = True  # [-0.2, 0.2]^3
+    grid.set_occupied(cube, outside=False)
+    seen = []
+    field = R._field
+
+    def spy(planes, decoder, xyz, cfg, impl):
+        seen.append(xyz.detach().reshape(-1, 3))
+        return field(planes, decoder, xyz, cfg, impl)
+
+    monkeypatch.setattr(R, "_field", spy)
+    out = render(planes, dec, cams, cfg, impl="cpu", deterministic=True, grid=grid)
+    points = torch.cat(seen)
+    step = (cfg.ray_end - cfg.ray_start) / cfg.coarse_samples  # the coarse spacing along a ray
+    assert out.samples_per_ray > 0 and points.abs().max().item() <= 0.2 + step + 1e-6
+    seen.clear()
+    render(planes, dec, cams, cfg, impl="cpu", deterministic=True)
+    assert torch.cat(seen).abs().max().item() > 0.5  # the dense render's samples: well outside
