@@ -222,6 +222,9 @@ def test_json_camera_angles_out_of_range(run, tmp_path):
         path.write_text(json.dumps(angles))
         with pytest.raises(InferenceError, match=f"{entry}: yaw must be within"):
             camera_track(str(path), 3, clip)
+    path.write_text(json.dumps([[180, 0], [0, 90]]))  # the first at its limit, the second past it
+    with pytest.raises(InferenceError, match="entry 1: yaw must be within"):
+        camera_track(str(path), 3, clip)
     path.write_text(json.dumps([[30, 20], [-180, -89]]))
     assert camera_track(str(path), 3, clip).shape == (3, 25)
 

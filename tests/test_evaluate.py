@@ -265,6 +265,19 @@ def test_lse_runs_with_syncnet_v2_format_weights(runs, tmp_path):
     assert float(ours[header.index("Sync ↑")]) == pytest.approx(ad["lse_c"]["mean"], rel=TABLE_DIGITS)
 
 
+def test_lse_without_its_mfcc_package_is_refused_before_rendering(runs, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from test_lse import _weight_file
+
+    path = tmp_path / "syncnet_v2.model"
+    _weight_file(path)
+    monkeypatch.setitem(sys.modules, "python_speech_features", None)  # as if not installed
+    assert _eval(runs, "run_trained", tmp_path / "eval", "--lse-weights", str(path)) == 2
+    assert "pip install python_speech_features" in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()
+
+
 def test_fid_runs_with_pytorch_fid_format_weights(runs, tmp_path):
     """--inception-weights with a file in pytorch-fid's layout (seeded random values the test
     writes; the real file is the user's): FID is reported with the network named; the same frames

@@ -141,6 +141,17 @@ def test_cli_muxes_the_speech_as_it_sounds(run, tmp_path):
     assert right / left == pytest.approx(want_right / want_left, rel=AAC_LEVEL_RTOL)
 
 
+def test_cli_muxes_speech_at_a_rate_aac_does_not_take(run, tmp_path):
+    """192-kHz speech: the sound track is resampled to 96 kHz, the highest rate AAC encodes."""
+    wav = tmp_path / "hi.wav"
+    _write_wav_any(wav, _speech(rate=192000), 192000)
+    out = tmp_path / "out.mp4"
+    assert main(["--run", str(run), "--audio", str(wav), "--out", str(out), "--impl", "torch"]) == 0
+    with av.open(str(out)) as c:
+        assert c.streams.audio[0].rate == 96000
+    assert abs(_probe(out)["audio_seconds"] - SPEECH_SECONDS) < AUDIO_DURATION_TOL_S
+
+
 #: AAC at its default bit rate keeps a tone's RMS level within a few per cent (measured: left -0.7 %, the
 #: right/left ratio -0.3 %, CPU VM).
 AAC_LEVEL_RTOL = 0.05

@@ -71,6 +71,11 @@ def test_weight_file_loads_and_other_files_are_refused(tmp_path, monkeypatch):
     (tmp_path / "junk.model").write_bytes(b"not a model" * 10)
     with pytest.raises(ValueError, match="not a readable SyncNet weight file"):
         load_syncnet_v2(tmp_path / "junk.model")
+    # A file from a PyTorch before 0.4.1: no batch-norm step counters (unused in eval mode).
+    old_state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(old_state, tmp_path / "old.model")
+    torch.testing.assert_close(load_syncnet_v2(tmp_path / "old.model").state_dict()["netfcaud.0.weight"],
+                               net.state_dict()["netfcaud.0.weight"], rtol=0, atol=0)
     monkeypatch.delenv(LSE_WEIGHTS_ENV, raising=False)
     assert find_lse_weights() is None
     assert find_lse_weights(tmp_path) == path  # the folder holding it
@@ -123,3 +128,13 @@ def test_scorer_on_frames_and_speech(tmp_path):
     assert scorer(frames, wave) == r  # deterministic
     with pytest.raises(ValueError, match="more than 5 frames"):
         scorer(frames[:5], wave)
+
+
+def test_scorer_without_python_speech_features_says_so_up_front(tmp_path, monkeypatch):
+    import sys
+
+    path = tmp_path / LSE_FILE
+    _weight_file(path)
+    monkeypatch.setitem(sys.modules, "python_speech_features", None)  # as if not installed
+    with pytest.raises(ImportError, match="pip install python_speech_features"):
+        LSEScorer(path)

@@ -565,6 +565,43 @@ def _ddp_worker(rank, world, port, data, run, out):
         torch.distributed.destroy_process_group()
 
 
+def _ddp_stop_worker(rank, world, port, data, run, out):
+    """Rank 1 alone is told to stop (SIGTERM) after step 2: both ranks must stop there together."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        t = Trainer(_cfg(steps=20, eval_every=100, log_every=1, checkpoint_every=100), data, run)
+        step = t.train_step
+
+        def step_then_sigterm(batch):
+            result = step(batch)
+            if rank == 1 and t.step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return result
+
+        t.train_step = step_then_sigterm
+        try:
+            t.fit()
+            out[rank] = ("finished", t.step)
+        except KeyboardInterrupt:
+            out[rank] = ("stopped", t.step)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_stop_together(data, tmp_path):
+    world = 2
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_ddp_stop_worker, args=(world, _free_port(), data, tmp_path / "ddp", out), nprocs=world, join=True)
+        results = [out[r] for r in range(world)]
+    assert results == [("stopped", 2), ("stopped", 2)]
+    state = torch.load(tmp_path / "ddp" / "checkpoints" / "latest.pt", weights_only=True)
+    assert state["step"] == 2
+    assert "stopped with the other ranks at step 2" in (tmp_path / "ddp" / "log.txt").read_text()
+
+
 def test_ddp_two_processes_on_gloo_stay_in_sync(data, tmp_path):
     world = 2
     with mp.Manager() as manager:

@@ -43,6 +43,28 @@ def test_frame_draws_continue_across_a_resume_and_interleave_over_ranks():
         FrameDraws(0, seed)
 
 
+def test_a_scalars_file_of_the_old_writer_is_widened(tmp_path):
+    """Before val_scalars.csv, validation rows went under the training header, longer than it."""
+    path = tmp_path / "scalars.csv"
+    path.write_text("step,lr,total\n1,0.1,9\n2,0.2,8,7.5,6.5\n")
+    append_row(path, {"step": 3, "total": 7, "sync": 0.5})
+    rows = read_rows(path)
+    assert [r["step"] for r in rows] == ["1", "2", "3"] and rows[2]["sync"] == "0.5" and rows[0]["sync"] == ""
+
+
+def test_dataloader_workers_ignore_ctrl_c(data, tmp_path):  # noqa: F811
+    from talk3d.train.trainer import _worker_ignores_ctrl_c
+
+    t = Trainer(_cfg(steps=1, num_workers=1), data, tmp_path / "run")
+    assert t._loader().worker_init_fn is _worker_ignores_ctrl_c
+    outer = signal.getsignal(signal.SIGINT)
+    try:
+        _worker_ignores_ctrl_c(0)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
 def test_scalars_files_keep_one_header_when_columns_appear(tmp_path):
     path = tmp_path / "scalars.csv"
     append_row(path, {"step": 1, "total": 0.5})
@@ -110,6 +132,39 @@ def test_nested_config_values_are_typed_and_bad_values_refused():
     for override, message in bad.items():
         with pytest.raises(ValueError, match=message.replace("[", "\\[")):
             load_config(None, [override])
+
+
+def test_only_a_run_of_our_own_may_start_over(data, tmp_path, capsys):  # noqa: F811
+    """A folder whose files only look like a run's is never written into; a failed attempt's own
+    scalars and previews go when the run starts over."""
+    from PIL import Image
+
+    def folder(name, **files):
+        d = tmp_path / name
+        (d / "checkpoints").mkdir(parents=True)
+        (d / "previews").mkdir()
+        for f, text in files.items():
+            (d / f.replace("__", ".")).write_text(text)
+        return d
+
+    run_cfg = json.dumps({"train": {}})
+    ours = folder("ours", config__json=run_cfg, log__txt="[10:00:00] run ...\n", scalars__csv="step,total\n1,9\n2,8\n")
+    Image.new("RGB", (4, 4)).save(ours / "previews" / "val_step0000000.png")
+    theirs = {"csv": folder("csv", scalars__csv="step,total\n1,9\n"),  # scalars without a run's config
+              "log": folder("log", log__txt="my notes\n"),
+              "config": folder("config", config__json='{"lr": 1}')}
+    theirs["image"] = folder("image")
+    Image.new("RGB", (4, 4)).save(theirs["image"] / "previews" / "holiday.png")
+    theirs["file"] = tmp_path / "file"
+    theirs["file"].mkdir()
+    (theirs["file"] / "checkpoints").write_text("not a folder")
+    for what, d in theirs.items():
+        with pytest.raises(SystemExit):
+            main(["--data", str(data), "--out", str(d), "--set", "steps=1", *TINY])
+        assert "choose another --out" in capsys.readouterr().err, what
+    assert main(["--data", str(data), "--out", str(ours), "--set", "steps=2", *TINY]) == 0
+    assert [r["step"] for r in read_rows(ours / "scalars.csv")] == ["1", "2"]  # the new run's rows only
+    assert (ours / "log.txt").read_text().startswith("[10:00:00] run ...")  # its log continued
 
 
 def test_a_refused_run_can_start_over_in_its_folder(data, tmp_path, capsys):  # noqa: F811

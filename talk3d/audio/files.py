@@ -106,9 +106,11 @@ def read_audio(path) -> np.ndarray:
         raise
 
 
-def read_soundtrack(path, max_channels: int = 2) -> tuple[np.ndarray, int]:
+def read_soundtrack(path, max_channels: int = 2, rates: tuple[int, ...] | None = None) -> tuple[np.ndarray, int]:
     """The file's first audio stream as it sounds, for a video's sound track: its own sample rate,
-    its channels (more than ``max_channels`` mixed down by FFmpeg to stereo).
+    its channels (more than ``max_channels`` mixed down by FFmpeg to stereo). With ``rates`` (those
+    an encoder takes), a rate not among them is resampled to the lowest one above it (else the
+    highest).
 
     Returns:
         (wave [C, T] float32, C = 1 or 2, sample rate). Raises AudioFileError as
@@ -118,6 +120,8 @@ def read_soundtrack(path, max_channels: int = 2) -> tuple[np.ndarray, int]:
     av, container, stream = _open_audio(path, "reading a sound track needs PyAV (pip install av)")
     with container:
         rate = int(stream.rate or stream.codec_context.sample_rate)
+        if rates and rate not in rates:
+            rate = min((r for r in rates if r > rate), default=max(rates))
         channels = min(max_channels, max(1, stream.codec_context.channels))
         resampler = av.AudioResampler(format="fltp", layout="mono" if channels == 1 else "stereo", rate=rate)
         chunks = []

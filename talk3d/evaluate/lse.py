@@ -128,25 +128,32 @@ def load_syncnet_v2(path, device="cpu") -> SyncNetV2:
         raise ValueError(f"{path}: not a SyncNet state dict")
     net = SyncNetV2()
     own = net.state_dict()
-    missing = sorted(set(own) - set(state))
+    # Files saved by a PyTorch before 0.4.1 have no batch-norm step counters (unused in eval mode).
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(state) - set(own))
     shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
         raise ValueError(f"{path}: not syncnet_python's {LSE_FILE} layout (missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}, other shapes {shapes[:3]})")
-    net.load_state_dict({k: state[k].float() for k in own})
+    net.load_state_dict({k: state[k].float() if k in state else own[k] for k in own})
     return net.to(device).eval().requires_grad_(False)
+
+
+def _require_mfcc():
+    """python_speech_features' ``mfcc``, or ImportError saying how to install it."""
+    try:
+        from python_speech_features import mfcc
+    except ImportError:
+        raise ImportError("LSE needs python_speech_features (and scipy): pip install python_speech_features "
+                          "scipy, or pip install talk3d[evaluate]") from None
+    return mfcc
 
 
 def speech_mfcc(wave16k: np.ndarray) -> np.ndarray:
     """[T] float speech at 16 kHz in [-1, 1] -> [13, M] MFCCs at 100 Hz, exactly as syncnet_python
     computes them: python_speech_features' ``mfcc`` with its defaults on the 16-bit sample values
     (FFmpeg's pcm_s16le of the speech; the scale sets the log-energy coefficient)."""
-    try:
-        from python_speech_features import mfcc
-    except ImportError:
-        raise ImportError("LSE needs python_speech_features (and scipy): pip install python_speech_features "
-                          "scipy") from None
+    mfcc = _require_mfcc()
     ints = np.clip(np.round(np.asarray(wave16k, np.float64) * 32768), -32768, 32767).astype(np.int16)
     return np.asarray(mfcc(ints, 16000), np.float64).T
 
@@ -174,6 +181,7 @@ class LSEScorer:
     """frames [N, 3, S, S] RGB in [-1, 1] + their speech [640 N] at 16 kHz -> LSE-C, LSE-D, offset."""
 
     def __init__(self, path, device="cpu", batch: int = 16):
+        _require_mfcc()  # said before the frames are rendered, not after
         self.net = load_syncnet_v2(path, device)
         self.device, self.batch = torch.device(device), int(batch)
         self.name = f"SyncNet v2 ({Path(path).name}), syncnet_python's LSE-C / LSE-D"

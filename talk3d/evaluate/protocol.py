@@ -369,7 +369,10 @@ def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None
         from .lse import LSEScorer, find_lse_weights
 
         found = find_lse_weights(lse_weights)
-        plugins = dataclasses.replace(plugins, lse_scorer=LSEScorer(found, device) if found is not None else None)
+        try:
+            plugins = dataclasses.replace(plugins, lse_scorer=LSEScorer(found, device) if found is not None else None)
+        except ImportError as e:
+            raise EvaluationError(f"SyncNet weights {found} given: {e}") from None
     if plugins.action_units is None:
         exe = find_openface(openface)
         plugins = dataclasses.replace(plugins, action_units=OpenFaceAU(exe) if exe is not None else None)

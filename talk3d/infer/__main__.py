@@ -90,9 +90,10 @@ def soundtrack(path, wave16k) -> tuple:
     """The video's sound: the speech file as it sounds (its rate, mono or stereo), or, where PyAV
     cannot read it, the 16-kHz mono wave the model heard."""
     from ..audio.files import AudioFileError, read_soundtrack
+    from .video import AAC_RATES
 
     try:
-        track, rate = read_soundtrack(path)
+        track, rate = read_soundtrack(path, rates=AAC_RATES)
     except AudioFileError:
         return wave16k, SAMPLE_RATE
     if track.shape[1] == 0:

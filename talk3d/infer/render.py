@@ -206,8 +206,9 @@ def _cameras_from_json(path: Path, num_frames: int, rig: CameraRig) -> torch.Ten
     if not np.isfinite(arr).all():
         raise InferenceError(f"--camera {path}: NaN or inf in the cameras")
     if arr.shape[1] == 2:
-        worst = int(np.argmax(np.maximum(np.abs(arr[:, 0]) / MAX_YAW_DEG, np.abs(arr[:, 1]) / MAX_PITCH_DEG)))
-        _check_angles(*arr[worst], f"--camera {path}, entry {worst}")
+        bad = np.flatnonzero((np.abs(arr[:, 0]) > MAX_YAW_DEG) | (np.abs(arr[:, 1]) >= MAX_PITCH_DEG))
+        if bad.size:
+            _check_angles(*arr[bad[0]], f"--camera {path}, entry {int(bad[0])}")
     arr = arr[_cycle(num_frames, arr.shape[0])]
     if arr.shape[1] == 2:
         return _novel_view_cameras(arr, rig)

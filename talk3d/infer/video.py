@@ -22,6 +22,8 @@ PIX_FMT = "yuv420p"  # what players expect; needs even width and height (chroma 
 CRF = 18  # x264 quality: visually near-lossless
 AAC_FRAME = 1024  # samples per AAC frame
 LAYOUTS = {1: "mono", 2: "stereo"}  # channels -> FFmpeg layout
+#: Sample rates AAC encodes (MPEG-4's sampling-frequency table).
+AAC_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
 
 
 class StreamingVideoWriter:

@@ -35,7 +35,9 @@ def append_row(path: str | os.PathLike, row: dict) -> None:
         rows = read_rows(path)
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=header + new, restval="")
+            # extrasaction: a file written before this module had rows longer than its header
+            # (their extra cells, under DictReader's key None, cannot be named: dropped).
+            w = csv.DictWriter(f, fieldnames=header + new, restval="", extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
         os.replace(tmp, path)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -169,20 +170,50 @@ def _check_new_run_dir(run_dir: Path, data_dir: Path) -> None:
 RUN_FILES = ("config.json", "log.txt", "scalars.csv", "val_scalars.csv", "checkpoints", "previews")
 
 
+#: A log.txt line as RunLog writes it.
+_LOG_LINE = re.compile(r"\[\d\d:\d\d:\d\d\] ")
+
+
 def _never_checkpointed(run_dir: Path) -> bool:
-    """run_dir holds a run that was refused or stopped before its first checkpoint (its empty
-    checkpoints/ and previews/, maybe its log, config, scalars and previews): a new run may start
-    over there, continuing its log. Anything else in the folder, or a config.json that is not a
-    run's, keeps it refused."""
+    """run_dir holds a run that was refused or stopped before its first checkpoint, and only that
+    run's files: an empty checkpoints/ folder, previews/ with only its val_step*.png, a log.txt in
+    RunLog's format, and config.json (a run's) with any scalars. A new run may then start over there.
+    Anything else, or a file that does not look like the run's own, keeps the folder refused."""
     names = {p.name for p in run_dir.iterdir()}
-    if not names <= set(RUN_FILES) or any((run_dir / "checkpoints").glob("*")):
+    if not names <= set(RUN_FILES):
         return False
+    ck, pv = run_dir / "checkpoints", run_dir / "previews"
+    if (ck.exists() and (not ck.is_dir() or any(ck.iterdir()))) or \
+            (pv.exists() and (not pv.is_dir() or any(not (f.is_file() and f.name.startswith("val_step")
+                                                              and f.suffix == ".png") for f in pv.iterdir()))):
+        return False
+    if "log.txt" in names:
+        try:
+            with open(run_dir / "log.txt") as f:
+                if not _LOG_LINE.match(f.readline()):
+                    return False
+        except (OSError, UnicodeDecodeError):
+            return False
     if "config.json" in names:
         try:
             return "train" in json.loads((run_dir / "config.json").read_text())
-        except (json.JSONDecodeError, TypeError, OSError):
+        except (json.JSONDecodeError, TypeError, OSError, UnicodeDecodeError):
             return False
-    return True
+    return not ({"scalars.csv", "val_scalars.csv"} & names)  # scalars come after a run's config.json
+
+
+def _clear_failed_attempt(run_dir: Path) -> None:
+    """A run starting over: the failed attempt's scalars and previews go (its log is continued)."""
+    for name in ("scalars.csv", "val_scalars.csv"):
+        (run_dir / name).unlink(missing_ok=True)
+    for f in (run_dir / "previews").glob("val_step*.png"):
+        f.unlink()
+
+
+def _worker_ignores_ctrl_c(worker_id: int) -> None:
+    """A terminal's Ctrl-C reaches the DataLoader's workers too: they must not die of it (the main
+    process would fail with "worker exited unexpectedly" instead of saving a checkpoint)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _TerminationRequest:
@@ -281,7 +312,10 @@ class Trainer:
             (self.run_dir / "previews").mkdir(exist_ok=True)
         self.log = RunLog(self.run_dir / "log.txt") if self.main else (lambda msg: None)
         if restarted:
-            self.log(f"starting over in {self.run_dir}: the run there stopped before its first checkpoint")
+            if self.main:
+                _clear_failed_attempt(self.run_dir)
+            self.log(f"starting over in {self.run_dir}: the run there stopped before its first checkpoint (its "
+                     "scalars and previews removed, its log continued)")
         torch.manual_seed(cfg.seed + self.rank)
         if cfg.stage == "sr":  # the trained model of init_from (of this run itself when resuming)
             source = self.run_dir if resume else Path(cfg.init_from)  # resumed: its own checkpoint
@@ -536,6 +570,7 @@ class Trainer:
         # global generator would shift a resumed run's random streams (render jitter, noise) by one.
         return DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=sampler, drop_last=True,
                           generator=torch.Generator().manual_seed(self.cfg.seed + self.rank),
+                          worker_init_fn=_worker_ignores_ctrl_c,
                           num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0,
                           pin_memory=self.device.type == "cuda")
 
@@ -583,6 +618,21 @@ class Trainer:
         if self.main:
             append_row(self.run_dir / file, row)
 
+    def _stop_now(self, stop: "_TerminationRequest") -> bool:
+        """Whether to stop after this step. One process: as soon as asked. Data-parallel: the ranks
+        agree (a rank that went on alone would wait in the next all-reduce), on logging steps only
+        (the agreement reads a value back, which the other steps avoid)."""
+        if self.world == 1:
+            return stop.requested is not None
+        if self.step % self.cfg.log_every and self.step != self.cfg.steps:
+            return False
+        device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0 and stop.requested is None:
+            stop.requested = "peer"  # another rank was told
+        return flag.item() > 0
+
     def fit(self) -> dict:
         """Train to ``cfg.steps``; returns the first and last validation scores."""
         cfg = self.cfg
@@ -618,11 +668,12 @@ class Trainer:
                     self.log(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
                 if self.step % cfg.checkpoint_every == 0:
                     self.save()
-                if stop.requested:  # SIGTERM (kill, timeout, pre-emption) or Ctrl-C: stop between steps
+                if self._stop_now(stop):  # SIGTERM (kill, timeout, pre-emption) or Ctrl-C: stop between steps
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             path = self.save()
-            why = {"SIGTERM": "terminated (SIGTERM)", "Ctrl-C": "stopped (Ctrl-C)"}.get(stop.requested, "interrupted")
+            why = {"SIGTERM": "terminated (SIGTERM)", "Ctrl-C": "stopped (Ctrl-C)",
+                   "peer": "stopped with the other ranks"}.get(stop.requested, "interrupted")
             self.log(f"{why} at step {self.step}; saved {path}; continue with --resume {self.run_dir}")
             raise
         finally:
