@@ -477,3 +477,58 @@ def test_audio_levels():
     levels = audio_levels(talk)
     assert not levels["quiet"] and levels["median_dbfs"] < -55
     assert audio_levels(np.zeros(0))["quiet"] and audio_levels(np.full(100, 0.5))["peak_dbfs"] == pytest.approx(-6.02, abs=0.01)
+
+
+def _portrait_phone_clip(path):
+    """A 64 x 48 H.264 mp4 whose track header says "turn 90 degrees clockwise to show" (a phone's
+    portrait clip stored landscape): the stored frames have a white band along their top edge."""
+    import struct
+
+    import av
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(10):
+            img = np.zeros((48, 64, 3), np.uint8)
+            img[:12] = 255
+            for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode(None):
+            c.mux(packet)
+    data = bytearray(path.read_bytes())
+    at = data.find(b"tkhd")
+    assert data[at + 4] == 0  # version 0: the matrix sits 44 bytes after the box's type
+    matrix = [0, 0x10000, 0, -0x10000 & 0xFFFFFFFF, 0, 0, 48 << 16, 0, 0x40000000]  # a 90-degree display matrix
+    data[at + 44:at + 80] = struct.pack(">9I", *matrix)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_rotated_phone_video_is_read_upright(tmp_path):
+    """FFmpeg's libraries leave the rotation flag to the caller: frames and sizes come out as a
+    player shows them (48 wide, 64 tall; the stored top band on the right after a clockwise turn)."""
+    from talk3d.preprocess.video import iter_frames, probe_video
+
+    clip = _portrait_phone_clip(tmp_path / "portrait.mp4")
+    info = probe_video(clip)
+    assert (info.width, info.height) == (48, 64)
+    frame = next(iter_frames(clip))
+    assert frame.shape == (64, 48, 3)
+    assert frame[:, -6:].mean() > 240 and frame[:, :30].mean() < 15
+
+
+def test_work_folder_of_someone_else_is_never_deleted(tmp_path):
+    from talk3d.preprocess.cache import WorkDir
+
+    mine = tmp_path / "out.work"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(PreprocessError, match="not a talk3d work folder"):
+        WorkDir(mine, dict(a=1), resume=False)
+    assert (mine / "notes.txt").read_text() == "keep"
+    ours = tmp_path / "ours.work"
+    WorkDir(ours, dict(a=1), resume=False)
+    (ours / "step.npz").write_bytes(b"")
+    WorkDir(ours, dict(a=2), resume=False)  # our own cache from other settings: replaced
+    assert not (ours / "step.npz").exists() and (ours / "key.json").is_file()

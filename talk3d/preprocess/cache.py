@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import PreprocessError
+
 __all__ = ["WorkDir"]
 
 
@@ -28,8 +30,11 @@ class WorkDir:
             if key_file.is_file():
                 try:
                     old = json.loads(key_file.read_text())
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, UnicodeDecodeError):
                     old = None
+            if not (self.path.is_dir() and isinstance(old, dict)):  # not a cache this code made: never deleted
+                raise PreprocessError(f"{self.path} exists and is not a talk3d work folder (no key.json): move it "
+                                      "away, or choose another --out")
             if not resume or old != json.loads(json.dumps(key)):
                 if resume:
                     log(f"{self.path}: made from other inputs or settings; starting afresh")

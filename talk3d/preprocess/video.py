@@ -37,6 +37,12 @@ class VideoInfo:
         return asdict(self)
 
 
+def av_errors():
+    import av
+
+    return av.error.FFmpegError
+
+
 def _open(path):
     import av
 
@@ -47,6 +53,18 @@ def _open(path):
         return av.open(str(path))
     except (av.error.FFmpegError, UnicodeDecodeError) as e:
         raise PreprocessError(f"{path}: not a readable video file ({e})") from None
+
+
+def _quarter_turns(frame) -> int:
+    """Counter-clockwise quarter turns that show ``frame`` upright: FFmpeg's libraries leave a
+    video's rotation flag (phones record portrait clips as rotated landscape) to the caller, and
+    PyAV reports it as ``frame.rotation``, degrees counter-clockwise (-90: turn clockwise)."""
+    return int(round(float(getattr(frame, "rotation", 0) or 0) / 90.0)) % 4
+
+
+def _upright(image: np.ndarray, turns: int) -> np.ndarray:
+    """[H, W, 3] stored image -> as displayed (np.rot90 turns counter-clockwise)."""
+    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
 
 def probe_video(path) -> VideoInfo:
@@ -62,13 +80,20 @@ def probe_video(path) -> VideoInfo:
         elif c.duration is not None:
             duration = c.duration / 1e6  # container durations are in AV_TIME_BASE (us)
         start = float(v.start_time * v.time_base) if v.start_time is not None and v.time_base else 0.0
-        return VideoInfo(str(path), int(v.codec_context.width), int(v.codec_context.height),
+        width, height = int(v.codec_context.width), int(v.codec_context.height)
+        try:  # the size as displayed: a quarter-turned (portrait phone) clip swaps its sides
+            if _quarter_turns(next(c.decode(v))) % 2:
+                width, height = height, width
+        except (StopIteration, av_errors()):
+            pass  # no decodable frame: iter_frames says so
+        return VideoInfo(str(path), width, height,
                          float(rate) if rate else float("nan"), duration, bool(c.streams.audio),
                          start)
 
 
 def iter_frames(path, fps: int = 25, max_frames: int | None = None) -> Iterator[np.ndarray]:
-    """Decoded RGB frames [H, W, 3] uint8 resampled to ``fps`` by nearest timestamp.
+    """Decoded RGB frames [H, W, 3] uint8 resampled to ``fps`` by nearest timestamp, upright as a
+    player shows them (a rotation flag applied).
 
     Output frame n is the source frame nearest to ``t0 + n / fps``; the last output frame is the
     last whose time falls before the source's end (last timestamp + one source frame period).
@@ -88,7 +113,7 @@ def iter_frames(path, fps: int = 25, max_frames: int | None = None) -> Iterator[
                 t = frame.time if frame.time is not None else k * src_period
                 if t0 is None:
                     t0 = t
-                image = frame.to_ndarray(format="rgb24")
+                image = _upright(frame.to_ndarray(format="rgb24"), _quarter_turns(frame))
                 if prev is not None:
                     # Every output time nearer to prev than to this frame gets prev.
                     while t0 + n / fps < 0.5 * (prev_t + t):
