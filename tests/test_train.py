@@ -592,12 +592,16 @@ def _ddp_stop_worker(rank, world, port, data, run, out):
         torch.distributed.destroy_process_group()
 
 
-def test_ddp_ranks_stop_together(data, tmp_path):
-    world = 2
+def _spawn_ranks(worker, data, run, world: int = 2) -> list:
+    """Run ``worker(rank, world, port, data, run, out)`` in ``world`` processes; what each put in out."""
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_ddp_stop_worker, args=(world, _free_port(), data, tmp_path / "ddp", out), nprocs=world, join=True)
-        results = [out[r] for r in range(world)]
+        mp.spawn(worker, args=(world, _free_port(), data, run, out), nprocs=world, join=True)
+        return [out[r] for r in range(world)]
+
+
+def test_ddp_ranks_stop_together(data, tmp_path):
+    results = _spawn_ranks(_ddp_stop_worker, data, tmp_path / "ddp")
     assert results == [("stopped", 2), ("stopped", 2)]
     state = torch.load(tmp_path / "ddp" / "checkpoints" / "latest.pt", weights_only=True)
     assert state["step"] == 2
@@ -606,10 +610,7 @@ def test_ddp_ranks_stop_together(data, tmp_path):
 
 def test_ddp_two_processes_on_gloo_stay_in_sync(data, tmp_path):
     world = 2
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_ddp_worker, args=(world, _free_port(), data, tmp_path / "ddp", out), nprocs=world, join=True)
-        results = [out[r] for r in range(world)]
+    results = _spawn_ranks(_ddp_worker, data, tmp_path / "ddp", world)
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
     # Each step the ranks' batches are the draws of one step of a single process with twice the
     # batch (interleaved), not the same frames twice.
