@@ -24,13 +24,18 @@ class NoAudioStreamError(AudioFileError):
     """A readable media file without an audio stream (e.g. a silent video)."""
 
 
-def _open_audio(path: Path, no_pyav: str):
-    """(av, the open container, its first audio stream) of ``path``; AudioFileError (the file's
-    name and what is wrong) for a folder, a missing file, no PyAV, a non-media file or no audio."""
+def _check_file(path: Path) -> None:
+    """AudioFileError for a folder or a missing file, naming it."""
     if path.is_dir():
         raise AudioFileError(f"{path}: a folder, not an audio file")
     if not path.is_file():
         raise AudioFileError(f"{path}: no such file")
+
+
+def _open_audio(path: Path, no_pyav: str):
+    """(av, the open container, its first audio stream) of ``path``; AudioFileError (the file's
+    name and what is wrong) for a folder, a missing file, no PyAV, a non-media file or no audio."""
+    _check_file(path)
     try:
         import av
     except ImportError:
@@ -87,10 +92,7 @@ def read_audio(path) -> np.ndarray:
         AudioFileError: the file cannot be read (see :func:`decode_audio_stream`).
     """
     path = Path(path)
-    if path.is_dir():
-        raise AudioFileError(f"{path}: a folder, not an audio file")
-    if not path.is_file():
-        raise AudioFileError(f"{path}: no such file")
+    _check_file(path)
     wav_error = None
     if path.suffix.lower() == ".wav":
         try:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
-from .metrics import to_unit_range
+from ..infer.render import to_uint8_frames
 
 __all__ = ["MOUTH_POINTS", "DlibMouthLandmarks"]
 
@@ -42,10 +41,10 @@ class DlibMouthLandmarks:
         self._detector = DlibDetector(upsample=upsample)
 
     def __call__(self, images: torch.Tensor, mouth_mask: torch.Tensor | None = None) -> torch.Tensor:
-        pixels = (to_unit_range(images.float()) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # [B, S, S, 3]
+        pixels = to_uint8_frames(images)  # [B, S, S, 3], contiguous as dlib reads it
         out = torch.full((len(pixels), self.num_landmarks, 2), math.nan, dtype=torch.float64)
         for i, img in enumerate(pixels):
-            found = self._detector(np.ascontiguousarray(img), i)  # [68, 2] or None (dlib reads rows as laid out)
+            found = self._detector(img, i)  # [68, 2] or None
             if found is not None:
                 out[i] = torch.from_numpy(found[MOUTH_POINTS])
         return out

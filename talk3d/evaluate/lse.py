@@ -43,39 +43,32 @@ SAMPLES_PER_FRAME = 640  # 16 kHz / 25 fps
 EMBEDDING = 1024
 
 
-def _stack(spec: list) -> nn.Sequential:
-    """Layers from a compact spec: ('conv', module) / ('bn', module) / 'relu' / ('pool', module).
-    Module indices follow the list, which the weight file's key names depend on."""
-    layers = []
-    for item in spec:
-        layers.append(nn.ReLU() if item == "relu" else item)
-    return nn.Sequential(*layers)
-
-
+# Module indices follow these lists (convolution, norm, ReLU, sometimes a pool), and the weight
+# file's key names depend on them.
 def _audio_tower() -> nn.Sequential:
     """[B, 1, 13, 20] MFCC windows -> [B, 512, 1, 1]."""
     def block(cin, cout, **conv):
-        return [nn.Conv2d(cin, cout, **conv), nn.BatchNorm2d(cout), "relu"]
+        return [nn.Conv2d(cin, cout, **conv), nn.BatchNorm2d(cout), nn.ReLU()]
 
-    return _stack(block(1, 64, kernel_size=3, padding=1) + [nn.MaxPool2d(1, 1)]
-                  + block(64, 192, kernel_size=3, padding=1) + [nn.MaxPool2d(3, (1, 2))]
-                  + block(192, 384, kernel_size=3, padding=1) + block(384, 256, kernel_size=3, padding=1)
-                  + block(256, 256, kernel_size=3, padding=1) + [nn.MaxPool2d(3, 2)]
-                  + block(256, 512, kernel_size=(5, 4)))
+    return nn.Sequential(*block(1, 64, kernel_size=3, padding=1), nn.MaxPool2d(1, 1),
+                         *block(64, 192, kernel_size=3, padding=1), nn.MaxPool2d(3, (1, 2)),
+                         *block(192, 384, kernel_size=3, padding=1), *block(384, 256, kernel_size=3, padding=1),
+                         *block(256, 256, kernel_size=3, padding=1), nn.MaxPool2d(3, 2),
+                         *block(256, 512, kernel_size=(5, 4)))
 
 
 def _video_tower() -> nn.Sequential:
     """[B, 3, 5, 224, 224] frame windows -> [B, 512, 1, 1, 1]."""
     def block(cin, cout, **conv):
-        return [nn.Conv3d(cin, cout, **conv), nn.BatchNorm3d(cout), "relu"]
+        return [nn.Conv3d(cin, cout, **conv), nn.BatchNorm3d(cout), nn.ReLU()]
 
-    return _stack(block(3, 96, kernel_size=(5, 7, 7), stride=(1, 2, 2)) + [nn.MaxPool3d((1, 3, 3), (1, 2, 2))]
-                  + block(96, 256, kernel_size=(1, 5, 5), stride=(1, 2, 2), padding=(0, 1, 1))
-                  + [nn.MaxPool3d((1, 3, 3), (1, 2, 2), padding=(0, 1, 1))]
-                  + block(256, 256, kernel_size=(1, 3, 3), padding=(0, 1, 1))
-                  + block(256, 256, kernel_size=(1, 3, 3), padding=(0, 1, 1))
-                  + block(256, 256, kernel_size=(1, 3, 3), padding=(0, 1, 1)) + [nn.MaxPool3d((1, 3, 3), (1, 2, 2))]
-                  + block(256, 512, kernel_size=(1, 6, 6)))
+    return nn.Sequential(*block(3, 96, kernel_size=(5, 7, 7), stride=(1, 2, 2)), nn.MaxPool3d((1, 3, 3), (1, 2, 2)),
+                         *block(96, 256, kernel_size=(1, 5, 5), stride=(1, 2, 2), padding=(0, 1, 1)),
+                         nn.MaxPool3d((1, 3, 3), (1, 2, 2), padding=(0, 1, 1)),
+                         *block(256, 256, kernel_size=(1, 3, 3), padding=(0, 1, 1)),
+                         *block(256, 256, kernel_size=(1, 3, 3), padding=(0, 1, 1)),
+                         *block(256, 256, kernel_size=(1, 3, 3), padding=(0, 1, 1)), nn.MaxPool3d((1, 3, 3), (1, 2, 2)),
+                         *block(256, 512, kernel_size=(1, 6, 6)))
 
 
 def _head() -> nn.Sequential:

@@ -4,8 +4,9 @@ Images are ``[B, 3, H, W]`` float tensors in [-1, 1] (the model's convention, da
 unless said otherwise; every per-image metric returns ``[B]``.
 
 - :func:`psnr`: 10 log10(range^2 / MSE), MSE over all pixels and channels of one image.
-- :func:`ssim`: Wang et al. 2004 on intensities from 0 (the [-1, 1] images as [0, 1]), an 11-tap Gaussian window (sigma 1.5), K1 = 0.01,
-  K2 = 0.03, over the "valid" window positions, averaged over channels and positions.
+- :func:`ssim`: Wang et al. 2004 on intensities from 0 (the [-1, 1] images as [0, 1]), an 11-tap
+  Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, over the "valid" window positions, averaged
+  over channels and positions.
 - :class:`LPIPSMetric`: LPIPS v0.1 (AlexNet) through :mod:`talk3d.losses`, only with real weights.
 - :func:`landmark_distance` (LMD): mean Euclidean distance between corresponding mouth landmarks,
   found by a pluggable :data:`LandmarkDetector`; :class:`MouthMaskOracle` is one for the synthetic
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "SSIM_WINDOW", "SSIM_SIGMA", "SSIM_K1", "SSIM_K2", "DARK_LUMA", "LIP_MIN_RED", "LIP_GREEN_RED_RATIO",
-    "Unavailable", "psnr", "ssim", "gaussian_window", "grow_region", "PRED_SEARCH_MARGIN", "LPIPSMetric", "LandmarkDetector",
+    "Unavailable", "psnr", "ssim", "gaussian_window", "grow_region", "PRED_SEARCH_MARGIN", "LPIPSMetric",
+    "LandmarkDetector",
     "MouthMaskOracle", "landmark_distance", "mouth_opening_score", "pearson", "identity_similarity",
     "frechet_distance", "to_unit_range",
 ]

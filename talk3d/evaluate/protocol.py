@@ -27,7 +27,7 @@ from ..progress import progress_bar
 
 from ..audio.features import SAMPLES_PER_FRAME, read_wav
 from ..data import TalkingHeadDataset, load_manifest
-from ..infer.render import audio_context
+from ..infer.render import audio_context, to_uint8_frames
 from ..train.losses import IDENTITY_MIN_SIZE
 from . import metrics as M
 from .action_units import OpenFaceAU, OpenFaceError, action_unit_error, find_openface
@@ -171,8 +171,7 @@ def _write_frames(folder: Path, first: int, images: torch.Tensor) -> None:
     """images [B, 3, S, S] in [-1, 1] -> folder/{first + i:06d}.png (8-bit RGB, as a video shows them)."""
     from PIL import Image
 
-    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()  # [B, S, S, 3]
-    for i, img in enumerate(pixels):
+    for i, img in enumerate(to_uint8_frames(images)):  # [S, S, 3] each
         Image.fromarray(img).save(folder / f"{first + i:06d}.png")
 
 
@@ -209,7 +208,8 @@ def _frame_metrics(acc: _Accumulator, pred, target, mouth_mask, *, lpips: M.LPIP
     if detector is not None:
         # The prediction's mouth is searched a little beyond the target's mouth region (a mouth drawn
         # off its place is then found, and its distance counted, rather than cut off at the edge).
-        wider = None if mouth_mask is None else M.grow_region(mouth_mask, math.ceil(pred.shape[-1] * M.PRED_SEARCH_MARGIN))
+        margin = math.ceil(pred.shape[-1] * M.PRED_SEARCH_MARGIN)
+        wider = None if mouth_mask is None else M.grow_region(mouth_mask, margin)
         found_pred, found_target = detector(pred, wider), detector(target, mouth_mask)  # [B, K, 2], NaN: none
         acc.add("lmd", M.landmark_distance(found_pred, found_target))
         # A frame whose target shows no mouth has nothing to score; one whose prediction lost the

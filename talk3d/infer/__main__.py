@@ -27,7 +27,8 @@ from .video import StreamingVideoWriter
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m talk3d.infer", description=__doc__.splitlines()[0])
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--run", help="run folder of python -m talk3d.train (its checkpoints/latest.pt, or --checkpoint)")
+    which.add_argument("--run", help="run folder of python -m talk3d.train (its checkpoints/latest.pt, or "
+                                     "--checkpoint)")
     which.add_argument("--ckpt", help="a checkpoint file in a run folder (RUN/checkpoints/NAME.pt): that run, that "
                                       "checkpoint")
     p.add_argument("--audio", required=True,

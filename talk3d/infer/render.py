@@ -33,7 +33,7 @@ from ..ops.backends import check_impl
 from ..render.cameras import LABEL_SIZE, CameraRig, check_cameras
 
 __all__ = ["InferenceError", "TrainingClip", "load_training_clip", "read_speech", "num_frames_for",
-           "camera_track", "render_speech", "resolve_size", "PRECISIONS", "SIZES", "SOURCES",
+           "camera_track", "render_speech", "resolve_size", "to_uint8_frames", "PRECISIONS", "SIZES", "SOURCES",
            "ORBIT_YAW_DEG", "ORBIT_PITCH_DEG"]
 
 # The paper's novel-view range: yaw within +-30 degrees, pitch within +-20 degrees.
@@ -206,9 +206,7 @@ def _cameras_from_json(path: Path, num_frames: int, rig: CameraRig) -> torch.Ten
     if not np.isfinite(arr).all():
         raise InferenceError(f"--camera {path}: NaN or inf in the cameras")
     if arr.shape[1] == 2:
-        bad = np.flatnonzero((np.abs(arr[:, 0]) > MAX_YAW_DEG) | (np.abs(arr[:, 1]) >= MAX_PITCH_DEG))
-        if bad.size:
-            _check_angles(*arr[bad[0]], f"--camera {path}, entry {int(bad[0])}")
+        _check_angles(arr, f"--camera {path}", per_entry=True)
     arr = arr[_cycle(num_frames, arr.shape[0])]
     if arr.shape[1] == 2:
         return _novel_view_cameras(arr, rig)
@@ -224,11 +222,15 @@ def _cameras_from_json(path: Path, num_frames: int, rig: CameraRig) -> torch.Ten
 MAX_YAW_DEG, MAX_PITCH_DEG = 180.0, 90.0
 
 
-def _check_angles(yaw: float, pitch: float, where: str) -> None:
-    """Refuse angles past MAX_YAW_DEG / MAX_PITCH_DEG (often radians given for degrees)."""
-    if abs(yaw) > MAX_YAW_DEG or abs(pitch) >= MAX_PITCH_DEG:
-        raise InferenceError(f"{where}: yaw must be within +-180 and pitch within +-90 degrees, got "
-                             f"({yaw:g}, {pitch:g}) (the paper's novel views span yaw +-30, pitch +-20)")
+def _check_angles(angles: np.ndarray, where: str, per_entry: bool = False) -> None:
+    """angles [N, 2] (yaw, pitch) degrees: refuse the first past MAX_YAW_DEG / MAX_PITCH_DEG (often
+    radians given for degrees), naming its entry when ``per_entry``."""
+    bad = np.flatnonzero((np.abs(angles[:, 0]) > MAX_YAW_DEG) | (np.abs(angles[:, 1]) >= MAX_PITCH_DEG))
+    if bad.size:
+        i = int(bad[0])
+        raise InferenceError(f"{where}{f', entry {i}' if per_entry else ''}: yaw must be within +-180 and pitch "
+                             f"within +-90 degrees, got ({angles[i, 0]:g}, {angles[i, 1]:g}) (the paper's novel "
+                             "views span yaw +-30, pitch +-20)")
 
 
 def camera_track(spec: str, num_frames: int, clip: TrainingClip) -> torch.Tensor:
@@ -250,8 +252,9 @@ def camera_track(spec: str, num_frames: int, clip: TrainingClip) -> torch.Tensor
             raise InferenceError(f"--camera {spec!r}: expected fixed:YAW,PITCH in degrees, e.g. fixed:20,-5") from None
         if not (math.isfinite(yaw) and math.isfinite(pitch)):
             raise InferenceError(f"--camera {spec!r}: angles must be finite")
-        _check_angles(yaw, pitch, f"--camera {spec!r}")
-        return _novel_view_cameras(np.tile([[yaw, pitch]], (num_frames, 1)), clip.rig)
+        angles = np.tile([[yaw, pitch]], (num_frames, 1))
+        _check_angles(angles[:1], f"--camera {spec!r}")
+        return _novel_view_cameras(angles, clip.rig)
     path = Path(spec)
     if path.is_file():
         return _cameras_from_json(path, num_frames, clip.rig)
@@ -297,8 +300,8 @@ class _HostFrames:
         return self.host.numpy()
 
 
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    """images [B, 3, S, S] in [-1, 1] (any float dtype) -> [B, S, S, 3] uint8."""
+def to_uint8_frames(images: torch.Tensor) -> np.ndarray:
+    """images [B, 3, S, S] in [-1, 1] (any float dtype) -> [B, S, S, 3] uint8, as a video shows them."""
     return _HostFrames(images).numpy()
 
 

@@ -82,7 +82,7 @@ from ..devices import resolve_device
 from ..ops.backends import check_impl
 from .render import (IMPLS, PRECISIONS, SOURCES, InferenceError, TrainingClip, audio_context,
                      _check_choice, _checked_track, check_speech, _cycle, _novel_view_cameras, _orbit_angles,
-                     _to_device, _to_uint8, camera_track, load_training_clip, render_speech, resolve_size)
+                     _to_device, to_uint8_frames, camera_track, load_training_clip, render_speech, resolve_size)
 
 __all__ = ["Talker", "STREAM_ORBIT_PERIOD", "WAV2VEC2_CONTEXT_S", "WAV2VEC2_LOOKAHEAD_S"]
 
@@ -318,7 +318,7 @@ class Talker:
             with torch.inference_mode(), amp:
                 out = self.model(cond, impl=self.impl, deterministic=True, resolution=self._resolution,
                                  check_cameras=False)[self._key]  # checked once (_checked_track)
-            yield from _to_uint8(out)
+            yield from to_uint8_frames(out)
 
     # ---------------------------------------------------------------------------------------------
     # Public API

@@ -37,12 +37,6 @@ class VideoInfo:
         return asdict(self)
 
 
-def av_errors():
-    import av
-
-    return av.error.FFmpegError
-
-
 def _open(path):
     import av
 
@@ -69,6 +63,8 @@ def _upright(image: np.ndarray, turns: int) -> np.ndarray:
 
 def probe_video(path) -> VideoInfo:
     """Open ``path`` and describe its first video stream; PreprocessError if there is none."""
+    import av
+
     with _open(path) as c:
         if not c.streams.video:
             raise PreprocessError(f"{path}: the file has no video stream")
@@ -84,7 +80,7 @@ def probe_video(path) -> VideoInfo:
         try:  # the size as displayed: a quarter-turned (portrait phone) clip swaps its sides
             if _quarter_turns(next(c.decode(v))) % 2:
                 width, height = height, width
-        except (StopIteration, av_errors()):
+        except (StopIteration, av.error.FFmpegError):
             pass  # no decodable frame: iter_frames says so
         return VideoInfo(str(path), width, height,
                          float(rate) if rate else float("nan"), duration, bool(c.streams.audio),

@@ -170,7 +170,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return 130
     if trainer.main:
-        print(f"results in {trainer.run_dir}: log.txt, scalars.csv (training), val_scalars.csv (validation), previews/ (target | output | render), "
+        print(f"results in {trainer.run_dir}: log.txt, scalars.csv (training), val_scalars.csv (validation), "
+              "previews/ (target | output | render), "
               f"checkpoints/latest.pt")
         key, what = trainer.headline
         print(f"validation L1 of the {what}: {result['first'][key]:.4f} -> {result['last'][key]:.4f}")

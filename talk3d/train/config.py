@@ -184,7 +184,8 @@ _PLURAL = {"int": "whole numbers", "float": "numbers", "str": "strings", "bool":
 
 
 def _sequence_kind(kind: str) -> tuple[str, int | None]:
-    """'tuple[int, ...]' -> ('int', None); 'tuple[float, float, float]' -> ('float', 3); 'list[int]' -> ('int', None)."""
+    """'tuple[int,...]' -> ('int', None); 'tuple[float,float,float]' -> ('float', 3); 'list[int]' ->
+    ('int', None) (annotations with their spaces removed)."""
     items = kind[kind.index("[") + 1:-1].split(",")
     if kind.startswith("list[") or (len(items) == 2 and items[1] == "..."):
         return items[0], None

@@ -183,9 +183,9 @@ def _never_checkpointed(run_dir: Path) -> bool:
     if not names <= set(RUN_FILES):
         return False
     ck, pv = run_dir / "checkpoints", run_dir / "previews"
-    if (ck.exists() and (not ck.is_dir() or any(ck.iterdir()))) or \
-            (pv.exists() and (not pv.is_dir() or any(not (f.is_file() and f.name.startswith("val_step")
-                                                              and f.suffix == ".png") for f in pv.iterdir()))):
+    if ck.exists() and (not ck.is_dir() or any(ck.iterdir())):
+        return False
+    if pv.exists() and (not pv.is_dir() or any(not f.match("val_step*.png") for f in pv.iterdir())):
         return False
     if "log.txt" in names:
         try:
@@ -624,20 +624,20 @@ class Trainer:
         (the agreement reads a value back, which the other steps avoid)."""
         if self.world == 1:
             return stop.requested is not None
-        if self.step % self.cfg.log_every and self.step != self.cfg.steps:
+        if self.step % self.cfg.log_every:
             return False
         device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
         flag = torch.tensor([1.0 if stop.requested else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0 and stop.requested is None:
+        asked = flag.item() > 0
+        if asked and stop.requested is None:
             stop.requested = "peer"  # another rank was told
-        return flag.item() > 0
+        return asked
 
     def fit(self) -> dict:
         """Train to ``cfg.steps``; returns the first and last validation scores."""
         cfg = self.cfg
         if self.step >= cfg.steps and self.history:
-            key, _ = self.headline
             self.log(f"run already finished: step {self.step} of steps = {cfg.steps}; to train further, resume with "
                      f"--set steps=N (N > {self.step})")
             return {"first": self.history[0], "last": self.history[-1], "checkpoint": None}
