@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from composite_cases import (FP64_OPAQUE_GRAD_ATOL, OPAQUE_SIGMA_SCALE, BACKENDS, CASES, FP32_ATOL, FP32_GRAD_ATOL, FP32_GRAD_RTOL, FP32_RTOL, FP64_ATOL,
-                             FP64_RTOL, HALF_ATOL, CompositeCase, device_of, make_dense, make_packed)
+from composite_cases import (BACKENDS, CASES, CompositeCase, device_of, FP32_ATOL, FP32_GRAD_ATOL, FP32_GRAD_RTOL,
+                             FP32_RTOL, FP64_ATOL, FP64_OPAQUE_GRAD_ATOL, FP64_RTOL, HALF_ATOL, make_dense,
+                             make_packed, OPAQUE_SIGMA_SCALE)
 from talk3d import extension
 from talk3d.ops import composite, reference
 from talk3d.ops.composite import available_impls

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from composite_cases import (OPAQUE_SIGMA_SCALE, BACKENDS, CASES, FP32_ATOL, FP32_GRAD_ATOL, FP32_GRAD_RTOL, FP32_RTOL, FP64_ATOL,
-                             FP64_OPAQUE_GRAD_ATOL, FP64_RTOL, HALF_ATOL, CompositeCase, make_dense)
+from composite_cases import (BACKENDS, CASES, CompositeCase, FP32_ATOL, FP32_GRAD_ATOL, FP32_GRAD_RTOL, FP32_RTOL,
+                             FP64_ATOL, FP64_OPAQUE_GRAD_ATOL, FP64_RTOL, HALF_ATOL, make_dense, OPAQUE_SIGMA_SCALE)
 from composite_cases import device_of as _device
 from talk3d import extension
 from talk3d.ops import composite, composite_weights

@@ -32,9 +32,11 @@ HALF_ERR_FACTOR = 2.0
 MANY_POINT_SUM_RTOL = 1e-4
 # fp32 on ill-conditioned sums (decoder terms in the hundreds, outputs in the thousands): judged the
 # same way, against PyTorch's own fp32 reference's error. Two fp32 errors of sums in other orders
-# have a ratio that varies with the inputs: over 30 seeds ours / PyTorch's was 1.1-2.1, and 4.6 once
-# (dxyz, the generic case); 2 failed one seed in six of TALK3D_TEST_SEED.
-ILL_CONDITIONED_ERR_FACTOR = 6.0
+# have a ratio that varies with the inputs: over 30 seeds ours / PyTorch's was 1.1-2.1 for every
+# output but dxyz, and up to 4.6 for dxyz in the generic case (2 failed one seed in six of
+# TALK3D_TEST_SEED there).
+ILL_CONDITIONED_ERR_FACTOR = 3.0
+ILL_CONDITIONED_DXYZ_FACTOR = 6.0
 
 CASES = [
     FieldCase(),  # generic sizes, non-square planes, some points outside the box
@@ -215,7 +217,8 @@ def test_cpu_extreme_preactivations_stay_normal(size):
     for name, got, base, want in zip(names, flat(ours), flat(torch32), flat(exact)):
         err = (got.double() - want).abs().max().item()
         base_err = (base.double() - want).abs().max().item()
-        assert err <= ILL_CONDITIONED_ERR_FACTOR * base_err + FP32_ATOL, f"{name}: error {err:.3g}, torch fp32 {base_err:.3g}"
+        factor = ILL_CONDITIONED_DXYZ_FACTOR if name == "dxyz" else ILL_CONDITIONED_ERR_FACTOR
+        assert err <= factor * base_err + FP32_ATOL, f"{name}: error {err:.3g}, torch fp32 {base_err:.3g}"
 
 
 @pytest.mark.cuda
