@@ -92,3 +92,35 @@ def make_ray_points(B: int, rays_side: int, samples: int, device="cpu", dtype=to
     t = t + torch.rand(B, dirs.shape[1], samples, dtype=torch.float64) * (1.05 / (samples - 1))
     pts = cam[:, None, None] + t[..., None] * dirs[:, :, None]  # [B, R, S, 3]
     return pts.reshape(B, -1, 3).to(device=device, dtype=dtype)
+
+
+def accumulation_probe(dtype=torch.float32, device="cpu"):
+    """Inputs on which a decoder that sums in fp32 gets the exact outputs and one that keeps its sums
+    in half precision cannot: a large term first, small ones that a half-precision running sum drops
+    (2048 + 1 is 2048 in fp16 and bf16), then the large term taken away. Every input, every decoder
+    input and activation (f = 1, h in {30, 32, 2048}) and the exact sigma (91) are representable in
+    fp16 and bf16, so rounding the dot products' operands to half, as tensor-core kernels do, loses
+    nothing; and every partial sum is an integer below 2^24, exact in fp32 in any order.
+
+    Returns the inputs (planes ``[1, 3, 32, 16, 16]``, xyz ``[1, 24, 3]`` float32, w1, b1, w2, b2 in
+    ``dtype``) and the exact sigma ``[1, 24, 1]`` and feat ``[1, 24, 32]`` in float64.
+    """
+    C, HID, OUT, H, W = 32, 64, 33, 16, 16
+    planes = torch.ones(1, 3, C, H, W)
+    # Points at texel centres ((2k + 1) / 16 - 1 in grid_sample's coordinates): one tap of weight 1
+    # per plane, so f = 1 exactly whatever the plane convention.
+    k = torch.randint(0, H, (1, 24, 3), generator=torch.Generator().manual_seed(5))
+    xyz = ((2 * k + 1) / H - 1) / 2
+    w1 = torch.zeros(HID, C)
+    w1[0, 0] = w1[62, 0] = 2048.0          # h = 2048
+    w1[1:62, 0] = 32.0                     # h = 32
+    w1[63, 0], w1[63, 1:31], w1[63, 31] = 2048.0, 1.0, -2048.0   # pre = 30 (a half sum: 0)
+    w2 = torch.zeros(OUT, HID)
+    w2[0, 0], w2[0, 1:62], w2[0, 62], w2[0, 63] = 1.0, 1 / 32, -1.0, 1.0   # sigma = 91
+    w2[1, 0], w2[1, 1:62], w2[1, 62], w2[1, 63] = 1.0, 1 / 32, -1.0, -2.0  # o = 1
+    b1, b2 = torch.zeros(HID), torch.zeros(OUT)
+    inputs = [t.to(device) for t in (planes.to(dtype), xyz, w1.to(dtype), b1.to(dtype), w2.to(dtype), b2.to(dtype))]
+    o = torch.zeros(1, 24, OUT - 1, dtype=torch.float64)
+    o[..., 0] = 1.0
+    exact_feat = torch.sigmoid(o) * 1.002 - 0.001
+    return inputs, torch.full((1, 24, 1), 91.0, dtype=torch.float64), exact_feat

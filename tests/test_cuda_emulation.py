@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from field_cases import accumulation_probe
 from talk3d.ops.reference import triplane_field as reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,6 +114,12 @@ CASES = {
     "eg3d_f16_tensor_cores_features_only": dict(dtype="f16", mlp=1, omask=2, N=40),
     "eg3d_bf16_tensor_cores_sigma_only": dict(dtype="bf16", mlp=1, omask=1, N=40),
     "eg3d_f16_tensor_cores_sm75": dict(dtype="f16", mlp=1, cc=7, N=40),
+    # field_cases.accumulation_probe: inputs on which only a decoder that sums in fp32 gets sigma
+    # exactly (91); half-precision sums give 0.7 (serial) or 56-89 (tree). FMA and tensor-core paths.
+    "probe_f16": dict(dtype="f16", probe=True),
+    "probe_bf16": dict(dtype="bf16", probe=True),
+    "probe_f16_tensor_cores": dict(dtype="f16", probe=True, mlp=1),
+    "probe_bf16_tensor_cores": dict(dtype="bf16", probe=True, mlp=1),
 }
 # The tensor-core forward rounds the 32 features and 64 hidden units to the storage type before
 # each product (PyTorch's half-precision decoder does the same): a few more roundings of 2^-11
@@ -125,6 +132,9 @@ def test_cuda_kernels_in_emulation(emulator, tmp_path, name):
     c = dict(dtype="f32", B=2, H=16, W=16, C=32, N=300, HID=64, OUT=33, axes=0, box=1.0, pad=(0, 0, 0, 0),
              optin=232448, sms=2, per_sm=1, mask=63, gmask=3, chunk=128, omask=3, mlp=0, cc=9)
     c.update(CASES[name])
+    probe = accumulation_probe(DTYPES[c["dtype"]][1]) if c.get("probe") else None
+    if probe is not None:
+        c.update(B=1, N=probe[0][1].shape[1], mask=0)  # forward only: the probe's weights are extreme
     code, sdt, pdt = DTYPES[c["dtype"]]
     B, H, W, C, N, HID, OUT = (c[k] for k in ("B", "H", "W", "C", "N", "HID", "OUT"))
     master = (torch.randn(B, 3, H, W, C, dtype=torch.float64) * 0.7).to(sdt)
@@ -141,6 +151,10 @@ def test_cuda_kernels_in_emulation(emulator, tmp_path, name):
     b1 = (torch.randn(HID, dtype=torch.float64) * 0.3).to(sdt)
     w2 = (torch.randn(OUT, HID, dtype=torch.float64) / HID**0.5).to(sdt)
     b2 = (torch.randn(OUT, dtype=torch.float64) * 0.3).to(sdt)
+    if probe is not None:
+        planes, xyz, w1, b1, w2, b2 = probe[0]
+        master = planes.permute(0, 1, 3, 4, 2).contiguous()
+        buf[idx.reshape(-1)] = master.reshape(-1)
     gs = torch.randn(B, N, 1, dtype=torch.float64).to(sdt)
     gf = torch.randn(B, N, OUT - 1, dtype=torch.float64).to(sdt)
     for fn, t in [("planes", buf), ("xyz", xyz), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("gsigma", gs), ("gfeat", gf)]:
@@ -185,3 +199,5 @@ def test_cuda_kernels_in_emulation(emulator, tmp_path, name):
         scale = max(want.abs().max().item(), 1e-30)
         err = (got - want).abs().max().item()
         assert err <= rtol[c["dtype"]] * scale, f"{nm}: error {err:.3g} > {rtol[c['dtype']]} * {scale:.3g}"
+    if probe is not None:  # exact, not merely within OUTPUT_RTOL (a half sum gives 56-89 or 0.7)
+        torch.testing.assert_close(results["sigma"][0], probe[1], atol=0, rtol=0)

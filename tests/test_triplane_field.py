@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from field_cases import FieldCase, make_field_inputs
+from field_cases import FieldCase, accumulation_probe, make_field_inputs
 from talk3d import extension
 from talk3d.ops import available_impls, reference, triplane_field
 from talk3d.ops.reference.triplane_field import decode, sample_triplane
@@ -329,48 +329,17 @@ def test_half_precision_backward(impl, dtype):
             f"d{name}: {impl} {dtype} error {kernel_err:.3g} vs PyTorch's {torch_err:.3g}")
 
 
-def _accumulation_probe(dtype, device):
-    """Inputs on which a decoder that sums in fp32 gets the exact outputs and one that keeps its sums
-    in half precision cannot: a large term first, small ones that a half-precision running sum drops
-    (2048 + 1 is 2048 in fp16 and bf16), then the large term taken away. Every input, every decoder
-    input and activation (f = 1, h in {30, 32, 2048}) and the exact sigma (91) are representable in
-    fp16 and bf16, so rounding the dot products' operands to half, as tensor-core kernels do, loses
-    nothing; and every partial sum is an integer below 2^24, exact in fp32 in any order.
-
-    Returns the inputs and the exact (sigma, feat) for every point.
-    """
-    C, HID, OUT, H, W = 32, 64, 33, 16, 16
-    planes = torch.ones(1, 3, C, H, W)
-    # Points at texel centres ((2k + 1) / 16 - 1 in grid_sample's coordinates): one tap of weight 1
-    # per plane, so f = 1 exactly whatever the plane convention.
-    k = torch.randint(0, H, (1, 24, 3), generator=torch.Generator().manual_seed(5))
-    xyz = ((2 * k + 1) / H - 1) / 2
-    w1 = torch.zeros(HID, C)
-    w1[0, 0] = w1[62, 0] = 2048.0          # h = 2048
-    w1[1:62, 0] = 32.0                     # h = 32
-    w1[63, 0], w1[63, 1:31], w1[63, 31] = 2048.0, 1.0, -2048.0   # pre = 30 (a half sum: 0)
-    w2 = torch.zeros(OUT, HID)
-    w2[0, 0], w2[0, 1:62], w2[0, 62], w2[0, 63] = 1.0, 1 / 32, -1.0, 1.0   # sigma = 91
-    w2[1, 0], w2[1, 1:62], w2[1, 62], w2[1, 63] = 1.0, 1 / 32, -1.0, -2.0  # o = 1
-    b1, b2 = torch.zeros(HID), torch.zeros(OUT)
-    inputs = [t.to(device) for t in (planes.to(dtype), xyz, w1.to(dtype), b1.to(dtype), w2.to(dtype), b2.to(dtype))]
-    o = torch.zeros(1, 24, OUT - 1, dtype=torch.float64)
-    o[..., 0] = 1.0
-    exact_feat = torch.sigmoid(o) * 1.002 - 0.001
-    return inputs, torch.full((1, 24, 1), 91.0, dtype=torch.float64), exact_feat
-
-
 @pytest.mark.parametrize("impl", HALF_BACKENDS + [pytest.param("cuda-mma", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_half_precision_sums_in_fp32(impl, dtype, monkeypatch):
-    """fp16/bf16 planes and weights with fp32 accumulation (issue 2): on _accumulation_probe's
+    """fp16/bf16 planes and weights with fp32 accumulation (issue 2): on field_cases.accumulation_probe's
     inputs a kernel that sums in fp32 returns sigma exactly and the features to their dtype's
     rounding, where one that sums in half returns sigma ~0.7 and the first feature ~0.2. (The
     error-ratio tests above cannot tell the two apart on random inputs for bf16.)"""
     if impl == "cuda-mma":  # the tensor-core decoder (sm_80+; elsewhere the FMA kernel runs)
         monkeypatch.setenv("TALK3D_FIELD_MMA", "1")
         impl = "cuda"
-    inputs, exact_sigma, exact_feat = _accumulation_probe(dtype, backend_device(impl))
+    inputs, exact_sigma, exact_feat = accumulation_probe(dtype, backend_device(impl))
     probe = reference.triplane_field(*[t.double().cpu() for t in inputs])  # the construction holds
     torch.testing.assert_close(probe[0], exact_sigma, atol=0, rtol=0)
     torch.testing.assert_close(probe[1], exact_feat, atol=1e-12, rtol=0)
