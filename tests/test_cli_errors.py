@@ -16,7 +16,7 @@ import pytest
 from talk3d.audio import SAMPLE_RATE, write_wav
 from talk3d.data import make_synthetic_dataset
 from talk3d.evaluate.__main__ import main as evaluate_main
-from talk3d.infer import InferenceError, Talker, render_speech
+from talk3d.infer import InferenceError, PoseRangeWarning, Talker, render_speech
 from talk3d.infer.__main__ import main as infer_main
 from talk3d.train import TrainConfig, Trainer, load_talking_head
 
@@ -195,7 +195,8 @@ def test_fixed_camera_angles_out_of_range(run):
     for spec in ("fixed:720,400", "fixed:1e308,0", "fixed:0,90"):
         with pytest.raises(InferenceError, match="yaw must be within"):
             camera_track(spec, 3, clip)
-    assert camera_track("fixed:-180,89", 3, clip).shape == (3, 25)
+    with pytest.warns(PoseRangeWarning):  # at the limits: rendered, with the warning
+        assert camera_track("fixed:-180,89", 3, clip).shape == (3, 25)
 
 
 def test_loss_weights_named_but_missing(data_dir, tmp_path):
@@ -226,7 +227,33 @@ def test_json_camera_angles_out_of_range(run, tmp_path):
     with pytest.raises(InferenceError, match="entry 1: yaw must be within"):
         camera_track(str(path), 3, clip)
     path.write_text(json.dumps([[30, 20], [-180, -89]]))
-    assert camera_track(str(path), 3, clip).shape == (3, 25)
+    with pytest.warns(PoseRangeWarning, match=r"1 of 2 camera\(s\) past the paper's novel-view range .* \(-180, -89\)"):
+        assert camera_track(str(path), 3, clip).shape == (3, 25)
+
+
+def test_cameras_past_the_papers_range_warn(run, tmp_path, wav, capsys):
+    """Within yaw +-30 / pitch +-20 (the paper's novel views) a camera renders silently; past it (up
+    to +-180 / +-90, beyond which it is refused) with a PoseRangeWarning, which the command prints
+    as one line."""
+    import warnings
+
+    from talk3d.infer import camera_track
+    from talk3d.infer.render import load_training_clip
+
+    clip = load_training_clip(json.loads((run / "config.json").read_text()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for spec in ("fixed:30,20", "fixed:-30,-20", "orbit", "gt"):
+            camera_track(spec, 4, clip)
+    for spec in ("fixed:90,0", "fixed:0,-21", "fixed:30.5,0"):
+        with pytest.warns(PoseRangeWarning, match="past the paper's novel-view range"):
+            camera_track(spec, 4, clip)
+    out = tmp_path / "far.mp4"
+    assert infer_main(["--run", str(run), "--audio", str(wav), "--out", str(out), "--impl", "torch",
+                       "--camera", "fixed:90,0"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --camera 'fixed:90,0': 1 of 1 camera(s) past the paper's novel-view range" in err
+    assert out.is_file()
 
 
 def test_ckpt_size_and_path_messages(run, tmp_path, wav, capsys):
@@ -252,3 +279,6 @@ def test_ckpt_size_and_path_messages(run, tmp_path, wav, capsys):
                               "--impl", "torch"], "a folder, not an audio file", capsys)
     _cli_refuses(infer_main, ["--run", str(tmp_path / "nowhere"), "--audio", str(wav),
                               "--out", str(tmp_path / "e.mp4")], "no such run folder", capsys)
+    # the folder above the runs (the no-argument demo writes runs/demo/run-<time>): the runs are named
+    _cli_refuses(infer_main, ["--run", str(run.parent), "--audio", str(wav), "--out", str(tmp_path / "f.mp4")],
+                 f"it holds the runs {run.name}: pass one, e.g. {run}", capsys)

@@ -230,7 +230,45 @@ def test_cli_writes_the_report_with_reasons_and_synthetic_novel_view_ground_trut
         assert p["ground_truth"].startswith("synthetic head")
         assert math.isfinite(p["metrics"]["psnr"]["mean"]) and p["metrics"]["psnr"]["frames"] == 4
     md = (out / "metrics.md").read_text()
-    assert "| Talk3D (ours) |" in md and "PSNR ↑ (-30°, -20°)" in md and "## Not available" in md
+    assert "| Talk3D (ours) |" in md and "Sync ↑ (-30°, -20°)" in md and "## Not available" in md
+    assert "| (-30°, -20°) |" in md  # the ground-truth views' own table
+
+
+def test_report_tables_in_the_papers_layout():
+    """metrics.md from a hand-made result: Table 2 one row of 8 metrics; Table 1 the paper's Sync,
+    FID and IDSIM at each of four poses (12 columns); the synthetic data's ground-truth scores a
+    table of their own, a row per pose; each missing metric's reason once, naming where."""
+    from talk3d.evaluate.report import markdown_report
+
+    no_fid = {"available": False, "reason": "no Inception weights (--inception-weights)"}
+    no_sync = {"available": False, "reason": "no SyncNet weights"}
+    poses = {}
+    for i, (yaw, pitch) in enumerate([(-30, -20), (-15, -10), (15, 10), (30, 20)]):
+        poses[f"yaw{yaw}_pitch{pitch}"] = {"yaw_deg": yaw, "pitch_deg": pitch, "ground_truth": "synthetic head at the pose",
+                                           "metrics": {"psnr": {"available": True, "mean": 20.0 + i},
+                                                       "ssim": {"available": True, "mean": 0.5},
+                                                       "lpips": {"available": True, "mean": 0.2},
+                                                       "lmd": {"available": False, "reason": "not scored at novel views"},
+                                                       "fid": no_fid, "sync": no_sync,
+                                                       "idsim": {"available": True, "mean": 0.9}}}
+    ad = {k: {"available": True, "mean": 1.0} for k in ("psnr", "ssim", "lpips", "lmd", "aue", "idsim")}
+    ad.update(fid=no_fid, sync=no_sync, aue={"available": True, "mean": 1.0, "lower_face": 0.6, "upper_face": 0.4,
+                                             "frames": 4, "of": 4, "tool": "OpenFace"})
+    result = {"run": "r", "data": "d", "source": "synthetic", "split": "val", "frames": 4, "resolution": 64,
+              "protocols": {"audio_driven": {"metrics": ad}, "novel_view": {"poses": poses}}}
+    md = markdown_report(result).splitlines()
+    t2 = md.index("## Audio-driven (Table 2)")
+    assert md[t2 + 2].count("|") == 10 and md[t2 + 4].startswith("| Talk3D (ours) | 1.0000 |")
+    t1 = md.index("## Novel views (Table 1)")
+    header = md[t1 + 2]
+    assert header.count("|") == 14 and "Sync ↑ (-30°, -20°) | FID ↓ (-30°, -20°) | IDSIM ↑ (-30°, -20°)" in header
+    assert "PSNR" not in header
+    gt = md.index("| Head angle (yaw, pitch) | PSNR ↑ | SSIM ↑ | LPIPS ↓ |")
+    assert md[gt + 2] == "| (-30°, -20°) | 20.00 | 0.5000 | 0.2000 |" and md[gt + 5].startswith("| (30°, 20°) | 23.00 |")
+    missing = md[md.index("## Not available") + 2:]
+    assert "- fid (audio-driven and every novel view): no Inception weights (--inception-weights)" in missing
+    assert "- sync (audio-driven and every novel view): no SyncNet weights" in missing
+    assert not any("lmd" in line for line in missing)  # no table has an LMD column at novel views
 
 
 def test_sync_metric_runs_with_wav2lip_format_weights(runs, tmp_path):

@@ -453,10 +453,11 @@ def test_cli_errors(tmp_path, capsys):
 
     bad = tmp_path / "x.mp4"
     bad.write_bytes(b"\0" * 1000)
-    assert main([str(bad), "--out", str(tmp_path / "ds"), "--no-progress"]) == 1
+    assert main([str(bad), "--out", str(tmp_path / "ds"), "--no-progress"]) == 2
     assert "not a readable video" in capsys.readouterr().err
-    assert main([str(bad), "--out", str(tmp_path / "ds"), "--fps", "30"]) == 1
-    assert "25 fps" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing.mp4"), "--out", str(tmp_path / "ds"), "--no-progress"]) == 2
+    assert "missing.mp4" in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists()
 
 
 def test_audio_levels():

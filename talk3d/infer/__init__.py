@@ -14,11 +14,11 @@ or, loading the run once and streaming the speech as it arrives (see :mod:`talk3
     for frame in talker.stream(chunks):                    # 1-D float32 16-kHz chunks of any length
         ...                                                # frame n: once 640 (n + 1) + talker.latency_samples are in
 """
-from .render import (ORBIT_PITCH_DEG, ORBIT_YAW_DEG, PRECISIONS, SIZES, SOURCES, InferenceError, TrainingClip,
-                     camera_track, load_training_clip, num_frames_for, read_speech, render_speech)
+from .render import (ORBIT_PITCH_DEG, ORBIT_YAW_DEG, PRECISIONS, SIZES, SOURCES, InferenceError, PoseRangeWarning,
+                     TrainingClip, camera_track, load_training_clip, num_frames_for, read_speech, render_speech)
 from .talker import Talker
 from .video import StreamingVideoWriter
 
 __all__ = ["Talker", "render_speech", "read_speech", "num_frames_for", "camera_track", "load_training_clip",
-           "TrainingClip", "InferenceError", "StreamingVideoWriter", "PRECISIONS", "SIZES", "SOURCES", "ORBIT_YAW_DEG",
+           "TrainingClip", "InferenceError", "PoseRangeWarning", "StreamingVideoWriter", "PRECISIONS", "SIZES", "SOURCES", "ORBIT_YAW_DEG",
            "ORBIT_PITCH_DEG"]

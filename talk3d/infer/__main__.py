@@ -15,12 +15,13 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from ..audio.features import SAMPLE_RATE
 from ..devices import resolve_device
-from .render import IMPLS, PRECISIONS, SOURCES, InferenceError, compile_for_inference, load_training_clip, \
-    num_frames_for, read_speech, render_speech
+from .render import IMPLS, PRECISIONS, SOURCES, InferenceError, PoseRangeWarning, compile_for_inference, \
+    load_training_clip, num_frames_for, read_speech, render_speech
 from .video import StreamingVideoWriter
 
 
@@ -117,6 +118,22 @@ def run_of_checkpoint(path) -> tuple[Path, str]:
 
 
 def main(argv=None) -> int:
+    # PoseRangeWarning prints as one 'warning: ...' line (its source file and line mean nothing to
+    # a user of the command); other warnings as Python shows them. Restored on return.
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def _show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, PoseRangeWarning):
+                print(f"warning: {message}", file=sys.stderr)
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = _show
+        return _main(argv)
+
+
+def _main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.ckpt is not None:
         if args.checkpoint != "latest.pt":

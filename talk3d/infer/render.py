@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -33,7 +34,7 @@ from ..ops.backends import check_impl
 from ..render.cameras import LABEL_SIZE, CameraRig, check_cameras
 
 __all__ = ["InferenceError", "TrainingClip", "load_training_clip", "read_speech", "num_frames_for",
-           "camera_track", "render_speech", "resolve_size", "to_uint8_frames", "PRECISIONS", "SIZES", "SOURCES",
+           "camera_track", "PoseRangeWarning", "render_speech", "resolve_size", "to_uint8_frames", "PRECISIONS", "SIZES", "SOURCES",
            "ORBIT_YAW_DEG", "ORBIT_PITCH_DEG"]
 
 # The paper's novel-view range: yaw within +-30 degrees, pitch within +-20 degrees.
@@ -207,6 +208,7 @@ def _cameras_from_json(path: Path, num_frames: int, rig: CameraRig) -> torch.Ten
         raise InferenceError(f"--camera {path}: NaN or inf in the cameras")
     if arr.shape[1] == 2:
         _check_angles(arr, f"--camera {path}", per_entry=True)
+        _warn_past_paper_range(arr, f"--camera {path}")
     arr = arr[_cycle(num_frames, arr.shape[0])]
     if arr.shape[1] == 2:
         return _novel_view_cameras(arr, rig)
@@ -233,12 +235,34 @@ def _check_angles(angles: np.ndarray, where: str, per_entry: bool = False) -> No
                              "views span yaw +-30, pitch +-20)")
 
 
+#: The head poses the method is made for, degrees (the paper's novel views): past them a camera sees
+#: parts of the head no training frame showed.
+PAPER_YAW_DEG, PAPER_PITCH_DEG = 30.0, 20.0
+
+
+class PoseRangeWarning(UserWarning):
+    """A camera past the paper's novel-view range (yaw +-30, pitch +-20 degrees)."""
+
+
+def _warn_past_paper_range(angles: np.ndarray, where: str) -> None:
+    """angles [N, 2] (yaw, pitch) degrees: warn (PoseRangeWarning) when any is past the range."""
+    far = np.flatnonzero((np.abs(angles[:, 0]) > PAPER_YAW_DEG) | (np.abs(angles[:, 1]) > PAPER_PITCH_DEG))
+    if far.size:
+        i = int(far[0])
+        warnings.warn(f"{where}: {far.size} of {len(angles)} camera(s) past the paper's novel-view range (yaw "
+                      f"+-{PAPER_YAW_DEG:g}, pitch +-{PAPER_PITCH_DEG:g} degrees), the first at ({angles[i, 0]:g}, "
+                      f"{angles[i, 1]:g}): no training frame saw the head from there, so expect smeared or "
+                      "missing parts", PoseRangeWarning, stacklevel=3)
+
+
 def camera_track(spec: str, num_frames: int, clip: TrainingClip) -> torch.Tensor:
     """Cameras [num_frames, 25] float32 for a camera spec.
 
     ``gt``: the training clip's cameras, cycled back and forth; ``orbit``: yaw +-30 and pitch
     +-20 degrees over the clip; ``fixed:YAW,PITCH`` (degrees); or a path to a JSON list with one
-    entry per frame, [yaw, pitch] degrees or 25-number labels (cycled when shorter).
+    entry per frame, [yaw, pitch] degrees or 25-number labels (cycled when shorter). Angles past
+    +-180 yaw or +-90 pitch raise :class:`InferenceError`; past the paper's range (+-30, +-20) they
+    render with a :class:`PoseRangeWarning`.
     """
     spec = str(spec)
     if spec == "gt":
@@ -254,6 +278,7 @@ def camera_track(spec: str, num_frames: int, clip: TrainingClip) -> torch.Tensor
             raise InferenceError(f"--camera {spec!r}: angles must be finite")
         angles = np.tile([[yaw, pitch]], (num_frames, 1))
         _check_angles(angles[:1], f"--camera {spec!r}")
+        _warn_past_paper_range(angles[:1], f"--camera {spec!r}")
         return _novel_view_cameras(angles, clip.rig)
     path = Path(spec)
     if path.is_file():

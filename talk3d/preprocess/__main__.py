@@ -17,14 +17,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="dataset folder to create")
     p.add_argument("--audio", help="separate sound track (WAV or any audio file) to use instead "
                                    "of the video's")
-    p.add_argument("--fps", type=int, default=25, help="output frame rate (the format needs 25)")
     p.add_argument("--size", type=int, default=512, help="crop side in pixels")
     p.add_argument("--max-frames", type=int, help="use only the first N frames (at 25 fps)")
     p.add_argument("--resume", action="store_true",
                    help="reuse the steps cached in OUT.work/ by an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     p.add_argument("--keep-work", action="store_true", help="keep OUT.work/ after success")
-    p.add_argument("--audio-encoder", default="logmel", choices=("logmel", "wav2vec2"))
+    p.add_argument("--audio-encoder", default="logmel", choices=("logmel", "wav2vec2"),
+                   help="audio features the model reads: log-mel bands (default) or a local wav2vec2 "
+                        "model's (--wav2vec2-path)")
     p.add_argument("--wav2vec2-path", help="local wav2vec2 model folder (never downloaded)")
     p.add_argument("--feature-dim", type=int, default=32, help="log-mel bands")
     p.add_argument("--foreground", default="auto", choices=("auto", "segmentation", "landmarks"),
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     start = time.time()
     try:
-        preprocess_video(args.video, args.out, audio=args.audio, size=args.size, fps=args.fps,
+        preprocess_video(args.video, args.out, audio=args.audio, size=args.size,
                          max_frames=args.max_frames, resume=args.resume,
                          overwrite=args.overwrite, audio_encoder=args.audio_encoder,
                          wav2vec2_path=args.wav2vec2_path, feature_dim=args.feature_dim,
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
                          progress=not args.no_progress)
     except (PreprocessError, ValueError, FileExistsError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2  # as the other commands (and argparse) for a refused input
     print(f"done in {time.time() - start:.1f} s")
     return 0
 

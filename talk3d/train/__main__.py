@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prior", help="converted EG3D prior (python -m talk3d.prior convert); default: learn from scratch")
     p.add_argument("--config", help="TOML file of train settings (see talk3d/train/config.py)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. steps=100")
-    p.add_argument("--out", help="run folder (default runs/<data name>-<time>)")
+    p.add_argument("--out", help="run folder (default runs/<data name>-<time>; the no-argument demo: "
+                                 "runs/demo/run-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     p.add_argument("--from", dest="init_from", metavar="RUN_DIR",
                    help="stage sr: a new run that fine-tunes the super-resolution of the trained deltaplane run "
@@ -175,6 +176,8 @@ def main(argv=None) -> int:
               f"checkpoints/latest.pt")
         key, what = trainer.headline
         print(f"validation L1 of the {what}: {result['first'][key]:.4f} -> {result['last'][key]:.4f}")
+        print(f"next: python -m talk3d.infer --run {trainer.run_dir} --audio SPEECH.wav --out talk.mp4 "
+              f"--camera orbit\n      python -m talk3d.evaluate --run {trainer.run_dir} --out EVAL_DIR")
     return 0
 
 

@@ -644,6 +644,7 @@ class Trainer:
         if self.step == 0:
             first = self.evaluate()
             self.history.append({"step": 0, **first})
+            self._scalars({"step": 0, **first}, "val_scalars.csv")  # the curve's starting point
             self.log("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
         loader = self._loader()
         batches = iter(loader)
@@ -702,7 +703,9 @@ def load_talking_head(run_dir, *, checkpoint: str = "latest.pt", device="cpu") -
         info = json.loads((run_dir / "config.json").read_text())
         spec = info["model"]
     except FileNotFoundError:
-        raise FileNotFoundError(f"{run_dir}: no config.json (not a talk3d run folder)") from None
+        runs = sorted(p.parent for p in run_dir.glob("*/config.json"))
+        hint = f"; it holds the runs {', '.join(r.name for r in runs)}: pass one, e.g. {runs[-1]}" if runs else ""
+        raise FileNotFoundError(f"{run_dir}: no config.json (not a talk3d run folder){hint}") from None
     except (KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"{run_dir}/config.json is not a talk3d run config ({e})") from None
     gen = TriplaneGenerator(GeneratorConfig.from_dict(spec["generator"]))
