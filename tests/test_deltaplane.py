@@ -201,6 +201,42 @@ def test_eye_noise_only_in_training_and_uniform_within_its_half_width(monkeypatc
     assert abs(float(noise.std()) - cfg.eye_noise / 3 ** 0.5) < 0.002  # a uniform's std, not 0.05
 
 
+def test_blink_is_clamped_to_the_eye_range():
+    """OpenFace's AU45 runs 0-5 while the token's range is [0, eye_max] (the release's 2): past it a
+    blink reads as eye_max, below 0 as 0 (eval mode: no noise)."""
+    cfg = DeltaplaneConfig.tiny(use_audio=False, use_pose=False, use_landmarks=False, use_null=False)
+    enc = ConditionEncoder(cfg).eval()
+    token = lambda v: enc({"blink": torch.full((1, 1), v)})  # noqa: E731
+    assert torch.equal(token(cfg.eye_max + 1.0), token(cfg.eye_max)) and torch.equal(token(-0.5), token(0.0))
+    assert not torch.equal(token(cfg.eye_max / 2), token(cfg.eye_max))
+
+
+def test_scalar_tokens_base_frequencies():
+    """The head rotation is in radians, so its first band is the angle's own sin / cos (w0 = 1); the
+    eye (blink / eye_max) and the landmarks (in [-1, 1]) start at pi, where the first band is
+    injective over their range. Each next band doubles."""
+    enc = ConditionEncoder(DeltaplaneConfig.tiny())
+    for net, base in ((enc.pose, 1.0), (enc.eye, math.pi), (enc.landmarks, math.pi)):
+        expected = base * 2.0 ** torch.arange(net.omega.numel(), dtype=torch.float32)
+        torch.testing.assert_close(net.omega, expected, rtol=0, atol=0)
+
+
+def test_bottleneck_attention_reads_the_positional_encoding():
+    """The 3-D positional encoding is added to the bottleneck tokens (it is what tells the
+    attention where a cell is, and which plane): another encoding, or none, changes the deltaplane."""
+    torch.manual_seed(0)
+    cfg = DeltaplaneConfig.tiny()
+    model = _perturbed(cfg)
+    planes, batch = _planes(cfg), _batch(cfg)
+    with torch.no_grad():
+        before = model(planes, batch)
+        model.predictor.pos_enc.add_(torch.randn_like(model.predictor.pos_enc))
+        moved = model(planes, batch)
+        model.predictor.pos_enc.zero_()
+        without = model(planes, batch)
+    assert (moved - before).abs().max() > DEPENDENCE_MIN and (without - before).abs().max() > DEPENDENCE_MIN
+
+
 def test_landmark_token_reads_its_points_only():
     """The release's nose tip and outer eye corners: the inner corners (rows 2 and 3 of the dataset's
     LANDMARK_NAMES) do not reach the token; a legacy config's token read all five."""

@@ -330,6 +330,23 @@ def test_super_resolution_with_an_expanded_latent(training):
     torch.testing.assert_close(g_shared, g_separate, atol=FP32_ATOL * scale, rtol=0)
 
 
+def test_super_resolution_reads_the_last_latent_row():
+    """EG3D's super-resolution is styled by the last row of ws (ws[:, -1:], for every block). Rows
+    differ under W+ inversion (personalisation's latent_space="w+") and truncation cutoffs: changing
+    any other row leaves the SR's output alone, changing the last one does not."""
+    G = _generator()
+    rgb, feat = torch.randn(2, 3, 8, 8), torch.randn(2, G.cfg.decoder_features, 8, 8)
+    ws = torch.randn(2, G.num_ws, G.cfg.w_dim)
+    with torch.no_grad():
+        out = G.superresolution(rgb, feat, ws)
+        others = ws.clone()
+        others[:, :-1] = torch.randn_like(others[:, :-1])
+        assert torch.equal(G.superresolution(rgb, feat, others), out)
+        last = ws.clone()
+        last[:, -1] = torch.randn_like(last[:, -1])
+        assert (G.superresolution(rgb, feat, last) - out).abs().max() > 1e-3
+
+
 def test_autocast_keeps_the_blocks_half_precision_activations():
     # Under autocast a block's input stays in the previous block's bf16 (no fp32 copy for the
     # convolution to round straight back); the result is bit-identical to widening it first.

@@ -623,3 +623,17 @@ def test_ddp_two_processes_on_gloo_stay_in_sync(data, tmp_path):
         assert results[0][1][k] == step_draws[0::2] and results[1][1][k] == step_draws[1::2]
     logged = (tmp_path / "ddp" / "log.txt").read_text()
     assert logged.count("done: 2 steps") == 1  # rank 0 alone writes the run's files
+
+
+def test_masked_l1_is_the_mean_difference_inside_the_mask():
+    """The mouth term: mean |pred - target| over the mask's pixels and the three channels (with
+    MASK_EPS in the denominator against an empty mask); what lies outside the mask does not count."""
+    from talk3d.train.losses import MASK_EPS, masked_l1
+
+    target = torch.rand(2, 3, 16, 16)
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[:, :, 4:10, 3:12] = 1.0
+    pred = target + 0.25 * mask + 100.0 * (1 - mask)  # d = 0.25 inside, far off outside
+    n = float(mask.sum()) * 3
+    torch.testing.assert_close(masked_l1(pred, target, mask), torch.tensor(0.25 * n / (n + MASK_EPS)))
+    assert float(masked_l1(pred, target, torch.zeros_like(mask))) == 0.0

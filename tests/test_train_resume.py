@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import signal
+import warnings
 
 import pytest
 import torch
@@ -209,3 +210,54 @@ def test_ctrl_c_stops_after_the_step_and_saves(data, tmp_path):  # noqa: F811
     log = (tmp_path / "run" / "log.txt").read_text()
     assert "Ctrl-C: stopping after this step" in log and "stopped (Ctrl-C) at step 2" in log
     assert restored is signal.default_int_handler
+
+
+def _lr_column(run) -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r["lr"])) for r in read_rows(run / "scalars.csv")]
+
+
+def test_learning_rate_schedule_and_its_resume(data, tmp_path):  # noqa: F811
+    """StepLR as the release: lr * lr_decay ^ (step // (lr_decay_epochs * steps_per_epoch)), in
+    epochs, not steps; a resume restores the scheduler (its step count equals the run's), so the
+    decay boundaries fall where an uninterrupted run's do."""
+    kw = dict(lr=0.01, lr_decay=0.5, lr_decay_epochs=1, log_every=1, eval_every=1000)
+    spe = Trainer(_cfg(steps=1, **kw), data, tmp_path / "probe").steps_per_epoch
+    assert spe > 2  # so that a step-based period (every lr_decay_epochs steps) would differ
+    steps = 2 * spe + 3
+    a = Trainer(_cfg(steps=steps, **kw), data, tmp_path / "a")
+    a.fit()
+    lrs = _lr_column(tmp_path / "a")
+    assert [s for s, _ in lrs] == list(range(1, steps + 1))
+    for s, lr in lrs:  # the lr the next step uses, after s steps
+        assert lr == pytest.approx(0.01 * 0.5 ** (s // spe), rel=1e-6), s
+    b = Trainer(_cfg(steps=spe - 1, **kw), data, tmp_path / "b")
+    b.fit()
+    b = Trainer(_cfg(steps=steps, **kw), data, tmp_path / "b", resume=True)
+    assert b.scheduler.last_epoch == b.step == spe - 1
+    b.fit()
+    resumed = _lr_column(tmp_path / "b")
+    assert [s for s, _ in resumed] == [s for s, _ in lrs]
+    assert [lr for _, lr in resumed] == pytest.approx([lr for _, lr in lrs], rel=1e-6)
+
+
+def test_gradients_are_clipped_to_grad_clip(data, tmp_path):  # noqa: F811
+    """clip_grad_norm_ at grad_clip: the optimizer steps with gradients whose global norm is at
+    most grad_clip, while the logged grad_norm is the norm before clipping."""
+    clip = 1e-4
+    t = Trainer(_cfg(steps=2, grad_clip=clip, log_every=1, eval_every=1000), data, tmp_path / "run")
+    seen = []
+    step = t.optimizer.step
+
+    def watched(*args, **kwargs):
+        grads = [p.grad for g in t.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return step(*args, **kwargs)
+
+    t.optimizer.step = watched
+    with warnings.catch_warnings():  # torch's notice that optimizer.step was replaced after the scheduler
+        warnings.simplefilter("ignore", UserWarning)
+        t.fit()
+    assert len(seen) == 2 and all(n <= clip * (1 + 1e-4) for n in seen), seen
+    logged = [float(r["grad_norm"]) for r in read_rows(tmp_path / "run" / "scalars.csv")]
+    assert all(n > 10 * clip for n in logged), logged
+
