@@ -173,3 +173,39 @@ def test_wav2vec2_tiny_random_model(tmp_path):
     np.testing.assert_array_equal(out, enc.encode(wave))
     hidden = Wav2Vec2Encoder(tmp_path / "w2v", layer=1, use_logits=False)
     assert hidden.encode(wave).shape == (14, 16)
+
+
+def test_default_frame_count_rounds_to_the_nearest_frame():
+    """Without num_frames, encode covers round(T / 640) frames (the module's contract: N = T / 640,
+    a shorter wave zero-padded, a longer one cropped): 1.5 frames of samples give 2 frames (padded),
+    1.4 give 1 (cropped), and 0.6 of a frame still gives one frame rather than none."""
+    enc = LogMelEncoder(8)
+    wave = np.random.default_rng(0).standard_normal(3 * SAMPLES_PER_FRAME).astype(np.float32)
+    for frames, want in ((1.5, 2), (1.6, 2), (1.4, 1), (2.4, 2), (0.6, 1)):
+        part = wave[:int(frames * SAMPLES_PER_FRAME)]
+        got = enc.encode(part)
+        assert got.shape == (FEATURES_PER_FRAME * want, 8), frames
+        np.testing.assert_array_equal(got, enc.encode(part, num_frames=want), err_msg=str(frames))
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed in this venv")
+def test_wav2vec2_pads_the_wave_so_output_k_is_slot_k(tmp_path):
+    """The encoder feeds the model the normalised wave with _RECEPTIVE_PAD = 40 zeros each side, on
+    which wav2vec2's front end (stride 320, 400-sample receptive field) gives exactly 2N outputs, the
+    k-th centred on slot k's 320 samples; encode returns those outputs as they are. Any other padding
+    shifts every feature off its slot (and the length guard would hide a missing row)."""
+    save_tiny_wav2vec2(tmp_path / "w2v")
+    enc = Wav2Vec2Encoder(tmp_path / "w2v")
+    hidden = Wav2Vec2Encoder(tmp_path / "w2v", layer=1, use_logits=False)
+    assert Wav2Vec2Encoder._RECEPTIVE_PAD == 40 and enc.normalize
+    for n in (3, 7):
+        wave = np.random.default_rng(n).standard_normal(SAMPLES_PER_FRAME * n).astype(np.float32)
+        w = torch.from_numpy(wave)
+        w = (w - w.mean()) / torch.sqrt(w.var(unbiased=False) + 1e-7)
+        x = torch.nn.functional.pad(w, (40, 40))[None]  # [1, 640 n + 80]
+        with torch.no_grad():
+            logits = enc.model(x).logits[0]
+            states = hidden.model(x, output_hidden_states=True).hidden_states[1][0]
+        assert logits.shape[0] == FEATURES_PER_FRAME * n  # exactly 2N rows, nothing to crop or repeat
+        np.testing.assert_array_equal(enc.encode(wave), logits.numpy())
+        np.testing.assert_array_equal(hidden.encode(wave), states.numpy())

@@ -311,3 +311,33 @@ def test_dataset_errors_and_pickling(clip, tmp_path):
     clone = pickle.loads(pickle.dumps(ds))  # DataLoader workers receive no memory maps
     assert clone._arrays is None
     torch.testing.assert_close(clone[0]["image"], first["image"])
+
+
+def test_audio_rows_are_the_splits_own(clip):
+    """audio_rows() holds the split's own feature rows (2 a frame), not the whole clip's: the trainer
+    standardises the audio with the training split's rows, and the clip's would leak the validation
+    frames' audio into that statistic."""
+    feats = np.load(clip / "audio_features.npy")  # [2N, D]
+    for split, (lo, hi) in (("train", (0, 50)), ("val", (50, 55)), ("all", (0, N))):
+        rows = TalkingHeadDataset(clip, split).audio_rows()
+        assert rows.dtype == np.float32 and rows.shape == (FEATURES_PER_FRAME * (hi - lo), feats.shape[1]), split
+        np.testing.assert_array_equal(rows, feats[FEATURES_PER_FRAME * lo:FEATURES_PER_FRAME * hi], err_msg=split)
+
+
+def test_dataset_rig_is_the_one_the_clip_was_made_with(tmp_path):
+    """A clip made with a rig other than TALK3D_RIG reads that rig back from its manifest (which
+    inference and evaluation use to place novel-view cameras), not the default: its cameras are that
+    rig's, so a default rig would turn the head about the wrong pivot at the wrong distance."""
+    from talk3d.data import load_manifest
+    from talk3d.data.format import dataset_rig
+    from talk3d.infer.render import load_training_clip
+    from talk3d.render.cameras import CameraRig
+
+    rig = CameraRig(3.1, (0.02, 0.08, 0.15), 4.2)
+    assert rig != TALK3D_RIG
+    d = make_synthetic_dataset(tmp_path / "clip", 0.4, 32, seed=2, rig=rig)
+    assert dataset_rig(load_manifest(d)) == rig
+    assert load_training_clip({"data": str(d)}).rig == rig
+    # The clip's cameras are the rig's own: its pose 0 is head_cameras(pose 0, rig) exactly.
+    pose = np.load(d / "pose.npy")
+    np.testing.assert_array_equal(np.load(d / "cameras.npy")[:1], head_cameras(pose[:1], rig).numpy())

@@ -39,6 +39,13 @@ DLIB_SHIFT_ATOL_PX = 1.0
 FID_CLOSED_FORM_RTOL = 1e-10
 # metrics.md prints 4 significant digits at least (x.xxxx below 10, xx.xx above).
 TABLE_DIGITS = 1e-3
+# Camera labels the protocol renders against the rig's own (head_cameras, float32, entries up to the
+# rig's 2.7 radius): the same computation gives them bit for bit; another route to the same camera
+# rounds by a few float32 ulps of 2.7 (2.4e-7 each). A flipped pitch moves an entry by 0.84 (10 deg) or 1.5 (20 deg).
+CAMERA_ATOL = 1e-6
+# Per-frame RMS of the audio, float64 over 640 float32 samples: the same values summed in another order
+# differ by ~1e-16 relative; 1e-12 leaves room for any summation order.
+ENERGY_RTOL = 1e-12
 
 
 # ---- metrics on hand-made cases ----------------------------------------------------------------
@@ -236,8 +243,9 @@ def test_cli_writes_the_report_with_reasons_and_synthetic_novel_view_ground_trut
 
 def test_report_tables_in_the_papers_layout():
     """metrics.md from a hand-made result: Table 2 one row of 8 metrics; Table 1 the paper's Sync,
-    FID and IDSIM at each of four poses (12 columns); the synthetic data's ground-truth scores a
-    table of their own, a row per pose; each missing metric's reason once, naming where."""
+    FID and IDSIM at each of four poses (12 columns, the values in the header's pose-major order); the
+    synthetic data's ground-truth scores a table of their own, a row per pose; each missing metric's
+    reason once, naming where."""
     from talk3d.evaluate.report import markdown_report
 
     no_fid = {"available": False, "reason": "no Inception weights (--inception-weights)"}
@@ -250,7 +258,7 @@ def test_report_tables_in_the_papers_layout():
                                                        "lpips": {"available": True, "mean": 0.2},
                                                        "lmd": {"available": False, "reason": "not scored at novel views"},
                                                        "fid": no_fid, "sync": no_sync,
-                                                       "idsim": {"available": True, "mean": 0.9}}}
+                                                       "idsim": {"available": True, "mean": 0.91 + 0.01 * i}}}
     ad = {k: {"available": True, "mean": 1.0} for k in ("psnr", "ssim", "lpips", "lmd", "aue", "idsim")}
     ad.update(fid=no_fid, sync=no_sync, aue={"available": True, "mean": 1.0, "lower_face": 0.6, "upper_face": 0.4,
                                              "frames": 4, "of": 4, "tool": "OpenFace"})
@@ -263,6 +271,10 @@ def test_report_tables_in_the_papers_layout():
     header = md[t1 + 2]
     assert header.count("|") == 14 and "Sync ↑ (-30°, -20°) | FID ↓ (-30°, -20°) | IDSIM ↑ (-30°, -20°)" in header
     assert "PSNR" not in header
+    # The values follow the header pose by pose (Sync, FID, IDSIM of each pose): each pose's IDSIM
+    # differs, so values listed metric by metric would sit under the wrong poses' columns.
+    assert md[t1 + 4] == ("| Talk3D (ours) | n/a | n/a | 0.9100 | n/a | n/a | 0.9200 | n/a | n/a | 0.9300 "
+                          "| n/a | n/a | 0.9400 |")
     gt = md.index("| Head angle (yaw, pitch) | PSNR ↑ | SSIM ↑ | LPIPS ↓ |")
     assert md[gt + 2] == "| (-30°, -20°) | 20.00 | 0.5000 | 0.2000 |" and md[gt + 5].startswith("| (30°, 20°) | 23.00 |")
     missing = md[md.index("## Not available") + 2:]
@@ -447,6 +459,86 @@ def test_trained_run_scores_better_than_untrained(runs, tmp_path):
         scores[name] = json.loads((tmp_path / name / "metrics.json").read_text())["protocols"]["audio_driven"]["metrics"]
     assert scores["run_trained"]["psnr"]["mean"] > scores["run0"]["psnr"]["mean"] + MIN_PSNR_GAIN_DB, scores
     assert scores["run_trained"]["ssim"]["mean"] > scores["run0"]["ssim"]["mean"]
+
+
+def _recording_model(monkeypatch, calls: list):
+    """Wraps the run the protocol loads so that each render's conditions are appended to ``calls``
+    (the model still renders: the report is written as usual)."""
+    import talk3d.train
+
+    load = talk3d.train.load_talking_head
+
+    def load_recording(*args, **kwargs):
+        model, info = load(*args, **kwargs)
+
+        def render(cond, **kw):
+            calls.append({k: v.detach().cpu().clone() for k, v in cond.items()})
+            return model(cond, **kw)
+
+        return render, info
+
+    monkeypatch.setattr(talk3d.train, "load_talking_head", load_recording)
+
+
+def test_novel_views_are_rendered_from_the_rigs_camera_at_each_pose(runs, tmp_path, monkeypatch):
+    """Each novel view renders every frame from the dataset rig's camera of the head turned to that
+    pose's (yaw, pitch) of NOVEL_VIEWS_DEG, in radians (head_cameras); the audio-driven protocol from
+    the frames' own cameras. A slip in the pose (a flipped pitch, degrees taken as radians) leaves
+    the synthetic scores self-consistent, since the ground truth is rendered from the same cameras:
+    only the cameras themselves show it."""
+    import numpy as np
+
+    from talk3d.data import TalkingHeadDataset, load_manifest
+    from talk3d.data.format import dataset_rig
+    from talk3d.data.synthetic import head_cameras
+    from talk3d.evaluate.protocol import NOVEL_VIEWS_DEG, evaluate_run
+
+    calls = []
+    _recording_model(monkeypatch, calls)
+    r = evaluate_run(runs / "run_trained", tmp_path / "eval", impl="torch", max_frames=4, progress=False)
+    data = r["data"]
+    rig = dataset_rig(load_manifest(data))
+    assert len(calls) == 1 + len(NOVEL_VIEWS_DEG)  # 4 frames: one batch per protocol and pose
+    own = np.load(f"{data}/cameras.npy")[r["frame_indices"]]
+    assert r["frame_indices"] == [int(i) for i in TalkingHeadDataset(data, "val").frame_indices[:4]]
+    torch.testing.assert_close(calls[0]["camera"], torch.from_numpy(own), rtol=0, atol=CAMERA_ATOL)
+    for (yaw, pitch), cond in zip(NOVEL_VIEWS_DEG, calls[1:]):
+        want = head_cameras(np.tile([[math.radians(yaw), math.radians(pitch), 0.0]], (4, 1)), rig)  # [4, 25]
+        torch.testing.assert_close(cond["camera"], want, rtol=0, atol=CAMERA_ATOL, msg=f"pose {yaw, pitch}")
+        # The other conditions stay the frames' own: only the view changes.
+        for key in ("audio", "blink", "pose", "landmarks"):
+            assert torch.equal(cond[key], calls[0][key]), (yaw, pitch, key)
+
+
+def test_sync_and_mouth_energy_read_the_evaluated_frames_own_audio(runs, tmp_path):
+    """The lip-sync scorers get the speech of the frames they score (wave[640 f:640 (f + 1)] for each
+    evaluated frame f, in order) and the mouth-vs-audio correlation uses those frames' RMS: the
+    validation split starts well into the clip, so the clip's first seconds would pair its frames
+    with another moment's audio. A stand-in LSE scorer records what it is given."""
+    import numpy as np
+
+    from talk3d.audio import SAMPLES_PER_FRAME, read_wav
+    from talk3d.evaluate.protocol import NOVEL_VIEWS_DEG, Plugins, evaluate_run
+
+    given = []
+
+    def lse(frames, wave):
+        given.append((frames.shape[0], np.array(wave, copy=True)))
+        return {"lse_c": 1.0, "lse_d": 2.0, "offset": 0, "windows": 1}
+
+    r = evaluate_run(runs / "run_trained", tmp_path / "eval", impl="torch", max_frames=4, progress=False,
+                     plugins=Plugins(lse_scorer=lse))
+    frames = r["frame_indices"]
+    assert frames[0] > 0  # the val split: the clip's start would be other audio
+    wave, _ = read_wav(f"{r['data']}/audio.wav")
+    own = np.stack([wave[f * SAMPLES_PER_FRAME:(f + 1) * SAMPLES_PER_FRAME] for f in frames])  # [4, 640]
+    assert len(given) == 1 + len(NOVEL_VIEWS_DEG)  # audio-driven, then each pose
+    for count, got in given:
+        assert count == len(frames)
+        np.testing.assert_array_equal(got, own.reshape(-1))
+    mouth = r["protocols"]["audio_driven"]["mouth_sync"]
+    rms = np.sqrt((own.astype(np.float64) ** 2).mean(axis=1))
+    np.testing.assert_allclose(mouth["audio_energy"], rms, rtol=ENERGY_RTOL, atol=0)
 
 
 def test_identity_similarity_needs_outputs_the_face_network_can_read():
