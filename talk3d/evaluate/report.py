@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-__all__ = ["TABLE2_COLUMNS", "TABLE1_COLUMNS", "NOVEL_GT_COLUMNS", "markdown_report", "save_grid", "plot_mouth_vs_audio"]
+__all__ = ["TABLE2_COLUMNS", "TABLE1_COLUMNS", "NOVEL_GT_COLUMNS", "markdown_report", "save_grid",
+           "plot_mouth_vs_audio"]
 
 METHOD = "Talk3D (ours)"
 # (metrics.json key, column title): Table 2 (audio-driven) and Table 1 (per novel view).
@@ -72,9 +73,11 @@ def markdown_report(result: dict) -> str:
               "| --- |" + " --- |" * (len(TABLE1_COLUMNS) * len(nv)),
               f"| {METHOD} | " + " | ".join(_cell(_column(p["metrics"], k)) for p in nv.values()
                                            for k, _ in TABLE1_COLUMNS) + " |", ""]
-    with_truth = [p for p in nv.values() if any(p["metrics"].get(k, {}).get("available") for k, _ in NOVEL_GT_COLUMNS)]
+    with_truth = [p for p in nv.values()
+                  if any(p["metrics"].get(k, {}).get("available") for k, _ in NOVEL_GT_COLUMNS)]
     if with_truth:
-        lines += ["Against the ground-truth views (" + with_truth[0].get("ground_truth", "rendered at each pose") + "):",
+        truth = with_truth[0].get("ground_truth", "rendered at each pose")
+        lines += [f"Against the ground-truth views ({truth}):",
                   "", "| Head angle (yaw, pitch) | " + " | ".join(t for _, t in NOVEL_GT_COLUMNS) + " |",
                   "| --- |" + " --- |" * len(NOVEL_GT_COLUMNS)]
         lines += [f"| ({p['yaw_deg']:g}°, {p['pitch_deg']:g}°) | "

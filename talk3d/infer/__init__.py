@@ -20,5 +20,5 @@ from .talker import Talker
 from .video import StreamingVideoWriter
 
 __all__ = ["Talker", "render_speech", "read_speech", "num_frames_for", "camera_track", "load_training_clip",
-           "TrainingClip", "InferenceError", "PoseRangeWarning", "StreamingVideoWriter", "PRECISIONS", "SIZES", "SOURCES", "ORBIT_YAW_DEG",
-           "ORBIT_PITCH_DEG"]
+           "TrainingClip", "InferenceError", "PoseRangeWarning", "StreamingVideoWriter", "PRECISIONS", "SIZES",
+           "SOURCES", "ORBIT_YAW_DEG", "ORBIT_PITCH_DEG"]

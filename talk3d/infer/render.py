@@ -33,9 +33,9 @@ from ..data.format import DatasetError, dataset_rig, load_manifest
 from ..ops.backends import check_impl
 from ..render.cameras import LABEL_SIZE, CameraRig, check_cameras
 
-__all__ = ["InferenceError", "TrainingClip", "load_training_clip", "read_speech", "num_frames_for",
-           "camera_track", "PoseRangeWarning", "render_speech", "resolve_size", "to_uint8_frames", "PRECISIONS", "SIZES", "SOURCES",
-           "ORBIT_YAW_DEG", "ORBIT_PITCH_DEG"]
+__all__ = ["InferenceError", "PoseRangeWarning", "TrainingClip", "load_training_clip", "read_speech",
+           "num_frames_for", "camera_track", "render_speech", "resolve_size", "to_uint8_frames", "PRECISIONS",
+           "SIZES", "SOURCES", "ORBIT_YAW_DEG", "ORBIT_PITCH_DEG"]
 
 # The paper's novel-view range: yaw within +-30 degrees, pitch within +-20 degrees.
 ORBIT_YAW_DEG = 30.0
@@ -235,22 +235,18 @@ def _check_angles(angles: np.ndarray, where: str, per_entry: bool = False) -> No
                              "views span yaw +-30, pitch +-20)")
 
 
-#: The head poses the method is made for, degrees (the paper's novel views): past them a camera sees
-#: parts of the head no training frame showed.
-PAPER_YAW_DEG, PAPER_PITCH_DEG = 30.0, 20.0
-
-
 class PoseRangeWarning(UserWarning):
     """A camera past the paper's novel-view range (yaw +-30, pitch +-20 degrees)."""
 
 
 def _warn_past_paper_range(angles: np.ndarray, where: str) -> None:
-    """angles [N, 2] (yaw, pitch) degrees: warn (PoseRangeWarning) when any is past the range."""
-    far = np.flatnonzero((np.abs(angles[:, 0]) > PAPER_YAW_DEG) | (np.abs(angles[:, 1]) > PAPER_PITCH_DEG))
+    """angles [N, 2] (yaw, pitch) degrees: warn (PoseRangeWarning) when any is past the paper's range
+    (ORBIT_YAW_DEG, ORBIT_PITCH_DEG): there a camera sees parts of the head no training frame showed."""
+    far = np.flatnonzero((np.abs(angles[:, 0]) > ORBIT_YAW_DEG) | (np.abs(angles[:, 1]) > ORBIT_PITCH_DEG))
     if far.size:
         i = int(far[0])
         warnings.warn(f"{where}: {far.size} of {len(angles)} camera(s) past the paper's novel-view range (yaw "
-                      f"+-{PAPER_YAW_DEG:g}, pitch +-{PAPER_PITCH_DEG:g} degrees), the first at ({angles[i, 0]:g}, "
+                      f"+-{ORBIT_YAW_DEG:g}, pitch +-{ORBIT_PITCH_DEG:g} degrees), the first at ({angles[i, 0]:g}, "
                       f"{angles[i, 1]:g}): no training frame saw the head from there, so expect smeared or "
                       "missing parts", PoseRangeWarning, stacklevel=3)
 
