@@ -201,6 +201,21 @@ def test_eye_noise_only_in_training_and_uniform_within_its_half_width(monkeypatc
     assert abs(float(noise.std()) - cfg.eye_noise / 3 ** 0.5) < 0.002  # a uniform's std, not 0.05
 
 
+def test_audio_window_frames_are_told_apart_by_position():
+    """The audio net's attention over the window reads each frame with its learned position
+    (frame_pos): the same frames in another order give another token (attention pooling without
+    positions would not see the order)."""
+    torch.manual_seed(0)
+    cfg = DeltaplaneConfig.tiny(use_eye=False, use_pose=False, use_landmarks=False, use_null=False)
+    enc = ConditionEncoder(cfg).eval()
+    audio = _batch(cfg)["audio"]  # [B, W, S, A]
+    reversed_window = audio.flip(1)
+    assert (enc({"audio": reversed_window}) - enc({"audio": audio})).abs().max() > DEPENDENCE_MIN
+    with torch.no_grad():
+        enc.audio.frame_pos.zero_()  # no positions: the order no longer matters
+    torch.testing.assert_close(enc({"audio": reversed_window}), enc({"audio": audio}), rtol=0, atol=1e-5)
+
+
 def test_blink_is_clamped_to_the_eye_range():
     """OpenFace's AU45 runs 0-5 while the token's range is [0, eye_max] (the release's 2): past it a
     blink reads as eye_max, below 0 as 0 (eval mode: no noise)."""
@@ -338,6 +353,27 @@ def test_plane_block_with_a_skip_equals_the_block_of_the_concatenation(rollout, 
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="add up"):
         block(x, skip[:, :6])
+
+
+@pytest.mark.parametrize("rollout", [True, False])
+def test_plane_block_adds_its_residual(rollout):
+    """A PlaneBlock is residual: with its second convolution at zero (weights and bias) its output is
+    SiLU of the residual alone: the input itself when the widths match, else the 1x1 skip
+    convolution of the input (for a decoder block, of the concatenation with the encoder's skip)."""
+    from talk3d.models.deltaplane import PlaneBlock, cat_planes
+
+    torch.manual_seed(0)
+    same = PlaneBlock(4, 4, 2, "fixed", rollout).double()
+    wide = PlaneBlock(4 + 2, 4, 2, "fixed", rollout).double()
+    for block in (same, wide):
+        with torch.no_grad():
+            block.conv2.weight.zero_()
+            block.conv2.bias.zero_()
+    x = torch.randn(2, 3 * 4, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(same(x), torch.nn.functional.silu(x), rtol=0, atol=1e-12)
+    up, skip = torch.randn(2, 3 * 4, 6, 6, dtype=torch.float64), torch.randn(2, 3 * 2, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(wide(up, skip), torch.nn.functional.silu(wide.skip(cat_planes(up, skip))),
+                               rtol=0, atol=1e-12)
 
 
 @pytest.fixture(params=[False, True], ids=["cpu-form", "gpu-form"])
