@@ -52,8 +52,18 @@ void transpose_tile(const scalar_t* sm, scalar_t* dm, int64_t A, int64_t B, int6
 #if defined(__AVX2__)
   if constexpr (std::is_same_v<scalar_t, float>) {
     const int64_t a8 = a0 + (a1 - a0) / 8 * 8, b8 = b0 + (b1 - b0) / 8 * 8;
-    for (int64_t a = a0; a < a8; a += 8)
-      for (int64_t b = b0; b < b8; b += 8) transpose8x8(sm + a * B + b, B, dm + b * A + a, A);
+    // The inner loop walks along the rows of the matrix whose rows are the long ones, so that the
+    // 8 lines it touches there are finished before the next 8: the other way round, the 8 x 8
+    // blocks of one pass hit up to kTile lines a long row apart, which share an L1 set (rows of
+    // 2^k floats), and each line was evicted half written. [H*W, 32] -> [32, H*W] at 256^2 (the
+    // plane gradient back to the API layout) took 2.1 ms against 1.0 for the opposite direction.
+    if (A >= B) {
+      for (int64_t b = b0; b < b8; b += 8)
+        for (int64_t a = a0; a < a8; a += 8) transpose8x8(sm + a * B + b, B, dm + b * A + a, A);
+    } else {
+      for (int64_t a = a0; a < a8; a += 8)
+        for (int64_t b = b0; b < b8; b += 8) transpose8x8(sm + a * B + b, B, dm + b * A + a, A);
+    }
     // The ragged edges, element by element.
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t a = (b < b8 ? a8 : a0); a < a1; ++a) dm[b * A + a] = sm[a * B + b];
