@@ -1,11 +1,12 @@
 """The CPU targets' ratios, measured fairly on a noisy machine: the PyTorch reference and the fused
 back end alternate round by round in one process (so both see the same load), medians of each.
 
-    python benchmarks/compare_cpu.py [--rounds 15] [--out DIR]
+    python benchmarks/compare_cpu.py [--rounds 15] [--resolution 32] [--only field|frame] [--out DIR]
 
 Cases: the field's forward + backward at the CPU size (1 x 32^2 rays x 48 samples, planes
-3 x 32 x 256^2; API and channels-last planes), and one 32^2 frame of the renderer (field + two-pass
-sampling + compositing, 96 samples a ray), forward and forward + backward, on the synthetic head.
+3 x 32 x 256^2; API and channels-last planes), and one frame of the renderer (field + two-pass
+sampling + compositing, 96 samples a ray; 32^2 rays by default, issue 3's full frame with
+``--resolution 128``), forward and forward + backward, on the synthetic head.
 Same inputs as benchmarks/test_bench_triplane_field.py and test_bench_render.py. The issues' CPU
 targets are 3x. A measuring tool, not a test.
 """
@@ -44,10 +45,10 @@ def field_case(layout):
     return run
 
 
-def frame_case(backward):
+def frame_case(backward, resolution=32):
     planes, dec = head_scene(plane_res=256, generator=torch.Generator().manual_seed(0))
     cams = look_at_camera(torch.tensor([0.3]), torch.tensor([0.1]))
-    cfg = RenderConfig(resolution=32)
+    cfg = RenderConfig(resolution=resolution)
     planes.requires_grad_(backward)
     w = [x.requires_grad_(backward) for x in dec]
 
@@ -59,23 +60,30 @@ def frame_case(backward):
     return run
 
 
-CASES = {
-    "field forward + backward (API planes)": lambda: field_case("api"),
-    "field forward + backward (channels-last planes)": lambda: field_case("channels_last"),
-    "32² frame forward": lambda: frame_case(False),
-    "32² frame forward + backward": lambda: frame_case(True),
-}
+def cases(resolution):
+    """(kind, name, builder) of every case; kind is what ``--only`` selects."""
+    return [
+        ("field", "field forward + backward (API planes)", lambda: field_case("api")),
+        ("field", "field forward + backward (channels-last planes)", lambda: field_case("channels_last")),
+        ("frame", f"{resolution}² frame forward", lambda: frame_case(False, resolution)),
+        ("frame", f"{resolution}² frame forward + backward", lambda: frame_case(True, resolution)),
+    ]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--out", type=Path, default=None, help="folder for compare_cpu.md")
+    ap.add_argument("--resolution", type=int, default=32,
+                    help="rays per side of the frame cases (issue 3's full frame: 128)")
+    ap.add_argument("--only", choices=["field", "frame"], default=None, help="run only these cases")
     args = ap.parse_args()
     lines = [f"# Reference vs fused on the CPU, interleaved ({torch.get_num_threads()} threads, "
              f"medians of {args.rounds} rounds)", "",
              "| case | torch reference (ms) | fused cpu (ms) | ratio |", "|---|---|---|---|"]
-    for name, make in CASES.items():
+    for kind, name, make in cases(args.resolution):
+        if args.only not in (None, kind):
+            continue
         run = make()
         for impl in ("torch", "cpu"):  # warm-up
             run(impl)
