@@ -480,24 +480,28 @@ def _recording_model(monkeypatch, calls: list):
     monkeypatch.setattr(talk3d.train, "load_talking_head", load_recording)
 
 
-def test_novel_views_are_rendered_from_the_rigs_camera_at_each_pose(runs, tmp_path, monkeypatch):
+def test_novel_views_are_rendered_from_the_rigs_camera_at_each_pose(tmp_path, monkeypatch):
     """Each novel view renders every frame from the dataset rig's camera of the head turned to that
     pose's (yaw, pitch) of NOVEL_VIEWS_DEG, in radians (head_cameras); the audio-driven protocol from
     the frames' own cameras. A slip in the pose (a flipped pitch, degrees taken as radians) leaves
     the synthetic scores self-consistent, since the ground truth is rendered from the same cameras:
-    only the cameras themselves show it."""
+    only the cameras themselves show it. The dataset is filmed with FFHQ's rig, not the default
+    (Talk3D's), so a protocol that forgets the dataset's rig gives other cameras too."""
     import numpy as np
 
     from talk3d.data import TalkingHeadDataset, load_manifest
     from talk3d.data.format import dataset_rig
     from talk3d.data.synthetic import head_cameras
     from talk3d.evaluate.protocol import NOVEL_VIEWS_DEG, evaluate_run
+    from talk3d.render.cameras import FFHQ_RIG, TALK3D_RIG
 
+    data = make_synthetic_dataset(tmp_path / "data", seconds=2, size=32, seed=0, rig=FFHQ_RIG)
+    Trainer(_cfg(steps=1), data, tmp_path / "run").save("latest.pt")  # the cameras need no training
     calls = []
     _recording_model(monkeypatch, calls)
-    r = evaluate_run(runs / "run_trained", tmp_path / "eval", impl="torch", max_frames=4, progress=False)
-    data = r["data"]
+    r = evaluate_run(tmp_path / "run", tmp_path / "eval", impl="torch", max_frames=4, progress=False)
     rig = dataset_rig(load_manifest(data))
+    assert rig == FFHQ_RIG != TALK3D_RIG
     assert len(calls) == 1 + len(NOVEL_VIEWS_DEG)  # 4 frames: one batch per protocol and pose
     own = np.load(f"{data}/cameras.npy")[r["frame_indices"]]
     assert r["frame_indices"] == [int(i) for i in TalkingHeadDataset(data, "val").frame_indices[:4]]
