@@ -241,6 +241,33 @@ def test_camera_modes(loaded, tmp_path):
         render_speech(*loaded[:2], wave, camera=str(path), clip=clip)
 
 
+def test_camera_track_turns_the_head_on_the_clips_rig(loaded, tmp_path):
+    """``fixed``, ``orbit`` and [yaw, pitch] JSON cameras are the clip rig's cameras of the head turned
+    to those angles (degrees -> radians, no roll), written out here from the modes' definitions: a
+    clip filmed with FFHQ's rig (not the default, Talk3D's) gets FFHQ-rig cameras."""
+    import dataclasses
+    import math
+
+    from talk3d.data.synthetic import head_cameras
+    from talk3d.render.cameras import FFHQ_RIG, TALK3D_RIG
+
+    clip = dataclasses.replace(loaded[2], rig=FFHQ_RIG)
+
+    def want(yaw_pitch_deg, rig=FFHQ_RIG):
+        rad = [[math.radians(y), math.radians(p), 0.0] for y, p in yaw_pitch_deg]
+        return head_cameras(np.array(rad), rig)  # [F, 25]
+
+    torch.testing.assert_close(camera_track("fixed:20,-10", 3, clip), want([(20, -10)] * 3), rtol=0, atol=0)
+    assert not torch.allclose(want([(20, -10)]), want([(20, -10)], TALK3D_RIG))  # the rigs' cameras differ
+    # orbit over 8 frames: yaw 30 sin(2 pi f / 8), pitch 20 sin(4 pi f / 8), frontal at frame 0.
+    orbit = [(30 * math.sin(2 * math.pi * f / 8), 20 * math.sin(4 * math.pi * f / 8)) for f in range(8)]
+    torch.testing.assert_close(camera_track("orbit", 8, clip), want(orbit), rtol=0, atol=1e-6)
+    path = tmp_path / "cams.json"
+    path.write_text(json.dumps([[-15, 5], [25, 0]]))
+    torch.testing.assert_close(camera_track(str(path), 3, clip), want([(-15, 5), (25, 0), (-15, 5)]),
+                               rtol=0, atol=0)
+
+
 def test_neutral_sources_change_the_conditions(loaded):
     wave = _speech()[:, 0]
     train = _render(loaded, wave)
