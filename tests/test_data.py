@@ -341,3 +341,70 @@ def test_dataset_rig_is_the_one_the_clip_was_made_with(tmp_path):
     # The clip's cameras are the rig's own: its pose 0 is head_cameras(pose 0, rig) exactly.
     pose = np.load(d / "pose.npy")
     np.testing.assert_array_equal(np.load(d / "cameras.npy")[:1], head_cameras(pose[:1], rig).numpy())
+
+
+# --------------------------------------------------------------------------------------------
+# Mutation audit: splits and on-the-fly resizing against hand computations
+# --------------------------------------------------------------------------------------------
+
+# Resized pixels against the float64 filter written out: float32 interpolation of values in
+# [-1, 1] (measured 8e-7 at 64 -> 24 on random images).
+RESIZE_ATOL = 1e-5
+
+
+def test_split_ranges_by_hand():
+    """The last floor(N / 11) frames (at least one) validate: by hand at the edges of the rule."""
+    from talk3d.data.format import split_ranges
+
+    for n, n_val in ((2, 1), (11, 1), (21, 1), (22, 2), (55, 5), (56, 5), (65, 5), (66, 6)):
+        assert split_ranges(n) == dict(train=[0, n - n_val], val=[n - n_val, n]), n
+
+
+def _triangle_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """Antialiased bilinear downscaling as a matrix: output i averages the inputs under a triangle of
+    half-width n_in / n_out centred on its own centre (PIL's and torch's antialias), normalised."""
+    k = n_in / n_out
+    a = torch.tensor([[max(0.0, 1 - abs(j + 0.5 - (i + 0.5) * k) / k) for j in range(n_in)]
+                      for i in range(n_out)], dtype=torch.float64)
+    return a / a.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("size", [16, 24])
+def test_dataset_shrinks_images_antialiased_and_masks_by_area(clip, size):
+    """Shrinking: the image through an antialiased (triangle) filter, not a 2-tap bilinear that
+    aliases; the masks by area averaging (at 4x, the mean of each 4 x 4 block), not bilinear."""
+    full = TalkingHeadDataset(clip, "val")[0]
+    item = TalkingHeadDataset(clip, "val", image_size=size)[0]
+    a = _triangle_matrix(SIZE, size)
+    expected = a @ full["image"].double() @ a.T
+    torch.testing.assert_close(item["image"].double(), expected, atol=RESIZE_ATOL, rtol=0)
+    if SIZE % size == 0:
+        blocks = torch.nn.functional.avg_pool2d(full["face_mask"][None], SIZE // size)[0]
+        torch.testing.assert_close(item["face_mask"], blocks)
+
+
+def test_validate_catches_nan_blink(clip, tmp_path):
+    """Every per-frame float array is checked for NaN/inf, blink too (a NaN blink would reach the
+    model's AU input and poison the loss)."""
+    d = copy_clip(clip, tmp_path)
+    blink = np.load(d / "blink.npy")
+    blink[3] = np.inf
+    np.save(d / "blink.npy", blink)
+    with pytest.raises(ValueError, match=r"blink\.npy.*NaN or inf.*\[3\]"):
+        validate_dataset(d)
+
+
+def test_validate_accepts_audio_exactly_one_frame_off(clip, tmp_path):
+    """audio.wav may be up to one frame (640 samples) longer or shorter than 640 N, inclusive
+    (AUDIO_LENGTH_TOL_FRAMES); one sample more is refused."""
+    from talk3d.audio import write_wav
+
+    d = copy_clip(clip, tmp_path)
+    wave, _ = read_wav(d / "audio.wav")
+    assert wave.shape[0] == N * SAMPLES_PER_FRAME
+    for frames in (N - 1, N + 1):
+        write_wav(d / "audio.wav", np.resize(wave, frames * SAMPLES_PER_FRAME))
+        validate_dataset(d)
+    write_wav(d / "audio.wav", np.resize(wave, (N + 1) * SAMPLES_PER_FRAME + 1))
+    with pytest.raises(ValueError, match=r"audio\.wav.*samples"):
+        validate_dataset(d)

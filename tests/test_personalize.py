@@ -544,3 +544,13 @@ def test_cli_without_a_prior_trains_from_scratch(tmp_path):
     assert w_id.shape == (1, gen.num_ws, cfg.w_dim)
     assert read_personalization(out)["personalization"]["frame_ids"] is None
     assert res["track"]["frames"] == 25
+
+
+def test_frame_selection_can_start_at_frame_zero():
+    """The first pick is the frame farthest from the mean pose, whichever index it has: frame 0
+    too (by hand: the only non-zero pose)."""
+    pose = np.zeros((5, 3))
+    pose[0, :2] = (0.4, -0.2)
+    assert select_frames(pose, 1) == [0]
+    pose[3, :2] = (-0.1, 0.05)
+    assert select_frames(pose, 2) == [0, 3]

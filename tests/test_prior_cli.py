@@ -279,3 +279,28 @@ def test_shapenet_style_release_is_refused_clearly():
     kwargs["rendering_kwargs"]["ray_start"] = "auto"
     with pytest.raises(ValueError, match="ray_start='auto'"):
         config_from_release(kwargs, axes="eg3d")
+
+
+def test_plane_convention_guess_ignores_case():
+    """A release whose file name says 'fixed' in any case is Talk3D's fixed-triplane one."""
+    from talk3d.prior.convert import guess_plane_convention
+
+    assert guess_plane_convention("/x/Talk3D_FIXED_triplane.pkl") == "fixed"
+    assert guess_plane_convention("/x/ffhq-Fixed.pkl") == "fixed"
+    assert guess_plane_convention("/fixed/ffhqrebalanced512-128.pkl") == "eg3d"  # the name, not the folder
+
+
+def test_load_generator_follows_the_recorded_plane_convention(tmp_path):
+    """A checkpoint's ``plane_convention`` decides the generator's axes, also when its
+    architecture block says otherwise (the convention is the checkpoint's own statement of the
+    layout its weights assume)."""
+    from talk3d.prior.checkpoint import save_checkpoint
+    from talk3d.prior.convert import checkpoint_config
+
+    cfg = dataclasses.replace(GeneratorConfig.tiny(), axes="eg3d")
+    gen = TriplaneGenerator(cfg)
+    config = checkpoint_config(cfg, source="test")
+    assert config["architecture"]["axes"] == "eg3d"
+    config["plane_convention"] = "fixed"
+    save_checkpoint(tmp_path / "g.safetensors", gen.state_dict(), config)
+    assert load_generator(tmp_path / "g.safetensors").cfg.axes == "fixed"

@@ -514,3 +514,177 @@ def test_skipping_evaluates_no_sample_outside_the_occupied_intervals(monkeypatch
     seen.clear()
     render(planes, dec, cams, cfg, impl="cpu", deterministic=True)
     assert torch.cat(seen).abs().max().item() > 0.5  # the dense render's samples: well outside
+
+
+# --------------------------------------------------------------------------------------------------
+# Hand-computed checks of EG3D's constants and nerfacc's grid rules (mutation audit): the tests
+# above feed the module's own WEIGHT_FLOOR / PDF_EPS to their reference, so a wrong constant passed.
+
+# Hand-computed sampling values in float64: only rounding of O(1) numbers separates them.
+HAND_ATOL = 1e-9
+
+
+def test_smoothed_weights_by_hand():
+    """EG3D's coarse-weight smoothing with its literal constants: max-pool (2, stride 1, pad 1), then
+    avg-pool (2, stride 1), then + 0.01 (not the module's WEIGHT_FLOOR, which a slip could change)."""
+    from talk3d.render.sampling import smoothed_weights
+
+    w = torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.5]], dtype=torch.float64)
+    # max-pool over [-inf, 0, 1, 0, 0, 0.5, -inf]: [0, 1, 1, 0, 0.5, 0.5]; avg-pool: [0.5, 1, 0.5, 0.25, 0.5]
+    expected = torch.tensor([[0.51, 1.01, 0.51, 0.26, 0.51]], dtype=torch.float64)
+    torch.testing.assert_close(smoothed_weights(w), expected, atol=HAND_ATOL, rtol=0)
+
+
+def test_invert_cdf_by_hand():
+    """Inverse CDF on two bins, by hand, with EG3D's literal 1e-5: a CDF step of 5e-4 is divided by
+    as it is, while a step under 1e-5 is replaced by 1 (EG3D's ``denom[denom < eps] = 1``), not
+    clamped to 1e-5."""
+    from talk3d.render.sampling import invert_cdf
+
+    bins = torch.tensor([[0.0, 1.0, 2.0]] * 2, dtype=torch.float64)
+    weights = torch.tensor([[0.9995, 0.0005], [1 - 1e-6, 1e-6]], dtype=torch.float64)
+    u = torch.tensor([[0.5, 0.99975], [0.5, 1 - 5e-7]], dtype=torch.float64)
+    expected = torch.tensor([
+        [0.5 / 0.9995, 1.0 + (0.99975 - 0.9995) / 0.0005],  # 1.5: half-way through the small bin
+        [0.5 / (1 - 1e-6), 1.0 + 5e-7],                    # step 1e-6 < 1e-5: divided by 1
+    ], dtype=torch.float64)
+    torch.testing.assert_close(invert_cdf(bins, weights, u), expected, atol=HAND_ATOL, rtol=0)
+
+
+def test_grid_cell_points_by_hand():
+    """Cell index -> world point: x varies fastest, then y, then z (the bits' [z, y, x] order), and
+    ``jitter=False`` gives the cell centres; jittered points stay inside their cells."""
+    grid = OccupancyGrid(2, box=1.0)
+    centres = grid.cell_points(torch.arange(8), jitter=False)
+    q = 0.25  # cells of 0.5 in the cube [-0.5, 0.5]^3: centres at +-0.25
+    expected = torch.tensor([[x, y, z] for z in (-q, q) for y in (-q, q) for x in (-q, q)])
+    torch.testing.assert_close(centres, expected, atol=1e-7, rtol=0)
+    jittered = grid.cell_points(torch.arange(8), generator=torch.Generator().manual_seed(0))
+    assert bool(((jittered - expected).abs() <= q).all())
+
+
+def test_grid_ema_keeps_a_new_maximum_undecayed():
+    """nerfacc's update ``occ = max(decay * occ, new)``: a new probe above the decayed value is
+    stored as it is (decayed only by later updates), not ``decay * max(occ, new)``."""
+    grid = OccupancyGrid(4, box=1.0, warmup_steps=10)
+    ones = lambda p: torch.full((p.shape[0],), 10.0)  # noqa: E731
+    grid.update(0, ones, step_size=0.1)
+    torch.testing.assert_close(grid.opacity, torch.full((64,), 1.0))  # 10 * 0.1, no decay
+    grid.update(1, lambda p: torch.full((p.shape[0],), 2.0), step_size=0.1)
+    torch.testing.assert_close(grid.opacity, torch.full((64,), 0.95))  # max(0.95 * 1.0, 0.2)
+
+
+def test_grid_partial_refresh_probes_a_quarter():
+    """After warm-up an empty grid probes only the random quarter: at most res^3 // 4 cells (draws
+    with replacement, so fewer distinct ones)."""
+    grid = OccupancyGrid(8, box=1.0, warmup_steps=1)
+    grid.update(0, lambda p: torch.zeros(p.shape[0]), step_size=0.1)
+    assert not bool(grid.occupied.any())
+    probed = []
+
+    def spy(points):
+        probed.append(points.shape[0])
+        return torch.zeros(points.shape[0])
+
+    grid.update(1, spy, step_size=0.1, generator=torch.Generator().manual_seed(0))
+    assert 0 < sum(probed) <= 8**3 // 4
+
+
+def test_grid_threshold_uses_the_mean_of_every_cell():
+    """After a partial refresh the threshold is ``min(mean over ALL cells, 0.01)`` (nerfacc), not the
+    mean of the refreshed cells only (occupied ones, so a higher mean that would empty the grid's
+    fainter occupied cells)."""
+    grid = OccupancyGrid(8, box=1.0, warmup_steps=1)
+    g = torch.Generator().manual_seed(0)
+
+    def density(points):  # graded and faint: mean opacity below 0.01
+        return (1 - 2 * points.norm(dim=-1)).clamp(min=0) * 1e-3 / 0.1
+
+    grid.update(0, density, step_size=0.1, generator=g)
+    grid.update(1, density, step_size=0.1, generator=g)
+    thre = min(float(grid.opacity.mean()), 0.01)
+    expected = (grid.opacity > thre).reshape(8, 8, 8)
+    assert 0 < int(expected.sum()) < 8**3 and torch.equal(grid.occupied, expected)
+
+
+def test_grid_update_every_n_steps_passes_the_step_on():
+    """``update_every_n_steps`` after warm-up does the partial refresh (a quarter of an empty grid's
+    cells), not another full warm-up pass: it hands its step to :meth:`update`."""
+    grid = OccupancyGrid(8, box=1.0, warmup_steps=1, update_every=4)
+    probed = []
+
+    def spy(points):
+        probed.append(points.shape[0])
+        return torch.zeros(points.shape[0])
+
+    assert grid.update_every_n_steps(0, spy, 0.1) and sum(probed) == 8**3  # warm-up: every cell
+    probed.clear()
+    assert grid.update_every_n_steps(4, spy, 0.1) and 0 < sum(probed) <= 8**3 // 4
+
+
+# The grid's density from the compiled field against the reference field: per-point fp32 errors of
+# ~1e-6 (see RENDER_ATOL) through softplus, whose slope is below 1.
+DENSITY_ATOL = 2e-5
+
+
+def test_renderer_density_is_eg3d_activation_max_over_the_batch():
+    """``Renderer.density``: ``softplus(sigma - 1)`` (EG3D's activation, with its -1 shift) of each
+    batch element's field, then the max over the batch (a cell is occupied if any frame fills it),
+    checked against the reference field evaluated element by element."""
+    from talk3d.ops.reference.triplane_field import triplane_field as reference_field
+
+    planes, dec = head_scene(plane_res=32, generator=torch.Generator().manual_seed(3))
+    planes = torch.cat([planes, 0.3 * planes.flip(-1)]).contiguous()  # two different frames
+    cfg = RenderConfig(resolution=8)
+    points = (torch.rand(200, 3, generator=torch.Generator().manual_seed(1)) - 0.5) * 0.8
+    got = Renderer(cfg).density(planes, dec)(points)
+    per_frame = []
+    for b in range(2):
+        sigma, _ = reference_field(planes[b:b + 1], points[None], *dec, box_warp=cfg.box_warp, axes=cfg.axes)
+        per_frame.append(torch.log1p(torch.exp(sigma[0, :, 0] - 1)))  # softplus written out
+    expected = torch.maximum(*per_frame)
+    assert not torch.allclose(per_frame[0], per_frame[1], atol=1e-3)  # the max matters here
+    torch.testing.assert_close(got, expected, atol=DENSITY_ATOL, rtol=0)
+
+
+def test_renderer_module_uses_its_grid_for_inference_only():
+    """``Renderer`` with a grid: training (grad enabled) renders dense, since skipping has no
+    gradient; under no_grad its grid is used (an empty grid: an empty image), unless the call
+    passes ``grid=`` itself."""
+    planes, dec, cams, cfg = _scene(res=6)
+    renderer = Renderer(cfg, grid=OccupancyGrid(8).fill(False))
+    kw = dict(impl="torch", deterministic=True)
+    dense = render(planes, dec, cams, cfg, **kw)
+    assert dense.weight_sum.max() > 0.5
+    train = renderer(planes, dec, cams, **kw)
+    assert torch.equal(train.weight_sum, dense.weight_sum) and train.samples_per_ray == 96
+    with torch.no_grad():
+        assert not renderer(planes, dec, cams, **kw).weight_sum.any()
+        assert torch.equal(renderer(planes, dec, cams, grid=None, **kw).weight_sum, dense.weight_sum)
+
+
+def test_empty_grid_depth_is_the_far_end_of_all_samples_with_jitter():
+    """Rays with no weight get the largest depth of ALL the render's coarse samples (as the dense
+    path's clamp to ``t.max()`` gives), one value for every ray, also with jittered depths where
+    each ray's own last depth differs: by hand, ray_end + max(last jitter) * step."""
+    planes, dec, cams, cfg = _scene(res=4, B=2)
+    rnd = _randoms(2, cfg)
+    out = render(planes, dec, cams, cfg, impl="torch", randoms=rnd, grid=OccupancyGrid(8).fill(False))
+    step = (cfg.ray_end - cfg.ray_start) / (cfg.coarse_samples - 1)
+    far = cfg.ray_end + rnd.coarse_jitter[..., -1].max().item() * step
+    assert not out.weight_sum.any()
+    torch.testing.assert_close(out.depth, torch.full_like(out.depth, far), atol=FAR_END_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("cpu", marks=needs_ext)])
+def test_deterministic_render_draws_no_random_numbers(impl):
+    """``deterministic=True`` reaches both passes of the dense render: no coarse jitter and the
+    importance uniforms on linspace(0, 1), so two renders are bit-identical whatever torch's
+    generator holds."""
+    planes, dec, cams, cfg = _scene(res=6)
+    torch.manual_seed(0)
+    a = render(planes, dec, cams, cfg, impl=impl, deterministic=True)
+    torch.manual_seed(1)
+    b = render(planes, dec, cams, cfg, impl=impl, deterministic=True)
+    for name in ("feature_image", "depth", "weight_sum"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
