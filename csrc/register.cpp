@@ -24,13 +24,17 @@ TORCH_LIBRARY(talk3d, m) {
   // The CPU back end's training pair: the forward also returns saved [B, N, C + HID] (each point's
   // decoder input and pre-activations), which the backward reads with the feature output instead of
   // sampling and decoding every point again.
+  // Planes that are not channels-last in memory (the API's contiguous [B, 3, C, H, W]) are
+  // copied channels-last inside; the forward returns that copy as planes_cl (an empty tensor when
+  // the planes were channels-last already) for the backward, whose plane gradient then has the
+  // planes' own layout (channels-last memory viewed [B, 3, C, H, W], or contiguous).
   m.def(
       "triplane_field_fwd_train(Tensor planes, Tensor xyz, Tensor w1, Tensor b1, Tensor w2, "
-      "Tensor b2, float box_warp, int axes) -> (Tensor, Tensor, Tensor)");
+      "Tensor b2, float box_warp, int axes) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "triplane_field_bwd_saved(Tensor grad_sigma, Tensor grad_feat, Tensor planes, Tensor xyz, "
-      "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor saved, Tensor feat, float box_warp, "
-      "int axes, bool[6] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor saved, Tensor feat, Tensor planes_cl, "
+      "float box_warp, int axes, bool[6] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Dense: sigma [B, R, S, 1], feat [B, R, S, F], t [B, R, S, 1] -> [B, R, F], [B, R, 1], [B, R, 1].
   // Packed (packed_info [R, 2] = first sample, count): [N, 1], [N, F], [N, 1] -> [R, F], [R, 1], [R, 1].
   // Outputs: feature image 2 C - 1, depth Dnum / W (NaN where W == 0), weight sum W.

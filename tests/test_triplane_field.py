@@ -32,6 +32,8 @@ HALF_ERR_FACTOR = 2.0
 # of |terms| is hundreds of times the result, and float32 partial sums leave ~6e-8 of that sum.
 # Measured relative to the result's scale: up to 4.7e-5 (db2, one seed in 13), 1e-5 or less otherwise.
 MANY_POINT_SUM_RTOL = 1e-4
+# Points per chunk of the CPU backward in the several-chunks test: 40,002 points make three chunks.
+CPU_TEST_CHUNK = 1 << 14
 # fp32 on ill-conditioned sums (decoder terms in the hundreds, outputs in the thousands): judged the
 # same way, against PyTorch's own fp32 reference's error. Two fp32 errors of sums in other orders
 # have a ratio that varies with the inputs: over 30 seeds ours / PyTorch's was 1.1-2.1 for every
@@ -185,10 +187,13 @@ def test_cpu_float64():
 @pytest.mark.parametrize("case", [FieldCase(B=2, N=20_001, C=32, hidden=64, out=33, H=16, W=16),
                                   FieldCase(B=2, N=20_001, H=16, W=12, spread=1.4)], ids=["eg3d", "generic"])
 @pytest.mark.parametrize("needs", [(True,) * 6, (False, True, False, False, False, False)], ids=["all", "xyz"])
-def test_cpu_backward_over_several_chunks(case, needs):
-    """More points than one chunk of the CPU backward (2^14 points), the last partial, one crossing
-    the batch boundary: the plane gradient's zeroing (first chunk only), the per-chunk coordinate
-    gradient shares and the weight sums all see every chunk, with or without the plane gradient."""
+def test_cpu_backward_over_several_chunks(case, needs, monkeypatch):
+    """More points than one chunk of the CPU backward (set to 2^14 points here; 2^18 by default),
+    the last partial, one crossing the batch boundary: the plane gradient's bands (written by the
+    first chunk, added by the others, left alone by a chunk with no point in them), the per-chunk
+    coordinate gradient shares and the weight sums all see every chunk, with or without the plane
+    gradient."""
+    monkeypatch.setenv("TALK3D_CPU_FIELD_CHUNK", str(CPU_TEST_CHUNK))
     check_against_reference("cpu", case, "eg3d", needs=needs, grad_rtol=MANY_POINT_SUM_RTOL)
 
 
@@ -391,18 +396,49 @@ def test_opcheck_forward_and_backward():
 
 
 @needs_extension
-def test_opcheck_training_pair():
-    """The CPU training forward (which also returns the saved activations) and its backward."""
+@pytest.mark.parametrize("layout", ["channels_last", "api"])
+def test_opcheck_training_pair(layout):
+    """The CPU training forward (which also returns the saved activations, and the channels-last copy
+    it makes of API-layout planes) and its backward, with planes in either memory layout."""
     case = FieldCase(B=2, N=40, C=8, hidden=16, out=5, H=6, W=7)
-    inputs = [t.requires_grad_() for t in make_field_inputs(case, planes_layout="channels_last")]
+    inputs = [t.requires_grad_() for t in make_field_inputs(case, planes_layout=layout)]
     torch.library.opcheck(torch.ops.talk3d.triplane_field_fwd_train.default, (*inputs, 1.0, 0))
     plain = [t.detach() for t in inputs]
-    _, feat, saved = torch.ops.talk3d.triplane_field_fwd_train(*plain, 2.0, 1)
+    _, feat, saved, planes_cl = torch.ops.talk3d.triplane_field_fwd_train(*plain, 2.0, 1)
     assert saved.shape == (2, 40, case.C + case.hidden)
+    if layout == "api":  # the copy the backward reads instead of transposing the planes again
+        assert torch.equal(planes_cl, plain[0].permute(0, 1, 3, 4, 2))
+    else:
+        assert planes_cl.numel() == 0
     gs, gf = torch.randn(2, 40, 1), torch.randn(2, 40, 4)
     for needs in ([True] * 6, [False, True, False, True, False, False]):
         torch.library.opcheck(torch.ops.talk3d.triplane_field_bwd_saved.default,
-                              (gs, gf, *plain, saved, feat, 2.0, 1, needs))
+                              (gs, gf, *plain, saved, feat, planes_cl, 2.0, 1, needs))
+
+
+@needs_extension
+@pytest.mark.parametrize("chunk", [None, 50], ids=["one-chunk", "chunks"])
+def test_cpu_plane_gradient_keeps_the_planes_layout(chunk, monkeypatch):
+    """The CPU training pair's plane gradient has the planes' own memory layout: the API's contiguous
+    [B, 3, C, H, W] for API planes (written by phase B's bands transposed, or with several chunks
+    summed channels-last and transposed once), channels-last memory for channels-last planes; the
+    values are the same either way (the same sums; only where they are stored differs)."""
+    if chunk is not None:
+        monkeypatch.setenv("TALK3D_CPU_FIELD_CHUNK", str(chunk))
+    case = FieldCase(B=2, N=190, C=32, hidden=64, out=33, H=19, W=13, spread=1.4)
+    api = make_field_inputs(case)
+    channels_last = api[0].permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)  # same values
+    gs, gf = torch.randn(case.B, case.N, 1), torch.randn(case.B, case.N, case.out - 1)
+    grads = {}
+    for layout, planes in (("api", api[0]), ("channels_last", channels_last)):
+        inputs = [t.detach().clone().requires_grad_() for t in (planes, *api[1:])]
+        sigma, feat = triplane_field(*inputs, impl="cpu")
+        grads[layout] = torch.autograd.grad((sigma, feat), inputs, (gs, gf))
+    d_api, d_cl = grads["api"][0], grads["channels_last"][0]
+    assert d_api.is_contiguous() and d_cl.stride(2) == 1
+    assert torch.equal(d_api, d_cl)
+    for a, b in zip(grads["api"][1:], grads["channels_last"][1:]):
+        assert torch.equal(a, b)
 
 
 @needs_extension
@@ -415,17 +451,17 @@ def test_cpu_backward_from_saved_matches_recompute(case):
     inputs = make_field_inputs(case)
     planes_cl = inputs[0].permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
     args = (planes_cl, *inputs[1:])
-    _, feat, saved = torch.ops.talk3d.triplane_field_fwd_train(*args, 1.0, 1)
+    _, feat, saved, no_copy = torch.ops.talk3d.triplane_field_fwd_train(*args, 1.0, 1)
     gs, gf = torch.randn(case.B, case.N, 1), torch.randn(case.B, case.N, case.out - 1)
     needs = [True] * 6
-    from_saved = torch.ops.talk3d.triplane_field_bwd_saved(gs, gf, *args, saved, feat, 1.0, 1, needs)
+    from_saved = torch.ops.talk3d.triplane_field_bwd_saved(gs, gf, *args, saved, feat, no_copy, 1.0, 1, needs)
     recomputed = torch.ops.talk3d.triplane_field_bwd(gs, gf, *args, 1.0, 1, needs)
     for name, a, b in zip(("planes", "xyz", "w1", "b1", "w2", "b2"), from_saved, recomputed):
         # Only the sigmoid differs: recovered from the float feature output instead of recomputed.
         torch.testing.assert_close(a, b, atol=FP32_ATOL, rtol=FP32_RTOL, msg=lambda m: f"d{name}: {m}")
     # A saved tensor of the wrong shape is refused, naming it.
     with pytest.raises(ValueError, match="saved must be"):
-        torch.ops.talk3d.triplane_field_bwd_saved(gs, gf, *args, saved[..., 1:], feat, 1.0, 1, needs)
+        torch.ops.talk3d.triplane_field_bwd_saved(gs, gf, *args, saved[..., 1:], feat, no_copy, 1.0, 1, needs)
 
 
 @needs_extension

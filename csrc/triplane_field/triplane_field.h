@@ -47,8 +47,10 @@ FieldGrads triplane_field_bwd_cpu(const at::Tensor& grad_sigma, const at::Tensor
                                   std::array<bool, 6> needs);
 
 // The training forward of the CPU back end: also returns saved [B, N, C + HID], each point's decoder
-// input f and pre-activations, which triplane_field_bwd_saved_cpu reads instead of recomputing them.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> triplane_field_fwd_train_cpu(
+// input f and pre-activations, which triplane_field_bwd_saved_cpu reads instead of recomputing them,
+// and planes_cl [B, 3, H, W, C], the channels-last copy of planes that are not channels-last in
+// memory (empty otherwise), which the backward reads instead of copying them again.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triplane_field_fwd_train_cpu(
     const at::Tensor& planes, const at::Tensor& xyz, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, const at::Tensor& b2, double box_warp, int64_t axes);
 
@@ -57,7 +59,8 @@ FieldGrads triplane_field_bwd_saved_cpu(const at::Tensor& grad_sigma, const at::
                                         const at::Tensor& w1, const at::Tensor& b1,
                                         const at::Tensor& w2, const at::Tensor& b2,
                                         const at::Tensor& saved, const at::Tensor& feat,
-                                        double box_warp, int64_t axes, std::array<bool, 6> needs);
+                                        const at::Tensor& planes_cl, double box_warp, int64_t axes,
+                                        std::array<bool, 6> needs);
 
 // Empty placeholders stand for gradients that were not asked for (a custom op returns tensors).
 at::Tensor grad_placeholder(const at::Tensor& like);

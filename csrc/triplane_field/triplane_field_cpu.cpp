@@ -10,24 +10,33 @@
 //      weight gradients as outer-product sums (rows kept in registers, so the accumulators are
 //      read and written once per tile instead of once per point); one set of weight sums per
 //      task. At the EG3D size in float the decoder and these sums run in decoder_cpu.h.
-//   B. the taps, per (plane, band of rows): the plane gradient is a scatter. Instead of atomics (a
-//      locked CAS per channel per tap costs more than the whole forward) or a private copy of
-//      d_planes per task (zeroing, faulting in and summing tens of MB per call), each task owns a
-//      band of rows of one plane and adds the taps of every point of the chunk that fall in it.
-//      Every point's taps are recomputed once per band (cheap), and each gradient element is
-//      written by one task only (and zeroed by it first). The same pass reads the plane's taps for
-//      the point's share of the coordinate gradient (in the band holding its first tap row), with
-//      the taps and df it already has: done in phase A, the gather and the taps were a second
-//      time, 4.7 of the 17.5-ms backward at the CPU size. A last loop adds the planes' shares.
+//   B. the taps, per (batch element, plane, band of kBandRows rows): the plane gradient is a
+//      scatter. Instead of atomics (a locked CAS per channel per tap costs more than the whole
+//      forward) or a private copy of d_planes per task (zeroing, faulting in and summing tens of MB
+//      per call), each unit owns a band of rows and adds the taps of the chunk's points that fall
+//      in it, listed beforehand by a counting sort of the points by their tap rows (BandBuckets), in
+//      point order, so every gradient element sums its points in the same order whatever the
+//      thread count. The sums go to a band buffer that stays in L2 ([8, W, C]: 256 KB at the EG3D
+//      size), which is then written out once: as it is into channels-last d_planes, or transposed into the API layout
+//      [B, 3, C, H, W] when the planes came in that layout (no separate layout pass over the
+//      gradient; API-layout field forward + backward at the CPU size 22-26 -> 20-21 ms, 2-core Zen
+//      5 VM). The same pass reads the plane's taps for the point's share of the coordinate
+//      gradient (in the band holding its first tap row), with the taps and df it already has: done
+//      in phase A, the gather and the taps were a second time, 4.7 of the 17.5-ms backward at the
+//      CPU size. A last loop adds the planes' shares.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "decoder_cpu.h"
+#include "layout/layout.h"
+#include "layout/transpose_block.h"
 #include "triplane_field.h"
 
 namespace talk3d {
@@ -46,8 +55,20 @@ using GenericDims = BoundedDims<kCpuMaxC, kCpuMaxHid, kCpuMaxOut>;
 // Backward: points per tile of phase A (their decoder intermediates, ~1 KB a point at the EG3D
 // size, stay in L1/L2 for the weight-gradient sums) ...
 constexpr int kTile = 64;
-// ... and points per chunk (phase B reads the chunk's df buffer, [kChunk, C]: 2 MB at C = 32).
-constexpr int64_t kChunk = int64_t(1) << 14;
+// ... and points per chunk: the chunk's buffers (df [kChunk, C], the bucket lists; 48 MB at C = 32)
+// bound the backward's memory. Every chunk after the first adds its bands into d_planes, a pass
+// over all of it, so chunks are large: a CPU training step's field call is one chunk.
+constexpr int64_t kChunk = int64_t(1) << 18;
+// The environment variable TALK3D_CPU_FIELD_CHUNK, when set to a positive number, replaces kChunk
+// (the tests cover several chunks on few points with it); read at each backward call.
+int64_t chunk_points() {
+  const char* env = std::getenv("TALK3D_CPU_FIELD_CHUNK");
+  const long long v = env != nullptr ? std::atoll(env) : 0;
+  return v > 0 ? int64_t(v) : kChunk;
+}
+// Rows of a band of phase B: a band of d_planes ([8, 256, 32] floats, 256 KB) and the rows of the
+// plane its taps read stay in L2 while the band's points are added.
+constexpr int kBandRows = 8;
 // Points per parallel_for grain in the forward.
 constexpr int64_t kForwardGrain = 256;
 // Points the forward samples before it decodes any of them. The taps' loads mostly miss the cache
@@ -197,6 +218,68 @@ void add_column_sums(int rows, int M, const T* __restrict__ a, int lda, T* __res
     for (int m = 0; m < M; ++m) acc[m] += a[t * lda + m];
 }
 
+// Phase B's bucket lists: for each work unit, the chunk's points (offsets from the chunk's first)
+// whose taps fall in it, in point order (so every gradient element sums its points in the same
+// order whatever the thread count). A point is listed under at most two units per plane: the band
+// of its first tap row and, when its second row starts the next band, that one too. Built by a
+// counting sort, parallel over the points: each task counts its share, the offsets are laid out
+// unit by unit and task by task within a unit, and each task writes its share in order.
+class BandBuckets {
+ public:
+  BandBuckets(int64_t units, int64_t tasks, int64_t max_points)
+      : units_(units), tasks_(tasks), count_(size_t(tasks * units)), start_(size_t(units + 1)),
+        keys_(size_t(max_points * 6)), idx_(size_t(max_points * 6)) {}
+
+  // key_fn(i, plane, keys[2]) writes point i's units for `plane` (keys[1] = -1 when only one).
+  template <typename KeyFn>
+  void fill(int64_t c0, int64_t c1, const KeyFn& key_fn) {
+    const int64_t n = c1 - c0;
+    std::fill(count_.begin(), count_.end(), 0);
+    at::parallel_for(0, tasks_, 1, [&](int64_t tb, int64_t te) {
+      for (int64_t task = tb; task < te; ++task) {
+        int64_t* cnt = count_.data() + task * units_;
+        for (int64_t p = n * task / tasks_; p < n * (task + 1) / tasks_; ++p)
+          for (int plane = 0; plane < 3; ++plane) {
+            int32_t* k = keys_.data() + (p * 3 + plane) * 2;
+            key_fn(c0 + p, plane, k);
+            ++cnt[k[0]];
+            if (k[1] >= 0) ++cnt[k[1]];
+          }
+      }
+    });
+    // Offsets: unit-major, task-minor; count_ becomes each (task, unit)'s write cursor.
+    int64_t at = 0;
+    for (int64_t u = 0; u < units_; ++u) {
+      start_[u] = at;
+      for (int64_t task = 0; task < tasks_; ++task) {
+        const int64_t c = count_[task * units_ + u];
+        count_[task * units_ + u] = at;
+        at += c;
+      }
+    }
+    start_[units_] = at;
+    at::parallel_for(0, tasks_, 1, [&](int64_t tb, int64_t te) {
+      for (int64_t task = tb; task < te; ++task) {
+        int64_t* cur = count_.data() + task * units_;
+        for (int64_t p = n * task / tasks_; p < n * (task + 1) / tasks_; ++p)
+          for (int plane = 0; plane < 3; ++plane) {
+            const int32_t* k = keys_.data() + (p * 3 + plane) * 2;
+            idx_[cur[k[0]]++] = int32_t(p);
+            if (k[1] >= 0) idx_[cur[k[1]]++] = int32_t(p);
+          }
+      }
+    });
+  }
+  const int32_t* begin(int64_t unit) const { return idx_.data() + start_[unit]; }
+  const int32_t* end(int64_t unit) const { return idx_.data() + start_[unit + 1]; }
+
+ private:
+  int64_t units_, tasks_;
+  std::vector<int64_t> count_, start_;
+  std::vector<int32_t> keys_;
+  std::vector<int32_t> idx_;
+};
+
 // Phase A's per-task buffers: one tile's decoder intermediates, row t for point t of the tile.
 template <typename Dims, typename scalar_t>
 struct TileBuffers {
@@ -215,14 +298,15 @@ struct SavedForward {
 template <typename scalar_t, typename Dims>
 void backward_impl(const Dims d, const FieldInputs& in, const scalar_t* gsigma,
                    const scalar_t* gfeat, const SavedForward<scalar_t> fwd, const Needs need,
-                   scalar_t* d_planes, scalar_t* d_xyz, scalar_t* d_w1, scalar_t* d_b1,
-                   scalar_t* d_w2, scalar_t* d_b2) {
+                   scalar_t* d_planes, bool d_planes_api, scalar_t* d_xyz, scalar_t* d_w1,
+                   scalar_t* d_b1, scalar_t* d_w2, scalar_t* d_b2) {
   const DecoderWeights<scalar_t> w(in);
   const scalar_t* planes = in.planes_cl.data_ptr<scalar_t>();
   const scalar_t* xyz = in.xyz.data_ptr<scalar_t>();
   const PlaneGeom g = plane_geom(in.planes_cl);
   const int64_t s_batch = in.planes_cl.stride(0);
-  // d_planes is contiguous [B, 3, H, W, C]: its own geometry, which may differ from the input's.
+  // d_planes is contiguous, [B, 3, H, W, C] or, when d_planes_api (one chunk only), [B, 3, C, H, W]:
+  // its own geometry, which may differ from the input's.
   const PlaneGeom dg{g.H, g.W, int64_t(g.H) * g.W * in.C, int64_t(g.W) * in.C, in.C};
   const int64_t d_batch = 3 * dg.s_plane;
   const scalar_t inv_half_box = scalar_t(2.0 / in.box_warp);
@@ -231,6 +315,8 @@ void backward_impl(const Dims d, const FieldInputs& in, const scalar_t* gsigma,
   const int C = d.c(), HID = d.hid(), OUT = d.out();
   const int64_t nw1 = int64_t(HID) * C, nw2 = int64_t(OUT) * HID;
   const bool want_df = need.planes || need.xyz;
+  const int64_t chunk = chunk_points();
+  TORCH_CHECK(!d_planes_api || P <= chunk, "triplane_field (cpu): API-layout bands need one chunk");
 
   // Weight gradient sums per task of phase A: [w1 | b1 | w2 | b2]. Allocated through ATen so the
   // memory shows in torch's allocator statistics (and the benchmarks' peak memory).
@@ -239,16 +325,19 @@ void backward_impl(const Dims d, const FieldInputs& in, const scalar_t* gsigma,
   const int64_t nwt = nw1 + HID + nw2 + OUT;
   at::Tensor wsum_t = at::zeros({tasks * nwt}, opts);
   scalar_t* wsum = wsum_t.data_ptr<scalar_t>();
-  at::Tensor df_t = at::empty({want_df ? std::min(P, kChunk) * C : 0}, opts);
+  at::Tensor df_t = at::empty({want_df ? std::min(P, chunk) * C : 0}, opts);
   scalar_t* df_buf = df_t.data_ptr<scalar_t>();
   // Phase B's coordinate gradient shares: (gx, gy) per plane per point of the chunk.
-  at::Tensor gq_t = at::empty({need.xyz ? 3 * std::min(P, kChunk) * 2 : 0}, opts);
+  at::Tensor gq_t = at::empty({need.xyz ? 3 * std::min(P, chunk) * 2 : 0}, opts);
   scalar_t* gq_buf = gq_t.data_ptr<scalar_t>();
-  // Phase B's work units: (plane, band of rows); at least one per thread, never thinner than 2 rows.
-  const int64_t bands = std::max<int64_t>(1, std::min<int64_t>(g.H / 2, (tasks + 2) / 3 * 2));
+  // Phase B's work units: (batch element, plane, band of kBandRows rows), each point of the chunk
+  // listed in the units its taps' rows fall in (bucket lists, in point order).
+  const int64_t bands = (g.H + kBandRows - 1) / kBandRows;
+  const int64_t units = in.B * 3 * bands;
+  BandBuckets buckets(units, tasks, std::min(P, chunk));
 
-  for (int64_t c0 = 0; c0 < P; c0 += kChunk) {
-    const int64_t c1 = std::min(P, c0 + kChunk);
+  for (int64_t c0 = 0; c0 < P; c0 += chunk) {
+    const int64_t c1 = std::min(P, c0 + chunk);
     const int64_t tiles = (c1 - c0 + kTile - 1) / kTile;
     // ---- phase A: decoder backward, d_xyz, df, weight gradients
     const int64_t parts = std::min(tasks, tiles);
@@ -337,52 +426,77 @@ void backward_impl(const Dims d, const FieldInputs& in, const scalar_t* gsigma,
       }
     });
     if (!want_df) continue;
-    // ---- phase B: per (plane, band of rows), scatter df / 3 onto the taps in the band and take
-    // the plane's coordinate-gradient share of the points whose first tap row is in it
-    at::parallel_for(0, 3 * bands, 1, [&](int64_t ubegin, int64_t uend) {
-      for (int64_t unit = ubegin; unit < uend; ++unit) {
-        const int plane = int(unit / bands);
-        const int64_t band = unit % bands;
-        const int y_lo = int(g.H * band / bands), y_hi = int(g.H * (band + 1) / bands);
+    // ---- phase B: per (batch element, plane, band of rows), scatter df / 3 onto the band's taps
+    // and take the plane's coordinate-gradient share of the points whose first tap row is in it
+    buckets.fill(c0, c1, [&](int64_t i, int plane, int32_t* keys) {
+      scalar_t q[3];
+      field::scale_point(xyz + 3 * i, inv_half_box, q);
+      int iu, iv;
+      field::plane_axes(in.axes, plane, iu, iv);
+      // The rows make_taps will take: y0 = floor(iy) and y0 + 1; the owner row (the coordinate
+      // share's) is y0 clamped into the plane, so a point whose taps all miss it still gets its
+      // zero share written, once.
+      const int y0 = int(t3d_floor(field::pixel_coord(q[iv], g.H)));
+      const int y_own = std::min(std::max(y0, 0), g.H - 1);
+      const int32_t base = int32_t(((i / N) * 3 + plane) * bands);
+      keys[0] = base + y_own / kBandRows;
+      keys[1] = (y0 + 1 >= 0 && y0 + 1 < g.H && (y0 + 1) / kBandRows != y_own / kBandRows)
+                    ? base + (y0 + 1) / kBandRows
+                    : -1;
+    });
+    std::atomic<int64_t> next_unit{0};
+    at::parallel_for(0, tasks, 1, [&](int64_t tbegin, int64_t tend) {
+      if (tbegin >= tend) return;
+      std::vector<scalar_t> band_buf(need.planes ? size_t(kBandRows) * g.W * C : 0);
+      for (int64_t unit; (unit = next_unit.fetch_add(1)) < units;) {
+        const int64_t b = unit / (3 * bands);
+        const int plane = int(unit / bands % 3);
+        const int y_lo = int(unit % bands) * kBandRows, y_hi = std::min(g.H, y_lo + kBandRows);
         int iu, iv;
         field::plane_axes(in.axes, plane, iu, iv);
-        if (need.planes && c0 == 0)  // d_planes comes uninitialised: each band zeroed by its owner
-          for (int64_t b = 0; b < in.B; ++b)
-            std::fill_n(d_planes + b * d_batch + plane * dg.s_plane + y_lo * dg.s_y,
-                        (y_hi - y_lo) * dg.s_y, scalar_t(0));
-        for (int64_t i = c0; i < c1; ++i) {
+        // A later chunk with no point in the band leaves it as it is.
+        if (c0 > 0 && buckets.begin(unit) == buckets.end(unit)) continue;
+        const scalar_t* pl = planes + b * s_batch;
+        scalar_t* buf = band_buf.data();  // [y_hi - y_lo, W, C] channels-last
+        if (need.planes) std::fill_n(buf, size_t(y_hi - y_lo) * g.W * C, scalar_t(0));
+        for (const int32_t* it = buckets.begin(unit); it != buckets.end(unit); ++it) {
+          const int64_t i = c0 + *it;
           scalar_t q[3];
           field::scale_point(xyz + 3 * i, inv_half_box, q);
-          // Most points have no tap row in this band: make_taps' own row coordinate skips them
-          // before the rest of the taps is made (rows y0 = floor(iy) and y0 + 1; the owner test
-          // below also takes y0 in [-2, -1] for the first band and [H, H + 1] for the last).
-          const scalar_t iy = field::pixel_coord(q[iv], g.H);
-          if (!(iy >= scalar_t(y_lo - 2) && iy < scalar_t(y_hi + 2))) continue;
           const field::Taps<scalar_t> t = field::make_taps<scalar_t>(q[iu], q[iv], g, plane);
-          // The coordinate share's owner: the band of the first tap row (clamped into the plane,
-          // so a point whose taps all miss it still gets its zero share written once).
-          const int y_own = std::min(std::max(t.y0, 0), g.H - 1);
-          const bool owner = need.xyz && y_own >= y_lo && y_own < y_hi;
-          if (!owner && (t.y0 + 1 < y_lo || t.y0 >= y_hi)) continue;  // no tap row in the band
           const scalar_t* dfi = df_buf + (i - c0) * C;
-          if (owner) {
+          const int y_own = std::min(std::max(t.y0, 0), g.H - 1);
+          if (need.xyz && y_own >= y_lo && y_own < y_hi) {
             scalar_t* gq = gq_buf + ((i - c0) * 3 + plane) * 2;
-            const scalar_t* pl = planes + (i / N) * s_batch;
             if constexpr (kVectorDecoder<Dims, scalar_t>)
               cpu_decoder::tap_coord_grad(pl, t, dfi, gq[0], gq[1]);
             else
               field::tap_coord_grad(d, pl, t, dfi, gq[0], gq[1]);
           }
           if (!need.planes) continue;
-          scalar_t* dpl_b = d_planes + (i / N) * d_batch;
           for (int k = 0; k < 4; ++k) {
             const int y = t.y0 + (k >> 1);
             if (t.off[k] < 0 || y < y_lo || y >= y_hi) continue;
             const scalar_t wk = t.w[k] * third;
-            scalar_t* dst = dpl_b + t.offset_in(dg, plane, k);
+            scalar_t* dst = buf + (int64_t(y - y_lo) * g.W + t.x0 + (k & 1)) * C;
             for (int c = 0; c < C; ++c) dst[c] += wk * dfi[c];
           }
         }
+        if (!need.planes) continue;
+        // The band into d_planes: written by the first chunk, added by the others; into the API
+        // layout, C rows of (y_hi - y_lo) * W values each, transposed on the way.
+        if (d_planes_api) {
+          const int64_t hw = int64_t(g.H) * g.W, texels = int64_t(y_hi - y_lo) * g.W;
+          scalar_t* dst = d_planes + b * d_batch + plane * dg.s_plane + int64_t(y_lo) * g.W;
+          layout::transpose_block(buf, C, dst, hw, 0, texels, 0, C, true);
+          continue;
+        }
+        scalar_t* dst = d_planes + b * d_batch + plane * dg.s_plane + y_lo * dg.s_y;
+        const int64_t n = int64_t(y_hi - y_lo) * dg.s_y;
+        if (c0 == 0)
+          std::copy_n(buf, n, dst);
+        else
+          for (int64_t e = 0; e < n; ++e) dst[e] += buf[e];
       }
     });
     if (!need.xyz) continue;
@@ -442,32 +556,59 @@ void check_cpu(const FieldInputs& in) {
 
 namespace {
 
-// The forward, keeping the activations the backward reads when `save`.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+// Planes [B, 3, C, H, W] that are contiguous (the API layout) -> their channels-last copy
+// [B, 3, H, W, C], by the tiled transpose (~2x faster than torch's strided copy); an undefined
+// tensor for planes already channels-last in memory (read as they are) or of other strides
+// (prepare_field_inputs copies those).
+at::Tensor channels_last_copy(const at::Tensor& planes) {
+  if (planes.dim() != 5 || !planes.is_contiguous() || planes.size(2) <= 1 || planes.numel() == 0)
+    return at::Tensor();
+  const int64_t B = planes.size(0), C = planes.size(2), H = planes.size(3), W = planes.size(4);
+  return transpose_inner_cpu(planes.view({B * 3, C, H * W})).view({B, 3, H, W, C});
+}
+
+// The forward, keeping the activations the backward reads when `save`; with them planes_cl, the
+// channels-last copy it made of API-layout planes (an empty tensor when it made none).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& planes, const at::Tensor& xyz, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, const at::Tensor& b2, double box_warp, int64_t axes, bool save) {
-  const FieldInputs in = prepare_field_inputs(planes, xyz, w1, b1, w2, b2, box_warp, axes);
+  at::Tensor planes_cl = channels_last_copy(planes);
+  const FieldInputs in = prepare_field_inputs(
+      planes_cl.defined() ? planes_cl.permute({0, 1, 4, 2, 3}) : planes, xyz, w1, b1, w2, b2,
+      box_warp, axes);
   check_cpu(in);
   at::Tensor sigma = at::empty({in.B, in.N, 1}, planes.options());
   at::Tensor feat = at::empty({in.B, in.N, in.OUT - 1}, planes.options());
   at::Tensor saved = at::empty({in.B, in.N, save ? in.C + in.HID : 0}, planes.options());
-  if (in.B * in.N == 0) return {sigma, feat, saved};
+  if (!planes_cl.defined()) planes_cl = at::empty({0}, planes.options());
+  if (in.B * in.N == 0) return {sigma, feat, saved, planes_cl};
   AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "triplane_field_fwd_cpu", [&] {
     dispatch_dims(in, [&](auto d) {
       forward_impl<scalar_t>(d, in, sigma.data_ptr<scalar_t>(), feat.data_ptr<scalar_t>(),
                              save ? saved.data_ptr<scalar_t>() : nullptr);
     });
   });
-  return {sigma, feat, saved};
+  return {sigma, feat, saved, planes_cl};
 }
 
 // The backward; `saved` / `feat_out` are the training forward's outputs, or undefined tensors.
 FieldGrads backward_cpu(const at::Tensor& grad_sigma, const at::Tensor& grad_feat,
                         const at::Tensor& planes, const at::Tensor& xyz, const at::Tensor& w1,
                         const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
-                        const at::Tensor& saved, const at::Tensor& feat_out, double box_warp,
-                        int64_t axes, std::array<bool, 6> needs) {
-  const FieldInputs in = prepare_field_inputs(planes, xyz, w1, b1, w2, b2, box_warp, axes);
+                        const at::Tensor& saved, const at::Tensor& feat_out,
+                        const at::Tensor& planes_cl, double box_warp, int64_t axes,
+                        std::array<bool, 6> needs) {
+  const bool have_cl = planes_cl.defined() && planes_cl.numel() > 0;
+  if (have_cl)
+    TORCH_CHECK_VALUE(planes_cl.dim() == 5 && planes.dim() == 5 &&
+                          planes_cl.sizes() == at::IntArrayRef({planes.size(0), planes.size(1),
+                                                                planes.size(3), planes.size(4),
+                                                                planes.size(2)}) &&
+                          planes_cl.is_contiguous(),
+                      "triplane_field backward: planes_cl must be the forward's contiguous "
+                      "[B, 3, H, W, C] copy of planes ", planes.sizes(), ", got ", planes_cl.sizes());
+  const FieldInputs in = prepare_field_inputs(have_cl ? planes_cl.permute({0, 1, 4, 2, 3}) : planes,
+                                              xyz, w1, b1, w2, b2, box_warp, axes);
   check_cpu(in);
   TORCH_CHECK_VALUE(grad_sigma.sizes() == at::IntArrayRef({in.B, in.N, 1}),
                     "triplane_field backward: grad_sigma must be [B, N, 1], got ", grad_sigma.sizes());
@@ -491,11 +632,23 @@ FieldGrads backward_cpu(const at::Tensor& grad_sigma, const at::Tensor& grad_fea
   const auto opts = planes.options();
   const at::Tensor gs = grad_sigma.to(planes.scalar_type()).contiguous();
   const at::Tensor gf = grad_feat.to(planes.scalar_type()).contiguous();
-  // Phase B zeroes d_planes band by band (a separate pass over it cost ~2 ms at the CPU size).
+  // The plane gradient takes the planes' own layout: channels-last memory when they are (the model's
+  // buffers; as the kernels want it), else the API's contiguous [B, 3, C, H, W]. Phase B writes
+  // its bands straight into either; into the API layout only when the points are one chunk, else
+  // into a channels-last buffer transposed at the end (a band would be read and written back
+  // transposed once per chunk). Phase B writes every element (a separate zeroing pass over
+  // d_planes cost ~2 ms at the CPU size).
   const bool empty = in.B * in.N == 0;
-  at::Tensor d_planes = !need.planes ? grad_placeholder(planes)
-                        : empty      ? at::zeros({in.B, 3, in.H, in.W, in.C}, opts)
-                                     : at::empty({in.B, 3, in.H, in.W, in.C}, opts);
+  const bool api_layout = planes.stride(2) != 1 && in.C > 1;
+  const bool api_direct = api_layout && in.B * in.N <= chunk_points();
+  at::Tensor d_planes;
+  if (need.planes) {
+    const auto shape = api_direct ? std::vector<int64_t>{in.B, 3, in.C, in.H, in.W}
+                                  : std::vector<int64_t>{in.B, 3, in.H, in.W, in.C};
+    d_planes = empty ? at::zeros(shape, opts) : at::empty(shape, opts);
+  } else {
+    d_planes = grad_placeholder(planes);
+  }
   at::Tensor d_xyz = need.xyz ? at::empty({in.B, in.N, 3}, opts) : grad_placeholder(xyz);  // all written
   at::Tensor d_w1 = need.w1 ? at::zeros_like(in.w1) : grad_placeholder(w1);
   at::Tensor d_b1 = need.b1 ? at::zeros_like(in.b1) : grad_placeholder(b1);
@@ -511,14 +664,19 @@ FieldGrads backward_cpu(const at::Tensor& grad_sigma, const at::Tensor& grad_fea
       }
       dispatch_dims(in, [&](auto d) {
         backward_impl<scalar_t>(d, in, gs.data_ptr<scalar_t>(), gf.data_ptr<scalar_t>(), fwd, need,
-                                ptr(d_planes, need.planes), ptr(d_xyz, need.xyz),
+                                ptr(d_planes, need.planes), api_direct, ptr(d_xyz, need.xyz),
                                 ptr(d_w1, need.w1), ptr(d_b1, need.b1), ptr(d_w2, need.w2),
                                 ptr(d_b2, need.b2));
       });
     });
   }
-  // Back to the API layout [B, 3, C, H, W] (a view; the buffer stays channels-last).
-  if (need.planes) d_planes = d_planes.permute({0, 1, 4, 2, 3});
+  if (need.planes && !api_direct) {
+    if (api_layout)  // several chunks: the channels-last sums transposed once
+      d_planes = transpose_inner_cpu(d_planes.view({in.B * 3, in.H * in.W, in.C}))
+                     .view({in.B, 3, in.C, in.H, in.W});
+    else  // channels-last memory viewed [B, 3, C, H, W]
+      d_planes = d_planes.permute({0, 1, 4, 2, 3});
+  }
   return {d_planes, d_xyz, d_w1, d_b1, d_w2, d_b2};
 }
 
@@ -531,11 +689,12 @@ std::tuple<at::Tensor, at::Tensor> triplane_field_fwd_cpu(const at::Tensor& plan
                                                           const at::Tensor& w2,
                                                           const at::Tensor& b2, double box_warp,
                                                           int64_t axes) {
-  auto [sigma, feat, saved] = forward_cpu(planes, xyz, w1, b1, w2, b2, box_warp, axes, false);
+  auto [sigma, feat, saved, planes_cl] =
+      forward_cpu(planes, xyz, w1, b1, w2, b2, box_warp, axes, false);
   return {sigma, feat};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> triplane_field_fwd_train_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triplane_field_fwd_train_cpu(
     const at::Tensor& planes, const at::Tensor& xyz, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, const at::Tensor& b2, double box_warp, int64_t axes) {
   return forward_cpu(planes, xyz, w1, b1, w2, b2, box_warp, axes, true);
@@ -547,7 +706,7 @@ FieldGrads triplane_field_bwd_cpu(const at::Tensor& grad_sigma, const at::Tensor
                                   const at::Tensor& b2, double box_warp, int64_t axes,
                                   std::array<bool, 6> needs) {
   return backward_cpu(grad_sigma, grad_feat, planes, xyz, w1, b1, w2, b2, at::Tensor(),
-                      at::Tensor(), box_warp, axes, needs);
+                      at::Tensor(), at::Tensor(), box_warp, axes, needs);
 }
 
 FieldGrads triplane_field_bwd_saved_cpu(const at::Tensor& grad_sigma, const at::Tensor& grad_feat,
@@ -555,9 +714,10 @@ FieldGrads triplane_field_bwd_saved_cpu(const at::Tensor& grad_sigma, const at::
                                         const at::Tensor& w1, const at::Tensor& b1,
                                         const at::Tensor& w2, const at::Tensor& b2,
                                         const at::Tensor& saved, const at::Tensor& feat,
-                                        double box_warp, int64_t axes, std::array<bool, 6> needs) {
-  return backward_cpu(grad_sigma, grad_feat, planes, xyz, w1, b1, w2, b2, saved, feat, box_warp,
-                      axes, needs);
+                                        const at::Tensor& planes_cl, double box_warp, int64_t axes,
+                                        std::array<bool, 6> needs) {
+  return backward_cpu(grad_sigma, grad_feat, planes, xyz, w1, b1, w2, b2, saved, feat, planes_cl,
+                      box_warp, axes, needs);
 }
 
 }  // namespace talk3d

@@ -133,7 +133,9 @@ def triplane_field(
 
     Memory: when an input needs a gradient, the ``"cpu"`` back end keeps ``[B, N, C + hidden]``
     activations for the backward (up to :data:`SAVE_LIMIT_BYTES`; past it, and on the GPU, the
-    backward recomputes them).
+    backward recomputes them), and with planes in the API layout their channels-last copy; its
+    plane gradient then comes back in the API layout too (channels-last planes get a channels-last
+    gradient).
 
     Example:
         >>> planes = torch.randn(1, 3, 32, 64, 64)
@@ -150,12 +152,16 @@ def triplane_field(
         return _reference(planes, xyz, w1, b1, w2, b2, box_warp=box_warp, axes=axes)
     if impl == "triton":
         return _TritonField.apply(planes, xyz, w1, b1, w2, b2, float(box_warp), AXES[axes])
-    args = (channels_last_planes(planes), xyz, w1, b1, w2, b2, float(box_warp), AXES[axes])
     if impl == "cpu" and _keeps_activations(planes, xyz, w1, b1, w2, b2):
         # The CPU training pair: the forward keeps each point's decoder input and pre-activations
-        # ([B, N, C + hidden]) so the backward does not sample and decode every point again.
-        sigma, feat, _saved = torch.ops.talk3d.triplane_field_fwd_train(*args)
+        # ([B, N, C + hidden]) so the backward does not sample and decode every point again. It
+        # takes the planes in any layout: API-layout planes it copies channels-last itself and keeps
+        # the copy for the backward, whose plane gradient comes back in the API layout (the bands
+        # of phase B transposed as they are written), with no layout pass over the gradient.
+        sigma, feat, _saved, _planes_cl = torch.ops.talk3d.triplane_field_fwd_train(
+            planes, xyz, w1, b1, w2, b2, float(box_warp), AXES[axes])
         return sigma, feat
+    args = (channels_last_planes(planes), xyz, w1, b1, w2, b2, float(box_warp), AXES[axes])
     return torch.ops.talk3d.triplane_field_fwd(*args)
 
 
@@ -202,14 +208,14 @@ def _backward(ctx, grad_sigma, grad_feat):
 
 def _setup_context_train(ctx, inputs, output):
     planes, xyz, w1, b1, w2, b2, box_warp, axes = inputs
-    _sigma, feat, saved = output
-    ctx.mark_non_differentiable(saved)
+    _sigma, feat, saved, planes_cl = output
+    ctx.mark_non_differentiable(saved, planes_cl)
     ctx.set_materialize_grads(False)  # no zero-filled [B, N, C + hidden] gradient for `saved`
-    ctx.save_for_backward(planes, xyz, w1, b1, w2, b2, saved, feat)
+    ctx.save_for_backward(planes, xyz, w1, b1, w2, b2, saved, feat, planes_cl)
     ctx.box_warp, ctx.axes = box_warp, axes
 
 
-def _backward_train(ctx, grad_sigma, grad_feat, _grad_saved):
+def _backward_train(ctx, grad_sigma, grad_feat, _grad_saved, _grad_planes_cl):
     grad_sigma, grad_feat = _output_grads(ctx, grad_sigma, grad_feat)
     needs = [bool(n) for n in ctx.needs_input_grad[:6]]
     grads = torch.ops.talk3d.triplane_field_bwd_saved(
@@ -225,11 +231,16 @@ def _fake_fwd(planes, xyz, w1, b1, w2, b2, box_warp, axes):
 
 def _fake_fwd_train(planes, xyz, w1, b1, w2, b2, box_warp, axes):
     B, N = xyz.shape[:2]
+    _, _, C, H, W = planes.shape
     sigma, feat = _fake_fwd(planes, xyz, w1, b1, w2, b2, box_warp, axes)
-    return sigma, feat, planes.new_empty(B, N, w1.shape[1] + w1.shape[0])
+    # The channels-last copy of contiguous (API-layout) planes; none for other layouts.
+    copied = planes.is_contiguous() and C > 1 and planes.numel() > 0
+    planes_cl = planes.new_empty(B, 3, H, W, C) if copied else planes.new_empty(0)
+    return sigma, feat, planes.new_empty(B, N, w1.shape[1] + w1.shape[0]), planes_cl
 
 
-def _fake_bwd_saved(grad_sigma, grad_feat, planes, xyz, w1, b1, w2, b2, saved, feat, box_warp, axes, needs):
+def _fake_bwd_saved(grad_sigma, grad_feat, planes, xyz, w1, b1, w2, b2, saved, feat, planes_cl, box_warp, axes,
+                    needs):
     return _fake_bwd(grad_sigma, grad_feat, planes, xyz, w1, b1, w2, b2, box_warp, axes, needs)
 
 
@@ -239,6 +250,8 @@ def _fake_bwd(grad_sigma, grad_feat, planes, xyz, w1, b1, w2, b2, box_warp, axes
     for t, need in zip((planes, xyz, w1, b1, w2, b2), needs):
         if not need:
             out.append(t.new_empty(0))
+        elif t is planes and planes.device.type == "cpu" and planes.stride(2) != 1 and C > 1:
+            out.append(planes.new_empty(B, 3, C, H, W))  # the CPU kernel: the planes' (API) layout
         elif t is planes:  # channels-last buffer viewed as [B, 3, C, H, W]
             out.append(planes.new_empty(B, 3, H, W, C).permute(0, 1, 4, 2, 3))
         else:
