@@ -31,6 +31,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -226,9 +227,12 @@ void add_column_sums(int rows, int M, const T* __restrict__ a, int lda, T* __res
 // unit by unit and task by task within a unit, and each task writes its share in order.
 class BandBuckets {
  public:
+  // max_points: the most points a chunk holds (0: no phase B, nothing allocated).
   BandBuckets(int64_t units, int64_t tasks, int64_t max_points)
-      : units_(units), tasks_(tasks), count_(size_t(tasks * units)), start_(size_t(units + 1)),
-        keys_(size_t(max_points * 6)), idx_(size_t(max_points * 6)) {}
+      : units_(units), tasks_(tasks), count_(max_points > 0 ? size_t(tasks * units) : 0),
+        start_(max_points > 0 ? size_t(units + 1) : 0),
+        keys_(new int32_t[size_t(max_points) * 6]),  // uninitialised: filled before any read
+        idx_(new int32_t[size_t(max_points) * 6]) {}
 
   // key_fn(i, plane, keys[2]) writes point i's units for `plane` (keys[1] = -1 when only one).
   template <typename KeyFn>
@@ -240,7 +244,7 @@ class BandBuckets {
         int64_t* cnt = count_.data() + task * units_;
         for (int64_t p = n * task / tasks_; p < n * (task + 1) / tasks_; ++p)
           for (int plane = 0; plane < 3; ++plane) {
-            int32_t* k = keys_.data() + (p * 3 + plane) * 2;
+            int32_t* k = keys_.get() + (p * 3 + plane) * 2;
             key_fn(c0 + p, plane, k);
             ++cnt[k[0]];
             if (k[1] >= 0) ++cnt[k[1]];
@@ -263,21 +267,21 @@ class BandBuckets {
         int64_t* cur = count_.data() + task * units_;
         for (int64_t p = n * task / tasks_; p < n * (task + 1) / tasks_; ++p)
           for (int plane = 0; plane < 3; ++plane) {
-            const int32_t* k = keys_.data() + (p * 3 + plane) * 2;
+            const int32_t* k = keys_.get() + (p * 3 + plane) * 2;
             idx_[cur[k[0]]++] = int32_t(p);
             if (k[1] >= 0) idx_[cur[k[1]]++] = int32_t(p);
           }
       }
     });
   }
-  const int32_t* begin(int64_t unit) const { return idx_.data() + start_[unit]; }
-  const int32_t* end(int64_t unit) const { return idx_.data() + start_[unit + 1]; }
+  const int32_t* begin(int64_t unit) const { return idx_.get() + start_[unit]; }
+  const int32_t* end(int64_t unit) const { return idx_.get() + start_[unit + 1]; }
 
  private:
   int64_t units_, tasks_;
   std::vector<int64_t> count_, start_;
-  std::vector<int32_t> keys_;
-  std::vector<int32_t> idx_;
+  std::unique_ptr<int32_t[]> keys_;  // [max_points * 3 * 2]: each point's units, per plane
+  std::unique_ptr<int32_t[]> idx_;   // [max_points * 6]: the lists, unit after unit
 };
 
 // Phase A's per-task buffers: one tile's decoder intermediates, row t for point t of the tile.
@@ -334,7 +338,7 @@ void backward_impl(const Dims d, const FieldInputs& in, const scalar_t* gsigma,
   // listed in the units its taps' rows fall in (bucket lists, in point order).
   const int64_t bands = (g.H + kBandRows - 1) / kBandRows;
   const int64_t units = in.B * 3 * bands;
-  BandBuckets buckets(units, tasks, std::min(P, chunk));
+  BandBuckets buckets(units, tasks, want_df ? std::min(P, chunk) : 0);
 
   for (int64_t c0 = 0; c0 < P; c0 += chunk) {
     const int64_t c1 = std::min(P, c0 + chunk);
