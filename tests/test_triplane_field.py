@@ -577,6 +577,11 @@ def test_compiled_op_checks_its_own_inputs():
         torch.ops.talk3d.triplane_field_fwd(planes, xyz, w1, b1, w2, b2, 1.0, 7)
     with pytest.raises(TypeError, match="xyz"):
         torch.ops.talk3d.triplane_field_fwd(planes, xyz.double(), w1, b1, w2, b2, 1.0, 0)
+    # The CPU forwards copy API-layout planes channels-last: only after checking them.
+    four = torch.randn(1, 4, *planes.shape[2:])
+    for op in (torch.ops.talk3d.triplane_field_fwd, torch.ops.talk3d.triplane_field_fwd_train):
+        with pytest.raises(ValueError, match="3 planes"):
+            op(four, xyz, w1, b1, w2, b2, 1.0, 0)
 
 
 def test_auto_picks_a_compiled_backend_on_cpu():

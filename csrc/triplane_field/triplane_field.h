@@ -20,8 +20,13 @@ struct FieldInputs {
   int axes;
 };
 
-// Validates the inputs (shapes, dtypes, devices; raising ValueError/TypeError naming the argument)
-// and returns them in kernel layout. Shared by every back end so they all accept the same inputs.
+// Validates the inputs (shapes, dtypes, devices; raising ValueError/TypeError naming the argument).
+void check_field_inputs(const at::Tensor& planes, const at::Tensor& xyz, const at::Tensor& w1,
+                        const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                        double box_warp, int64_t axes);
+
+// Validates the inputs (check_field_inputs) and returns them in kernel layout. Shared by every back
+// end so they all accept the same inputs.
 FieldInputs prepare_field_inputs(const at::Tensor& planes, const at::Tensor& xyz,
                                  const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                                  const at::Tensor& b2, double box_warp, int64_t axes);

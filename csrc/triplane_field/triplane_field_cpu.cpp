@@ -14,13 +14,14 @@
 //      scatter. Instead of atomics (a locked CAS per channel per tap costs more than the whole
 //      forward) or a private copy of d_planes per task (zeroing, faulting in and summing tens of MB
 //      per call), each unit owns a band of rows and adds the taps of the chunk's points that fall
-//      in it, listed beforehand by a counting sort of the points by their tap rows (BandBuckets), in
-//      point order, so every gradient element sums its points in the same order whatever the
-//      thread count. The sums go to a band buffer that stays in L2 ([8, W, C]: 256 KB at the EG3D
-//      size), which is then written out once: as it is into channels-last d_planes, or transposed into the API layout
-//      [B, 3, C, H, W] when the planes came in that layout (no separate layout pass over the
-//      gradient; API-layout field forward + backward at the CPU size 22-26 -> 20-21 ms, 2-core Zen
-//      5 VM). The same pass reads the plane's taps for the point's share of the coordinate
+//      in it, listed beforehand by a counting sort of the points by their tap rows (BandBuckets),
+//      in point order, so the plane and coordinate gradients come out the same bits whatever the
+//      thread count (the weight gradients do not: phase A's per-task partial sums depend on it).
+//      The sums go to a band buffer that stays in L2 ([8, W, C]: 256 KB at the EG3D size), then
+//      are written out once: as they are into channels-last d_planes, or transposed into the API
+//      layout [B, 3, C, H, W] when the planes came in that layout (no separate layout pass over
+//      the gradient; API-layout field forward + backward at the CPU size 22-26 -> 20-21 ms, 2-core
+//      Zen 5 VM). The same pass reads the plane's taps for the point's share of the coordinate
 //      gradient (in the band holding its first tap row), with the taps and df it already has: done
 //      in phase A, the gather and the taps were a second time, 4.7 of the 17.5-ms backward at the
 //      CPU size. A last loop adds the planes' shares.
@@ -56,16 +57,21 @@ using GenericDims = BoundedDims<kCpuMaxC, kCpuMaxHid, kCpuMaxOut>;
 // Backward: points per tile of phase A (their decoder intermediates, ~1 KB a point at the EG3D
 // size, stay in L1/L2 for the weight-gradient sums) ...
 constexpr int kTile = 64;
-// ... and points per chunk: the chunk's buffers (df [kChunk, C], the bucket lists; 48 MB at C = 32)
-// bound the backward's memory. Every chunk after the first adds its bands into d_planes, a pass
-// over all of it, so chunks are large: a CPU training step's field call is one chunk.
-constexpr int64_t kChunk = int64_t(1) << 18;
-// The environment variable TALK3D_CPU_FIELD_CHUNK, when set to a positive number, replaces kChunk
-// (the tests cover several chunks on few points with it); read at each backward call.
-int64_t chunk_points() {
+// ... and points per chunk: the chunk's buffers (df [chunk, C], the coordinate shares, the bucket
+// lists) bound the backward's memory. Every chunk after the first adds its bands into d_planes, a
+// pass over all of it, so chunks are large: as many points as kChunkBytes of df holds (2^18 at
+// the EG3D size in float: ~50 MB of buffers; a CPU training step's field call is one chunk), at
+// least 2^14, at most 2^18.
+constexpr int64_t kChunkBytes = int64_t(32) << 20;
+constexpr int64_t kMinChunk = int64_t(1) << 14, kMaxChunk = int64_t(1) << 18;
+// The environment variable TALK3D_CPU_FIELD_CHUNK, when set to a positive number (at most 2^30: the
+// bucket lists index points with int32), replaces that size (the tests cover several chunks on
+// few points with it); read once per backward call.
+int64_t chunk_points(int64_t C, int64_t elem_size) {
   const char* env = std::getenv("TALK3D_CPU_FIELD_CHUNK");
   const long long v = env != nullptr ? std::atoll(env) : 0;
-  return v > 0 ? int64_t(v) : kChunk;
+  if (v > 0) return std::min<int64_t>(v, int64_t(1) << 30);
+  return std::clamp(kChunkBytes / (std::max<int64_t>(C, 1) * elem_size), kMinChunk, kMaxChunk);
 }
 // Rows of a band of phase B: a band of d_planes ([8, 256, 32] floats, 256 KB) and the rows of the
 // plane its taps read stay in L2 while the band's points are added.
@@ -220,11 +226,11 @@ void add_column_sums(int rows, int M, const T* __restrict__ a, int lda, T* __res
 }
 
 // Phase B's bucket lists: for each work unit, the chunk's points (offsets from the chunk's first)
-// whose taps fall in it, in point order (so every gradient element sums its points in the same
-// order whatever the thread count). A point is listed under at most two units per plane: the band
-// of its first tap row and, when its second row starts the next band, that one too. Built by a
-// counting sort, parallel over the points: each task counts its share, the offsets are laid out
-// unit by unit and task by task within a unit, and each task writes its share in order.
+// that may have taps in it, in point order (so every gradient element sums its points in the same
+// order whatever the thread count). A point is listed under at most two units per plane (the
+// caller's key function names them; the band pass decides what each does). Built by a counting
+// sort, parallel over the points: each task counts its share, the offsets are laid out unit by
+// unit and task by task within a unit, and each task writes its share in order.
 class BandBuckets {
  public:
   // max_points: the most points a chunk holds (0: no phase B, nothing allocated).
@@ -302,8 +308,8 @@ struct SavedForward {
 template <typename scalar_t, typename Dims>
 void backward_impl(const Dims d, const FieldInputs& in, const scalar_t* gsigma,
                    const scalar_t* gfeat, const SavedForward<scalar_t> fwd, const Needs need,
-                   scalar_t* d_planes, bool d_planes_api, scalar_t* d_xyz, scalar_t* d_w1,
-                   scalar_t* d_b1, scalar_t* d_w2, scalar_t* d_b2) {
+                   int64_t chunk, scalar_t* d_planes, bool d_planes_api, scalar_t* d_xyz,
+                   scalar_t* d_w1, scalar_t* d_b1, scalar_t* d_w2, scalar_t* d_b2) {
   const DecoderWeights<scalar_t> w(in);
   const scalar_t* planes = in.planes_cl.data_ptr<scalar_t>();
   const scalar_t* xyz = in.xyz.data_ptr<scalar_t>();
@@ -319,7 +325,6 @@ void backward_impl(const Dims d, const FieldInputs& in, const scalar_t* gsigma,
   const int C = d.c(), HID = d.hid(), OUT = d.out();
   const int64_t nw1 = int64_t(HID) * C, nw2 = int64_t(OUT) * HID;
   const bool want_df = need.planes || need.xyz;
-  const int64_t chunk = chunk_points();
   TORCH_CHECK(!d_planes_api || P <= chunk, "triplane_field (cpu): API-layout bands need one chunk");
 
   // Weight gradient sums per task of phase A: [w1 | b1 | w2 | b2]. Allocated through ATen so the
@@ -437,16 +442,19 @@ void backward_impl(const Dims d, const FieldInputs& in, const scalar_t* gsigma,
       field::scale_point(xyz + 3 * i, inv_half_box, q);
       int iu, iv;
       field::plane_axes(in.axes, plane, iu, iv);
-      // The rows make_taps will take: y0 = floor(iy) and y0 + 1; the owner row (the coordinate
-      // share's) is y0 clamped into the plane, so a point whose taps all miss it still gets its
-      // zero share written, once.
+      // The rows the band pass will take from make_taps: y0 = floor(iy) and y0 + 1, and the
+      // owner row (the coordinate share's) y0 clamped into the plane, so that a point whose taps
+      // all miss the plane still gets its zero share written, once. The band pass decides all of
+      // them from its own make_taps; this pass lists the point under the bands of rows y0 - 1 to
+      // y0 + 2 (clamped; one band or two), so that a y0 one off from the band pass's (iy a hair
+      // from a whole number, rounded otherwise: one contraction into an FMA here and not there)
+      // still finds the point listed wherever its rows are.
       const int y0 = int(t3d_floor(field::pixel_coord(q[iv], g.H)));
-      const int y_own = std::min(std::max(y0, 0), g.H - 1);
+      const int lo = std::min(std::max(y0 - 1, 0), g.H - 1) / kBandRows;
+      const int hi = std::min(std::max(y0 + 2, 0), g.H - 1) / kBandRows;
       const int32_t base = int32_t(((i / N) * 3 + plane) * bands);
-      keys[0] = base + y_own / kBandRows;
-      keys[1] = (y0 + 1 >= 0 && y0 + 1 < g.H && (y0 + 1) / kBandRows != y_own / kBandRows)
-                    ? base + (y0 + 1) / kBandRows
-                    : -1;
+      keys[0] = base + lo;
+      keys[1] = hi != lo ? base + hi : -1;
     });
     std::atomic<int64_t> next_unit{0};
     at::parallel_for(0, tasks, 1, [&](int64_t tbegin, int64_t tend) {
@@ -565,8 +573,7 @@ namespace {
 // tensor for planes already channels-last in memory (read as they are) or of other strides
 // (prepare_field_inputs copies those).
 at::Tensor channels_last_copy(const at::Tensor& planes) {
-  if (planes.dim() != 5 || !planes.is_contiguous() || planes.size(2) <= 1 || planes.numel() == 0)
-    return at::Tensor();
+  if (!planes.is_contiguous() || planes.stride(2) == 1 || planes.numel() == 0) return at::Tensor();
   const int64_t B = planes.size(0), C = planes.size(2), H = planes.size(3), W = planes.size(4);
   return transpose_inner_cpu(planes.view({B * 3, C, H * W})).view({B, 3, H, W, C});
 }
@@ -576,6 +583,7 @@ at::Tensor channels_last_copy(const at::Tensor& planes) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& planes, const at::Tensor& xyz, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, const at::Tensor& b2, double box_warp, int64_t axes, bool save) {
+  check_field_inputs(planes, xyz, w1, b1, w2, b2, box_warp, axes);  // before copying anything
   at::Tensor planes_cl = channels_last_copy(planes);
   const FieldInputs in = prepare_field_inputs(
       planes_cl.defined() ? planes_cl.permute({0, 1, 4, 2, 3}) : planes, xyz, w1, b1, w2, b2,
@@ -643,8 +651,11 @@ FieldGrads backward_cpu(const at::Tensor& grad_sigma, const at::Tensor& grad_fea
   // transposed once per chunk). Phase B writes every element (a separate zeroing pass over
   // d_planes cost ~2 ms at the CPU size).
   const bool empty = in.B * in.N == 0;
-  const bool api_layout = planes.stride(2) != 1 && in.C > 1;
-  const bool api_direct = api_layout && in.B * in.N <= chunk_points();
+  // With the forward's copy, `planes` may be any stand-in of their shape (autograd keeps only the
+  // copy); the copy says the planes were contiguous in the API layout.
+  const bool api_layout = have_cl || (planes.stride(2) != 1 && in.C > 1);
+  const int64_t chunk = chunk_points(in.C, planes.element_size());
+  const bool api_direct = api_layout && in.B * in.N <= chunk;
   at::Tensor d_planes;
   if (need.planes) {
     const auto shape = api_direct ? std::vector<int64_t>{in.B, 3, in.C, in.H, in.W}
@@ -668,7 +679,7 @@ FieldGrads backward_cpu(const at::Tensor& grad_sigma, const at::Tensor& grad_fea
       }
       dispatch_dims(in, [&](auto d) {
         backward_impl<scalar_t>(d, in, gs.data_ptr<scalar_t>(), gf.data_ptr<scalar_t>(), fwd, need,
-                                ptr(d_planes, need.planes), api_direct, ptr(d_xyz, need.xyz),
+                                chunk, ptr(d_planes, need.planes), api_direct, ptr(d_xyz, need.xyz),
                                 ptr(d_w1, need.w1), ptr(d_b1, need.b1), ptr(d_w2, need.w2),
                                 ptr(d_b2, need.b2));
       });

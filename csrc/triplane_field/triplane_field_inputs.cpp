@@ -18,9 +18,9 @@ void check_rank(const at::Tensor& t, const char* name, int64_t rank, const char*
 
 }  // namespace
 
-FieldInputs prepare_field_inputs(const at::Tensor& planes, const at::Tensor& xyz,
-                                 const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-                                 const at::Tensor& b2, double box_warp, int64_t axes) {
+void check_field_inputs(const at::Tensor& planes, const at::Tensor& xyz, const at::Tensor& w1,
+                        const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                        double box_warp, int64_t axes) {
   check_rank(planes, "planes", 5, "[B, 3, C, H, W]");
   check_rank(xyz, "xyz", 3, "[B, N, 3]");
   check_rank(w1, "w1", 2, "[hidden, C]");
@@ -62,7 +62,12 @@ FieldInputs prepare_field_inputs(const at::Tensor& planes, const at::Tensor& xyz
                    " for ", dt, " planes, got ", xyz.scalar_type());
   TORCH_CHECK_VALUE(xyz.device() == planes.device(), "triplane_field: xyz is on ", xyz.device(),
                     " but planes are on ", planes.device());
+}
 
+FieldInputs prepare_field_inputs(const at::Tensor& planes, const at::Tensor& xyz,
+                                 const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                                 const at::Tensor& b2, double box_warp, int64_t axes) {
+  check_field_inputs(planes, xyz, w1, b1, w2, b2, box_warp, axes);
   FieldInputs in;
   in.B = planes.size(0);
   in.C = planes.size(2);

@@ -211,15 +211,21 @@ def _setup_context_train(ctx, inputs, output):
     _sigma, feat, saved, planes_cl = output
     ctx.mark_non_differentiable(saved, planes_cl)
     ctx.set_materialize_grads(False)  # no zero-filled [B, N, C + hidden] gradient for `saved`
-    ctx.save_for_backward(planes, xyz, w1, b1, w2, b2, saved, feat, planes_cl)
+    # With a channels-last copy the backward reads only the copy: the API-layout planes are not kept
+    # (an intermediate such as P_ID + deltaplane would otherwise be held twice until the backward).
+    ctx.copied = planes_cl.numel() > 0
+    ctx.save_for_backward(planes_cl if ctx.copied else planes, xyz, w1, b1, w2, b2, saved, feat, planes_cl)
     ctx.box_warp, ctx.axes = box_warp, axes
 
 
 def _backward_train(ctx, grad_sigma, grad_feat, _grad_saved, _grad_planes_cl):
     grad_sigma, grad_feat = _output_grads(ctx, grad_sigma, grad_feat)
     needs = [bool(n) for n in ctx.needs_input_grad[:6]]
+    planes, *rest = ctx.saved_tensors
+    if ctx.copied:  # the copy [B, 3, H, W, C] stands in for the planes' shape
+        planes = planes.permute(0, 1, 4, 2, 3)
     grads = torch.ops.talk3d.triplane_field_bwd_saved(
-        grad_sigma, grad_feat, *ctx.saved_tensors, ctx.box_warp, ctx.axes, needs
+        grad_sigma, grad_feat, planes, *rest, ctx.box_warp, ctx.axes, needs
     )
     return tuple(g if n else None for g, n in zip(grads, needs)) + (None, None)
 
@@ -234,14 +240,17 @@ def _fake_fwd_train(planes, xyz, w1, b1, w2, b2, box_warp, axes):
     _, _, C, H, W = planes.shape
     sigma, feat = _fake_fwd(planes, xyz, w1, b1, w2, b2, box_warp, axes)
     # The channels-last copy of contiguous (API-layout) planes; none for other layouts.
-    copied = planes.is_contiguous() and C > 1 and planes.numel() > 0
+    copied = planes.is_contiguous() and planes.stride(2) != 1 and planes.numel() > 0
     planes_cl = planes.new_empty(B, 3, H, W, C) if copied else planes.new_empty(0)
     return sigma, feat, planes.new_empty(B, N, w1.shape[1] + w1.shape[0]), planes_cl
 
 
 def _fake_bwd_saved(grad_sigma, grad_feat, planes, xyz, w1, b1, w2, b2, saved, feat, planes_cl, box_warp, axes,
                     needs):
-    return _fake_bwd(grad_sigma, grad_feat, planes, xyz, w1, b1, w2, b2, box_warp, axes, needs)
+    grads = _fake_bwd(grad_sigma, grad_feat, planes, xyz, w1, b1, w2, b2, box_warp, axes, needs)
+    if needs[0] and planes_cl.numel() > 0:  # the forward copied API-layout planes: an API-layout gradient
+        grads = (planes.new_empty(planes.shape), *grads[1:])
+    return grads
 
 
 def _fake_bwd(grad_sigma, grad_feat, planes, xyz, w1, b1, w2, b2, box_warp, axes, needs):
