@@ -20,16 +20,16 @@ struct FieldInputs {
   int axes;
 };
 
-// Validates the inputs (shapes, dtypes, devices; raising ValueError/TypeError naming the argument).
-void check_field_inputs(const at::Tensor& planes, const at::Tensor& xyz, const at::Tensor& w1,
-                        const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
-                        double box_warp, int64_t axes);
-
-// Validates the inputs (check_field_inputs) and returns them in kernel layout. Shared by every back
-// end so they all accept the same inputs.
+// Validates the inputs (shapes, dtypes, devices; raising ValueError/TypeError naming the argument)
+// and returns them in kernel layout, planes copied channels-last when planes_copied(planes). Shared
+// by every back end so they all accept the same inputs.
 FieldInputs prepare_field_inputs(const at::Tensor& planes, const at::Tensor& xyz,
                                  const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                                  const at::Tensor& b2, double box_warp, int64_t axes);
+
+// Whether prepare_field_inputs copies these [B, 3, C, H, W] planes to make them channels-last (their
+// channels are not contiguous in memory: the API layout, or other strides), rather than viewing them.
+bool planes_copied(const at::Tensor& planes);
 
 // Geometry of planes_cl (element strides of one batch element) for the per-point math.
 field::PlaneGeom plane_geom(const at::Tensor& planes_cl);

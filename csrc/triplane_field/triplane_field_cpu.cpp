@@ -240,7 +240,7 @@ class BandBuckets {
         keys_(new int32_t[size_t(max_points) * 6]),  // uninitialised: filled before any read
         idx_(new int32_t[size_t(max_points) * 6]) {}
 
-  // key_fn(i, plane, keys[2]) writes point i's units for `plane` (keys[1] = -1 when only one).
+  // key_fn(i, keys[6]) writes point i's units, two per plane (the second -1 when only one).
   template <typename KeyFn>
   void fill(int64_t c0, int64_t c1, const KeyFn& key_fn) {
     const int64_t n = c1 - c0;
@@ -248,13 +248,12 @@ class BandBuckets {
     at::parallel_for(0, tasks_, 1, [&](int64_t tb, int64_t te) {
       for (int64_t task = tb; task < te; ++task) {
         int64_t* cnt = count_.data() + task * units_;
-        for (int64_t p = n * task / tasks_; p < n * (task + 1) / tasks_; ++p)
-          for (int plane = 0; plane < 3; ++plane) {
-            int32_t* k = keys_.get() + (p * 3 + plane) * 2;
-            key_fn(c0 + p, plane, k);
-            ++cnt[k[0]];
-            if (k[1] >= 0) ++cnt[k[1]];
-          }
+        for (int64_t p = n * task / tasks_; p < n * (task + 1) / tasks_; ++p) {
+          int32_t* k = keys_.get() + p * 6;
+          key_fn(c0 + p, k);
+          for (int e = 0; e < 6; ++e)
+            if (k[e] >= 0) ++cnt[k[e]];
+        }
       }
     });
     // Offsets: unit-major, task-minor; count_ becomes each (task, unit)'s write cursor.
@@ -271,12 +270,11 @@ class BandBuckets {
     at::parallel_for(0, tasks_, 1, [&](int64_t tb, int64_t te) {
       for (int64_t task = tb; task < te; ++task) {
         int64_t* cur = count_.data() + task * units_;
-        for (int64_t p = n * task / tasks_; p < n * (task + 1) / tasks_; ++p)
-          for (int plane = 0; plane < 3; ++plane) {
-            const int32_t* k = keys_.get() + (p * 3 + plane) * 2;
-            idx_[cur[k[0]]++] = int32_t(p);
-            if (k[1] >= 0) idx_[cur[k[1]]++] = int32_t(p);
-          }
+        for (int64_t p = n * task / tasks_; p < n * (task + 1) / tasks_; ++p) {
+          const int32_t* k = keys_.get() + p * 6;
+          for (int e = 0; e < 6; ++e)
+            if (k[e] >= 0) idx_[cur[k[e]]++] = int32_t(p);
+        }
       }
     });
   }
@@ -286,7 +284,7 @@ class BandBuckets {
  private:
   int64_t units_, tasks_;
   std::vector<int64_t> count_, start_;
-  std::unique_ptr<int32_t[]> keys_;  // [max_points * 3 * 2]: each point's units, per plane
+  std::unique_ptr<int32_t[]> keys_;  // [max_points * 6]: each point's units, two per plane
   std::unique_ptr<int32_t[]> idx_;   // [max_points * 6]: the lists, unit after unit
 };
 
@@ -437,24 +435,26 @@ void backward_impl(const Dims d, const FieldInputs& in, const scalar_t* gsigma,
     if (!want_df) continue;
     // ---- phase B: per (batch element, plane, band of rows), scatter df / 3 onto the band's taps
     // and take the plane's coordinate-gradient share of the points whose first tap row is in it
-    buckets.fill(c0, c1, [&](int64_t i, int plane, int32_t* keys) {
+    buckets.fill(c0, c1, [&](int64_t i, int32_t* keys) {
       scalar_t q[3];
       field::scale_point(xyz + 3 * i, inv_half_box, q);
-      int iu, iv;
-      field::plane_axes(in.axes, plane, iu, iv);
-      // The rows the band pass will take from make_taps: y0 = floor(iy) and y0 + 1, and the
-      // owner row (the coordinate share's) y0 clamped into the plane, so that a point whose taps
-      // all miss the plane still gets its zero share written, once. The band pass decides all of
-      // them from its own make_taps; this pass lists the point under the bands of rows y0 - 1 to
-      // y0 + 2 (clamped; one band or two), so that a y0 one off from the band pass's (iy a hair
-      // from a whole number, rounded otherwise: one contraction into an FMA here and not there)
-      // still finds the point listed wherever its rows are.
-      const int y0 = int(t3d_floor(field::pixel_coord(q[iv], g.H)));
-      const int lo = std::min(std::max(y0 - 1, 0), g.H - 1) / kBandRows;
-      const int hi = std::min(std::max(y0 + 2, 0), g.H - 1) / kBandRows;
-      const int32_t base = int32_t(((i / N) * 3 + plane) * bands);
-      keys[0] = base + lo;
-      keys[1] = hi != lo ? base + hi : -1;
+      for (int plane = 0; plane < 3; ++plane) {
+        int iu, iv;
+        field::plane_axes(in.axes, plane, iu, iv);
+        // The rows the band pass will take from make_taps: y0 = floor(iy) and y0 + 1, and the
+        // owner row (the coordinate share's) y0 clamped into the plane, so that a point whose taps
+        // all miss the plane still gets its zero share written, once. The band pass decides all of
+        // them from its own make_taps; this pass lists the point under the bands of rows y0 - 1 to
+        // y0 + 2 (clamped; one band or two), so that a y0 one off from the band pass's (iy a hair
+        // from a whole number, rounded otherwise: one contraction into an FMA here and not there)
+        // still finds the point listed wherever its rows are.
+        const int y0 = int(t3d_floor(field::pixel_coord(q[iv], g.H)));
+        const int lo = std::min(std::max(y0 - 1, 0), g.H - 1) / kBandRows;
+        const int hi = std::min(std::max(y0 + 2, 0), g.H - 1) / kBandRows;
+        const int32_t base = int32_t(((i / N) * 3 + plane) * bands);
+        keys[2 * plane] = base + lo;
+        keys[2 * plane + 1] = hi != lo ? base + hi : -1;
+      }
     });
     std::atomic<int64_t> next_unit{0};
     at::parallel_for(0, tasks, 1, [&](int64_t tbegin, int64_t tend) {
@@ -568,31 +568,19 @@ void check_cpu(const FieldInputs& in) {
 
 namespace {
 
-// Planes [B, 3, C, H, W] that are contiguous (the API layout) -> their channels-last copy
-// [B, 3, H, W, C], by the tiled transpose (~2x faster than torch's strided copy); an undefined
-// tensor for planes already channels-last in memory (read as they are) or of other strides
-// (prepare_field_inputs copies those).
-at::Tensor channels_last_copy(const at::Tensor& planes) {
-  if (!planes.is_contiguous() || planes.stride(2) == 1 || planes.numel() == 0) return at::Tensor();
-  const int64_t B = planes.size(0), C = planes.size(2), H = planes.size(3), W = planes.size(4);
-  return transpose_inner_cpu(planes.view({B * 3, C, H * W})).view({B, 3, H, W, C});
-}
-
 // The forward, keeping the activations the backward reads when `save`; with them planes_cl, the
-// channels-last copy it made of API-layout planes (an empty tensor when it made none).
+// channels-last copy it made of planes whose channels are not contiguous (an empty tensor when it
+// made none).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& planes, const at::Tensor& xyz, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, const at::Tensor& b2, double box_warp, int64_t axes, bool save) {
-  check_field_inputs(planes, xyz, w1, b1, w2, b2, box_warp, axes);  // before copying anything
-  at::Tensor planes_cl = channels_last_copy(planes);
-  const FieldInputs in = prepare_field_inputs(
-      planes_cl.defined() ? planes_cl.permute({0, 1, 4, 2, 3}) : planes, xyz, w1, b1, w2, b2,
-      box_warp, axes);
+  const FieldInputs in = prepare_field_inputs(planes, xyz, w1, b1, w2, b2, box_warp, axes);
   check_cpu(in);
+  // The copy prepare_field_inputs made, [B, 3, H, W, C] contiguous, for the backward to read.
+  const at::Tensor planes_cl = planes_copied(planes) ? in.planes_cl : at::empty({0}, planes.options());
   at::Tensor sigma = at::empty({in.B, in.N, 1}, planes.options());
   at::Tensor feat = at::empty({in.B, in.N, in.OUT - 1}, planes.options());
   at::Tensor saved = at::empty({in.B, in.N, save ? in.C + in.HID : 0}, planes.options());
-  if (!planes_cl.defined()) planes_cl = at::empty({0}, planes.options());
   if (in.B * in.N == 0) return {sigma, feat, saved, planes_cl};
   AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "triplane_field_fwd_cpu", [&] {
     dispatch_dims(in, [&](auto d) {
@@ -652,8 +640,8 @@ FieldGrads backward_cpu(const at::Tensor& grad_sigma, const at::Tensor& grad_fea
   // d_planes cost ~2 ms at the CPU size).
   const bool empty = in.B * in.N == 0;
   // With the forward's copy, `planes` may be any stand-in of their shape (autograd keeps only the
-  // copy); the copy says the planes were contiguous in the API layout.
-  const bool api_layout = have_cl || (planes.stride(2) != 1 && in.C > 1);
+  // copy); the copy says the planes' channels were not contiguous.
+  const bool api_layout = have_cl || planes_copied(planes);
   const int64_t chunk = chunk_points(in.C, planes.element_size());
   const bool api_direct = api_layout && in.B * in.N <= chunk;
   at::Tensor d_planes;

@@ -1,6 +1,7 @@
 // Input validation and layout shared by the CPU and CUDA back ends of the triplane field op.
 #include <c10/util/Exception.h>
 
+#include "layout/layout.h"
 #include "triplane_field.h"
 
 namespace talk3d {
@@ -17,6 +18,8 @@ void check_rank(const at::Tensor& t, const char* name, int64_t rank, const char*
 }
 
 }  // namespace
+
+namespace {
 
 void check_field_inputs(const at::Tensor& planes, const at::Tensor& xyz, const at::Tensor& w1,
                         const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
@@ -64,6 +67,8 @@ void check_field_inputs(const at::Tensor& planes, const at::Tensor& xyz, const a
                     " but planes are on ", planes.device());
 }
 
+}  // namespace
+
 FieldInputs prepare_field_inputs(const at::Tensor& planes, const at::Tensor& xyz,
                                  const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                                  const at::Tensor& b2, double box_warp, int64_t axes) {
@@ -78,15 +83,25 @@ FieldInputs prepare_field_inputs(const at::Tensor& planes, const at::Tensor& xyz
   in.OUT = w2.size(0);
   in.box_warp = box_warp;
   in.axes = static_cast<int>(axes);
-  // Channels-last view: free when the caller keeps planes so, one copy otherwise.
+  // Channels-last view: free when the caller keeps planes so, one copy otherwise (contiguous CPU
+  // planes by the tiled transpose, ~2x faster than the strided copy; see layout_cpu.cpp).
   in.planes_cl = planes.permute({0, 1, 3, 4, 2});
-  if (in.planes_cl.stride(4) != 1 && in.C > 1) in.planes_cl = in.planes_cl.contiguous();
+  if (planes_copied(planes)) {
+    in.planes_cl = planes.device().is_cpu() && planes.is_contiguous()
+                       ? transpose_inner_cpu(planes.view({in.B * 3, in.C, in.H * in.W}))
+                             .view({in.B, 3, in.H, in.W, in.C})
+                       : in.planes_cl.contiguous();
+  }
   in.xyz = xyz.contiguous();
   in.w1 = w1.contiguous();
   in.b1 = b1.contiguous();
   in.w2 = w2.contiguous();
   in.b2 = b2.contiguous();
   return in;
+}
+
+bool planes_copied(const at::Tensor& planes) {
+  return planes.stride(2) != 1 && planes.size(2) > 1 && planes.numel() > 0;
 }
 
 field::PlaneGeom plane_geom(const at::Tensor& planes_cl) {

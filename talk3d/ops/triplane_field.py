@@ -214,7 +214,7 @@ def _setup_context_train(ctx, inputs, output):
     # With a channels-last copy the backward reads only the copy: the API-layout planes are not kept
     # (an intermediate such as P_ID + deltaplane would otherwise be held twice until the backward).
     ctx.copied = planes_cl.numel() > 0
-    ctx.save_for_backward(planes_cl if ctx.copied else planes, xyz, w1, b1, w2, b2, saved, feat, planes_cl)
+    ctx.save_for_backward(planes_cl if ctx.copied else planes, xyz, w1, b1, w2, b2, saved, feat)
     ctx.box_warp, ctx.axes = box_warp, axes
 
 
@@ -222,10 +222,11 @@ def _backward_train(ctx, grad_sigma, grad_feat, _grad_saved, _grad_planes_cl):
     grad_sigma, grad_feat = _output_grads(ctx, grad_sigma, grad_feat)
     needs = [bool(n) for n in ctx.needs_input_grad[:6]]
     planes, *rest = ctx.saved_tensors
+    planes_cl = planes if ctx.copied else planes.new_empty(0)
     if ctx.copied:  # the copy [B, 3, H, W, C] stands in for the planes' shape
         planes = planes.permute(0, 1, 4, 2, 3)
     grads = torch.ops.talk3d.triplane_field_bwd_saved(
-        grad_sigma, grad_feat, planes, *rest, ctx.box_warp, ctx.axes, needs
+        grad_sigma, grad_feat, planes, *rest, planes_cl, ctx.box_warp, ctx.axes, needs
     )
     return tuple(g if n else None for g, n in zip(grads, needs)) + (None, None)
 
@@ -239,8 +240,8 @@ def _fake_fwd_train(planes, xyz, w1, b1, w2, b2, box_warp, axes):
     B, N = xyz.shape[:2]
     _, _, C, H, W = planes.shape
     sigma, feat = _fake_fwd(planes, xyz, w1, b1, w2, b2, box_warp, axes)
-    # The channels-last copy of contiguous (API-layout) planes; none for other layouts.
-    copied = planes.is_contiguous() and planes.stride(2) != 1 and planes.numel() > 0
+    # The channels-last copy of planes whose channels are not contiguous (as the C++ planes_copied).
+    copied = planes.stride(2) != 1 and C > 1 and planes.numel() > 0
     planes_cl = planes.new_empty(B, 3, H, W, C) if copied else planes.new_empty(0)
     return sigma, feat, planes.new_empty(B, N, w1.shape[1] + w1.shape[0]), planes_cl
 
@@ -248,7 +249,7 @@ def _fake_fwd_train(planes, xyz, w1, b1, w2, b2, box_warp, axes):
 def _fake_bwd_saved(grad_sigma, grad_feat, planes, xyz, w1, b1, w2, b2, saved, feat, planes_cl, box_warp, axes,
                     needs):
     grads = _fake_bwd(grad_sigma, grad_feat, planes, xyz, w1, b1, w2, b2, box_warp, axes, needs)
-    if needs[0] and planes_cl.numel() > 0:  # the forward copied API-layout planes: an API-layout gradient
+    if needs[0] and planes_cl.numel() > 0:  # the forward copied the planes: an API-layout gradient
         grads = (planes.new_empty(planes.shape), *grads[1:])
     return grads
 
@@ -259,8 +260,8 @@ def _fake_bwd(grad_sigma, grad_feat, planes, xyz, w1, b1, w2, b2, box_warp, axes
     for t, need in zip((planes, xyz, w1, b1, w2, b2), needs):
         if not need:
             out.append(t.new_empty(0))
-        elif t is planes and planes.device.type == "cpu" and planes.stride(2) != 1 and C > 1:
-            out.append(planes.new_empty(B, 3, C, H, W))  # the CPU kernel: the planes' (API) layout
+        elif t is planes and planes.device.type == "cpu" and planes.stride(2) != 1 and C > 1 and planes.numel() > 0:
+            out.append(planes.new_empty(B, 3, C, H, W))  # the CPU kernel copied them: an API-layout gradient
         elif t is planes:  # channels-last buffer viewed as [B, 3, C, H, W]
             out.append(planes.new_empty(B, 3, H, W, C).permute(0, 1, 4, 2, 3))
         else:
