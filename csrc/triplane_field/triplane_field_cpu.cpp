@@ -117,13 +117,14 @@ struct PointState {
   acc_t o[Dims::kMaxOut];
 };
 
-// s.f -> s.pre, s.h, s.o.
+// f [C] -> s.pre, s.h, s.o.
 template <typename Dims, typename scalar_t>
-void decode(const Dims& d, const DecoderWeights<scalar_t>& w, PointState<Dims, scalar_t>& s) {
+void decode(const Dims& d, const DecoderWeights<scalar_t>& w, const scalar_t* f,
+            PointState<Dims, scalar_t>& s) {
   if constexpr (kVectorDecoder<Dims, scalar_t>)
-    cpu_decoder::mlp_forward(w.w1t.data(), w.b1, w.w2, w.w2t.data(), w.b2, s.f, s.pre, s.h, s.o);
+    cpu_decoder::mlp_forward(w.w1t.data(), w.b1, w.w2, w.w2t.data(), w.b2, f, s.pre, s.h, s.o);
   else
-    field::mlp_forward<Dims, scalar_t>(d, w.w1t.data(), w.b1, w.w2t.data(), w.b2, s.f, s.pre, s.h,
+    field::mlp_forward<Dims, scalar_t>(d, w.w1t.data(), w.b1, w.w2t.data(), w.b2, f, s.pre, s.h,
                                        s.o);
 }
 
@@ -133,7 +134,7 @@ void eval_point(const Dims& d, const DecoderWeights<scalar_t>& w, const scalar_t
                 PointState<Dims, scalar_t>& s) {
   field::scale_point(xyz, inv_half_box, s.q);
   field::sample_mean(d, planes, g, axes, s.q, s.f);
-  decode(d, w, s);
+  decode(d, w, s.f, s);
 }
 
 // saved: [B * N, C + HID] (f, then pre per point) or nullptr.
@@ -160,13 +161,13 @@ void forward_impl(const Dims d, const FieldInputs& in, scalar_t* sigma, scalar_t
           field::sample_mean(d, planes + (k / N) * s_batch, g, in.axes, q, fs[k - i]);
         }
       }
-      for (int c = 0; c < d.c(); ++c) s.f[c] = fs[slot][c];
-      decode(d, w, s);
+      const scalar_t* f = fs[slot];
+      decode(d, w, f, s);
       sigma[i] = s.o[0];
       for (int64_t k = 0; k < F; ++k) feat[i * F + k] = field::feature_activation(s.o[1 + k]);
       if (saved != nullptr) {
         scalar_t* row = saved + i * (d.c() + d.hid());
-        for (int c = 0; c < d.c(); ++c) row[c] = s.f[c];
+        for (int c = 0; c < d.c(); ++c) row[c] = f[c];
         for (int j = 0; j < d.hid(); ++j) row[d.c() + j] = s.pre[j];
       }
     }
