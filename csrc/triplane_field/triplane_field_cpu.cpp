@@ -60,8 +60,8 @@ constexpr int kTile = 64;
 // ... and points per chunk: the chunk's buffers (df [chunk, C], the coordinate shares, the bucket
 // lists) bound the backward's memory. Every chunk after the first adds its bands into d_planes, a
 // pass over all of it, so chunks are large: as many points as kChunkBytes of df holds (2^18 at
-// the EG3D size in float: ~50 MB of buffers; a CPU training step's field call is one chunk), at
-// least 2^14, at most 2^18.
+// the EG3D size in float, a CPU training step's field call in one chunk; by arithmetic, df 32 MB,
+// the coordinate shares 6 MB and the bucket lists 12 MB), at least 2^14, at most 2^18.
 constexpr int64_t kChunkBytes = int64_t(32) << 20;
 constexpr int64_t kMinChunk = int64_t(1) << 14, kMaxChunk = int64_t(1) << 18;
 // The environment variable TALK3D_CPU_FIELD_CHUNK, when set to a positive number (at most 2^30: the
