@@ -78,7 +78,9 @@ inline vfl vexp(vfl x) {
   vfl n;
   const vfl p = host_math::exp_mantissa(x, n);
   const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
-  return p * reinterpret_cast<const vfl&>(bits);
+  // 2^n: the bits read as floats. A cast between vector types of one size reinterprets them (GCC
+  // and Clang); a reference cast, as before, broke the aliasing rules (GCC warned).
+  return p * (vfl)bits;
 }
 
 // t3d_softplus and field::softplus_grad (sigmoid; 1 above torch's threshold 20) on a vector, with
