@@ -395,6 +395,9 @@ OCCUPANCY_CASES.update({
     "random_res7_odd_bit_count": dict(grid="random", res=7),
     "full_res1_inside": dict(grid="full", res=1),
     "random_grid_stride_loop": dict(grid="random", B=1, R=2300, S=8, sms=1),
+    # Axis-parallel rays lying on cell faces (and edges): they touch the cells on both sides.
+    "random_face_rays_f64": dict(grid="random", dtype="f64", faces=True, p=0.1),
+    "random_face_rays_f32": dict(grid="random", faces=True, p=0.1),
 })
 
 
@@ -409,8 +412,10 @@ def _grid_bits(kind: str, res: int, p: float) -> torch.Tensor:
     return torch.from_numpy(np.packbits(occ, bitorder="little").copy())  # bit i of byte i // 8, LSB first
 
 
-def _march_rays(B, R, S, box, dtype):
-    """Rays from inside and outside the cube, some axis-parallel, some pointing away."""
+def _march_rays(B, R, S, box, dtype, faces_res=None):
+    """Rays from inside and outside the cube, some axis-parallel, some pointing away; with
+    ``faces_res``, half the axis-parallel rays moved onto the nearest cell face of that grid along
+    each axis they are parallel to (within the cube: on a face plane, or an edge for two axes)."""
     M = B * R
     inside = (torch.rand(M, 3, dtype=torch.float64) - 0.5) * 0.8 * box
     far = torch.nn.functional.normalize(torch.randn(M, 3, dtype=torch.float64), dim=-1) * 1.5 * box
@@ -425,6 +430,10 @@ def _march_rays(B, R, S, box, dtype):
         for a in axes:
             dirs[pick, a] = 0.0
     dirs = torch.nn.functional.normalize(dirs, dim=-1)
+    if faces_res is not None:
+        cell = box / faces_res
+        snap = (dirs == 0) & (torch.rand(M, 1) < 0.5) & (origins.abs() < box / 2)
+        origins = torch.where(snap, torch.round((origins + box / 2) / cell) * cell - box / 2, origins)
     near = torch.rand(M, 1, dtype=torch.float64) * 0.5
     t = near + torch.rand(M, S, dtype=torch.float64).sort(dim=-1).values * 3.0 * box
     t[:, :1], t[:, -1:] = near, near + 3.0 * box
@@ -436,7 +445,7 @@ def test_occupancy_kernel_in_emulation(emulator, tmp_path, name):
     c = dict(dtype="f32", B=2, R=300, S=16, res=16, box=1.0, outside=False, p=0.3, sms=2)
     c.update(OCCUPANCY_CASES[name])
     dtype = torch.float32 if c["dtype"] == "f32" else torch.float64
-    origins, dirs, t = _march_rays(c["B"], c["R"], c["S"], c["box"], dtype)
+    origins, dirs, t = _march_rays(c["B"], c["R"], c["S"], c["box"], dtype, c["res"] if c.get("faces") else None)
     bits = _grid_bits(c["grid"], c["res"], c["p"])
     for fn, x in (("origins", origins), ("dirs", dirs), ("t", t)):
         (tmp_path / f"{fn}.bin").write_bytes(_raw(x))
@@ -457,6 +466,13 @@ def test_occupancy_kernel_in_emulation(emulator, tmp_path, name):
         assert (got[..., 0] == 0).all() and (got[..., 1] == c["S"] - 2).all()
     if c["grid"] == "random" and not c["outside"]:
         assert ((got[..., 0] >= 0).float().mean() > 0.3), "too few rays hit the grid: the case tests little"
+    if c.get("faces"):  # cell faces at multiples of box / 16, exact in binary: the reference's closed boxes
+        on_face = ((dirs == 0) & (((origins.double() + c["box"] / 2) * c["res"] / c["box"]).frac() == 0)).any(-1)
+        assert on_face.sum() >= 10, "too few rays on cell faces: the case tests little"
+        ref = reference.occupied_intervals(origins, dirs, t, bits, c["res"], c["box"], c["outside"])
+        bad = (got != ref).any(-1)
+        assert not bad.any(), f"{int(bad.sum())} rays differ from the reference, e.g. got {got[bad][:3].tolist()} " \
+                              f"want {ref[bad][:3].tolist()}"
 
 
 # --- binomial_filter2d --------------------------------------------------------------------------

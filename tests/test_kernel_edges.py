@@ -171,3 +171,44 @@ def test_rays_starting_on_a_cell_face(impl, dtype):
     # Up: occupied over depths [0, 0.25], intervals 0 .. 2. Down: nothing.
     assert got.tolist() == [[[0, 2], [-1, -1]]]
 
+
+@pytest.mark.parametrize("impl", OCC_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("res", [4, 8])
+def test_rays_along_internal_cell_faces_touch_both_cells(impl, dtype, res):
+    """A ray down -z lying in the plane between two columns of cells (x = a cell boundary, or x and
+    y both: along an edge, between four) runs through every one of them: the cells are closed boxes,
+    as the reference intersects them. The kernels' walk used to look at the cell on the + side only
+    and missed an occupied cell on the - side (found by the kernel mutation audit). Each case
+    occupies one of the touching cells, at z cell 1; the answer is computed by hand."""
+    box = 1.0  # cell boundaries at multiples of 1/4 or 1/8, exact in binary: x = 0 is one of them
+    half, cell, m = box / 2, box / res, res // 2  # x = 0 lies between cells m - 1 and m
+    z_lo = 1 * cell - half  # the occupied cells' z slab [z_lo, z_lo + cell]
+    cases = []  # (ray origin (x, y), occupied cell (x, y))
+    for cx in (m - 1, m):  # on the face x = 0, y inside cell m
+        cases.append(((0.0, 0.5 * cell), (cx, m)))
+    for cx in (m - 1, m):  # on the edge x = y = 0
+        for cy in (m - 1, m):
+            cases.append(((0.0, 0.0), (cx, cy)))
+    for cy in (m - 1, m):  # on the face y = 0, x inside cell m
+        cases.append(((0.5 * cell, 0.0), (m, cy)))
+    o_z, t = 2.73, torch.linspace(2.0, 3.4, 15, dtype=torch.float64)  # depth step 0.1
+    # The ray is at z = o_z - depth: it is in the occupied slab for depths [o_z - z_lo - cell, o_z - z_lo].
+    first, last = o_z - z_lo - cell, o_z - z_lo
+    ks = [i for i in range(14) if t[i + 1] >= first and t[i] <= last]
+    want = [ks[0], ks[-1]]
+    device = device_of(impl) if impl != "torch" else "cpu"
+    for (x, y), (cx, cy) in cases:
+        occ = torch.zeros(res, res, res, dtype=torch.bool)  # [z, y, x]
+        occ[1, cy, cx] = True
+        o = torch.tensor([[[x, y, o_z]]], dtype=torch.float64)
+        d = torch.tensor([[[0.0, 0.0, -1.0]]], dtype=torch.float64)
+        got = occupied_intervals(*(v.to(device, dtype) for v in (o, d, t.view(1, 1, -1))), pack_bits(occ).to(device),
+                                 res, box, False, impl=impl).cpu()
+        assert got.view(-1).tolist() == want, f"ray at (x, y) = ({x}, {y}), occupied cell {(cx, cy)}"
+        # A cell not touching the ray stays empty: one column further on each side.
+        far = torch.zeros_like(occ)
+        far[1, cy, cx + (1 if cx >= m else -1)] = True
+        got = occupied_intervals(*(v.to(device, dtype) for v in (o, d, t.view(1, 1, -1))), pack_bits(far).to(device),
+                                 res, box, False, impl=impl).cpu()
+        assert got.view(-1).tolist() == [-1, -1], f"ray at (x, y) = ({x}, {y}), occupied cell away from it"

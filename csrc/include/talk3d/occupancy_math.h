@@ -20,6 +20,19 @@ T3D_HD bool cell_bit(const uint8_t* bits, int res, int x, int y, int z) {
   return (bits[idx >> 3] >> (idx & 7)) & 1;
 }
 
+// Whether a cell the ray touches at walk position idx is occupied: on each axis, the cells
+// idx + lo .. idx + hi. Both are 0 on the axes the ray crosses; on an axis it runs parallel to
+// (d = 0) they take in the neighbour whose closed slab also holds the ray, when the ray lies on the
+// face between the two (the cells are closed boxes: such a ray runs through both).
+T3D_HD bool touched_occupied(const uint8_t* bits, int res, const int idx[3], const int lo[3],
+                             const int hi[3]) {
+  for (int z = idx[2] + lo[2]; z <= idx[2] + hi[2]; ++z)
+    for (int y = idx[1] + lo[1]; y <= idx[1] + hi[1]; ++y)
+      for (int x = idx[0] + lo[0]; x <= idx[0] + hi[0]; ++x)
+        if (cell_bit(bits, res, x, y, z)) return true;
+  return false;
+}
+
 template <typename acc_t>
 struct Span {
   acc_t first, last;
@@ -79,7 +92,7 @@ T3D_HD Span<acc_t> occupied_span(const acc_t* o, const acc_t* d, acc_t t_lo, acc
   const acc_t t_end = t_hi < tb1 ? t_hi : tb1;
   if (!hits || !(t < t_end)) return span;
   const acc_t cell = box / acc_t(res);
-  int idx[3], step[3];
+  int idx[3], step[3], lo[3] = {0, 0, 0}, hi[3] = {0, 0, 0};
   acc_t t_next[3], t_delta[3];
   // The cell holding the segment's midpoint-side start: evaluate a hair inside to stay off faces.
   const acc_t t_probe = t + (t_end - t) * acc_t(1e-6);
@@ -100,6 +113,11 @@ T3D_HD Span<acc_t> occupied_span(const acc_t* o, const acc_t* d, acc_t t_lo, acc
       step[a] = 0;
       t_next[a] = INFINITY;
       t_delta[a] = INFINITY;
+      // Parallel to this axis: the ray may lie on a face plane between two cells (o exactly on a
+      // cell boundary), and then touches the neighbour too. The slabs as the reference bounds them.
+      const acc_t below = (i - 1) * cell - half, above = (i + 1) * cell - half;
+      if (i > 0 && o[a] >= below && o[a] <= below + cell) lo[a] = -1;
+      if (i + 1 < res && o[a] >= above && o[a] <= above + cell) hi[a] = 1;
     }
   }
   // Each step leaves one cell through one face: at most 3 * res steps inside the cube.
@@ -107,7 +125,7 @@ T3D_HD Span<acc_t> occupied_span(const acc_t* o, const acc_t* d, acc_t t_lo, acc
     const int a = t_next[0] <= t_next[1] ? (t_next[0] <= t_next[2] ? 0 : 2)
                                          : (t_next[1] <= t_next[2] ? 1 : 2);
     const acc_t t_exit = t_next[a] < t_end ? t_next[a] : t_end;
-    if (cell_bit(bits, res, idx[0], idx[1], idx[2])) span.add(t, t_exit);
+    if (touched_occupied(bits, res, idx, lo, hi)) span.add(t, t_exit);
     t = t_exit;
     idx[a] += step[a];
     if (idx[a] < 0 || idx[a] >= res) break;
