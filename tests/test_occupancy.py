@@ -19,11 +19,23 @@ FP32_MAX_MISMATCHED_RAYS = 2
 FP64_MAX_MISMATCHED_RAYS = 0
 
 
+# Rays of rays() that miss the cube, at the end of each batch element (when R leaves room for them).
+MISSES = 20
+
+
 def rays(B, R, S, dtype, device, spread=0.8):
-    """Rays from a sphere of radius 2.7 towards points in the cube, with EG3D-like coarse depths."""
+    """Rays from a sphere of radius 2.7 towards points in the cube, with EG3D-like coarse depths; the
+    last MISSES of each batch element miss the cube (10 point away from it, 10 pass beside it)."""
     o = torch.randn(B, R, 3, dtype=torch.float64)
     o = o / o.norm(dim=-1, keepdim=True) * 2.7
-    d = (torch.rand(B, R, 3, dtype=torch.float64) - 0.5) * spread - o
+    target = (torch.rand(B, R, 3, dtype=torch.float64) - 0.5) * spread
+    if R >= MISSES + 3:
+        target[:, -10:] = o[:, -10:] * 2  # behind the origin: the ray points away
+        # Beside: towards a point 1.5 from the centre, perpendicular to o; the line then passes
+        # 2.7 * 1.5 / sqrt(2.7^2 + 1.5^2) = 1.31 from the centre, outside the cube's sphere (1.04).
+        side = o[:, -20:-10].cross(torch.randn(B, 10, 3, dtype=torch.float64), dim=-1)
+        target[:, -20:-10] = side / side.norm(dim=-1, keepdim=True) * 1.5
+    d = target - o
     d = d / d.norm(dim=-1, keepdim=True)
     d[0, :3] = torch.tensor([[0.0, 0.0, -1.0], [0.0, -1.0, 0.0], [-1.0, 0.0, 0.0]], dtype=torch.float64)
     o[0, :3] = -2.7 * d[0, :3] + torch.tensor([0.01, 0.02, 0.03], dtype=torch.float64)  # axis-parallel rays
@@ -47,8 +59,12 @@ def test_matches_reference(impl, dtype, fill, outside):
     mismatched = (got.cpu() != ref).any(-1).sum().item()
     limit = FP32_MAX_MISMATCHED_RAYS if dtype == torch.float32 else FP64_MAX_MISMATCHED_RAYS
     assert mismatched <= limit, f"{mismatched} rays differ"
+    misses = ref[:, -MISSES:]  # rays that do not reach the cube: all outside, or none of it occupied
+    assert bool((misses == (torch.tensor([0, 22]) if outside else -1)).all())
     if fill == 1.0 and outside:
         assert bool((ref[..., 0] == 0).all() and (ref[..., 1] == 22).all())
+    if fill == 1.0 and not outside:
+        assert bool((ref[:, :-MISSES, 0] >= 0).all())  # every other ray crosses the full grid
     if fill == 0.0 and not outside:
         assert bool((ref == -1).all())
 
