@@ -120,12 +120,16 @@ T3D_HD Span<acc_t> occupied_span(const acc_t* o, const acc_t* d, acc_t t_lo, acc
       if (i + 1 < res && o[a] >= above && o[a] <= above + cell) hi[a] = 1;
     }
   }
+  // Almost every ray touches one cell at a time: the neighbours' loop only for those on a face.
+  const bool on_face = (lo[0] | lo[1] | lo[2] | hi[0] | hi[1] | hi[2]) != 0;
   // Each step leaves one cell through one face: at most 3 * res steps inside the cube.
   for (int it = 0; it < 3 * res + 3 && t < t_end; ++it) {
     const int a = t_next[0] <= t_next[1] ? (t_next[0] <= t_next[2] ? 0 : 2)
                                          : (t_next[1] <= t_next[2] ? 1 : 2);
     const acc_t t_exit = t_next[a] < t_end ? t_next[a] : t_end;
-    if (touched_occupied(bits, res, idx, lo, hi)) span.add(t, t_exit);
+    const bool occupied = on_face ? touched_occupied(bits, res, idx, lo, hi)
+                                  : cell_bit(bits, res, idx[0], idx[1], idx[2]);
+    if (occupied) span.add(t, t_exit);
     t = t_exit;
     idx[a] += step[a];
     if (idx[a] < 0 || idx[a] >= res) break;
