@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from emu_build import cuda_include
+
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = json.loads((ROOT / "csrc" / "sources.json").read_text())
 CU_FILES = sorted((ROOT / "kernels").rglob("*.cu"))
@@ -107,15 +109,7 @@ def test_repository_kernels_folder_shadows_no_top_level_package(tmp_path):
     assert Path(triton_file).resolve() == ROOT / "kernels" / "triplane_field" / "triplane_field_triton.py"
 
 
-def _cuda_include_dir() -> Path | None:
-    candidates = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda", *sorted(map(str, Path("/usr/local").glob("cuda-*")))]
-    for c in candidates:
-        if c and (Path(c) / "include" / "cuda_runtime_api.h").exists():
-            return Path(c) / "include"
-    return None
-
-
-@pytest.mark.skipif(_cuda_include_dir() is None, reason="no CUDA headers on this machine")
+@pytest.mark.skipif(cuda_include() is None, reason="no CUDA headers on this machine")
 def test_cuda_host_adapter_compiles(tmp_path):
     """Syntax-check the torch-facing CUDA code (csrc/*_cuda.cpp) against the installed torch's headers.
 
@@ -131,7 +125,7 @@ def test_cuda_host_adapter_compiles(tmp_path):
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{ROOT / d}" for d in MANIFEST["include_dirs"]]
     import sysconfig
 
-    includes += [f"-I{sysconfig.get_paths()['include']}", f"-I{_cuda_include_dir()}", f"-I{tmp_path}"]
+    includes += [f"-I{sysconfig.get_paths()['include']}", f"-I{cuda_include()}", f"-I{tmp_path}"]
     std = [f for f in MANIFEST["cxx_flags"] if f.startswith("-std=")]
     for src in MANIFEST["cuda_sources"]:
         if not src.endswith(".cpp"):

@@ -8,7 +8,6 @@ cannot check is GPU-only behaviour (memory model, warp scheduling, speed): that 
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,19 +15,13 @@ import numpy as np
 import pytest
 import torch
 
+from emu_build import CXX, SANITIZE, sanitizers_link
+from emu_build import cuda_include as _cuda_include
 from field_cases import accumulation_probe
 from talk3d.ops.reference import triplane_field as reference
 
 ROOT = Path(__file__).resolve().parents[1]
 CU = ROOT / "kernels" / "triplane_field" / "triplane_field.cu"
-CXX = shutil.which("g++")
-
-
-def _cuda_include() -> Path | None:
-    for c in ["/usr/local/cuda", *sorted(map(str, Path("/usr/local").glob("cuda-*")))]:
-        if (Path(c) / "include" / "cuda_runtime.h").exists():
-            return Path(c) / "include"
-    return None
 
 
 pytestmark = pytest.mark.skipif(CXX is None or _cuda_include() is None, reason="needs g++ and the CUDA headers")
@@ -52,11 +45,12 @@ def emulator(tmp_path_factory) -> Path:
     assert n > 0 and "<<<" not in rewritten, "could not rewrite the kernel launches for the emulator"
     (build / "triplane_field_emu.cu").write_text(rewritten)
     exe = build / "emu"
-    # -fsanitize=alignment: a misaligned vector load (16-byte float4/uint4 of the kVec tap paths),
-    # which faults on a GPU, stops the emulator too instead of reading the right values anyway.
-    cmd = [CXX, "-std=c++20", "-O1", "-pthread", "-fsanitize=alignment", "-fno-sanitize-recover=alignment",
-           f"-I{_cuda_include()}", f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'kernels'}", f"-I{CU.parent}",
-           f"-I{build}", str(ROOT / "tests" / "cuda_emu" / "emu_main.cpp"), "-o", str(exe)]
+    # Under the sanitizers (tests/emu_build.py): an out-of-bounds access, or a misaligned 16-byte
+    # load of the vector tap paths (a fault on a GPU), stops the emulator too.
+    sanitize = SANITIZE if sanitizers_link(build) else []
+    cmd = [CXX, "-std=c++20", "-O1", "-pthread", *sanitize, f"-I{_cuda_include()}", f"-I{ROOT / 'csrc' / 'include'}",
+           f"-I{ROOT / 'kernels'}", f"-I{CU.parent}", f"-I{build}", str(ROOT / "tests" / "cuda_emu" / "emu_main.cpp"),
+           "-o", str(exe)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return exe

@@ -23,6 +23,8 @@ import pytest
 import torch
 
 from composite_cases import CompositeCase, make_dense, make_packed
+from emu_build import CXX, SANITIZE, sanitizers_link
+from emu_build import cuda_include as _cuda_include
 from talk3d import extension
 from talk3d.ops import reference
 from talk3d.ops.reference.composite import composite as reference_composite
@@ -33,15 +35,7 @@ KERNELS = {"composite": ROOT / "kernels" / "composite" / "composite.cu",
            "occupancy": ROOT / "kernels" / "occupancy" / "occupancy.cu",
            "fir": ROOT / "kernels" / "binomial_filter" / "binomial_filter.cu",
            "bias_act": ROOT / "kernels" / "bias_act" / "bias_act.cu"}
-CXX = shutil.which("g++")
 NVCC = shutil.which("nvcc")
-
-
-def _cuda_include() -> Path | None:
-    for c in ["/usr/local/cuda", *sorted(map(str, Path("/usr/local").glob("cuda-*")))]:
-        if (Path(c) / "include" / "cuda_runtime.h").exists():
-            return Path(c) / "include"
-    return None
 
 
 pytestmark = [
@@ -74,22 +68,10 @@ REF_OUTPUT_RTOL = {"f32": 2e-5, "f64": 1e-11, "f16": 2e-3, "bf16": 1.6e-2}
 REF_GRAD_RTOL = {"f32": 1e-4, "f64": 1e-10, "f16": 6e-3, "bf16": 4e-2}
 
 
-# The emulator's buffers are sized exactly, so AddressSanitizer turns any read or write past a
-# tensor's end (a wrong stride, a ray range off by one) into a failed run.
-SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-
-
-def _sanitizers_link(build: Path) -> bool:
-    """Whether this g++ has the sanitizer runtimes (some minimal images lack libasan)."""
-    (build / "probe.cpp").write_text("int main() { return 0; }\n")
-    proc = subprocess.run([CXX, *SANITIZE, str(build / "probe.cpp"), "-o", str(build / "probe")], capture_output=True)
-    return proc.returncode == 0
-
-
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory) -> Path:
     build = tmp_path_factory.mktemp("cuda_emu_render")
-    sanitize = SANITIZE if _sanitizers_link(build) else []
+    sanitize = SANITIZE if sanitizers_link(build) else []
     launch = re.compile(r"(\w+)<<<\s*(\w+)\s*,\s*(\w+)\s*,\s*(\w+)\s*,\s*\w+\s*>>>\(([^;]*)\);")
     for name, cu in KERNELS.items():
         rewritten, n = launch.subn(r"emu_launch(\1, \2, \3, \4, \5);", cu.read_text())

@@ -105,7 +105,7 @@ void emu_launch(K kernel, int blocks, int T, size_t bytes, const A&... args) {
   for (int b = 0; b < blocks; ++b) {
     // poison shared memory: the kernel must not read what it did not write
     std::vector<unsigned char> poison(bytes, 0xFF);  // 0xFF.. is a NaN for float and double
-    memcpy(talk3d::cuda::t3d_field_smem, poison.data(), bytes);
+    if (bytes > 0) memcpy(talk3d::cuda::t3d_field_smem, poison.data(), bytes);
     std::barrier<> bar(T);
     g_bar = &bar;
     g_warp_bars.clear();
