@@ -195,7 +195,7 @@ def test_rays_along_internal_cell_faces_touch_both_cells(impl, dtype, res):
     o_z, t = 2.73, torch.linspace(2.0, 3.4, 15, dtype=torch.float64)  # depth step 0.1
     # The ray is at z = o_z - depth: it is in the occupied slab for depths [o_z - z_lo - cell, o_z - z_lo].
     first, last = o_z - z_lo - cell, o_z - z_lo
-    ks = [i for i in range(14) if t[i + 1] >= first and t[i] <= last]
+    ks = [i for i in range(len(t) - 1) if t[i + 1] >= first and t[i] <= last]
     want = [ks[0], ks[-1]]
     device = device_of(impl) if impl != "torch" else "cpu"
     for (x, y), (cx, cy) in cases:

@@ -236,13 +236,17 @@ def _fake_fwd(planes, xyz, w1, b1, w2, b2, box_warp, axes):
     return planes.new_empty(B, N, 1), planes.new_empty(B, N, w2.shape[0] - 1)
 
 
+def _planes_copied(planes) -> bool:
+    """Whether the compiled back ends copy these planes channels-last (their channels are not
+    contiguous in memory): csrc's planes_copied, for the fake implementations."""
+    return planes.stride(2) != 1 and planes.shape[2] > 1 and planes.numel() > 0
+
+
 def _fake_fwd_train(planes, xyz, w1, b1, w2, b2, box_warp, axes):
     B, N = xyz.shape[:2]
     _, _, C, H, W = planes.shape
     sigma, feat = _fake_fwd(planes, xyz, w1, b1, w2, b2, box_warp, axes)
-    # The channels-last copy of planes whose channels are not contiguous (as the C++ planes_copied).
-    copied = planes.stride(2) != 1 and C > 1 and planes.numel() > 0
-    planes_cl = planes.new_empty(B, 3, H, W, C) if copied else planes.new_empty(0)
+    planes_cl = planes.new_empty(B, 3, H, W, C) if _planes_copied(planes) else planes.new_empty(0)
     return sigma, feat, planes.new_empty(B, N, w1.shape[1] + w1.shape[0]), planes_cl
 
 
@@ -260,7 +264,7 @@ def _fake_bwd(grad_sigma, grad_feat, planes, xyz, w1, b1, w2, b2, box_warp, axes
     for t, need in zip((planes, xyz, w1, b1, w2, b2), needs):
         if not need:
             out.append(t.new_empty(0))
-        elif t is planes and planes.device.type == "cpu" and planes.stride(2) != 1 and C > 1 and planes.numel() > 0:
+        elif t is planes and planes.device.type == "cpu" and _planes_copied(planes):
             out.append(planes.new_empty(B, 3, C, H, W))  # the CPU kernel copied them: an API-layout gradient
         elif t is planes:  # channels-last buffer viewed as [B, 3, C, H, W]
             out.append(planes.new_empty(B, 3, H, W, C).permute(0, 1, 4, 2, 3))
