@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from talk3d.data import make_synthetic_dataset
-from talk3d.evaluate import (MouthMaskOracle, frechet_distance, identity_similarity, landmark_distance,
-                             mouth_opening_score, pearson, psnr, ssim)
+from talk3d.evaluate import (IBUG_MOUTH, MouthMaskOracle, frechet_distance, identity_similarity,
+                             inner_lip_opening, landmark_distance, mouth_opening_score, pearson, psnr, ssim)
 from talk3d.evaluate.__main__ import main
 from talk3d.train import Trainer
 
@@ -151,6 +151,42 @@ def test_identity_frechet_and_pearson():
     shifted = f + torch.tensor([2.0, 0.0, 0.0])  # mean shift only
     assert frechet_distance(f, shifted) == pytest.approx(4.0, rel=FID_SHIFT_RTOL)
     assert pearson([1, 2, 3], [2, 4, 6.5]) > 0.99 and pearson([1, 1, 1], [1, 2, 3]) is None
+
+
+def _mouth_points(gap: float, width: float = 20.0, x: float = 10.0, y: float = 20.0) -> torch.Tensor:
+    """20 mouth points in iBUG 48-67 order: corners (48, 54) ``width`` apart on the line y, the inner
+    lips' upper points 61-63 at y - gap / 2 and the lower 65-67 at y + gap / 2; the rest anywhere."""
+    p = torch.zeros(20, 2)
+    p[:, 0] = torch.linspace(x, x + width, 20)
+    p[:, 1] = y
+    p[0], p[6] = torch.tensor([x, y]), torch.tensor([x + width, y])
+    for upper, lower, dx in ((13, 19, 0.35), (14, 18, 0.5), (15, 17, 0.65)):  # 61-67, 62-66, 63-65
+        p[upper] = torch.tensor([x + dx * width, y - gap / 2])
+        p[lower] = torch.tensor([x + dx * width, y + gap / 2])
+    return p
+
+
+def test_inner_lip_opening_on_hand_placed_points():
+    """The inner-lip gap over the mouth's width: 4 px over 20 px is 0.2, at any face size; closed
+    lips 0; a mouth not found (NaN) or without width gives NaN; other shapes are refused."""
+    pts = torch.stack([_mouth_points(4.0), _mouth_points(12.0, width=60.0, x=50.0), _mouth_points(0.0),
+                       torch.full((20, 2), math.nan), _mouth_points(4.0, width=0.0)])
+    got = inner_lip_opening(pts)
+    assert got.dtype == torch.float64 and got[:3].tolist() == pytest.approx([0.2, 0.2, 0.0])
+    assert torch.isnan(got[3:]).all()
+    # The gap pairs 61-67, 62-66, 63-65 (offsets 13-19, 14-18, 15-17): one pair 3x wider moves the mean.
+    uneven = _mouth_points(4.0)
+    uneven[14, 1] -= 4.0  # 62 up by 4: that pair's gap 8
+    assert inner_lip_opening(uneven[None]).item() == pytest.approx((4 + 8 + 4) / 3 / 20)
+    with pytest.raises(ValueError, match=r"\[B, 20, 2\]"):
+        inner_lip_opening(torch.zeros(2, 5, 2))
+
+
+def test_pearson_leaves_out_frames_without_a_value():
+    """A frame whose mouth was not found (NaN) drops out of the correlation, not the whole result."""
+    nan = math.nan
+    assert pearson([1, 2, nan, 3], [2, 4, 5, 6.5]) == pytest.approx(pearson([1, 2, 3], [2, 4, 6.5]))
+    assert pearson([1, nan, 3], [2, 4, nan]) is None and pearson([nan, nan], [1, 2]) is None
 
 
 def test_frechet_distance_with_covariances_that_do_not_commute():
@@ -441,6 +477,65 @@ def test_real_data_scores_lmd_with_dlib(runs, tmp_path, monkeypatch):
     assert lmd["available"] is False and "no mouth found in the target frames (dlib 68-point" in lmd["reason"]
     for p in r["protocols"]["novel_view"]["poses"].values():
         assert p["ground_truth"].startswith("none") and p["metrics"]["psnr"]["available"] is False
+
+
+def test_real_data_reads_the_mouth_opening_from_the_inner_lips(runs, tmp_path, monkeypatch):
+    """On a real face the mouth-vs-audio plot measures the inner-lip gap of the landmarks LMD found
+    (same frames, same detector), not the synthetic head's dark-pixel fraction; a frame whose mouth
+    was not found is null in metrics.json and left out of the correlations. A stand-in detector in
+    iBUG order records what it returns: the gap follows each image's mean value; the first rendered
+    frame has no mouth."""
+    import numpy as np
+
+    import talk3d.evaluate.protocol as P
+
+    returned = []
+
+    class Lips:
+        name, num_landmarks, points = "stand-in lips", 20, IBUG_MOUTH
+
+        def __call__(self, images, mask=None):
+            out = torch.stack([_mouth_points(float(10 * (img.mean() + 1))) for img in images]).double()
+            if not returned:
+                out[0] = math.nan
+            returned.append(out)
+            return out
+
+    synthetic_manifest = P.load_manifest
+    monkeypatch.setattr(P, "load_manifest", lambda data: dict(synthetic_manifest(data), source="clip.mp4"))
+    r = P.evaluate_run(runs / "run_trained", tmp_path / "eval", impl="torch", max_frames=4, progress=False,
+                       plugins=P.Plugins(landmark_detector=Lips()))
+    sync = r["protocols"]["audio_driven"]["mouth_sync"]
+    assert sync["measure"].startswith("inner-lip gap") and "stand-in lips" in sync["measure"]
+    # The audio-driven pass calls the detector on each batch's renders, then on its targets (the
+    # novel views' calls come after: [:n] keeps the audio-driven frames).
+    n = len(r["frame_indices"])
+    renders = torch.cat([returned[i] for i in range(0, len(returned), 2)])[:n]
+    targets = torch.cat([returned[i] for i in range(1, len(returned), 2)])[:n]
+    want_r, want_t = inner_lip_opening(renders).numpy(), inner_lip_opening(targets).numpy()
+    assert sync["rendered"][0] is None and np.isnan(want_r[0])
+    np.testing.assert_allclose(sync["rendered"][1:], want_r[1:])
+    np.testing.assert_allclose(sync["target"], want_t)
+    energy = np.array(sync["audio_energy"])
+    assert sync["correlations"]["target_vs_audio_energy"] == pytest.approx(pearson(want_t, energy))
+    assert sync["correlations"]["rendered_vs_audio_energy"] == pytest.approx(pearson(want_r[1:], energy[1:]))
+    assert sync["correlations"]["rendered_vs_target_opening"] == pytest.approx(pearson(want_r[1:], want_t[1:]))
+    json.loads((tmp_path / "eval" / "metrics.json").read_text())  # strict JSON: no NaN written
+    assert "Mouth opening (inner-lip gap" in (tmp_path / "eval" / "metrics.md").read_text()
+    assert (tmp_path / "eval" / "mouth_vs_audio.png").is_file()
+
+
+def test_real_data_without_mouth_landmarks_says_which_measure_it_used(runs, tmp_path, monkeypatch):
+    """Without a 68-point mouth detector on real data the plot falls back to the dark-pixel fraction
+    and says so, with the reason."""
+    import talk3d.evaluate.protocol as P
+
+    synthetic_manifest = P.load_manifest
+    monkeypatch.setattr(P, "load_manifest", lambda data: dict(synthetic_manifest(data), source="clip.mp4"))
+    monkeypatch.setattr(P, "DlibMouthLandmarks", lambda: (_ for _ in ()).throw(ImportError("no dlib here")))
+    r = P.evaluate_run(runs / "run_trained", tmp_path / "eval", impl="torch", max_frames=4, progress=False)
+    measure = r["protocols"]["audio_driven"]["mouth_sync"]["measure"]
+    assert measure.startswith("fraction of mouth-region pixels") and "no dlib here" in measure
 
 
 def test_cli_refuses_to_overwrite(runs, tmp_path, capsys):

@@ -39,6 +39,11 @@ FRAMES = {"jwpIntro.mp4": 145, "testMovie.mp4": 197}
 #: The lips follow the speech: correlation over frames of the inner-lip gap with the audio level
 #: in dBFS (measured 0.48 and 0.42; lips also part in silence before speech, so it is not near 1).
 MIN_LIP_AUDIO_CORR = 0.3
+#: The evaluation's mouth opening on the real frames (at the datasets' 128 px): the inner-lip gap over
+#: the mouth width against the audio's RMS per frame (measured 0.43 and 0.48; the dark-pixel
+#: fraction 0.31 and 0.14), and the share of frames where dlib finds the mouth (measured: all).
+MIN_EVAL_LIP_AUDIO_CORR = 0.3
+MIN_EVAL_FOUND = 0.9
 #: Closed mouth in the silences at the start and end of jwpIntro (measured <= 0.5 % and <= 0.8 %
 #: of the crop), open while he speaks (median over loud frames measured 2.9 %).
 CLOSED_GAP = 0.01
@@ -123,6 +128,29 @@ def test_lips_follow_the_speech(talking):
     if talking["name"] == "jwpIntro.mp4":
         assert gap[:13].max() < CLOSED_GAP and gap[-15:].max() < CLOSED_GAP  # silent, closed
         assert np.median(gap[level > MIN_LOUD_DBFS]) > OPEN_GAP  # speaking, open
+
+
+def test_evaluation_reads_the_mouth_opening_the_speech_drives(talking):
+    """What ``talk3d.evaluate`` plots against the audio on real data, the inner-lip gap of the mouth
+    landmarks it finds for LMD (dlib), follows the speech's loudness on the real frames themselves,
+    better than the synthetic head's dark-pixel fraction, which it used on real faces too before."""
+    import torch
+
+    from talk3d.evaluate import inner_lip_opening, mouth_opening_score, pearson
+    from talk3d.evaluate.face_landmarks import DlibMouthLandmarks
+
+    out = talking["out"]
+    frames = torch.from_numpy(np.load(out / "frames.npy")).permute(0, 3, 1, 2).float() / 127.5 - 1  # [N, 3, S, S]
+    mask = torch.from_numpy(unpack_mask(np.load(out / "mouth_mask.npy"), SIZE)).float()[:, None]  # [N, 1, S, S]
+    n = len(frames)
+    wave = _audio(out)[: n * (SAMPLE_RATE // FPS)].astype(np.float64)
+    rms = np.sqrt(np.square(wave.reshape(n, -1)).mean(axis=1))  # the evaluation's audio energy
+    lips = inner_lip_opening(DlibMouthLandmarks()(frames)).numpy()
+    dark = mouth_opening_score(frames, mask).numpy()
+    r_lips, r_dark = pearson(lips, rms), pearson(dark, rms)
+    print(f"{talking['name']}: mouth opening vs audio energy, inner-lip gap r = {r_lips:.3f} "
+          f"({np.isfinite(lips).sum()}/{n} mouths found), dark fraction r = {r_dark:.3f}")
+    assert np.isfinite(lips).mean() > MIN_EVAL_FOUND and r_lips > MIN_EVAL_LIP_AUDIO_CORR and r_lips > r_dark
 
 
 def test_foreground_is_the_person(talking):

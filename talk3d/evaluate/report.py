@@ -63,7 +63,7 @@ def markdown_report(result: dict) -> str:
                   f"({aue['frames']} of {aue['of']} frames tracked on both sides; {aue['tool']}).", ""]
     sync = result["protocols"]["audio_driven"].get("mouth_sync", {})
     if sync.get("available"):
-        lines += ["Mouth opening (dark fraction of the mouth region) correlation: "
+        lines += [f"Mouth opening ({sync['measure']}) correlation: "
                   + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a"
                               for k, v in sync["correlations"].items()), ""]
     nv = result["protocols"]["novel_view"]["poses"]
@@ -114,7 +114,8 @@ def save_grid(path, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
 
 
 def plot_mouth_vs_audio(path, series: dict[str, np.ndarray], title: str) -> None:
-    """Line plot of per-frame signals [N] (each min-max normalised to [0, 1]) with a legend, via PIL."""
+    """Line plot of per-frame signals [N] (each min-max normalised to [0, 1]) with a legend, via PIL.
+    A NaN value (a frame without a measure) leaves a gap in its line."""
     img = Image.new("RGB", (PLOT_W, PLOT_H), (255, 255, 255))
     d = ImageDraw.Draw(img)
     x0, y0, x1, y1 = PLOT_MARGIN, PLOT_MARGIN, PLOT_W - PLOT_MARGIN // 2, PLOT_H - PLOT_MARGIN
@@ -123,18 +124,22 @@ def plot_mouth_vs_audio(path, series: dict[str, np.ndarray], title: str) -> None
     d.text((x0, y1 + 8), "frame", fill=(0, 0, 0))
     for i, (name, values) in enumerate(series.items()):
         v = np.asarray(values, np.float64)
-        if v.size == 0 or not np.isfinite(v).all():
+        ok = np.isfinite(v)
+        if not ok.any():
             continue
-        span = v.max() - v.min()
-        v = (v - v.min()) / span if span > 0 else np.full_like(v, 0.5)  # a flat signal sits mid-height
+        lo, span = v[ok].min(), v[ok].max() - v[ok].min()
+        v = (v - lo) / span if span > 0 else np.where(ok, 0.5, np.nan)  # a flat signal sits mid-height
         xs = x0 + (np.arange(v.size) / max(v.size - 1, 1)) * (x1 - x0)
         ys = y1 - v * (y1 - y0)
         color = PLOT_COLORS.get(name, (120, 120, 120))
-        pts = list(zip(xs.tolist(), ys.tolist()))
-        if len(pts) > 1:
-            d.line(pts, fill=color, width=2)
-        else:
-            d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=color)
+        # One line per run of finite values; a lone value is a dot.
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], ok.astype(np.int8), [0]])))
+        for start, stop in zip(edges[::2], edges[1::2]):
+            pts = list(zip(xs[start:stop].tolist(), ys[start:stop].tolist()))
+            if len(pts) > 1:
+                d.line(pts, fill=color, width=2)
+            else:
+                d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=color)
         d.text((x0 + 220 * (i % 4), 22 + 12 * (i // 4)), name, fill=color)  # above the box: lines never cross it
     img.save(path)
     return None
