@@ -14,8 +14,9 @@
 // set's features in its own order, instead of gathering every feature row into merged order.
 //
 // Backward (no per-sample buffers, no division by 1 - alpha). With upstream gradients folded into
-// one scalar per interval, v_i = gC . (f_i + f_{i+1}) / 2 + gDnum (t_i + t_{i+1}) / 2 + gW, the loss
-// is L = sum_i w_i v_i and
+// one scalar per interval, v_i = gC . (f_i + f_{i+1}) / 2 + gDnum ((t_i + t_{i+1}) / 2 - depth) + gW,
+// where gDnum = g_depth / W carries depth = Dnum / W and gW = g_wsum, the loss is L = sum_i w_i v_i
+// (its depth terms sum to gDnum (Dnum - depth W) = 0) and
 //   dL/dx_i = e_i T_i v_i - (e_i / q_i) (L - P_i),  e_i = exp(-x_i),  P_i = sum_{k<=i} w_k v_k.
 // L comes from the saved forward outputs, so one forward-order pass recomputes T_i and P_i. The ratio
 // e_i / q_i lies in [0, 1] (q_i >= 1 - alpha_i as computed), so nothing blows up when alpha_i -> 1;
@@ -125,24 +126,28 @@ T3D_HD void forward_ray(const RayView<T>& r, int F_rt, acc_t* acc, acc_t& wsum, 
 // Upstream gradients of one ray, folded with its saved outputs into the scalars the pass needs.
 template <typename acc_t>
 struct RayGrad {
-  acc_t g_dnum, g_w;  // dL/dDnum and dL/dW (depth's share included)
-  acc_t total;        // L = gC . C + g_dnum Dnum + g_w W (composite_weights: sum_j omega_j p_j + ...)
+  acc_t g_dnum, g_w;  // g_depth / W and g_wsum: an interval's depth share is g_dnum (t_mid - depth)
+  acc_t depth;        // the saved depth (0 for a ray without weight)
+  acc_t total;        // L = gC . C + g_w W (composite_weights: sum_j omega_j p_j + g_w W)
 };
 
-// The depth and weight-sum part of RayGrad; `dnum` receives Dnum (0 for a ray without weight).
+// The depth and weight-sum part of RayGrad.
+// Why t_mid - depth and not g_dnum t_mid - g_depth depth / W: for a ray of tiny weight both of those
+// terms are of order t / W and cancel in float32 (W = 3.9e-5, samples 2.1e-5 apart: dt 2.5e-3 off,
+// 6x PyTorch's own float32 error; docs/log.md, thirteenth session), while t_mid - depth is exact
+// for nearby values and small.
 template <typename acc_t>
-T3D_HD RayGrad<acc_t> fold_depth_grad(acc_t depth, acc_t wsum, acc_t g_depth, acc_t g_wsum, acc_t& dnum) {
+T3D_HD RayGrad<acc_t> fold_depth_grad(acc_t depth, acc_t wsum, acc_t g_depth, acc_t g_wsum) {
   RayGrad<acc_t> g;
   g.g_dnum = acc_t(0);
   g.g_w = g_wsum;
-  dnum = acc_t(0);
+  g.depth = acc_t(0);
   // depth = Dnum / W; a ray with W == 0 has depth NaN (0/0) and gets no depth gradient.
   if (wsum > acc_t(0) && depth == depth) {
     g.g_dnum = g_depth / wsum;
-    g.g_w -= g_depth * depth / wsum;
-    dnum = depth * wsum;
+    g.depth = depth;
   }
-  g.total = g.g_dnum * dnum + g.g_w * wsum;
+  g.total = g.g_w * wsum;
   return g;
 }
 
@@ -151,8 +156,7 @@ template <int kF, int kMaxF, typename acc_t, typename T>
 T3D_HD RayGrad<acc_t> fold_ray_grad(const acc_t* gC, const T* saved_feat, acc_t depth, acc_t wsum,
                                     acc_t g_depth, acc_t g_wsum, int F_rt) {
   const int F = kF > 0 ? kF : F_rt;
-  acc_t dnum;
-  RayGrad<acc_t> g = fold_depth_grad(depth, wsum, g_depth, g_wsum, dnum);
+  RayGrad<acc_t> g = fold_depth_grad(depth, wsum, g_depth, g_wsum);
   acc_t total = g.total;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
@@ -193,7 +197,7 @@ T3D_HD void backward_scan(const T* sigma, const T* t, int64_t n, Source& source,
     // Interval j-1 is now complete: its value v needs p_{j-1} and p_j.
     acc_t ds_j = acc_t(0), dt_j = acc_t(0);
     if (j >= 1) {
-      const acc_t v = (p_prev + p) * acc_t(0.5) + g.g_dnum * prev.t_mid + g.g_w;
+      const acc_t v = (p_prev + p) * acc_t(0.5) + g.g_dnum * (prev.t_mid - g.depth) + g.g_w;
       prefix += w_prev * v;
       const acc_t gx = prev.e * trans_prev * v - (prev.e / prev.q) * (g.total - prefix);
       const acc_t gs_mid = gx * prev.delta * prev.ddensity * acc_t(0.5);
@@ -268,13 +272,12 @@ struct ReadWeightGrads {
   T3D_HD acc_t operator()(int64_t j, acc_t) { return load<acc_t>(g_omega, j); }
 };
 
-// RayGrad of one ray of composite_weights: L = sum_j omega_j g_omega_j + g_dnum Dnum + g_w W, from
-// the saved omega [n] and the upstream g_omega [n].
+// RayGrad of one ray of composite_weights: L = sum_j omega_j g_omega_j + g_w W, from the saved
+// omega [n] and the upstream g_omega [n].
 template <typename acc_t, typename T>
 T3D_HD RayGrad<acc_t> fold_weights_grad(const T* omega, const T* g_omega, int64_t n, acc_t depth, acc_t wsum,
                                         acc_t g_depth, acc_t g_wsum) {
-  acc_t dnum;
-  RayGrad<acc_t> g = fold_depth_grad(depth, wsum, g_depth, g_wsum, dnum);
+  RayGrad<acc_t> g = fold_depth_grad(depth, wsum, g_depth, g_wsum);
   for (int64_t j = 0; j < n; ++j) g.total += load<acc_t>(omega, j) * load<acc_t>(g_omega, j);
   return g;
 }
