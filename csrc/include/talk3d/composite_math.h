@@ -133,9 +133,9 @@ struct RayGrad {
 
 // The depth and weight-sum part of RayGrad.
 // Why t_mid - depth and not g_dnum t_mid - g_depth depth / W: for a ray of tiny weight both of those
-// terms are of order t / W and cancel in float32 (W = 3.9e-5, samples 2.1e-5 apart: dt 2.5e-3 off,
-// 6x PyTorch's own float32 error; docs/log.md, thirteenth session), while t_mid - depth is exact
-// for nearby values and small.
+// terms are of order t / W and cancel in float32 (W = 3.9e-5, samples 2.1e-5 apart: dt was 2.9e-3
+// off, now 4e-8; tests/test_composite.py, docs/log.md thirteenth session), while t_mid - depth is
+// exact for nearby values and small.
 template <typename acc_t>
 T3D_HD RayGrad<acc_t> fold_depth_grad(acc_t depth, acc_t wsum, acc_t g_depth, acc_t g_wsum) {
   RayGrad<acc_t> g;
