@@ -103,7 +103,7 @@ def test_one_command_makes_a_dataset(talking):
     holds out the last 1/11, the dataset loads, and the run says where to look."""
     out, m, n = talking["out"], talking["manifest"], FRAMES[talking["name"]]
     assert m["num_frames"] == n and m["image_size"] == SIZE
-    # At most one missed frame: one CI run of 2026-12-07 (of 14 runs of this test that day) missed
+    # At most one missed frame: one CI run of 2026-12-07 (of 8 runs of this test that day) missed
     # testMovie's frame 0, which 7 direct preprocessing runs and 20 decodes of the clip never did
     # (the decoded frames were bit-identical each time). Not understood yet; docs/log.md, thirteenth
     # session. The missed frame's landmarks are interpolated, as the manifest says.
