@@ -66,15 +66,15 @@ REF_OUTPUT_RTOL = {"f32": 2e-5, "f64": 1e-11, "f16": 2e-3, "bf16": 1.6e-2}
 # features) enters every dsigma/dt through L - P_i: errors of a few rounding units of L (seen: 2.3e-3
 # fp16, 1.1e-2 bf16), on top of rounding the gradients themselves.
 REF_GRAD_RTOL = {"f32": 1e-4, "f64": 1e-10, "f16": 6e-3, "bf16": 4e-2}
-# A ray whose weight sum W is tiny has depth gradients that float32 cannot give to 1e-4 of the
-# largest: alpha = 1 - exp(-x) (EG3D's formula) keeps few bits for x ~ 1e-6, and depth divides by W.
-# PyTorch's autograd of the reference run in float32 missed that bound in 28 of 140 seeds of the
-# packed case (by up to 7e-3; seed 112: W = 6.1e-6, dt 21.460 in both float32 runs, 21.308 in float64).
-# So the kernels' outputs and gradients may also miss by up to this many times PyTorch's float32
-# error on the same inputs (forward too: seed 606, depth 8.4e-5 off at W = 9.7e-4, PyTorch alike;
-# over 141 seeds the kernels' forward error was at most 1.8x PyTorch's).
-# Measured over those 140 seeds: the kernels' largest error was at most 2.2x PyTorch's (until the
-# thirteenth session the header's depth gradient cancelled two terms of order t / W: 6.2x).
+# A ray whose weight sum W is tiny has outputs and depth gradients that float32 cannot give to the
+# bounds above: alpha = 1 - exp(-x) (EG3D's formula) keeps few bits for x ~ 1e-6, and depth divides
+# by W. PyTorch's autograd of the reference run in float32 missed REF_GRAD_RTOL in 28 of 140 seeds of
+# the packed case (by up to 7e-3 of the largest; seed 112: W = 6.1e-6, dt 21.460 in both float32
+# runs, 21.308 in float64), and a forward depth in seed 606 (8.4e-5 off at W = 9.7e-4). So each
+# output and gradient may also miss by up to this many times PyTorch's largest float32 error on the
+# same inputs. Measured over 140 seeds: the kernels' largest error was at most 1.8x PyTorch's
+# (forward) and 2.2x (gradients; 6.2x before the thirteenth session, when the header's depth
+# gradient cancelled two terms of order t / W).
 TORCH_FP32_ERROR_FACTOR = 4.0
 
 
@@ -149,46 +149,40 @@ def _assert_close(name, got, want, atol_rel, rtol=0.0, floor=0.0):
     assert excess <= 0, f"{name}: error {err:.3g} exceeds rtol={rtol:.3g} |x| + {atol_rel:.3g} * {scale:.3g}"
 
 
-def _reference_grads(reference_op, inputs, needs, grad_outputs, dtype, has_w=None):
-    """Gradients of the tests' loss sum(g_a a) + sum(g_depth has_w depth) + sum(g_wsum wsum) through
-    a PyTorch reference ``(a, depth, wsum) = reference_op(*inputs)`` computed in ``dtype``, for the
-    inputs with ``needs``; None for the others (zeros for one the loss does not reach).
+def _reference_run(reference_op, inputs, needs, grad_outputs, dtype, has_w=None):
+    """A PyTorch reference ``(a, depth, wsum) = reference_op(*inputs)`` run in ``dtype``, and the
+    gradients of the tests' loss sum(g_a a) + sum(g_depth has_w depth) + sum(g_wsum wsum) for the
+    inputs with ``needs`` (None for the others; zeros for one the loss does not reach).
     ``has_w`` [.., 1]: rays with weight (a ray without has no depth, and the kernels give it no
     depth gradient; the reference's NaN -> t.max() clean-up would); default: the run's own.
-    Returns (gradients, has_w)."""
+    Returns (outputs, gradients, has_w), in float64."""
     ins = [x.to(dtype).clone().requires_grad_(n) for x, n in zip(inputs, needs)]
-    a, depth, wsum = reference_op(*ins)
+    outs = reference_op(*ins)
+    a, depth, wsum = outs
     if has_w is None:
         has_w = (wsum.detach() > 0).to(torch.float64)
     g_a, g_depth, g_wsum = (g.to(dtype) for g in grad_outputs)
     loss = (g_a * a).sum() + (g_depth * has_w.to(dtype) * depth).sum() + (g_wsum * wsum).sum()
-    wanted = [x for x in ins if x.requires_grad]
-    grads = iter(torch.autograd.grad(loss, wanted, allow_unused=True))
+    grads = iter(torch.autograd.grad(loss, [x for x in ins if x.requires_grad], allow_unused=True))
     out = []
     for x, need in zip(ins, needs):
         g = next(grads) if need else None
-        out.append(torch.zeros_like(x).double() if need and g is None else (None if g is None else g.double()))
-    return out, has_w
+        out.append(None if not need else torch.zeros_like(x).double() if g is None else g.double())
+    return [o.detach().double() for o in outs], out, has_w
 
 
-def _torch_fp32_floors(reference_op, inputs, needs, grad_outputs, has_w, want, dtype_code):
-    """Per gradient: TORCH_FP32_ERROR_FACTOR x the largest error of the reference run in float32
-    against ``want`` (its float64 gradients); 0 for float64 kernels (held to REF_GRAD_RTOL)."""
+def _torch_fp32_floors(reference_op, inputs, needs, grad_outputs, ref64, dtype_code):
+    """TORCH_FP32_ERROR_FACTOR x the largest error of the reference run in float32 against its
+    float64 run ``ref64`` (``_reference_run``'s result), per output and per gradient; zeros for
+    float64 kernels (held to the bounds above alone)."""
+    outs64, grads64, has_w = ref64
     if dtype_code == "f64":
-        return [0.0] * len(needs)
-    fp32, _ = _reference_grads(reference_op, inputs, needs, grad_outputs, torch.float32, has_w)
-    return [0.0 if w is None else TORCH_FP32_ERROR_FACTOR * (g - w).abs().nan_to_num().max().item()
-            for g, w in zip(fp32, want)]
+        return [0.0] * len(outs64), [0.0] * len(grads64)
+    outs32, grads32, _ = _reference_run(reference_op, inputs, needs, grad_outputs, torch.float32, has_w)
 
-
-def _torch_fp32_output_floors(reference_op, inputs, want, dtype_code):
-    """Per forward output: TORCH_FP32_ERROR_FACTOR x the largest error of the reference run in
-    float32 against ``want`` (its float64 outputs); 0 for float64 kernels."""
-    if dtype_code == "f64":
-        return [0.0] * len(want)
-    with torch.no_grad():
-        fp32 = reference_op(*[x.to(torch.float32) for x in inputs])
-    return [TORCH_FP32_ERROR_FACTOR * (g.double() - w).abs().nan_to_num().max().item() for g, w in zip(fp32, want)]
+    def floor(a, b):
+        return 0.0 if b is None else TORCH_FP32_ERROR_FACTOR * (a - b).abs().nan_to_num().max().item()
+    return [floor(a, b) for a, b in zip(outs32, outs64)], [floor(a, b) for a, b in zip(grads32, grads64)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,19 +298,16 @@ def test_composite_kernels_in_emulation(emulator, tmp_path, name):
     def ref_op(*x):
         return reference_composite(*x, packed_info=pinfo)
 
-    r_feat, r_depth, r_wsum = ref_op(sigma, feat, t_ref)
-    f_feat, f_depth, f_wsum = _torch_fp32_output_floors(ref_op, (sigma, feat, t_ref), (r_feat, r_depth, r_wsum),
-                                                        c["dtype"])
+    # A ray without weight has depth NaN: the op gives it no depth gradient, while the reference's
+    # NaN -> t.max() clean-up would route it to t.max(). Leave those rays' depth out of the loss.
+    inputs, g_out = (sigma, feat, t_ref), (g_feat.double(), g_depth.double(), g_wsum.double())
+    ref64 = _reference_run(ref_op, inputs, needs, g_out, torch.float64)
+    (r_feat, r_depth, r_wsum), want, _ = ref64
+    (f_feat, f_depth, f_wsum), floors = _torch_fp32_floors(ref_op, inputs, needs, g_out, ref64, c["dtype"])
     _assert_close("forward feat vs reference", o_feat, r_feat, REF_OUTPUT_RTOL[c["dtype"]], floor=f_feat)
     _assert_close("forward weight_sum vs reference", o_wsum, r_wsum, REF_OUTPUT_RTOL[c["dtype"]], floor=f_wsum)
     _assert_close("forward depth vs reference", finish_depth(o_depth.to(torch.float64), t_ref), r_depth,
                   REF_OUTPUT_RTOL[c["dtype"]], floor=f_depth)
-    # A ray without weight has depth NaN: the op gives it no depth gradient, while the reference's
-    # NaN -> t.max() clean-up would route it to t.max(). Leave those rays' depth out of the loss.
-
-    g_out = (g_feat.double(), g_depth.double(), g_wsum.double())
-    want, has_w = _reference_grads(ref_op, (sigma, feat, t_ref), needs, g_out, torch.float64)
-    floors = _torch_fp32_floors(ref_op, (sigma, feat, t_ref), needs, g_out, has_w, want, c["dtype"])
     for nm, got, w, need, floor in zip(("dsigma", "dfeat", "dt"), grads, want, needs, floors):
         if need:
             _assert_close(f"backward {nm} vs reference", got, w, REF_GRAD_RTOL[c["dtype"]], floor=floor)
@@ -364,13 +355,13 @@ def test_composite_weights_kernels_in_emulation(emulator, tmp_path, name):
         if need:
             _assert_close(f"backward {nm} vs cpu op", got, w, atol, rtol)
     # Against the float64 reference (rays without weight: no depth gradient, as in the composite test).
-    r_out = reference.composite_weights(sigma, t)
-    f_omega, _, f_wsum = _torch_fp32_output_floors(reference.composite_weights, (sigma, t), r_out, c["dtype"])
-    _assert_close("forward omega vs reference", outs[0], r_out[0], REF_OUTPUT_RTOL[c["dtype"]], floor=f_omega)
-    _assert_close("forward weight_sum vs reference", outs[2], r_out[2], REF_OUTPUT_RTOL[c["dtype"]], floor=f_wsum)
     g_out = (g_omega.double(), g_depth.double(), g_wsum.double())
-    want, has_w = _reference_grads(reference.composite_weights, (sigma, t), needs, g_out, torch.float64)
-    floors = _torch_fp32_floors(reference.composite_weights, (sigma, t), needs, g_out, has_w, want, c["dtype"])
+    ref64 = _reference_run(reference.composite_weights, (sigma, t), needs, g_out, torch.float64)
+    (r_omega, _, r_wsum), want, _ = ref64
+    (f_omega, _, f_wsum), floors = _torch_fp32_floors(reference.composite_weights, (sigma, t), needs, g_out, ref64,
+                                                      c["dtype"])
+    _assert_close("forward omega vs reference", outs[0], r_omega, REF_OUTPUT_RTOL[c["dtype"]], floor=f_omega)
+    _assert_close("forward weight_sum vs reference", outs[2], r_wsum, REF_OUTPUT_RTOL[c["dtype"]], floor=f_wsum)
     for nm, got, w, need, floor in zip(("dsigma", "dt"), grads, want, needs, floors):
         if need:
             _assert_close(f"backward {nm} vs reference", got, w, REF_GRAD_RTOL[c["dtype"]], floor=floor)
