@@ -355,6 +355,27 @@ def test_frames_smaller_than_the_output_are_reported_and_the_demo_writes_them_at
     assert written == [("data-512", 512), ("data", DEMO_SIZE)]
 
 
+def test_a_short_real_clip_is_reported_and_synthetic_data_is_not(data, tmp_path):
+    """Real footage under a minute gets one line saying it may not generalise to new speech (the paper
+    trains on minutes); the synthetic head, whose audio is of one kind, does not."""
+    import shutil
+
+    from talk3d.train.trainer import SHORT_CLIP_FRAMES
+
+    real = tmp_path / "real"
+    shutil.copytree(data, real)
+    manifest = json.loads((real / "manifest.json").read_text())
+    manifest["source"] = "/videos/speaker.mp4"  # what talk3d.preprocess writes: the video's path
+    (real / "manifest.json").write_text(json.dumps(manifest))
+    Trainer(_cfg(), real, tmp_path / "real_run")
+    notes = [ln for ln in (tmp_path / "real_run" / "log.txt").read_text().splitlines() if "of real video" in ln]
+    train_frames = manifest["split"]["train"][1] - manifest["split"]["train"][0]
+    assert train_frames < SHORT_CLIP_FRAMES
+    assert len(notes) == 1 and f"holds {train_frames} frames ({train_frames / 25:.1f} s)" in notes[0], notes
+    Trainer(_cfg(), data, tmp_path / "synth_run")
+    assert "of real video" not in (tmp_path / "synth_run" / "log.txt").read_text()
+
+
 def test_stage_sr_fine_tunes_only_the_sr_of_a_deltaplane_run(data, tmp_path, capsys):
     """--from RUN: a new run (stage sr, the release's 1k steps at lr 2e-4 unless --set) that starts
     from RUN's trained model and changes its super-resolution alone, with L1 + LPIPS on the output."""

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..progress import progress_bar
 
+from ..audio.features import FPS
 from ..data import TalkingHeadDataset, load_manifest
 from ..models import DeltaplaneConfig, GeneratorConfig, TalkingHead, TriplaneGenerator
 from .config import TrainConfig, generator_config
@@ -55,6 +56,22 @@ def _dist_info() -> tuple[int, int]:
 
 
 #: The [generator] settings a run may change on a prior: how it is rendered, not what it holds.
+#: Real footage shorter than this (training frames, 1 minute at 25 fps) gets a note in the run's log:
+#: Talk3D's paper trains on 3-5 minutes of video a person. Measured (thirteenth session, CPU): on
+#: psychopy's 7.8-s testMovie.mp4 (180 training frames, --preset small, 2000 steps) the mouth used
+#: the audio on the frames trained on (mouth L1 0.0645 with each frame's own audio, 0.0762 with
+#: another's) but not on the 17 held-out frames (0.0550 either way).
+SHORT_CLIP_FRAMES = 60 * FPS
+
+
+def short_clip_note(train_frames: int, fps: int) -> str:
+    """The log's one line for a real clip of ``train_frames`` training frames under SHORT_CLIP_FRAMES."""
+    return (f"note: the training split holds {train_frames} frames ({train_frames / fps:.1f} s) of real video; "
+            f"Talk3D's paper trains on 3-5 minutes. On a clip this short the mouth may follow the audio on "
+            f"the frames trained on and not on others (measured on a 7.8-s clip): check it with "
+            f"`python -m talk3d.evaluate` on the held-out frames, and record more video if you can")
+
+
 PRIOR_RENDER_SETTINGS = ("neural_rendering_resolution", "coarse_samples", "importance_samples", "ray_start",
                          "ray_end")
 
@@ -374,6 +391,8 @@ class Trainer:
         self.trained_parameters = n_train
         self.log(f"run {self.run_dir}: stage {cfg.stage}, {len(self.train_set)} train / {len(self.val_set)} val frames, "
                  f"{n_train / 1e6:.2f} M trained parameters, device {self.device}, {self.world} process(es)")
+        if manifest.get("source") != "synthetic" and len(self.train_set) < SHORT_CLIP_FRAMES:
+            self.log(short_clip_note(len(self.train_set), int(manifest["fps"])))
         sr_size = self.model.generator.cfg.sr_resolution
         # Stage sr trains with L1 + LPIPS on the SR output alone (the release's SR fine-tuning): the
         # render's losses cannot reach the SR, and the identity and lip-sync losses are not used.
