@@ -425,3 +425,52 @@ def test_rays_keep_camera_dtype(dtype):
     to_pivot = torch.tensor(TALK3D_RIG.pivot, dtype=dtype) - origins[:, 12]
     tol = TIGHT if dtype == torch.float64 else LOOSE
     torch.testing.assert_close(dirs[:, 12], to_pivot / to_pivot.norm(dim=-1, keepdim=True), **tol)
+
+
+# ---------------------------------------------------------------- mutation audit (2026-12-07)
+
+
+def test_ray_box_limits_grazing_an_edge_is_a_miss():
+    """A ray that only touches the cube's edge (x = z = 0.5) enters and leaves it at the same depth:
+    a segment of zero length is a miss (hit False, t_start = t_end = 0), as the docstring says. A ray
+    lying in the face plane z = 0.5 runs along the face for a positive length: a hit. Directions
+    need not be unit here, so the crossing depths are exact binary numbers (0.5)."""
+    origins = torch.tensor([[[0.0, 0.0, 1.0], [0.0, 0.0, 0.5]]], **F64)
+    dirs = torch.tensor([[[1.0, 0.0, -1.0], [1.0, 0.0, 0.0]]], **F64)
+    t_start, t_end, hit = ray_box_limits(origins, dirs, 1.0)
+    assert hit[0, :, 0].tolist() == [False, True]
+    assert t_start[0, :, 0].tolist() == [0.0, 0.0] and t_end[0, :, 0].tolist() == [0.0, 0.5]
+
+
+def test_camera_to_yaw_pitch_refuses_a_camera_facing_away_from_the_pivot():
+    """The aim check wants the pivot IN FRONT of the camera: a camera at (0, 0, 2.7) looking along
+    +z has FFHQ's pivot (0, 0, 0.2) on its optical axis, but behind it."""
+    rotation = [[-1, 0, 0], [0, -1, 0], [0, 0, 1]]  # right -x, down -y, forward +z: a proper rotation
+    away = make_camera_label(pose(rotation, [0.0, 0.0, 2.7]), normalized_intrinsics(torch.tensor([4.2647], **F64)))
+    with pytest.raises(ValueError, match="with the pivot behind"):
+        camera_to_yaw_pitch(away, FFHQ_RIG)
+    yaw, pitch, radius = camera_to_yaw_pitch(away, FFHQ_RIG, check_aim=False)
+    assert (yaw.item(), pitch.item(), radius.item()) == (0.0, 0.0, 2.7)
+
+
+# float32 rotations within 1e-5 of gimbal lock, carrying the rounding of a few matrix products
+# (~1e-7 per entry): the locked decomposition (roll 0, the turn in yaw) reproduces them to about
+# 2 cos(pitch) = 2e-5 (measured 2.0e-5); splitting yaw and roll from those noisy O(1e-5) entries
+# instead misses by about 1e-2 (measured 1.4e-2 on one draw).
+NEAR_LOCK_ATOL = 1e-4
+
+
+def test_euler_near_gimbal_lock_float32_reproduces_rotation():
+    """Near gimbal lock in float32 (cos(pitch) = 1e-5, under sqrt(eps) = 3.5e-4), rotation_to_euler
+    takes the locked branch (roll 0), so that euler_to_rotation reproduces a rotation whose entries
+    carry rounding noise (here: Q^T (Q R) with a random rotation Q)."""
+    n = 64
+    rand = lambda lo, hi: torch.rand(n) * (hi - lo) + lo  # noqa: E731
+    for sign in (1, -1):
+        pitch = torch.full((n,), sign * (math.pi / 2 - 1e-5), **F64).float()
+        rotation = euler_to_rotation(rand(-3, 3), pitch, rand(-3, 3))
+        q = euler_to_rotation(rand(-3, 3), rand(-1.4, 1.4), rand(-3, 3))
+        noisy = q.transpose(1, 2) @ (q @ rotation)
+        yaw2, pitch2, roll2 = rotation_to_euler(noisy)
+        torch.testing.assert_close(euler_to_rotation(yaw2, pitch2, roll2), noisy, atol=NEAR_LOCK_ATOL, rtol=0)
+        assert not roll2.any()

@@ -148,3 +148,16 @@ def test_bad_inputs_raise(match, make):
         composite_weights(*make(), impl="auto")
     with pytest.raises(TypeError, match="dtype"):
         composite_weights(torch.zeros(1, 2, 4, 1), torch.zeros(1, 2, 4, 1, dtype=torch.float64))
+
+
+def test_zero_weight_ray_depth_is_far_end():
+    """As composite's (test_composite.py): a ray with no weight (zero-length intervals) gets depth
+    t.max() on every back end, not the compiled kernels' raw 0 / 0 = NaN; its omegas are 0."""
+    from talk3d.ops.composite import available_impls
+
+    sigma = torch.zeros(1, 2, 3, 1)
+    t = torch.tensor([2.5, 2.6, 2.7, 3.0, 3.0, 3.0]).view(1, 2, 3, 1)
+    for impl in available_impls("cpu"):
+        omega, depth, acc = composite_weights(sigma, t, impl=impl)
+        assert acc[0, 1].item() == 0 and not omega[0, 1].any()
+        assert depth[0, 1].item() == pytest.approx(3.0), impl

@@ -524,3 +524,128 @@ def test_live_chunk_sources_and_delays():
     ints = (np.arange(-5, 6) * 1000).astype("<i2")
     got = np.concatenate(list(pcm_chunks(io.BytesIO(ints.tobytes()), 4, ArrivalLog())))
     assert np.array_equal(got, ints.astype(np.float32) / 32768.0)
+
+
+# ------------------------------------------------------------------------- mutation audit (2026-12-07)
+
+
+def test_clip_cycle_runs_back_and_forth_by_hand():
+    """The training clip's frames are reused back and forth (0 1 2 3 2 1 0 1 ...), never jumping
+    from the last frame to the first nor repeating the turning frame."""
+    from talk3d.infer.render import _cycle
+
+    assert _cycle(10, 4).tolist() == [0, 1, 2, 3, 2, 1, 0, 1, 2, 3]
+    assert _cycle(5, 2).tolist() == [0, 1, 0, 1, 0]
+    assert _cycle(3, 1).tolist() == [0, 0, 0]
+    idx = _cycle(200, 7)
+    assert idx.min() == 0 and idx.max() == 6 and np.abs(np.diff(idx)).tolist() == [1] * 199
+
+
+def test_uint8_frames_round_to_the_nearest_level_by_hand():
+    """[-1, 1] -> 0..255 is ``round((x + 1) * 127.5)`` (clamped), channels last: a value 0.4 level
+    under a level rounds up to it, not down (truncation would darken every frame by half a level)."""
+    from talk3d.infer.render import to_uint8_frames
+
+    levels = [-1.0, -2.0, 1.0, 3.0, 0.0, 100.6 / 127.5 - 1, 100.4 / 127.5 - 1, 2 / 127.5 - 1]
+    red = torch.tensor(levels).view(2, 4)
+    images = torch.stack([red, torch.full_like(red, -1.0), torch.full_like(red, 1.0)])[None]  # [1, 3, 2, 4]
+    got = to_uint8_frames(images)
+    assert got.shape == (1, 2, 4, 3) and got.dtype == np.uint8
+    # 0 -> 127.5 -> 128 (round half to even); 2 / 127.5 - 1 -> 2.0 (or a hair under) -> 2.
+    assert got[0, :, :, 0].reshape(-1).tolist() == [0, 0, 255, 255, 128, 101, 100, 2]
+    assert (got[..., 1] == 0).all() and (got[..., 2] == 255).all()
+
+
+def test_pitch_of_90_degrees_is_refused():
+    """A fixed camera's pitch must lie strictly within +-90 degrees (the head would face straight up
+    or down, where the look-at camera has no right axis); 89.9 is accepted, with the range warning."""
+    import types
+    import warnings
+
+    from talk3d.infer.render import PoseRangeWarning
+    from talk3d.render.cameras import TALK3D_RIG
+
+    clip = types.SimpleNamespace(rig=TALK3D_RIG)
+    for spec in ("fixed:0,90", "fixed:10,-90"):
+        with pytest.raises(InferenceError, match=r"pitch\s+within \+-90"):
+            camera_track(spec, 2, clip)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PoseRangeWarning)
+        assert camera_track("fixed:0,89.9", 2, clip).shape == (2, 25)
+
+
+class _Spy(torch.nn.Module):
+    """A TalkingHead that records the conditions of every frame it renders and of every batch its
+    occupancy grid is built from."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.frames, self.grid_batches = model, [], []
+
+    def forward(self, cond, **kw):
+        self.frames.append(cond)
+        return self.model(cond, **kw)
+
+    def occupancy_grid(self, batches, **kw):
+        batches = list(batches)
+        self.grid_batches.extend(batches)
+        return self.model.occupancy_grid(batches, **kw)
+
+
+def test_neutral_sources_are_zeros_and_the_clips_mean_landmarks(loaded):
+    """eye='neutral': blink 0; pose='neutral': pose 0 and, for every frame, the training clip's mean
+    landmarks; 'train': frame i takes the clip's frame i (the clip is longer than the speech)."""
+    model, info, clip = loaded
+    wave = _speech()[:, 0]
+    for source in ("neutral", "train"):
+        spy = _Spy(model)
+        list(render_speech(spy, info, wave, clip=clip, impl="torch", size="raw", eye=source, pose=source))
+        cond = {k: torch.cat([c[k] for c in spy.frames]) for k in ("blink", "pose", "landmarks")}
+        n = cond["pose"].shape[0]
+        assert n == 13 < clip.num_frames
+        if source == "neutral":
+            assert not cond["blink"].any() and not cond["pose"].any()
+            mean = torch.from_numpy(clip.landmarks.mean(axis=0))
+            assert torch.equal(cond["landmarks"], mean.expand(n, -1, -1))
+        else:
+            assert torch.equal(cond["landmarks"], torch.from_numpy(clip.landmarks[:n]))
+            assert torch.equal(cond["pose"], torch.from_numpy(clip.pose[:n]))
+
+
+def test_skip_empty_grid_covers_every_frame_of_a_short_speech(loaded):
+    """skip_empty builds the grid from up to GRID_FRAMES (16) of the render's own frames, evenly
+    spaced: a 13-frame speech gives them all, so the grid's batches hold exactly the conditions of
+    the 13 frames rendered (audio windows compared)."""
+    model, info, clip = loaded
+    spy = _Spy(model)
+    frames = list(render_speech(spy, info, _speech()[:, 0], clip=clip, impl="auto", size="raw", skip_empty=True))
+    assert len(frames) == 13
+    rendered = torch.cat([c["audio"] for c in spy.frames])
+    assert torch.equal(torch.cat([b["audio"] for b in spy.grid_batches]), rendered)
+
+
+def test_paper_range_warning_starts_past_its_edge():
+    """PoseRangeWarning is for cameras PAST the paper's range: yaw 30 and pitch 20 degrees exactly
+    are inside it (no warning); 30.5 or -20.5 warn."""
+    import types
+    import warnings
+
+    from talk3d.infer.render import PoseRangeWarning
+    from talk3d.render.cameras import TALK3D_RIG
+
+    clip = types.SimpleNamespace(rig=TALK3D_RIG)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PoseRangeWarning)
+        camera_track("fixed:30,20", 1, clip)
+        camera_track("fixed:-30,-20", 1, clip)
+    for spec in ("fixed:30.5,0", "fixed:0,-20.5"):
+        with pytest.warns(PoseRangeWarning):
+            camera_track(spec, 1, clip)
+
+
+def test_batch_of_zero_is_refused_at_the_call(loaded):
+    """batch < 1 is an InferenceError raised by render_speech itself, before any frame is asked for
+    (not a ValueError from the frame loop's range() at the first frame)."""
+    model, info, clip = loaded
+    with pytest.raises(InferenceError, match="batch must be >= 1"):
+        render_speech(model, info, _speech()[:, 0], clip=clip, batch=0)

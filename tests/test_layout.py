@@ -108,3 +108,17 @@ def test_shared_buffer_views_accumulate_gradients():
     assert g_permute._base is not None
     with pytest.raises(ValueError, match="planes_view"):
         planes_view(buf[0])
+
+
+def test_planes_view_hands_back_an_owning_gradient_for_channels_last_gradients():
+    """The field op's plane gradient is channels-last memory viewed [B, 3, C, H, W]: permuted back to
+    the buffer's [B, 3, H, W, C] it is already contiguous, so ``.contiguous()`` copies nothing and
+    only the detach makes the gradient handed back a tensor of its own (no ``_base``), which autograd
+    may add the next call's gradient into in place. Values unchanged."""
+    from talk3d.ops.layout import channels_last_buffer, planes_view
+
+    planes = torch.randn(1, 3, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    buf = channels_last_buffer(planes)
+    incoming = torch.randn(1, 3, 5, 6, 4, dtype=torch.float64)  # [B, 3, H, W, C] memory
+    (g,) = torch.autograd.grad(planes_view(buf), buf, incoming.permute(0, 1, 4, 2, 3))
+    assert torch.equal(g, incoming) and g.is_contiguous() and g._base is None

@@ -126,3 +126,21 @@ def test_opcheck():
     bits = pack_bits(torch.rand(6, 6, 6, generator=torch.Generator().manual_seed(0)) < 0.3)
     for outside in (False, True):
         torch.library.opcheck(torch.ops.talk3d.occupied_intervals.default, (o, d, t, bits, 6, 1.2, outside))
+
+
+def test_auto_depths_coarse_step_is_the_cube_diagonal_spacing():
+    """With ``ray_start='auto'`` each ray samples its own segment through the cube; the grid's
+    opacity step is the largest such spacing: the cube's diagonal (sqrt(3) * box_warp, the longest
+    segment, by ray_box_limits along it) over the coarse intervals."""
+    import math
+
+    from talk3d.render import RenderConfig
+    from talk3d.render.cameras import ray_box_limits
+
+    for box in (1.0, 2.0):
+        cfg = RenderConfig(ray_start="auto", ray_end="auto", coarse_samples=12, box_warp=box)
+        assert cfg.coarse_step == pytest.approx(math.sqrt(3) * box / 11, rel=1e-12)
+        o = torch.tensor([[[-box, -box, -box]]], dtype=torch.float64)
+        start, end, hit = ray_box_limits(o, -o / o.norm(), box)
+        assert bool(hit.all()) and cfg.coarse_step == pytest.approx(float(end - start) / 11, rel=1e-12)
+    assert RenderConfig().coarse_step == pytest.approx((3.3 - 2.25) / 47, rel=1e-12)

@@ -720,3 +720,155 @@ def test_composite_selected_left_out_samples_never_tie_the_deepest():
     want = composite(pick(s_sel)[None, ..., None], f_sel[None], pick(t_sel)[None, ..., None], impl="torch")
     for name, got, exp in zip(("feature image", "depth", "weight sum"), (img, depth, wsum), want):
         torch.testing.assert_close(got, exp, atol=SELECTED_ATOL, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Mutation audit of the Python rendering code (2026-12-07): behaviour the tests above did not pin.
+
+# A render against the same rays composited by hand from the reference field: both are fp32 PyTorch
+# on the same points (the render's depths come from the same linspace), so only the order of a few
+# fp32 sums of O(1) terms differs. Measured on the CPU VM: 0 dense, 2.4e-7 (2 ulps) with the full
+# grid, whose path sums the features ray by ray; 1e-6 allows a few ulps.
+LAYOUT_ATOL = 1e-6
+
+
+@pytest.mark.parametrize("depths", ["fixed", "auto"])
+def test_image_pixel_row_col_is_ray_row_times_res_plus_col(depths):
+    """Pixel (row, col) of every output image (features, depth, weight sum) is ray
+    ``row * res + col`` of :func:`generate_rays` (row = image down), composited here by hand from
+    the reference field and compositing op, dense and with a full grid; with ``ray_start='auto'``
+    each ray's depths run from where it enters the cube to where it leaves it
+    (:func:`ray_box_limits`). The scene is seen off-axis, so a transposed image, or depths run
+    backwards, would not match."""
+    from talk3d.ops import composite
+    from talk3d.ops.reference.triplane_field import triplane_field as reference_field
+    from talk3d.render.cameras import generate_rays, ray_box_limits
+
+    planes, dec, cams, _ = _scene(yaw=0.4, pitch=-0.2)
+    res, S = 6, 8
+    limits = dict(ray_start="auto", ray_end="auto") if depths == "auto" else {}
+    cfg = RenderConfig(resolution=res, coarse_samples=S, importance_samples=0, **limits)
+    o, d = generate_rays(cams, res)
+    if depths == "auto":
+        start, end, hit = ray_box_limits(o, d, cfg.box_warp)
+        assert bool(hit.all()) and float(start.max() - start.min()) > 0.1  # a depth range per ray
+    else:
+        start, end = cfg.ray_start, cfg.ray_end
+    t = (start + (end - start) * torch.linspace(0, 1, S)).expand(1, res * res, S)[..., None]
+    xyz = (o[:, :, None] + d[:, :, None] * t).reshape(1, -1, 3)
+    sigma, feat = reference_field(planes, xyz, *dec, box_warp=cfg.box_warp, axes=cfg.axes)
+    want = composite(sigma.view(1, res * res, S, 1), feat.view(1, res * res, S, -1), t, impl="torch")
+    img = want[0][0].view(res, res, -1)
+    assert (img - img.transpose(0, 1)).abs().max() > 0.05  # not symmetric about the diagonal
+    for kw in ({}, dict(grid=OccupancyGrid(8).fill())):
+        out = render(planes, dec, cams, cfg, impl="torch", deterministic=True, **kw)
+        for name, got, rays in zip(("feature_image", "depth", "weight_sum"),
+                                   (out.feature_image, out.depth, out.weight_sum), want):
+            expected = rays[0].view(res, res, -1).permute(2, 0, 1)  # [C, row, col] from ray row * res + col
+            torch.testing.assert_close(got[0], expected, atol=LAYOUT_ATOL, rtol=0, msg=lambda m: f"{name} {kw}: {m}")
+
+
+def test_chunked_early_stop_stops_each_ray_at_its_coarse_transmittance():
+    """With ``chunk`` and ``early_stop`` (a full grid, no importance pass) a ray evaluates chunk
+    after chunk of coarse samples until the transmittance over its evaluated intervals falls under
+    ``early_stop``: it takes the first m in (chunk, 2 chunk, ..., S) with T(m) < early_stop (or S),
+    T(m) the product of ``exp(-softplus(sigma_mid - 1) * delta) + 1e-10`` over its first m - 1
+    intervals, worked out here in float64 from the reference field. samples_per_ray is the mean m."""
+    from talk3d.ops.reference.triplane_field import triplane_field as reference_field
+    from talk3d.render.cameras import generate_rays
+
+    planes, dec, cams, _ = _scene(yaw=0.3, pitch=0.1)
+    res, S, chunk, stop = 8, 24, 4, 1e-2
+    cfg = RenderConfig(resolution=res, coarse_samples=S, importance_samples=0)
+    o, d = generate_rays(cams, res)
+    t = torch.linspace(cfg.ray_start, cfg.ray_end, S)
+    xyz = (o[:, :, None] + d[:, :, None] * t[:, None]).reshape(1, -1, 3)
+    sigma, _ = reference_field(planes, xyz, *dec, box_warp=cfg.box_warp, axes=cfg.axes)
+    sigma, t = sigma.view(res * res, S).double(), t.double()
+    density = torch.nn.functional.softplus((sigma[:, :-1] + sigma[:, 1:]) / 2 - 1)
+    after = (torch.exp(-density * (t[1:] - t[:-1])) + 1e-10).cumprod(dim=1)  # after[:, m - 2]: T(m)
+    expected = []
+    for r in range(res * res):
+        m = chunk
+        while m < S and after[r, m - 2] >= stop:
+            m = min(m + chunk, S)
+        expected.append(m)
+    # Every decision is far from the threshold (measured: T at least 10 % off it), so fp32 against
+    # float64 cannot flip one; rays stop at different chunks.
+    decided = after[:, chunk - 2::chunk]
+    assert float((decided / stop).log().abs().min()) > 0.05 and len(set(expected)) > 2
+    out = render(planes, dec, cams, cfg, impl="torch", deterministic=True, grid=OccupancyGrid(8).fill(),
+                 early_stop=stop, chunk=chunk)
+    assert out.samples_per_ray == pytest.approx(sum(expected) / len(expected), abs=1e-9)
+
+
+def test_jitter_of_exactly_one_is_refused():
+    """Coarse jitter lies in [0, 1): a jitter of exactly 1 would put a depth on the next bin's
+    linspace depth, so it is refused like any other value outside the range."""
+    with pytest.raises(ValueError, match=r"jitter must lie in \[0, 1\)"):
+        stratified_depths(4, 2.0, 3.0, (1, 1), jitter=torch.tensor([[[0.0, 0.5, 1.0, 0.25]]]))
+    nearly = torch.tensor([[[0.0, 0.5, 1.0 - 2**-24, 0.25]]])  # the largest float32 below 1 passes
+    assert stratified_depths(4, 2.0, 3.0, (1, 1), jitter=nearly).shape == (1, 1, 4, 1)
+
+
+def test_render_check_cameras_false_runs_no_camera_check(monkeypatch):
+    """``check_cameras=False`` skips the cameras' checks (each reads the device back: a GPU sync a
+    frame); by default the render checks them once."""
+    import talk3d.render.cameras as cameras_module
+
+    planes, dec, cams, _ = _scene()
+    calls = []
+    real = cameras_module._check_cameras
+    monkeypatch.setattr(cameras_module, "_check_cameras", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    cfg = RenderConfig(resolution=2, coarse_samples=4, importance_samples=0)
+    render(planes, dec, cams, cfg, impl="torch", deterministic=True)
+    assert calls == ["generate_rays"]
+    calls.clear()
+    render(planes, dec, cams, cfg, impl="torch", deterministic=True, check_cameras=False)
+    assert calls == []
+
+
+def test_dead_bins_receive_no_importance_sample():
+    """``live_bins``: a dead bin's probability is exactly 0, the epsilon included. With one live
+    bin k every depth is, by hand, ``mids[k] + u * (mids[k + 1] - mids[k])`` (the whole CDF step is
+    in bin k); an epsilon left on the dead bins would send about 1 % of the draws there."""
+    S, n, k = 16, 2000, 6
+    t = stratified_depths(S, 2.0, 3.0, (1, 1), deterministic=True, dtype=torch.float64)
+    w = torch.zeros(1, 1, S - 1, 1, dtype=torch.float64)  # smoothed: 0.01 everywhere, the floor alone
+    live = torch.zeros(1, 1, S - 3, dtype=torch.bool)
+    live[..., k] = True
+    u = torch.rand(1, 1, n, dtype=torch.float64)
+    got = importance_depths(t, w, n, u=u, live_bins=live)[0, 0, :, 0]
+    mids = (t[0, 0, :-1, 0] + t[0, 0, 1:, 0]) / 2
+    torch.testing.assert_close(got, mids[k] + u[0, 0] * (mids[k + 1] - mids[k]), atol=HAND_ATOL, rtol=0)
+    # A ray with no live bin at all: a pdf of zeros, no division by its zero sum (NaN depths); its
+    # depths stay finite, within the bins.
+    none = importance_depths(t, w, 8, u=u[..., :8], live_bins=torch.zeros_like(live))[0, 0, :, 0]
+    assert bool(((none >= mids[0]) & (none <= mids[-1])).all())
+
+
+# Half-precision features summed in fp32 against the fp32 sum of the same (widened) values: only the
+# order of fp32 sums of 16 O(1) terms differs (measured 2.4e-7 on the CPU VM); a bf16 sum of
+# bf16-rounded weights instead is off by 3.1e-3 (measured).
+WIDENED_SUM_ATOL = 1e-6
+
+
+def test_half_features_are_summed_in_fp32_on_the_cpu():
+    """On the CPU, bf16 field outputs are widened before the dense path's per-pass feature sums
+    (``_composite_unmerged``, which ``impl='auto'`` takes with bf16 planes there), so the image is the
+    fp32 composite of the bf16 values; a bf16 matrix product of bf16-rounded weights is not."""
+    from talk3d.ops import composite
+    from talk3d.render.renderer import _composite_unmerged
+
+    B, R, Sc, Si, F = 1, 5, 10, 6, 4
+    sigma = (torch.randn(B, R, Sc + Si, 1) * 3 + 2).to(torch.bfloat16)
+    feat = torch.rand(B, R, Sc + Si, F).to(torch.bfloat16)
+    t = torch.cat([torch.linspace(2.25, 3.3, Sc).expand(B, R, Sc), 2.25 + 1.05 * torch.rand(B, R, Si)], dim=2)[..., None]
+    img, depth, wsum = _composite_unmerged(sigma[:, :, :Sc], feat[:, :, :Sc], sigma[:, :, Sc:], feat[:, :, Sc:], t,
+                                           "cpu")
+    order = t.argsort(dim=2)
+    take = lambda x: x.gather(2, order.expand(-1, -1, -1, x.shape[-1]))  # noqa: E731
+    want = composite(take(sigma.float()), take(feat.float()), take(t), impl="torch")
+    assert img.dtype == torch.float32
+    for name, got, exp in zip(("feature image", "depth", "weight sum"), (img, depth, wsum), want):
+        torch.testing.assert_close(got, exp, atol=WIDENED_SUM_ATOL, rtol=0, msg=lambda m: f"{name}: {m}")
