@@ -94,18 +94,6 @@ def test_importance_depths_match_independent_implementation():
     np.testing.assert_allclose(det[0, 0, :, 0].numpy(), ref, rtol=0, atol=SMOOTHING_ATOL)
 
 
-def test_importance_depths_restricted_to_live_bins():
-    t = stratified_depths(16, 2.0, 3.0, (1, 1), deterministic=True, dtype=torch.float64)
-    w = torch.rand(1, 1, 15, 1, dtype=torch.float64)
-    live = torch.zeros(1, 1, 13, dtype=torch.bool)
-    live[..., 4:7] = True
-    d = importance_depths(t, w, 200, live_bins=live)[0, 0, :, 0]
-    mids = (t[0, 0, :-1, 0] + t[0, 0, 1:, 0]) / 2
-    assert bool(((d >= mids[4]) & (d <= mids[7])).all())
-    full = importance_depths(t, w, 50, u=torch.rand(1, 1, 50, dtype=torch.float64), live_bins=torch.ones_like(live))
-    assert full.shape == (1, 1, 50, 1)
-
-
 def _scene(res=24, B=1, yaw=0.25, pitch=-0.1):
     planes, dec = head_scene(plane_res=32, generator=torch.Generator().manual_seed(3))
     planes = planes.expand(B, -1, -1, -1, -1).contiguous()
@@ -828,23 +816,15 @@ def test_render_check_cameras_false_runs_no_camera_check(monkeypatch):
     assert calls == []
 
 
-def test_dead_bins_receive_no_importance_sample():
-    """``live_bins``: a dead bin's probability is exactly 0, the epsilon included. With one live
-    bin k every depth is, by hand, ``mids[k] + u * (mids[k + 1] - mids[k])`` (the whole CDF step is
-    in bin k); an epsilon left on the dead bins would send about 1 % of the draws there."""
-    S, n, k = 16, 2000, 6
-    t = stratified_depths(S, 2.0, 3.0, (1, 1), deterministic=True, dtype=torch.float64)
-    w = torch.zeros(1, 1, S - 1, 1, dtype=torch.float64)  # smoothed: 0.01 everywhere, the floor alone
-    live = torch.zeros(1, 1, S - 3, dtype=torch.bool)
-    live[..., k] = True
-    u = torch.rand(1, 1, n, dtype=torch.float64)
-    got = importance_depths(t, w, n, u=u, live_bins=live)[0, 0, :, 0]
-    mids = (t[0, 0, :-1, 0] + t[0, 0, 1:, 0]) / 2
-    torch.testing.assert_close(got, mids[k] + u[0, 0] * (mids[k + 1] - mids[k]), atol=HAND_ATOL, rtol=0)
-    # A ray with no live bin at all: a pdf of zeros, no division by its zero sum (NaN depths); its
-    # depths stay finite, within the bins.
-    none = importance_depths(t, w, 8, u=u[..., :8], live_bins=torch.zeros_like(live))[0, 0, :, 0]
-    assert bool(((none >= mids[0]) & (none <= mids[-1])).all())
+def test_weights_summing_to_zero_give_finite_depths():
+    """:func:`invert_cdf` does not divide a row of zero weights by its zero sum (NaN depths): by
+    hand, every u falls past the flat CDF's last step, onto the edge ``bins_W``."""
+    from talk3d.render.sampling import invert_cdf
+
+    bins = torch.linspace(2.0, 3.0, 9, dtype=torch.float64)[None]  # [1, K = 9]
+    weights = torch.zeros(1, 6, dtype=torch.float64)  # W = 6 <= K - 1
+    u = torch.tensor([[0.0, 0.3, 0.999]], dtype=torch.float64)
+    torch.testing.assert_close(invert_cdf(bins, weights, u), bins[:, 6:7].expand(1, 3), atol=HAND_ATOL, rtol=0)
 
 
 # Half-precision features summed in fp32 against the fp32 sum of the same (widened) values: only the

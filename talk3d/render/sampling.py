@@ -89,10 +89,10 @@ def smoothed_weights(weights: torch.Tensor) -> torch.Tensor:
 def invert_cdf(bins: torch.Tensor, weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Draw depths from the piecewise-constant pdf ``weights`` over ``bins`` by inverting its CDF.
 
-    Follows EG3D: ``PDF_EPS`` is added to the weights, and bins ``[bins_k, bins_{k+1}]`` for
-    ``k < M_w`` carry weight ``k`` (bins has more edges than there are weights; the extra edges
-    at the end are never reached). Weights that are exactly zero after ``* mask`` stay zero only
-    if the caller zeroes them after the epsilon: see :func:`importance_depths`.
+    Follows EG3D's inversion: bins ``[bins_k, bins_{k+1}]`` for ``k < W`` carry weight ``k`` (bins
+    has more edges than there are weights; the extra edges at the end are never reached). The
+    caller adds EG3D's ``PDF_EPS`` to the weights (:func:`importance_depths`). A row of weights that
+    sums to zero is not divided by its sum: its depths are the edge ``bins_W`` (finite, not NaN).
 
     Args:
         bins: ``[M, K]`` sorted edges. weights: ``[M, W]`` with ``W <= K - 1``, non-negative.
@@ -121,7 +121,6 @@ def importance_depths(
     *,
     u: torch.Tensor | None = None,
     deterministic: bool = False,
-    live_bins: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """EG3D's importance depths from the coarse pass (no gradient).
@@ -135,8 +134,6 @@ def importance_depths(
         n: depths to draw per ray.
         u: optional ``[B, R, n]`` uniforms in [0, 1) (EG3D: plain, not stratified, uniforms).
         deterministic: ``u = linspace(0, 1, n)`` (EG3D's ``det``).
-        live_bins: optional ``[B, R, S - 3]`` bool: bins that may receive samples (occupancy
-            skipping); dead bins get probability exactly 0. All True reproduces the dense result.
 
     Returns:
         ``[B, R, n, 1]`` depths (not sorted).
@@ -149,8 +146,6 @@ def importance_depths(
         w = smoothed_weights(weights.reshape(B * R, S - 1))
         mids = (tt[:, :-1] + tt[:, 1:]) / 2
         interior = w[:, 1:-1] + PDF_EPS
-        if live_bins is not None:
-            interior = interior * live_bins.reshape(B * R, S - 3).to(interior.dtype)
         if u is None:
             if deterministic:
                 u = torch.linspace(0, 1, n, device=t.device, dtype=t.dtype).expand(B * R, n)
