@@ -202,6 +202,44 @@ def test_matches_the_functional_definition(model, alex_weights):
     torch.testing.assert_close(model(x, y), functional_lpips_alex(x, y, *alex_weights), rtol=FUNCTIONAL_RTOL, atol=0)
 
 
+def functional_lpips_vgg(x, y, backbone: dict, heads: dict) -> torch.Tensor:
+    """LPIPS v0.1 (VGG16) from its definition, as functional_lpips_alex: torchvision's VGG16
+    features (3x3 convs, padding 1, 2x2 max-pools between the five blocks), tapped at relu1_2,
+    relu2_2, relu3_3, relu4_3 and relu5_3, the last ReLU of each block."""
+    import torch.nn.functional as F
+
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    blocks = ((0, 2), (5, 7), (10, 12, 14), (17, 19, 21), (24, 26, 28))  # torchvision's conv indices
+
+    def taps(img):
+        h, out = (img - shift) / scale, []
+        for j, convs in enumerate(blocks):
+            if j:
+                h = F.max_pool2d(h, 2, 2)
+            for i in convs:
+                h = F.relu(F.conv2d(h, backbone[f"features.{i}.weight"], backbone[f"features.{i}.bias"], padding=1))
+            out.append(h)
+        return out
+
+    total = 0
+    for k, (a, b) in enumerate(zip(taps(x), taps(y))):
+        a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        total = total + F.conv2d((a - b) ** 2, heads[f"lin{k}.model.1.weight"]).mean(dim=(1, 2, 3))
+    return total
+
+
+def test_vgg_matches_the_functional_definition():
+    """The VGG variant against its definition: test_vgg_jax_pickle_matches_direct_weights compares
+    two loads of the same module, which agree whichever layers it taps."""
+    backbone, heads = random_weights("vgg", seed=4)
+    x, y = images(2, seed=6)
+    x, y = x[..., :32, :32], y[..., :32, :32]
+    got = LPIPS(LPIPSWeights("vgg", backbone, heads))(x, y)
+    torch.testing.assert_close(got, functional_lpips_vgg(x, y, backbone, heads), rtol=FUNCTIONAL_RTOL, atol=0)
+
+
 def test_normalize_flag_maps_unit_range_to_lpips_range(model):
     x, y = images()
     torch.testing.assert_close(model((x + 1) / 2, (y + 1) / 2, normalize=True), model(x, y))

@@ -305,6 +305,27 @@ def test_personalize_api_checks_frames():
         torch.testing.assert_close(res.cameras, want, rtol=0, atol=0)
 
 
+def test_reconstruction_loss_weighs_the_face_fully_and_the_background_less():
+    """reconstruction_loss's L1 is a weighted mean with weight 1 on the face mask and
+    background_weight off it (the face decides the identity). By hand: an error of 1 on the 4
+    face pixels of a 4x4 image, none elsewhere, weighs 4 x 1 against 4 x 1 + 12 x 0.25 = 7; the
+    optimisation tests pass with the weights the other way round."""
+    from talk3d.personalize import reconstruction_loss
+
+    cfg = PersonalizeConfig(background_weight=0.25, raw_weight=1.0)
+    target = torch.rand(1, 3, 4, 4) * 2 - 1
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., 1:3, 1:3] = 1.0
+    out = {"image": target + mask, "image_raw": torch.nn.functional.interpolate(target, size=(2, 2), mode="area")}
+    loss, logs = reconstruction_loss(out, target, mask, cfg)
+    torch.testing.assert_close(loss, torch.tensor([4.0 / 7.0]))
+    assert logs["l1_raw"] == pytest.approx(0.0, abs=1e-7)
+    # Unmasked, and with background_weight 1: the plain mean, 4 / 16.
+    torch.testing.assert_close(reconstruction_loss(out, target, None, cfg)[0], torch.tensor([0.25]))
+    full = dataclasses.replace(cfg, background_weight=1.0)
+    torch.testing.assert_close(reconstruction_loss(out, target, mask, full)[0], torch.tensor([0.25]))
+
+
 def test_training_starts_from_a_personalised_prior(tmp_path):
     """train --prior PERSONAL: the identity triplane is the personalised w_ID's, kept fixed."""
     import dataclasses
@@ -423,6 +444,47 @@ def test_per_frame_inversion_resumes_bit_identically(tracking_problem, tmp_path)
     path.write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="unreadable per-frame inversion state"):
         TrackState.load(path, p["n"], settings)
+
+
+def test_per_frame_inversion_stops_after_patience_steps_without_improvement(tracking_problem):
+    """A frame stops once `patience` evaluations in a row have not improved its best loss. With
+    lr_camera 0 nothing ever improves after the first evaluation (which sets the best), so every
+    frame runs exactly patience + 1 evaluations and keeps its starting deltas."""
+    from talk3d.personalize import TrackConfig, track_batch
+
+    p = tracking_problem
+    tcfg = TrackConfig(lr_camera=0.0, patience=3, max_steps=20)
+    res = track_batch(p["g"], p["w"], p["images"][:2], p["tracked"][:2], None, torch.zeros(2, 2), None,
+                      PersonalizeConfig(), tcfg, pivot=p["g"].cfg.camera_pivot)
+    assert res["steps"].tolist() == [tcfg.patience + 1] * 2
+    assert torch.equal(res["deltas"], torch.zeros(2, 2))
+    torch.testing.assert_close(res["loss_best"], res["loss_first"], rtol=0, atol=0)
+
+
+def test_per_frame_inversion_warm_starts_each_batch_from_the_last_solved_frame(tracking_problem, monkeypatch):
+    """track_video starts every batch after the first from the previous batch's last frame's
+    deltas (and gives it max_steps; the first batch, started cold, gets first_steps). A stand-in
+    for track_batch records what each batch was started from; batch k "solves" its frames to k + 1."""
+    import talk3d.personalize.track as track
+    from talk3d.personalize import TrackConfig, track_video
+
+    p = tracking_problem
+    g = p["g"]
+    calls = []
+
+    def fake_track_batch(gen, w_id, images, cameras, masks, init_deltas, init_offsets, cfg, tcfg, *, pivot, lpips=None):
+        b = images.shape[0]
+        calls.append((init_deltas.clone(), tcfg.max_steps))
+        value = float(len(calls))
+        return {"deltas": torch.full((b, 2), value), "offsets": torch.full((b, g.num_ws, w_id.shape[-1]), value),
+                "loss_first": torch.ones(b), "loss_best": torch.ones(b), "steps": torch.ones(b, dtype=torch.int64)}
+
+    monkeypatch.setattr(track, "track_batch", fake_track_batch)
+    tcfg = TrackConfig(batch=3, max_steps=7, first_steps=11)
+    state = track_video(g, p["w"], _loader(p), p["n"], PersonalizeConfig(), tcfg, pivot=g.cfg.camera_pivot)
+    assert [steps for _, steps in calls] == [11, 7, 7]
+    assert [d.tolist() for d, _ in calls] == [[[0.0, 0.0]] * 3, [[1.0, 1.0]] * 3, [[2.0, 2.0]] * 2]
+    np.testing.assert_array_equal(state.deltas[:, 0], [1, 1, 1, 2, 2, 2, 3, 3])
 
 
 def test_refined_pose_matches_refined_cameras():

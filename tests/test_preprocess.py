@@ -181,6 +181,59 @@ def test_pnp_recovers_exact_pose():
     assert rms.max() < 1e-3 and (t[:, 2] > 0).all()
 
 
+#: iBUG-68's left-right mirror: landmark i of a face is landmark IBUG_MIRROR[i] of its mirror image
+#: (jaw 0-16 reversed, brows 17-21 <-> 26-22, nose bridge 27-30 on the midline, nostrils 31-35
+#: reversed, eyes 36-41 <-> 45, 44, 43, 42, 47, 46, outer lips 48-54 reversed and 55-59 reversed,
+#: inner lips 60-64 reversed and 65-67 reversed).
+IBUG_MIRROR = (list(range(16, -1, -1)) + list(range(26, 16, -1)) + [27, 28, 29, 30] + list(range(35, 30, -1))
+               + [45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40] + list(range(54, 47, -1)) + list(range(59, 54, -1))
+               + list(range(64, 59, -1)) + list(range(67, 64, -1)))
+
+
+def test_generic_template_is_mirror_symmetric():
+    """The generic face is a symmetric one: mirrored in x (x -> -x) and relabelled by iBUG's mirror
+    map it is itself. A point of one half mistyped or mis-ordered when the other half is mirrored
+    from it breaks this; the pose tests miss such a slip in a point the fit does not weigh."""
+    assert sorted(IBUG_MIRROR) == list(range(68))
+    mirrored = GENERIC_TEMPLATE[IBUG_MIRROR] * [-1, 1, 1]
+    np.testing.assert_array_equal(mirrored, GENERIC_TEMPLATE)
+    np.testing.assert_array_equal(POSE_WEIGHTS[IBUG_MIRROR], POSE_WEIGHTS)
+
+
+def test_pnp_rms_is_the_weighted_residual_at_the_returned_pose():
+    """solve_pnp's rms is the weighted root-mean-square reprojection residual, per image coordinate
+    (sqrt(sum_k w_k |r_k|^2 / (2 sum_k w_k))), of the pose it returns: recomputed here with the
+    pinhole model written out, on noisy points so that the residual is not 0. (The exact-pose test
+    only checks rms ~ 0, which any scale of it passes.)"""
+    rng = np.random.default_rng(0)
+    pose = np.radians([[10.0, -5.0, 3.0]])
+    pts = project_points(GENERIC_TEMPLATE / 1000.0, head_cameras(pose).numpy(), 512).astype(np.float64)
+    pts += rng.normal(scale=2.0, size=pts.shape)
+    focal, centre = 3.6 * 512, 256.0
+    rot, t, rms = solve_pnp(pts, GENERIC_TEMPLATE, POSE_WEIGHTS, focal, centre)
+    cam = (rot[0] @ GENERIC_TEMPLATE.T).T * [1, -1, -1] + t[0]  # view diag(1, -1, -1): a camera on +z
+    residual = focal * cam[:, :2] / cam[:, 2:] + centre - pts[0]
+    want = np.sqrt((POSE_WEIGHTS * (residual ** 2).sum(1)).sum() / (2 * POSE_WEIGHTS.sum()))
+    assert 0.5 < want < 5.0  # the noise is there
+    assert rms[0] == pytest.approx(want, rel=1e-6)
+
+
+def test_rotvec_to_matrix_is_right_handed_rodrigues():
+    """rotvec_to_matrix(theta * axis) turns by theta counter-clockwise about the axis (right hand):
+    about z, (1, 0, 0) goes to (cos, sin, 0). The pose fit itself cannot see the sign (it steps
+    with the same function and its numerical Jacobian), so only the function's own contract does."""
+    from talk3d.preprocess.pose import rotvec_to_matrix
+
+    t = 0.7
+    c, s = np.cos(t), np.sin(t)
+    want = np.array([[[c, -s, 0], [s, c, 0], [0, 0, 1]],    # about z
+                     [[1, 0, 0], [0, c, -s], [0, s, c]],    # about x
+                     [[c, 0, s], [0, 1, 0], [-s, 0, c]]])   # about y
+    got = rotvec_to_matrix(np.array([[0, 0, t], [t, 0, 0], [0, t, 0]]))
+    np.testing.assert_allclose(got, want, atol=1e-15)
+    np.testing.assert_array_equal(rotvec_to_matrix(np.zeros((1, 3))), np.eye(3)[None])  # the small-angle branch
+
+
 def test_video_roundtrip_decode(clip):
     """PyAV writes and reads back the clip: 25 fps, all frames, audio aligned within 1 frame."""
     from talk3d.preprocess.video import iter_frames, probe_video, read_audio_track
@@ -323,6 +376,202 @@ def test_crops_are_framed_for_the_rig():
         assert np.abs(to_crop(image, c2, x2, 1) - rig[None]).max() < FRAMING_TOL
     # Talk3D's lens sees the head at 0.84 of FFHQ's size: the crop is 1.18x larger.
     assert np.allclose(np.linalg.norm(x2, axis=1) / np.linalg.norm(x, axis=1), 4.2647 / 3.6, rtol=1e-3)
+
+
+#: Grey levels: the crop resamples in float and rounds; where the expected value is a box mean
+#: (k / 16) it can sit on a .5 and round either way.
+CROP_ROUND_TOL = 1
+
+
+def test_crop_frames_picks_its_window_in_wide_and_shrunk_frames():
+    """crop_frames on a frame that is not square, and with the >= 2x shrink path: a square aligned
+    with the pixel grid must give exactly that window of the frame (or of its box-averaged copy).
+    test_crop_frames_identity has a square frame and no shrink, so it cannot tell width from
+    height nor see the offset of the shrunk map."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 255, (1, 48, 96, 3), dtype=np.uint8)  # H 48, W 96
+    # Centre (60, 24), half side 16: x in [44, 76), y in [8, 40) at 1 image pixel per crop pixel.
+    out = crop_frames(wide, np.array([[60.0, 24.0]]), np.array([[16.0, 0.0]]), 32)
+    assert np.array_equal(out[0], wide[0, 8:40, 44:76])
+    # 4 image pixels per crop pixel: the frame is box-averaged 4x4 first, and the window
+    # x in [48, 112), y in [16, 80) is the pooled frame's columns 12-27, rows 4-19.
+    big = rng.integers(0, 255, (1, 128, 128, 3), dtype=np.uint8)
+    out = crop_frames(big, np.array([[80.0, 48.0]]), np.array([[32.0, 0.0]]), 16)
+    pooled = torch.nn.functional.avg_pool2d(torch.from_numpy(big).permute(0, 3, 1, 2).double(), 4)
+    want = pooled.permute(0, 2, 3, 1)[0, 4:20, 12:28].numpy()
+    assert np.abs(out[0].astype(float) - want).max() <= CROP_ROUND_TOL
+
+
+def _convex_polygon_distance(poly: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """Distance of points [P, 2] to a convex polygon [M, 2] (counter-clockwise or not); 0 inside."""
+    a, b = poly, np.roll(poly, -1, axis=0)
+    ab, ap = b - a, pts[:, None] - a[None]
+    t = np.clip((ap * ab).sum(-1) / (ab * ab).sum(-1), 0, 1)
+    seg = np.linalg.norm(ap - t[..., None] * ab, axis=-1).min(1)
+    cross = ab[None, :, 0] * ap[..., 1] - ab[None, :, 1] * ap[..., 0]
+    inside = (cross >= 0).all(1) | (cross <= 0).all(1)
+    return np.where(inside, 0.0, seg)
+
+
+#: Pixels of slack on the mouth mask's reach (see the test).
+MOUTH_REACH_SLACK_PX = 1.5
+
+
+def test_mouth_mask_reaches_its_dilation():
+    """The mouth mask reaches MOUTH_DILATION x the mouth width beyond the outer lip line, all
+    round. The pipeline's lip-cover test passes with half that reach."""
+    from talk3d.preprocess.masks import MOUTH_DILATION, mouth_masks
+
+    size = 64
+    lm = np.zeros((1, 68, 2))
+    lips = [(20, 32), (24, 28), (28, 28), (32, 28), (36, 28), (40, 28), (44, 32),  # 48 corner .. 54 corner
+            (40, 36), (36, 36), (32, 36), (28, 36), (24, 36)]                    # 55 .. 59 lower lip
+    lm[0, 48:60] = lips
+    mask = mouth_masks(lm, size)[0]
+    reach = MOUTH_DILATION * 24.0  # mouth width: corner 48 to corner 54
+    centres = np.stack(np.meshgrid(np.arange(size) + 0.5, np.arange(size) + 0.5), -1).reshape(-1, 2)
+    d = _convex_polygon_distance(np.array(lips, float), centres).reshape(size, size)
+    # Slack: the outline is drawn with a whole-pixel width and PIL's polygon fill snaps the
+    # vertices down to the pixel grid (measured at a reach of 4.8: every pixel centre nearer than
+    # 4.95 px is in, none farther than 6.04 px).
+    assert mask[d <= reach - MOUTH_REACH_SLACK_PX].all()
+    assert not mask[d >= reach + MOUTH_REACH_SLACK_PX].any()
+
+
+def _symmetric_face(size: int) -> np.ndarray:
+    """[1, 68, 2] crop pixels: the generic template seen from the front, mirror-symmetric about
+    the crop's vertical centre line (x = size / 2)."""
+    scale = 0.12 * size / 64  # px per mm: a small face, so that neck and shoulders show
+    lm = np.stack([size / 2 + scale * GENERIC_TEMPLATE[:, 0], 0.3 * size - scale * GENERIC_TEMPLATE[:, 1]], -1)
+    return lm[None]
+
+
+#: Pixels: how far each row of a mirror-symmetric face's foreground mask may have its centre off
+#: the symmetry line. PIL's polygon fill snaps vertices down to the pixel grid, which adds a pixel
+#: on the left edge of a row (measured 0.5 px).
+FOREGROUND_CENTRE_TOL_PX = 1.0
+
+
+def test_foreground_mask_of_a_symmetric_face_is_symmetric():
+    """The landmark-drawn foreground (face, hair, neck, shoulders) is built in the face's own
+    frame, so a frontal, mirror-symmetric face gives a mirror-symmetric mask: a neck or hair
+    shape pushed sideways (a u/r mix-up) shows as a large asymmetry."""
+    from talk3d.preprocess.masks import foreground_masks
+
+    size = 64
+    fg = foreground_masks(_symmetric_face(size), size)[0]
+    assert 0.2 < fg.mean() < 0.9  # a person, not nothing or everything
+    rows = fg.any(1)
+    centre = (fg * (np.arange(size) + 0.5)).sum(1)[rows] / fg.sum(1)[rows]
+    assert np.abs(centre - size / 2).max() <= FOREGROUND_CENTRE_TOL_PX
+
+
+def test_frames_are_resampled_to_25_fps_by_nearest_timestamp(tmp_path):
+    """A 20-fps clip read at 25 fps: output frame n shows the source frame nearest to n / 25 s,
+    i.e. round(0.8 n) (never a tie), and the output runs to the end of the last source frame
+    (1 s: 25 frames). The other tests use 25-fps sources, where any rounding rule and any end
+    rule give the same frames."""
+    from talk3d.preprocess.video import iter_frames
+
+    levels = 10 + 12 * np.arange(20)  # source frame k is flat grey 10 + 12 k
+    frames = np.broadcast_to(levels[:, None, None, None], (20, 32, 32, 3)).astype(np.uint8)
+    path = write_video(tmp_path / "twenty.mp4", frames, fps=20)
+    got = [int(round((float(f.mean()) - 10) / 12)) for f in iter_frames(path)]
+    assert got == [round(0.8 * n) for n in range(25)]
+
+
+def test_audio_track_is_shifted_by_its_start_relative_to_the_video(tmp_path, monkeypatch):
+    """read_audio_track puts sample 0 at the video's first timestamp: audio that starts later is
+    padded with silence at the front, audio that starts earlier is cut. (The test clips' streams
+    start together, so the direction of the shift is not seen there.)"""
+    import talk3d.audio.files as files
+    from talk3d.preprocess.video import read_audio_track
+
+    wave = np.arange(1, 1601, dtype=np.float32)  # 0.1 s; sample i holds i + 1
+    monkeypatch.setattr(files, "decode_audio_stream", lambda path: (wave, 0.5))
+    later = read_audio_track(tmp_path / "any.mp4", start_time=0.45)  # audio starts 0.05 s late
+    assert np.array_equal(later[:800], np.zeros(800)) and np.array_equal(later[800:], wave)
+    earlier = read_audio_track(tmp_path / "any.mp4", start_time=0.55)  # audio started 0.05 s early
+    assert np.array_equal(earlier, wave[800:])
+
+
+def test_gap_filling_bridges_exactly_max_gap_frames():
+    """fill_and_smooth interpolates a run of up to MAX_GAP_FRAMES missed frames and refuses a
+    longer one (the pipeline tests only miss 3 frames in a row). The filled frames lie on the line
+    between the hits around the gap (checked unsmoothed: sigma 0)."""
+    from talk3d.preprocess.landmarks import MAX_GAP_FRAMES, fill_and_smooth
+
+    n = 100  # long enough that MAX_MISSING_FRACTION is not what refuses
+    raw = np.broadcast_to(np.arange(n, dtype=float)[:, None, None] * 2.0, (n, 68, 2)).copy()
+    found = np.ones(n, bool)
+    found[20:20 + MAX_GAP_FRAMES] = False
+    raw[~found] = 1e6  # whatever the detector left there
+    filled = fill_and_smooth(raw, found, sigma=0)
+    np.testing.assert_allclose(filled[:, 0, 0], np.arange(n) * 2.0)
+    found[20 + MAX_GAP_FRAMES] = False
+    with pytest.raises(PreprocessError, match=f"more than {MAX_GAP_FRAMES} frames in a row"):
+        fill_and_smooth(raw, found, sigma=0)
+
+
+#: The smoothing kernel is a Gaussian cut at 3 sigma and renormalised: its weights differ from the
+#: untruncated Gaussian's by the 0.27 % of its mass beyond 3 sigma.
+GAUSS_KERNEL_RTOL = 5e-3
+
+
+def test_gaussian_smooth_impulse_response_and_edges():
+    """gaussian_smooth's weights are the Gaussian's (an impulse comes out as the normalised
+    exp(-k^2 / 2 sigma^2), tails included out to 3 sigma), and the ends are reflected about the
+    end sample (x[2], x[1], x[0], x[1], ...), so the end sample is not counted twice. The
+    pipeline tests smooth real tracks, where a shorter kernel or another edge rule passes."""
+    from talk3d.preprocess.landmarks import gaussian_smooth
+
+    sigma, n = 2.0, 41
+    x = np.zeros(n)
+    x[20] = 1.0
+    out = gaussian_smooth(x, sigma)
+    k = np.arange(n) - 20
+    want = np.exp(-0.5 * (k / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi))
+    near = np.abs(k) <= 3 * sigma
+    np.testing.assert_allclose(out[near], want[near], rtol=GAUSS_KERNEL_RTOL)
+    assert np.all(out[~near] == 0)
+    # Reflection about the end sample ("x[1], x[0], x[1], x[2]"): an impulse at sample 1 seen at
+    # sample 0 gets the weight of offsets +1 and -1 (its mirror image lands on offset -1 too).
+    y = np.zeros(n)
+    y[1] = 1.0
+    w = np.exp(-0.5 * (np.arange(-6, 7) / sigma) ** 2)
+    w /= w.sum()
+    assert gaussian_smooth(y, sigma)[0] == pytest.approx(2 * w[6 + 1], rel=1e-12)
+
+
+def test_eye_aspect_ratio_and_blink_scale_by_hand():
+    """EAR = (|p2 - p6| + |p3 - p5|) / (2 |p1 - p4|) of each eye's six points (Soukupova and Cech),
+    averaged over the eyes; the blink scale maps the clip's open EAR (its OPEN_PERCENTILE) to 0
+    and CLOSED_EAR_RATIO of it to CLOSED_AU45, linearly and on past "closed". The pipeline's blink
+    test only correlates the result with the truth, which a wrong pairing of lid points passes."""
+    from talk3d.preprocess.blink import CLOSED_AU45, CLOSED_EAR_RATIO, blink_au45, eye_aspect_ratio
+
+    def eye(x0, up2, up3, lo5, lo6):
+        # corner (x0, 0), upper lid at x0 + 3 and x0 + 7, corner (x0 + 10, 0), lower lid at
+        # x0 + 7 and x0 + 3 (y down: the upper lid has negative y).
+        return [(x0, 0), (x0 + 3, -up2), (x0 + 7, -up3), (x0 + 10, 0), (x0 + 7, lo5), (x0 + 3, lo6)]
+
+    lm = np.zeros((1, 68, 2))
+    lm[0, 36:42] = eye(0, 1.0, 2.0, 1.0, 3.0)   # |p2-p6| = 4, |p3-p5| = 3 -> 7 / 20
+    lm[0, 42:48] = eye(20, 2.0, 2.0, 2.0, 2.0)  # 4 and 4 -> 8 / 20
+    assert eye_aspect_ratio(lm)[0] == pytest.approx(0.5 * (7 / 20 + 8 / 20), rel=1e-9)  # 1e-9 guards the division
+
+    # A clip with one eye opening: open 0.3, a frame at CLOSED_EAR_RATIO of it and one beyond.
+    ears = np.array([0.3] * 18 + [0.3 * CLOSED_EAR_RATIO, 0.3 * CLOSED_EAR_RATIO / 2])
+    clip = np.zeros((len(ears), 68, 2))
+    for i, e in enumerate(ears):  # both eyes 10 wide with both lid distances 10 e
+        clip[i, 36:42] = eye(0, 5 * e, 5 * e, 5 * e, 5 * e)
+        clip[i, 42:48] = eye(20, 5 * e, 5 * e, 5 * e, 5 * e)
+    blink, calib = blink_au45(clip)
+    assert calib["open_ear"] == pytest.approx(0.3)
+    closure_beyond = (1 - CLOSED_EAR_RATIO / 2) / (1 - CLOSED_EAR_RATIO)
+    np.testing.assert_allclose(blink, [0.0] * 18 + [CLOSED_AU45, CLOSED_AU45 * closure_beyond], rtol=1e-6, atol=1e-6)
 
 
 def test_dlib_detects_frontal_synthetic_head():
@@ -478,6 +727,21 @@ def test_audio_levels():
     levels = audio_levels(talk)
     assert not levels["quiet"] and levels["median_dbfs"] < -55
     assert audio_levels(np.zeros(0))["quiet"] and audio_levels(np.full(100, 0.5))["peak_dbfs"] == pytest.approx(-6.02, abs=0.01)
+
+
+def test_audio_levels_leave_out_the_partial_last_frame():
+    """Levels are taken over whole 40-ms frames: a tail shorter than a frame is left out, also when
+    there is a single whole frame (only a wave shorter than one frame is measured as it is). The
+    sample peak is of |x|. (test_audio_levels has whole frames and waves symmetric about 0.)"""
+    from talk3d.audio.features import SAMPLES_PER_FRAME
+    from talk3d.preprocess.loudness import audio_levels
+
+    wave = np.concatenate([np.full(SAMPLES_PER_FRAME, 0.1), np.full(300, 0.9)])  # a frame at -20 dBFS + a loud tail
+    levels = audio_levels(wave)
+    assert levels["loud_dbfs"] == pytest.approx(-20.0, abs=1e-9) and levels["median_dbfs"] == pytest.approx(-20.0, abs=1e-9)
+    assert levels["peak_dbfs"] == pytest.approx(20 * np.log10(0.9), abs=1e-9)  # the peak sees every sample
+    assert audio_levels(-wave)["peak_dbfs"] == levels["peak_dbfs"]  # ... of either sign
+    assert audio_levels(np.full(300, 0.9))["loud_dbfs"] == pytest.approx(20 * np.log10(0.9), abs=1e-9)
 
 
 def _portrait_phone_clip(path):

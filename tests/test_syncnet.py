@@ -258,6 +258,16 @@ def test_mel_windows_follow_wav2lip_indexing():
         mel_windows(mel, [29])
 
 
+
+def test_mel_windows_truncate_like_wav2lip():
+    """Wav2Lip's crop_audio_window starts at int(80 * f / 25) (truncated, not rounded): frames 0-9
+    start at mel frames 0, 3, 6, 9, 12, 16, 19, 22, 25, 28. The frames above all have fractional
+    parts below 0.5, where rounding and truncating agree."""
+    mel = torch.arange(100.0)[None].expand(80, 100)
+    w = mel_windows(mel, list(range(10)))
+    assert w[:, 0, 0, 0].tolist() == [0.0, 3.0, 6.0, 9.0, 12.0, 16.0, 19.0, 22.0, 25.0, 28.0]
+
+
 # ------------------------------------------------------------------------------------------------
 # Faces, loss, score
 # ------------------------------------------------------------------------------------------------
@@ -279,6 +289,25 @@ def test_faces_from_frames_layout():
     assert faces.shape == (1, 15, 48, 96)
     lit = faces.flatten(2).amax(2)[0]
     assert lit.tolist() == [1.0 if c == 3 * 2 + 2 else 0.0 for c in range(15)]  # BGR: red is last
+
+
+
+#: Values inside a flat region survive the antialiased resize up to float32 rounding.
+FLAT_ATOL = 1e-6
+
+
+def test_faces_from_frames_crop_the_lower_half_of_the_face_box():
+    """The network sees rows from the middle of FACE_BOX to its bottom and columns across it: on a
+    64-pixel frame rows round(64 * (y0 + y1) / 2) = 39 to round(64 * y1) = 54 and columns
+    round(64 * x0) = 17 to round(64 * x1) = 47. A frame lit exactly there gives an all-lit face, a
+    frame lit everywhere else an all-dark one (test_faces_from_frames_layout uses flat frames,
+    where any crop looks the same)."""
+    x0, y0, x1, y1 = S.FACE_BOX
+    assert (round(64 * 0.5 * (y0 + y1)), round(64 * y1), round(64 * x0), round(64 * x1)) == (39, 54, 17, 47)
+    inside = -torch.ones(1, 5, 3, 64, 64)
+    inside[..., 39:54, 17:47] = 1.0
+    torch.testing.assert_close(faces_from_frames(inside), torch.ones(1, 15, 48, 96), rtol=0, atol=FLAT_ATOL)
+    torch.testing.assert_close(faces_from_frames(-inside), torch.zeros(1, 15, 48, 96), rtol=0, atol=FLAT_ATOL)
 
 
 #: -log of a cosine built from embeddings within EMB_TOL of each other: cosines are ~0.5-1 here, so
