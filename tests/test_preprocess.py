@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 av = pytest.importorskip("av")
 
@@ -415,13 +416,38 @@ def _convex_polygon_distance(poly: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return np.where(inside, 0.0, seg)
 
 
-#: Pixels of slack on the mouth mask's reach (see the test).
-MOUTH_REACH_SLACK_PX = 1.5
+def test_masks_take_a_pixel_by_its_centre():
+    """A square with corners (2, 2) and (6, 6) covers the pixels whose centres lie inside it, rows and
+    columns 2-5 (16 pixels), and one shifted by 0.4 px the same ones (centres at 2.5 .. 5.5); a
+    shift of 0.6 moves it one pixel. Random polygons (some with vertices on pixel centres and edges)
+    against an even-odd ray cast over every centre, worked out independently."""
+    from talk3d.preprocess.masks import _raster
+
+    square = np.array([[2, 2], [6, 2], [6, 6], [2, 6]], float)
+    for shift, first in ((0.0, 2), (0.4, 2), (-0.4, 2), (0.6, 3), (-0.6, 1)):
+        want = np.zeros((10, 10), bool)
+        want[first:first + 4, first:first + 4] = True
+        np.testing.assert_array_equal(_raster(square + shift, 10), want, err_msg=f"shift {shift}")
+    rng = np.random.default_rng(torch.initial_seed())  # the per-test seed (conftest.py)
+    size = 24
+    cx, cy = np.meshgrid(np.arange(size) + 0.5, np.arange(size) + 0.5)
+    for k in range(40):
+        poly = rng.uniform(-4, size + 4, size=(int(rng.integers(3, 10)), 2))
+        if k % 2:
+            poly = np.round(poly * 2) / 2  # vertices on pixel centres and corners: the ties
+        inside = np.zeros((size, size), bool)
+        for (x1, y1), (x2, y2) in zip(poly, np.roll(poly, -1, axis=0)):
+            crosses = (y1 <= cy) != (y2 <= cy)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                inside ^= crosses & (cx < x1 + (cy - y1) * (x2 - x1) / (y2 - y1))
+        np.testing.assert_array_equal(_raster(poly, size), inside, err_msg=f"polygon {k}: {poly.tolist()}")
 
 
 def test_mouth_mask_reaches_its_dilation():
     """The mouth mask reaches MOUTH_DILATION x the mouth width beyond the outer lip line, all
-    round. The pipeline's lip-cover test passes with half that reach."""
+    round, pixel by pixel: a pixel is in exactly when its centre is within that distance of the
+    (convex) lip polygon, worked out here independently. The pipeline's lip-cover test passes
+    with half that reach."""
     from talk3d.preprocess.masks import MOUTH_DILATION, mouth_masks
 
     size = 64
@@ -433,11 +459,8 @@ def test_mouth_mask_reaches_its_dilation():
     reach = MOUTH_DILATION * 24.0  # mouth width: corner 48 to corner 54
     centres = np.stack(np.meshgrid(np.arange(size) + 0.5, np.arange(size) + 0.5), -1).reshape(-1, 2)
     d = _convex_polygon_distance(np.array(lips, float), centres).reshape(size, size)
-    # Slack: the outline is drawn with a whole-pixel width and PIL's polygon fill snaps the
-    # vertices down to the pixel grid (measured at a reach of 4.8: every pixel centre nearer than
-    # 4.95 px is in, none farther than 6.04 px).
-    assert mask[d <= reach - MOUTH_REACH_SLACK_PX].all()
-    assert not mask[d >= reach + MOUTH_REACH_SLACK_PX].any()
+    assert np.abs(d - reach).min() > 1e-6  # no centre on the edge of the reach: no rounding tie
+    np.testing.assert_array_equal(mask, d <= reach)
 
 
 def _symmetric_face(size: int) -> np.ndarray:
@@ -446,12 +469,6 @@ def _symmetric_face(size: int) -> np.ndarray:
     scale = 0.12 * size / 64  # px per mm: a small face, so that neck and shoulders show
     lm = np.stack([size / 2 + scale * GENERIC_TEMPLATE[:, 0], 0.3 * size - scale * GENERIC_TEMPLATE[:, 1]], -1)
     return lm[None]
-
-
-#: Pixels: how far each row of a mirror-symmetric face's foreground mask may have its centre off
-#: the symmetry line. PIL's polygon fill snaps vertices down to the pixel grid, which adds a pixel
-#: on the left edge of a row (measured 0.5 px).
-FOREGROUND_CENTRE_TOL_PX = 1.0
 
 
 def test_foreground_mask_of_a_symmetric_face_is_symmetric():
@@ -463,9 +480,8 @@ def test_foreground_mask_of_a_symmetric_face_is_symmetric():
     size = 64
     fg = foreground_masks(_symmetric_face(size), size)[0]
     assert 0.2 < fg.mean() < 0.9  # a person, not nothing or everything
-    rows = fg.any(1)
-    centre = (fg * (np.arange(size) + 0.5)).sum(1)[rows] / fg.sum(1)[rows]
-    assert np.abs(centre - size / 2).max() <= FOREGROUND_CENTRE_TOL_PX
+    # Pixels are taken by their centres, so mirror-symmetric shapes give a mirror-symmetric mask.
+    np.testing.assert_array_equal(fg, fg[:, ::-1])
 
 
 def test_frames_are_resampled_to_25_fps_by_nearest_timestamp(tmp_path):

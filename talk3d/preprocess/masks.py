@@ -1,4 +1,5 @@
-"""Mouth and face masks in the crop, rasterised from the landmarks with PIL.
+"""Mouth and face masks in the crop, rasterised from the landmarks (a pixel is in a mask when its
+centre is).
 
 - mouth: the outer lip polygon (48-59) dilated by MOUTH_DILATION x the mouth width, so that it
   covers the lips, the skin they pull and the landmarks' error.
@@ -13,7 +14,6 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 __all__ = ["mouth_masks", "face_masks", "foreground_masks", "convex_hull", "MOUTH_DILATION",
            "FOREHEAD_EXTENSION"]
@@ -49,20 +49,60 @@ def convex_hull(points: np.ndarray) -> np.ndarray:
     return np.array(lower[:-1] + upper[:-1])
 
 
+def _fill(polygon: np.ndarray, size: int) -> np.ndarray:
+    """[S, S] bool: pixel (row y, column x) is in when its centre (x + 0.5, y + 0.5) lies inside
+    polygon [M, 2] (continuous crop pixels; even-odd rule; an edge's lower and left sides count).
+
+    A scanline fill: each row's centre line crosses the edges at sorted x, each pair of crossings
+    [x0, x1) fills the columns whose centres fall in it. Exact, where PIL's polygon fill snaps
+    float vertices down to the pixel grid and fills inclusively (a pixel too many on the top and
+    left edges)."""
+    p = np.asarray(polygon, np.float64)
+    a, b = p, np.roll(p, -1, axis=0)  # edges a -> b
+    mask = np.zeros((size, size), dtype=bool)
+    y0, y1 = max(0, int(np.floor(p[:, 1].min()))), min(size, int(np.ceil(p[:, 1].max())) + 1)
+    if y1 <= y0:
+        return mask
+    yc = np.arange(y0, y1)[:, None] + 0.5  # [Y, 1] row centres
+    crosses = (a[:, 1] <= yc) != (b[:, 1] <= yc)  # [Y, E]: half-open in y, so a vertex counts once
+    dy = np.where(crosses, b[:, 1] - a[:, 1], 1.0)
+    x = np.where(crosses, a[:, 0] + (yc - a[:, 1]) * (b[:, 0] - a[:, 0]) / dy, np.inf)
+    x = np.sort(x, axis=1)  # the crossings first (an even count per row), then inf
+    if x.shape[1] % 2:
+        x = np.pad(x, ((0, 0), (0, 1)), constant_values=np.inf)
+    # Columns with centres in [x0, x1): ceil(x0 - 0.5) .. ceil(x1 - 0.5) - 1.
+    start = np.clip(np.ceil(x[:, 0::2] - 0.5), 0, size)
+    stop = np.clip(np.ceil(x[:, 1::2] - 0.5), 0, size)
+    rows = np.broadcast_to(np.arange(y1 - y0)[:, None], start.shape)
+    ok = np.isfinite(x[:, 1::2]) & (stop > start)
+    diff = np.zeros((y1 - y0, size + 1), dtype=np.int32)
+    np.add.at(diff, (rows[ok], start[ok].astype(np.int64)), 1)
+    np.add.at(diff, (rows[ok], stop[ok].astype(np.int64)), -1)
+    mask[y0:y1] = np.cumsum(diff[:, :size], axis=1) > 0
+    return mask
+
+
 def _raster(polygon: np.ndarray, size: int, width: float = 0.0) -> np.ndarray:
-    """Fill polygon [M, 2] (crop pixels, continuous) in an S x S bool mask, plus an outline of
-    ``width`` pixels (the dilation). PIL's integer pixel (i, j) is centred at (i + 0.5, j + 0.5)
-    in our coordinates, hence the shift."""
-    img = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(img)
-    pts = [tuple(p) for p in (np.asarray(polygon) - 0.5)]
-    draw.polygon(pts, fill=1)
-    if width >= 1:
-        draw.line(pts + pts[:1], fill=1, width=int(round(width)), joint="curve")
-        r = width / 2
-        for x, y in pts:  # round caps at the vertices
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=1)
-    return np.asarray(img, dtype=bool)
+    """Fill polygon [M, 2] (crop pixels, continuous) in an S x S bool mask, pixel (row y, column x)
+    taken by its centre (x + 0.5, y + 0.5), dilated by ``width / 2``: a pixel whose centre lies
+    within that distance of the outline is in too."""
+    mask = _fill(polygon, size)
+    r = width / 2
+    if r <= 0:
+        return mask
+    p = np.asarray(polygon, np.float64)
+    lo = np.clip(np.floor(p.min(0) - r).astype(int), 0, size)
+    hi = np.clip(np.ceil(p.max(0) + r).astype(int) + 1, 0, size)
+    if (hi <= lo).any():
+        return mask
+    # Distance of the centres of the polygon's box (grown by r) to each edge segment.
+    c = np.stack(np.meshgrid(np.arange(lo[0], hi[0]) + 0.5, np.arange(lo[1], hi[1]) + 0.5), -1)  # [Y, X, 2]
+    a, ab = p, np.roll(p, -1, axis=0) - p
+    ap = c[..., None, :] - a  # [Y, X, E, 2]
+    t = np.clip((ap * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-12), 0, 1)
+    near = (np.linalg.norm(ap - t[..., None] * ab, axis=-1) <= r).any(-1)
+    mask[lo[1]:hi[1], lo[0]:hi[0]] |= near
+    return mask
 
 
 def mouth_masks(lm: np.ndarray, size: int) -> np.ndarray:
