@@ -20,6 +20,11 @@ ATTN_ATOL = 1e-6
 DEPENDENCE_MIN = 1e-4
 # Two positional-encoding rows count as distinct when at least this far apart (L2).
 PE_MIN_DISTANCE = 1e-3
+# The float32 encoding against its float64 oracle: sin / cos of arguments up to 4 pi, rounded to
+# float32 (2^-24 relative, ~1e-6 absolute at 4 pi) before and after.
+PE_VALUE_ATOL = 1e-5
+# The scalar tokens' float32 features against float64 sin / cos of |arguments| <= 4 pi * 1.
+SCALAR_FEATURE_ATOL = 1e-5
 # After one Adam step (lr 1e-3) from the zero-initialised last layer, ΔP is ~1e-3 and its change
 # with the audio measured 7e-5 to 3e-4 (seeds 0-3; 16 or 2 audio rows, per-plane or shared
 # attention); an input the graph does not read changes it by exactly 0.
@@ -270,6 +275,49 @@ def test_landmark_token_reads_its_points_only():
         DeltaplaneConfig.tiny(landmark_points=("nose_tip", "chin"))
 
 
+def test_scalar_token_features_by_hand():
+    """What the eye, pose and landmark MLPs read: per scalar v, the value itself, then sin(w_k v) for
+    the F bands, then cos(w_k v), w_k = w0 * 2^k (the eye's v is AU45 / eye_max). Both a sine and a
+    cosine per band: a sine alone is odd, so a head turned left and right by the same angle would
+    differ only in the sign of its features. Computed here from the inputs, scalar by scalar."""
+    cfg = DeltaplaneConfig.tiny(scalar_freqs=3)
+    enc = ConditionEncoder(cfg).eval()
+    batch = _batch(cfg)
+    seen = {}
+    for name in ("eye", "pose", "landmarks"):
+        getattr(enc, name).mlp[0].register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0]))
+    with torch.no_grad():
+        enc(batch)
+    inputs = {"eye": (batch["blink"] / cfg.eye_max, math.pi), "pose": (batch["pose"], 1.0),
+              "landmarks": (batch["landmarks"][:, list(cfg.landmark_index)].flatten(1), math.pi)}
+    for name, (values, w0) in inputs.items():
+        want = torch.tensor([[f for v in row.tolist()
+                              for f in [v] + [math.sin(w0 * 2 ** k * v) for k in range(3)]
+                              + [math.cos(w0 * 2 ** k * v) for k in range(3)]] for row in values])
+        torch.testing.assert_close(seen[name], want, atol=SCALAR_FEATURE_ATOL, rtol=0, msg=name)
+
+
+def test_audio_net_is_its_query_attending_over_the_window():
+    """The audio token composed by hand from the audio net's pieces: the standardised features of
+    each window frame through the frame encoder, plus the frame's learned position, layer-normed;
+    the learned query attends over those frames and its own value is kept (residual: the token is
+    out_norm(q + attention), so it does not start from the frames' average alone)."""
+    cfg = DeltaplaneConfig.tiny(audio_tokens=2)
+    enc = ConditionEncoder(cfg).eval()
+    net = enc.audio
+    with torch.no_grad():
+        net.feature_mean.normal_(0.0, 1.0), net.feature_std.uniform_(0.5, 2.0)
+    audio = _batch(cfg)["audio"]  # [B, W, S, A]
+    B, W = audio.shape[:2]
+    with torch.no_grad():
+        per_frame = torch.stack([net.frame_encoder((audio[:, i] - net.feature_mean) / net.feature_std)
+                                 for i in range(W)], dim=1)  # [B, W, D]
+        frames = net.norm(per_frame + net.frame_pos)
+        q = net.queries.expand(B, -1, -1)
+        want = net.out(q + net.pool(q, frames))
+        torch.testing.assert_close(net(audio), want, atol=ATTN_ATOL, rtol=0)
+
+
 # --- split convolution and roll-out ----------------------------------------------------------------
 
 
@@ -376,6 +424,26 @@ def test_plane_block_adds_its_residual(rollout):
                                rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("rollout", [True, False])
+def test_plane_block_by_hand(rollout):
+    """A PlaneBlock composed by hand from its own layers, with the roll-out built explicitly
+    (RollOut, then the block's first convolution of it): conv1 -> GN -> SiLU -> conv2 -> GN, plus
+    the 1x1 skip convolution of the input, -> SiLU. Non-trivial GroupNorm affines so that a norm
+    or activation left out shows."""
+    from talk3d.models.deltaplane import PlaneBlock
+
+    block = PlaneBlock(4, 6, 2, "fixed", rollout).double()
+    with torch.no_grad():
+        for norm in (block.norm1, block.norm2):
+            norm.weight.normal_(1.0, 0.3), norm.bias.normal_(0.0, 0.3)
+    x = torch.randn(2, 3 * 4, 6, 6, dtype=torch.float64)
+    silu = torch.nn.functional.silu
+    with torch.no_grad():
+        h = silu(block.norm1(block.conv1(RollOut("fixed")(x) if rollout else x)))
+        want = silu(block.norm2(block.conv2(h)) + block.skip(x))
+        torch.testing.assert_close(block(x), want, atol=1e-12, rtol=0)
+
+
 @pytest.fixture(params=[False, True], ids=["cpu-form", "gpu-form"])
 def few_ops(request, monkeypatch):
     """Run a test with each of the U-Net's two exact forms: fewer multiply-adds (the CPU's) and fewer
@@ -469,6 +537,28 @@ def test_planes_meet_only_through_rollout(axes):
                 assert diff[0] == 0 and diff[2] == 0
 
 
+def test_three_level_unet_decodes_each_skip_at_its_level():
+    """With three levels (the release has four; the tiny config two, so one skip) the decoder's
+    first block, at the middle resolution, reads the middle encoder level's skip and the last block
+    the top level's, deepest first: the encoder's skips are consumed from the end. Each decoder
+    block's skip must match its input's resolution and width."""
+    cfg = DeltaplaneConfig.tiny(channels=(8, 12, 16))
+    model = _perturbed(cfg)
+    pred = model.predictor
+    seen = []
+    for block in pred.dec:
+        block.register_forward_pre_hook(lambda m, args: seen.append((args[0].shape, args[1].shape)))
+    planes = _planes(cfg, 1)
+    with torch.no_grad():
+        _, skips = pred.encode(planes.reshape(1, -1, cfg.plane_resolution, cfg.plane_resolution))
+        out = model(planes, _batch(cfg, 1))
+    assert out.shape == planes.shape
+    R = cfg.plane_resolution
+    assert [tuple(s.shape[1:]) for s in skips] == [(3 * 8, R, R), (3 * 12, R // 2, R // 2)]
+    assert [tuple(x[1:]) for x, _ in seen] == [(3 * 12, R // 2, R // 2), (3 * 8, R, R)]
+    assert [tuple(s[1:]) for _, s in seen] == [(3 * 12, R // 2, R // 2), (3 * 8, R, R)]
+
+
 # --- attention and positional encoding -------------------------------------------------------------
 
 
@@ -555,6 +645,121 @@ def test_plane_positions_and_encoding(axes):
         assert dist.min() > PE_MIN_DISTANCE
 
 
+def _hand_positional_encoding(axes: str, r: int, dim: int) -> torch.Tensor:
+    """Oracle for plane_positional_encoding, cell by cell in float64: cell (h, w) of plane j sits at
+    (2w + 1) / r - 1 along the world axis its width reads and (2h + 1) / r - 1 along its height's
+    (0 along the third); per world axis x, y, z come F = dim // 6 sines then F cosines, at angular
+    frequencies log-spaced from pi to pi * r / 2; zeros pad the rest."""
+    n = dim // 6
+    omegas = [math.pi * (r / 2) ** (k / (n - 1)) for k in range(n)]
+    out = torch.zeros(3, r * r, dim, dtype=torch.float64)
+    for j, (a_w, a_h) in enumerate(PLANE_AXES[axes]):
+        for h in range(r):
+            for w in range(r):
+                xyz = [0.0, 0.0, 0.0]
+                xyz[a_w], xyz[a_h] = (2 * w + 1) / r - 1, (2 * h + 1) / r - 1
+                feats = [f(o * v) for v in xyz for f in (math.sin, math.cos) for o in omegas]
+                out[j, h * r + w, :len(feats)] = torch.tensor(feats, dtype=torch.float64)
+    return out
+
+
+@pytest.mark.parametrize("axes", ["fixed", "eg3d"])
+def test_positional_encoding_values_by_hand(axes):
+    """The 3-D sinusoidal encoding carries both a sine and a cosine of every band (a sine alone is
+    odd, so cells mirrored about the centre would differ only in sign, and its lowest band is not
+    injective on (-1, 1)), and its top band sits at the grid's Nyquist frequency, pi * r / 2: one
+    half period per cell. A top band at twice that has a whole period per cell, so it reads the same
+    at every cell (aliased to a constant) and carries no position."""
+    r, dim = 8, 20  # F = 3 bands per axis (pi, 2 pi, 4 pi), 18 features, 2 of padding
+    got = plane_positional_encoding(axes, r, dim)
+    # float32 sin / cos of arguments up to 4 pi: a few ulps of the argument.
+    torch.testing.assert_close(got.double(), _hand_positional_encoding(axes, r, dim), atol=PE_VALUE_ATOL, rtol=0)
+
+
+def test_transformer_block_is_pre_norm_residual():
+    """One of the paper's N_A attention layers, composed by hand from its own pieces: self-attention
+    within each plane, cross-attention of all 3L plane tokens to the condition tokens, GEGLU
+    feed-forward, each reading its own layer norm of the running tokens and added to them (pre-norm
+    residuals). The norms get random affine parameters so that one read in place of another shows."""
+    from talk3d.models.attention import TransformerBlock
+
+    d, hd, t, L = 16, 8, 12, 10
+    for per_plane in (True, False):
+        block = TransformerBlock(d, hd, t, ff_mult=2, per_plane=per_plane)
+        with torch.no_grad():
+            for m in (block.norm_sa, block.norm_ca, block.norm_ff):
+                m.weight.normal_(1.0, 0.3), m.bias.normal_(0.0, 0.3)
+        x, ctx = torch.randn(2, 3, L, d), torch.randn(2, 4, t)
+        pad = torch.tensor([[False, False, True, False], [False, True, False, False]])
+        with torch.no_grad():
+            h = x + block.self_attn(block.norm_sa(x))
+            h = h + block.cross_attn(block.norm_ca(h).reshape(2, 3 * L, d), ctx, pad).view(2, 3, L, d)
+            want = h + block.ff(block.norm_ff(h))
+            got = block(x, ctx, pad)
+        torch.testing.assert_close(got, want, atol=ATTN_ATOL, rtol=0)
+
+
+def test_geglu_feed_forward_by_hand():
+    """Shazeer's GEGLU as the release's (latent-diffusion) blocks lay it out: the first half of the
+    input projection is the value, the second half the gate, and the value is multiplied by the
+    exact (erf) GELU of the gate, then projected out. Computed here from the weight slices."""
+    from talk3d.models.attention import GEGLUFeedForward
+
+    dim, mult = 6, 2
+    ff = GEGLUFeedForward(dim, mult).double()
+    x = torch.randn(5, dim, dtype=torch.float64)
+    w1, b1, w2, b2 = ff.proj_in.weight, ff.proj_in.bias, ff.proj_out.weight, ff.proj_out.bias
+    hidden = mult * dim
+    value = x @ w1[:hidden].T + b1[:hidden]
+    gate = x @ w1[hidden:].T + b1[hidden:]
+    gelu = 0.5 * gate * (1 + torch.erf(gate / math.sqrt(2.0)))
+    with torch.no_grad():
+        torch.testing.assert_close(ff(x), (value * gelu) @ w2.T + b2, atol=1e-12, rtol=0)
+
+
+def test_bottleneck_tokens_are_the_cells_features_plus_positions_once(monkeypatch):
+    """Eq. 4 at the bottleneck, with two attention blocks (the release's N_A): the first block reads
+    one token per cell of each plane, its D channels at that cell plus the cell's positional
+    encoding (added once, before the first block); the second block reads the first one's output
+    as it is; the decoder reads the last block's tokens laid back on the cells. Layouts built here
+    by explicit permutes of [B, 3, D, r, r]."""
+    from talk3d.models import deltaplane
+
+    cfg = DeltaplaneConfig.tiny(attention_blocks=2)
+    model = _perturbed(cfg)
+    pred, B, D, r = model.predictor, 2, cfg.channels[-1], cfg.bottleneck_resolution
+    seen = {}
+    for n, block in enumerate(pred.attn):
+        block.register_forward_pre_hook(lambda m, args, n=n: seen.__setitem__(f"in{n}", args[0].clone()))
+        block.register_forward_hook(lambda m, args, out, n=n: seen.__setitem__(f"out{n}", out.clone()))
+    upsample = deltaplane.upsample_conv  # the decoder's first use of the bottleneck's features
+    monkeypatch.setattr(deltaplane, "upsample_conv",
+                        lambda t, conv: (seen.setdefault("decoder_in", t.clone()), upsample(t, conv))[1])
+    with torch.no_grad():
+        x, skips = pred.encode(_planes(cfg, 1).reshape(1, -1, cfg.plane_resolution, cfg.plane_resolution))
+        pred.decode(x, skips, model.condition(_batch(cfg, B)))
+    cells = x.expand(B, -1, -1, -1).reshape(B, 3, D, r, r).permute(0, 1, 3, 4, 2).reshape(B, 3, r * r, D)
+    assert torch.equal(seen["in0"], cells + plane_positional_encoding(cfg.axes, r, D))
+    assert torch.equal(seen["in1"], seen["out0"])
+    laid_back = seen["out1"].reshape(B, 3, r, r, D).permute(0, 1, 4, 2, 3).reshape(B, 3 * D, r, r)
+    assert torch.equal(seen["decoder_in"], laid_back)
+
+
+def test_deltaplane_is_the_zero_initialised_conv_of_the_activated_output_norm():
+    """The U-Net's head: the last decoder block's features go through the output GroupNorm and a
+    SiLU before the (zero-initialised) per-plane convolution, as a latent-diffusion U-Net's output
+    (GN, SiLU, conv): the convolution reads SiLU of the norm's output, not the norm's output."""
+    cfg = DeltaplaneConfig.tiny()
+    model = _perturbed(cfg)
+    seen = {}
+    model.predictor.out_norm.register_forward_hook(lambda m, args, out: seen.__setitem__("norm", out.clone()))
+    model.predictor.out_conv.register_forward_pre_hook(lambda m, args: seen.__setitem__("conv_in", args[0].clone()))
+    with torch.no_grad():
+        model(_planes(cfg), _batch(cfg))
+    assert (seen["norm"] < 0).any()  # else SiLU and identity could not be told apart by sign
+    torch.testing.assert_close(seen["conv_in"], torch.nn.functional.silu(seen["norm"]), atol=0, rtol=0)
+
+
 # --- configuration and input checks ----------------------------------------------------------------
 
 
@@ -572,6 +777,21 @@ def test_config_round_trip_and_unknown_key():
     release = DeltaplaneConfig.release()
     assert release.bottleneck_resolution == 32 and release.channels == (32, 64, 128, 256)
     assert release.num_tokens == 5 and release.token_dim == 64
+
+
+def test_release_config_is_the_public_releases():
+    """DeltaplaneConfig.release() against the release's facts (reference/numerics.md, "Talk3D (public
+    release) training facts"), written out here rather than read from the class: the U-Net's
+    sizes, two attention blocks of head dim 64, 64-d tokens, a window of 8 frames of 16 steps of the
+    44 CTC logits, AU45 clipped to [0, 2] with +-0.05 uniform noise in training, and all five token
+    types on."""
+    cfg = DeltaplaneConfig.release()
+    assert (cfg.plane_channels, cfg.plane_resolution, cfg.channels) == (32, 256, (32, 64, 128, 256))
+    assert (cfg.attention_blocks, cfg.head_dim, cfg.bottleneck_resolution) == (2, 64, 32)
+    assert (cfg.token_dim, cfg.audio_window, cfg.audio_steps, cfg.audio_dim) == (64, 8, 16, 44)
+    assert (cfg.eye_max, cfg.eye_noise) == (2.0, 0.05)
+    assert cfg.rollout and cfg.per_plane_attention and cfg.audio_encoder == "conv" and cfg.axes == "fixed"
+    assert cfg.token_counts() == {"audio": 1, "eye": 1, "pose": 1, "landmarks": 1, "null": 1}
 
 
 def test_bad_inputs_raise_value_error_naming_the_argument():
@@ -743,6 +963,28 @@ def test_inference_caches_the_encoder_of_the_identity_planes():
     # Training mode never uses (and drops) the cache.
     head.train()
     assert head._encoding is None
+
+
+def test_encoder_cache_is_not_shared_between_autocast_and_full_precision():
+    """The cached encoding of P_ID is computed under whatever autocast is on: features encoded in
+    bfloat16 must not be reused by a full-precision call (nor the other way), so the cache key holds
+    the autocast dtype. A float32 call after a bf16-autocast one encodes again and matches the
+    uncached float32 deltaplane."""
+    from talk3d.render import look_at_camera
+
+    head = _talking_head()
+    batch = {**_batch(head.deltaplane.cfg, 2), "camera": look_at_camera(torch.tensor([0.1, -0.1]), torch.zeros(2))}
+    calls = []
+    head.deltaplane.predictor.enc[0].register_forward_hook(lambda *a: calls.append(1))
+    kw = dict(impl="torch", deterministic=True)
+    with torch.enable_grad():
+        ref = head(batch, **kw)["delta"].detach()  # float32, gradients on: no cache
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            head(batch, **kw)
+        full = head(batch, **kw)["delta"]
+    assert len(calls) == 3  # the reference, the bf16 encoding, the float32 one
+    torch.testing.assert_close(full, ref, atol=CACHE_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -30,6 +31,8 @@ BF16_SR_MEAN_ATOL = 0.03
 FP16_MODCONV_ATOL = 1e-2
 # float32 re-association (grouped vs looped conv, explicit taps vs conv2d).
 FP32_ATOL = 1e-5
+# Normalised focal against EG3D's formula: its 3.14159 for pi moves the focal by ~4e-6.
+FOCAL_ATOL = 2e-5
 
 
 def _cameras(batch: int) -> torch.Tensor:
@@ -69,6 +72,31 @@ def test_output_shapes():
     with torch.no_grad():
         out8 = G(z, c, impl="torch", deterministic=True, neural_rendering_resolution=8)
     assert out8["image_raw"].shape == (2, 3, 8, 8) and out8["image"].shape == (2, 3, S, S)
+
+
+def test_raw_image_is_the_first_three_features_and_feeds_the_sr():
+    """The decoder's first 3 features are the low-resolution RGB (EG3D): image_raw is channels 0-2
+    of the rendered feature image, and the SR reads that RGB and the whole feature image, styled by
+    the last latent row."""
+    G = _generator()
+    z, c = torch.randn(2, G.cfg.z_dim), _cameras(2)
+    with torch.no_grad():
+        ws = G.mapping(z, c)
+        out = G.synthesis(ws, c, impl="torch", deterministic=True)
+        feat = out["feature_image"]
+        assert torch.equal(out["image_raw"], feat[:, :3])
+        sr = G.superresolution(feat[:, :3], feat, ws, noise_mode=G.cfg.sr_noise_mode)
+    torch.testing.assert_close(out["image"], sr, atol=0, rtol=0)
+
+
+def test_camera_focal_is_eg3ds_fov_to_intrinsics():
+    """EG3D's FOV_to_intrinsics: focal = 1 / (tan(fov * 3.14159 / 360) * 1.414), with its rounded
+    pi and sqrt 2 (4.26339 at FFHQ's 18.837 degrees; the exact sqrt 2 would give 4.26274). The rounded
+    pi moves it by ~4e-6, under the tolerance; the exact sqrt 2 by 6e-4, well over it."""
+    cfg = GeneratorConfig.ffhq()
+    eg3d = 1 / (math.tan(18.837 * 3.14159 / 360) * 1.414)
+    assert cfg.camera_fov_degrees == 18.837
+    assert abs(cfg.camera_focal - eg3d) < FOCAL_ATOL
 
 
 def test_deterministic_per_seed():
@@ -278,6 +306,38 @@ def test_fp16_modulated_conv_prenormalisation():
         half = modulated_conv2d(x.half(), weight, styles, padding=1, fused=fused)
         assert half.dtype == torch.float16 and torch.isfinite(half).all()
         torch.testing.assert_close(half.double(), ref, atol=FP16_MODCONV_ATOL, rtol=0)
+
+
+def test_demodulation_epsilon_is_eg3ds():
+    """Demodulation divides by sqrt(sum w^2 + 1e-8) (EG3D's epsilon). With small styles the squared
+    norm (~36 * 1e-6 here) is within reach of a larger epsilon (1e-4 would shrink the output by ~40 %),
+    so the per-sample, fused and shared-style paths are checked there, against the formula written
+    out in float64."""
+    B, I, O, H = 2, 4, 5, 6
+    x = torch.randn(B, I, H, H, dtype=torch.float64)
+    weight = torch.randn(O, I, 3, 3, dtype=torch.float64)
+    styles = 1e-3 * torch.randn(B, I, dtype=torch.float64)
+    for rows in (styles, styles[:1]):
+        want = []
+        for b in range(B):
+            w = weight * rows[b if rows.shape[0] > 1 else 0][None, :, None, None]
+            w = w / (w.square().sum(dim=[1, 2, 3], keepdim=True) + 1e-8).sqrt()
+            want.append(F.conv2d(x[b:b + 1], w, padding=1))
+        for fused in (True, False):
+            got = modulated_conv2d(x, weight, rows, padding=1, fused=fused)
+            torch.testing.assert_close(got, torch.cat(want), atol=FP32_ATOL, rtol=0)
+
+
+def test_affine_layers_start_at_unit_styles():
+    """StyleGAN2 initialises every affine layer's bias to 1 (bias_init=1), so a layer starts near its
+    unmodulated convolution (styles ~1 + a small w-dependent part) when it is trained from scratch;
+    the weights are unit normals stored unscaled (scaled by 1 / sqrt(fan_in) at run time)."""
+    G = _generator()
+    affines = [m.affine for m in G.modules() if isinstance(m, (layers.SynthesisLayer, layers.ToRGBLayer))]
+    assert len(affines) > 10
+    for fc in affines:
+        assert torch.equal(fc.bias, torch.ones_like(fc.bias))
+        assert fc.weight_gain == pytest.approx(1 / fc.in_features ** 0.5)
 
 
 @pytest.mark.parametrize("up", [1, 2])

@@ -114,6 +114,21 @@ def test_config_from_release_reads_the_recorded_settings():
     assert config_from_release(_release_kwargs(cfg), {"neural_rendering_resolution": 128}, axes="eg3d") == cfg
 
 
+def test_ffhq_config_is_eg3ds_ffhq_release():
+    """GeneratorConfig.ffhq()'s settings that no weight records, against the FFHQ release's
+    rendering_kwargs as eg3d_reference writes them (independent of talk3d's defaults): the SR's
+    input resize is antialiased and its noise is off, the camera conditions the mapping at scale 1,
+    the decoder's lr multiplier is 1, and the scene box and camera rig are FFHQ's."""
+    rk, cfg = eg3d.ffhq_rendering_kwargs(), GeneratorConfig.ffhq()
+    assert cfg.sr_antialias is rk["sr_antialias"] is True
+    assert cfg.sr_noise_mode == rk["superresolution_noise_mode"] == "none"
+    assert cfg.c_conditioning_zero is rk["c_gen_conditioning_zero"] is False
+    assert (cfg.c_scale, cfg.decoder_lr_multiplier) == (rk["c_scale"], rk["decoder_lr_mul"]) == (1.0, 1.0)
+    assert (cfg.ray_start, cfg.ray_end, cfg.box_warp) == (rk["ray_start"], rk["ray_end"], rk["box_warp"])
+    assert (cfg.camera_radius, list(cfg.camera_pivot)) == (rk["avg_camera_radius"], rk["avg_camera_pivot"])
+    assert (cfg.mapping_lr_multiplier, cfg.w_avg_beta, cfg.sr_conv_clamp) == (0.01, 0.998, 256.0)
+
+
 def test_config_from_release_reads_the_numerics_eg3d_records_and_its_own_defaults():
     """The settings that change the numbers (gains, clamps, the mapping's camera scale) are read
     from the release; where it records none, EG3D's own defaults apply, not the FFHQ release's."""
@@ -198,6 +213,8 @@ _NO_C_SCALE = {k: v for k, v in eg3d.ffhq_rendering_kwargs().items() if k != "c_
     pytest.param(dict(sr_num_fp16_res=0), dict(sr_conv_clamp=256.0), id="sr_fp32"),
     pytest.param(dict(rendering_kwargs=_NO_C_SCALE), dict(c_scale=1.0), id="no_c_scale"),
     pytest.param(dict(mapping_lr_multiplier=0.05), dict(mapping_lr_multiplier=0.01), id="mapping_lr_multiplier"),
+    pytest.param(dict(rendering_kwargs=eg3d.ffhq_rendering_kwargs(c_gen_conditioning_zero=True)),
+                 dict(c_conditioning_zero=False), id="c_gen_conditioning_zero"),
 ])
 def test_converted_release_matches_an_independent_eg3d(tmp_path, release, misread):
     """A release written from eg3d_reference.py (EG3D's formulas, not talk3d's code), converted and
@@ -213,6 +230,30 @@ def test_converted_release_matches_an_independent_eg3d(tmp_path, release, misrea
     converted, misread_bad = _eg3d_mismatches(G, gen, other)
     assert converted == []
     assert misread_bad, f"the case passes with {misread}: it does not test that setting"
+
+
+def test_w_plus_latents_match_an_independent_eg3d(tmp_path):
+    """Personalisation can invert into W+ (a w per layer), where the rows of ws differ: block b{r}
+    reads its rows from where the previous block's convolutions stopped, and its ToRGB reads the one
+    after its convolutions' (shared with the next block's conv0); the SR reads the last row. The
+    mapping's ws have equal rows, so the comparison above cannot see a row read in place of another:
+    here every row is drawn apart."""
+    G = eg3d.tiny_generator()
+    eg3d.perturb_(G, torch.Generator().manual_seed(0))
+    eg3d.write_release(tmp_path / "release.pkl", G)
+    convert_release(tmp_path / "release.pkl", tmp_path / "prior.safetensors", axes="eg3d", log=lambda *_: None)
+    gen = load_generator(tmp_path / "prior.safetensors")
+    g = torch.Generator().manual_seed(2)
+    ws = torch.randn(2, gen.num_ws, gen.cfg.w_dim, generator=g)  # [B, num_ws, w_dim], rows independent
+    x = torch.randn(2, gen.cfg.decoder_features, 16, 16, generator=g)
+    with torch.no_grad():
+        for what, tol, ref, got in (
+                ("planes", PLANES_TOL, G.planes(ws), lambda: _planes(gen, ws)),
+                ("planes, training", PLANES_TOL, G.planes(ws), lambda: _planes(gen, ws, training=True)),
+                ("superresolution", SR_TOL, G.superresolution(x[:, :3], x, ws, "none"),
+                 lambda: gen.superresolution(x[:, :3], x, ws, "none"))):
+            peak = float(ref.abs().max())
+            assert float((got() - ref).abs().max()) <= tol * peak, what
 
 
 def test_unmapped_tensor_is_reported_then_allowed(tmp_path):
