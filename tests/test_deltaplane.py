@@ -911,7 +911,7 @@ def test_release_size_parameter_count():
 CACHE_ATOL = 1e-5
 
 
-def _talking_head():
+def _talking_head(**deltaplane):
     import dataclasses
 
     from talk3d.models import GeneratorConfig, TalkingHead, TriplaneGenerator
@@ -919,7 +919,7 @@ def _talking_head():
     g = dataclasses.replace(GeneratorConfig.tiny(), plane_resolution=16, plane_channels=4,
                             neural_rendering_resolution=8, sr_resolution=16, sr_channels=(4,),
                             coarse_samples=4, importance_samples=4)
-    dcfg = dataclasses.replace(DeltaplaneConfig.tiny(), plane_channels=4, plane_resolution=16, axes=g.axes)
+    dcfg = dataclasses.replace(DeltaplaneConfig.tiny(**deltaplane), plane_channels=4, plane_resolution=16, axes=g.axes)
     torch.manual_seed(0)
     gen = TriplaneGenerator(g)
     head = TalkingHead(gen, dcfg, torch.randn(1, 3, 4, 16, 16), torch.randn(1, gen.num_ws, g.w_dim),
@@ -927,6 +927,19 @@ def _talking_head():
     with torch.no_grad():
         head.deltaplane.predictor.out_conv.weight.normal_(0.0, LAST_LAYER_STD)
     return head
+
+
+def test_a_model_without_the_audio_token_needs_no_audio_in_its_batch():
+    """An ablation with the audio token off (``use_audio=False``) renders frames from a batch that
+    holds no audio: the batch size comes from the cameras."""
+    from talk3d.render import look_at_camera
+
+    head = _talking_head(use_audio=False)
+    batch = {**_batch(head.deltaplane.cfg, 3), "camera": look_at_camera(torch.tensor([0.1, 0.0, -0.2]), torch.zeros(3))}
+    del batch["audio"]
+    with torch.inference_mode():
+        out = head(batch, impl="torch", deterministic=True)
+    assert out["delta"].shape[0] == 3 and bool(torch.isfinite(out["delta"]).all())
 
 
 def test_inference_caches_the_encoder_of_the_identity_planes():

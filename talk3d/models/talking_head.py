@@ -137,7 +137,7 @@ class TalkingHead(nn.Module):
     def _planes_and_delta(self, batch: Mapping[str, torch.Tensor], encoded) -> tuple[torch.Tensor, torch.Tensor]:
         """The frames' triplanes ``P_ID + ΔP`` and ``ΔP``, both ``[B, 3, C, R, R]``; ``encoded``:
         :meth:`_cached_encoding`'s features of P_ID, or None to encode it."""
-        B = batch["audio"].shape[0]
+        B = batch["camera"].shape[0]  # every frame has a camera; "audio" is absent when its token is off
         base = self.identity_planes.expand(B, -1, -1, -1, -1)
         delta = self.deltaplane(base, batch, encoded=encoded)
         return base + delta.to(base.dtype), delta
