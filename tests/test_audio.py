@@ -209,3 +209,32 @@ def test_wav2vec2_pads_the_wave_so_output_k_is_slot_k(tmp_path):
         assert logits.shape[0] == FEATURES_PER_FRAME * n  # exactly 2N rows, nothing to crop or repeat
         np.testing.assert_array_equal(enc.encode(wave), logits.numpy())
         np.testing.assert_array_equal(hidden.encode(wave), states.numpy())
+
+
+def test_resample_returns_the_rounded_length():
+    """resample gives round(T * dst / src) samples (its docstring's, what a clip's frame count is
+    read from): lengths whose exact count ends in .5 or more must not lose their last sample."""
+    for n, src, dst in ((11, 44100, 16000), (1000, 44100, 16000), (44120, 44100, 16000), (5, 16000, 44100),
+                        (7, 48000, 16000)):
+        want = round(n * dst / src)  # 3.99 -> 4, 362.8 -> 363, 16007.3 -> 16007, 13.8 -> 14, 2.33 -> 2
+        assert resample(np.zeros(n, np.float32), src, dst).shape == (want,), (n, src, dst)
+
+
+def test_mel_filters_sit_on_htk_mel_edges():
+    """LogMelEncoder's bank (32 bands, 55-7600 Hz, 1024-point FFT at 16 kHz): filter m is a triangle
+    that is zero outside (edge m, edge m + 2) and peaks at the FFT bin nearest edge m + 1, the edges
+    evenly spaced from fmin to fmax on HTK's mel scale, 2595 log10(1 + f / 700); FFT bin k is
+    k * 16000 / 1024 Hz (0 to Nyquist). Edges and bins written out here, independently."""
+    from talk3d.audio.features import mel_filterbank
+
+    enc = LogMelEncoder(32)
+    bank = mel_filterbank(32, enc.n_fft, SAMPLE_RATE, enc.fmin, enc.fmax).numpy()  # [32, 513]
+    assert (enc.fmin, enc.fmax) == (55.0, 7600.0) and bank.shape == (32, enc.n_fft // 2 + 1)
+    mel_lo, mel_hi = 2595 * np.log10(1 + 55.0 / 700), 2595 * np.log10(1 + 7600.0 / 700)
+    edges = 700 * (10 ** (np.linspace(mel_lo, mel_hi, 34) / 2595) - 1)  # [34] Hz
+    bin_hz = SAMPLE_RATE / enc.n_fft
+    hz = np.arange(bank.shape[1]) * bin_hz
+    for m in range(32):
+        inside = hz[bank[m] > 0]
+        assert edges[m] < inside.min() and inside.max() < edges[m + 2], m
+        assert abs(hz[bank[m].argmax()] - edges[m + 1]) <= bin_hz, m

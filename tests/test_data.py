@@ -34,6 +34,9 @@ MOUTH_RMS_MIN_CORR = 0.9
 # Landmark pixels to [-1, 1] in float32: x / S * 2 - 1 rounds differently in another order by an ulp
 # or two of 1 (1.2e-7 each). Measured 0 (CPU VM, every frame).
 LANDMARK_NORM_ATOL = 1e-6
+# An 8-bit level as float32 v / 127.5 - 1 against 2 v / 255 - 1 in float64: float32 rounding of values
+# up to 1 (6e-8); a loader dividing by 128 would be 0.008 off at 255.
+IMAGE_LEVEL_ATOL = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -408,3 +411,12 @@ def test_validate_accepts_audio_exactly_one_frame_off(clip, tmp_path):
     write_wav(d / "audio.wav", np.resize(wave, (N + 1) * SAMPLES_PER_FRAME + 1))
     with pytest.raises(ValueError, match=r"audio\.wav.*samples"):
         validate_dataset(d)
+
+
+def test_dataset_images_map_8_bit_levels_onto_minus_one_to_one(clip):
+    """A stored 8-bit level v is served as 2 v / 255 - 1: 0 is -1, 255 is +1 (the model's and the
+    metrics' data range 2), written here independently of the loader's v / 127.5 - 1."""
+    frames = np.load(clip / "frames.npy", mmap_mode="r")
+    image = TalkingHeadDataset(clip, "all")[20]["image"].numpy()  # [3, S, S]
+    want = 2 * np.asarray(frames[20], np.float64).transpose(2, 0, 1) / 255 - 1
+    np.testing.assert_allclose(image, want, rtol=0, atol=IMAGE_LEVEL_ATOL)

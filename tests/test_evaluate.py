@@ -76,10 +76,10 @@ def test_ssim_identity_noise_and_constant_patches():
     assert got.item() == pytest.approx(want, rel=SSIM_CLOSED_FORM_RTOL)
 
 
-def _ssim_by_hand(x, y):
-    """Wang et al.'s SSIM written out window by window: x, y [C][H][W] lists in [0, 1], an 11 x 11
-    Gaussian window (sigma 1.5) at every valid position, K1 = 0.01, K2 = 0.03, L = 1."""
-    k, r = 11, 5
+def _ssim_by_hand(x, y, k=11):
+    """Wang et al.'s SSIM written out window by window: x, y [C][H][W] lists in [0, 1], a k x k
+    Gaussian window (sigma 1.5; k odd, 11 by default) at every valid position, K1 = 0.01, K2 = 0.03, L = 1."""
+    r = k // 2
     w = [[math.exp(-((i - r) ** 2 + (j - r) ** 2) / (2 * 1.5 ** 2)) for j in range(k)] for i in range(k)]
     total = sum(map(sum, w))
     c1, c2 = 0.01 ** 2, 0.03 ** 2
@@ -695,3 +695,168 @@ def test_lmd_says_how_many_rendered_mouths_were_found():
     out = _summarise(none_found, full_reference=None, lpips=lpips, detector_reason=None, detector_name="stand-in",
                      plugins=Plugins(), wave=None, resolution=8)
     assert not out["lmd"]["available"] and "found in none of the 3 frames" in out["lmd"]["reason"]
+
+
+# ---- mutation-audit additions -------------------------------------------------------------------
+# A 64-px frame's rendered mouth is searched in the target's region grown by ceil(64 / 16) = 4 px.
+SEARCH_SIZE = 64
+
+
+def test_ssim_of_images_smaller_than_the_window_uses_the_largest_odd_window():
+    """An 8 x 9 image is scored with a 7-tap window (the largest odd one that fits, so the window
+    has a centre pixel), not an 8-tap one: checked against the definition written out with k = 7."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(1, 2, 8, 9, generator=g, dtype=torch.float64)
+    y = (0.6 * x + 0.4 * torch.rand(x.shape, generator=g, dtype=torch.float64)) ** 1.3
+    want = _ssim_by_hand(x[0].tolist(), y[0].tolist(), k=7)
+    assert 0.3 < want < 0.95
+    assert ssim(x * 2 - 1, y * 2 - 1).item() == pytest.approx(want, rel=SSIM_CLOSED_FORM_RTOL)
+
+
+def test_mouth_oracle_points_are_the_centroid_and_the_ends_of_a_uniform_spread():
+    """Lips painted as a 10 x 4 px block: the 5 points are its centroid and the centroid +- sqrt(3)
+    standard deviations along x and y. For n pixel centres spread evenly the standard deviation is
+    sqrt((n^2 - 1) / 12), so the ends sit sqrt((n^2 - 1) / 4) from the centre (by hand: 4.975 px for
+    the 10 columns, 1.936 px for the 4 rows)."""
+    img = torch.ones(1, 3, 16, 16) * torch.tensor([0.72, 0.53, 0.43]).view(1, 3, 1, 1) * 2 - 1  # skin
+    img[0, :, 5:9, 3:13] = torch.tensor([0.72, 0.28, 0.30]).view(3, 1, 1) * 2 - 1  # lips: rows 5-8, cols 3-12
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 3:11, 1:15] = 1
+    pts = MouthMaskOracle()(img, mask)[0].tolist()
+    cx, cy = (3 + 13) / 2, (5 + 9) / 2  # pixel (row, col) has its centre at (col + 0.5, row + 0.5)
+    hx, hy = math.sqrt((10 ** 2 - 1) / 4), math.sqrt((4 ** 2 - 1) / 4)
+    want = [[cx, cy], [cx - hx, cy], [cx + hx, cy], [cx, cy - hy], [cx, cy + hy]]  # centre, left, right, top, bottom
+    for got, w in zip(pts, want):
+        assert got == pytest.approx(w)
+
+
+def test_pearson_of_two_frames_is_defined():
+    """Two finite pairs define a correlation (+-1); under two (or a constant side) it is None."""
+    nan = math.nan
+    assert pearson([1, 2], [5, 3]) == pytest.approx(-1.0)
+    assert pearson([1, 2, nan], [1, 3, 4]) == pytest.approx(1.0)
+    assert pearson([1], [2]) is None
+
+
+def test_psnr_mean_caps_an_exact_frame_rather_than_dropping_it():
+    """An exact frame's PSNR is +inf: the mean counts it as MAX_PSNR_DB (one perfect frame cannot
+    make the mean infinite, nor be left out, which would make a better model score lower)."""
+    from talk3d.evaluate.protocol import MAX_PSNR_DB, _Accumulator
+
+    target = torch.zeros(2, 3, 8, 8)
+    pred = target.clone()
+    pred[1] += 0.1  # MSE 0.01 on range 2
+    off = 10 * math.log10(4 / 0.01)
+    acc = _Accumulator()
+    acc.add("psnr", psnr(pred, target))
+    entry = acc.entry("psnr")
+    assert entry["frames"] == 2 and entry["per_frame"] == pytest.approx([MAX_PSNR_DB, off])
+    assert entry["mean"] == pytest.approx((MAX_PSNR_DB + off) / 2)
+
+
+def test_lmd_finds_a_rendered_mouth_drawn_below_the_targets_region():
+    """The rendered frame's mouth is looked for in the target's mouth region grown by
+    PRED_SEARCH_MARGIN of the side (4 px at 64 px): lips drawn 3 px low, partly below the region,
+    are found whole, and LMD is the 3-px shift exactly (every oracle point moves by (0, 3))."""
+    from types import SimpleNamespace
+
+    from talk3d.evaluate.protocol import Plugins, _Accumulator, _frame_metrics
+
+    s = SEARCH_SIZE
+    target = torch.ones(1, 3, s, s) * torch.tensor([0.72, 0.53, 0.43]).view(1, 3, 1, 1) * 2 - 1  # skin
+    target[0, :, 30:36, 20:44] = torch.tensor([0.72, 0.28, 0.30]).view(3, 1, 1) * 2 - 1  # lips rows 30-35
+    mask = torch.zeros(1, 1, s, s)
+    mask[..., 28:38, 16:48] = 1  # rows 28-37: the lips 3 px lower (rows 33-38) leave it by one row
+    pred = torch.roll(target, 3, dims=2)
+    acc = _Accumulator()
+    _frame_metrics(acc, pred, target, mask, lpips=SimpleNamespace(available=False), detector=MouthMaskOracle(), plugins=Plugins())
+    assert acc.per_frame["lmd"] == pytest.approx([3.0])
+
+
+def test_mouth_sync_correlations_pair_the_series_they_name(runs, tmp_path):
+    """Each correlation in metrics.json's mouth_sync is the Pearson r of the two per-frame series its
+    name says (rendered / target opening, audio energy, the synthetic head's ground-truth opening),
+    recomputed here from the series the report itself lists."""
+    import numpy as np
+
+    from talk3d.evaluate.protocol import evaluate_run
+
+    r = evaluate_run(runs / "run_trained", tmp_path / "eval", impl="torch", max_frames=4, progress=False)
+    ms = r["protocols"]["audio_driven"]["mouth_sync"]
+    s = {k: np.array([math.nan if v is None else v for v in ms[k]], np.float64)
+         for k in ("rendered", "target", "audio_energy", "ground_truth_opening")}
+    want = {"rendered_vs_audio_energy": pearson(s["rendered"], s["audio_energy"]),
+            "target_vs_audio_energy": pearson(s["target"], s["audio_energy"]),
+            "rendered_vs_target_opening": pearson(s["rendered"], s["target"]),
+            "rendered_vs_ground_truth_opening": pearson(s["rendered"], s["ground_truth_opening"]),
+            "target_vs_ground_truth_opening": pearson(s["target"], s["ground_truth_opening"])}
+    # The case tells the rendered series from the target's (else a swap could not show).
+    assert want["rendered_vs_ground_truth_opening"] != want["target_vs_ground_truth_opening"]
+    assert set(ms["correlations"]) == set(want)
+    for k, v in want.items():
+        got = ms["correlations"][k]
+        assert (got is None) == (v is None) and (v is None or got == pytest.approx(v)), k
+
+
+def test_audio_a_little_short_of_the_clip_is_padded_with_silence(tmp_path):
+    """validate_dataset accepts an audio.wav up to one frame (640 samples) shorter than the clip. The
+    last held-out frame then has only part of its speech: the evaluation pads it with silence, as
+    the trainer's lip-sync windows are padded, rather than failing to cut the speech into frames.
+    Here the wave ends 100 samples into the last frame: its RMS is that of those 100 samples over
+    640, and the lip-sync scorers get 640 samples for every frame."""
+    import numpy as np
+
+    from talk3d.audio import SAMPLES_PER_FRAME, read_wav, write_wav
+    from talk3d.data import validate_dataset
+    from talk3d.evaluate.protocol import Plugins, evaluate_run
+
+    data = make_synthetic_dataset(tmp_path / "data", seconds=2, size=32, seed=0)
+    wave, _ = read_wav(data / "audio.wav")
+    n = wave.size // SAMPLES_PER_FRAME
+    write_wav(data / "audio.wav", wave[:(n - 1) * SAMPLES_PER_FRAME + 100])
+    validate_dataset(data)  # within its tolerance
+    short, _ = read_wav(data / "audio.wav")  # as written (PCM16)
+    Trainer(_cfg(steps=1), data, tmp_path / "run").save("latest.pt")
+    given = []
+
+    def lse(frames, wave):  # a stand-in scorer: records how much speech it is given
+        given.append((frames.shape[0], len(wave)))
+        return {"lse_c": 1.0, "lse_d": 2.0, "offset": 0, "windows": 1}
+
+    r = evaluate_run(tmp_path / "run", tmp_path / "eval", impl="torch", progress=False, plugins=Plugins(lse_scorer=lse))
+    frames = r["frame_indices"]
+    assert frames[-1] == n - 1
+    assert given and all(count == len(frames) and samples == count * SAMPLES_PER_FRAME for count, samples in given)
+    tail = short[(n - 1) * SAMPLES_PER_FRAME:].astype(np.float64)
+    assert tail.size == 100
+    energy = r["protocols"]["audio_driven"]["mouth_sync"]["audio_energy"]
+    assert energy[-1] == pytest.approx(math.sqrt((tail ** 2).sum() / SAMPLES_PER_FRAME), rel=ENERGY_RTOL)
+
+
+def test_dlib_mouth_landmarks_are_ibug_points_48_to_67():
+    """LMD and the inner-lip opening read iBUG-68's mouth, points 48-67 (outer lip 48-59, inner lip
+    60-67) in that order, out of the 68 the shape predictor gives. A stand-in predictor that puts
+    point k at (k, 2k) shows which are kept (no dlib needed); a frame without a face is NaN."""
+    import numpy as np
+
+    from talk3d.evaluate.face_landmarks import DlibMouthLandmarks
+
+    det = DlibMouthLandmarks.__new__(DlibMouthLandmarks)  # its detector is the stand-in below
+    every = np.stack([np.arange(68.0), 2 * np.arange(68.0)], axis=1)  # [68, 2]
+    det._detector = lambda image, index: every if index == 0 else None
+    got = det(torch.zeros(2, 3, 8, 8))
+    assert got.shape == (2, 20, 2)
+    assert got[0].tolist() == [[float(k), 2.0 * k] for k in range(48, 68)]
+    assert torch.isnan(got[1]).all()
+
+
+def test_frames_larger_than_the_render_are_shrunk_by_area():
+    """Held-out frames stored larger than the render are shrunk to its size by averaging each block
+    of pixels (area), as the training targets are (render_targets): a nearest pick would score the
+    render against aliased frames. A 4 x 4 checkerboard of -1 / +1 becomes a 2 x 2 of 0; a frame of
+    the render's size is used as it is."""
+    from talk3d.evaluate.protocol import _resize
+
+    board = ((torch.arange(4).view(4, 1) + torch.arange(4).view(1, 4)) % 2).float().view(1, 1, 4, 4) * 2 - 1
+    assert torch.equal(_resize(board, 2), torch.zeros(1, 1, 2, 2))
+    assert _resize(board, 4) is board

@@ -138,3 +138,55 @@ def test_scorer_without_python_speech_features_says_so_up_front(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "python_speech_features", None)  # as if not installed
     with pytest.raises(ImportError, match="pip install python_speech_features"):
         LSEScorer(path)
+
+
+def test_lse_c_is_the_median_distance_minus_the_smallest():
+    """LSE-C = median over shifts of the mean distance, minus the smallest (syncnet_python's
+    confidence), not the mean over shifts. By hand, vshift 1, video (0, 1, 2), audio (0, 1, 5), zeros
+    past the ends: shift -1 (audio one window earlier) |0-0|, |1-0|, |2-1| -> 2/3; shift 0 0, 0, 3 -> 1;
+    shift +1 |0-1|, |1-5|, |2-0| -> 7/3. Smallest 2/3 (the audio leads by one: offset 1), median 1,
+    so LSE-C = 1/3 (the mean over shifts, 4/3, would give 2/3)."""
+    video, audio = torch.tensor([[0.0], [1.0], [2.0]]), torch.tensor([[0.0], [1.0], [5.0]])
+    r = sync_confidence(video, audio, vshift=1)
+    assert r["mean_distance"] == pytest.approx([2 / 3, 1, 7 / 3], abs=PAIRWISE_EPS_ATOL)
+    assert r["offset"] == 1 and r["lse_d"] == pytest.approx(2 / 3, abs=PAIRWISE_EPS_ATOL)
+    assert r["lse_c"] == pytest.approx(1 / 3, abs=PAIRWISE_EPS_ATOL)
+
+
+def test_scorer_feeds_syncnet_bgr_8_bit_frames_and_their_mfcc_windows(tmp_path):
+    """As syncnet_python reads a decoded video: 224 x 224, BGR, 0-255. A red frame ([-1, 1] RGB
+    (1, -1, -1)) reaches the video tower as B = 0, R = 255 (an RGB order would swap them, which no
+    score on random frames shows); window i holds frames i..i+4 and
+    MFCC columns 4i..4i+19 (100 Hz MFCCs, 25 fps)."""
+    path = tmp_path / LSE_FILE
+    _weight_file(path)
+    scorer = LSEScorer(path, batch=4)
+    seen = {"video": [], "audio": []}
+
+    class Recorder:  # stands in for the network: records its inputs, returns zero embeddings
+        def embed_video(self, clips):
+            seen["video"].append(clips.clone())
+            return torch.zeros(clips.shape[0], 1024)
+
+        def embed_audio(self, mfcc):
+            seen["audio"].append(mfcc.clone())
+            return torch.zeros(mfcc.shape[0], 1024)
+
+    scorer.net = Recorder()
+    frames = torch.full((7, 3, 16, 16), -1.0)
+    frames[:, 0] = 1.0  # red
+    # The top half's green marks which frame is which (8-bit levels 19.1, 57.4, ...: none near a .5)
+    shade = -0.85 + 0.3 * torch.arange(7.0)
+    frames[:, 1, :8] = shade.view(7, 1, 1)
+    g = torch.Generator().manual_seed(5)
+    wave = (0.3 * torch.randn(7 * 640, generator=g)).numpy()
+    r = scorer(frames, wave)
+    clips, mf = torch.cat(seen["video"]), torch.cat(seen["audio"])  # [2, 3, 5, 224, 224], [2, 1, 13, 20]
+    assert r["windows"] == 2 and clips.shape == (2, 3, 5, 224, 224)
+    assert float(clips[:, 0].abs().max()) == 0 and float(clips[:, 2].min()) == 255  # B, R
+    green = ((shade + 1) * 127.5).round()  # the top half's G of each frame
+    for i in range(2):
+        assert clips[i, 1, :, 0, 0].tolist() == green[i:i + 5].tolist()
+    cc = torch.from_numpy(speech_mfcc(wave)).float()
+    for i in range(2):
+        assert torch.equal(mf[i, 0], cc[:, 4 * i:4 * i + 20])

@@ -658,3 +658,125 @@ def test_masked_l1_is_the_mean_difference_inside_the_mask():
     n = float(mask.sum()) * 3
     torch.testing.assert_close(masked_l1(pred, target, mask), torch.tensor(0.25 * n / (n + MASK_EPS)))
     assert float(masked_l1(pred, target, torch.zeros_like(mask))) == 0.0
+
+
+def _lpips_stand_in(a, b):
+    """A stand-in LPIPS network: one score per frame ([B, 3, H, W] x 2 -> [B])."""
+    return (a - b).abs().mean(dim=(1, 2, 3))
+
+
+def test_stage_sr_sums_lpips_over_the_batch_as_stage_deltaplane_does():
+    """Stage sr's objective (L1 + LPIPS on the SR output alone) sums LPIPS over the batch's frames
+    like the deltaplane stage's (the release's ``LPIPS(...).sum()``): 16 L1 + 3 LPIPS for 3 frames,
+    and lpips_frames overrides the count as it does there."""
+    from talk3d.train.losses import reconstruction_losses
+
+    g = torch.Generator().manual_seed(6)
+    target = torch.rand(3, 3, 16, 16, generator=g) * 2 - 1
+    mask = torch.ones(3, 1, 16, 16)
+    batch = {"image": target, "mouth_mask": mask, "face_mask": mask}
+    pred = target + 0.1 * torch.randn(3, 3, 16, 16, generator=g)
+    out = {"image": pred, "image_raw": pred[..., ::2, ::2]}
+    terms = reconstruction_losses(out, batch, TrainConfig().loss, lpips=_lpips_stand_in, sr_only=True)
+    assert set(terms) == {"l1_sr", "lpips_sr", "total"}
+    assert float(terms["lpips_sr"]) == pytest.approx(float(_lpips_stand_in(pred, target).mean()))
+    assert float(terms["total"]) == pytest.approx(float(16 * terms["l1_sr"] + 3 * terms["lpips_sr"]), rel=1e-6)
+    as_batch_of_2 = reconstruction_losses(out, batch, TrainConfig().loss, lpips=_lpips_stand_in, sr_only=True,
+                                          lpips_frames=2)["total"]
+    assert float(as_batch_of_2) == pytest.approx(float(16 * terms["l1_sr"] + 2 * terms["lpips_sr"]), rel=1e-6)
+
+
+def test_validation_total_is_a_training_batchs_objective_and_the_wrong_audio_is_anothers(data, tmp_path):
+    """Validation scores val_frames (4) frames but weighs LPIPS as a training batch (batch_size 2)
+    does, so val_total and the training total are on one scale; and val_mouth_wrong_audio renders the
+    same frames each with the previous frame's audio window (the batch's audio rolled by one), not
+    its own. A stand-in LPIPS network and a recording forward show both."""
+    t = Trainer(_cfg(steps=1, val_frames=4), data, tmp_path / "run")
+    t.lpips = _lpips_stand_in
+    given = []
+    forward = t._forward
+
+    def recording(batch, **kw):
+        given.append(batch["audio"].clone())
+        return forward(batch, **kw)
+
+    t._forward = recording
+    v = t.evaluate()
+    assert t.cfg.batch_size == 2 and given[0].shape[0] == 4
+    w = t.cfg.loss
+    per_frame = (w.lpips_raw * v["val_lpips_raw"] + w.lpips_sr * v["val_lpips_sr"]
+                 + w.mouth_lpips * v["val_mouth_lpips"])
+    want = w.l1_raw * v["val_l1_raw"] + w.l1_sr * v["val_l1_sr"] + w.mouth * v["val_mouth"] + 2 * per_frame
+    assert v["val_total"] == pytest.approx(want, rel=1e-6)
+    right, wrong = given
+    assert torch.equal(wrong, right.roll(1, dims=0)) and not torch.equal(wrong, right)
+
+
+def test_sync_term_scores_five_consecutive_frames_with_their_own_speech(data, tmp_path):
+    """The lip-sync loss renders 5 consecutive training frames and scores them against the speech
+    of exactly those frames, samples 640 f .. 640 (f + 5) of the first frame f: a window of speech
+    one frame off would teach the mouth to lead or lag the audio. A stand-in scorer records what it
+    gets; the clip's wave is replaced by the sample numbers, so the speech given names its place."""
+    from talk3d.audio import SAMPLES_PER_FRAME
+
+    t = Trainer(_cfg(steps=1), data, tmp_path / "run")
+
+    class Recording:  # the training split, recording which frames are read
+        def __init__(self, ds):
+            self.ds, self.asked = ds, []
+
+        def __len__(self):
+            return len(self.ds)
+
+        def __getitem__(self, i):
+            self.asked.append(i)
+            return self.ds[i]
+
+    scored = []
+
+    def scorer(frames, wave):
+        scored.append((frames.shape, wave.clone()))
+        return torch.zeros(1)
+
+    t.train_set, t.sync = Recording(t.train_set), scorer
+    t.wave = torch.arange(len(t.train_set) * SAMPLES_PER_FRAME + 5 * SAMPLES_PER_FRAME, dtype=torch.float32)
+    for _ in range(3):
+        t.train_set.asked.clear()
+        t._sync_term()
+        first = t.train_set.asked[0]
+        assert t.train_set.asked == list(range(first, first + 5))
+        shape, wave = scored[-1]
+        assert shape[:2] == (1, 5)
+        want = torch.arange(first * SAMPLES_PER_FRAME, (first + 5) * SAMPLES_PER_FRAME, dtype=torch.float32)
+        assert torch.equal(wave[0], want)
+
+
+def test_config_checks_take_their_documented_edges():
+    """Each bound at its edge: lr_decay in (0, 1] (1: no decay), loss weights >= 0 (0 turns a term
+    off, as in ``--set loss.mouth=0``), counts >= 1 where 0 leaves nothing to do (steps,
+    coarse_samples), >= 0 where 0 is a choice (importance_samples, num_workers, blink_noise)."""
+    ok = load_config(None, ["lr_decay=1", "loss.mouth=0", "loss.sync=0", "importance_samples=0", "num_workers=0",
+                            "blink_noise=0", "coarse_samples=1", "steps=1"])
+    assert (ok.lr_decay, ok.loss.mouth, ok.loss.sync, ok.importance_samples, ok.coarse_samples) == (1.0, 0.0, 0.0, 0, 1)
+    for override, said in [("lr_decay=0", "lr_decay must be in (0, 1]"), ("lr_decay=1.01", "lr_decay must be in (0, 1]"),
+                           ("loss.mouth=-0.5", "loss.mouth must be a finite number >= 0"),
+                           ("loss.l1_raw=Infinity", "loss.l1_raw must be a finite number >= 0"),
+                           ("steps=0", "steps must be >= 1"), ("coarse_samples=0", "coarse_samples must be >= 1"),
+                           ("importance_samples=-1", "importance_samples must be >= 0")]:
+        with pytest.raises(ValueError, match=re.escape(said)):
+            load_config(None, [override])
+
+
+def test_defaults_are_the_release_schedule_and_loss_weights():
+    """The defaults are the Talk3D release's (shared/reference/numerics.md): Adam lr 5e-4 decayed by
+    0.98 every 2 epochs, batch 2, 80k steps; L1 x16 and LPIPS x1 on the render and the SR output,
+    the mouth region x15 (L1 and LPIPS), identity x1, SyncNet x0.01 from epoch 20; then stage sr:
+    1k steps at lr 2e-4."""
+    from talk3d.train.config import SR_STAGE
+
+    cfg = TrainConfig()
+    assert (cfg.lr, cfg.lr_decay, cfg.lr_decay_epochs, cfg.batch_size, cfg.steps) == (5e-4, 0.98, 2, 2, 80_000)
+    w = cfg.loss
+    assert (w.l1_raw, w.l1_sr, w.lpips_raw, w.lpips_sr) == (16.0, 16.0, 1.0, 1.0)
+    assert (w.mouth, w.mouth_lpips, w.identity, w.sync, w.sync_start_epoch) == (15.0, 15.0, 1.0, 0.01, 20)
+    assert SR_STAGE == {"stage": "sr", "steps": 1000, "lr": 2e-4}

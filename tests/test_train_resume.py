@@ -261,3 +261,36 @@ def test_gradients_are_clipped_to_grad_clip(data, tmp_path):  # noqa: F811
     logged = [float(r["grad_norm"]) for r in read_rows(tmp_path / "run" / "scalars.csv")]
     assert all(n > 10 * clip for n in logged), logged
 
+
+
+def test_an_epoch_counts_its_last_partial_batch(data, tmp_path):  # noqa: F811
+    """An epoch is one pass over the training frames, ceil(N / batch) batches with the last one
+    partial (a DataLoader's length without drop_last): the 46 training frames of the 2-s clip (50 -
+    50 // 11) at batch 4 are 12 steps, not 11, so the lr decay and the lip-sync loss's start fall
+    on multiples of 12 steps."""
+    t = Trainer(_cfg(steps=1, batch_size=4, lr_decay_epochs=1), data, tmp_path / "run")
+    assert len(t.train_set) == 46 and t.steps_per_epoch == 12
+    assert t.scheduler.step_size == 12
+
+
+def test_a_data_parallel_resume_continues_the_shared_draws(data, tmp_path):  # noqa: F811
+    """Resumed at step s with W ranks of batch B, the run has consumed s B W draws of the shared
+    sequence: rank r's loader goes on at draw s B W + r, taking every W-th, so its next batches are
+    those an uninterrupted rank would have drawn. Checked on the trainer's own loader with W = 2,
+    r = 1, s = 3 set by hand (building the loader needs no process group)."""
+    t = Trainer(_cfg(steps=10), data, tmp_path / "run")
+    t.rank, t.world, t.step = 1, 2, 3
+    b = t.cfg.batch_size
+    got = [batch["index"].tolist() for batch in _take(iter(t._loader()), 2)]  # training frames: index = draw
+    whole = _take(iter(FrameDraws(len(t.train_set), t.cfg.seed)), 3 * b * 2 + 4 * b)
+    mine = whole[3 * b * 2 + 1::2]  # rank 1's share after 3 steps of 2 ranks
+    assert got == [mine[:b], mine[b:2 * b]]
+
+
+def test_the_last_step_is_validated_when_eval_every_does_not_divide_steps(data, tmp_path):  # noqa: F811
+    """A run of 3 steps with eval_every 1000 still scores the model it ends with: validation rows at
+    steps 0 and 3, and fit's "last" scores (the log's summary) are step 3's, not the untrained ones."""
+    t = Trainer(_cfg(steps=3, eval_every=1000, log_every=1), data, tmp_path / "run")
+    result = t.fit()
+    assert [int(r["step"]) for r in read_rows(tmp_path / "run" / "val_scalars.csv")] == [0, 3]
+    assert result["first"]["step"] == 0 and result["last"]["step"] == 3

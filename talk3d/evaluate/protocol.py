@@ -397,6 +397,9 @@ def evaluate_run(run_dir, out_dir, *, split: str = "val", max_frames: int | None
     blink_all = np.load(data / files["blink"]).reshape(-1)
     supersample = int(manifest.get("settings", {}).get("supersample", 1))
     wave, _ = read_wav(data / files["audio"])
+    # audio.wav may end up to a frame short of the clip (validate_dataset's tolerance): silence past
+    # its end, so that every evaluated frame has its 640 samples (as the trainer's lip-sync windows).
+    wave = np.pad(wave, (0, max(0, int(manifest["num_frames"]) * SAMPLES_PER_FRAME - wave.size)))
     # Novel-view ground truth needs the synthetic head's per-frame state (mouth opening, blink).
     gt_views = synthetic and mouth_gt is not None
     frame_ids = [int(dataset.frame_indices[i]) for i in range(n)]
