@@ -170,6 +170,26 @@ def test_identity_symmetry_positivity(model):
 FUNCTIONAL_RTOL = 1e-5
 
 
+def _lpips_scaled(img: torch.Tensor) -> torch.Tensor:
+    """lpips' ScalingLayer, written out: [B, 3, H, W] in [-1, 1] -> the backbone's input."""
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    return (img - shift) / scale
+
+
+def _lpips_distance(taps_x, taps_y, heads: dict) -> torch.Tensor:
+    """Each tap unit-normalised over channels, the squared differences weighted by the 1x1 'lin'
+    heads and averaged over space, summed over taps: [B]."""
+    import torch.nn.functional as F
+
+    total = 0
+    for k, (a, b) in enumerate(zip(taps_x, taps_y)):
+        a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        total = total + F.conv2d((a - b) ** 2, heads[f"lin{k}.model.1.weight"]).mean(dim=(1, 2, 3))
+    return total
+
+
 def functional_lpips_alex(x, y, backbone: dict, heads: dict) -> torch.Tensor:
     """LPIPS v0.1 (AlexNet) written out from its definition (Zhang et al. 2018 and the lpips
     package), independently of talk3d's module: scale the inputs with lpips' ScalingLayer, tap the
@@ -177,24 +197,16 @@ def functional_lpips_alex(x, y, backbone: dict, heads: dict) -> torch.Tensor:
     squared differences with the 1x1 'lin' heads and average over space; sum over taps."""
     import torch.nn.functional as F
 
-    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
-    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
-
     def taps(img):
         w = lambda i: (backbone[f"features.{i}.weight"], backbone[f"features.{i}.bias"])  # noqa: E731
-        h1 = F.relu(F.conv2d((img - shift) / scale, *w(0), stride=4, padding=2))
+        h1 = F.relu(F.conv2d(_lpips_scaled(img), *w(0), stride=4, padding=2))
         h2 = F.relu(F.conv2d(F.max_pool2d(h1, 3, 2), *w(3), padding=2))
         h3 = F.relu(F.conv2d(F.max_pool2d(h2, 3, 2), *w(6), padding=1))
         h4 = F.relu(F.conv2d(h3, *w(8), padding=1))
         h5 = F.relu(F.conv2d(h4, *w(10), padding=1))
         return h1, h2, h3, h4, h5
 
-    total = 0
-    for k, (a, b) in enumerate(zip(taps(x), taps(y))):
-        a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-        b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-        total = total + F.conv2d((a - b) ** 2, heads[f"lin{k}.model.1.weight"]).mean(dim=(1, 2, 3))
-    return total
+    return _lpips_distance(taps(x), taps(y), heads)
 
 
 def test_matches_the_functional_definition(model, alex_weights):
@@ -208,12 +220,10 @@ def functional_lpips_vgg(x, y, backbone: dict, heads: dict) -> torch.Tensor:
     relu2_2, relu3_3, relu4_3 and relu5_3, the last ReLU of each block."""
     import torch.nn.functional as F
 
-    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
-    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
     blocks = ((0, 2), (5, 7), (10, 12, 14), (17, 19, 21), (24, 26, 28))  # torchvision's conv indices
 
     def taps(img):
-        h, out = (img - shift) / scale, []
+        h, out = _lpips_scaled(img), []
         for j, convs in enumerate(blocks):
             if j:
                 h = F.max_pool2d(h, 2, 2)
@@ -222,12 +232,7 @@ def functional_lpips_vgg(x, y, backbone: dict, heads: dict) -> torch.Tensor:
             out.append(h)
         return out
 
-    total = 0
-    for k, (a, b) in enumerate(zip(taps(x), taps(y))):
-        a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-        b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-        total = total + F.conv2d((a - b) ** 2, heads[f"lin{k}.model.1.weight"]).mean(dim=(1, 2, 3))
-    return total
+    return _lpips_distance(taps(x), taps(y), heads)
 
 
 def test_vgg_matches_the_functional_definition():
