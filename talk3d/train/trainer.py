@@ -55,12 +55,12 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-#: The [generator] settings a run may change on a prior: how it is rendered, not what it holds.
 #: Real footage shorter than this (training frames, 1 minute at 25 fps) gets a note in the run's log:
 #: Talk3D's paper trains on 3-5 minutes of video a person. Measured (thirteenth session, CPU): on
 #: psychopy's 7.8-s testMovie.mp4 (180 training frames, --preset small, 2000 steps) the mouth used
 #: the audio on the frames trained on (mouth L1 0.0645 with each frame's own audio, 0.0762 with
-#: another's) but not on the 17 held-out frames (0.0550 either way).
+#: another's) but not on the 17 held-out frames (0.0550 either way); with the pose and landmark
+#: tokens off, no better on those (fourteenth session; docs/log.md).
 SHORT_CLIP_FRAMES = 60 * FPS
 
 
@@ -72,6 +72,7 @@ def short_clip_note(train_frames: int, fps: int) -> str:
             f"`python -m talk3d.evaluate` on the held-out frames, and record more video if you can")
 
 
+#: The [generator] settings a run may change on a prior: how it is rendered, not what it holds.
 PRIOR_RENDER_SETTINGS = ("neural_rendering_resolution", "coarse_samples", "importance_samples", "ray_start",
                          "ray_end")
 
