@@ -405,6 +405,54 @@ def test_crop_frames_picks_its_window_in_wide_and_shrunk_frames():
     assert np.abs(out[0].astype(float) - want).max() <= CROP_ROUND_TOL
 
 
+
+def _double_box_blur(img: np.ndarray, k: int) -> np.ndarray:
+    """[H, W, C] float64 blurred twice by a k x k box, reflect-padded (numpy's "reflect" mirrors
+    about the edge pixel, as PyTorch's), every window summed directly: an independent double box."""
+    for _ in range(2):
+        pad = np.pad(img, ((k // 2, (k - 1) // 2), (k // 2, (k - 1) // 2), (0, 0)), mode="reflect")
+        h, w = img.shape[:2]
+        img = sum(pad[dy:dy + h, dx:dx + w] for dy in range(k) for dx in range(k)) / (k * k)
+    return img
+
+
+def test_box_blur_is_the_double_square_box():
+    """The crop padding's blur (two passes of row and column boxes) equals two k x k boxes summed
+    window by window, for odd and even k, on several images at once."""
+    import torch
+
+    from talk3d.preprocess.align import _box_blur
+
+    rng = np.random.default_rng(1)
+    img = rng.uniform(0, 255, (2, 3, 20, 23))
+    for k in (1, 2, 3, 6):
+        got = _box_blur(torch.from_numpy(img), k).numpy()
+        for b in range(2):
+            want = _double_box_blur(img[b].transpose(1, 2, 0), k).transpose(2, 0, 1)
+            np.testing.assert_allclose(got[b], want, rtol=0, atol=1e-9)
+
+
+def test_crop_frames_past_the_edge_mirror_then_fade_into_a_blur():
+    """A crop whose right half lies past the frame's right edge: inside the frame it is the frame;
+    past the edge it is the frame mirrored about the edge, mixed with its blur by the distance
+    (PAD_FADE of the crop side to the full blur, PAD_BLUR the box side), worked out independently."""
+    from talk3d.preprocess.align import PAD_BLUR, PAD_FADE
+
+    rng = np.random.default_rng(2)
+    frame = rng.integers(0, 255, (1, 64, 64, 3), dtype=np.uint8)
+    size = 64
+    # Centre (64, 32), half side 32: x in [32, 96), one image pixel per crop pixel.
+    out = crop_frames(frame, np.array([[64.0, 32.0]]), np.array([[32.0, 0.0]]), size)[0].astype(float)
+    window = frame[0, :, 32:64].astype(float)
+    assert np.array_equal(out[:, :32], window)  # inside: no fade, no blur
+    mirrored = np.concatenate([window, frame[0, :, 63:31:-1]], axis=1)  # image x = 64.5 + j <- 63.5 - j
+    blurred = _double_box_blur(mirrored, round(PAD_BLUR * size))
+    distance = np.concatenate([np.zeros(32), np.arange(32) + 0.5])  # crop pixels past the edge
+    fade = np.minimum(distance / (PAD_FADE * size), 1.0)[None, :, None]
+    want = mirrored + fade * (blurred - mirrored)
+    assert np.abs(out - want).max() <= CROP_ROUND_TOL
+    assert np.abs(out[:, 40:] - mirrored[:, 40:]).mean() > 10  # the far side is blurred, not a mirror
+
 def _convex_polygon_distance(poly: np.ndarray, pts: np.ndarray) -> np.ndarray:
     """Distance of points [P, 2] to a convex polygon [M, 2] (counter-clockwise or not); 0 inside."""
     a, b = poly, np.roll(poly, -1, axis=0)

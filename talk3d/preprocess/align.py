@@ -122,10 +122,15 @@ def _outside_distance(p: torch.Tensor, w: int, h: int) -> torch.Tensor:
 
 
 def _box_blur(img: torch.Tensor, k: int) -> torch.Tensor:
-    """img [B, C, S, S] blurred twice by a k x k box (reflect-padded: same size)."""
+    """img [B, C, S, S] blurred twice by a k x k box (reflect-padded: same size).
+
+    Each box is a row pass then a column pass (a box filter is separable): 2k additions a pixel
+    instead of k^2. At 512 px (k = 26) a k x k pool took 0.5 s a frame on 2 cores, nearly all of
+    cropping's time."""
     for _ in range(2):
-        img = torch.nn.functional.avg_pool2d(
-            torch.nn.functional.pad(img, (k // 2, (k - 1) // 2, k // 2, (k - 1) // 2), mode="reflect"), k, stride=1)
+        img = torch.nn.functional.pad(img, (k // 2, (k - 1) // 2, k // 2, (k - 1) // 2), mode="reflect")
+        img = torch.nn.functional.avg_pool2d(img, (1, k), stride=1)
+        img = torch.nn.functional.avg_pool2d(img, (k, 1), stride=1)
     return img
 
 
