@@ -348,7 +348,7 @@ def test_training_starts_from_a_personalised_prior(tmp_path):
     from talk3d.personalize.__main__ import main
 
     assert main(["--prior", str(prior), "--data", str(data), "--out", str(out), "--frames", "2",
-                 "--invert-steps", "3", "--tune-steps", "2", "--impl", "torch", "--quiet"]) == 0
+                 "--invert-steps", "3", "--tune-steps", "2", "--impl", "torch", "--no-progress"]) == 0
     tcfg = TrainConfig.from_dict(dict(steps=2, batch_size=2, eval_every=100, checkpoint_every=1000, val_frames=2,
                                       impl="torch", deltaplane_size="tiny"))
     t = Trainer(tcfg, data, tmp_path / "run", prior=str(out))

@@ -305,7 +305,12 @@ def test_cli_convert_and_sample(tmp_path, capsys):
 def test_sample_without_weights_says_so(tmp_path, capsys):
     assert main(["sample", "--random-init", "tiny", "--seeds", "3", "--orbit", "0", "--impl", "torch",
                  "--device", "cpu", "--out", str(tmp_path / "r")]) == 0
-    assert "random weights" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "random weights" in err and "seeds:" in err  # the warning, and the bar
+    assert main(["sample", "--random-init", "tiny", "--seeds", "3", "--orbit", "2", "--impl", "torch",
+                 "--device", "cpu", "--out", str(tmp_path / "q"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "random weights" in err and "seeds:" not in err and "orbit seed" not in err
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):

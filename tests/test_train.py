@@ -283,11 +283,14 @@ def test_cli_demo_shape_and_resume(data, tmp_path, capsys):
             "--set", "generator.sr_channels=[8,8]", "--set", "generator.coarse_samples=6",
             "--set", "generator.importance_samples=6", "--set", "impl=\"torch\""]
     assert main(args) == 0
-    assert "validation L1 of the render" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "validation L1 of the render" in captured.out and "train deltaplane" in captured.err  # the step bar
     with pytest.raises(SystemExit):  # never silently on top of a finished run
         main(args)
     assert "holds a run: continue it with --resume" in capsys.readouterr().err
-    assert main(["--resume", str(run), "--set", "steps=6"]) == 0
+    assert main(["--resume", str(run), "--set", "steps=6", "--no-progress"]) == 0
+    assert "train deltaplane" not in capsys.readouterr().err  # no bar; the log goes on as usual
+    assert "step 6:" in (run / "log.txt").read_text()
     state = torch.load(run / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
     assert state["step"] == 6  # steps 5 and 6 ran on top of the first run's 4
 

@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=4, help="frames per forward pass")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
                               checkpoint=args.checkpoint, overwrite=args.overwrite,
                               face_id_weights=args.face_id_weights, syncnet_weights=args.syncnet_weights,
                               inception_weights=args.inception_weights, openface=args.openface,
-                              lse_weights=args.lse_weights)
+                              lse_weights=args.lse_weights, progress=not args.no_progress)
     except (EvaluationError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

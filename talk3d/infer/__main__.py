@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                         "graphs")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary line is still printed)")
     live = p.add_argument_group("live rendering")
     live.add_argument("--stream", action="store_true",
                       help="render as the audio arrives (talk3d.Talker) and report the latency; --audio - reads "
@@ -174,7 +175,7 @@ def _main(argv=None) -> int:
         return 2
     n = num_frames_for(wave)
     track, track_rate = soundtrack(args.audio, wave)
-    bar = progress_bar(total=n, unit="frame", desc="render", file=sys.stderr)
+    bar = progress_bar(total=n, unit="frame", desc="render", file=sys.stderr, disable=args.no_progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = None
     try:

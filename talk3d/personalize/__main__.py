@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (and refined cameras)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bars")
     return p
 
 

@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -79,12 +80,14 @@ def _run(args) -> int:
               "(python -m talk3d.prior convert) for faces.", file=sys.stderr)
         cfg = GeneratorConfig.ffhq() if args.random_init == "ffhq" else GeneratorConfig.tiny()
         gen = TriplaneGenerator(cfg).to(args.device).eval().requires_grad_(False)
-    images = sample_images(gen, seeds, yaw=args.yaw, pitch=args.pitch, truncation=args.truncation, impl=args.impl)
+    images = sample_images(gen, seeds, yaw=args.yaw, pitch=args.pitch, truncation=args.truncation, impl=args.impl,
+                           progress=not args.no_progress)
     named = {f"seed{s:04d}_yaw{args.yaw:+.0f}_pitch{args.pitch:+.0f}": im for s, im in zip(seeds, images)}
     gifs = {}
     if args.orbit > 0:
         gifs[f"orbit_seed{seeds[0]:04d}"] = orbit_frames(gen, seeds[0], frames=args.orbit,
-                                                         truncation=args.truncation, impl=args.impl)
+                                                         truncation=args.truncation, impl=args.impl,
+                                                         progress=not args.no_progress)
     for path in write_outputs(named, gifs, args.out, overwrite=args.overwrite):
         print(f"wrote {path}")
     return 0

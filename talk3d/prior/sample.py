@@ -51,13 +51,13 @@ def _latent(gen: TriplaneGenerator, seed: int, device) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_images(gen: TriplaneGenerator, seeds: list[int], *, yaw: float = 0.0, pitch: float = 0.0,
-                  truncation: float = 0.7, impl: str = "auto") -> list[np.ndarray]:
+                  truncation: float = 0.7, impl: str = "auto", progress: bool = True) -> list[np.ndarray]:
     """One ``[S, S, 3]`` uint8 image per seed at (yaw, pitch) degrees; conditioned on the frontal camera."""
     device = next(gen.parameters()).device
     cond = _cameras(gen, 0.0, 0.0, device)
     cams = _cameras(gen, yaw, pitch, device)
     out = []
-    for seed in progress_bar(seeds, desc="seeds", unit="img"):
+    for seed in progress_bar(seeds, desc="seeds", unit="img", disable=not progress):
         ws = gen.mapping(_latent(gen, seed, device), cond, truncation_psi=truncation)
         img = gen.synthesis(ws, cams, impl=impl, deterministic=True)["image"][0]
         out.append(to_uint8(img))
@@ -66,12 +66,13 @@ def sample_images(gen: TriplaneGenerator, seeds: list[int], *, yaw: float = 0.0,
 
 @torch.no_grad()
 def orbit_frames(gen: TriplaneGenerator, seed: int, *, frames: int = 48, yaw_range: float = 30.0,
-                 pitch_range: float = 10.0, truncation: float = 0.7, impl: str = "auto") -> list[np.ndarray]:
+                 pitch_range: float = 10.0, truncation: float = 0.7, impl: str = "auto",
+                 progress: bool = True) -> list[np.ndarray]:
     """An orbit of one identity: yaw sweeps +-yaw_range and pitch +-pitch_range degrees."""
     device = next(gen.parameters()).device
     ws = gen.mapping(_latent(gen, seed, device), _cameras(gen, 0.0, 0.0, device), truncation_psi=truncation)
     out = []
-    for k in progress_bar(range(frames), desc=f"orbit seed {seed}", unit="frame"):
+    for k in progress_bar(range(frames), desc=f"orbit seed {seed}", unit="frame", disable=not progress):
         a = 2 * math.pi * k / frames
         cams = _cameras(gen, yaw_range * math.sin(a), pitch_range * math.cos(a), device)
         out.append(to_uint8(gen.synthesis(ws, cams, impl=impl, deterministic=True)["image"][0]))

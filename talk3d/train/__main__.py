@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="model and schedule sizes under --config/--set: 'full' (the release's) or 'small' "
                         "(the CPU demo's tiny model, minutes on 2 cores; no --prior). Default: 'small' for "
                         "the no-argument demo on a CPU, else 'full'")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log.txt and the scalars as usual)")
     return p
 
 
@@ -100,7 +101,7 @@ def _trainer(args, log):
             raise ValueError(f"--resume {run}: a run's stage cannot change (it is {stage}); fine-tune the "
                              f"super-resolution of a finished deltaplane run with --from {run}")
         cfg = load_config(None, args.set, base=train)
-        return Trainer(cfg, data, run, prior=prior, device=device, resume=True)
+        return Trainer(cfg, data, run, prior=prior, device=device, resume=True, progress=not args.no_progress)
     if args.init_from is not None:
         return _sr_stage_trainer(args, device, log)
     demo = args.data is None
@@ -121,7 +122,7 @@ def _trainer(args, log):
     else:
         data = Path(args.data)
         run = Path(args.out or f"runs/{data.name}-{stamp}")
-    trainer = Trainer(cfg, data, run, prior=args.prior, device=device)
+    trainer = Trainer(cfg, data, run, prior=args.prior, device=device, progress=not args.no_progress)
     if trainer.main and trainer.device.type == "cpu" and trainer.trained_parameters > CPU_HINT_PARAMS:
         trainer.log(f"note: {trainer.trained_parameters / 1e6:.1f} M trained parameters on a CPU: tens of "
                     "seconds a step at the release's sizes (the bar shows the ETA); `--preset small` "
@@ -153,7 +154,7 @@ def _sr_stage_trainer(args, device, log):
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run = Path(args.out or f"{source}-sr-{stamp}")
     log(f"stage sr from {source}: {cfg.steps} steps at lr {cfg.lr:g} on {data}")
-    return Trainer(cfg, data, run, device=device)
+    return Trainer(cfg, data, run, device=device, progress=not args.no_progress)
 
 
 def main(argv=None) -> int:

@@ -297,8 +297,9 @@ class Trainer:
     """Trains a :class:`TalkingHead` on a preprocessed dataset. See ``python -m talk3d.train --help``."""
 
     def __init__(self, cfg: TrainConfig, data_dir, run_dir, *, prior: str | None = None, device=None,
-                 resume: bool = False):
+                 resume: bool = False, progress: bool = True):
         self.cfg, self.data_dir, self.run_dir = cfg, Path(data_dir), Path(run_dir)
+        self.progress = progress  # the step bar (the log and scalars are written either way)
         self.rank, self.world = _dist_info()
         self.main = self.rank == 0
         if device is None:
@@ -669,7 +670,7 @@ class Trainer:
         loader = self._loader()
         batches = iter(loader)
         bar = progress_bar(total=cfg.steps, initial=self.step, desc=f"train {cfg.stage}", unit="step",
-                   disable=not self.main, dynamic_ncols=True)
+                   disable=not (self.main and self.progress), dynamic_ncols=True)
         stop = _TerminationRequest(say=self.log if self.main else None)
         try:
             while self.step < cfg.steps:
