@@ -37,6 +37,11 @@ def _wheel(folder: Path) -> Path:
     (lambda d: d, "holds no .tflite file or mediapipe wheel"),
     (lambda d: _write(d / "x.whl", b"not a zip"), "not a readable wheel"),
     (lambda d: _zip(d / "mediapipe-0.0-py3-none-any.whl", {"other.txt": b"x"}), "holds no " + MODEL_MEMBER),
+    # A folder with several candidates: which one is meant is the user's to say (names listed).
+    (lambda d: [_write(d / n, b"x") for n in ("a.tflite", "mediapipe-0.10.21-py3-none-any.whl")] and d,
+     r"holds 2 candidate models \(a.tflite, mediapipe-0.10.21-py3-none-any.whl\); set TALK3D_SELFIE_SEGMENTER to one"),
+    (lambda d: [_write(d / n, b"x") for n in ("mediapipe-0.10.14-py3-none-any.whl", "mediapipe-0.10.21-py3-none-any.whl")]
+     and d, "holds 2 candidate models"),
 ])
 def test_a_set_but_unusable_model_path_is_an_error(tmp_path, monkeypatch, make, message):
     """Asked for explicitly, a bad model is refused with its path named, not silently skipped."""

@@ -5,7 +5,8 @@ Nothing is downloaded at run time.
 Where the model comes from, in this order:
 
 1. ``TALK3D_SELFIE_SEGMENTER``: a ``.tflite`` file, a mediapipe wheel (``.whl``) holding it, or a
-   folder with either (``pip download --no-deps --only-binary :all: mediapipe==0.10.21 -d DIR``);
+   folder holding one of them (``pip download --no-deps --only-binary :all: mediapipe==0.10.21 -d DIR``;
+   a folder with several is refused, naming them);
 2. an installed ``mediapipe`` package's copy (found by path; mediapipe itself is not imported).
 
 When the model or the runtime is missing, :func:`load_segmenter` says which and how to get it, and
@@ -81,7 +82,10 @@ def _from_file(path: Path) -> bytes:
         found = sorted(path.glob("*.tflite")) + sorted(path.glob("mediapipe-*.whl"))
         if not found:
             raise PreprocessError(f"{ENV_VAR}={path}: the folder holds no .tflite file or mediapipe wheel")
-        path = found[-1]
+        if len(found) > 1:  # no rule says which of them is the user's model: ask, rather than guess
+            raise PreprocessError(f"{ENV_VAR}={path}: the folder holds {len(found)} candidate models "
+                                  f"({', '.join(f.name for f in found)}); set {ENV_VAR} to one of these files")
+        path = found[0]
     if not path.is_file():
         raise PreprocessError(f"{ENV_VAR}={path}: no such file")
     if path.suffix == ".whl":
