@@ -770,6 +770,29 @@ def test_config_checks_take_their_documented_edges():
             load_config(None, [override])
 
 
+
+def test_data_workers_default_to_none_on_a_cpu_and_some_beside_a_gpu(data, tmp_path, monkeypatch):
+    """num_workers unset: no loader processes on a CPU (the training uses its cores), up to
+    MAX_AUTO_WORKERS beside a GPU, half the cores split over torchrun's local processes; a number
+    given is used as it is. The run's log says how many."""
+    from talk3d.train.trainer import MAX_AUTO_WORKERS, auto_workers
+
+    assert TrainConfig().num_workers is None and load_config(None, ["num_workers=3"]).num_workers == 3
+    cuda = torch.device("cuda", 0)  # a device object only: nothing runs on it
+    assert auto_workers(torch.device("cpu")) == 0
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert auto_workers(cuda) == MAX_AUTO_WORKERS == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 16 cores, 4 GPUs' processes: 2 each
+    assert auto_workers(cuda) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert auto_workers(cuda) == 1  # never none beside a GPU
+    t = Trainer(_cfg(steps=1), data, tmp_path / "auto")
+    assert t.loader_workers == 0 and "0 data worker(s) each" in (tmp_path / "auto" / "log.txt").read_text()
+    t = Trainer(_cfg(steps=1, num_workers=2), data, tmp_path / "two")
+    assert t.loader_workers == 2 and t._loader().num_workers == 2
+
 def test_defaults_are_the_release_schedule_and_loss_weights():
     """The defaults are the Talk3D release's (shared/reference/numerics.md): Adam lr 5e-4 decayed by
     0.98 every 2 epochs, batch 2, 80k steps; L1 x16 and LPIPS x1 on the render and the SR output,

