@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -565,6 +566,36 @@ def test_sigterm_saves_a_checkpoint_after_the_step(data, tmp_path):
     assert "terminated (SIGTERM) at step 2" in (tmp_path / "run" / "log.txt").read_text()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the trainer's only while it trains
 
+
+
+def test_sigterm_to_the_loader_workers_too_still_saves_the_step(data, tmp_path):
+    """A scheduler's SIGTERM often reaches every process of the job (kill of the process group,
+    Slurm), the DataLoader's workers included. They must outlive it (the main process would
+    otherwise fail with "worker exited unexpectedly" before its checkpoint): they leave when the
+    trainer closes the loader. Here the signal reaches the worker first and the trainer a step
+    later (the trainer fetches a batch in between, as when it waits on the loader)."""
+    import multiprocessing
+
+    t = Trainer(_cfg(steps=50, eval_every=100, checkpoint_every=100, num_workers=1), data, tmp_path / "run")
+    step = t.train_step
+
+    def step_then_sigterm_all(batch):
+        out = step(batch)
+        if t.step == 2:
+            workers = multiprocessing.active_children()
+            assert workers, "the loader's worker process"
+            for w in workers:
+                os.kill(w.pid, signal.SIGTERM)
+            time.sleep(0.5)  # a worker that died of it has gone by now
+        if t.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    t.train_step = step_then_sigterm_all
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    assert torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=True)["step"] == 3
+    assert "terminated (SIGTERM) at step 3" in (tmp_path / "run" / "log.txt").read_text()
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -53,17 +53,18 @@ def test_a_scalars_file_of_the_old_writer_is_widened(tmp_path):
     assert [r["step"] for r in rows] == ["1", "2", "3"] and rows[2]["sync"] == "0.5" and rows[0]["sync"] == ""
 
 
-def test_dataloader_workers_ignore_ctrl_c(data, tmp_path):  # noqa: F811
-    from talk3d.train.trainer import _worker_ignores_ctrl_c
+def test_dataloader_workers_ignore_ctrl_c_and_sigterm(data, tmp_path):  # noqa: F811
+    from talk3d.train.trainer import _worker_ignores_stop_signals
 
     t = Trainer(_cfg(steps=1, num_workers=1), data, tmp_path / "run")
-    assert t._loader().worker_init_fn is _worker_ignores_ctrl_c
-    outer = signal.getsignal(signal.SIGINT)
+    assert t._loader().worker_init_fn is _worker_ignores_stop_signals
+    outer = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        _worker_ignores_ctrl_c(0)
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        _worker_ignores_stop_signals(0)
+        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in outer)
     finally:
-        signal.signal(signal.SIGINT, outer)
+        for sig, handler in outer.items():
+            signal.signal(sig, handler)
 
 
 def test_scalars_files_keep_one_header_when_columns_appear(tmp_path):

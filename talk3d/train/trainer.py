@@ -244,10 +244,14 @@ def _clear_failed_attempt(run_dir: Path) -> None:
         f.unlink()
 
 
-def _worker_ignores_ctrl_c(worker_id: int) -> None:
-    """A terminal's Ctrl-C reaches the DataLoader's workers too: they must not die of it (the main
-    process would fail with "worker exited unexpectedly" instead of saving a checkpoint)."""
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    """A terminal's Ctrl-C reaches the DataLoader's workers too, and so does a scheduler's SIGTERM
+    sent to the whole process group (Slurm, ``kill -- -PGID``): they must not die of either (the
+    main process would fail with "worker exited unexpectedly" at its next batch instead of saving a
+    checkpoint). They still leave: when the trainer closes the loader, or when their parent dies
+    (PyTorch's workers watch it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _TerminationRequest:
@@ -610,7 +614,7 @@ class Trainer:
         workers = self.loader_workers
         return DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=sampler, drop_last=True,
                           generator=torch.Generator().manual_seed(self.cfg.seed + self.rank),
-                          worker_init_fn=_worker_ignores_ctrl_c,
+                          worker_init_fn=_worker_ignores_stop_signals,
                           num_workers=workers, persistent_workers=workers > 0,
                           pin_memory=self.device.type == "cuda")
 
