@@ -211,6 +211,46 @@ def test_wav2vec2_pads_the_wave_so_output_k_is_slot_k(tmp_path):
         np.testing.assert_array_equal(hidden.encode(wave), states.numpy())
 
 
+
+#: Piecewise against one pass on a model whose outputs depend on nearby audio alone: equal up to
+#: the float sums of convolutions over inputs of other lengths (measured 4.8e-7).
+PIECES_ATOL = 1e-5
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed in this venv")
+def test_wav2vec2_long_waves_are_encoded_in_aligned_pieces(tmp_path):
+    """A wave longer than a piece and its context is encoded piece by piece, each piece's slots
+    seen with context_seconds of audio either side. On a model without attention and with a
+    per-frame norm (each output depends on the audio within its positional convolution's reach,
+    8 slots) the pieces give the one pass's features: every slot on its own row. Without context
+    they do not (the edges lose their neighbours), so the comparison sees where pieces meet.
+    The settings travel in the dataset's manifest."""
+    import transformers
+
+    from talk3d.audio.features import encoder_from_manifest
+
+    config = transformers.Wav2Vec2Config(
+        vocab_size=12, hidden_size=16, num_hidden_layers=0, num_attention_heads=2, intermediate_size=32,
+        conv_dim=(8,) * 7, num_feat_extract_layers=7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer")
+    torch.manual_seed(0)
+    transformers.Wav2Vec2ForCTC(config).save_pretrained(tmp_path / "local")
+    wave = np.random.default_rng(0).standard_normal(SAMPLES_PER_FRAME * 50 + 123).astype(np.float32)
+    whole = Wav2Vec2Encoder(tmp_path / "local").encode(wave, 50)  # 100 slots: one pass
+    pieces = Wav2Vec2Encoder(tmp_path / "local", chunk_seconds=0.14, context_seconds=0.2)  # 7 slots, 10 each side
+    assert (pieces.chunk_slots, pieces.context_slots) == (7, 10)
+    got = pieces.encode(wave, 50)
+    assert got.shape == whole.shape == (100, 12)
+    np.testing.assert_allclose(got, whole, rtol=0, atol=PIECES_ATOL)
+    blind = Wav2Vec2Encoder(tmp_path / "local", chunk_seconds=0.14, context_seconds=0.0).encode(wave, 50)
+    assert np.abs(blind - whole).max() > 100 * PIECES_ATOL
+    settings = pieces.settings()
+    assert settings["chunk_seconds"] == pytest.approx(0.14) and settings["context_seconds"] == pytest.approx(0.2)
+    again = encoder_from_manifest(dict(encoder=pieces.name, feature_dim=12, encoder_settings=settings))
+    assert (again.chunk_slots, again.context_slots) == (7, 10)
+    with pytest.raises(ValueError, match="chunk_seconds must be > 0"):
+        Wav2Vec2Encoder(tmp_path / "local", chunk_seconds=0)
+
 def test_resample_returns_the_rounded_length():
     """resample gives round(T * dst / src) samples (its docstring's, what a clip's frame count is
     read from): lengths whose exact count ends in .5 or more must not lose their last sample."""

