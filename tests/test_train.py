@@ -553,8 +553,8 @@ def test_sigterm_saves_a_checkpoint_after_the_step(data, tmp_path):
     t = Trainer(_cfg(steps=50, eval_every=100, checkpoint_every=100), data, tmp_path / "run")
     step = t.train_step
 
-    def step_then_sigterm(batch):
-        out = step(batch)
+    def step_then_sigterm(batch, window=None):
+        out = step(batch, window)
         if t.step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
         return out
@@ -579,8 +579,8 @@ def test_sigterm_to_the_loader_workers_too_still_saves_the_step(data, tmp_path):
     t = Trainer(_cfg(steps=50, eval_every=100, checkpoint_every=100, num_workers=1), data, tmp_path / "run")
     step = t.train_step
 
-    def step_then_sigterm_all(batch):
-        out = step(batch)
+    def step_then_sigterm_all(batch, window=None):
+        out = step(batch, window)
         if t.step == 2:
             workers = multiprocessing.active_children()
             assert workers, "the loader's worker process"
@@ -611,9 +611,9 @@ def _ddp_worker(rank, world, port, data, run, out):
         t = Trainer(_cfg(steps=2, eval_every=100), data, run)
         step, drawn = t.train_step, []
 
-        def recording(batch):
+        def recording(batch, window=None):
             drawn.append(batch["index"].tolist())
-            return step(batch)
+            return step(batch, window)
 
         t.train_step = recording
         t.fit()
@@ -631,8 +631,8 @@ def _ddp_stop_worker(rank, world, port, data, run, out):
         t = Trainer(_cfg(steps=20, eval_every=100, log_every=1, checkpoint_every=100), data, run)
         step = t.train_step
 
-        def step_then_sigterm(batch):
-            result = step(batch)
+        def step_then_sigterm(batch, window=None):
+            result = step(batch, window)
             if rank == 1 and t.step == 2:
                 os.kill(os.getpid(), signal.SIGTERM)
             return result
@@ -784,6 +784,31 @@ def test_sync_term_scores_five_consecutive_frames_with_their_own_speech(data, tm
         want = torch.arange(first * SAMPLES_PER_FRAME, (first + 5) * SAMPLES_PER_FRAME, dtype=torch.float32)
         assert torch.equal(wave[0], want)
 
+
+
+def test_the_loader_brings_each_steps_sync_window_beside_its_batch(data, tmp_path):
+    """Once the lip-sync term is on, fit hands train_step the window the loader read with the batch
+    (StepBatches: its workers read it, not the training loop): the step's 5 consecutive frames
+    where window_start puts them, with the speech of exactly those frames."""
+    from talk3d.audio import SAMPLES_PER_FRAME
+    from talk3d.train.draws import window_start
+
+    t = Trainer(_cfg(steps=3, eval_every=100, loss=dict(sync_start_epoch=0)), data, tmp_path / "run")
+    spoken = []
+    t.sync = lambda frames, wave: spoken.append(wave[0, 0].item()) or torch.zeros(1)  # a stand-in scorer
+    t.wave = torch.arange(len(t.train_set) * SAMPLES_PER_FRAME, dtype=torch.float32)
+    given, term = [], t._sync_term
+
+    def recording(window=None):
+        given.append(None if window is None else window["index"].tolist())
+        return term(window)
+
+    t._sync_term = recording
+    t.fit()
+    n = len(t.train_set)
+    starts = [window_start(n, 5, t.cfg.seed, step) for step in range(3)]
+    assert given == [list(range(s, s + 5)) for s in starts]
+    assert spoken == [s * SAMPLES_PER_FRAME for s in starts]
 
 def test_config_checks_take_their_documented_edges():
     """Each bound at its edge: lr_decay in (0, 1] (1: no decay), loss weights >= 0 (0 turns a term

@@ -14,7 +14,7 @@ import torch
 from talk3d.train import Trainer
 from talk3d.train.__main__ import main
 from talk3d.train.config import load_config
-from talk3d.train.draws import DRAW_BLOCK, FrameDraws
+from talk3d.train.draws import DRAW_BLOCK, FrameDraws, StepBatches, window_start
 from talk3d.train.scalars import append_row, read_rows
 
 from test_train import _cfg, data  # noqa: F401  (the synthetic dataset fixture)
@@ -190,8 +190,8 @@ def test_ctrl_c_stops_after_the_step_and_saves(data, tmp_path):  # noqa: F811
     t = Trainer(_cfg(steps=50, eval_every=100, checkpoint_every=100), data, tmp_path / "run")
     step = t.train_step
 
-    def step_then_ctrl_c(batch):
-        out = step(batch)
+    def step_then_ctrl_c(batch, window=None):
+        out = step(batch, window)
         if t.step == 2:
             os.kill(os.getpid(), signal.SIGINT)  # handled between steps: the step completes first
         return out
@@ -273,6 +273,33 @@ def test_an_epoch_counts_its_last_partial_batch(data, tmp_path):  # noqa: F811
     assert len(t.train_set) == 46 and t.steps_per_epoch == 12
     assert t.scheduler.step_size == 12
 
+
+
+def test_step_batches_add_the_sync_window_from_its_step_and_resume_with_it():
+    """StepBatches: each step's batch is the next batch_size draws of FrameDraws; from window_from
+    on, the step's 5 consecutive frames follow, starting where window_start puts them for that
+    step (uniform over every start, from the seed, step and rank alone). Started at a later step
+    it gives what a run from step 0 gives there."""
+    n, seed, b = 40, 3, 2
+    whole = _take(iter(StepBatches(FrameDraws(n, seed), b, window=5, window_from=3, seed=seed)), 8)
+    draws = _take(iter(FrameDraws(n, seed)), 8 * b)
+    for step, batch in enumerate(whole):
+        assert batch[:b] == draws[step * b:(step + 1) * b]
+        if step < 3:
+            assert len(batch) == b
+        else:
+            start = window_start(n, 5, seed, step)
+            assert batch[b:] == list(range(start, start + 5)) and 0 <= start <= n - 5
+    resumed = _take(iter(StepBatches(FrameDraws(n, seed, start=5 * b), b, first_step=5, window=5, window_from=3,
+                                     seed=seed)), 3)
+    assert resumed == whole[5:]
+    assert len({window_start(n, 5, seed, k) for k in range(200)}) > 30  # spread over the clip
+    assert window_start(n, 5, seed, 7, rank=1) != window_start(n, 5, seed, 7) or \
+        window_start(n, 5, seed, 8, rank=1) != window_start(n, 5, seed, 8)  # ranks draw their own
+    assert {window_start(5, 5, seed, k) for k in range(5)} == {0}  # a clip of one window
+    assert _take(iter(StepBatches(FrameDraws(n, seed), b)), 3) == [draws[0:2], draws[2:4], draws[4:6]]  # no windows
+    with pytest.raises(ValueError, match="a window of 5 frames among 4"):
+        StepBatches(FrameDraws(4, seed), b, window=5, window_from=0)
 
 def test_a_data_parallel_resume_continues_the_shared_draws(data, tmp_path):  # noqa: F811
     """Resumed at step s with W ranks of batch B, the run has consumed s B W draws of the shared

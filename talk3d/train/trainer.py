@@ -25,7 +25,7 @@ from ..audio.features import FPS
 from ..data import TalkingHeadDataset, load_manifest
 from ..models import DeltaplaneConfig, GeneratorConfig, TalkingHead, TriplaneGenerator
 from .config import TrainConfig, generator_config
-from .draws import FrameDraws
+from .draws import FrameDraws, StepBatches
 from .scalars import append_row
 from .losses import (identity_network, loss_status, mouth_l1, perceptual_network, reconstruction_losses,
                      sync_network)
@@ -602,42 +602,54 @@ class Trainer:
         Image.fromarray(grid).save(self.run_dir / "previews" / f"val_step{self.step:07d}.png")
 
     # -- training ----------------------------------------------------------------------------------
+    @property
+    def sync_from_step(self) -> int | None:
+        """The first step with the lip-sync term (None: the run has none)."""
+        return None if self.sync is None else self.cfg.loss.sync_start_epoch * self.steps_per_epoch
+
     def _loader(self):
         # One seeded sequence of draws for the whole run: a resumed run continues it where the
         # finished steps left it (draws.py); ranks take interleaved draws of the same sequence.
-        sampler = FrameDraws(len(self.train_set), self.cfg.seed, start=self.step * self.cfg.batch_size * self.world,
-                             rank=self.rank, world=self.world)
+        # Once the lip-sync term is on, each step's batch also carries its window of consecutive
+        # frames (StepBatches), read by the workers beside the batch instead of by the training loop.
+        from ..losses.syncnet import SYNC_FRAMES
+
+        draws = FrameDraws(len(self.train_set), self.cfg.seed, start=self.step * self.cfg.batch_size * self.world,
+                           rank=self.rank, world=self.world)
+        steps = StepBatches(draws, self.cfg.batch_size, first_step=self.step, window=SYNC_FRAMES,
+                            window_from=self.sync_from_step, seed=self.cfg.seed, rank=self.rank)
         # Pinned batches: a copy from pageable memory waits for the GPU's queue to drain (one stall a
         # step); from pinned memory, non_blocking copies are queued behind the running step.
         # Its own generator: iter(DataLoader) draws the workers' base seed from it, which from torch's
         # global generator would shift a resumed run's random streams (render jitter, noise) by one.
         workers = self.loader_workers
-        return DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=sampler, drop_last=True,
-                          generator=torch.Generator().manual_seed(self.cfg.seed + self.rank),
+        return DataLoader(self.train_set, batch_sampler=steps, generator=torch.Generator().manual_seed(self.cfg.seed + self.rank),
                           worker_init_fn=_worker_ignores_stop_signals,
                           num_workers=workers, persistent_workers=workers > 0,
                           pin_memory=self.device.type == "cuda")
 
-    def _sync_term(self) -> torch.Tensor:
+    def _sync_term(self, window: dict | None = None) -> torch.Tensor:
         """Wav2Lip's expert sync loss on 5 consecutive training frames rendered with their audio
         (on the render, as the release: its gradient reaches the deltaplane without the SR).
 
         The lip-sync network scores a window of frames against its 0.2 s of speech, which random
-        training batches do not form, so each step past ``sync_start_epoch`` renders one extra window.
+        training batches do not form, so each step past ``sync_start_epoch`` renders one extra window:
+        ``window``, the 5 frames collated on the host (the loader's, in :meth:`fit`), else 5 read here.
         """
         from ..losses.syncnet import SAMPLES_PER_FRAME, SYNC_FRAMES
 
-        start = int(torch.randint(len(self.train_set) - SYNC_FRAMES + 1, (1,)))
-        items = [self.train_set[i] for i in range(start, start + SYNC_FRAMES)]
-        window = _to(torch.utils.data.default_collate(items), self.device)
-        frames = self._forward(window)["image_raw"].float()  # [5, 3, s, s]: the render, as the release
-        first = int(items[0]["index"]) * SAMPLES_PER_FRAME
+        if window is None:
+            start = int(torch.randint(len(self.train_set) - SYNC_FRAMES + 1, (1,)))
+            window = torch.utils.data.default_collate([self.train_set[i] for i in range(start, start + SYNC_FRAMES)])
+        first = int(window["index"][0]) * SAMPLES_PER_FRAME  # on the host: no wait for the device
+        frames = self._forward(_to(window, self.device))["image_raw"].float()  # [5, 3, s, s]: the render
         wave = self.wave[first:first + SYNC_FRAMES * SAMPLES_PER_FRAME]
         wave = torch.nn.functional.pad(wave, (0, SYNC_FRAMES * SAMPLES_PER_FRAME - wave.shape[0]))
         return self.sync(frames[None], wave[None].to(self.device)).mean()
 
-    def train_step(self, batch) -> dict[str, torch.Tensor]:
-        """One optimisation step on ``batch`` (on the device). Returns the loss terms and the
+    def train_step(self, batch, window: dict | None = None) -> dict[str, torch.Tensor]:
+        """One optimisation step on ``batch`` (on the device); ``window``: the lip-sync term's frames
+        (see :meth:`_sync_term`), used from ``sync_start_epoch`` on. Returns the loss terms and the
         gradient norm as detached 0-d tensors on the device: reading one (``float()``) waits for
         the step to finish on a GPU, and with nothing to wait on the host queues the next step
         while this one runs, so :meth:`fit` reads them only on the steps it logs."""
@@ -646,7 +658,7 @@ class Trainer:
         terms = reconstruction_losses(out, batch, self.cfg.loss, self.lpips, self.identity,
                                       sr_only=self.cfg.stage == "sr")
         if self.sync is not None and self.step // self.steps_per_epoch >= self.cfg.loss.sync_start_epoch:
-            terms["sync"] = self._sync_term()
+            terms["sync"] = self._sync_term(window)
             terms["total"] = terms["total"] + self.cfg.loss.sync * terms["sync"]
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
@@ -697,8 +709,12 @@ class Trainer:
         stop = _TerminationRequest(say=self.log if self.main else None)
         try:
             while self.step < cfg.steps:
-                batch = next(batches)  # endless (FrameDraws)
-                terms = self.train_step(_to(batch, self.device))
+                batch = next(batches)  # endless (StepBatches)
+                window = None
+                if len(batch["index"]) > cfg.batch_size:  # the lip-sync term's frames came along
+                    b = cfg.batch_size
+                    batch, window = {k: v[:b] for k, v in batch.items()}, {k: v[b:] for k, v in batch.items()}
+                terms = self.train_step(_to(batch, self.device), window)
                 if self.step % cfg.log_every == 0:  # the only steps whose values are read (train_step)
                     values = {k: float(v) for k, v in terms.items()}
                     self._scalars({"step": self.step, "lr": self.scheduler.get_last_lr()[0], **values})
