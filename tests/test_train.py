@@ -721,11 +721,19 @@ def test_stage_sr_sums_lpips_over_the_batch_as_stage_deltaplane_does():
 
 
 def test_validation_total_is_a_training_batchs_objective_and_the_wrong_audio_is_anothers(data, tmp_path):
-    """Validation scores val_frames (4) frames but weighs LPIPS as a training batch (batch_size 2)
-    does, so val_total and the training total are on one scale; and val_mouth_wrong_audio renders the
-    same frames each with the previous frame's audio window (the batch's audio rolled by one), not
-    its own. A stand-in LPIPS network and a recording forward show both."""
+    """Validation scores val_frames (4) frames spread over the split, first and last included, but
+    weighs LPIPS as a training batch (batch_size 2) does, so val_total and the training total are on
+    one scale; and val_mouth_wrong_audio renders the same frames each with the audio window of the
+    frame half the batch away (the batch's audio rolled by two), not its own nor a neighbour's.
+    A stand-in LPIPS network and a recording forward show both."""
     t = Trainer(_cfg(steps=1, val_frames=4), data, tmp_path / "run")
+    assert len(t.val_set) == 4 and t.val_indices == [0, 1, 2, 3]  # this clip's split: every frame
+    real = t.val_set
+    for size, frames, want in ((10, 4, [0, 3, 6, 9]), (409, 8, [0, 58, 117, 175, 233, 291, 350, 408]),
+                               (10, 1, [0]), (3, 4, [0, 1, 2])):
+        t.val_set, t.cfg.val_frames = range(size), frames  # a split of `size` frames (its length is what counts)
+        assert t.val_indices == want, (size, frames)
+    t.val_set, t.cfg.val_frames = real, 4
     t.lpips = _lpips_stand_in
     given = []
     forward = t._forward
@@ -743,7 +751,7 @@ def test_validation_total_is_a_training_batchs_objective_and_the_wrong_audio_is_
     want = w.l1_raw * v["val_l1_raw"] + w.l1_sr * v["val_l1_sr"] + w.mouth * v["val_mouth"] + 2 * per_frame
     assert v["val_total"] == pytest.approx(want, rel=1e-6)
     right, wrong = given
-    assert torch.equal(wrong, right.roll(1, dims=0)) and not torch.equal(wrong, right)
+    assert torch.equal(wrong, right.roll(2, dims=0)) and not torch.equal(wrong, right)
 
 
 def test_sync_term_scores_five_consecutive_frames_with_their_own_speech(data, tmp_path):

@@ -61,7 +61,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 200           # validation scores and preview images
     checkpoint_every: int = 500
-    val_frames: int = 8             # validation frames scored and previewed
+    val_frames: int = 8             # validation frames scored and previewed, spread evenly over the split
     generator: dict[str, Any] = field(default_factory=dict)   # GeneratorConfig overrides
     deltaplane: dict[str, Any] = field(default_factory=dict)  # DeltaplaneConfig overrides
     generator_size: str = "ffhq"    # "ffhq" or "tiny": base of the generator overrides (no prior)

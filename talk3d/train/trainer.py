@@ -64,9 +64,10 @@ def _dist_info() -> tuple[int, int]:
 SHORT_CLIP_FRAMES = 60 * FPS
 
 
-#: Data-loading processes beside each GPU when the config leaves num_workers unset. A 512^2 training
-#: item takes ~6 ms to read and convert on one core (this VM): 12 ms of a 2-frame step in the
-#: training loop's own process, against a step budget of 50 ms at 20 steps/s.
+#: Data-loading processes beside each GPU when the config leaves num_workers unset. Reading a step's
+#: 512^2 frames in the training loop's own process takes 2.1 ms (2 frames), 8.6 ms with the lip-sync
+#: window (7 frames), and a frame's first read from a long clip ~6 ms (benchmarks/test_bench_data.py
+#: and the fifteenth session's log, one core of the 2-core VM), against 50 ms a step at 20 steps/s.
 MAX_AUTO_WORKERS = 4
 
 
@@ -569,11 +570,11 @@ class Trainer:
     # -- evaluation --------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean losses over the first ``val_frames`` validation frames (deterministic render)."""
+        """Mean losses over ``val_frames`` validation frames spread evenly over the split (deterministic render)."""
         was = self.model.training
         self.model.eval()
-        n = min(self.cfg.val_frames, len(self.val_set))
-        batch = _to(torch.utils.data.default_collate([self.val_set[i] for i in range(n)]), self.device)
+        batch = _to(torch.utils.data.default_collate([self.val_set[i] for i in self.val_indices]), self.device)
+        n = len(self.val_indices)
         out = self._forward(batch, deterministic=True)
         # Its total is that of a training batch (LPIPS summed over batch_size frames, as in training).
         losses = reconstruction_losses(out, batch, self.cfg.loss, self.lpips, self.identity,
@@ -582,12 +583,20 @@ class Trainer:
         if "audio" in batch and n > 1:
             # Does the mouth follow the audio? The same frames with each other's audio windows: a
             # model that uses the audio gets its mouth wrong there (mouth error above val_mouth).
-            shuffled = dict(batch, audio=batch["audio"].roll(1, dims=0))
+            # Each frame takes the window of the frame half the batch away, about half the split
+            # later: a neighbour's window (40 ms on) would share most of its audio.
+            shuffled = dict(batch, audio=batch["audio"].roll(n // 2, dims=0))
             wrong = self._forward(shuffled, deterministic=True)["image_raw"]
             terms["val_mouth_wrong_audio"] = float(mouth_l1(wrong, batch))  # the mouth term alone: no LPIPS, no face net
         self.model.train(was)
         self._preview(out, batch)
         return terms
+
+    @property
+    def val_indices(self) -> list[int]:
+        """The validation frames scored: ``val_frames`` of the split, evenly spaced, first and last included."""
+        n, k = len(self.val_set), min(self.cfg.val_frames, len(self.val_set))
+        return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
 
     def _preview(self, out, batch) -> None:
         if not self.main:
