@@ -614,7 +614,8 @@ def test_sync_and_mouth_energy_read_the_evaluated_frames_own_audio(runs, tmp_pat
     """The lip-sync scorers get the speech of the frames they score (wave[640 f:640 (f + 1)] for each
     evaluated frame f, in order) and the mouth-vs-audio correlation uses those frames' RMS: the
     validation split starts well into the clip, so the clip's first seconds would pair its frames
-    with another moment's audio. A stand-in LSE scorer records what it is given."""
+    with another moment's audio. A stand-in LSE scorer records what it is given. The frames come
+    as the written video has them: float32 in [-1, 1] on the 8-bit grid (kept as uint8 meanwhile)."""
     import numpy as np
 
     from talk3d.audio import SAMPLES_PER_FRAME, read_wav
@@ -624,6 +625,10 @@ def test_sync_and_mouth_energy_read_the_evaluated_frames_own_audio(runs, tmp_pat
 
     def lse(frames, wave):
         given.append((frames.shape[0], np.array(wave, copy=True)))
+        levels = (frames + 1) * 127.5
+        assert frames.dtype == torch.float32 and frames.shape[1] == 3
+        assert levels.min() >= 0 and levels.max() <= 255 and (levels - levels.round()).abs().max() < 1e-4
+        assert levels.round().unique().numel() > 8  # images, not a constant
         return {"lse_c": 1.0, "lse_d": 2.0, "offset": 0, "windows": 1}
 
     r = evaluate_run(runs / "run_trained", tmp_path / "eval", impl="torch", max_frames=4, progress=False,
