@@ -684,6 +684,58 @@ def test_separate_audio_option(clip, tmp_path):
     assert m["num_frames"] == 60 and m["settings"]["audio"] == str(wav)
 
 
+
+
+#: The dataset's audio.wav is the given WAV read, cut and written again as PCM16: one step of 16-bit
+#: rounding (1 / 32768) apart at most (measured: 1% of the samples differ, by exactly one step).
+PCM16_REWRITE_ATOL = 1.5 / 32768
+#: The left-out clip's dataset against the whole clip's, frames shifted by 10, away from the ends:
+#: the crop squares' and landmarks' temporal smoothing there saw the same frames but for a few
+#: (measured: landmarks 0.053 px apart at most, frames 0.011 grey levels on average; a frame off
+#: by one differs by 0.89).
+TRIM_LANDMARK_TOL_PX = 0.2
+TRIM_FRAME_TOL = 0.1
+
+def test_frames_without_a_face_at_the_start_and_end_are_left_out(clip, result, tmp_path):
+    """A recording's first and last moments often show no face (pressing record). Frames before the
+    first face and after the last are left out with their sound, and the log names them: the
+    dataset is video frames 10 .. N - 7, its sound the wave from frame 10's first sample, its
+    frames and landmarks those of the whole clip's dataset shifted by 10."""
+    from talk3d.audio.features import read_wav, write_wav
+
+    wav = tmp_path / "speech.wav"
+    write_wav(wav, clip["wave"])
+    said = []
+    det = oracle(clip, miss=set(range(10)) | set(range(N - 6, N)))
+    out = preprocess_video(clip["silent"], tmp_path / "ds", audio=wav, size=SIZE, detector=det, progress=False,
+                           log=said.append)
+    m = validate_dataset(out)
+    assert m["num_frames"] == N - 16 and m["settings"]["video_frames_kept"] == [10, N - 7]
+    assert m["settings"]["video_frames"] == N and m["settings"]["frames_without_face"] == 0
+    assert any(f"left out: video frames 0-9 (the first 0.40 s) and {N - 6}-{N - 1} (the last 0.24 s)" in line
+               and f"the dataset is frames 10-{N - 7}" in line for line in said), said
+    sound, _ = read_wav(out / "audio.wav")
+    whole, _ = read_wav(wav)  # as written: PCM16
+    np.testing.assert_allclose(sound, whole[10 * 640:(N - 6) * 640], rtol=0, atol=PCM16_REWRITE_ATOL)
+    assert np.load(out / "face_found.npy").all()
+    full = result["out"]
+    ours, theirs = np.load(out / "landmarks.npy"), np.load(full / "landmarks.npy")[10:N - 6]
+    inner = slice(5, -5)  # away from the ends, where the landmarks' and crops' smoothing see other frames
+    assert np.abs(ours[inner] - theirs[inner]).max() < TRIM_LANDMARK_TOL_PX
+    a = np.load(out / "frames.npy")[inner].astype(float)
+    assert np.abs(a - np.load(full / "frames.npy")[10:N - 6][inner]).mean() < TRIM_FRAME_TOL
+    assert np.abs(a - np.load(full / "frames.npy")[9:N - 7][inner]).mean() > 2 * TRIM_FRAME_TOL  # not off by one
+
+
+def test_a_long_gap_inside_the_kept_frames_is_refused_with_the_videos_frame_numbers(clip, tmp_path):
+    """Frames 0-4 are left out (before the first face); a 16-frame gap later cannot be bridged and
+    is refused, named by the video's frame numbers (30-45), not the kept frames' (25-40)."""
+    out = tmp_path / "ds"
+    det = oracle(clip, miss=set(range(5)) | set(range(30, 46)))
+    with pytest.raises(PreprocessError, match=r"more than 10 frames in a row .*frames without a face: 30-45$"):
+        preprocess_video(clip["path"], out, size=SIZE, detector=det, progress=False, log=lambda *a: None)
+    assert _nothing_left(out)
+
 def test_not_a_video(tmp_path):
     bad = tmp_path / "notes.mp4"
     bad.write_text("this is not a video\n" * 100)

@@ -25,7 +25,7 @@ from PIL import Image  # noqa: E402
 from real_media import real_video  # noqa: E402
 from talk3d.audio.features import FPS, SAMPLE_RATE  # noqa: E402
 from talk3d.data.dataset import TalkingHeadDataset  # noqa: E402
-from talk3d.data.format import unpack_mask  # noqa: E402
+from talk3d.data.format import unpack_mask, validate_dataset  # noqa: E402
 from talk3d.preprocess import PreprocessError, preprocess_video  # noqa: E402
 from talk3d.preprocess.loudness import QUIET_DBFS  # noqa: E402
 
@@ -173,8 +173,6 @@ def _nothing_left(out):
 @pytest.mark.parametrize("name,max_frames,message", [
     # An animated title (H.264, AAC): no face anywhere.
     ("no_face.mp4", 60, r"no face found in 60 of 60 frames.*0-59"),
-    # HEVC in a QuickTime .mov: the man for 2.4 s (frames 0-59), then the title.
-    ("face_noface.mov", 100, r"no face found in 40 of 100 frames.*60-99"),
 ])
 def test_real_video_without_a_face_is_refused(tmp_path, name, max_frames, message):
     """Refused, naming the frames without a face, leaving nothing a re-run would trust."""
@@ -183,6 +181,17 @@ def test_real_video_without_a_face_is_refused(tmp_path, name, max_frames, messag
     with pytest.raises(PreprocessError, match=message):
         preprocess_video(video, out, size=SIZE, max_frames=max_frames, progress=False, log=lambda s: None)
     assert _nothing_left(out)
+
+
+def test_real_video_whose_face_leaves_is_cut_where_it_leaves(tmp_path):
+    """The man for 2.4 s (frames 0-59), then the title (HEVC in a QuickTime .mov): the dataset is
+    his 60 frames with their sound, and the log names the 40 title frames left out."""
+    video = real_video("face_noface.mov", tmp_path)
+    said = []
+    out = preprocess_video(video, tmp_path / "ds", size=SIZE, max_frames=100, progress=False, log=said.append)
+    m = validate_dataset(out)
+    assert m["num_frames"] == 60 and m["settings"]["video_frames_kept"] == [0, 59]
+    assert any("left out: video frames 60-99 (the last 1.60 s)" in line for line in said), said
 
 
 #: A short run on the real clip must lower the validation L1 of the render by this share (measured

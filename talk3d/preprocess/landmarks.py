@@ -121,12 +121,13 @@ def gaussian_smooth(x: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def fill_and_smooth(raw: np.ndarray, found: np.ndarray, *, sigma: float = LANDMARK_SIGMA_FRAMES,
-                    source: str = "video") -> np.ndarray:
+                    source: str = "video", first_frame: int = 0) -> np.ndarray:
     """Fill missed frames by linear interpolation, then smooth over time.
 
     Args:
         raw: [N, 68, 2] landmarks (anything where not found).
         found: [N] bool, the detector's hits.
+        first_frame: the video's frame number of row 0 (errors name the video's frames).
     Returns:
         [N, 68, 2] float64.
     Raises:
@@ -139,7 +140,7 @@ def fill_and_smooth(raw: np.ndarray, found: np.ndarray, *, sigma: float = LANDMA
     if missing.size > MAX_MISSING_FRACTION * n or not found.any():
         raise PreprocessError(
             f"{source}: no face found in {missing.size} of {n} frames (more than "
-            f"{MAX_MISSING_FRACTION:.0%}); frames without a face: {format_frames(missing)}")
+            f"{MAX_MISSING_FRACTION:.0%}); frames without a face: {format_frames(missing + first_frame)}")
     # Longest run of misses.
     runs = np.diff(np.concatenate([[0], (~found).astype(int), [0]]))
     starts, ends = np.flatnonzero(runs == 1), np.flatnonzero(runs == -1)
@@ -148,7 +149,7 @@ def fill_and_smooth(raw: np.ndarray, found: np.ndarray, *, sigma: float = LANDMA
         idx = np.concatenate([np.arange(s, e) for s, e in long])
         raise PreprocessError(
             f"{source}: the face is missing for more than {MAX_GAP_FRAMES} frames in a row "
-            f"(too long to interpolate); frames without a face: {format_frames(idx)}")
+            f"(too long to interpolate); frames without a face: {format_frames(idx + first_frame)}")
     hit = np.flatnonzero(found)
     flat = np.asarray(raw, dtype=np.float64).reshape(n, -1)
     filled = np.stack([np.interp(np.arange(n), hit, flat[hit, j]) for j in range(flat.shape[1])], 1)

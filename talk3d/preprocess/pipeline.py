@@ -5,7 +5,9 @@ Steps, each cached in ``OUT.work/`` (see :mod:`.cache`) and shown with a progres
 1. probe: the file opens, has a video stream, and has audio (or ``audio=`` is given).
 2. audio: 16-kHz mono, aligned to the first video frame.
 3. detect: 68 landmarks on every 25-fps frame (checkpointed every CHECKPOINT_FRAMES frames, so
-   an interrupted detection resumes where it stopped).
+   an interrupted detection resumes where it stopped). Frames without a face before the first
+   frame with one and after the last (the moments around pressing record) are left out, with
+   the sound of those frames; the log says so.
 4. track: gaps filled, landmarks smoothed; FFHQ crop squares reframed for the rig (align.rig_quads),
    smoothed; landmarks in the crop.
 5. crop: frames resampled into S x S crops (a memory-mapped cache, also checkpointed).
@@ -34,7 +36,7 @@ from ..render import TALK3D_RIG
 from .align import crop_frames, ffhq_quads, rig_quads, smooth_quads, to_crop
 from .blink import blink_au45
 from .cache import WorkDir
-from .errors import PreprocessError
+from .errors import PreprocessError, format_frames
 from .landmarks import NUM_LANDMARKS, DlibDetector, LandmarkDetector, fill_and_smooth
 from .loudness import QUIET_DBFS, audio_levels
 from .masks import face_masks, foreground_masks, mouth_masks
@@ -113,7 +115,8 @@ def _detect(video, work: WorkDir, detector, max_frames, total, progress) -> dict
     return result
 
 
-def _crops(video, work: WorkDir, centre, axis, size, progress) -> np.ndarray:
+def _crops(video, work: WorkDir, centre, axis, size, progress, offset: int = 0) -> np.ndarray:
+    """Crops of video frames offset .. offset + n - 1 (n = len(centre)), cached and checkpointed."""
     n = centre.shape[0]
     path = work.path / "crops.npy"
     state = work.load_json("crops") or {}
@@ -125,7 +128,8 @@ def _crops(video, work: WorkDir, centre, axis, size, progress) -> np.ndarray:
     bar = _bar(n, "crop", progress)
     bar.update(start)
     batch, first = [], start
-    for i, frame in enumerate(iter_frames(video, FPS, n)):
+    for i, frame in enumerate(iter_frames(video, FPS, offset + n)):
+        i -= offset  # the crop's row
         if i < start:
             continue
         batch.append(frame)
@@ -141,6 +145,29 @@ def _crops(video, work: WorkDir, centre, axis, size, progress) -> np.ndarray:
     if work.load_json("crops")["count"] < n:
         raise PreprocessError(f"{video}: the second decoding pass gave fewer frames than the first")
     return crops
+
+
+def _face_span(found: np.ndarray, video, log) -> tuple[int, int]:
+    """(first, last): the video's frames from the first with a face to the last with one. The frames
+    outside (a recording's start and end, before the person is in view) are left out and the log
+    says so; too few frames left, or none with a face, is a PreprocessError naming the frames."""
+    n, hits = found.size, np.flatnonzero(found)
+    if hits.size == 0:
+        raise PreprocessError(f"{video}: no face found in {n} of {n} frames; frames without a face: "
+                              f"{format_frames(range(n))}")
+    first, last = int(hits[0]), int(hits[-1])
+    kept = last - first + 1
+    if kept < MIN_SECONDS * FPS:
+        raise PreprocessError(
+            f"{video}: no face found in {int((~found).sum())} of {n} frames; frames without a face: "
+            f"{format_frames(np.flatnonzero(~found))}. The face is seen in frames {first}-{last} only "
+            f"({kept / FPS:.2f} s); at least {MIN_SECONDS:g} s are needed")
+    if first > 0 or last < n - 1:
+        cut = [f"0-{first - 1} (the first {first / FPS:.2f} s)"] if first > 0 else []
+        cut += [f"{last + 1}-{n - 1} (the last {(n - 1 - last) / FPS:.2f} s)"] if last < n - 1 else []
+        log(f"left out: video frames {' and '.join(cut)}, where no face is found, with their sound; the "
+            f"dataset is frames {first}-{last} ({kept / FPS:.1f} s)")
+    return first, last
 
 
 def _encoder(name: str, wav2vec2_path, feature_dim: int):
@@ -246,10 +273,14 @@ def _run(video, out, work, detector, encoder, audio, size, max_frames, overwrite
     if max_frames is not None:
         total = max_frames if total is None else min(total, max_frames)
     det = _detect(video, work, detector, max_frames, total, progress)
-    n = det["found"].size
-    if n < MIN_SECONDS * FPS:
-        raise PreprocessError(f"{video}: only {n} frames ({n / FPS:.2f} s) at {FPS} fps; at "
+    video_frames = det["found"].size
+    if video_frames < MIN_SECONDS * FPS:
+        raise PreprocessError(f"{video}: only {video_frames} frames ({video_frames / FPS:.2f} s) at {FPS} fps; at "
                               f"least {MIN_SECONDS:g} s of video are needed")
+    first, last = _face_span(det["found"], video, log)
+    det = dict(det, raw=det["raw"][first:last + 1], found=det["found"][first:last + 1])
+    n = last - first + 1
+    wave = wave[first * SAMPLES_PER_FRAME:]  # the sound of the frames kept
     if wave.size < 0.5 * n * SAMPLES_PER_FRAME:
         log(f"warning: the audio ({wave.size / 16000:.2f} s) is much shorter than the video "
             f"({n / FPS:.2f} s); the rest is silence")
@@ -262,13 +293,13 @@ def _run(video, out, work, detector, encoder, audio, size, max_frames, overwrite
 
     track = work.load("track")
     if track is None:
-        lm = fill_and_smooth(det["raw"], det["found"], source=str(video))
+        lm = fill_and_smooth(det["raw"], det["found"], source=str(video), first_frame=first)
         centre, axis = smooth_quads(*rig_quads(*ffhq_quads(lm), RIG))
         track = dict(lm=lm, centre=centre, axis=axis, lm_crop=to_crop(lm, centre, axis, size))
         work.save("track", **track)
     lm_crop = track["lm_crop"]
 
-    crops = _crops(video, work, track["centre"], track["axis"], size, progress)
+    crops = _crops(video, work, track["centre"], track["axis"], size, progress, offset=first)
 
     est = work.load("pose")
     if est is None:
@@ -287,6 +318,7 @@ def _run(video, out, work, detector, encoder, audio, size, max_frames, overwrite
                     max_frames=max_frames, detector=detector.name,
                     template="detector's" if getattr(detector, "template", None) is not None
                     else "generic", probe=info, frames_without_face=int((~det["found"]).sum()),
+                    video_frames_kept=[int(first), int(last)], video_frames=int(video_frames),
                     blink_open_ear=float(est["open_ear"]), audio_levels=levels,
                     foreground_mask=(
                         "extra file: the person (head, hair, neck, shoulders) drawn from the landmarks, "
