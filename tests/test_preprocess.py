@@ -712,8 +712,8 @@ def test_frames_without_a_face_at_the_start_and_end_are_left_out(clip, result, t
     m = validate_dataset(out)
     assert m["num_frames"] == N - 16 and m["settings"]["video_frames_kept"] == [10, N - 7]
     assert m["settings"]["video_frames"] == N and m["settings"]["frames_without_face"] == 0
-    assert any(f"left out: video frames 0-9 (the first 0.40 s) and {N - 6}-{N - 1} (the last 0.24 s)" in line
-               and f"the dataset is frames 10-{N - 7}" in line for line in said), said
+    assert any(f"left out: video frames 0-9 (0.40 s without a face), {N - 6}-{N - 1} (0.24 s without a face), "
+               f"with their sound; the dataset is frames 10-{N - 7}" in line for line in said), said
     sound, _ = read_wav(out / "audio.wav")
     whole, _ = read_wav(wav)  # as written: PCM16
     np.testing.assert_allclose(sound, whole[10 * 640:(N - 6) * 640], rtol=0, atol=PCM16_REWRITE_ATOL)
@@ -732,9 +732,35 @@ def test_a_long_gap_inside_the_kept_frames_is_refused_with_the_videos_frame_numb
     is refused, named by the video's frame numbers (30-45), not the kept frames' (25-40)."""
     out = tmp_path / "ds"
     det = oracle(clip, miss=set(range(5)) | set(range(30, 46)))
-    with pytest.raises(PreprocessError, match=r"more than 10 frames in a row .*frames without a face: 30-45$"):
+    with pytest.raises(PreprocessError, match=r"more than 10 frames in a row .*frames without a face: 30-45\. "
+                                              r"To use the video before the gap, pass --max-frames; after it, --start"):
         preprocess_video(clip["path"], out, size=SIZE, detector=det, progress=False, log=lambda *a: None)
     assert _nothing_left(out)
+
+
+def test_start_skips_the_beginning_and_max_frames_counts_from_it(clip, tmp_path):
+    """--start 1.0 --max-frames 60: video frames 25-84 with the sound from frame 25 on; the frames
+    before the start are decoded but never searched for a face. A start past the usable video,
+    or a negative one, is refused."""
+    from talk3d.audio.features import read_wav, write_wav
+
+    wav = tmp_path / "speech.wav"
+    write_wav(wav, clip["wave"])
+    said, det = [], oracle(clip)
+    out = preprocess_video(clip["silent"], tmp_path / "ds", audio=wav, size=SIZE, start=1.0, max_frames=60,
+                           detector=det, progress=False, log=said.append)
+    m = validate_dataset(out)
+    assert m["num_frames"] == 60 and m["settings"]["video_frames_kept"] == [25, 84] and m["settings"]["start"] == 1.0
+    assert det.calls == 60  # frames 25-84 only
+    assert any("left out: video frames 0-24 (before --start), with their sound; the dataset is frames 25-84"
+               in line for line in said), said
+    sound, _ = read_wav(out / "audio.wav")
+    whole, _ = read_wav(wav)
+    np.testing.assert_allclose(sound, whole[25 * 640:85 * 640], rtol=0, atol=PCM16_REWRITE_ATOL)
+    with pytest.raises(PreprocessError, match=rf"only {N - 75} frames \(.*\) at 25 fps after --start 3 s"):
+        preprocess_video(clip["path"], tmp_path / "late", size=SIZE, start=3.0, detector=oracle(clip), progress=False)
+    with pytest.raises(ValueError, match="--start -1.0: must be a number of seconds >= 0"):
+        preprocess_video(clip["path"], tmp_path / "neg", size=SIZE, start=-1.0, detector=NeverCalled(), progress=False)
 
 def test_not_a_video(tmp_path):
     bad = tmp_path / "notes.mp4"

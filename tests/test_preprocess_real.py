@@ -191,7 +191,7 @@ def test_real_video_whose_face_leaves_is_cut_where_it_leaves(tmp_path):
     out = preprocess_video(video, tmp_path / "ds", size=SIZE, max_frames=100, progress=False, log=said.append)
     m = validate_dataset(out)
     assert m["num_frames"] == 60 and m["settings"]["video_frames_kept"] == [0, 59]
-    assert any("left out: video frames 60-99 (the last 1.60 s)" in line for line in said), said
+    assert any("left out: video frames 60-99 (1.60 s without a face)" in line for line in said), said
 
 
 #: A short run on the real clip must lower the validation L1 of the render by this share (measured

@@ -1,4 +1,4 @@
-"""``python -m talk3d.preprocess VIDEO --out DIR [--audio FILE] [--size 512] [--max-frames N]
+"""``python -m talk3d.preprocess VIDEO --out DIR [--audio FILE] [--size 512] [--start S] [--max-frames N]
 [--resume] [--audio-encoder logmel|wav2vec2 --wav2vec2-path P] [--foreground auto|segmentation|landmarks]``: a video of one talking person
 -> a talk3d dataset folder (see talk3d.data.format), plus DIR/contact_sheet.png to check by eye."""
 from __future__ import annotations
@@ -18,7 +18,9 @@ def main(argv=None) -> int:
     p.add_argument("--audio", help="separate sound track (WAV or any audio file) to use instead "
                                    "of the video's")
     p.add_argument("--size", type=int, default=512, help="crop side in pixels")
-    p.add_argument("--max-frames", type=int, help="use only the first N frames (at 25 fps)")
+    p.add_argument("--start", type=float, default=0.0,
+                   help="seconds of the video to skip (e.g. to use the part after the face is away too long)")
+    p.add_argument("--max-frames", type=int, help="use at most N frames (at 25 fps), from --start on")
     p.add_argument("--resume", action="store_true",
                    help="reuse the steps cached in OUT.work/ by an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
@@ -37,7 +39,7 @@ def main(argv=None) -> int:
     start = time.time()
     try:
         preprocess_video(args.video, args.out, audio=args.audio, size=args.size,
-                         max_frames=args.max_frames, resume=args.resume,
+                         max_frames=args.max_frames, start=args.start, resume=args.resume,
                          overwrite=args.overwrite, audio_encoder=args.audio_encoder,
                          wav2vec2_path=args.wav2vec2_path, feature_dim=args.feature_dim,
                          keep_work=args.keep_work, foreground=args.foreground,

@@ -121,13 +121,14 @@ def gaussian_smooth(x: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def fill_and_smooth(raw: np.ndarray, found: np.ndarray, *, sigma: float = LANDMARK_SIGMA_FRAMES,
-                    source: str = "video", first_frame: int = 0) -> np.ndarray:
+                    source: str = "video", first_frame: int = 0, gap_hint: str = "") -> np.ndarray:
     """Fill missed frames by linear interpolation, then smooth over time.
 
     Args:
         raw: [N, 68, 2] landmarks (anything where not found).
         found: [N] bool, the detector's hits.
         first_frame: the video's frame number of row 0 (errors name the video's frames).
+        gap_hint: said after the error about a gap too long to bridge (what the caller can do).
     Returns:
         [N, 68, 2] float64.
     Raises:
@@ -149,7 +150,7 @@ def fill_and_smooth(raw: np.ndarray, found: np.ndarray, *, sigma: float = LANDMA
         idx = np.concatenate([np.arange(s, e) for s, e in long])
         raise PreprocessError(
             f"{source}: the face is missing for more than {MAX_GAP_FRAMES} frames in a row "
-            f"(too long to interpolate); frames without a face: {format_frames(idx + first_frame)}")
+            f"(too long to interpolate); frames without a face: {format_frames(idx + first_frame)}{gap_hint}")
     hit = np.flatnonzero(found)
     flat = np.asarray(raw, dtype=np.float64).reshape(n, -1)
     filled = np.stack([np.interp(np.arange(n), hit, flat[hit, j]) for j in range(flat.shape[1])], 1)

@@ -23,6 +23,7 @@ would trust is left; other failures (a crash, Ctrl-C) keep it for ``resume=True`
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -67,10 +68,12 @@ RIG = TALK3D_RIG
 CROP_FRAMING = "ffhq square reframed for the rig"
 
 
-def _key(video: Path, audio, size: int, max_frames, detector, encoder: str) -> dict:
+def _key(video: Path, audio, size: int, max_frames, detector, encoder: str, start_frame: int = 0) -> dict:
     st = video.stat()
     key = dict(video=str(video.resolve()), video_bytes=st.st_size, video_mtime_ns=st.st_mtime_ns,
                size=size, max_frames=max_frames, detector=detector.name, encoder=encoder, framing=CROP_FRAMING)
+    if start_frame:  # (absent when 0: the caches of runs before --start stay valid)
+        key.update(start_frame=start_frame)
     if audio is not None:
         a = Path(audio)
         key.update(audio=str(a.resolve()), audio_mtime_ns=a.stat().st_mtime_ns if a.exists() else 0)
@@ -82,8 +85,9 @@ def _bar(total, desc, progress):
                 file=sys.stderr)
 
 
-def _detect(video, work: WorkDir, detector, max_frames, total, progress) -> dict:
-    """Landmarks of every frame: dict(raw [N, 68, 2], found [N] bool, frame_shape [2])."""
+def _detect(video, work: WorkDir, detector, max_frames, total, progress, skip: int = 0) -> dict:
+    """Landmarks of every frame: dict(raw [N, 68, 2], found [N] bool, frame_shape [2]). The first
+    ``skip`` frames (before --start) are decoded but not searched: found False."""
     done = work.load("detect")
     if done is not None:
         return done
@@ -98,7 +102,7 @@ def _detect(video, work: WorkDir, detector, max_frames, total, progress) -> dict
         shape = frame.shape[:2]
         if i < start:  # decoded again only to reach the checkpoint
             continue
-        lm = detector(frame, i)
+        lm = detector(frame, i) if i >= skip else None
         if lm is not None and np.asarray(lm).shape != (NUM_LANDMARKS, 2):
             raise ValueError(f"detector {detector.name} returned shape {np.shape(lm)}, "
                              f"expected ({NUM_LANDMARKS}, 2)")
@@ -147,26 +151,30 @@ def _crops(video, work: WorkDir, centre, axis, size, progress, offset: int = 0) 
     return crops
 
 
-def _face_span(found: np.ndarray, video, log) -> tuple[int, int]:
-    """(first, last): the video's frames from the first with a face to the last with one. The frames
-    outside (a recording's start and end, before the person is in view) are left out and the log
-    says so; too few frames left, or none with a face, is a PreprocessError naming the frames."""
+def _face_span(found: np.ndarray, video, log, start: int = 0) -> tuple[int, int]:
+    """(first, last): the video's frames from the first with a face to the last with one, at or after
+    frame ``start`` (--start; the frames before it were not searched). The frames outside (a
+    recording's start and end, before the person is in view) are left out and the log says so; too
+    few frames left, or none with a face, is a PreprocessError naming the frames."""
     n, hits = found.size, np.flatnonzero(found)
+    searched = n - start
+    missing = np.flatnonzero(~found[start:]) + start
     if hits.size == 0:
-        raise PreprocessError(f"{video}: no face found in {n} of {n} frames; frames without a face: "
-                              f"{format_frames(range(n))}")
+        raise PreprocessError(f"{video}: no face found in {searched} of {searched} frames; frames without a face: "
+                              f"{format_frames(missing)}")
     first, last = int(hits[0]), int(hits[-1])
     kept = last - first + 1
     if kept < MIN_SECONDS * FPS:
         raise PreprocessError(
-            f"{video}: no face found in {int((~found).sum())} of {n} frames; frames without a face: "
-            f"{format_frames(np.flatnonzero(~found))}. The face is seen in frames {first}-{last} only "
+            f"{video}: no face found in {missing.size} of {searched} frames; frames without a face: "
+            f"{format_frames(missing)}. The face is seen in frames {first}-{last} only "
             f"({kept / FPS:.2f} s); at least {MIN_SECONDS:g} s are needed")
-    if first > 0 or last < n - 1:
-        cut = [f"0-{first - 1} (the first {first / FPS:.2f} s)"] if first > 0 else []
-        cut += [f"{last + 1}-{n - 1} (the last {(n - 1 - last) / FPS:.2f} s)"] if last < n - 1 else []
-        log(f"left out: video frames {' and '.join(cut)}, where no face is found, with their sound; the "
-            f"dataset is frames {first}-{last} ({kept / FPS:.1f} s)")
+    cut = [f"0-{start - 1} (before --start)"] if start > 0 else []
+    cut += [f"{start}-{first - 1} ({(first - start) / FPS:.2f} s without a face)"] if first > start else []
+    cut += [f"{last + 1}-{n - 1} ({(n - 1 - last) / FPS:.2f} s without a face)"] if last < n - 1 else []
+    if cut:
+        log(f"left out: video frames {', '.join(cut)}, with their sound; the dataset is frames {first}-{last} "
+            f"({kept / FPS:.1f} s)")
     return first, last
 
 
@@ -197,7 +205,8 @@ def _segmenter(foreground: str, log):
 
 
 def preprocess_video(video, out, *, audio=None, size: int = 512, fps: int = FPS,
-                     max_frames: int | None = None, resume: bool = False, overwrite: bool = False,
+                     max_frames: int | None = None, start: float = 0.0, resume: bool = False,
+                     overwrite: bool = False,
                      audio_encoder: str = "logmel", wav2vec2_path=None, feature_dim: int = 32,
                      detector: LandmarkDetector | None = None, keep_work: bool = False,
                      foreground: str = "auto", progress: bool = True, log=print) -> Path:
@@ -206,7 +215,9 @@ def preprocess_video(video, out, *, audio=None, size: int = 512, fps: int = FPS,
     Args:
         audio: a separate sound track (WAV or anything PyAV reads) instead of the video's.
         size: crop side S. fps: must be 25 (the dataset format's rate).
-        max_frames: use only the first this many frames (at 25 fps).
+        max_frames: use at most this many frames (at 25 fps), from ``start`` on.
+        start: seconds of the video to skip first (e.g. to use the part after the face is away
+            for too long to bridge).
         resume: reuse the steps cached in ``OUT.work/`` by an earlier, interrupted run.
         detector: a LandmarkDetector (default :class:`DlibDetector`); its optional ``template``
             [68, 3] replaces the generic 3-D face in the pose fit.
@@ -226,6 +237,9 @@ def preprocess_video(video, out, *, audio=None, size: int = 512, fps: int = FPS,
         raise ValueError(f"--size {size}: must be a multiple of 8, >= 64")
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"--max-frames {max_frames}: must be >= 1")
+    if not (math.isfinite(start) and start >= 0):
+        raise ValueError(f"--start {start}: must be a number of seconds >= 0")
+    start_frame = round(start * FPS)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     if not video.is_file():
@@ -236,10 +250,10 @@ def preprocess_video(video, out, *, audio=None, size: int = 512, fps: int = FPS,
     segmenter, seg_settings = _segmenter(foreground, log)
     detector = DlibDetector() if detector is None else detector
     work = WorkDir(out.parent / f"{out.name}.work",
-                   _key(video, audio, size, max_frames, detector, encoder.name), resume, log)
+                   _key(video, audio, size, max_frames, detector, encoder.name, start_frame), resume, log)
     try:
         path = _run(video, out, work, detector, encoder, audio, size, max_frames, overwrite,
-                    progress, log, segmenter, seg_settings)
+                    progress, log, segmenter, seg_settings, start_frame)
     except PreprocessError:
         work.remove()  # bad input: nothing for a re-run to trust
         raise
@@ -249,7 +263,7 @@ def preprocess_video(video, out, *, audio=None, size: int = 512, fps: int = FPS,
 
 
 def _run(video, out, work, detector, encoder, audio, size, max_frames, overwrite, progress, log,
-         segmenter, seg_settings):
+         segmenter, seg_settings, start_frame=0):
     info = work.load_json("probe")
     if info is None:
         info = probe_video(video).to_dict()
@@ -270,14 +284,17 @@ def _run(video, out, work, detector, encoder, audio, size, max_frames, overwrite
         wave = cached["wave"]
 
     total = None if info["duration"] is None else round(info["duration"] * FPS)
-    if max_frames is not None:
-        total = max_frames if total is None else min(total, max_frames)
-    det = _detect(video, work, detector, max_frames, total, progress)
+    limit = None if max_frames is None else start_frame + max_frames  # frames decoded
+    if limit is not None:
+        total = limit if total is None else min(total, limit)
+    det = _detect(video, work, detector, limit, total, progress, skip=start_frame)
     video_frames = det["found"].size
-    if video_frames < MIN_SECONDS * FPS:
-        raise PreprocessError(f"{video}: only {video_frames} frames ({video_frames / FPS:.2f} s) at {FPS} fps; at "
-                              f"least {MIN_SECONDS:g} s of video are needed")
-    first, last = _face_span(det["found"], video, log)
+    usable = video_frames - start_frame
+    if usable < MIN_SECONDS * FPS:
+        after = f" after --start {start_frame / FPS:g} s" if start_frame else ""
+        raise PreprocessError(f"{video}: only {max(0, usable)} frames ({max(0, usable) / FPS:.2f} s) at {FPS} fps"
+                              f"{after}; at least {MIN_SECONDS:g} s of video are needed")
+    first, last = _face_span(det["found"], video, log, start_frame)
     det = dict(det, raw=det["raw"][first:last + 1], found=det["found"][first:last + 1])
     n = last - first + 1
     wave = wave[first * SAMPLES_PER_FRAME:]  # the sound of the frames kept
@@ -293,7 +310,8 @@ def _run(video, out, work, detector, encoder, audio, size, max_frames, overwrite
 
     track = work.load("track")
     if track is None:
-        lm = fill_and_smooth(det["raw"], det["found"], source=str(video), first_frame=first)
+        lm = fill_and_smooth(det["raw"], det["found"], source=str(video), first_frame=first,
+                             gap_hint=". To use the video before the gap, pass --max-frames; after it, --start SECONDS")
         centre, axis = smooth_quads(*rig_quads(*ffhq_quads(lm), RIG))
         track = dict(lm=lm, centre=centre, axis=axis, lm_crop=to_crop(lm, centre, axis, size))
         work.save("track", **track)
@@ -315,7 +333,7 @@ def _run(video, out, work, detector, encoder, audio, size, max_frames, overwrite
 
     lm5 = lm_crop[:, list(IBUG68_INDICES)].astype(np.float32)
     settings = dict(video=str(video), audio=None if audio is None else str(audio), size=size,
-                    max_frames=max_frames, detector=detector.name,
+                    max_frames=max_frames, start=start_frame / FPS, detector=detector.name,
                     template="detector's" if getattr(detector, "template", None) is not None
                     else "generic", probe=info, frames_without_face=int((~det["found"]).sum()),
                     video_frames_kept=[int(first), int(last)], video_frames=int(video_frames),
