@@ -549,23 +549,26 @@ def test_corrupt_checkpoint_is_named_with_the_others(data, tmp_path, capsys):
         load_talking_head(run)
 
 
-def test_sigterm_saves_a_checkpoint_after_the_step(data, tmp_path):
-    t = Trainer(_cfg(steps=50, eval_every=100, checkpoint_every=100), data, tmp_path / "run")
+def _after_each_step(t: Trainer, hook) -> None:
+    """Calls hook() after each of t's training steps (t.step already counts it)."""
     step = t.train_step
 
-    def step_then_sigterm(batch, window=None):
+    def stepped(batch, window=None):
         out = step(batch, window)
-        if t.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
+        hook()
         return out
 
-    t.train_step = step_then_sigterm
+    t.train_step = stepped
+
+
+def test_sigterm_saves_a_checkpoint_after_the_step(data, tmp_path):
+    t = Trainer(_cfg(steps=50, eval_every=100, checkpoint_every=100), data, tmp_path / "run")
+    _after_each_step(t, lambda: t.step == 2 and os.kill(os.getpid(), signal.SIGTERM))
     with pytest.raises(KeyboardInterrupt):
         t.fit()
     assert torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=True)["step"] == 2
     assert "terminated (SIGTERM) at step 2" in (tmp_path / "run" / "log.txt").read_text()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the trainer's only while it trains
-
 
 
 def test_sigterm_to_the_loader_workers_too_still_saves_the_step(data, tmp_path):
@@ -577,10 +580,8 @@ def test_sigterm_to_the_loader_workers_too_still_saves_the_step(data, tmp_path):
     import multiprocessing
 
     t = Trainer(_cfg(steps=50, eval_every=100, checkpoint_every=100, num_workers=1), data, tmp_path / "run")
-    step = t.train_step
 
-    def step_then_sigterm_all(batch, window=None):
-        out = step(batch, window)
+    def signal_worker_then_trainer():
         if t.step == 2:
             workers = multiprocessing.active_children()
             assert workers, "the loader's worker process"
@@ -589,13 +590,13 @@ def test_sigterm_to_the_loader_workers_too_still_saves_the_step(data, tmp_path):
             time.sleep(0.5)  # a worker that died of it has gone by now
         if t.step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
-        return out
 
-    t.train_step = step_then_sigterm_all
+    _after_each_step(t, signal_worker_then_trainer)
     with pytest.raises(KeyboardInterrupt):
         t.fit()
     assert torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=True)["step"] == 3
     assert "terminated (SIGTERM) at step 3" in (tmp_path / "run" / "log.txt").read_text()
+
 
 def _free_port() -> int:
     with socket.socket() as s:
