@@ -80,7 +80,8 @@ def talking(request, tmp_path_factory):
     video = real_video(request.param, tmp)
     out = tmp / "ds"
     log = _run_cli(video, out)
-    return dict(name=request.param, out=out, log=log, manifest=json.loads((out / "manifest.json").read_text()))
+    return dict(name=request.param, out=out, log=log, video=video,
+                manifest=json.loads((out / "manifest.json").read_text()))
 
 
 def _audio(out) -> np.ndarray:
@@ -98,25 +99,50 @@ def _levels_dbfs(wave: np.ndarray, n: int) -> np.ndarray:
     return 20 * np.log10(rms + 1e-6)
 
 
+
+def _report_missed_frames(talking, m) -> None:
+    """A warning (in the test run's summary) naming the frames the run missed, with what decoding
+    them again and detecting once more gives: a detector that finds the face now points at the
+    decoded frame having differed in the run, one that misses again at the frame itself."""
+    import hashlib
+    import warnings
+
+    from talk3d.preprocess.landmarks import DlibDetector
+    from talk3d.preprocess.video import iter_frames
+
+    first, last = m["settings"]["video_frames_kept"]
+    found = np.load(talking["out"] / "face_found.npy")
+    ids = [i for i in range(m["settings"]["video_frames"]) if i < first or i > last or not found[i - first]]
+    det, frames = DlibDetector(), list(iter_frames(talking["video"], FPS, max(ids) + 1))
+    again = {i: (det(frames[i], i) is not None, hashlib.sha1(frames[i].tobytes()).hexdigest()[:12]) for i in ids}
+    warnings.warn(f"{talking['name']}: the preprocessing run missed the face in video frames {ids}; decoded and "
+                  f"detected again here (found, frame sha1): {again}; run log: {talking['log'][-600:]}")
+
 def test_one_command_makes_a_dataset(talking):
     """Every frame has a face, the speech is kept (16 kHz mono, as long as the video), the split
     holds out the last 1/11, the dataset loads, and the run says where to look."""
     out, m, n = talking["out"], talking["manifest"], FRAMES[talking["name"]]
-    assert m["num_frames"] == n and m["image_size"] == SIZE
-    # At most one missed frame: one CI run of 2026-12-07 (of 8 runs of this test that day) missed
-    # testMovie's frame 0, which 7 direct preprocessing runs and 20 decodes of the clip never did
-    # (the decoded frames were bit-identical each time). Not understood yet; docs/log.md, thirteenth
-    # session. The missed frame's landmarks are interpolated, as the manifest says.
-    missed = m["settings"]["frames_without_face"]
-    assert missed <= MAX_MISSED_FRAMES and (~np.load(out / "face_found.npy")).sum() == missed
-    assert m["split"]["val"] == [n - n // 11, n]
-    assert len(_audio(out)) == n * SAMPLE_RATE // FPS
+    first, last = m["settings"]["video_frames_kept"]
+    k = m["num_frames"]  # n, or fewer when a first or last frame shows no face (left out)
+    assert m["settings"]["video_frames"] == n and k == last - first + 1 and m["image_size"] == SIZE
+    # At most one missed frame: two CI runs of 2026-12-07 (of about 10 of this test) missed
+    # testMovie's frame 0, which 7 direct preprocessing runs, 300 decodes and 150 detections of the
+    # clip never did (the decoded frames were bit-identical each time). Not understood yet;
+    # docs/log.md, thirteenth to fifteenth sessions. A first or last frame missed is left out (the
+    # log says so), one inside is interpolated (the manifest counts it).
+    missed = m["settings"]["frames_without_face"] + (n - k)
+    assert missed <= MAX_MISSED_FRAMES and (~np.load(out / "face_found.npy")).sum() == missed - (n - k), \
+        talking["log"]
+    if missed:  # the flake: say in the run's warnings what a second look at those frames finds
+        _report_missed_frames(talking, m)
+    assert m["split"]["val"] == [k - k // 11, k]
+    assert len(_audio(out)) == k * SAMPLE_RATE // FPS
     levels = m["settings"]["audio_levels"]
     assert not levels["quiet"] and levels["loud_dbfs"] > MIN_LOUD_DBFS
     ds = TalkingHeadDataset(out, split="val")
     item = ds[len(ds) - 1]
     assert item["image"].shape == (3, SIZE, SIZE) and np.isfinite(item["camera"].numpy()).all()
-    assert np.load(out / "audio_features.npy").shape[0] == 2 * n
+    assert np.load(out / "audio_features.npy").shape[0] == 2 * k
     assert "contact_sheet.png" in talking["log"]
     assert not list(out.parent.glob("ds.work")) and not list(out.parent.glob("ds.tmp-*"))
     sheet = np.asarray(Image.open(out / "contact_sheet.png"))
