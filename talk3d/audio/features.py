@@ -286,12 +286,12 @@ class Wav2Vec2Encoder(AudioEncoder):
     A wave longer than ``chunk_seconds + 2 context_seconds`` is encoded in pieces: each piece's
     ``chunk_seconds`` of output slots seen with ``context_seconds`` of audio either side, as
     Hugging Face's speech-recognition pipeline chunks wav2vec2 (``chunk_length_s``, ``stride_length_s``).
-    One pass over a whole clip grows with its length: 5.4 GB and 80 s for 5 minutes of speech
-    with a wav2vec2-base model on 2 cores, quadratic in time through the attention (measured
-    2026-12-07); in pieces memory stays that of one piece and time grows linearly (1.8 GB and 36 s
-    for the same 5 minutes). The pieces see
-    less of the clip than one pass: the attention's context and, in wav2vec2-base, the first
-    convolution's group norm over time are a piece's, not the clip's.
+    One pass over a whole clip grows with its length, its time faster than linearly: 5.4 GB and
+    80 s for 5 minutes of speech with a wav2vec2-base model on 2 cores (30 s: 2.8 s; 120 s: 18 s;
+    measured 2026-12-07). In pieces, memory stays that of one piece and time grows linearly (1.8 GB
+    and 36 s for the same 5 minutes). The pieces see less of the clip than one pass: the
+    attention's context and, in wav2vec2-base, the first convolution's group norm over time are a
+    piece's, not the clip's.
     """
 
     _RECEPTIVE_PAD = (400 - HOP) // 2
