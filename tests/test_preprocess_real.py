@@ -170,6 +170,26 @@ def _nothing_left(out):
         not list(out.parent.glob(f"{out.name}.tmp-*"))
 
 
+
+def test_dlib_finds_the_face_in_a_frame_with_padded_rows(tmp_path):
+    """The CI flake of testMovie.mp4's frame 0 (docs/log.md, thirteenth to fifteenth sessions):
+    PyAV 18.1.1 decodes its 352-px frames as views with 1152-byte rows, and dlib's HOG detector,
+    given such a view as its first image, finds no face (a fresh detector, every time). The
+    detector now hands dlib a contiguous copy: the view gives the landmarks the copy gives."""
+    pytest.importorskip("dlib")
+    from talk3d.preprocess.landmarks import DlibDetector
+    from talk3d.preprocess.video import iter_frames
+
+    frame = next(iter(iter_frames(real_video("testMovie.mp4", tmp_path), 25, 1)))  # [288, 352, 3]
+    h, w = frame.shape[:2]
+    rows = np.zeros((h, 1152), np.uint8)
+    rows[:, :w * 3] = frame.reshape(h, -1)
+    view = np.lib.stride_tricks.as_strided(rows, frame.shape, (1152, 3, 1))
+    assert not view.flags["C_CONTIGUOUS"] and np.array_equal(view, frame)
+    found = DlibDetector()(view, 0)  # a fresh detector: the view is its first image
+    assert found is not None
+    np.testing.assert_array_equal(found, DlibDetector()(frame, 0))
+
 @pytest.mark.parametrize("name,max_frames,message", [
     # An animated title (H.264, AAC): no face anywhere.
     ("no_face.mp4", 60, r"no face found in 60 of 60 frames.*0-59"),
