@@ -28,7 +28,7 @@ from ..progress import progress_bar
 
 from ..audio.features import SAMPLES_PER_FRAME, read_wav
 from ..data import TalkingHeadDataset, load_manifest
-from ..infer.render import audio_context, to_uint8_frames
+from ..infer.render import audio_context, to_uint8, to_uint8_frames
 from ..train.losses import IDENTITY_MIN_SIZE
 from . import metrics as M
 from .action_units import OpenFaceAU, OpenFaceError, action_unit_error, find_openface
@@ -161,7 +161,7 @@ class _Accumulator:
         """Keeps images [B, 3, S, S] in [-1, 1] as the written video's 8-bit values: a quarter of the
         float32 bytes (409 held-out frames at 512^2: 0.32 GB, not 1.3 GB), and what the paper's
         lip-sync scores read, a video."""
-        self.frames.append(((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+        self.frames.append(to_uint8(images).cpu())
 
     def kept_frames(self) -> torch.Tensor:
         """The kept frames, [N, 3, S, S] float32 in [-1, 1] on the 8-bit grid."""

@@ -34,7 +34,7 @@ from ..ops.backends import check_impl
 from ..render.cameras import LABEL_SIZE, CameraRig, check_cameras
 
 __all__ = ["InferenceError", "PoseRangeWarning", "TrainingClip", "load_training_clip", "read_speech",
-           "num_frames_for", "camera_track", "render_speech", "resolve_size", "to_uint8_frames", "PRECISIONS",
+           "num_frames_for", "camera_track", "render_speech", "resolve_size", "to_uint8", "to_uint8_frames", "PRECISIONS",
            "SIZES", "SOURCES", "ORBIT_YAW_DEG", "ORBIT_PITCH_DEG"]
 
 # The paper's novel-view range: yaw within +-30 degrees, pitch within +-20 degrees.
@@ -297,6 +297,12 @@ def _checked_track(cameras: torch.Tensor, spec: str) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """images [B, 3, S, S] in [-1, 1] (any float dtype) -> [B, 3, S, S] uint8 on their device: the
+    8-bit values a video shows."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 class _HostFrames:
     """A batch of frames on its way to the host as [B, S, S, 3] uint8 (converted on the device, a
     quarter of the float bytes). On a GPU the copy is queued (into pinned memory) behind the
@@ -304,8 +310,7 @@ class _HostFrames:
     first and encode this one while the GPU renders the next."""
 
     def __init__(self, images: torch.Tensor):  # [B, 3, S, S] in [-1, 1], any float dtype
-        x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        x = x.permute(0, 2, 3, 1).contiguous()
+        x = to_uint8(images).permute(0, 2, 3, 1).contiguous()
         self.event = None
         if x.device.type == "cuda":
             self.host = x.to("cpu", non_blocking=True)  # a pinned destination
