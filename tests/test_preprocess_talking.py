@@ -101,11 +101,10 @@ def _levels_dbfs(wave: np.ndarray, n: int) -> np.ndarray:
     return 20 * np.log10(rms + 1e-6)
 
 
-
 def _report_missed_frames(talking, m) -> None:
     """A warning (in the test run's summary) naming the frames the run missed, with what decoding
-    them again and detecting once more gives: a detector that finds the face now points at the
-    decoded frame having differed in the run, one that misses again at the frame itself."""
+    them again and detecting once more in this process gives (found, the frame's hash): what
+    located the flake below, kept for the next surprise."""
     import hashlib
     import warnings
 
@@ -120,6 +119,7 @@ def _report_missed_frames(talking, m) -> None:
     warnings.warn(f"{talking['name']}: the preprocessing run missed the face in video frames {ids}; decoded and "
                   f"detected again here (found, frame sha1): {again}; run log: {talking['log'][-600:]}")
 
+
 def test_one_command_makes_a_dataset(talking):
     """Every frame has a face, the speech is kept (16 kHz mono, as long as the video), the split
     holds out the last 1/11, the dataset loads, and the run says where to look."""
@@ -130,14 +130,14 @@ def test_one_command_makes_a_dataset(talking):
     # No missed frame. CI runs missed testMovie's frame 0 at times (docs/log.md, thirteenth to
     # fifteenth sessions): a fresh venv gets PyAV 18.1.1, which decodes its 352-px frames as views
     # with padded rows, and dlib's detector finds no face in such a view when it is the first image
-    # it sees. Frames are now contiguous copies and the detector copies what it is given
-    # (test_preprocess_real.py). A first or last frame missed would be left out (the log says so),
-    # one inside interpolated (the manifest counts it); the warning below says what a second look finds.
+    # it sees. The detector now copies what it is given (test_preprocess_real.py). A first or last
+    # frame missed would be left out (the log says so), one inside interpolated (the manifest
+    # counts it); a warning then says what a second look finds.
     missed = m["settings"]["frames_without_face"] + (n - k)
+    if missed:  # say in the run's warnings what a second look at those frames finds (before failing)
+        _report_missed_frames(talking, m)
     assert missed <= MAX_MISSED_FRAMES and (~np.load(out / "face_found.npy")).sum() == missed - (n - k), \
         talking["log"]
-    if missed:  # the flake: say in the run's warnings what a second look at those frames finds
-        _report_missed_frames(talking, m)
     assert m["split"]["val"] == [k - k // 11, k]
     assert len(_audio(out)) == k * SAMPLE_RATE // FPS
     levels = m["settings"]["audio_levels"]

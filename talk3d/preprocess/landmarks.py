@@ -89,6 +89,7 @@ class DlibDetector:
         # dlib's HOG detector misses faces when the first image it is given has padded rows (a
         # strided view, as PyAV 18.1.1 decodes 352-px frames): measured on testMovie.mp4's first
         # frame, found in a contiguous copy and in the same view once a contiguous image came first.
+        # The copy is made here, where dlib reads the pixels, not by every producer of frames.
         image = np.ascontiguousarray(image)
         h, w = image.shape[:2]
         scale = min(1.0, DETECT_MAX_SIDE / max(h, w))

@@ -109,10 +109,9 @@ def iter_frames(path, fps: int = 25, max_frames: int | None = None) -> Iterator[
                 t = frame.time if frame.time is not None else k * src_period
                 if t0 is None:
                     t0 = t
-                # A C-contiguous copy of our own: PyAV 18.1.1 hands out a view of its frame with
-                # padded rows (352-px frames: 1152-byte rows for 1056 bytes of pixels), on which
-                # dlib's face detector, as its first image, finds nothing (DlibDetector).
-                image = np.array(_upright(frame.to_ndarray(format="rgb24"), _quarter_turns(frame)), order="C")
+                # (PyAV 18.1.1 hands out views with padded rows, e.g. 1152-byte rows for a 352-px
+                # frame: consumers that need contiguous pixels copy them, as DlibDetector does.)
+                image = _upright(frame.to_ndarray(format="rgb24"), _quarter_turns(frame))
                 if prev is not None:
                     # Every output time nearer to prev than to this frame gets prev.
                     while t0 + n / fps < 0.5 * (prev_t + t):
